@@ -1,0 +1,4 @@
+//! `fedtune-coordinator`: one per federation.
+//!
+//! # Layout
+//! (filled in as modules land)

@@ -1,0 +1,6 @@
+//! `fedtune-coordinator` binary.
+
+fn main() -> anyhow::Result<()> {
+    println!("fedtune-coordinator");
+    Ok(())
+}

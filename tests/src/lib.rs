@@ -1,0 +1,1 @@
+//! Harness for fedtune's integration scenarios.
