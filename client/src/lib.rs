@@ -1,4 +1,30 @@
 //! `fedtune-client`: the agent that runs at an edge site.
 //!
 //! # Layout
-//! (filled in as modules land)
+//! - [`local_trainer`]: the `LocalTrainer` seam between the federated agent and the model.
+//! - [`backoff`]: exponential backoff with jitter on tokio time, for every retry.
+//! - [`update`]: the upload pipeline (delta, then ordered stages: check, clip, noise, sign).
+//! - [`fake_trainer`]: a deterministic `LocalTrainer` for tests and `run --fake-trainer`.
+//! - [`agent`]: the federated agent's state machine (join, poll, download, train, upload, evaluate).
+//! - [`transport`]: `CoordinatorApi` (domain calls) and its gRPC implementation; the only module naming `pb`.
+//! - [`model`]: BERT for sequence classification on tch; module paths = Hugging Face weight names.
+//! - [`tokenize`]: word-piece tokenization (`tokenizer.json` or `vocab.txt`), pad to longest.
+//! - [`data`]: labelled CSV/JSONL loading, label sets, train/held-out split; errors name file:line.
+//! - [`trainer`]: `BertTrainer` (owns the model on its own thread, implements `LocalTrainer`).
+//! - [`export`]: writing a model folder that transformers' `from_pretrained` loads.
+//! - [`device`]: `--device auto|cpu|cuda[:N]` and compute precision.
+//! - [`cli`]: the `train`/`eval`/`predict` subcommands behind `main.rs`.
+
+pub mod agent;
+pub mod backoff;
+pub mod cli;
+pub mod data;
+pub mod device;
+pub mod export;
+pub mod fake_trainer;
+pub mod local_trainer;
+pub mod model;
+pub mod tokenize;
+pub mod trainer;
+pub mod transport;
+pub mod update;

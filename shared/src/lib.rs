@@ -6,10 +6,28 @@
 //! tensor and its shape), never as framework tensors.
 //!
 //! # Layout
+//! - [`crypto`]: identities (Ed25519), signed updates and join challenges, session and
+//!   enrollment tokens, TLS configuration; all on ring.
+//! - [`ids`]: `ClientId`, `RoundId`, `ModelVersion`, `Sha256`.
+//! - [`round`]: domain messages of the round protocol (tasks, uploads, reports, status).
+//! - [`convert`]: `TryFrom<pb::…>` (validation) and `From<domain>` for the wire types.
+//! - [`chunk`]: chunk limits, incremental SHA-256, checked reassembly, payload views.
 //! - [`params`]: parameter vectors, manifests, digests, safetensors in and out.
+//! - [`privacy`]: user-level DP-FedAvg: clipping, exact discrete Gaussian noise on a fixed-point
+//!   grid (OS-seeded ChaCha20), adaptive clipping, RDP accountant and calibration.
+//! - [`pb`]: generated wire types and gRPC stubs (`proto/fedtune/v1`); the only module naming them.
+//! - [`settings`]: layered TOML + `FEDTUNE__…` env + CLI configuration, human durations.
 //! - [`telemetry`]: tracing set-up shared by both binaries.
 //! - [`shutdown`]: one shutdown path (SIGINT/SIGTERM → cancellation token).
 
+pub mod chunk;
+pub mod convert;
+pub mod crypto;
+pub mod ids;
 pub mod params;
+pub mod pb;
+pub mod privacy;
+pub mod round;
+pub mod settings;
 pub mod shutdown;
 pub mod telemetry;

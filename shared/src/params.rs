@@ -264,9 +264,9 @@ impl ParameterVector {
             self.manifest.ranges().map(|(t, r)| (t.name.as_str(), (t, r))).collect();
         let mut values = Vec::with_capacity(manifest.numel());
         for want in &manifest.tensors {
-            let (have, range) = index.get(want.name.as_str()).ok_or_else(|| {
-                ParamsError::ManifestMismatch(format!("tensor `{}` is missing", want.name))
-            })?;
+            let (have, range) = index
+                .get(want.name.as_str())
+                .ok_or_else(|| ParamsError::ManifestMismatch(format!("tensor `{}` is missing", want.name)))?;
             if have.shape != want.shape {
                 return Err(ParamsError::ManifestMismatch(format!(
                     "tensor `{}` has shape {:?}, expected {:?}",
@@ -297,10 +297,8 @@ impl ParameterVector {
         let data = safetensors::serialize(views, None).map_err(|e| err(e.to_string()))?;
         let io = |source| ParamsError::Io { path: path.display().to_string(), source };
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(
-            ".{}.tmp",
-            path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
-        ));
+        let tmp =
+            dir.join(format!(".{}.tmp", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
         let mut file = std::fs::File::create(&tmp).map_err(io)?;
         file.write_all(&data).map_err(io)?;
         file.sync_all().map_err(io)?;
@@ -317,8 +315,10 @@ impl ParameterVector {
     pub fn load_safetensors(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Self, ParamsError> {
         let io = |source| ParamsError::Io { path: path.display().to_string(), source };
         let data = std::fs::read(path).map_err(io)?;
-        let st = safetensors::SafeTensors::deserialize(&data)
-            .map_err(|e| ParamsError::Safetensors { path: path.display().to_string(), reason: e.to_string() })?;
+        let st = safetensors::SafeTensors::deserialize(&data).map_err(|e| ParamsError::Safetensors {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         let mut names: Vec<String> = st.names().into_iter().filter(|n| keep(n)).map(String::from).collect();
         names.sort();
         let mut tensors = Vec::with_capacity(names.len());
@@ -330,11 +330,12 @@ impl ParameterVector {
             })?;
             let raw = view.data();
             match view.dtype() {
-                safetensors::Dtype::F32 => values.extend(
-                    raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                ),
+                safetensors::Dtype::F32 => {
+                    values.extend(raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                }
                 safetensors::Dtype::BF16 => values.extend(
-                    raw.chunks_exact(2).map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)),
+                    raw.chunks_exact(2)
+                        .map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)),
                 ),
                 safetensors::Dtype::F16 => {
                     values.extend(raw.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))))

@@ -1,0 +1,60 @@
+//! Idle: long-poll the coordinator for work.
+
+use fedtune_shared::round::Task;
+use tokio::time::Instant;
+
+use super::{Agent, AgentError, ExitReason, Pending, State, Work};
+use crate::transport::CoordinatorApi;
+
+impl<C: CoordinatorApi + 'static> Agent<C> {
+    /// One long-poll; turns the answer into the next state.
+    pub(super) async fn poll(&mut self) -> Result<State, AgentError> {
+        let answer = tokio::select! {
+            _ = self.shutdown.cancelled() => return Ok(State::Shutdown(ExitReason::Shutdown)),
+            answer = self.api.wait_for_task(self.config.poll_wait) => answer,
+        };
+        let task = match answer {
+            Ok(task) => task,
+            Err(e) => return self.on_error(e, State::Idle, None).await,
+        };
+        self.contact();
+        Ok(match task {
+            Task::None { retry_after, phase, round } => {
+                tracing::debug!(%phase, round, "no task yet");
+                if !retry_after.is_zero() {
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => return Ok(State::Shutdown(ExitReason::Shutdown)),
+                        _ = tokio::time::sleep(retry_after) => {}
+                    }
+                }
+                State::Idle
+            }
+            Task::Finished { final_version, reason } => {
+                tracing::info!(%final_version, %reason, "the federation is finished");
+                State::Shutdown(ExitReason::Finished { final_version, reason })
+            }
+            Task::Fit(task) => {
+                let deadline = Instant::now() + task.deadline_in;
+                tracing::info!(round = %task.id, model = %task.model.version, deadline_in = ?task.deadline_in, "fit task");
+                // The same task handed out again (after a lost reply or a coordinator restart):
+                // the update we already prepared is still the right answer.
+                match self.pending.take() {
+                    Some(p) if p.task.id.round == task.id.round
+                        && p.task.model == task.model
+                        && p.task.config == task.config
+                        && p.task.privacy == task.privacy =>
+                    {
+                        tracing::info!(round = %task.id, "re-sending the update prepared earlier");
+                        State::Uploading(Pending { task, deadline, result: p.result })
+                    }
+                    _ => State::Downloading(Work::Fit { task, deadline }),
+                }
+            }
+            Task::Evaluate(task) => {
+                let deadline = Instant::now() + task.deadline_in;
+                tracing::info!(round = task.round, model = %task.model.version, "evaluate task");
+                State::Downloading(Work::Evaluate { task, deadline })
+            }
+        })
+    }
+}

@@ -1,0 +1,179 @@
+//! Moving weights between Hugging Face checkpoints and a [`tch::nn::VarStore`].
+//!
+//! Variable paths equal transformers' `BertForSequenceClassification` keys (`bert.…`,
+//! `classifier.…`). Checkpoints saved from a bare `BertModel` (sentence-transformers models such
+//! as all-MiniLM-L6-v2) lack the `bert.` prefix and the classifier; both layouts load. What the
+//! checkpoint lacks is initialized as transformers' `_init_weights` does (normal(0,
+//! `initializer_range`) for linear and embedding weights, zero biases, LayerNorm 1/0, zero
+//! padding row), from a fixed seed and in name order, so a run is reproducible.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use tch::{nn::VarStore, Kind, Tensor};
+
+use super::config::BertConfig;
+
+/// Errors while loading a checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    /// The safetensors file could not be read.
+    #[error("{path}: {reason}")]
+    Read {
+        /// File involved.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A tensor's shape differs from the model's.
+    #[error("{path}: tensor `{name}` has shape {found:?} but the model expects {expected:?}")]
+    Shape {
+        /// File involved.
+        path: String,
+        /// Checkpoint key.
+        name: String,
+        /// Shape in the file.
+        found: Vec<i64>,
+        /// Shape of the model variable.
+        expected: Vec<i64>,
+    },
+    /// The file shares no tensor with the model: almost certainly not a BERT checkpoint.
+    #[error("{path}: no tensor in the file matches a BERT variable (is it a BERT checkpoint?)")]
+    NothingMatched {
+        /// File involved.
+        path: String,
+    },
+}
+
+/// What a load did, for logs and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Variables filled from the checkpoint.
+    pub loaded: Vec<String>,
+    /// Variables the checkpoint lacks (they keep or get their initial values).
+    pub missing: Vec<String>,
+    /// Checkpoint tensors the model has no place for (e.g. a pre-training head).
+    pub unused: Vec<String>,
+}
+
+/// Buffers transformers saves but which are not parameters.
+fn is_buffer(name: &str) -> bool {
+    name.ends_with("embeddings.position_ids") || name.ends_with("embeddings.token_type_ids")
+}
+
+/// Orders names like a reader would: numeric path segments compare as numbers, so
+/// `layer.2` sorts before `layer.10`. This is the order of manifests and exports.
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
+    let mut xs = a.split('.');
+    let mut ys = b.split('.');
+    loop {
+        match (xs.next(), ys.next()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) => {
+                let o = match (x.parse::<u64>(), y.parse::<u64>()) {
+                    (Ok(i), Ok(j)) => i.cmp(&j),
+                    _ => x.cmp(y),
+                };
+                if o != Ordering::Equal {
+                    return o;
+                }
+            }
+        }
+    }
+}
+
+/// All variables of `vs` in natural name order.
+pub fn named_variables(vs: &VarStore) -> Vec<(String, Tensor)> {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| natural_cmp(&a.0, &b.0));
+    vars
+}
+
+/// Fills the variables of `vs` from a safetensors checkpoint, accepting keys with or without
+/// the `bert.` prefix, converting any float dtype to the variable's. Variables it lacks are
+/// left alone (see [`init_missing`]).
+pub fn load_checkpoint(vs: &VarStore, path: &Path) -> Result<LoadReport, WeightsError> {
+    let shown = path.display().to_string();
+    let tensors = Tensor::read_safetensors(path)
+        .map_err(|e| WeightsError::Read { path: shown.clone(), reason: e.to_string() })?;
+    let by_name: BTreeMap<String, Tensor> = tensors.into_iter().collect();
+    let mut used = HashSet::new();
+    let mut report = LoadReport::default();
+    tch::no_grad(|| -> Result<(), WeightsError> {
+        for (name, mut var) in named_variables(vs) {
+            let key = [name.clone(), name.strip_prefix("bert.").unwrap_or(&name).to_string()]
+                .into_iter()
+                .find(|k| by_name.contains_key(k));
+            let Some(key) = key else {
+                report.missing.push(name);
+                continue;
+            };
+            let src = &by_name[&key];
+            if src.size() != var.size() {
+                return Err(WeightsError::Shape {
+                    path: shown.clone(),
+                    name: key,
+                    found: src.size(),
+                    expected: var.size(),
+                });
+            }
+            var.copy_(&src.to_kind(var.kind()).to_device(var.device()));
+            used.insert(key);
+            report.loaded.push(name);
+        }
+        Ok(())
+    })?;
+    if report.loaded.is_empty() {
+        return Err(WeightsError::NothingMatched { path: shown });
+    }
+    report.unused = by_name.keys().filter(|k| !used.contains(*k) && !is_buffer(k)).cloned().collect();
+    Ok(report)
+}
+
+/// Initializes the named variables as transformers' `_init_weights` would, drawing from
+/// `seed` in natural name order (so the values depend only on the seed, the names and shapes).
+pub fn init_missing(vs: &VarStore, names: &[String], config: &BertConfig, seed: u64) {
+    let wanted: HashSet<&str> = names.iter().map(String::as_str).collect();
+    tch::manual_seed(seed as i64);
+    tch::no_grad(|| {
+        for (name, mut var) in named_variables(vs) {
+            if !wanted.contains(name.as_str()) {
+                continue;
+            }
+            if name.ends_with("LayerNorm.weight") {
+                let _ = var.fill_(1.0);
+            } else if name.ends_with(".bias") {
+                let _ = var.zero_();
+            } else {
+                // Draw on the CPU in f32 so that the values do not depend on the device.
+                let drawn = Tensor::zeros(var.size(), (Kind::Float, tch::Device::Cpu))
+                    .normal_(0.0, config.initializer_range);
+                var.copy_(&drawn.to_kind(var.kind()).to_device(var.device()));
+                if name.ends_with("word_embeddings.weight")
+                    && config.pad_token_id >= 0
+                    && config.pad_token_id < var.size()[0]
+                {
+                    let _ = var.get(config.pad_token_id).zero_();
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_numbers_sort_as_numbers() {
+        let mut names = vec!["bert.encoder.layer.10.x", "classifier.bias", "bert.encoder.layer.2.x", "bert.embeddings.a"];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            names,
+            ["bert.embeddings.a", "bert.encoder.layer.2.x", "bert.encoder.layer.10.x", "classifier.bias"]
+        );
+    }
+}

@@ -1,0 +1,341 @@
+//! The agent's view of the coordinator, and its gRPC implementation.
+//!
+//! [`CoordinatorApi`] speaks the domain types of `fedtune_shared::round` only; the agent is
+//! written against it, so its logic can be exercised without a network. [`GrpcCoordinator`] is
+//! the real implementation and the only client module that names generated `pb` types: requests
+//! convert on the way out (`From<domain>`), responses are validated on the way in
+//! (`TryFrom<pb::…>`), and every `tonic::Status` is classified into an [`ApiError`] that tells
+//! the agent what to do (retry, re-join, drop the task, give up).
+//!
+//! The session token returned by `Join` is kept here and attached to every later call, so the
+//! agent never handles credentials per call.
+
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use fedtune_shared::chunk::MAX_MESSAGE_BYTES;
+use fedtune_shared::convert::ConvertError;
+use fedtune_shared::pb;
+use fedtune_shared::pb::coordinator_client::CoordinatorClient;
+use fedtune_shared::round::{
+    DownloadItem, DownloadRequest, EvalReport, FailureReport, Heartbeat, HeartbeatReply, JoinRequest, JoinResponse,
+    StatusReport, Task, UploadItem, UploadReceipt,
+};
+use futures::stream::{BoxStream, StreamExt};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::Code;
+
+/// Why a call to the coordinator failed, classified by what the agent should do about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The coordinator is unreachable, restarting, shutting down, or the stream broke off:
+    /// back off and try again.
+    #[error("coordinator unavailable: {0}")]
+    Unavailable(String),
+    /// The session is missing or unknown (e.g. the coordinator restarted): join again.
+    #[error("session not recognised: {0}")]
+    Unauthenticated(String),
+    /// The task is over or was never ours (stale round, past the deadline, version no longer
+    /// served): drop it and poll for work.
+    #[error("task no longer valid: {0}")]
+    Stale(String),
+    /// The coordinator already holds our update for this round: nothing left to do.
+    #[error("already accepted: {0}")]
+    AlreadyAccepted(String),
+    /// The coordinator refused what we sent as malformed: a bug or misconfiguration; sending the
+    /// same bytes again would fail again.
+    #[error("rejected as invalid: {0}")]
+    Invalid(String),
+    /// The payload arrived corrupted or truncated: worth one more try.
+    #[error("payload damaged in transit: {0}")]
+    DataLoss(String),
+    /// The coordinator is overloaded: retry after a pause.
+    #[error("coordinator busy: {0}")]
+    Busy(String),
+    /// Our identity is refused (another key is pinned for this name): retrying cannot help.
+    #[error("permission denied: {0}")]
+    Denied(String),
+    /// The coordinator sent something that is not valid protocol.
+    #[error("malformed response: {0}")]
+    Protocol(String),
+    /// A local configuration problem (bad URL, TLS files).
+    #[error("client configuration: {0}")]
+    Config(String),
+}
+
+impl ApiError {
+    /// True for failures that backing off and retrying the same call can cure.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ApiError::Unavailable(_) | ApiError::Busy(_) | ApiError::DataLoss(_))
+    }
+}
+
+impl From<tonic::Status> for ApiError {
+    fn from(s: tonic::Status) -> Self {
+        let msg = s.message().to_string();
+        match s.code() {
+            Code::Unauthenticated | Code::NotFound => ApiError::Unauthenticated(msg),
+            Code::FailedPrecondition | Code::OutOfRange => ApiError::Stale(msg),
+            Code::AlreadyExists => ApiError::AlreadyAccepted(msg),
+            Code::InvalidArgument | Code::Unimplemented => ApiError::Invalid(msg),
+            Code::DataLoss => ApiError::DataLoss(msg),
+            Code::ResourceExhausted => ApiError::Busy(msg),
+            Code::PermissionDenied => ApiError::Denied(msg),
+            // Connection refused, reset, h2 errors, timeouts and server-side surprises all look
+            // like "the coordinator went away for a moment" from here: retry with backoff.
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Cancelled
+            | Code::Aborted
+            | Code::Unknown
+            | Code::Internal
+            | Code::Ok => ApiError::Unavailable(format!("{:?}: {msg}", s.code())),
+        }
+    }
+}
+
+impl From<ConvertError> for ApiError {
+    fn from(e: ConvertError) -> Self {
+        ApiError::Protocol(e.to_string())
+    }
+}
+
+/// A stream of download items as the coordinator sends them; an `Err` ends it.
+pub type DownloadStream = BoxStream<'static, Result<DownloadItem, ApiError>>;
+
+/// Everything the agent asks of a coordinator, in domain terms.
+///
+/// Futures are `Send` so the agent can run on a multi-threaded runtime and be spawned.
+pub trait CoordinatorApi: Send + Sync {
+    /// Opens (or re-opens) a session; later calls carry its token.
+    fn join(&self, request: JoinRequest) -> impl Future<Output = Result<JoinResponse, ApiError>> + Send;
+    /// Long-polls for work for at most `max_wait`.
+    fn wait_for_task(&self, max_wait: Duration) -> impl Future<Output = Result<Task, ApiError>> + Send;
+    /// Signals liveness while busy.
+    fn heartbeat(&self, beat: Heartbeat) -> impl Future<Output = Result<HeartbeatReply, ApiError>> + Send;
+    /// Starts a model download: a header, then chunks.
+    fn download(&self, request: DownloadRequest) -> impl Future<Output = Result<DownloadStream, ApiError>> + Send;
+    /// Uploads one update: header, chunks, trailer.
+    fn upload(
+        &self,
+        items: BoxStream<'static, UploadItem>,
+    ) -> impl Future<Output = Result<UploadReceipt, ApiError>> + Send;
+    /// Reports an evaluation result.
+    fn report_evaluation(&self, report: EvalReport) -> impl Future<Output = Result<(), ApiError>> + Send;
+    /// Gives up on a task so the round need not wait for us.
+    fn report_failure(&self, report: FailureReport) -> impl Future<Output = Result<(), ApiError>> + Send;
+    /// Ends the session.
+    fn leave(&self) -> impl Future<Output = Result<(), ApiError>> + Send;
+    /// The operator view (needs no session).
+    fn status(&self, recent_rounds: u32) -> impl Future<Output = Result<StatusReport, ApiError>> + Send;
+}
+
+/// How to reach the coordinator.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// `http://host:port` or `https://host:port`.
+    pub url: String,
+    /// TLS settings for `https` URLs (CA to trust, client identity for mTLS).
+    pub tls: Option<ClientTlsConfig>,
+    /// Bound on establishing a TCP (and TLS) connection, so an unreachable coordinator fails
+    /// fast into the agent's backoff instead of hanging.
+    pub connect_timeout: Duration,
+    /// Bound on unary calls other than the long-poll (which gets its own wait plus this).
+    pub request_timeout: Duration,
+}
+
+impl ConnectOptions {
+    /// Plain-text connection to `url` with default timeouts.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            tls: None,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// [`CoordinatorApi`] over gRPC (tonic).
+///
+/// The channel connects lazily and reconnects by itself, so a coordinator that restarts is
+/// found again by the next call after it is back; the agent's backoff paces those calls.
+#[derive(Debug)]
+pub struct GrpcCoordinator {
+    client: CoordinatorClient<Channel>,
+    request_timeout: Duration,
+    /// Bearer token of the current session; replaced by every successful join. A std mutex is
+    /// enough: it is held only to clone or swap a string, never across an await.
+    token: Mutex<Option<String>>,
+}
+
+impl GrpcCoordinator {
+    /// Prepares a channel to the coordinator without connecting yet.
+    pub fn connect_lazy(options: &ConnectOptions) -> Result<Self, ApiError> {
+        let mut endpoint = Endpoint::from_shared(options.url.clone())
+            .map_err(|e| ApiError::Config(format!("coordinator URL `{}`: {e}", options.url)))?
+            .connect_timeout(options.connect_timeout)
+            .tcp_nodelay(true)
+            .tcp_keepalive(Some(Duration::from_secs(30)))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(10));
+        if let Some(tls) = &options.tls {
+            endpoint = endpoint
+                .tls_config(tls.clone())
+                .map_err(|e| ApiError::Config(format!("TLS configuration: {e}")))?;
+        }
+        let client = CoordinatorClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        Ok(Self { client, request_timeout: options.request_timeout, token: Mutex::new(None) })
+    }
+
+    fn token(&self) -> Option<String> {
+        self.token.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Wraps `message` with the session token and, if given, a deadline.
+    fn request<T>(&self, message: T, timeout: Option<Duration>) -> Result<tonic::Request<T>, ApiError> {
+        let mut request = tonic::Request::new(message);
+        if let Some(t) = timeout {
+            request.set_timeout(t);
+        }
+        if let Some(token) = self.token() {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| ApiError::Protocol("session token is not valid header text".into()))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+impl CoordinatorApi for GrpcCoordinator {
+    async fn join(&self, request: JoinRequest) -> Result<JoinResponse, ApiError> {
+        let mut client = self.client.clone();
+        let req = tonic::Request::new(pb::JoinRequest::from(request));
+        let reply = client.join(req).await?.into_inner();
+        let session = JoinResponse::try_from(reply)?;
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(session.session_token.clone());
+        Ok(session)
+    }
+
+    async fn wait_for_task(&self, max_wait: Duration) -> Result<Task, ApiError> {
+        let mut client = self.client.clone();
+        let max_wait_ms = u64::try_from(max_wait.as_millis()).unwrap_or(u64::MAX);
+        // The server answers by `max_wait` (or its own cap); the margin covers the round trip.
+        let req = self.request(pb::WaitForTaskRequest { max_wait_ms }, Some(max_wait + self.request_timeout))?;
+        Ok(Task::try_from(client.wait_for_task(req).await?.into_inner())?)
+    }
+
+    async fn heartbeat(&self, beat: Heartbeat) -> Result<HeartbeatReply, ApiError> {
+        let mut client = self.client.clone();
+        let req = self.request(pb::HeartbeatRequest::from(beat), Some(self.request_timeout))?;
+        Ok(HeartbeatReply::try_from(client.heartbeat(req).await?.into_inner())?)
+    }
+
+    async fn download(&self, request: DownloadRequest) -> Result<DownloadStream, ApiError> {
+        let mut client = self.client.clone();
+        // No deadline: a 400 MB model on a slow link may take minutes; a stalled stream is
+        // caught by HTTP/2 keep-alive and resumed from the bytes already held.
+        let req = self.request(pb::DownloadModelRequest::from(request), None)?;
+        let stream = client.download_model(req).await?.into_inner();
+        Ok(stream
+            .map(|item| match item {
+                Ok(m) => DownloadItem::try_from(m).map_err(ApiError::from),
+                Err(status) => Err(ApiError::from(status)),
+            })
+            .boxed())
+    }
+
+    fn upload(
+        &self,
+        items: BoxStream<'static, UploadItem>,
+    ) -> impl Future<Output = Result<UploadReceipt, ApiError>> + Send {
+        // The items are forwarded through a small bounded channel: tonic's client-streaming call
+        // then holds a plain `ReceiverStream`, for which the compiler can prove the `Send`
+        // future this trait promises (with a boxed `dyn Stream` it cannot: a known
+        // higher-ranked-lifetime limitation). The bound keeps backpressure end to end.
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            let mut items = items;
+            while let Some(item) = items.next().await {
+                if tx.send(pb::UploadUpdateRequest::from(item)).await.is_err() {
+                    break; // the call ended; nobody reads any more
+                }
+            }
+        });
+        let mut client = self.client.clone();
+        let request = self.request(tokio_stream::wrappers::ReceiverStream::new(rx), None);
+        async move { Ok(UploadReceipt::from(client.upload_update(request?).await?.into_inner())) }
+    }
+
+    async fn report_evaluation(&self, report: EvalReport) -> Result<(), ApiError> {
+        let mut client = self.client.clone();
+        let req = self.request(pb::ReportEvaluationRequest::from(&report), Some(self.request_timeout))?;
+        client.report_evaluation(req).await?;
+        Ok(())
+    }
+
+    async fn report_failure(&self, report: FailureReport) -> Result<(), ApiError> {
+        let mut client = self.client.clone();
+        let req = self.request(pb::ReportFailureRequest::from(&report), Some(self.request_timeout))?;
+        client.report_failure(req).await?;
+        Ok(())
+    }
+
+    async fn leave(&self) -> Result<(), ApiError> {
+        let mut client = self.client.clone();
+        let req = self.request(pb::LeaveRequest {}, Some(self.request_timeout))?;
+        client.leave(req).await?;
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
+    }
+
+    async fn status(&self, recent_rounds: u32) -> Result<StatusReport, ApiError> {
+        let mut client = self.client.clone();
+        let req = tonic::Request::new(pb::GetStatusRequest { recent_rounds });
+        Ok(StatusReport::try_from(client.get_status(req).await?.into_inner())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_codes_map_to_what_the_agent_must_do() {
+        let cases = [
+            (Code::Unavailable, "Unavailable"),
+            (Code::Unauthenticated, "Unauthenticated"),
+            (Code::NotFound, "Unauthenticated"),
+            (Code::FailedPrecondition, "Stale"),
+            (Code::AlreadyExists, "AlreadyAccepted"),
+            (Code::InvalidArgument, "Invalid"),
+            (Code::DataLoss, "DataLoss"),
+            (Code::ResourceExhausted, "Busy"),
+            (Code::PermissionDenied, "Denied"),
+            (Code::Unknown, "Unavailable"),
+        ];
+        for (code, kind) in cases {
+            let e = ApiError::from(tonic::Status::new(code, "x"));
+            assert!(format!("{e:?}").starts_with(kind), "{code:?} became {e:?}, expected {kind}");
+        }
+    }
+
+    #[test]
+    fn only_transport_trouble_is_retried_blindly() {
+        assert!(ApiError::Unavailable(String::new()).is_transient());
+        assert!(ApiError::Busy(String::new()).is_transient());
+        assert!(!ApiError::Invalid(String::new()).is_transient());
+        assert!(!ApiError::Stale(String::new()).is_transient());
+        assert!(!ApiError::Denied(String::new()).is_transient());
+    }
+
+    #[test]
+    fn a_malformed_url_is_a_configuration_error() {
+        let err = GrpcCoordinator::connect_lazy(&ConnectOptions::new("not a url")).unwrap_err();
+        assert!(matches!(err, ApiError::Config(_)), "{err:?}");
+    }
+}

@@ -1,0 +1,282 @@
+//! The upload pipeline: from locally trained weights to the update that leaves the machine.
+//!
+//! ```text
+//! local, global ─► delta = local − global ─► stage ─► stage ─► … ─► PreparedUpdate ─► upload
+//!                                            (check finite, clip (L2), noise (DP), sign)
+//! ```
+//!
+//! Computing the delta is fixed; everything after it is an ordered list of [`UpdateStage`]s, so
+//! that differential privacy (clip, then noise) and signing plug in as stages without the agent
+//! changing. Order matters and is the caller's to choose: clipping must precede noise, and signing
+//! must come last because it covers the final bytes. The default pipeline only checks that every
+//! value is finite and within the protocol's range (a diverged client must not poison the global
+//! model, and the coordinator would reject the upload anyway, after it was streamed).
+//!
+//! Which stages a task needs depends on its privacy instructions, so the agent asks a
+//! [`PipelineFactory`] for a fresh pipeline per fit task. [`PlainPipelines`] serves tasks without
+//! privacy and refuses the others: an agent that cannot clip and noise must not upload a raw
+//! update that the federation believes is private.
+//!
+//! The pipeline runs on the agent's trainer thread: noising or hashing 10⁸ values is CPU work
+//! that must stay off the async reactor.
+
+use std::collections::BTreeMap;
+
+use fedtune_shared::ids::{ClientId, RoundId};
+use fedtune_shared::params::{ParameterVector, ParamsError};
+use fedtune_shared::round::{PrivacyInstructions, PrivacyMode, UpdateSignature};
+
+/// Largest magnitude of an uploaded delta value (`docs/protocol.md`: the coordinator sums
+/// updates in fixed point and refuses values outside ±1024).
+pub const MAX_ABS_DELTA: f32 = 1024.0;
+
+/// Why an update could not be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    /// Local and global weights do not describe the same tensors.
+    #[error("local weights do not match the global model: {0}")]
+    Mismatch(#[source] ParamsError),
+    /// The task asks for a transformation this agent does not have (e.g. a privacy mode).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// A stage refused the update.
+    #[error("stage `{stage}` refused the update: {reason}")]
+    Refused {
+        /// The stage's name.
+        stage: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// An update on its way out: the (possibly clipped, noised) delta plus what travels with it.
+#[derive(Debug, Clone)]
+pub struct PreparedUpdate {
+    /// Federated round the update belongs to.
+    pub round: u64,
+    /// `local − global` over the trainable tensors, as transformed by the stages so far.
+    pub delta: ParameterVector,
+    /// Training examples behind the update (its FedAvg weight).
+    pub num_examples: u64,
+    /// Signature over the final payload, set by a signing stage (none without one).
+    pub signature: Option<UpdateSignature>,
+    /// Figures stages record for logs and the coordinator's metrics, e.g. `l2_norm` before
+    /// clipping; keyed by a stable name so adding a stage never changes the struct.
+    pub metrics: BTreeMap<&'static str, f64>,
+}
+
+/// One transformation or check of an outgoing update.
+///
+/// `&mut self` because real stages carry state (a noise generator, a key); `Send` because the
+/// pipeline moves onto the trainer's blocking thread.
+pub trait UpdateStage: Send + std::fmt::Debug {
+    /// Short stable name for logs and errors (`"clip"`, `"noise"`, `"sign"`).
+    fn name(&self) -> &'static str;
+    /// Transforms or checks `update` in place; an error abandons the upload.
+    fn apply(&mut self, update: &mut PreparedUpdate) -> Result<(), UpdateError>;
+}
+
+/// Refuses deltas holding NaN, infinity or values beyond ±[`MAX_ABS_DELTA`], and records the
+/// delta's L2 norm (`l2_norm`), which a clipping stage placed after it compares with its bound.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckRange;
+
+impl UpdateStage for CheckRange {
+    fn name(&self) -> &'static str {
+        "range"
+    }
+
+    fn apply(&mut self, update: &mut PreparedUpdate) -> Result<(), UpdateError> {
+        let refuse = |reason: String| UpdateError::Refused { stage: "range", reason };
+        update.delta.ensure_finite().map_err(|e| refuse(e.to_string()))?;
+        if let Some(i) = update.delta.values().iter().position(|v| v.abs() > MAX_ABS_DELTA) {
+            return Err(refuse(format!(
+                "value {} at flat index {i} exceeds the protocol's ±{MAX_ABS_DELTA}",
+                update.delta.values()[i]
+            )));
+        }
+        update.metrics.insert("l2_norm", update.delta.l2_norm());
+        Ok(())
+    }
+}
+
+/// The ordered stages an update passes through after the delta is computed.
+#[derive(Debug)]
+pub struct UpdatePipeline {
+    stages: Vec<Box<dyn UpdateStage>>,
+}
+
+impl Default for UpdatePipeline {
+    /// The pipeline without privacy or signing: only [`CheckRange`].
+    fn default() -> Self {
+        Self { stages: vec![Box::new(CheckRange)] }
+    }
+}
+
+impl UpdatePipeline {
+    /// A pipeline with exactly `stages`, in order.
+    pub fn new(stages: Vec<Box<dyn UpdateStage>>) -> Self {
+        Self { stages }
+    }
+
+    /// Appends a stage (e.g. clip, then noise, then sign).
+    pub fn with_stage(mut self, stage: impl UpdateStage + 'static) -> Self {
+        self.stages.push(Box::new(stage));
+        self
+    }
+
+    /// Names of the stages in order, for the start-up log.
+    pub fn stage_names(&self) -> Vec<&'static str> {
+        self.stages.iter().map(|s| s.name()).collect()
+    }
+
+    /// Computes `local − global` and runs every stage over it.
+    ///
+    /// `global` may hold more tensors than `local` (a partially fine-tuned model): the delta covers
+    /// exactly `local`'s tensors, so frozen tensors never travel.
+    pub fn prepare(
+        &mut self,
+        round: u64,
+        global: &ParameterVector,
+        local: &ParameterVector,
+        num_examples: u64,
+    ) -> Result<PreparedUpdate, UpdateError> {
+        let delta = delta(global, local)?;
+        let mut update = PreparedUpdate { round, delta, num_examples, signature: None, metrics: BTreeMap::new() };
+        for stage in &mut self.stages {
+            stage.apply(&mut update)?;
+        }
+        Ok(update)
+    }
+}
+
+/// What a [`PipelineFactory`] knows about the fit task it builds a pipeline for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskContext {
+    /// Our id at the coordinator (a signing stage covers it).
+    pub client_id: ClientId,
+    /// Round and attempt of the task.
+    pub round: RoundId,
+    /// How the coordinator wants the update privatized.
+    pub privacy: PrivacyInstructions,
+}
+
+/// Builds the pipeline one fit task needs (clip and noise per its privacy instructions, sign
+/// if this client signs).
+pub trait PipelineFactory: Send + Sync + std::fmt::Debug {
+    /// A fresh pipeline for `task`, or [`UpdateError::Unsupported`] if this agent cannot
+    /// honour the task's instructions.
+    fn build(&self, task: &TaskContext) -> Result<UpdatePipeline, UpdateError>;
+}
+
+/// Pipelines for federations without client-side privacy: [`CheckRange`] only. Tasks that ask
+/// for clipping or noise are refused rather than served with a raw update.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlainPipelines;
+
+impl PipelineFactory for PlainPipelines {
+    fn build(&self, task: &TaskContext) -> Result<UpdatePipeline, UpdateError> {
+        match task.privacy.mode {
+            PrivacyMode::None => Ok(UpdatePipeline::default()),
+            mode => Err(UpdateError::Unsupported(format!(
+                "privacy mode {mode:?} (clip {} / noise σ {}) needs clipping and noise stages this agent was \
+                 not built with",
+                task.privacy.clip_norm, task.privacy.noise_stddev
+            ))),
+        }
+    }
+}
+
+/// `local − global`, over `local`'s tensors (looked up by name and shape in `global`).
+pub fn delta(global: &ParameterVector, local: &ParameterVector) -> Result<ParameterVector, UpdateError> {
+    let base = global.select(local.manifest()).map_err(UpdateError::Mismatch)?;
+    let values = local.values().iter().zip(base.values()).map(|(l, g)| l - g).collect();
+    ParameterVector::new(local.manifest().clone(), values).map_err(UpdateError::Mismatch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedtune_shared::params::{Manifest, TensorSpec};
+
+    fn spec(name: &str, n: usize) -> TensorSpec {
+        TensorSpec { name: name.into(), shape: vec![n] }
+    }
+
+    #[test]
+    fn the_delta_covers_only_the_trained_tensors() {
+        let global = ParameterVector::new(
+            Manifest::new(vec![spec("frozen", 2), spec("head", 3)]).unwrap(),
+            vec![9.0, 9.0, 1.0, 2.0, 3.0],
+        )
+        .unwrap();
+        let local =
+            ParameterVector::new(Manifest::new(vec![spec("head", 3)]).unwrap(), vec![1.5, 2.0, 2.0]).unwrap();
+        let d = delta(&global, &local).unwrap();
+        assert_eq!(d.manifest(), local.manifest());
+        assert_eq!(d.values(), &[0.5, 0.0, -1.0]);
+    }
+
+    #[test]
+    fn a_local_tensor_the_global_model_lacks_is_a_mismatch() {
+        let global = ParameterVector::zeros(Manifest::new(vec![spec("a", 2)]).unwrap());
+        let local = ParameterVector::zeros(Manifest::new(vec![spec("b", 2)]).unwrap());
+        assert!(matches!(delta(&global, &local), Err(UpdateError::Mismatch(_))));
+    }
+
+    #[test]
+    fn the_default_pipeline_refuses_a_diverged_update_and_measures_a_healthy_one() {
+        let m = Manifest::new(vec![spec("w", 2)]).unwrap();
+        let global = ParameterVector::zeros(m.clone());
+        let mut pipeline = UpdatePipeline::default();
+
+        let ok = pipeline.prepare(4, &global, &ParameterVector::new(m.clone(), vec![3.0, 4.0]).unwrap(), 10).unwrap();
+        assert_eq!((ok.round, ok.num_examples), (4, 10));
+        assert_eq!(ok.metrics["l2_norm"], 5.0);
+
+        let bad = ParameterVector::new(m, vec![f32::NAN, 0.0]).unwrap();
+        let err = pipeline.prepare(4, &global, &bad, 10).unwrap_err();
+        assert!(matches!(err, UpdateError::Refused { stage: "range", .. }), "{err}");
+
+        let huge = ParameterVector::new(global.manifest().clone(), vec![0.0, 2048.0]).unwrap();
+        let err = pipeline.prepare(4, &global, &huge, 10).unwrap_err();
+        assert!(err.to_string().contains("2048"), "{err}");
+    }
+
+    #[test]
+    fn plain_pipelines_refuse_tasks_that_ask_for_privacy() {
+        let mut task = TaskContext {
+            client_id: ClientId::parse("site-1").unwrap(),
+            round: RoundId::new(1, 0),
+            privacy: PrivacyInstructions::NONE,
+        };
+        assert_eq!(PlainPipelines.build(&task).unwrap().stage_names(), vec!["range"]);
+        task.privacy = PrivacyInstructions { mode: PrivacyMode::Local, clip_norm: 1.0, noise_stddev: 0.1 };
+        assert!(matches!(PlainPipelines.build(&task), Err(UpdateError::Unsupported(_))));
+    }
+
+    /// Scales the delta: a stand-in for a transforming stage, to check ordering.
+    #[derive(Debug)]
+    struct Scale(f32);
+    impl UpdateStage for Scale {
+        fn name(&self) -> &'static str {
+            "scale"
+        }
+        fn apply(&mut self, update: &mut PreparedUpdate) -> Result<(), UpdateError> {
+            update.delta.values_mut().iter_mut().for_each(|v| *v *= self.0);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn stages_run_in_the_order_they_were_added() {
+        let m = Manifest::new(vec![spec("w", 1)]).unwrap();
+        let global = ParameterVector::zeros(m.clone());
+        let local = ParameterVector::new(m, vec![2.0]).unwrap();
+        let mut pipeline = UpdatePipeline::new(vec![]).with_stage(Scale(3.0)).with_stage(CheckRange);
+        assert_eq!(pipeline.stage_names(), vec!["scale", "range"]);
+        let out = pipeline.prepare(1, &global, &local, 1).unwrap();
+        // The range stage saw the scaled delta.
+        assert_eq!(out.metrics["l2_norm"], 6.0);
+    }
+}

@@ -1,0 +1,330 @@
+//! Pure numeric kernels of streaming aggregation: value checks and the fixed-point running sum.
+//!
+//! # Fixed-point accumulation
+//!
+//! Every accepted update `x` (an f32 delta) is quantized to the grid 2⁻²⁴ with
+//! round-to-nearest-even, `q = rne(s·x·2²⁴)` (`s` ∈ (0, 1] is a per-update scale, 1 unless a
+//! server-side clipping decorator asks otherwise), multiplied by its integer weight `w` (the
+//! example count) and added into an `i64` per parameter. Integer addition is associative, so
+//! the sum — and the mean `Σ w·q / Σ w · 2⁻²⁴` derived from it — is **bitwise independent of the
+//! order in which updates arrive**, and an integer sum is what secure aggregation (masking
+//! modulo 2⁶⁴) will need later.
+//!
+//! Resolution: each update is off by at most 2⁻²⁵ per value, so the mean is within 2⁻²⁵ of the
+//! exact weighted mean of the inputs, plus the final rounding to f32.
+//!
+//! Overflow bound: values are refused unless |x| ≤ [`MAX_ABS_VALUE`] = 2⁸, so |q| ≤ 2³²; the
+//! total weight of a round is capped at [`MAX_TOTAL_WEIGHT`] = 2³¹ − 1, so
+//! |Σ w·q| ≤ (2³¹ − 1)·2³² < 2⁶³. No sum can overflow. (Fine-tuning deltas are many orders of
+//! magnitude below 256; a value beyond it is a bug or an attack and is refused, not clamped.)
+//!
+//! `quantize` uses the "add 1.5·2⁵² and subtract it" trick for round-to-nearest-even, exact for
+//! |v| < 2⁵¹ (here |v| ≤ 2³²), branch-free and vectorizable.
+
+use std::ops::Range;
+use std::path::Path;
+
+use fedtune_shared::params::Manifest;
+
+/// Bits of fraction of the fixed-point grid.
+pub const SCALE_BITS: i32 = 24;
+/// 2²⁴.
+const SCALE: f64 = (1u64 << SCALE_BITS) as f64;
+/// Largest accepted |value| of an update.
+pub const MAX_ABS_VALUE: f32 = 256.0;
+/// Largest total weight (sum of example counts) of one round.
+pub const MAX_TOTAL_WEIGHT: u64 = (1 << 31) - 1;
+/// 1.5·2⁵²: adding and subtracting it rounds an f64 of magnitude < 2⁵¹ to the nearest integer
+/// (ties to even) under the default rounding mode.
+const RNE_MAGIC: f64 = 6_755_399_441_055_744.0;
+
+/// A value that may not be folded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValueError {
+    /// NaN or infinity.
+    #[error("tensor `{tensor}` holds a non-finite value at index {index}")]
+    NonFinite {
+        /// Tensor name.
+        tensor: String,
+        /// Flat index within the update.
+        index: usize,
+    },
+    /// Beyond the fixed-point range.
+    #[error("tensor `{tensor}` holds {value} at index {index}, outside ±{MAX_ABS_VALUE}")]
+    OutOfRange {
+        /// Tensor name.
+        tensor: String,
+        /// Flat index within the update.
+        index: usize,
+        /// The value.
+        value: f32,
+    },
+}
+
+/// Checks little-endian f32 `bytes` that start at flat value index `start` of an update
+/// following `manifest`, and returns their sum of squares (for norms). `bytes.len()` must be a
+/// multiple of 4.
+pub fn check_values(manifest: &Manifest, start: usize, bytes: &[u8]) -> Result<f64, ValueError> {
+    let mut sumsq = 0.0f64;
+    let mut bad = None;
+    for (i, b) in bytes.chunks_exact(4).enumerate() {
+        let v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        // One comparison covers NaN (false), ±inf and out-of-range values.
+        if !(v.abs() <= MAX_ABS_VALUE) {
+            bad = Some((start + i, v));
+            break;
+        }
+        sumsq += f64::from(v) * f64::from(v);
+    }
+    match bad {
+        None => Ok(sumsq),
+        Some((index, value)) => {
+            let tensor = tensor_at(manifest, index);
+            Err(if value.is_finite() {
+                ValueError::OutOfRange { tensor, index, value }
+            } else {
+                ValueError::NonFinite { tensor, index }
+            })
+        }
+    }
+}
+
+fn tensor_at(manifest: &Manifest, index: usize) -> String {
+    manifest
+        .ranges()
+        .find(|(_, r)| r.contains(&index))
+        .map(|(t, _)| t.name.clone())
+        .unwrap_or_else(|| "<beyond manifest>".into())
+}
+
+/// Quantizes one value onto the 2⁻²⁴ grid (see the module docs). `scale` ∈ (0, 1].
+#[inline(always)]
+pub fn quantize(x: f32, scale: f32) -> i64 {
+    let v = f64::from(x * scale) * SCALE;
+    ((v + RNE_MAGIC) - RNE_MAGIC) as i64
+}
+
+/// The running weighted sum of one round's updates, in fixed point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FixedPointSum {
+    sum: Vec<i64>,
+    total_weight: u64,
+    updates: u32,
+}
+
+impl FixedPointSum {
+    /// An empty sum over `len` parameters.
+    pub fn new(len: usize) -> Self {
+        Self { sum: vec![0; len], total_weight: 0, updates: 0 }
+    }
+
+    /// Parameters summed.
+    pub fn len(&self) -> usize {
+        self.sum.len()
+    }
+
+    /// True for a sum over zero parameters.
+    pub fn is_empty(&self) -> bool {
+        self.sum.is_empty()
+    }
+
+    /// Sum of the weights folded so far.
+    pub fn total_weight(&self) -> u64 {
+        self.total_weight
+    }
+
+    /// Updates folded so far.
+    pub fn updates(&self) -> u32 {
+        self.updates
+    }
+
+    /// The raw integer sums (for tests and secure aggregation).
+    pub fn raw(&self) -> &[i64] {
+        &self.sum
+    }
+
+    /// True if folding `weight` more stays within [`MAX_TOTAL_WEIGHT`].
+    pub fn can_take(&self, weight: u64) -> bool {
+        self.total_weight.checked_add(weight).is_some_and(|t| t <= MAX_TOTAL_WEIGHT)
+    }
+
+    /// Folds a whole update given as values. Values must have passed [`check_values`].
+    ///
+    /// # Panics
+    /// If the length differs or the weight would exceed [`MAX_TOTAL_WEIGHT`] (callers check both
+    /// before mutating anything).
+    pub fn fold_values(&mut self, values: &[f32], weight: u64, scale: f32) {
+        assert_eq!(values.len(), self.sum.len(), "update length differs from the sum");
+        self.admit(weight);
+        let w = weight as i64;
+        for (s, &x) in self.sum.iter_mut().zip(values) {
+            *s += w * quantize(x, scale);
+        }
+    }
+
+    /// Folds a whole update stored as little-endian f32 in `path` (a spool file), reading it in
+    /// blocks on up to `threads` threads, each owning a disjoint slice of the sum. Blocking: run
+    /// it on a blocking thread. On an I/O error the sum may be partially updated, so callers fold
+    /// into a copy or treat the error as fatal; spool files are local and already verified.
+    pub fn fold_file(&mut self, path: &Path, weight: u64, scale: f32, threads: usize) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        if len != self.sum.len() as u64 * 4 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("spool file has {len} bytes, expected {}", self.sum.len() * 4),
+            ));
+        }
+        self.admit(weight);
+        let w = weight as i64;
+        let threads = threads.clamp(1, 16);
+        let per = self.sum.len().div_ceil(threads).max(1 << 16);
+        const BLOCK: usize = 1 << 20; // values per read: 4 MiB
+        std::thread::scope(|scope| {
+            let mut handles = Vec::new();
+            for (t, part) in self.sum.chunks_mut(per).enumerate() {
+                let file = &file;
+                handles.push(scope.spawn(move || -> std::io::Result<()> {
+                    let base = t * per;
+                    let mut buf = vec![0u8; BLOCK.min(part.len()) * 4];
+                    for (b, block) in part.chunks_mut(BLOCK).enumerate() {
+                        let bytes = &mut buf[..block.len() * 4];
+                        file.read_exact_at(bytes, ((base + b * BLOCK) * 4) as u64)?;
+                        fold_le(block, bytes, w, scale);
+                    }
+                    Ok(())
+                }));
+            }
+            handles.into_iter().try_for_each(|h| h.join().expect("fold thread panicked"))
+        })
+    }
+
+    fn admit(&mut self, weight: u64) {
+        assert!(self.can_take(weight), "total weight would exceed {MAX_TOTAL_WEIGHT}");
+        self.total_weight += weight;
+        self.updates += 1;
+    }
+
+    /// The weighted mean `Σ w·q / Σ w · 2⁻²⁴` as f32, or `None` before any update.
+    pub fn mean(&self) -> Option<Vec<f32>> {
+        if self.total_weight == 0 {
+            return None;
+        }
+        let inv = 1.0 / (self.total_weight as f64 * SCALE);
+        Some(self.sum.iter().map(|&s| (s as f64 * inv) as f32).collect())
+    }
+}
+
+/// `sum[i] += w · quantize(x[i])` for little-endian f32 `bytes`.
+#[inline]
+fn fold_le(sum: &mut [i64], bytes: &[u8], w: i64, scale: f32) {
+    for (s, b) in sum.iter_mut().zip(bytes.chunks_exact(4)) {
+        let x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        *s += w * quantize(x, scale);
+    }
+}
+
+/// Value ranges of the tensors of `full` that `keep` accepts, in `full`'s order.
+pub fn segments_of(full: &Manifest, keep: impl Fn(&str) -> bool) -> Vec<Range<usize>> {
+    full.ranges().filter(|(t, _)| keep(&t.name)).map(|(_, r)| r).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedtune_shared::params::TensorSpec;
+
+    fn manifest(n: usize) -> Manifest {
+        Manifest::new(vec![
+            TensorSpec { name: "a".into(), shape: vec![n / 2] },
+            TensorSpec { name: "b".into(), shape: vec![n - n / 2] },
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn quantization_rounds_to_nearest_even_on_the_grid() {
+        let step = (2.0f64).powi(-SCALE_BITS) as f32;
+        assert_eq!(quantize(1.0, 1.0), 1 << 24);
+        assert_eq!(quantize(-step, 1.0), -1);
+        assert_eq!(quantize(step * 0.5, 1.0), 0); // tie → even (0)
+        assert_eq!(quantize(step * 1.5, 1.0), 2); // tie → even (2)
+        assert_eq!(quantize(MAX_ABS_VALUE, 1.0), 1i64 << 32);
+        assert_eq!(quantize(2.0, 0.5), 1 << 24);
+    }
+
+    #[test]
+    fn the_sum_is_bitwise_independent_of_arrival_order() {
+        let updates: Vec<(Vec<f32>, u64)> = (0..5)
+            .map(|k| ((0..1000).map(|i| ((i * 7 + k * 13) % 97) as f32 * 1e-3 - 0.05).collect(), 1 + k as u64 * 10))
+            .collect();
+        let mut forward = FixedPointSum::new(1000);
+        for (u, w) in &updates {
+            forward.fold_values(u, *w, 1.0);
+        }
+        let mut backward = FixedPointSum::new(1000);
+        for (u, w) in updates.iter().rev() {
+            backward.fold_values(u, *w, 1.0);
+        }
+        assert_eq!(forward, backward);
+        assert_eq!(forward.mean().unwrap(), backward.mean().unwrap());
+    }
+
+    #[test]
+    fn the_mean_is_within_half_a_grid_step_of_the_exact_weighted_mean() {
+        let a: Vec<f32> = (0..500).map(|i| (i as f32).sin() * 0.01).collect();
+        let b: Vec<f32> = (0..500).map(|i| (i as f32).cos() * 0.02).collect();
+        let mut s = FixedPointSum::new(500);
+        s.fold_values(&a, 3, 1.0);
+        s.fold_values(&b, 5, 1.0);
+        let mean = s.mean().unwrap();
+        for i in 0..500 {
+            let exact = (3.0 * f64::from(a[i]) + 5.0 * f64::from(b[i])) / 8.0;
+            let tol = 2f64.powi(-25) + exact.abs() * 2f64.powi(-23);
+            assert!((f64::from(mean[i]) - exact).abs() <= tol, "index {i}");
+        }
+    }
+
+    #[test]
+    fn folding_a_file_equals_folding_the_values() {
+        let n = 300_001;
+        let values: Vec<f32> = (0..n).map(|i| ((i % 1013) as f32 - 500.0) * 1e-4).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.bin");
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let mut from_file = FixedPointSum::new(n);
+        from_file.fold_file(&path, 7, 1.0, 3).unwrap();
+        let mut from_values = FixedPointSum::new(n);
+        from_values.fold_values(&values, 7, 1.0);
+        assert_eq!(from_file, from_values);
+    }
+
+    #[test]
+    fn a_spool_file_of_the_wrong_length_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.bin");
+        std::fs::write(&path, [0u8; 12]).unwrap();
+        let mut s = FixedPointSum::new(4);
+        assert!(s.fold_file(&path, 1, 1.0, 1).is_err());
+        assert_eq!(s, FixedPointSum::new(4));
+    }
+
+    #[test]
+    fn value_checks_name_the_tensor_of_a_bad_value() {
+        let m = manifest(10);
+        let mut bytes: Vec<u8> = [0.5f32; 10].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert!((check_values(&m, 0, &bytes).unwrap() - 2.5).abs() < 1e-12);
+        bytes[28..32].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert_eq!(check_values(&m, 0, &bytes), Err(ValueError::NonFinite { tensor: "b".into(), index: 7 }));
+        bytes[28..32].copy_from_slice(&300f32.to_le_bytes());
+        assert!(matches!(check_values(&m, 0, &bytes), Err(ValueError::OutOfRange { index: 7, .. })));
+        // A chunk that starts mid-update reports the absolute index.
+        assert!(matches!(check_values(&m, 2, &bytes[..8]), Ok(_)));
+        assert_eq!(
+            check_values(&m, 2, &bytes[24..32]),
+            Err(ValueError::OutOfRange { tensor: "a".into(), index: 3, value: 300.0 })
+        );
+    }
+}

@@ -1,0 +1,518 @@
+//! The global model as the coordinator holds it: every tensor of a BERT sequence classifier as
+//! named f32 values (no libtorch), the split into trainable and frozen tensors, the initial model
+//! built from a Hugging Face checkpoint, and export back to a Hugging Face directory.
+//!
+//! # Names
+//! Tensors carry the names `BertForSequenceClassification` uses (`bert.…`, `classifier.…`), so
+//! a checkpoint written here loads in transformers unchanged. A base-model checkpoint without
+//! the `bert.` prefix gets it; pre-training heads (`cls.…`) and the `position_ids` buffer are
+//! skipped; old `LayerNorm.gamma/beta` names become `weight/bias`.
+//!
+//! # Trainable part
+//! Clients train and upload only the trainable tensors (always pooler and classifier; the top
+//! `train_top_layers` encoder layers or all; embeddings unless frozen). Frozen tensors never
+//! change, so a client downloads the full model once and only the trainable part per version.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fedtune_shared::chunk::PayloadView;
+use fedtune_shared::ids::{ModelVersion, Sha256};
+use fedtune_shared::params::{Manifest, ParameterVector, ParamsError, TensorSpec};
+use fedtune_shared::round::{ModelRef, ModelScope};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+use crate::settings::ModelSettings;
+
+/// Errors building, loading or exporting models.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// Reading or writing a file.
+    #[error("{path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `config.json` is unusable.
+    #[error("{path}: {reason}")]
+    Config {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Parameter vectors or safetensors.
+    #[error(transparent)]
+    Params(#[from] ParamsError),
+    /// The checkpoint does not look like a BERT model.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The fields of a Hugging Face `config.json` the coordinator needs; the full JSON is kept
+/// for export.
+#[derive(Debug, Clone)]
+pub struct HfConfig {
+    /// Width of the encoder.
+    pub hidden_size: usize,
+    /// Encoder layers.
+    pub num_hidden_layers: usize,
+    /// The parsed file.
+    pub json: serde_json::Value,
+}
+
+impl HfConfig {
+    /// Reads `dir/config.json`.
+    pub fn read(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.clone(), reason: e.to_string() })?;
+        let field = |k: &str| {
+            json.get(k).and_then(serde_json::Value::as_u64).map(|v| v as usize).ok_or_else(|| ModelError::Config {
+                path: path.clone(),
+                reason: format!("missing integer `{k}`"),
+            })
+        };
+        Ok(Self { hidden_size: field("hidden_size")?, num_hidden_layers: field("num_hidden_layers")?, json })
+    }
+
+    /// Label names from `id2label`, ordered by id, if present and complete.
+    pub fn labels(&self) -> Option<Vec<String>> {
+        let map = self.json.get("id2label")?.as_object()?;
+        let mut labels = vec![None; map.len()];
+        for (k, v) in map {
+            let i: usize = k.parse().ok()?;
+            *labels.get_mut(i)? = Some(v.as_str()?.to_string());
+        }
+        labels.into_iter().collect()
+    }
+}
+
+/// Where the trainable tensors lie inside the full parameter vector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainableLayout {
+    /// Every tensor, in the full vector's order.
+    pub full: Manifest,
+    /// The trainable tensors, in the same relative order (upload order).
+    pub trainable: Manifest,
+    /// Value ranges of the trainable tensors in the full vector.
+    pub segments: Vec<Range<usize>>,
+}
+
+impl TrainableLayout {
+    /// Splits `full` by a name predicate.
+    pub fn new(full: Manifest, is_trainable: impl Fn(&str) -> bool) -> Self {
+        let trainable = full.subset(&is_trainable);
+        let segments = full.ranges().filter(|(t, _)| is_trainable(&t.name)).map(|(_, r)| r).collect();
+        Self { full, trainable, segments }
+    }
+
+    /// The trainable values of `full` as their own vector.
+    pub fn extract(&self, full: &ParameterVector) -> ParameterVector {
+        let mut values = Vec::with_capacity(self.trainable.numel());
+        for r in &self.segments {
+            values.extend_from_slice(&full.values()[r.clone()]);
+        }
+        ParameterVector::new(self.trainable.clone(), values).expect("segments match the trainable manifest")
+    }
+
+    /// Writes trainable values back into a full vector.
+    pub fn write_back(&self, full: &mut ParameterVector, trainable: &[f32]) {
+        let mut at = 0;
+        let dst = full.values_mut();
+        for r in &self.segments {
+            dst[r.clone()].copy_from_slice(&trainable[at..at + r.len()]);
+            at += r.len();
+        }
+    }
+}
+
+/// The selection rule for trainable tensors (see the module docs).
+pub fn trainable_rule(settings: &ModelSettings, num_layers: usize) -> impl Fn(&str) -> bool + Clone {
+    let first_trained = settings.train_top_layers.map(|k| num_layers.saturating_sub(k)).unwrap_or(0);
+    let freeze_embeddings = settings.freeze_embeddings;
+    move |name: &str| {
+        if name.starts_with("classifier.") || name.starts_with("bert.pooler.") {
+            return true;
+        }
+        if name.starts_with("bert.embeddings.") {
+            return !freeze_embeddings;
+        }
+        if let Some(rest) = name.strip_prefix("bert.encoder.layer.") {
+            let layer: usize = rest.split('.').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            return layer >= first_trained;
+        }
+        // Anything else (unknown extras) stays frozen: clients cannot be assumed to train it.
+        false
+    }
+}
+
+/// A published version of the global model. Immutable; shared with downloads through `Arc`.
+#[derive(Debug)]
+pub struct GlobalModel {
+    /// Version.
+    pub version: ModelVersion,
+    /// All tensors.
+    pub params: ParameterVector,
+    /// Trainable split.
+    pub layout: Arc<TrainableLayout>,
+    /// Digests clients check.
+    pub model_ref: ModelRef,
+}
+
+impl GlobalModel {
+    /// Wraps a full vector, computing its digests (a pass over the payload; call off the reactor
+    /// for large models).
+    pub fn new(version: ModelVersion, params: ParameterVector, layout: Arc<TrainableLayout>) -> Self {
+        let full_payload = PayloadView::whole(params.values()).digest();
+        let trainable_payload = PayloadView::segments(params.values(), layout.segments.clone()).digest();
+        let model_ref = ModelRef {
+            version,
+            full_manifest: Sha256(layout.full.digest()),
+            full_payload,
+            trainable_manifest: Sha256(layout.trainable.digest()),
+            trainable_payload,
+        };
+        Self { version, params, layout, model_ref }
+    }
+
+    /// The payload of a scope, read lazily from the full vector.
+    pub fn payload(&self, scope: ModelScope) -> PayloadView<'_> {
+        match scope {
+            ModelScope::Full => PayloadView::whole(self.params.values()),
+            ModelScope::Trainable => PayloadView::segments(self.params.values(), self.layout.segments.clone()),
+        }
+    }
+
+    /// Manifest of a scope.
+    pub fn manifest(&self, scope: ModelScope) -> &Manifest {
+        match scope {
+            ModelScope::Full => &self.layout.full,
+            ModelScope::Trainable => &self.layout.trainable,
+        }
+    }
+
+    /// Payload digest of a scope.
+    pub fn digest(&self, scope: ModelScope) -> Sha256 {
+        match scope {
+            ModelScope::Full => self.model_ref.full_payload,
+            ModelScope::Trainable => self.model_ref.trainable_payload,
+        }
+    }
+}
+
+/// The initial model and what was decided while building it.
+#[derive(Debug)]
+pub struct InitialModel {
+    /// All tensors, HF names, sorted by name.
+    pub params: ParameterVector,
+    /// Class names.
+    pub labels: Vec<String>,
+    /// The checkpoint's config.
+    pub config: HfConfig,
+    /// Tensors that were missing and initialised (pooler, classifier).
+    pub initialised: Vec<String>,
+}
+
+/// Standard deviation of the head initialisation (BERT's `initializer_range`).
+const INIT_STD: f64 = 0.02;
+
+/// Maps a checkpoint name to the classifier's name, or `None` to skip it.
+fn canonical_name(name: &str) -> Option<String> {
+    if name.ends_with("embeddings.position_ids") || name.starts_with("cls.") {
+        return None;
+    }
+    let mut n = if name.starts_with("bert.") || name.starts_with("classifier.") {
+        name.to_string()
+    } else {
+        format!("bert.{name}")
+    };
+    if n.contains("LayerNorm.") {
+        if let Some(stem) = n.strip_suffix(".gamma") {
+            n = format!("{stem}.weight");
+        } else if let Some(stem) = n.strip_suffix(".beta") {
+            n = format!("{stem}.bias");
+        }
+    }
+    Some(n)
+}
+
+/// Builds the initial global model from `settings.init_dir` (see the module docs).
+pub fn load_initial(settings: &ModelSettings) -> Result<InitialModel, ModelError> {
+    let config = HfConfig::read(&settings.init_dir)?;
+    let path = settings.init_dir.join("model.safetensors");
+    let raw = ParameterVector::load_safetensors(&path, |n| canonical_name(n).is_some())?;
+    let (manifest, values) = raw.into_parts();
+    let mut tensors: Vec<(TensorSpec, Range<usize>)> = Vec::new();
+    let mut offset = 0;
+    for t in manifest.tensors {
+        let n = t.numel();
+        let name = canonical_name(&t.name).expect("filtered above");
+        tensors.push((TensorSpec { name, shape: t.shape }, offset..offset + n));
+        offset += n;
+    }
+    if !tensors.iter().any(|(t, _)| t.name.starts_with("bert.encoder.layer.")) {
+        return Err(ModelError::Checkpoint {
+            path,
+            reason: "no `encoder.layer.*` tensors: not a BERT checkpoint".into(),
+        });
+    }
+    let h = config.hidden_size;
+    // Labels: settings, then a classifier already in the checkpoint, then config.json.
+    let ckpt_labels = tensors.iter().find(|(t, _)| t.name == "classifier.weight").map(|(t, _)| t.shape[0]);
+    let labels = if !settings.labels.is_empty() {
+        settings.labels.clone()
+    } else if let Some(l) = config.labels().filter(|l| ckpt_labels.is_none_or(|n| n == l.len()) && l.len() >= 2) {
+        l
+    } else if let Some(n) = settings.num_labels.or(ckpt_labels) {
+        (0..n).map(|i| format!("LABEL_{i}")).collect()
+    } else {
+        return Err(ModelError::Config {
+            path: settings.init_dir.join("config.json"),
+            reason: "cannot tell the number of labels: set model.labels or model.num_labels".into(),
+        });
+    };
+    if let Some(n) = ckpt_labels {
+        if n != labels.len() {
+            return Err(ModelError::Checkpoint {
+                path,
+                reason: format!("its classifier has {n} outputs but {} labels are configured", labels.len()),
+            });
+        }
+    }
+    let mut rng = ChaCha20Rng::seed_from_u64(settings.init_seed);
+    let mut out_specs = Vec::new();
+    let mut out_values: Vec<f32> = Vec::with_capacity(values.len());
+    let mut initialised = Vec::new();
+    let mut extra: Vec<(TensorSpec, Vec<f32>)> = Vec::new();
+    // Fixed order, so the same seed always gives the same weights.
+    for (name, shape, normal) in [
+        ("bert.pooler.dense.weight", vec![h, h], true),
+        ("bert.pooler.dense.bias", vec![h], false),
+        ("classifier.weight", vec![labels.len(), h], true),
+        ("classifier.bias", vec![labels.len()], false),
+    ] {
+        if tensors.iter().any(|(t, _)| t.name == name) {
+            continue;
+        }
+        let n: usize = shape.iter().product();
+        let v = if normal { (0..n).map(|_| normal_sample(&mut rng) as f32).collect() } else { vec![0.0; n] };
+        initialised.push(name.to_string());
+        extra.push((TensorSpec { name: name.into(), shape }, v));
+    }
+    // Sort by name like load_safetensors does, so the layout is stable across restarts.
+    let mut all: Vec<(TensorSpec, Result<Range<usize>, Vec<f32>>)> =
+        tensors.into_iter().map(|(t, r)| (t, Ok(r))).chain(extra.into_iter().map(|(t, v)| (t, Err(v)))).collect();
+    all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    for (spec, src) in all {
+        match src {
+            Ok(r) => out_values.extend_from_slice(&values[r]),
+            Err(v) => out_values.extend_from_slice(&v),
+        }
+        out_specs.push(spec);
+    }
+    let params = ParameterVector::new(Manifest::new(out_specs)?, out_values)?;
+    Ok(InitialModel { params, labels, config, initialised })
+}
+
+/// One draw from N(0, 0.02²) by Box–Muller on a seeded ChaCha20 stream.
+fn normal_sample(rng: &mut ChaCha20Rng) -> f64 {
+    let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]: ln is finite
+    let u2: f64 = rng.random();
+    INIT_STD * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// Tokenizer and vocabulary files copied from the initial model directory on export.
+pub const TOKENIZER_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "merges.txt",
+];
+
+/// Writes a Hugging Face `BertForSequenceClassification` directory: `config.json` (with
+/// `num_labels`, `id2label`, `label2id`), `model.safetensors` and the tokenizer files found in
+/// `init_dir`.
+pub fn export_hf(
+    params: &ParameterVector,
+    labels: &[String],
+    init_dir: &Path,
+    out: &Path,
+) -> Result<Vec<PathBuf>, ModelError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ModelError::Io { path, source }
+    };
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let config = HfConfig::read(init_dir)?;
+    let mut json = config.json;
+    let obj = json.as_object_mut().ok_or_else(|| ModelError::Config {
+        path: init_dir.join("config.json"),
+        reason: "not a JSON object".into(),
+    })?;
+    obj.insert("architectures".into(), serde_json::json!(["BertForSequenceClassification"]));
+    obj.insert("num_labels".into(), serde_json::json!(labels.len()));
+    obj.insert(
+        "id2label".into(),
+        serde_json::Value::Object(labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone().into())).collect()),
+    );
+    obj.insert(
+        "label2id".into(),
+        serde_json::Value::Object(labels.iter().enumerate().map(|(i, l)| (l.clone(), i.into())).collect()),
+    );
+    obj.insert("problem_type".into(), "single_label_classification".into());
+    let mut written = Vec::new();
+    let cfg_path = out.join("config.json");
+    let text = serde_json::to_string_pretty(&json).expect("JSON values serialize");
+    std::fs::write(&cfg_path, text).map_err(io(&cfg_path))?;
+    written.push(cfg_path);
+    let model_path = out.join("model.safetensors");
+    params.save_safetensors(&model_path)?;
+    written.push(model_path);
+    for f in TOKENIZER_FILES {
+        let src = init_dir.join(f);
+        if src.is_file() {
+            let dst = out.join(f);
+            std::fs::copy(&src, &dst).map_err(io(&dst))?;
+            written.push(dst);
+        }
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tiny BERT-like checkpoint without the `bert.` prefix, pooler or classifier.
+    fn write_base_checkpoint(dir: &Path, layers: usize, h: usize) {
+        let mut specs = vec![
+            TensorSpec { name: "embeddings.word_embeddings.weight".into(), shape: vec![10, h] },
+            TensorSpec { name: "embeddings.position_ids".into(), shape: vec![1, 8] },
+            TensorSpec { name: "embeddings.LayerNorm.gamma".into(), shape: vec![h] },
+        ];
+        for l in 0..layers {
+            specs.push(TensorSpec { name: format!("encoder.layer.{l}.output.dense.weight"), shape: vec![h, h] });
+        }
+        specs.push(TensorSpec { name: "cls.predictions.bias".into(), shape: vec![10] });
+        let m = Manifest::new(specs).unwrap();
+        let n = m.numel();
+        ParameterVector::new(m, (0..n).map(|i| i as f32 * 1e-3).collect())
+            .unwrap()
+            .save_safetensors(&dir.join("model.safetensors"))
+            .unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            format!(r#"{{"hidden_size": {h}, "num_hidden_layers": {layers}, "id2label": {{"0": "neg", "1": "pos"}}}}"#),
+        )
+        .unwrap();
+        std::fs::write(dir.join("vocab.txt"), "[PAD]\n").unwrap();
+    }
+
+    fn settings(dir: &Path) -> ModelSettings {
+        ModelSettings {
+            init_dir: dir.into(),
+            labels: vec![],
+            num_labels: None,
+            init_seed: 7,
+            train_top_layers: Some(1),
+            freeze_embeddings: true,
+        }
+    }
+
+    #[test]
+    fn a_base_checkpoint_becomes_a_full_classifier_with_hf_names() {
+        let d = tempfile::tempdir().unwrap();
+        write_base_checkpoint(d.path(), 2, 4);
+        let m = load_initial(&settings(d.path())).unwrap();
+        let names: Vec<&str> = m.params.manifest().tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "bert.embeddings.LayerNorm.weight",
+                "bert.embeddings.word_embeddings.weight",
+                "bert.encoder.layer.0.output.dense.weight",
+                "bert.encoder.layer.1.output.dense.weight",
+                "bert.pooler.dense.bias",
+                "bert.pooler.dense.weight",
+                "classifier.bias",
+                "classifier.weight",
+            ]
+        );
+        assert_eq!(m.labels, ["neg", "pos"]);
+        assert_eq!(m.params.tensor("classifier.weight").unwrap().len(), 8);
+        assert!(m.params.tensor("classifier.bias").unwrap().iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn head_initialisation_is_reproducible_from_the_seed() {
+        let d = tempfile::tempdir().unwrap();
+        write_base_checkpoint(d.path(), 2, 64);
+        let a = load_initial(&settings(d.path())).unwrap();
+        let b = load_initial(&settings(d.path())).unwrap();
+        assert_eq!(a.params, b.params);
+        let mut other = settings(d.path());
+        other.init_seed = 8;
+        let c = load_initial(&other).unwrap();
+        assert_ne!(a.params.tensor("classifier.weight"), c.params.tensor("classifier.weight"));
+        // Roughly N(0, 0.02²): 64·64 pooler weights have a sample std near 0.02.
+        let w = a.params.tensor("bert.pooler.dense.weight").unwrap();
+        let std = (w.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
+        assert!((std - 0.02).abs() < 0.002, "std {std}");
+    }
+
+    #[test]
+    fn the_trainable_rule_follows_the_settings() {
+        let d = tempfile::tempdir().unwrap();
+        write_base_checkpoint(d.path(), 3, 4);
+        let s = settings(d.path());
+        let m = load_initial(&s).unwrap();
+        let layout = TrainableLayout::new(m.params.manifest().clone(), trainable_rule(&s, 3));
+        let names: Vec<&str> = layout.trainable.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "bert.encoder.layer.2.output.dense.weight",
+                "bert.pooler.dense.bias",
+                "bert.pooler.dense.weight",
+                "classifier.bias",
+                "classifier.weight"
+            ]
+        );
+        let t = layout.extract(&m.params);
+        let mut full = m.params.clone();
+        layout.write_back(&mut full, &vec![0.0; t.values().len()]);
+        assert!(full.tensor("classifier.bias").unwrap().iter().all(|&v| v == 0.0));
+        assert_eq!(full.tensor("bert.encoder.layer.0.output.dense.weight"), m.params.tensor("bert.encoder.layer.0.output.dense.weight"));
+    }
+
+    #[test]
+    fn export_writes_an_hf_classifier_directory() {
+        let d = tempfile::tempdir().unwrap();
+        write_base_checkpoint(d.path(), 1, 4);
+        let m = load_initial(&settings(d.path())).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        export_hf(&m.params, &m.labels, d.path(), out.path()).unwrap();
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["num_labels"], 2);
+        assert_eq!(cfg["id2label"]["1"], "pos");
+        assert_eq!(cfg["label2id"]["neg"], 0);
+        assert!(out.path().join("vocab.txt").is_file());
+        let back = ParameterVector::load_safetensors(&out.path().join("model.safetensors"), |_| true).unwrap();
+        assert_eq!(back, m.params);
+    }
+}

@@ -1,0 +1,115 @@
+//! The round state machine: one actor task owns all round state; RPC handlers talk to it
+//! through a bounded request channel ([`requests`]) and read what it publishes on `watch`
+//! channels ([`events`]).
+//!
+//! ```mermaid
+//! stateDiagram-v2
+//!     [*] --> Idle
+//!     Idle --> Evaluating: initial evaluation due
+//!     Idle --> Selecting: ≥ min_available live clients
+//!     Idle --> Finished: all rounds done
+//!     Selecting --> Training: sample recorded, tasks assigned
+//!     Selecting --> Failure: sample < min_fit
+//!     Training --> Aggregating: deadline or all reported, ≥ min_fit folded
+//!     Training --> Failure: < min_fit folded by the deadline
+//!     Aggregating --> Publishing: strategy produced new weights
+//!     Aggregating --> Failure: strategy kept the old model
+//!     Publishing --> Evaluating: evaluation due
+//!     Publishing --> Idle
+//!     Publishing --> Finished: last round
+//!     Evaluating --> Idle
+//!     Evaluating --> Finished: last round
+//!     Failure --> Idle: retry after backoff (attempt + 1)
+//!     Failure --> Finished: too many consecutive failures (halted)
+//!     Selecting --> Finished: strategy refuses (e.g. privacy budget spent)
+//!     Finished --> Shutdown: exit_after_finished elapsed
+//!     Idle --> Shutdown: cancelled (from any phase)
+//!     Shutdown --> [*]
+//! ```
+//!
+//! - **Idle** waits until enough clients are alive (heartbeats and polls keep them alive).
+//! - **Selecting** draws the round's clients (seeded, recorded for audit), asks the strategy for
+//!   the fit configuration, and assigns a fit task to each drawn client.
+//! - **Training** accepts uploads: each is checked against the round (selection, deadline,
+//!   base version, manifest, size) when its header arrives, staged on disk while every chunk is
+//!   checked, and folded into the fixed-point sum only after its digest verified (off the
+//!   reactor, one fold at a time, while requests keep being served). It ends at the deadline or
+//!   when every drawn client has either delivered or failed.
+//! - **Aggregating** turns the sum into the weighted mean delta and lets the strategy step.
+//! - **Publishing** writes checkpoint and strategy state, commits round record, outcomes and
+//!   privacy-ledger entry in one transaction, and only then publishes the new version.
+//! - **Evaluating** has drawn clients evaluate the new model and records weighted figures.
+//! - **Failure** records the failed attempt and either retries after a backoff or halts.
+//! - **Finished** keeps answering (downloads, status, polls get `Finished`) until shutdown.
+//! - **Shutdown** marks an unfinished round as aborted and ends the actor.
+//!
+//! Every phase serves the requests that mean the same everywhere (join, poll, heartbeat,
+//! status) through [`phase::Shared::handle_common`], so clients are never left waiting on a
+//! phase that does not expect them.
+
+pub mod events;
+pub(crate) mod phase;
+pub(crate) mod phases;
+pub mod requests;
+
+use tracing::{info, Instrument};
+
+use self::phase::{Phase, Shared};
+use self::phases::{
+    aggregating::Aggregating, evaluating::Evaluating, failure::Failure, finished::Finished, idle::Idle,
+    publishing::Publishing, selecting::Selecting, shutdown::Shutdown, training::Training,
+};
+
+/// The state machine: one variant per phase, each holding that phase's private state, so
+/// phase-local buffers (e.g. the running sum) cannot outlive their phase.
+#[derive(Debug)]
+pub(crate) enum Round {
+    Idle(Idle),
+    Selecting(Selecting),
+    Training(Training),
+    Aggregating(Aggregating),
+    Publishing(Publishing),
+    Evaluating(Evaluating),
+    Failure(Failure),
+    Finished(Finished),
+    Shutdown(Shutdown),
+}
+
+/// How the actor ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ActorExit {
+    /// Shutdown was requested (or the federation finished and the linger elapsed).
+    Stopped,
+    /// The federation halted: too many failed rounds or the strategy refused to continue.
+    Halted(String),
+    /// An internal failure (storage) stopped it.
+    Fatal(String),
+}
+
+/// Runs the actor from `start` until shutdown.
+pub(crate) async fn run(mut shared: Shared, start: Round) -> ActorExit {
+    let mut state = start;
+    loop {
+        let span = tracing::info_span!("round", round = shared.round.round, attempt = shared.round.attempt);
+        state = match state {
+            Round::Idle(p) => step(p, &mut shared).instrument(span).await,
+            Round::Selecting(p) => step(p, &mut shared).instrument(span).await,
+            Round::Training(p) => step(p, &mut shared).instrument(span).await,
+            Round::Aggregating(p) => step(p, &mut shared).instrument(span).await,
+            Round::Publishing(p) => step(p, &mut shared).instrument(span).await,
+            Round::Evaluating(p) => step(p, &mut shared).instrument(span).await,
+            Round::Failure(p) => step(p, &mut shared).instrument(span).await,
+            Round::Finished(p) => step(p, &mut shared).instrument(span).await,
+            Round::Shutdown(p) => {
+                shared.enter(Shutdown::NAME, None);
+                return p.finish(&mut shared).instrument(span).await;
+            }
+        };
+    }
+}
+
+async fn step<P: Phase>(phase: P, shared: &mut Shared) -> Round {
+    shared.enter(P::NAME, None);
+    info!(phase = %P::NAME, "entering phase");
+    phase.run(shared).await
+}

@@ -1,0 +1,605 @@
+//! The coordinator's configuration: one typed tree, layered from a TOML file, `FEDTUNE__…`
+//! environment variables and a few CLI flags (see [`fedtune_shared::settings`]), and validated
+//! once by [`CoordinatorSettings::validate`] before anything binds a port.
+//!
+//! Example (`deploy/config/coordinator.example.toml` has the full list):
+//!
+//! ```toml
+//! [storage]
+//! state_dir = "/var/lib/fedtune"
+//! [model]
+//! init_dir = "/models/bert-base-uncased"
+//! labels = ["negative", "positive"]
+//! train_top_layers = 4
+//! [rounds]
+//! total = 20
+//! min_fit = 3
+//! deadline = "10m"
+//! [sampling]
+//! scheme = "poisson"
+//! rate = 0.5
+//! [strategy]
+//! name = "fedadam"
+//! server_learning_rate = 0.01
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fedtune_shared::chunk::{DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
+use fedtune_shared::settings::{duration, SettingsError};
+use serde::{Deserialize, Serialize};
+
+/// Everything the coordinator is configured with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorSettings {
+    /// Network side: listen address, limits, drain.
+    #[serde(default)]
+    pub server: ServerSettings,
+    /// Where state lives.
+    pub storage: StorageSettings,
+    /// The initial model and which tensors clients train.
+    pub model: ModelSettings,
+    /// Round lifecycle: count, deadlines, minimums, retries.
+    #[serde(default)]
+    pub rounds: RoundSettings,
+    /// How the clients of a round are sampled.
+    #[serde(default)]
+    pub sampling: SamplingSettings,
+    /// Local training parameters sent to clients.
+    #[serde(default)]
+    pub fit: FitSettings,
+    /// Federated evaluation.
+    #[serde(default)]
+    pub evaluation: EvaluationSettings,
+    /// Aggregation strategy.
+    #[serde(default)]
+    pub strategy: StrategySettings,
+    /// Client liveness.
+    #[serde(default)]
+    pub clients: ClientSettings,
+}
+
+/// Network side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// Address `serve` binds.
+    pub listen: SocketAddr,
+    /// Longest a `WaitForTask` long-poll blocks.
+    #[serde(with = "duration")]
+    pub long_poll: Duration,
+    /// Uploads received at the same time. Each holds one spool file (model-sized, on disk) and a
+    /// chunk in memory, so this bounds disk use and receive CPU, not coordinator memory.
+    pub max_concurrent_uploads: usize,
+    /// Chunk size of downloads unless a client asks otherwise (1–4 MiB).
+    pub download_chunk_bytes: usize,
+    /// Capacity of the bounded request queue in front of the round actor.
+    pub request_queue: usize,
+    /// How long shutdown waits for in-flight calls before it stops anyway.
+    #[serde(with = "duration")]
+    pub drain_grace: Duration,
+    /// Stop serving this long after the federation finished (all rounds done), so that agents
+    /// still polling learn it is over. `None` keeps serving until a signal.
+    #[serde(default, with = "opt_duration")]
+    pub exit_after_finished: Option<Duration>,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
+            long_poll: Duration::from_secs(20),
+            max_concurrent_uploads: 16,
+            download_chunk_bytes: DEFAULT_CHUNK_BYTES,
+            request_queue: 256,
+            drain_grace: Duration::from_secs(30),
+            exit_after_finished: None,
+        }
+    }
+}
+
+/// Where state lives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    /// State directory: `state.sqlite`, `checkpoints/`, `spool/`. `serve` on an existing one
+    /// resumes after the last completed round.
+    pub state_dir: PathBuf,
+    /// Checkpoints to keep (newest first; the initial model is always kept). 0 keeps all.
+    #[serde(default)]
+    pub keep_checkpoints: usize,
+}
+
+/// The initial model and the trainable subset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSettings {
+    /// Hugging Face checkpoint directory (`model.safetensors`, `config.json`, tokenizer files).
+    pub init_dir: PathBuf,
+    /// Class names (index = class id). Empty: taken from `config.json` `id2label`, or
+    /// `LABEL_i` for `num_labels` classes.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Number of classes when `labels` is empty and the checkpoint has no classifier.
+    #[serde(default)]
+    pub num_labels: Option<usize>,
+    /// Seed of the classifier (and pooler, if missing) initialisation; recorded in the state dir.
+    #[serde(default = "default_init_seed")]
+    pub init_seed: u64,
+    /// Train only the top k encoder layers (plus pooler and classifier). Absent: all layers.
+    #[serde(default)]
+    pub train_top_layers: Option<usize>,
+    /// Keep the embeddings frozen.
+    #[serde(default)]
+    pub freeze_embeddings: bool,
+}
+
+fn default_init_seed() -> u64 {
+    42
+}
+
+/// Round lifecycle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoundSettings {
+    /// Rounds to run; afterwards the federation is finished.
+    pub total: u64,
+    /// Time from sampling to the end of uploads.
+    #[serde(with = "duration")]
+    pub deadline: Duration,
+    /// Live clients needed before a round starts.
+    pub min_available: usize,
+    /// Accepted updates needed by the deadline for a round to complete.
+    pub min_fit: usize,
+    /// Failed attempts in a row after which the federation halts.
+    pub max_consecutive_failures: u32,
+    /// Pause before retrying a failed round.
+    #[serde(with = "duration")]
+    pub retry_backoff: Duration,
+    /// Base seed of client sampling and per-client training seeds (recorded per round).
+    pub seed: u64,
+}
+
+impl Default for RoundSettings {
+    fn default() -> Self {
+        Self {
+            total: 10,
+            deadline: Duration::from_secs(600),
+            min_available: 2,
+            min_fit: 2,
+            max_consecutive_failures: 3,
+            retry_backoff: Duration::from_secs(5),
+            seed: 0,
+        }
+    }
+}
+
+/// How a round's clients are drawn from the live ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "scheme", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SamplingSettings {
+    /// `max(min_fit, ceil(fraction × live))` clients uniformly without replacement.
+    Fraction {
+        /// In (0, 1].
+        fraction: f64,
+    },
+    /// `min(count, live)` clients uniformly without replacement.
+    Fixed {
+        /// At least `rounds.min_fit`.
+        count: usize,
+    },
+    /// Each live client independently with probability `rate` (what DP accounting with
+    /// Poisson subsampling assumes). A sample smaller than `min_fit` fails the attempt; it is not
+    /// redrawn conditionally.
+    Poisson {
+        /// In (0, 1].
+        rate: f64,
+    },
+}
+
+impl Default for SamplingSettings {
+    fn default() -> Self {
+        SamplingSettings::Fraction { fraction: 1.0 }
+    }
+}
+
+/// Local training parameters sent with every fit task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FitSettings {
+    /// Local epochs.
+    pub epochs: u32,
+    /// Mini-batch size.
+    pub batch_size: u32,
+    /// Peak learning rate of the clients' optimizer.
+    pub learning_rate: f64,
+    /// Optimizer step cap per round.
+    pub max_steps: Option<u64>,
+}
+
+impl Default for FitSettings {
+    fn default() -> Self {
+        Self { epochs: 1, batch_size: 16, learning_rate: 5e-5, max_steps: None }
+    }
+}
+
+/// Federated evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvaluationSettings {
+    /// Evaluate after every k-th completed round (0 = never).
+    pub every: u64,
+    /// Also evaluate the initial model before round 1.
+    pub initial: bool,
+    /// Fraction of live clients with a held-out split that evaluate.
+    pub fraction: f64,
+    /// Reports needed for the evaluation figures to be recorded.
+    pub min_clients: usize,
+    /// Time clients get to report.
+    #[serde(with = "duration")]
+    pub deadline: Duration,
+    /// Evaluation batch size.
+    pub batch_size: u32,
+}
+
+impl Default for EvaluationSettings {
+    fn default() -> Self {
+        Self {
+            every: 1,
+            initial: false,
+            fraction: 1.0,
+            min_clients: 1,
+            deadline: Duration::from_secs(300),
+            batch_size: 32,
+        }
+    }
+}
+
+/// Aggregation strategy (Reddi et al. 2021 for the adaptive ones).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StrategySettings {
+    /// Weighted FedAvg: `x ← x + η·Δ̄`.
+    Fedavg {
+        /// Server learning rate η (1 = plain FedAvg).
+        #[serde(default = "one")]
+        server_learning_rate: f64,
+    },
+    /// FedAvg aggregation with clients minimising `loss + μ/2‖w − x‖²`.
+    Fedprox {
+        /// Proximal coefficient μ ≥ 0 sent to clients.
+        mu: f64,
+        /// Server learning rate η.
+        #[serde(default = "one")]
+        server_learning_rate: f64,
+    },
+    /// FedAdam.
+    Fedadam(AdaptiveSettings),
+    /// FedYogi.
+    Fedyogi(AdaptiveSettings),
+    /// FedAdagrad.
+    Fedadagrad(AdaptiveSettings),
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl Default for StrategySettings {
+    fn default() -> Self {
+        StrategySettings::Fedavg { server_learning_rate: 1.0 }
+    }
+}
+
+/// Server optimizer parameters of FedAdam/FedYogi/FedAdagrad.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveSettings {
+    /// Server learning rate η.
+    #[serde(default = "default_eta")]
+    pub server_learning_rate: f64,
+    /// First-moment decay β₁ in [0, 1).
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    /// Second-moment decay β₂ in [0, 1) (unused by FedAdagrad).
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    /// Adaptivity τ > 0 (also the initial √v).
+    #[serde(default = "default_tau")]
+    pub tau: f64,
+}
+
+fn default_eta() -> f64 {
+    1e-2
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.99
+}
+fn default_tau() -> f64 {
+    1e-3
+}
+
+/// Client liveness.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientSettings {
+    /// Heartbeat period asked of busy clients.
+    #[serde(with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// Silence after which a client counts as gone.
+    #[serde(with = "duration")]
+    pub liveness_timeout: Duration,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        Self { heartbeat_interval: Duration::from_secs(5), liveness_timeout: Duration::from_secs(30) }
+    }
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&fedtune_shared::settings::format_duration(*d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        fedtune_shared::settings::parse_duration(&s).map(Some).map_err(serde::de::Error::custom)
+    }
+}
+
+impl CoordinatorSettings {
+    /// Loads from an optional TOML file, `FEDTUNE__SECTION__KEY` variables of `env`, and CLI
+    /// overrides (`("server.listen", value)`), then validates.
+    pub fn load(
+        path: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[(&str, toml::Value)],
+    ) -> Result<Self, SettingsError> {
+        let s: Self = fedtune_shared::settings::load_layered(path, "FEDTUNE", env, overrides)?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks every value and cross-field rule; the error names the key.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let bad = SettingsError::invalid;
+        let s = &self.server;
+        if s.long_poll.is_zero() || s.long_poll > Duration::from_secs(300) {
+            return Err(bad("server.long_poll", "must be between 1ms and 5m"));
+        }
+        if s.max_concurrent_uploads == 0 {
+            return Err(bad("server.max_concurrent_uploads", "must be at least 1"));
+        }
+        if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&s.download_chunk_bytes) {
+            return Err(bad(
+                "server.download_chunk_bytes",
+                format!("must be between {MIN_CHUNK_BYTES} and {MAX_CHUNK_BYTES}"),
+            ));
+        }
+        if s.request_queue == 0 {
+            return Err(bad("server.request_queue", "must be at least 1"));
+        }
+        if self.storage.state_dir.as_os_str().is_empty() {
+            return Err(bad("storage.state_dir", "must not be empty"));
+        }
+        let m = &self.model;
+        for f in ["config.json", "model.safetensors"] {
+            if !m.init_dir.join(f).is_file() {
+                return Err(bad("model.init_dir", format!("{} has no {f}", m.init_dir.display())));
+            }
+        }
+        if m.num_labels == Some(0) || m.num_labels == Some(1) {
+            return Err(bad("model.num_labels", "a classifier needs at least 2 labels"));
+        }
+        if !m.labels.is_empty() {
+            if m.labels.len() < 2 {
+                return Err(bad("model.labels", "a classifier needs at least 2 labels"));
+            }
+            if m.num_labels.is_some_and(|n| n != m.labels.len()) {
+                return Err(bad("model.num_labels", "disagrees with the number of model.labels"));
+            }
+        }
+        if m.train_top_layers == Some(0) {
+            return Err(bad("model.train_top_layers", "must be at least 1 (omit it to train all layers)"));
+        }
+        let r = &self.rounds;
+        if r.total == 0 {
+            return Err(bad("rounds.total", "must be at least 1"));
+        }
+        if r.deadline.is_zero() {
+            return Err(bad("rounds.deadline", "must be positive"));
+        }
+        if r.min_fit == 0 {
+            return Err(bad("rounds.min_fit", "must be at least 1"));
+        }
+        if r.min_available < r.min_fit {
+            return Err(bad(
+                "rounds.min_available",
+                format!("({}) must be at least rounds.min_fit ({})", r.min_available, r.min_fit),
+            ));
+        }
+        if r.max_consecutive_failures == 0 {
+            return Err(bad("rounds.max_consecutive_failures", "must be at least 1"));
+        }
+        match self.sampling {
+            SamplingSettings::Fraction { fraction } if !(fraction > 0.0 && fraction <= 1.0) => {
+                return Err(bad("sampling.fraction", "must be in (0, 1]"));
+            }
+            SamplingSettings::Fixed { count } if count < r.min_fit => {
+                return Err(bad("sampling.count", format!("({count}) must be at least rounds.min_fit ({})", r.min_fit)));
+            }
+            SamplingSettings::Poisson { rate } if !(rate > 0.0 && rate <= 1.0) => {
+                return Err(bad("sampling.rate", "must be in (0, 1]"));
+            }
+            _ => {}
+        }
+        let f = &self.fit;
+        if f.epochs == 0 {
+            return Err(bad("fit.epochs", "must be at least 1"));
+        }
+        if f.batch_size == 0 {
+            return Err(bad("fit.batch_size", "must be at least 1"));
+        }
+        if !(f.learning_rate.is_finite() && f.learning_rate > 0.0) {
+            return Err(bad("fit.learning_rate", "must be finite and positive"));
+        }
+        if f.max_steps == Some(0) {
+            return Err(bad("fit.max_steps", "must be at least 1 (omit it for no cap)"));
+        }
+        let e = &self.evaluation;
+        if !(e.fraction > 0.0 && e.fraction <= 1.0) {
+            return Err(bad("evaluation.fraction", "must be in (0, 1]"));
+        }
+        if e.deadline.is_zero() {
+            return Err(bad("evaluation.deadline", "must be positive"));
+        }
+        if e.batch_size == 0 {
+            return Err(bad("evaluation.batch_size", "must be at least 1"));
+        }
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        match &self.strategy {
+            StrategySettings::Fedavg { server_learning_rate } if !positive(*server_learning_rate) => {
+                return Err(bad("strategy.server_learning_rate", "must be finite and positive"));
+            }
+            StrategySettings::Fedprox { mu, server_learning_rate } => {
+                if !(mu.is_finite() && *mu >= 0.0) {
+                    return Err(bad("strategy.mu", "must be finite and non-negative"));
+                }
+                if !positive(*server_learning_rate) {
+                    return Err(bad("strategy.server_learning_rate", "must be finite and positive"));
+                }
+            }
+            StrategySettings::Fedadam(a) | StrategySettings::Fedyogi(a) | StrategySettings::Fedadagrad(a) => {
+                if !positive(a.server_learning_rate) {
+                    return Err(bad("strategy.server_learning_rate", "must be finite and positive"));
+                }
+                if !(0.0..1.0).contains(&a.beta1) {
+                    return Err(bad("strategy.beta1", "must be in [0, 1)"));
+                }
+                if !(0.0..1.0).contains(&a.beta2) {
+                    return Err(bad("strategy.beta2", "must be in [0, 1)"));
+                }
+                if !positive(a.tau) {
+                    return Err(bad("strategy.tau", "must be finite and positive"));
+                }
+            }
+            _ => {}
+        }
+        let c = &self.clients;
+        if c.heartbeat_interval.is_zero() {
+            return Err(bad("clients.heartbeat_interval", "must be positive"));
+        }
+        if c.liveness_timeout <= c.heartbeat_interval {
+            return Err(bad("clients.liveness_timeout", "must exceed clients.heartbeat_interval"));
+        }
+        Ok(())
+    }
+
+    /// A settings value for tests and examples: everything default except the two paths.
+    pub fn with_paths(state_dir: impl Into<PathBuf>, init_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            server: ServerSettings::default(),
+            storage: StorageSettings { state_dir: state_dir.into(), keep_checkpoints: 0 },
+            model: ModelSettings {
+                init_dir: init_dir.into(),
+                labels: Vec::new(),
+                num_labels: None,
+                init_seed: default_init_seed(),
+                train_top_layers: None,
+                freeze_embeddings: false,
+            },
+            rounds: RoundSettings::default(),
+            sampling: SamplingSettings::default(),
+            fit: FitSettings::default(),
+            evaluation: EvaluationSettings::default(),
+            strategy: StrategySettings::default(),
+            clients: ClientSettings::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_dir() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("config.json"), "{}").unwrap();
+        std::fs::write(d.path().join("model.safetensors"), "").unwrap();
+        d
+    }
+
+    fn load(toml_text: &str, env: Vec<(&str, &str)>) -> Result<CoordinatorSettings, SettingsError> {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), toml_text).unwrap();
+        let env = env.into_iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        CoordinatorSettings::load(Some(f.path()), env, &[])
+    }
+
+    fn base(dir: &tempfile::TempDir) -> String {
+        format!("[storage]\nstate_dir = \"/tmp/x\"\n[model]\ninit_dir = \"{}\"\n", dir.path().display())
+    }
+
+    #[test]
+    fn a_minimal_config_loads_with_defaults() {
+        let d = model_dir();
+        let s = load(&base(&d), vec![]).unwrap();
+        assert_eq!(s.rounds.min_fit, 2);
+        assert_eq!(s.sampling, SamplingSettings::Fraction { fraction: 1.0 });
+        assert_eq!(s.strategy, StrategySettings::Fedavg { server_learning_rate: 1.0 });
+    }
+
+    #[test]
+    fn tagged_sections_and_env_overrides_apply() {
+        let d = model_dir();
+        let text = format!(
+            "{}[sampling]\nscheme = \"poisson\"\nrate = 0.25\n[strategy]\nname = \"fedyogi\"\ntau = 0.01\n",
+            base(&d)
+        );
+        let s = load(&text, vec![("FEDTUNE__ROUNDS__DEADLINE", "90s")]).unwrap();
+        assert_eq!(s.sampling, SamplingSettings::Poisson { rate: 0.25 });
+        assert!(matches!(s.strategy, StrategySettings::Fedyogi(AdaptiveSettings { tau, .. }) if tau == 0.01));
+        assert_eq!(s.rounds.deadline, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn invalid_values_are_refused_naming_the_key() {
+        let d = model_dir();
+        let cases = [
+            ("[rounds]\nmin_fit = 3\nmin_available = 2\n", "rounds.min_available"),
+            ("[sampling]\nscheme = \"fraction\"\nfraction = 1.5\n", "sampling.fraction"),
+            ("[strategy]\nname = \"fedadam\"\nbeta1 = 1.0\n", "strategy.beta1"),
+            ("[clients]\nheartbeat_interval = \"10s\"\nliveness_timeout = \"5s\"\n", "clients.liveness_timeout"),
+            ("[rounds]\nmin_fitt = 3\n", "min_fitt"),
+            ("[strategy]\nname = \"fedsgd\"\n", "fedsgd"),
+        ];
+        for (extra, key) in cases {
+            let err = load(&format!("{}{extra}", base(&d)), vec![]).unwrap_err().to_string();
+            assert!(err.contains(key), "`{err}` should name `{key}`");
+        }
+        let err = load(&base(&d), vec![("FEDTUNE__SERVER__MAX_CONCURRENT_UPLOADS", "0")]).unwrap_err();
+        assert!(err.to_string().contains("server.max_concurrent_uploads"), "{err}");
+    }
+
+    #[test]
+    fn a_model_dir_without_weights_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let err = load(&format!("[storage]\nstate_dir = \"/x\"\n[model]\ninit_dir = \"{}\"\n", d.path().display()), vec![])
+            .unwrap_err();
+        assert!(err.to_string().contains("model.init_dir"), "{err}");
+    }
+}

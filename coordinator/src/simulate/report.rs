@@ -1,0 +1,278 @@
+//! What a simulation reports: a per-round table on stdout, and `metrics.csv`, `metrics.json`
+//! and `metrics.svg` (loss and accuracy per round) in the output folder.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+/// Errors writing the report.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// Filesystem error.
+    #[error("{path}: {source}")]
+    Io {
+        /// File involved.
+        path: String,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// CSV encoding error.
+    #[error("{path}: {source}")]
+    Csv {
+        /// File involved.
+        path: String,
+        /// Underlying error.
+        #[source]
+        source: csv::Error,
+    },
+    /// JSON encoding error.
+    #[error("{path}: {source}")]
+    Json {
+        /// File involved.
+        path: String,
+        /// Underlying error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The chart could not be drawn.
+    #[error("{path}: drawing the chart failed: {reason}")]
+    Chart {
+        /// File involved.
+        path: String,
+        /// What plotters reported.
+        reason: String,
+    },
+}
+
+/// One completed round, as the simulation reports it. Metrics a round did not produce (no
+/// evaluation that round) are `None`, written as an empty CSV cell and a JSON `null`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundRow {
+    /// Round number (1-based, as the coordinator numbers completed rounds).
+    pub round: u64,
+    /// Clients whose updates were aggregated.
+    pub participants: u32,
+    /// Example-weighted mean training loss of the participants.
+    pub train_loss: Option<f64>,
+    /// Example-weighted mean held-out loss of the published model.
+    pub eval_loss: Option<f64>,
+    /// Example-weighted held-out accuracy of the published model.
+    pub eval_accuracy: Option<f64>,
+    /// Bytes of model and update payload moved over the network in the round.
+    pub bytes: u64,
+    /// Wall-clock seconds the round took.
+    pub seconds: f64,
+}
+
+/// Paths of the files [`write_report`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportFiles {
+    /// `metrics.csv`.
+    pub csv: PathBuf,
+    /// `metrics.json`.
+    pub json: PathBuf,
+    /// `metrics.svg`.
+    pub svg: PathBuf,
+}
+
+fn cell(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".to_string(), |v| format!("{v:.digits$}"))
+}
+
+/// Human-readable size: 1.5 MB, 312 kB.
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "kB", "MB", "GB", "TB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v >= 1000.0 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// The header of the per-round table [`table_line`] continues.
+pub fn table_header() -> String {
+    format!(
+        "{:>5}  {:>12}  {:>10}  {:>9}  {:>8}  {:>10}  {:>8}",
+        "round", "participants", "train_loss", "eval_loss", "accuracy", "bytes", "seconds"
+    )
+}
+
+/// One row of the per-round table, aligned under [`table_header`].
+pub fn table_line(r: &RoundRow) -> String {
+    format!(
+        "{:>5}  {:>12}  {:>10}  {:>9}  {:>8}  {:>10}  {:>8.1}",
+        r.round,
+        r.participants,
+        cell(r.train_loss, 4),
+        cell(r.eval_loss, 4),
+        cell(r.eval_accuracy.map(|a| a * 100.0), 1),
+        human_bytes(r.bytes),
+        r.seconds
+    )
+}
+
+/// Writes `metrics.csv`, `metrics.json` and `metrics.svg` into `dir` (created if needed).
+pub fn write_report(rows: &[RoundRow], dir: &Path) -> Result<ReportFiles, ReportError> {
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| ReportError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let files = ReportFiles {
+        csv: dir.join("metrics.csv"),
+        json: dir.join("metrics.json"),
+        svg: dir.join("metrics.svg"),
+    };
+
+    let csv_err = |source| ReportError::Csv { path: files.csv.display().to_string(), source };
+    let mut w = csv::Writer::from_path(&files.csv).map_err(csv_err)?;
+    for row in rows {
+        w.serialize(row).map_err(csv_err)?;
+    }
+    w.flush().map_err(io(&files.csv))?;
+
+    let json = serde_json::to_vec_pretty(rows)
+        .map_err(|source| ReportError::Json { path: files.json.display().to_string(), source })?;
+    let mut f = std::fs::File::create(&files.json).map_err(io(&files.json))?;
+    f.write_all(&json).and_then(|()| f.write_all(b"\n")).map_err(io(&files.json))?;
+
+    draw_chart(rows, &files.svg)
+        .map_err(|reason| ReportError::Chart { path: files.svg.display().to_string(), reason })?;
+    Ok(files)
+}
+
+/// Two panels side by side: losses (train, eval) and eval accuracy, against the round.
+fn draw_chart(rows: &[RoundRow], path: &Path) -> Result<(), String> {
+    let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let (left, right) = root.split_horizontally(500);
+    let last_round = rows.iter().map(|r| r.round).max().unwrap_or(1).max(1);
+    let rounds = 0u64..last_round + 1;
+
+    let series = |f: fn(&RoundRow) -> Option<f64>| -> Vec<(u64, f64)> {
+        rows.iter().filter_map(|r| f(r).filter(|v| v.is_finite()).map(|v| (r.round, v))).collect()
+    };
+    let train = series(|r| r.train_loss);
+    let eval = series(|r| r.eval_loss);
+    let accuracy = series(|r| r.eval_accuracy);
+
+    let max_loss = train.iter().chain(&eval).map(|p| p.1).fold(0.0f64, f64::max).max(1e-6) * 1.1;
+    let mut chart = ChartBuilder::on(&left)
+        .caption("loss", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(32)
+        .y_label_area_size(48)
+        .build_cartesian_2d(rounds.clone(), 0.0..max_loss)
+        .map_err(|e| e.to_string())?;
+    chart.configure_mesh().x_desc("round").draw().map_err(|e| e.to_string())?;
+    for (points, colour, label) in [(&train, BLUE, "train"), (&eval, RED, "eval")] {
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+            .map_err(|e| e.to_string())?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())?;
+
+    let mut chart = ChartBuilder::on(&right)
+        .caption("eval accuracy", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(32)
+        .y_label_area_size(48)
+        .build_cartesian_2d(rounds, 0.0..1.0f64)
+        .map_err(|e| e.to_string())?;
+    chart.configure_mesh().x_desc("round").draw().map_err(|e| e.to_string())?;
+    let green = RGBColor(0, 140, 60);
+    chart
+        .draw_series(LineSeries::new(accuracy.iter().copied(), green.stroke_width(2)))
+        .map_err(|e| e.to_string())?;
+    chart
+        .draw_series(accuracy.iter().map(|&p| Circle::new(p, 3, green.filled())))
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows() -> Vec<RoundRow> {
+        vec![
+            RoundRow {
+                round: 1,
+                participants: 3,
+                train_loss: Some(0.69),
+                eval_loss: Some(0.61),
+                eval_accuracy: Some(0.7),
+                bytes: 2_500_000,
+                seconds: 40.5,
+            },
+            RoundRow {
+                round: 2,
+                participants: 2,
+                train_loss: Some(0.52),
+                eval_loss: None,
+                eval_accuracy: None,
+                bytes: 1_700_000,
+                seconds: 38.0,
+            },
+        ]
+    }
+
+    #[test]
+    fn the_report_writes_csv_json_and_an_svg_chart() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_report(&rows(), &dir.path().join("out")).unwrap();
+
+        let csv = std::fs::read_to_string(&files.csv).unwrap();
+        let mut lines = csv.lines();
+        assert_eq!(lines.next(), Some("round,participants,train_loss,eval_loss,eval_accuracy,bytes,seconds"));
+        assert_eq!(lines.next(), Some("1,3,0.69,0.61,0.7,2500000,40.5"));
+        assert_eq!(lines.next(), Some("2,2,0.52,,,1700000,38.0"));
+
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.json).unwrap()).unwrap();
+        assert_eq!(json[0]["round"], 1);
+        assert_eq!(json[0]["eval_accuracy"], 0.7);
+        assert!(json[1]["eval_loss"].is_null());
+        let back: Vec<RoundRow> = serde_json::from_value(json).unwrap();
+        assert_eq!(back, rows());
+
+        let svg = std::fs::read_to_string(&files.svg).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("eval accuracy") && svg.contains("<polyline"));
+    }
+
+    #[test]
+    fn an_empty_run_still_writes_a_valid_report() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_report(&[], dir.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(&files.json).unwrap().trim(), "[]");
+        assert!(std::fs::read_to_string(&files.svg).unwrap().contains("</svg>"));
+    }
+
+    #[test]
+    fn table_lines_align_with_the_header_and_show_missing_metrics_as_dashes() {
+        let r = rows();
+        let header = table_header();
+        let line = table_line(&r[1]);
+        assert_eq!(header.len(), line.len(), "{header}\n{line}");
+        assert!(line.contains("1.7 MB") && line.contains('-'), "{line}");
+        assert!(table_line(&r[0]).contains("70.0"));
+    }
+}

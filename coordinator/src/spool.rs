@@ -1,0 +1,177 @@
+//! Staging of in-flight uploads on disk ("validate, then mutate").
+//!
+//! An update must be fully checked — every value finite and in range, the whole payload matching
+//! its SHA-256, the signature valid — before it may touch the round's running sum, so that a
+//! rejected or broken-off upload leaves the aggregate bitwise unchanged. That needs the bytes
+//! somewhere until the trailer arrives. Keeping them in memory would make coordinator memory
+//! O(concurrent uploads × model); instead each upload streams into a spool file in the state
+//! directory while it is hashed and checked chunk by chunk (memory per upload: one chunk), and
+//! only a verified spool file is folded, then deleted. The operating system's page cache usually
+//! keeps these files in RAM without counting them against the process, and evicts them under
+//! pressure rather than failing.
+//!
+//! All methods here block (file I/O, hashing): call them on a blocking thread.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fedtune_shared::chunk::ChunkTracker;
+use fedtune_shared::ids::Sha256;
+use fedtune_shared::params::Manifest;
+
+use crate::aggregate::check_values;
+use crate::error::RoundError;
+
+/// An upload being received into a spool file. Dropping it deletes the file.
+#[derive(Debug)]
+pub struct SpoolWriter {
+    path: PathBuf,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    tracker: ChunkTracker,
+    manifest: Arc<Manifest>,
+    sumsq: f64,
+}
+
+impl SpoolWriter {
+    /// Creates `dir/name.upload` for a payload of `total` bytes following `manifest`.
+    pub fn create(dir: &Path, name: &str, total: u64, manifest: Arc<Manifest>) -> Result<Self, RoundError> {
+        let path = dir.join(format!("{name}.upload"));
+        let file = std::fs::File::create(&path)
+            .map_err(|e| RoundError::Internal(format!("cannot create spool file {}: {e}", path.display())))?;
+        Ok(Self {
+            path,
+            file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
+            tracker: ChunkTracker::new(total, 0),
+            manifest,
+            sumsq: 0.0,
+        })
+    }
+
+    /// Checks and stores the next chunk: order and size bound, whole f32 values, every value
+    /// finite and within range; feeds the digest and the norm.
+    pub fn write_chunk(&mut self, offset: u64, data: &[u8]) -> Result<(), RoundError> {
+        if data.len() % 4 != 0 {
+            return Err(RoundError::Misaligned { offset, len: data.len() });
+        }
+        // Order and size first, so a value index is only computed for a well-placed chunk.
+        self.tracker.accept(offset, data).map_err(|e| match e {
+            fedtune_shared::chunk::ChunkError::Oversize { limit } => {
+                RoundError::TooLarge { size: offset + data.len() as u64, limit }
+            }
+            other => RoundError::Chunk(other),
+        })?;
+        self.sumsq += check_values(&self.manifest, (offset / 4) as usize, data)?;
+        let file = self.file.as_mut().expect("open until finished");
+        file.write_all(data).map_err(|e| RoundError::Internal(format!("spool write {}: {e}", self.path.display())))?;
+        Ok(())
+    }
+
+    /// Bytes received.
+    pub fn received(&self) -> u64 {
+        self.tracker.position()
+    }
+
+    /// Verifies completeness and digest and hands over the staged file.
+    pub fn finish(mut self, digest: &Sha256) -> Result<StagedUpdate, RoundError> {
+        let received = self.tracker.position();
+        let tracker = std::mem::replace(&mut self.tracker, ChunkTracker::new(0, 0));
+        tracker.finish(digest)?;
+        let file = self.file.take().expect("open until finished");
+        file.into_inner()
+            .map_err(|e| RoundError::Internal(format!("spool flush {}: {e}", self.path.display())))?;
+        let path = std::mem::take(&mut self.path);
+        Ok(StagedUpdate { path, bytes: received, l2_norm: self.sumsq.sqrt() })
+    }
+}
+
+impl Drop for SpoolWriter {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A verified update waiting to be folded. Dropping it deletes the file.
+#[derive(Debug)]
+pub struct StagedUpdate {
+    path: PathBuf,
+    bytes: u64,
+    l2_norm: f64,
+}
+
+impl StagedUpdate {
+    /// The spool file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Payload bytes.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// L2 norm of the update as received.
+    pub fn l2_norm(&self) -> f64 {
+        self.l2_norm
+    }
+}
+
+impl Drop for StagedUpdate {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedtune_shared::params::TensorSpec;
+
+    fn manifest() -> Arc<Manifest> {
+        Arc::new(Manifest::new(vec![TensorSpec { name: "w".into(), shape: vec![4] }]).unwrap())
+    }
+
+    fn bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn a_verified_upload_is_staged_and_its_file_removed_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = bytes(&[3.0, 4.0, 0.0, 0.0]);
+        let mut w = SpoolWriter::create(dir.path(), "u1", 16, manifest()).unwrap();
+        w.write_chunk(0, &data[..8]).unwrap();
+        w.write_chunk(8, &data[8..]).unwrap();
+        let staged = w.finish(&Sha256::of(&data)).unwrap();
+        assert_eq!(std::fs::read(staged.path()).unwrap(), data);
+        assert!((staged.l2_norm() - 5.0).abs() < 1e-12);
+        let path = staged.path().to_path_buf();
+        drop(staged);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_broken_off_upload_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = SpoolWriter::create(dir.path(), "u2", 16, manifest()).unwrap();
+        w.write_chunk(0, &bytes(&[1.0])).unwrap();
+        drop(w);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn bad_chunks_are_refused_precisely() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = SpoolWriter::create(dir.path(), "u3", 16, manifest()).unwrap();
+        assert!(matches!(w.write_chunk(0, &[0u8; 3]), Err(RoundError::Misaligned { .. })));
+        assert!(matches!(w.write_chunk(4, &bytes(&[1.0])), Err(RoundError::Chunk(_))));
+        assert!(matches!(w.write_chunk(0, &bytes(&[f32::INFINITY])), Err(RoundError::Value(_))));
+        assert!(matches!(w.write_chunk(0, &bytes(&[0.0; 5])), Err(RoundError::TooLarge { .. })));
+        let data = bytes(&[1.0; 4]);
+        let mut w = SpoolWriter::create(dir.path(), "u4", 16, manifest()).unwrap();
+        w.write_chunk(0, &data[..8]).unwrap();
+        assert!(matches!(w.finish(&Sha256::of(&data)), Err(RoundError::Chunk(_))));
+    }
+}

@@ -1,0 +1,445 @@
+//! Session tokens: what a client presents on every RPC after it has joined.
+//!
+//! The coordinator issues them and is the only party that checks them, so a MAC under a
+//! coordinator secret is enough (no signatures, no per-token state): HMAC-SHA256 over a
+//! domain-separated encoding of the claims.
+//!
+//! # Token format
+//! `base64url(claims) "." base64url(tag)`, both without padding, where `claims` is
+//! `version (u8 = 1) | len u16 BE | client id | len u16 BE | federation id | issued_at u64 BE |
+//! expires_at u64 BE | nonce (16 bytes)` and `tag = HMAC-SHA256(secret, len u64 BE |
+//! "fedtune/v1/session" | len u64 BE | claims)`. Times are unix seconds, passed in by the caller
+//! so that tests (and paused-time simulations) are deterministic. The claims are readable by
+//! anyone holding the token; they are not secret, only unforgeable.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use ring::hmac;
+
+use super::files::{read_private_file, write_file_atomically, Overwrite, PRIVATE_FILE_MODE};
+use super::{b64_decode, b64_encode, random_bytes, Canonical, CryptoError};
+
+/// Context label of session-token tags.
+pub const SESSION_CONTEXT: &str = "fedtune/v1/session";
+
+const TOKEN_VERSION: u8 = 1;
+/// Longest token text accepted; anything longer is rejected before decoding so a hostile
+/// header cannot make the coordinator allocate much.
+const MAX_TOKEN_LEN: usize = 2048;
+/// Longest client or federation id a token can carry (bytes).
+pub const MAX_ID_LEN: usize = 255;
+const SECRET_EXPECTED: &str = "session secret (base64url of 32 bytes)";
+
+/// The coordinator's 32-byte HMAC key for session tokens. Persist it (see
+/// [`SessionSecret::load_or_generate`]) so tokens survive a restart; rotate it to revoke all.
+#[derive(Clone)]
+pub struct SessionSecret([u8; 32]);
+
+impl SessionSecret {
+    /// 32 fresh bytes from the system CSPRNG.
+    pub fn generate() -> Result<Self, CryptoError> {
+        random_bytes().map(SessionSecret)
+    }
+
+    /// Wraps stored secret bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        SessionSecret(bytes)
+    }
+
+    /// The secret bytes, for persisting.
+    pub fn to_bytes(&self) -> [u8; 32] {
+        self.0
+    }
+
+    /// Loads the secret from `path` (base64url text, mode 0600 enforced), or, when the file does
+    /// not exist, generates one and writes it there atomically with mode 0600.
+    pub fn load_or_generate(path: &Path) -> Result<Self, CryptoError> {
+        match read_private_file(path) {
+            Ok(bytes) => {
+                let invalid = |reason: String| CryptoError::InvalidFile {
+                    path: path.to_path_buf(),
+                    expected: SECRET_EXPECTED,
+                    reason,
+                };
+                let text = std::str::from_utf8(&bytes).map_err(|_| invalid("not UTF-8 text".into()))?;
+                let raw = b64_decode(text.trim()).map_err(invalid)?;
+                let raw = <[u8; 32]>::try_from(raw.as_slice())
+                    .map_err(|_| invalid(format!("{} bytes, expected 32", raw.len())))?;
+                Ok(SessionSecret(raw))
+            }
+            Err(CryptoError::FileMissing { .. }) => {
+                let secret = SessionSecret::generate()?;
+                let text = format!("{}\n", b64_encode(&secret.0));
+                match write_file_atomically(path, text.as_bytes(), PRIVATE_FILE_MODE, Overwrite::Refuse) {
+                    Ok(()) => Ok(secret),
+                    // Another process created it first: use theirs so both agree.
+                    Err(CryptoError::FileExists { .. }) => SessionSecret::load_or_generate(path),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl fmt::Debug for SessionSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionSecret(<redacted>)")
+    }
+}
+
+/// A bearer credential. Whoever holds it acts as the client, so it is never printed:
+/// `Debug` redacts it and the text is reached through [`SessionToken::expose_secret`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionToken(String);
+
+impl SessionToken {
+    /// The token text, to put in a request header.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for SessionToken {
+    fn from(text: String) -> Self {
+        SessionToken(text)
+    }
+}
+
+impl fmt::Debug for SessionToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SessionToken(<redacted>)")
+    }
+}
+
+/// What a verified session token asserts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionClaims {
+    /// The client the token was issued to.
+    pub client_id: String,
+    /// The federation it is valid in.
+    pub federation_id: String,
+    /// Unix seconds at issue.
+    pub issued_at: u64,
+    /// Unix seconds from which it is no longer accepted.
+    pub expires_at: u64,
+    /// Random bytes that make every token unique (and give logs a handle on one token).
+    pub nonce: [u8; 16],
+}
+
+impl SessionClaims {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + 4 + self.client_id.len() + self.federation_id.len() + 32);
+        out.push(TOKEN_VERSION);
+        for id in [&self.client_id, &self.federation_id] {
+            // Lengths were checked against MAX_ID_LEN at issue.
+            out.extend_from_slice(&(id.len() as u16).to_be_bytes());
+            out.extend_from_slice(id.as_bytes());
+        }
+        out.extend_from_slice(&self.issued_at.to_be_bytes());
+        out.extend_from_slice(&self.expires_at.to_be_bytes());
+        out.extend_from_slice(&self.nonce);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, CryptoError> {
+        let mut r = Reader(bytes);
+        let version = r.take(1)?[0];
+        if version != TOKEN_VERSION {
+            return Err(CryptoError::Malformed(format!("unknown session token version {version}")));
+        }
+        let client_id = r.string()?;
+        let federation_id = r.string()?;
+        let issued_at = r.u64()?;
+        let expires_at = r.u64()?;
+        let mut nonce = [0u8; 16];
+        nonce.copy_from_slice(r.take(16)?);
+        if !r.0.is_empty() {
+            return Err(CryptoError::Malformed("trailing bytes after session claims".into()));
+        }
+        Ok(SessionClaims { client_id, federation_id, issued_at, expires_at, nonce })
+    }
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], CryptoError> {
+        if self.0.len() < n {
+            return Err(CryptoError::Malformed("session claims are truncated".into()));
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+
+    fn u64(&mut self) -> Result<u64, CryptoError> {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(self.take(8)?);
+        Ok(u64::from_be_bytes(b))
+    }
+
+    fn string(&mut self) -> Result<String, CryptoError> {
+        let len_bytes = self.take(2)?;
+        let len = u16::from_be_bytes([len_bytes[0], len_bytes[1]]) as usize;
+        String::from_utf8(self.take(len)?.to_vec())
+            .map_err(|_| CryptoError::Malformed("identifier in session claims is not UTF-8".into()))
+    }
+}
+
+/// Issues and verifies the session tokens of one federation.
+pub struct SessionAuthority {
+    key: hmac::Key,
+    federation_id: String,
+}
+
+impl fmt::Debug for SessionAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionAuthority")
+            .field("federation_id", &self.federation_id)
+            .field("key", &format_args!("<redacted>"))
+            .finish()
+    }
+}
+
+impl SessionAuthority {
+    /// An authority for `federation_id` keyed with the coordinator's secret.
+    pub fn new(secret: &SessionSecret, federation_id: impl Into<String>) -> Self {
+        SessionAuthority {
+            key: hmac::Key::new(hmac::HMAC_SHA256, &secret.0),
+            federation_id: federation_id.into(),
+        }
+    }
+
+    /// The federation whose tokens this authority accepts.
+    pub fn federation_id(&self) -> &str {
+        &self.federation_id
+    }
+
+    /// A token for `client_id`, valid from `now` (unix seconds) for `ttl` (whole seconds;
+    /// sub-second parts are dropped, and a TTL under one second is refused).
+    pub fn issue(&self, client_id: &str, ttl: Duration, now: u64) -> Result<SessionToken, CryptoError> {
+        check_id("client id", client_id)?;
+        check_id("federation id", &self.federation_id)?;
+        if ttl.as_secs() == 0 {
+            return Err(CryptoError::InvalidInput("session TTL must be at least one second".into()));
+        }
+        let claims = SessionClaims {
+            client_id: client_id.to_owned(),
+            federation_id: self.federation_id.clone(),
+            issued_at: now,
+            expires_at: now.saturating_add(ttl.as_secs()),
+            nonce: random_bytes()?,
+        };
+        let encoded = claims.encode();
+        let tag = hmac::sign(&self.key, &mac_input(&encoded));
+        Ok(SessionToken(format!("{}.{}", b64_encode(&encoded), b64_encode(tag.as_ref()))))
+    }
+
+    /// Checks `token` at time `now` (unix seconds). In order: structure
+    /// ([`CryptoError::Malformed`]), tag in constant time ([`CryptoError::BadTag`]), federation
+    /// ([`CryptoError::WrongFederation`]), lifetime ([`CryptoError::Expired`]).
+    pub fn verify(&self, token: &str, now: u64) -> Result<SessionClaims, CryptoError> {
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(CryptoError::Malformed(format!(
+                "session token longer than {MAX_TOKEN_LEN} characters"
+            )));
+        }
+        let (claims_text, tag_text) = token
+            .split_once('.')
+            .ok_or_else(|| CryptoError::Malformed("session token has no `.` separator".into()))?;
+        let encoded = b64_decode(claims_text).map_err(|e| CryptoError::Malformed(format!("claims: {e}")))?;
+        let tag = b64_decode(tag_text).map_err(|e| CryptoError::Malformed(format!("tag: {e}")))?;
+        if tag.len() != hmac::HMAC_SHA256.digest_algorithm().output_len() {
+            return Err(CryptoError::Malformed(format!("tag has {} bytes, expected 32", tag.len())));
+        }
+        hmac::verify(&self.key, &mac_input(&encoded), &tag).map_err(|_| CryptoError::BadTag)?;
+        let claims = SessionClaims::decode(&encoded)?;
+        if claims.federation_id != self.federation_id {
+            return Err(CryptoError::WrongFederation {
+                expected: self.federation_id.clone(),
+                found: claims.federation_id,
+            });
+        }
+        if now >= claims.expires_at {
+            return Err(CryptoError::Expired { expires_at: claims.expires_at, now });
+        }
+        Ok(claims)
+    }
+}
+
+fn mac_input(encoded_claims: &[u8]) -> Vec<u8> {
+    Canonical::new(SESSION_CONTEXT).bytes(encoded_claims).finish()
+}
+
+fn check_id(what: &str, id: &str) -> Result<(), CryptoError> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(CryptoError::InvalidInput(format!(
+            "{what} must be 1..={MAX_ID_LEN} bytes, got {}",
+            id.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    const NOW: u64 = 1_750_000_000;
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn authority(fed: &str) -> SessionAuthority {
+        SessionAuthority::new(&SessionSecret::from_bytes([42; 32]), fed)
+    }
+
+    #[test]
+    fn a_fresh_token_verifies_to_the_claims_it_was_issued_with() {
+        let auth = authority("fed-a");
+        let token = auth.issue("site-1", HOUR, NOW).unwrap();
+        let claims = auth.verify(token.expose_secret(), NOW + 10).unwrap();
+        assert_eq!(claims.client_id, "site-1");
+        assert_eq!(claims.federation_id, "fed-a");
+        assert_eq!((claims.issued_at, claims.expires_at), (NOW, NOW + 3600));
+    }
+
+    #[test]
+    fn two_tokens_for_the_same_client_differ() {
+        let auth = authority("fed-a");
+        let a = auth.issue("site-1", HOUR, NOW).unwrap();
+        let b = auth.issue("site-1", HOUR, NOW).unwrap();
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn flipping_any_bit_of_the_claims_or_tag_gives_bad_tag() {
+        let auth = authority("fed-a");
+        let token = auth.issue("site-1", HOUR, NOW).unwrap();
+        let (claims_text, tag_text) = token.expose_secret().split_once('.').unwrap();
+        let claims = b64_decode(claims_text).unwrap();
+        let tag = b64_decode(tag_text).unwrap();
+        for i in 0..claims.len() {
+            let mut forged = claims.clone();
+            forged[i] ^= 0x01;
+            let text = format!("{}.{}", b64_encode(&forged), tag_text);
+            assert!(matches!(auth.verify(&text, NOW), Err(CryptoError::BadTag)), "claims byte {i}");
+        }
+        for i in 0..tag.len() {
+            let mut forged = tag.clone();
+            forged[i] ^= 0x80;
+            let text = format!("{}.{}", claims_text, b64_encode(&forged));
+            assert!(matches!(auth.verify(&text, NOW), Err(CryptoError::BadTag)), "tag byte {i}");
+        }
+    }
+
+    #[test]
+    fn a_token_minted_with_another_secret_gives_bad_tag() {
+        let ours = authority("fed-a");
+        let theirs = SessionAuthority::new(&SessionSecret::from_bytes([7; 32]), "fed-a");
+        let token = theirs.issue("site-1", HOUR, NOW).unwrap();
+        assert!(matches!(ours.verify(token.expose_secret(), NOW), Err(CryptoError::BadTag)));
+    }
+
+    #[test]
+    fn a_token_is_refused_from_its_expiry_second_on() {
+        let auth = authority("fed-a");
+        let token = auth.issue("site-1", HOUR, NOW).unwrap();
+        auth.verify(token.expose_secret(), NOW + 3599).unwrap();
+        let err = auth.verify(token.expose_secret(), NOW + 3600).unwrap_err();
+        assert!(
+            matches!(err, CryptoError::Expired { expires_at, now } if expires_at == NOW + 3600 && now == NOW + 3600)
+        );
+    }
+
+    #[test]
+    fn a_genuine_token_of_another_federation_is_refused_as_wrong_federation() {
+        let token = authority("fed-b").issue("site-1", HOUR, NOW).unwrap();
+        let err = authority("fed-a").verify(token.expose_secret(), NOW).unwrap_err();
+        assert!(
+            matches!(&err, CryptoError::WrongFederation { expected, found } if expected == "fed-a" && found == "fed-b"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn structurally_broken_tokens_are_malformed() {
+        let auth = authority("fed-a");
+        let token = auth.issue("site-1", HOUR, NOW).unwrap();
+        let text = token.expose_secret();
+        let (claims_text, tag_text) = text.split_once('.').unwrap();
+        let short_tag = &tag_text[..10];
+        for bad in [
+            "",
+            "no-separator",
+            ".",
+            "!!!.???",
+            &format!("{claims_text}.{short_tag}"),
+            &format!("{claims_text}+.{tag_text}"),
+            &"a".repeat(MAX_TOKEN_LEN + 1),
+        ] {
+            assert!(matches!(auth.verify(bad, NOW), Err(CryptoError::Malformed(_))), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn correctly_tagged_but_unparseable_claims_are_malformed_not_accepted() {
+        // Only someone holding the secret could produce these; decoding must still be strict.
+        let auth = authority("fed-a");
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &[42; 32]);
+        let good = SessionClaims {
+            client_id: "c".into(),
+            federation_id: "fed-a".into(),
+            issued_at: NOW,
+            expires_at: NOW + 10,
+            nonce: [0; 16],
+        }
+        .encode();
+        let mut trailing = good.clone();
+        trailing.push(0);
+        let mut version = good.clone();
+        version[0] = 2;
+        for encoded in [good[..good.len() - 1].to_vec(), trailing, version] {
+            let tag = hmac::sign(&key, &mac_input(&encoded));
+            let text = format!("{}.{}", b64_encode(&encoded), b64_encode(tag.as_ref()));
+            assert!(matches!(auth.verify(&text, NOW), Err(CryptoError::Malformed(_))));
+        }
+    }
+
+    #[test]
+    fn issuing_checks_its_inputs() {
+        let auth = authority("fed-a");
+        assert!(matches!(auth.issue("", HOUR, NOW), Err(CryptoError::InvalidInput(_))));
+        assert!(matches!(auth.issue(&"x".repeat(256), HOUR, NOW), Err(CryptoError::InvalidInput(_))));
+        assert!(matches!(
+            auth.issue("c", Duration::from_millis(999), NOW),
+            Err(CryptoError::InvalidInput(_))
+        ));
+    }
+
+    #[test]
+    fn secrets_and_tokens_are_redacted_in_debug_output() {
+        let secret = SessionSecret::from_bytes([0xab; 32]);
+        let token = SessionAuthority::new(&secret, "fed-a").issue("site-1", HOUR, NOW).unwrap();
+        for debug in [format!("{secret:?}"), format!("{token:?}"), format!("{:?}", authority("fed-a"))] {
+            assert!(debug.contains("<redacted>"), "{debug}");
+            assert!(!debug.contains("abab") && !debug.contains("q6ur"), "{debug}");
+            assert!(!debug.contains(token.expose_secret()), "{debug}");
+        }
+    }
+
+    #[test]
+    fn the_session_secret_is_persisted_once_with_mode_0600_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("session.secret");
+        let first = SessionSecret::load_or_generate(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777, 0o600);
+        let again = SessionSecret::load_or_generate(&path).unwrap();
+        assert_eq!(first.to_bytes(), again.to_bytes());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(SessionSecret::load_or_generate(&path), Err(CryptoError::InsecureFileMode { .. })));
+    }
+}

@@ -1,0 +1,495 @@
+//! Domain messages of the federated round protocol, free of wire types.
+//!
+//! Each type here mirrors one message of `proto/fedtune/v1`; [`crate::convert`] converts in both
+//! directions and validates on the way in, so a value of these types is always well-formed
+//! (finite metrics, digests of the right length, known enum values).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ClientId, ModelVersion, RoundId, Sha256};
+use crate::params::Manifest;
+
+/// Phase of the coordinator's round state machine. Its `Display` name is what logs, spans and
+/// the status RPC show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PhaseName {
+    /// Waiting for enough clients.
+    Idle,
+    /// Sampling the round's clients.
+    Selecting,
+    /// Clients train and upload.
+    Training,
+    /// Applying the strategy.
+    Aggregating,
+    /// Committing and publishing.
+    Publishing,
+    /// Federated evaluation of the new model.
+    Evaluating,
+    /// A round failed; retry or halt.
+    Failure,
+    /// All rounds done.
+    Finished,
+    /// Shutting down.
+    Shutdown,
+}
+
+impl fmt::Display for PhaseName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PhaseName::Idle => "idle",
+            PhaseName::Selecting => "selecting",
+            PhaseName::Training => "training",
+            PhaseName::Aggregating => "aggregating",
+            PhaseName::Publishing => "publishing",
+            PhaseName::Evaluating => "evaluating",
+            PhaseName::Failure => "failure",
+            PhaseName::Finished => "finished",
+            PhaseName::Shutdown => "shutdown",
+        })
+    }
+}
+
+/// Names a published global model and how to check it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelRef {
+    /// Version (completed rounds).
+    pub version: ModelVersion,
+    /// Digest of the full manifest.
+    pub full_manifest: Sha256,
+    /// Digest of the full payload.
+    pub full_payload: Sha256,
+    /// Digest of the trainable manifest.
+    pub trainable_manifest: Sha256,
+    /// Digest of the trainable payload.
+    pub trainable_payload: Sha256,
+}
+
+/// Which tensors a download covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModelScope {
+    /// All tensors.
+    Full,
+    /// Only the trainable tensors.
+    Trainable,
+}
+
+/// Size limits of a connection (see `Limits` in the proto).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest encoded gRPC message, bytes.
+    pub max_message_bytes: u64,
+    /// Largest chunk payload, bytes.
+    pub max_chunk_bytes: u64,
+    /// Download chunk size used unless asked otherwise, bytes.
+    pub default_chunk_bytes: u64,
+}
+
+/// A client's request to join.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JoinRequest {
+    /// Protocol revision the client speaks.
+    pub protocol_version: u32,
+    /// Requested id; `None` asks the coordinator to assign one.
+    pub name: Option<ClientId>,
+    /// Ed25519 public key to pin, if any.
+    pub public_key: Option<[u8; 32]>,
+    /// Training examples (informational).
+    pub train_examples: u64,
+    /// Held-out examples (0 = cannot evaluate).
+    pub eval_examples: u64,
+    /// Agent build identifier.
+    pub agent_version: String,
+}
+
+/// The session a successful join opens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JoinResponse {
+    /// Id the coordinator knows the client by.
+    pub client_id: ClientId,
+    /// Bearer token for later calls.
+    pub session_token: String,
+    /// Protocol revision of the coordinator.
+    pub protocol_version: u32,
+    /// Heartbeat period while busy.
+    pub heartbeat_interval: Duration,
+    /// Silence after which the client is gone.
+    pub liveness_timeout: Duration,
+    /// Published model.
+    pub model: ModelRef,
+    /// Tensors clients train and upload.
+    pub trainable_manifest: Manifest,
+    /// Limits to respect.
+    pub limits: Limits,
+    /// Label names of the classification head.
+    pub labels: Vec<String>,
+}
+
+/// Local training parameters for one round (wire `FitConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitInstructions {
+    /// Local epochs.
+    pub epochs: u32,
+    /// Mini-batch size (≥ 1).
+    pub batch_size: u32,
+    /// Peak learning rate (finite, > 0).
+    pub learning_rate: f64,
+    /// FedProx μ (finite, ≥ 0; 0 disables).
+    pub proximal_mu: f64,
+    /// Optimizer step cap, if any.
+    pub max_steps: Option<u64>,
+    /// Seed for shuffling and dropout.
+    pub seed: u64,
+}
+
+/// How a client privatizes its update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrivacyMode {
+    /// Raw delta.
+    None,
+    /// Clip and add the full noise locally.
+    Local,
+    /// Clip only; the coordinator adds noise.
+    Central,
+    /// Clip and add this client's share of the noise.
+    Distributed,
+}
+
+/// Privacy instructions for one fit task.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrivacyInstructions {
+    /// What to do.
+    pub mode: PrivacyMode,
+    /// L2 bound (> 0 unless mode is `None`).
+    pub clip_norm: f64,
+    /// Per-coordinate Gaussian noise standard deviation (≥ 0).
+    pub noise_stddev: f64,
+}
+
+impl PrivacyInstructions {
+    /// No clipping, no noise.
+    pub const NONE: Self = Self { mode: PrivacyMode::None, clip_norm: 0.0, noise_stddev: 0.0 };
+}
+
+/// Train from a published model and upload the delta.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FitTask {
+    /// Round and attempt.
+    pub id: RoundId,
+    /// Starting model.
+    pub model: ModelRef,
+    /// Local training parameters.
+    pub config: FitInstructions,
+    /// Time left until the upload must be complete, as of sending.
+    pub deadline_in: Duration,
+    /// The deadline as Unix milliseconds (informational).
+    pub deadline_unix_ms: u64,
+    /// Privacy instructions.
+    pub privacy: PrivacyInstructions,
+}
+
+/// Evaluate a published model and report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvaluateTask {
+    /// Round whose result is evaluated (= model version).
+    pub round: u64,
+    /// Model to evaluate.
+    pub model: ModelRef,
+    /// Batch size.
+    pub batch_size: u32,
+    /// Time left to report, as of sending.
+    pub deadline_in: Duration,
+    /// The deadline as Unix milliseconds (informational).
+    pub deadline_unix_ms: u64,
+}
+
+/// Answer to a long-poll.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    /// Train.
+    Fit(FitTask),
+    /// Evaluate.
+    Evaluate(EvaluateTask),
+    /// Nothing yet.
+    None {
+        /// Suggested pause before polling again.
+        retry_after: Duration,
+        /// Current phase.
+        phase: PhaseName,
+        /// Current round.
+        round: u64,
+    },
+    /// The federation is over.
+    Finished {
+        /// Final model version.
+        final_version: ModelVersion,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What a client reports doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientActivity {
+    /// Waiting for work.
+    Idle,
+    /// Downloading.
+    Downloading,
+    /// Training.
+    Training,
+    /// Uploading.
+    Uploading,
+    /// Evaluating.
+    Evaluating,
+}
+
+impl fmt::Display for ClientActivity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClientActivity::Idle => "idle",
+            ClientActivity::Downloading => "downloading",
+            ClientActivity::Training => "training",
+            ClientActivity::Uploading => "uploading",
+            ClientActivity::Evaluating => "evaluating",
+        })
+    }
+}
+
+/// Liveness signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Current activity.
+    pub activity: ClientActivity,
+    /// Round being worked on, if any.
+    pub round: Option<u64>,
+}
+
+/// The coordinator's answer to a heartbeat.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatReply {
+    /// Current phase.
+    pub phase: PhaseName,
+    /// Current round and attempt.
+    pub round: RoundId,
+    /// Published model version.
+    pub model_version: ModelVersion,
+    /// False when the named round's task is over.
+    pub task_still_wanted: bool,
+}
+
+/// First message of a model download.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelHeader {
+    /// Version sent.
+    pub version: ModelVersion,
+    /// Scope sent.
+    pub scope: ModelScope,
+    /// Payload layout.
+    pub manifest: Manifest,
+    /// Total payload bytes.
+    pub total_bytes: u64,
+    /// Digest of the whole payload.
+    pub payload_digest: Sha256,
+    /// Offset the chunks start at.
+    pub start_offset: u64,
+}
+
+/// A download request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DownloadRequest {
+    /// Version wanted.
+    pub version: ModelVersion,
+    /// Which tensors.
+    pub scope: ModelScope,
+    /// Resume offset in bytes (multiple of 4).
+    pub offset: u64,
+    /// Preferred chunk size, if any (clamped by the server).
+    pub max_chunk_bytes: Option<u32>,
+}
+
+/// A slice of a payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Byte offset in the payload.
+    pub offset: u64,
+    /// Bytes (1 ..= 4 MiB).
+    pub data: Bytes,
+}
+
+/// One item of a download stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DownloadItem {
+    /// First item.
+    Header(ModelHeader),
+    /// Later items.
+    Chunk(Chunk),
+}
+
+/// First message of an upload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateHeader {
+    /// Round and attempt of the fit task.
+    pub id: RoundId,
+    /// Version trained from.
+    pub base_version: ModelVersion,
+    /// FedAvg weight (1 ≤ n < 2³¹).
+    pub num_examples: u64,
+    /// Finite training metrics.
+    pub metrics: BTreeMap<String, f64>,
+    /// Digest of the manifest the payload follows.
+    pub manifest_digest: Sha256,
+    /// Payload bytes that follow.
+    pub total_bytes: u64,
+}
+
+/// A detached signature over an update digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateSignature {
+    /// Scheme name, e.g. `ed25519`.
+    pub scheme: String,
+    /// Signature bytes.
+    pub bytes: Bytes,
+}
+
+/// Last message of an upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateTrailer {
+    /// Digest of the whole payload.
+    pub payload_digest: Sha256,
+    /// Signature, if the client signs.
+    pub signature: Option<UpdateSignature>,
+}
+
+/// One item of an upload stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UploadItem {
+    /// First item.
+    Header(UpdateHeader),
+    /// Payload slice.
+    Chunk(Chunk),
+    /// Last item.
+    Trailer(UpdateTrailer),
+}
+
+/// Acknowledgement of an accepted update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadReceipt {
+    /// Round and attempt it counted for.
+    pub id: RoundId,
+    /// Payload bytes received.
+    pub received_bytes: u64,
+}
+
+/// Result of an evaluation task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalReport {
+    /// Round evaluated.
+    pub round: u64,
+    /// Model version evaluated.
+    pub model_version: ModelVersion,
+    /// Held-out examples (≥ 1).
+    pub num_examples: u64,
+    /// Mean loss (finite, ≥ 0).
+    pub loss: f64,
+    /// Accuracy in [0, 1].
+    pub accuracy: f64,
+    /// Further finite metrics.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Which kind of task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// Fit.
+    Fit,
+    /// Evaluate.
+    Evaluate,
+}
+
+/// A client gives up on a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureReport {
+    /// Round and attempt of the task (attempt 0 for evaluation).
+    pub id: RoundId,
+    /// Which task.
+    pub kind: TaskKind,
+    /// Why (at most 1024 bytes).
+    pub reason: String,
+}
+
+/// One client in the operator view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientStatus {
+    /// Id.
+    pub client_id: ClientId,
+    /// Alive and in session.
+    pub alive: bool,
+    /// Time since last heard from.
+    pub last_seen_ago: Duration,
+    /// Last reported activity.
+    pub activity: ClientActivity,
+    /// Rounds it contributed an accepted update to.
+    pub rounds_contributed: u64,
+}
+
+/// One round attempt as recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundSummary {
+    /// Round and attempt.
+    pub id: RoundId,
+    /// `running`, `completed`, `failed` or `aborted`.
+    pub status: String,
+    /// Clients sampled.
+    pub selected: u32,
+    /// Updates accepted.
+    pub accepted: u32,
+    /// Sampled clients that failed, dropped or were late.
+    pub failed: u32,
+    /// Examples behind accepted updates.
+    pub total_examples: u64,
+    /// Weighted mean training loss (NaN if none).
+    pub train_loss: f64,
+    /// Weighted federated evaluation loss (NaN if none).
+    pub eval_loss: f64,
+    /// Weighted federated evaluation accuracy (NaN if none).
+    pub eval_accuracy: f64,
+    /// Held-out examples behind the evaluation figures.
+    pub eval_examples: u64,
+    /// Wall time.
+    pub duration: Duration,
+    /// Failure reason, if any.
+    pub reason: String,
+}
+
+/// The operator view of a coordinator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusReport {
+    /// Protocol revision.
+    pub protocol_version: u32,
+    /// Current phase.
+    pub phase: PhaseName,
+    /// Current (or last) round and attempt.
+    pub round: RoundId,
+    /// Published model version.
+    pub model_version: ModelVersion,
+    /// Rounds configured.
+    pub total_rounds: u64,
+    /// Strategy name.
+    pub strategy: String,
+    /// Time to the current phase's deadline, if any.
+    pub deadline_in: Option<Duration>,
+    /// Known clients.
+    pub clients: Vec<ClientStatus>,
+    /// Recent rounds, newest first.
+    pub recent_rounds: Vec<RoundSummary>,
+    /// Updates accepted so far in the current round.
+    pub accepted_updates: u32,
+}
