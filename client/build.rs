@@ -1,10 +1,10 @@
-//! Makes the client's binaries run without `LD_LIBRARY_PATH`, and keep CUDA.
-//!
-//! torch-sys tells its direct dependents where the libtorch it linked lives
-//! (`DEP_TCH_LIBTORCH_LIB`). We bake that folder into the binaries as an rpath, and force a
-//! `DT_NEEDED` entry for `libtorch_cuda.so` when it exists: nothing in our code references a
-//! CUDA symbol, so with the default `--as-needed` the linker would drop the library and
-//! `tch::Cuda::is_available()` would say false on a GPU machine.
+// Makes the client's binaries run without `LD_LIBRARY_PATH`, and keep CUDA.
+//
+// torch-sys tells its direct dependents where the libtorch it linked lives
+// (`DEP_TCH_LIBTORCH_LIB`). We bake that folder into the binaries as an rpath, and force a
+// `DT_NEEDED` entry for `libtorch_cuda.so` when it exists: nothing in our code references a
+// CUDA symbol, so with the default `--as-needed` the linker would drop the library and
+// `tch::Cuda::is_available()` would say false on a GPU machine.
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");

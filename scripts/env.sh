@@ -23,10 +23,15 @@ if [ ! -x "$_fedtune_venv/bin/python" ] || [ "$(cat "$_fedtune_stamp" 2>/dev/nul
   # shellcheck disable=SC2086
   "$_fedtune_venv/bin/pip" install --quiet --disable-pip-version-check $_fedtune_reqs \
     || { echo "fedtune: pip install failed" >&2; return 1 2>/dev/null || exit 1; }
+  "$_fedtune_venv/bin/python" -c 'import torch, os; print(os.path.dirname(torch.__file__))' \
+    > "$_fedtune_venv/.fedtune-torch-dir" || { echo "fedtune: torch does not import" >&2; return 1 2>/dev/null || exit 1; }
   echo "$_fedtune_reqs" > "$_fedtune_stamp"
 fi
-
-_fedtune_torch="$("$_fedtune_venv/bin/python" -c 'import torch, os; print(os.path.dirname(torch.__file__))')"
+if [ ! -s "$_fedtune_venv/.fedtune-torch-dir" ]; then
+  "$_fedtune_venv/bin/python" -c 'import torch, os; print(os.path.dirname(torch.__file__))' > "$_fedtune_venv/.fedtune-torch-dir"
+fi
+# Asking Python where torch lives costs a second or two of CPU; it is recorded at install time.
+_fedtune_torch="$(cat "$_fedtune_venv/.fedtune-torch-dir")"
 ln -sfn "$_fedtune_venv" "$_fedtune_root/.venv"
 ln -sfn "$_fedtune_torch" "$_fedtune_root/.libtorch"
 

@@ -30,7 +30,12 @@ impl Default for BackoffPolicy {
     /// 200 ms doubling to 10 s with up to 50 % jitter: a restarted coordinator is found within
     /// ~10 s, and a dead one costs each client one cheap connection attempt per few seconds.
     fn default() -> Self {
-        Self { initial: Duration::from_millis(200), max: Duration::from_secs(10), multiplier: 2.0, jitter: 0.5 }
+        Self {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(10),
+            multiplier: 2.0,
+            jitter: 0.5,
+        }
     }
 }
 
@@ -84,7 +89,8 @@ impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
         let base = self.base();
         self.attempt = self.attempt.saturating_add(1);
-        let cut: f64 = if self.policy.jitter > 0.0 { self.rng.random_range(0.0..self.policy.jitter) } else { 0.0 };
+        let cut: f64 =
+            if self.policy.jitter > 0.0 { self.rng.random_range(0.0..self.policy.jitter) } else { 0.0 };
         base.mul_f64(1.0 - cut)
     }
 

@@ -56,6 +56,12 @@ pub enum Command {
     Eval(EvalArgs),
     /// Print one JSON object per input text: `label`, `label_id` and `probs` (label-id order).
     Predict(PredictArgs),
+    /// Join a federation: train on local data for the coordinator round after round, until the
+    /// federation finishes or SIGINT/SIGTERM.
+    Run(crate::run_cmd::RunArgs),
+    /// Write a new Ed25519 identity key (PKCS#8 PEM, mode 0600) and print its public key, for
+    /// `fedtune-coordinator clients add --public-key`.
+    Keygen(crate::identity::KeygenArgs),
 }
 
 /// Where the model runs.
@@ -246,7 +252,10 @@ pub fn train(args: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let options = TrainerOptions {
         eval_fraction: args.eval_fraction,
         seed: args.seed,
-        scope: TrainScope { train_top_layers: args.train_top_layers, freeze_embeddings: args.freeze_embeddings },
+        scope: TrainScope {
+            train_top_layers: args.train_top_layers,
+            freeze_embeddings: args.freeze_embeddings,
+        },
         adamw: AdamWConfig { weight_decay: args.weight_decay, ..AdamWConfig::default() },
         warmup_ratio: args.warmup_ratio,
         max_grad_norm: args.max_grad_norm,
@@ -298,8 +307,11 @@ pub fn train(args: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
 pub fn eval(args: &EvalArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let dataset = Dataset::load(&args.data, &args.columns.options())?;
     // Every row is held out, unless the file marks its own test rows.
-    let options =
-        TrainerOptions { eval_fraction: 1.0, eval_batch_size: args.batch_size, ..base_options(&args.runtime, args.max_len) };
+    let options = TrainerOptions {
+        eval_fraction: 1.0,
+        eval_batch_size: args.batch_size,
+        ..base_options(&args.runtime, args.max_len)
+    };
     let mut trainer = BertTrainer::new(&args.model, dataset, options)?;
     let summary = trainer.summary().clone();
     require_trained_head(&args.model, &summary)?;
@@ -321,12 +333,14 @@ pub fn predict(args: &PredictArgs, out: &mut dyn Write) -> Result<(), CliError> 
     if texts.is_empty() {
         return Err(CliError::Usage("nothing to predict: give --text TEXT or --input FILE".into()));
     }
-    let options = TrainerOptions { eval_batch_size: args.batch_size, ..base_options(&args.runtime, args.max_len) };
+    let options =
+        TrainerOptions { eval_batch_size: args.batch_size, ..base_options(&args.runtime, args.max_len) };
     let trainer = BertTrainer::for_inference(&args.model, options)?;
     require_trained_head(&args.model, trainer.summary())?;
     let predictions = trainer.predict(texts.clone())?;
     for (text, p) in texts.iter().zip(predictions) {
-        let line = serde_json::json!({ "text": text, "label": p.label, "label_id": p.label_id, "probs": p.probs });
+        let line =
+            serde_json::json!({ "text": text, "label": p.label, "label_id": p.label_id, "probs": p.probs });
         writeln!(out, "{line}").map_err(io("stdout"))?;
     }
     Ok(())

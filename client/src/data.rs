@@ -203,7 +203,10 @@ impl Dataset {
             .map(|e| {
                 let name = e.label.as_deref().ok_or_else(|| self.bad(e.line, "row has no label".into()))?;
                 labels.id(name).ok_or_else(|| {
-                    self.bad(e.line, format!("label `{name}` is not one of the model's labels {:?}", labels.names()))
+                    self.bad(
+                        e.line,
+                        format!("label `{name}` is not one of the model's labels {:?}", labels.names()),
+                    )
                 })
             })
             .collect()
@@ -362,7 +365,9 @@ fn read_jsonl(path: &Path, options: &DataOptions) -> Result<Vec<Example>, DataEr
                 Some(serde_json::Value::Number(x)) => Some(x.to_string()),
                 Some(serde_json::Value::Bool(b)) => Some(b.to_string()),
                 Some(serde_json::Value::Null) => None,
-                Some(other) => return Err(bad(format!("label `{column}` is {other}, not a string or number"))),
+                Some(other) => {
+                    return Err(bad(format!("label `{column}` is {other}, not a string or number")))
+                }
                 None => return Err(missing(column)),
             }),
             None => None,
@@ -370,7 +375,9 @@ fn read_jsonl(path: &Path, options: &DataOptions) -> Result<Vec<Example>, DataEr
         let split = match obj.get(&options.split_column) {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             Some(serde_json::Value::Null) | None => None,
-            Some(other) => return Err(bad(format!("split `{}` is {other}, not a string", options.split_column))),
+            Some(other) => {
+                return Err(bad(format!("split `{}` is {other}, not a string", options.split_column)))
+            }
         };
         out.push(make_example(path, n, Some(text), label, split, options)?);
     }

@@ -113,7 +113,8 @@ impl LocalTrainer for FakeTrainer {
         }
         let train_loss = Self::mean_squared_distance(global.values(), &self.target);
         let rate = self.config.rate;
-        let local: Vec<f32> = global.values().iter().zip(&self.target).map(|(g, t)| g + rate * (t - g)).collect();
+        let local: Vec<f32> =
+            global.values().iter().zip(&self.target).map(|(g, t)| g + rate * (t - g)).collect();
         let weights = ParameterVector::new(self.manifest.clone(), local)
             .map_err(|e| TrainerError::Failed(e.to_string()))?;
         let seconds = self.config.fit_delay.as_secs_f64().max(1e-3);
@@ -150,7 +151,8 @@ mod tests {
 
     #[test]
     fn fit_moves_the_weights_the_configured_fraction_towards_the_client_target() {
-        let mut t = FakeTrainer::new(manifest(), FakeTrainerConfig { seed: 3, rate: 0.25, ..Default::default() });
+        let mut t =
+            FakeTrainer::new(manifest(), FakeTrainerConfig { seed: 3, rate: 0.25, ..Default::default() });
         let global = ParameterVector::zeros(manifest());
         let out = t.fit(&global, &FitConfig::default()).unwrap();
         for (w, target) in out.weights.values().iter().zip(t.client_target()) {

@@ -7,6 +7,8 @@
 //! - [`fake_trainer`]: a deterministic `LocalTrainer` for tests and `run --fake-trainer`.
 //! - [`agent`]: the federated agent's state machine (join, poll, download, train, upload, evaluate).
 //! - [`transport`]: `CoordinatorApi` (domain calls) and its gRPC implementation; the only module naming `pb`.
+//! - [`identity`]: `keygen`, loading the Ed25519 key, signing upload trailers.
+//! - [`run_cmd`]: the `run` subcommand: join a federation with the BERT (or fake) trainer.
 //! - [`model`]: BERT for sequence classification on tch; module paths = Hugging Face weight names.
 //! - [`tokenize`]: word-piece tokenization (`tokenizer.json` or `vocab.txt`), pad to longest.
 //! - [`data`]: labelled CSV/JSONL loading, label sets, train/held-out split; errors name file:line.
@@ -22,8 +24,10 @@ pub mod data;
 pub mod device;
 pub mod export;
 pub mod fake_trainer;
+pub mod identity;
 pub mod local_trainer;
 pub mod model;
+pub mod run_cmd;
 pub mod tokenize;
 pub mod trainer;
 pub mod transport;

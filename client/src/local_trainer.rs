@@ -28,7 +28,15 @@ pub struct FitConfig {
 
 impl Default for FitConfig {
     fn default() -> Self {
-        Self { round: 0, epochs: 1, batch_size: 16, learning_rate: 5e-5, proximal_mu: 0.0, max_steps: None, seed: 0 }
+        Self {
+            round: 0,
+            epochs: 1,
+            batch_size: 16,
+            learning_rate: 5e-5,
+            proximal_mu: 0.0,
+            max_steps: None,
+            seed: 0,
+        }
     }
 }
 

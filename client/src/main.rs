@@ -15,6 +15,8 @@ fn main() -> ExitCode {
         Command::Train(a) => cli::train(a, &mut stdout).map_err(Into::into),
         Command::Eval(a) => cli::eval(a, &mut stdout).map_err(Into::into),
         Command::Predict(a) => cli::predict(a, &mut stdout).map_err(Into::into),
+        Command::Run(a) => fedtune_client::run_cmd::run_blocking(a).map_err(Into::into),
+        Command::Keygen(a) => fedtune_client::identity::keygen(a, &mut stdout).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

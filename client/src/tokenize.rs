@@ -12,7 +12,7 @@ use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::bert::BertNormalizer;
 use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
-use tokenizers::{Tokenizer, TruncationParams, TruncationStrategy};
+use tokenizers::{AddedToken, Tokenizer, TruncationParams, TruncationStrategy};
 
 /// Errors from loading a tokenizer or encoding text.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +125,13 @@ impl TextTokenizer {
             .with_pre_tokenizer(Some(BertPreTokenizer))
             .with_post_processor(Some(BertProcessing::new(("[SEP]".into(), sep), ("[CLS]".into(), cls))))
             .with_decoder(Some(tokenizers::decoders::wordpiece::WordPiece::default()));
+        // As in transformers, special tokens written in the text ("[UNK]", "[SEP]") stay whole.
+        let specials: Vec<AddedToken> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+            .into_iter()
+            .filter(|t| inner.token_to_id(t).is_some())
+            .map(|t| AddedToken::from(t, true))
+            .collect();
+        inner.add_special_tokens(&specials);
         Self::with_policy(inner, max_len)
     }
 
@@ -171,8 +178,10 @@ impl TextTokenizer {
 
     /// Tokenizes many texts (in parallel where the crate allows), unpadded.
     pub fn encode_all(&self, texts: &[&str]) -> Result<Vec<Encoded>, TokenizeError> {
-        let encodings =
-            self.inner.encode_batch(texts.to_vec(), true).map_err(|e| TokenizeError::Encode(e.to_string()))?;
+        let encodings = self
+            .inner
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| TokenizeError::Encode(e.to_string()))?;
         Ok(encodings
             .iter()
             .map(|e| Encoded {

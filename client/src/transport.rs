@@ -8,19 +8,25 @@
 //! the agent what to do (retry, re-join, drop the task, give up).
 //!
 //! The session token returned by `Join` is kept here and attached to every later call, so the
-//! agent never handles credentials per call.
+//! agent never handles credentials per call. With an identity ([`GrpcCoordinator::with_identity`])
+//! the transport also does the whole join handshake (enroll with a one-time token if the key is
+//! not allowlisted yet, `JoinChallenge`, sign, `Join`) and signs every upload's trailer.
 
 use std::future::Future;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use fedtune_shared::auth::{check_federation_id, ChallengeGrant, ChallengeRequest, EnrollRequest, JoinProof};
+use fedtune_shared::crypto::{EnrollmentToken, KeyPair};
+use fedtune_shared::ids::ClientId;
 
 use fedtune_shared::chunk::MAX_MESSAGE_BYTES;
 use fedtune_shared::convert::ConvertError;
 use fedtune_shared::pb;
 use fedtune_shared::pb::coordinator_client::CoordinatorClient;
 use fedtune_shared::round::{
-    DownloadItem, DownloadRequest, EvalReport, FailureReport, Heartbeat, HeartbeatReply, JoinRequest, JoinResponse,
-    StatusReport, Task, UploadItem, UploadReceipt,
+    DownloadItem, DownloadRequest, EvalReport, FailureReport, Heartbeat, HeartbeatReply, JoinRequest,
+    JoinResponse, StatusReport, Task, UploadItem, UploadReceipt,
 };
 use futures::stream::{BoxStream, StreamExt};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -115,7 +121,10 @@ pub trait CoordinatorApi: Send + Sync {
     /// Signals liveness while busy.
     fn heartbeat(&self, beat: Heartbeat) -> impl Future<Output = Result<HeartbeatReply, ApiError>> + Send;
     /// Starts a model download: a header, then chunks.
-    fn download(&self, request: DownloadRequest) -> impl Future<Output = Result<DownloadStream, ApiError>> + Send;
+    fn download(
+        &self,
+        request: DownloadRequest,
+    ) -> impl Future<Output = Result<DownloadStream, ApiError>> + Send;
     /// Uploads one update: header, chunks, trailer.
     fn upload(
         &self,
@@ -161,13 +170,39 @@ impl ConnectOptions {
 ///
 /// The channel connects lazily and reconnects by itself, so a coordinator that restarts is
 /// found again by the next call after it is back; the agent's backoff paces those calls.
-#[derive(Debug)]
 pub struct GrpcCoordinator {
     client: CoordinatorClient<Channel>,
     request_timeout: Duration,
     /// Bearer token of the current session; replaced by every successful join. A std mutex is
     /// enough: it is held only to clone or swap a string, never across an await.
     token: Mutex<Option<String>>,
+    /// The client's key, if it authenticates (every coordinator started by `serve` requires it).
+    identity: Option<Identity>,
+}
+
+/// What the transport needs to authenticate: the key, a one-time enrollment token until it has
+/// been used, and the federation and client id of the current session (what uploads are
+/// signed for).
+#[derive(Debug)]
+struct Identity {
+    key: Arc<KeyPair>,
+    enroll_token: Mutex<Option<EnrollmentToken>>,
+    session: Mutex<Option<(String, ClientId)>>,
+}
+
+impl std::fmt::Debug for GrpcCoordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The session token is a bearer credential: never in logs.
+        f.debug_struct("GrpcCoordinator")
+            .field("request_timeout", &self.request_timeout)
+            .field("token", &lock(&self.token).as_ref().map(|_| "<redacted>"))
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl GrpcCoordinator {
@@ -188,7 +223,89 @@ impl GrpcCoordinator {
         let client = CoordinatorClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        Ok(Self { client, request_timeout: options.request_timeout, token: Mutex::new(None) })
+        Ok(Self { client, request_timeout: options.request_timeout, token: Mutex::new(None), identity: None })
+    }
+
+    /// Authenticates with `key`: joins answer the coordinator's challenge, uploads are signed.
+    /// With `enroll_token`, a key the coordinator does not know yet is enrolled with it first
+    /// (once; the token is then forgotten).
+    pub fn with_identity(mut self, key: Arc<KeyPair>, enroll_token: Option<EnrollmentToken>) -> Self {
+        self.identity =
+            Some(Identity { key, enroll_token: Mutex::new(enroll_token), session: Mutex::new(None) });
+        self
+    }
+
+    /// `JoinChallenge`, sign, `Join`.
+    async fn challenge_join(
+        &self,
+        key: &KeyPair,
+        name: &ClientId,
+        mut wire: pb::JoinRequest,
+    ) -> Result<pb::JoinResponse, tonic::Status> {
+        let mut client = self.client.clone();
+        let request = ChallengeRequest { name: name.clone() };
+        let mut ask = tonic::Request::new(pb::JoinChallengeRequest::from(&request));
+        ask.set_timeout(self.request_timeout);
+        let grant = ChallengeGrant::try_from(client.join_challenge(ask).await?.into_inner())
+            .map_err(|e| tonic::Status::internal(format!("malformed join challenge: {e}")))?;
+        JoinProof::answer(key, &grant, name).attach(&mut wire);
+        let mut join = tonic::Request::new(wire);
+        join.set_timeout(self.request_timeout);
+        Ok(client.join(join).await?.into_inner())
+    }
+
+    /// The authenticated join handshake; see the module docs.
+    async fn join_with_identity(
+        &self,
+        id: &Identity,
+        request: JoinRequest,
+    ) -> Result<JoinResponse, ApiError> {
+        let name = request.name.clone().ok_or_else(|| {
+            ApiError::Config(
+                "a client with a key joins under the name its key is allowlisted for: pass --name".into(),
+            )
+        })?;
+        let mut wire = pb::JoinRequest::from(request);
+        wire.public_key = id.key.public_key().as_bytes().to_vec().into();
+        let mut reply = self.challenge_join(&id.key, &name, wire.clone()).await;
+        let pending_token = lock(&id.enroll_token).clone();
+        if let (Err(status), Some(token)) = (&reply, pending_token) {
+            // Only a key the coordinator does not accept is worth enrolling; tried after a
+            // join attempt so that restarting with the same (spent) token still works.
+            if status.code() == Code::PermissionDenied {
+                let enroll = EnrollRequest { name: name.clone(), public_key: id.key.public_key(), token };
+                let mut client = self.client.clone();
+                let mut call = tonic::Request::new(pb::EnrollRequest::from(&enroll));
+                call.set_timeout(self.request_timeout);
+                match client.enroll(call).await {
+                    Ok(_) => {
+                        tracing::info!(client = %name, "enrolled this client's key with the one-time token");
+                        *lock(&id.enroll_token) = None;
+                        reply = self.challenge_join(&id.key, &name, wire).await;
+                    }
+                    Err(s) if s.code() == Code::PermissionDenied => {
+                        *lock(&id.enroll_token) = None;
+                        return Err(ApiError::Denied(format!("enrollment refused: {}", s.message())));
+                    }
+                    Err(s) => return Err(s.into()),
+                }
+            }
+        }
+        let reply = reply.map_err(|s| match s.code() {
+            // We answered a challenge issued a moment ago: a refusal means the key is wrong for
+            // this name, which retrying cannot cure.
+            Code::Unauthenticated => ApiError::Denied(format!(
+                "the coordinator refused this key's answer to its join challenge: {}",
+                s.message()
+            )),
+            _ => ApiError::from(s),
+        })?;
+        let federation_id = reply.federation_id.clone();
+        check_federation_id(&federation_id)?;
+        let session = JoinResponse::try_from(reply)?;
+        *lock(&id.session) = Some((federation_id, session.client_id.clone()));
+        *lock(&self.token) = Some(session.session_token.clone());
+        Ok(session)
     }
 
     fn token(&self) -> Option<String> {
@@ -213,6 +330,9 @@ impl GrpcCoordinator {
 
 impl CoordinatorApi for GrpcCoordinator {
     async fn join(&self, request: JoinRequest) -> Result<JoinResponse, ApiError> {
+        if let Some(id) = &self.identity {
+            return self.join_with_identity(id, request).await;
+        }
         let mut client = self.client.clone();
         let req = tonic::Request::new(pb::JoinRequest::from(request));
         let reply = client.join(req).await?.into_inner();
@@ -225,7 +345,8 @@ impl CoordinatorApi for GrpcCoordinator {
         let mut client = self.client.clone();
         let max_wait_ms = u64::try_from(max_wait.as_millis()).unwrap_or(u64::MAX);
         // The server answers by `max_wait` (or its own cap); the margin covers the round trip.
-        let req = self.request(pb::WaitForTaskRequest { max_wait_ms }, Some(max_wait + self.request_timeout))?;
+        let req =
+            self.request(pb::WaitForTaskRequest { max_wait_ms }, Some(max_wait + self.request_timeout))?;
         Ok(Task::try_from(client.wait_for_task(req).await?.into_inner())?)
     }
 
@@ -257,6 +378,15 @@ impl CoordinatorApi for GrpcCoordinator {
         // then holds a plain `ReceiverStream`, for which the compiler can prove the `Send`
         // future this trait promises (with a boxed `dyn Stream` it cannot: a known
         // higher-ranked-lifetime limitation). The bound keeps backpressure end to end.
+        let items = match &self.identity {
+            Some(id) => match lock(&id.session).clone() {
+                Some((federation_id, client_id)) => {
+                    crate::identity::sign_upload_stream(items, id.key.clone(), federation_id, client_id)
+                }
+                None => items,
+            },
+            None => items,
+        };
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         tokio::spawn(async move {
             let mut items = items;
@@ -331,6 +461,17 @@ mod tests {
         assert!(!ApiError::Invalid(String::new()).is_transient());
         assert!(!ApiError::Stale(String::new()).is_transient());
         assert!(!ApiError::Denied(String::new()).is_transient());
+    }
+
+    #[tokio::test]
+    async fn debug_output_never_shows_the_session_token_or_the_key() {
+        let key = Arc::new(KeyPair::generate_ephemeral().unwrap());
+        let api = GrpcCoordinator::connect_lazy(&ConnectOptions::new("http://127.0.0.1:1"))
+            .unwrap()
+            .with_identity(key, Some(EnrollmentToken::generate().unwrap()));
+        *lock(&api.token) = Some("s3cr3t-session".into());
+        let text = format!("{api:?}");
+        assert!(!text.contains("s3cr3t-session") && text.contains("<redacted>"), "{text}");
     }
 
     #[test]

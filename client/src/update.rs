@@ -17,8 +17,12 @@
 //! privacy and refuses the others: an agent that cannot clip and noise must not upload a raw
 //! update that the federation believes is private.
 //!
+//! [`privacy::DpPipelines`] serves every privacy mode (clip, then noise; see [`privacy`]).
+//!
 //! The pipeline runs on the agent's trainer thread: noising or hashing 10⁸ values is CPU work
 //! that must stay off the async reactor.
+
+pub mod privacy;
 
 use std::collections::BTreeMap;
 
@@ -142,7 +146,8 @@ impl UpdatePipeline {
         num_examples: u64,
     ) -> Result<PreparedUpdate, UpdateError> {
         let delta = delta(global, local)?;
-        let mut update = PreparedUpdate { round, delta, num_examples, signature: None, metrics: BTreeMap::new() };
+        let mut update =
+            PreparedUpdate { round, delta, num_examples, signature: None, metrics: BTreeMap::new() };
         for stage in &mut self.stages {
             stage.apply(&mut update)?;
         }
@@ -230,7 +235,9 @@ mod tests {
         let global = ParameterVector::zeros(m.clone());
         let mut pipeline = UpdatePipeline::default();
 
-        let ok = pipeline.prepare(4, &global, &ParameterVector::new(m.clone(), vec![3.0, 4.0]).unwrap(), 10).unwrap();
+        let ok = pipeline
+            .prepare(4, &global, &ParameterVector::new(m.clone(), vec![3.0, 4.0]).unwrap(), 10)
+            .unwrap();
         assert_eq!((ok.round, ok.num_examples), (4, 10));
         assert_eq!(ok.metrics["l2_norm"], 5.0);
 
@@ -251,7 +258,12 @@ mod tests {
             privacy: PrivacyInstructions::NONE,
         };
         assert_eq!(PlainPipelines.build(&task).unwrap().stage_names(), vec!["range"]);
-        task.privacy = PrivacyInstructions { mode: PrivacyMode::Local, clip_norm: 1.0, noise_stddev: 0.1 };
+        task.privacy = PrivacyInstructions {
+            mode: PrivacyMode::Local,
+            clip_norm: 1.0,
+            noise_stddev: 0.1,
+            ..PrivacyInstructions::NONE
+        };
         assert!(matches!(PlainPipelines.build(&task), Err(UpdateError::Unsupported(_))));
     }
 

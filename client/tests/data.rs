@@ -27,8 +27,11 @@ fn csv_with_custom_columns_and_a_split_column_loads() {
         "d.csv",
         "review,stars,split,extra\n\"Great, really\",pos,train,x\nDull,neg,test,y\n\"multi\nline\",pos,train,z\n",
     );
-    let options =
-        DataOptions { text_column: "review".into(), label_column: Some("stars".into()), ..DataOptions::default() };
+    let options = DataOptions {
+        text_column: "review".into(),
+        label_column: Some("stars".into()),
+        ..DataOptions::default()
+    };
     let d = Dataset::load(&path, &options).unwrap();
     assert_eq!(d.examples.len(), 3);
     assert_eq!(d.examples[0].text, "Great, really");
@@ -45,7 +48,11 @@ fn csv_with_custom_columns_and_a_split_column_loads() {
 #[test]
 fn jsonl_accepts_string_and_numeric_labels() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), "d.jsonl", "{\"text\": \"a\", \"label\": 1}\n\n{\"text\": \"b\", \"label\": \"0\"}\n");
+    let path = write(
+        dir.path(),
+        "d.jsonl",
+        "{\"text\": \"a\", \"label\": 1}\n\n{\"text\": \"b\", \"label\": \"0\"}\n",
+    );
     let d = Dataset::load(&path, &DataOptions::default()).unwrap();
     assert_eq!(d.examples.len(), 2);
     assert_eq!(d.examples[0].label.as_deref(), Some("1"));
@@ -84,7 +91,8 @@ fn an_unknown_split_value_names_its_line() {
 
 #[test]
 fn invalid_json_names_its_line() {
-    let err = load_err("d.jsonl", "{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\", \n", &DataOptions::default());
+    let err =
+        load_err("d.jsonl", "{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\", \n", &DataOptions::default());
     assert!(err.contains(":2:") && err.contains("invalid JSON"), "{err}");
 }
 
@@ -96,7 +104,8 @@ fn a_non_string_text_names_its_line() {
 
 #[test]
 fn a_missing_json_key_names_its_line() {
-    let err = load_err("d.jsonl", "{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\"}\n", &DataOptions::default());
+    let err =
+        load_err("d.jsonl", "{\"text\": \"a\", \"label\": 1}\n{\"text\": \"b\"}\n", &DataOptions::default());
     assert!(err.contains(":2:") && err.contains("`label`"), "{err}");
 }
 
@@ -119,7 +128,8 @@ fn an_unsupported_extension_and_an_empty_file_are_refused() {
 
 #[test]
 fn a_missing_file_is_an_error_naming_it() {
-    let err = Dataset::load(Path::new("/nonexistent/d.csv"), &DataOptions::default()).unwrap_err().to_string();
+    let err =
+        Dataset::load(Path::new("/nonexistent/d.csv"), &DataOptions::default()).unwrap_err().to_string();
     assert!(err.contains("/nonexistent/d.csv"), "{err}");
 }
 

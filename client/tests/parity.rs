@@ -18,7 +18,11 @@ fn values(t: &Tensor) -> Vec<f32> {
 fn input_from(case: &serde_json::Value) -> ModelInput {
     let rows = case["input_ids"].as_array().unwrap().len() as i64;
     let t = |key: &str| Tensor::from_slice(&flat_i64(&case[key])).view([rows, -1]);
-    ModelInput { input_ids: t("input_ids"), attention_mask: t("attention_mask"), token_type_ids: t("token_type_ids") }
+    ModelInput {
+        input_ids: t("input_ids"),
+        attention_mask: t("attention_mask"),
+        token_type_ids: t("token_type_ids"),
+    }
 }
 
 fn tiny() -> BertClassifier {
@@ -38,7 +42,8 @@ fn the_tiny_model_matches_transformers_on_a_padded_batch() {
     let case = &expected["cases"][0];
     assert_eq!(case["name"], "batch");
     // Tokenize ourselves: the ids (and so the padding) must be transformers' too.
-    let sentences: Vec<&str> = expected["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    let sentences: Vec<&str> =
+        expected["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
     let tokenizer = TextTokenizer::from_model_dir(&tiny_bert(), 64).unwrap();
     let batch = tokenizer.encode_batch(&sentences).unwrap();
     assert_eq!(batch.input_ids, flat_i64(&case["input_ids"]));
@@ -90,7 +95,10 @@ fn a_checkpoint_without_the_bert_prefix_loads_and_the_head_is_initialized_from_t
         .into_iter()
         .filter_map(|(name, t)| name.strip_prefix("bert.").map(|n| (n.to_string(), t)))
         .collect();
-    bare.push(("embeddings.position_ids".into(), Tensor::arange(64, (Kind::Int64, Device::Cpu)).unsqueeze(0)));
+    bare.push((
+        "embeddings.position_ids".into(),
+        Tensor::arange(64, (Kind::Int64, Device::Cpu)).unsqueeze(0),
+    ));
     Tensor::write_safetensors(&bare, dir.path().join("model.safetensors")).unwrap();
 
     let (model, report) = BertClassifier::load(dir.path(), 2, Device::Cpu, 7).unwrap();
@@ -124,7 +132,8 @@ fn minilm_matches_transformers_when_the_real_model_is_present() {
     };
     tch::set_num_threads(2);
     let expected = json(&common::fixture("minilm-expected.json"));
-    let sentences: Vec<&str> = expected["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    let sentences: Vec<&str> =
+        expected["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
     let tokenizer = TextTokenizer::from_model_dir(&dir, 128).unwrap();
     let batch = tokenizer.encode_batch(&sentences).unwrap();
     assert_eq!(batch.input_ids, flat_i64(&expected["input_ids"]));
@@ -144,4 +153,33 @@ fn minilm_matches_transformers_when_the_real_model_is_present() {
     let first = values(&out.bert.last_hidden_state.get(0).get(0).narrow(0, 0, 4));
     let known = [-0.0026f32, 0.1177, 0.0037, 0.2447];
     assert!(max_abs_diff(&first, &known) < 1e-4 + 5e-5, "{first:?} vs {known:?}");
+}
+
+#[test]
+fn bf16_matrix_products_stay_close_to_f32_and_train_f32_master_weights() {
+    use fedtune_client::model::Precision;
+    use fedtune_client::trainer::engine::train_step;
+    use fedtune_client::trainer::optim::{AdamW, AdamWConfig};
+
+    let expected = json(&tiny_bert().join("expected.json"));
+    let input = input_from(&expected["cases"][0]);
+    let mut model = tiny();
+    let exact = tch::no_grad(|| values(&model.forward(&input, false).logits));
+    model.precision = Precision::Bf16;
+    let out = tch::no_grad(|| model.forward(&input, false));
+    assert_eq!(out.logits.kind(), Kind::Float, "logits come back in f32");
+    assert_eq!(out.bert.last_hidden_state.kind(), Kind::Float, "LayerNorm runs in f32");
+    let diff = max_abs_diff(&values(&out.logits), &exact);
+    assert!(diff > 0.0 && diff < 0.05, "bf16 logits differ from f32 by {diff}");
+
+    let params = model.named_variables();
+    let before = values(&params.iter().find(|(n, _)| n == "classifier.weight").unwrap().1);
+    let mut opt = AdamW::new(&params, AdamWConfig::default()).unwrap();
+    let labels = Tensor::from_slice(&[0i64, 2, 1, 2]);
+    let loss =
+        f64::try_from(train_step(&model, &mut opt, &input, &labels, 1e-3, 1.0, None).unwrap()).unwrap();
+    assert!(loss.is_finite());
+    let (_, w) = model.named_variables().into_iter().find(|(n, _)| n == "classifier.weight").unwrap();
+    assert_eq!(w.kind(), Kind::Float, "master weights stay f32");
+    assert_ne!(values(&w), before, "the bf16 step updated the weights");
 }

@@ -28,9 +28,11 @@ fn a_tiny_model_learns_keyword_sentiment_and_beats_the_majority_baseline() {
     let summary = t.summary().clone();
     assert_eq!((summary.num_train, summary.num_eval), (240, 80));
     let before = t.evaluate_current().unwrap();
-    let outcome = t.train(&fit(4, None)).unwrap();
+    // A random transformer first sits on the majority plateau, then learns to route the
+    // keyword to [CLS]; 150 steps at 3e-3 get past that for every seed tried.
+    let outcome = t.train(&FitConfig { learning_rate: 3e-3, ..fit(10, None) }).unwrap();
     let after = t.evaluate_current().unwrap();
-    assert_eq!(outcome.num_examples, 4 * 240);
+    assert_eq!(outcome.num_examples, 10 * 240);
     assert!(outcome.samples_per_second > 0.0);
     assert!(after.loss < before.loss * 0.5, "held-out loss {} → {}", before.loss, after.loss);
     assert!(
@@ -80,7 +82,8 @@ fn partial_fine_tuning_changes_only_the_top_layer_and_the_head() {
 fn frozen_embeddings_are_left_out_of_the_manifest() {
     let scope = TrainScope { train_top_layers: None, freeze_embeddings: true };
     let t = trainer(TrainerOptions { scope, ..cpu_options() });
-    let names: Vec<&str> = t.trainable_manifest().tensors.iter().map(|s| s.name.as_str()).collect();
+    let manifest = t.trainable_manifest();
+    let names: Vec<&str> = manifest.tensors.iter().map(|s| s.name.as_str()).collect();
     assert!(names.iter().all(|n| !n.starts_with("bert.embeddings.")));
     assert!(names.contains(&"bert.encoder.layer.0.attention.self.query.weight"));
 }
@@ -156,7 +159,11 @@ fn an_exported_model_loads_back_with_the_same_predictions() {
     let texts = vec!["the movie was very good".to_string(), "this film is so awful".to_string()];
     let ours = t.predict(texts.clone()).unwrap();
     let loaded = BertTrainer::for_inference(dir.path(), cpu_options()).unwrap();
-    assert!(loaded.summary().initialized.is_empty(), "nothing is re-initialized: {:?}", loaded.summary().initialized);
+    assert!(
+        loaded.summary().initialized.is_empty(),
+        "nothing is re-initialized: {:?}",
+        loaded.summary().initialized
+    );
     let theirs = loaded.predict(texts).unwrap();
     for (a, b) in ours.iter().zip(&theirs) {
         assert_eq!(a.label, b.label);
@@ -182,7 +189,8 @@ fn transformers_loads_the_export_and_computes_the_same_logits() {
         attention_mask: Tensor::from_slice(&batch.attention_mask).view(shape),
         token_type_ids: Tensor::from_slice(&batch.token_type_ids).view(shape),
     };
-    let ours: Vec<f32> = Vec::try_from(&tch::no_grad(|| model.forward(&input, false)).logits.view([-1])).unwrap();
+    let ours: Vec<f32> =
+        Vec::try_from(&tch::no_grad(|| model.forward(&input, false)).logits.view([-1])).unwrap();
 
     let script = r#"
 import json, sys, torch
@@ -250,7 +258,7 @@ fn the_cli_trains_against_the_baseline_exports_evaluates_and_predicts() {
             .arg("--data")
             .arg(&data)
             .args(["--text-column", "review", "--label-column", "sentiment"])
-            .args(["--epochs", "3", "--batch-size", "16", "--lr", "2e-3", "--eval-fraction", "0.2", "--out"])
+            .args(["--epochs", "10", "--batch-size", "16", "--lr", "3e-3", "--eval-fraction", "0.2", "--out"])
             .arg(&model)
             .args(common_args),
     );
@@ -294,7 +302,12 @@ fn the_cli_refuses_to_predict_with_an_untrained_head_and_reports_bad_data() {
     let full = Tensor::read_safetensors(tiny_bert().join("model.safetensors")).unwrap();
     let encoder: Vec<(String, Tensor)> = full.into_iter().filter(|(n, _)| n.starts_with("bert.")).collect();
     Tensor::write_safetensors(&encoder, dir.path().join("model.safetensors")).unwrap();
-    let out = cli().args(["predict", "--model"]).arg(dir.path()).args(["--text", "hi", "--device", "cpu"]).output().unwrap();
+    let out = cli()
+        .args(["predict", "--model"])
+        .arg(dir.path())
+        .args(["--text", "hi", "--device", "cpu"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no trained classifier"));
 

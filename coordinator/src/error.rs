@@ -162,6 +162,13 @@ pub enum RoundError {
     /// No valid session token.
     #[error("{0}")]
     Unauthenticated(String),
+    /// The caller is authenticated (or identified) but not allowed: not allowlisted, revoked,
+    /// or an enrollment token that does not apply.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A rate, concurrency or size limit refused the call.
+    #[error("{0}")]
+    Limited(String),
     /// The client's pinned key differs.
     #[error(transparent)]
     Registry(#[from] RegistryError),

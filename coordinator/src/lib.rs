@@ -1,10 +1,56 @@
-//! `fedtune-coordinator`: one per federation.
+//! `fedtune-coordinator`: one per federation. Samples clients, folds their updates into a
+//! fixed-point running sum as they stream in (memory O(model), never O(clients × model)), applies
+//! the aggregation strategy, checkpoints, and publishes each new global model version. It never
+//! links libtorch: weights are named f32 tensors, safetensors in and out.
+//!
+//! The binary is thin: [`run`] takes validated [`CoordinatorSettings`], a bound listener and a
+//! cancellation token, so tests run the real server on `127.0.0.1:0`.
 //!
 //! # Layout
-//! (filled in as modules land)
+//! - [`server`]: `run` / `run_with` (+ [`Seams`]: authenticator, signature verifier, strategy
+//!   decorator, TLS): storage, actor and gRPC service wired, one shutdown path with a drain.
+//! - [`settings`]: `CoordinatorSettings` (TOML + `FEDTUNE__…` env + flags), `validate()`.
+//! - [`cli`]: `serve`, `status`, `export` subcommands (clap).
+//! - [`round`]: the round state machine (actor), one file per phase under `round/phases/`,
+//!   bounded request channel, `watch` events.
+//! - [`rpc`]: gRPC service, session tokens, the single error → status mapping.
+//! - [`registry`]: known clients, sessions, heartbeats and liveness.
+//! - [`sampling`]: fraction / fixed / Poisson draws, seeded and recorded.
+//! - [`aggregate`]: value checks and the order-independent fixed-point running sum.
+//! - [`spool`]: on-disk staging of in-flight uploads (validate, then fold).
+//! - [`strategy`]: `Strategy` trait; FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad.
+//! - [`model`]: the global model (HF names), trainable split, initial model, HF export.
+//! - [`privacy`]: differential privacy: `[privacy]` settings, ledger rows, status monitor, the
+//!   `privacy` / `calibrate` commands; the decorator itself is [`strategy::dp`].
+//! - [`storage`]: SQLite records and checkpoint files; crash-consistent round commits.
+//! - [`bootstrap`]: fresh state directory vs resume after the last committed round.
+//! - [`error`]: `RoundError`, every way a request can fail.
+//! - [`auth`]: `[security]` settings, the client allowlist and enrollment tokens, join
+//!   challenge + HMAC sessions + update signature checks (`ClientAuth`), call limits.
+//! - [`cli_clients`]: the `clients` (allowlist, enrollment tokens) and `certs` subcommands.
 //! - [`certs`]: development PKI (CA, server and client certificates via rcgen) and the server's
 //!   tonic TLS / mutual-TLS configuration.
 //! - [`simulate`]: `simulate`: a local federation (coordinator + client processes), sharded data, per-round report.
 
+pub mod aggregate;
+pub mod auth;
+pub mod bootstrap;
 pub mod certs;
+pub mod cli;
+pub mod cli_clients;
+pub mod error;
+pub mod model;
+pub mod privacy;
+pub mod registry;
+pub mod round;
+pub mod rpc;
+pub mod sampling;
+pub mod server;
+pub mod settings;
 pub mod simulate;
+pub mod spool;
+pub mod storage;
+pub mod strategy;
+
+pub use server::{run, run_with, RunError, Seams};
+pub use settings::CoordinatorSettings;

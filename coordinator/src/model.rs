@@ -75,13 +75,13 @@ impl HfConfig {
     /// Reads `dir/config.json`.
     pub fn read(dir: &Path) -> Result<Self, ModelError> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.clone(), reason: e.to_string() })?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| ModelError::Config { path: path.clone(), reason: e.to_string() })?;
         let field = |k: &str| {
-            json.get(k).and_then(serde_json::Value::as_u64).map(|v| v as usize).ok_or_else(|| ModelError::Config {
-                path: path.clone(),
-                reason: format!("missing integer `{k}`"),
+            json.get(k).and_then(serde_json::Value::as_u64).map(|v| v as usize).ok_or_else(|| {
+                ModelError::Config { path: path.clone(), reason: format!("missing integer `{k}`") }
             })
         };
         Ok(Self { hidden_size: field("hidden_size")?, num_hidden_layers: field("num_hidden_layers")?, json })
@@ -191,7 +191,9 @@ impl GlobalModel {
     pub fn payload(&self, scope: ModelScope) -> PayloadView<'_> {
         match scope {
             ModelScope::Full => PayloadView::whole(self.params.values()),
-            ModelScope::Trainable => PayloadView::segments(self.params.values(), self.layout.segments.clone()),
+            ModelScope::Trainable => {
+                PayloadView::segments(self.params.values(), self.layout.segments.clone())
+            }
         }
     }
 
@@ -273,7 +275,9 @@ pub fn load_initial(settings: &ModelSettings) -> Result<InitialModel, ModelError
     let ckpt_labels = tensors.iter().find(|(t, _)| t.name == "classifier.weight").map(|(t, _)| t.shape[0]);
     let labels = if !settings.labels.is_empty() {
         settings.labels.clone()
-    } else if let Some(l) = config.labels().filter(|l| ckpt_labels.is_none_or(|n| n == l.len()) && l.len() >= 2) {
+    } else if let Some(l) =
+        config.labels().filter(|l| ckpt_labels.is_none_or(|n| n == l.len()) && l.len() >= 2)
+    {
         l
     } else if let Some(n) = settings.num_labels.or(ckpt_labels) {
         (0..n).map(|i| format!("LABEL_{i}")).collect()
@@ -312,8 +316,13 @@ pub fn load_initial(settings: &ModelSettings) -> Result<InitialModel, ModelError
         extra.push((TensorSpec { name: name.into(), shape }, v));
     }
     // Sort by name like load_safetensors does, so the layout is stable across restarts.
-    let mut all: Vec<(TensorSpec, Result<Range<usize>, Vec<f32>>)> =
-        tensors.into_iter().map(|(t, r)| (t, Ok(r))).chain(extra.into_iter().map(|(t, v)| (t, Err(v)))).collect();
+    // Each tensor's values: a range of the checkpoint buffer, or freshly initialised ones.
+    type Source = Result<Range<usize>, Vec<f32>>;
+    let mut all: Vec<(TensorSpec, Source)> = tensors
+        .into_iter()
+        .map(|(t, r)| (t, Ok(r)))
+        .chain(extra.into_iter().map(|(t, v)| (t, Err(v))))
+        .collect();
     all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     for (spec, src) in all {
         match src {
@@ -367,7 +376,9 @@ pub fn export_hf(
     obj.insert("num_labels".into(), serde_json::json!(labels.len()));
     obj.insert(
         "id2label".into(),
-        serde_json::Value::Object(labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone().into())).collect()),
+        serde_json::Value::Object(
+            labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone().into())).collect(),
+        ),
     );
     obj.insert(
         "label2id".into(),
@@ -405,7 +416,10 @@ mod tests {
             TensorSpec { name: "embeddings.LayerNorm.gamma".into(), shape: vec![h] },
         ];
         for l in 0..layers {
-            specs.push(TensorSpec { name: format!("encoder.layer.{l}.output.dense.weight"), shape: vec![h, h] });
+            specs.push(TensorSpec {
+                name: format!("encoder.layer.{l}.output.dense.weight"),
+                shape: vec![h, h],
+            });
         }
         specs.push(TensorSpec { name: "cls.predictions.bias".into(), shape: vec![10] });
         let m = Manifest::new(specs).unwrap();
@@ -496,7 +510,10 @@ mod tests {
         let mut full = m.params.clone();
         layout.write_back(&mut full, &vec![0.0; t.values().len()]);
         assert!(full.tensor("classifier.bias").unwrap().iter().all(|&v| v == 0.0));
-        assert_eq!(full.tensor("bert.encoder.layer.0.output.dense.weight"), m.params.tensor("bert.encoder.layer.0.output.dense.weight"));
+        assert_eq!(
+            full.tensor("bert.encoder.layer.0.output.dense.weight"),
+            m.params.tensor("bert.encoder.layer.0.output.dense.weight")
+        );
     }
 
     #[test]
@@ -512,7 +529,8 @@ mod tests {
         assert_eq!(cfg["id2label"]["1"], "pos");
         assert_eq!(cfg["label2id"]["neg"], 0);
         assert!(out.path().join("vocab.txt").is_file());
-        let back = ParameterVector::load_safetensors(&out.path().join("model.safetensors"), |_| true).unwrap();
+        let back =
+            ParameterVector::load_safetensors(&out.path().join("model.safetensors"), |_| true).unwrap();
         assert_eq!(back, m.params);
     }
 }

@@ -53,7 +53,13 @@ impl Registry {
     }
 
     /// Adds a client known from the state directory (no session until it joins again).
-    pub fn restore(&mut self, id: ClientId, public_key: Option<[u8; 32]>, rounds_contributed: u64, now: Instant) {
+    pub fn restore(
+        &mut self,
+        id: ClientId,
+        public_key: Option<[u8; 32]>,
+        rounds_contributed: u64,
+        now: Instant,
+    ) {
         self.clients.insert(
             id,
             ClientEntry {
@@ -87,7 +93,9 @@ impl Registry {
             rounds_contributed: 0,
         });
         match (entry.public_key, public_key) {
-            (Some(pinned), Some(offered)) if pinned != offered => return Err(RegistryError::KeyMismatch(id.clone())),
+            (Some(pinned), Some(offered)) if pinned != offered => {
+                return Err(RegistryError::KeyMismatch(id.clone()))
+            }
             (Some(_), None) => return Err(RegistryError::KeyMismatch(id.clone())),
             (None, offered) => entry.public_key = offered,
             _ => {}
@@ -137,7 +145,9 @@ impl Registry {
 
     /// In session and heard from within the liveness timeout.
     pub fn is_alive(&self, id: &ClientId, now: Instant) -> bool {
-        self.clients.get(id).is_some_and(|e| e.in_session && now.saturating_duration_since(e.last_seen) < self.liveness_timeout)
+        self.clients.get(id).is_some_and(|e| {
+            e.in_session && now.saturating_duration_since(e.last_seen) < self.liveness_timeout
+        })
     }
 
     /// Alive clients, sorted by id (the canonical order sampling draws from).

@@ -47,7 +47,12 @@ pub fn describe(s: &SamplingSettings) -> String {
 /// Draws the clients of a fit round from `candidates` (sorted by id). The result is sorted.
 /// Fraction and fixed draws never return fewer than `min(min_fit, candidates)`; a Poisson draw
 /// may return anything from none to all (callers fail the attempt if it is below `min_fit`).
-pub fn sample(s: &SamplingSettings, min_fit: usize, candidates: &[ClientId], seed: [u8; 32]) -> Vec<ClientId> {
+pub fn sample(
+    s: &SamplingSettings,
+    min_fit: usize,
+    candidates: &[ClientId],
+    seed: [u8; 32],
+) -> Vec<ClientId> {
     let mut rng = ChaCha20Rng::from_seed(seed);
     let n = candidates.len();
     match *s {
@@ -114,7 +119,13 @@ mod tests {
         let c = clients(100);
         let mut total = 0;
         for r in 0..200 {
-            total += sample(&SamplingSettings::Poisson { rate: 0.3 }, 1, &c, draw_seed(1, RoundId::new(r, 0), "fit")).len();
+            total += sample(
+                &SamplingSettings::Poisson { rate: 0.3 },
+                1,
+                &c,
+                draw_seed(1, RoundId::new(r, 0), "fit"),
+            )
+            .len();
         }
         let freq = total as f64 / (100.0 * 200.0);
         // 20000 Bernoulli(0.3) trials: standard error ≈ 0.0032.
@@ -126,7 +137,9 @@ mod tests {
         let c = clients(5);
         let mut hits = [0usize; 5];
         for r in 0..5000 {
-            for s in sample(&SamplingSettings::Fixed { count: 2 }, 1, &c, draw_seed(2, RoundId::new(r, 0), "fit")) {
+            for s in
+                sample(&SamplingSettings::Fixed { count: 2 }, 1, &c, draw_seed(2, RoundId::new(r, 0), "fit"))
+            {
                 hits[c.iter().position(|x| *x == s).unwrap()] += 1;
             }
         }

@@ -60,6 +60,13 @@ pub struct CoordinatorSettings {
     /// Client liveness.
     #[serde(default)]
     pub clients: ClientSettings,
+    /// Differential privacy (mode, noise, clipping, budget); off by default.
+    #[serde(default)]
+    pub privacy: crate::privacy::PrivacySettings,
+    /// TLS, client authentication lifetimes, call limits (`serve` refuses plaintext unless
+    /// `security.insecure`).
+    #[serde(default)]
+    pub security: crate::auth::SecuritySettings,
 }
 
 /// Network side.
@@ -71,8 +78,11 @@ pub struct ServerSettings {
     /// Longest a `WaitForTask` long-poll blocks.
     #[serde(with = "duration")]
     pub long_poll: Duration,
-    /// Uploads received at the same time. Each holds one spool file (model-sized, on disk) and a
-    /// chunk in memory, so this bounds disk use and receive CPU, not coordinator memory.
+    /// Uploads received at the same time; further uploads wait (HTTP/2 flow control holds their
+    /// bytes at the client). Each holds one spool file (model-sized, on disk) and a chunk or two in
+    /// memory, so this bounds disk use, receive CPU and allocator churn — memory stays O(model)
+    /// whatever the number of clients. Receiving is CPU-bound (hash, checks), so more than about
+    /// twice the cores buys nothing.
     pub max_concurrent_uploads: usize,
     /// Chunk size of downloads unless a client asks otherwise (1–4 MiB).
     pub download_chunk_bytes: usize,
@@ -92,7 +102,7 @@ impl Default for ServerSettings {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
             long_poll: Duration::from_secs(20),
-            max_concurrent_uploads: 16,
+            max_concurrent_uploads: 4,
             download_chunk_bytes: DEFAULT_CHUNK_BYTES,
             request_queue: 256,
             drain_grace: Duration::from_secs(30),
@@ -376,136 +386,161 @@ impl CoordinatorSettings {
 
     /// Checks every value and cross-field rule; the error names the key.
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let bad = SettingsError::invalid;
         let s = &self.server;
         if s.long_poll.is_zero() || s.long_poll > Duration::from_secs(300) {
-            return Err(bad("server.long_poll", "must be between 1ms and 5m"));
+            return Err(SettingsError::invalid("server.long_poll", "must be between 1ms and 5m"));
         }
         if s.max_concurrent_uploads == 0 {
-            return Err(bad("server.max_concurrent_uploads", "must be at least 1"));
+            return Err(SettingsError::invalid("server.max_concurrent_uploads", "must be at least 1"));
         }
         if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&s.download_chunk_bytes) {
-            return Err(bad(
+            return Err(SettingsError::invalid(
                 "server.download_chunk_bytes",
                 format!("must be between {MIN_CHUNK_BYTES} and {MAX_CHUNK_BYTES}"),
             ));
         }
         if s.request_queue == 0 {
-            return Err(bad("server.request_queue", "must be at least 1"));
+            return Err(SettingsError::invalid("server.request_queue", "must be at least 1"));
         }
         if self.storage.state_dir.as_os_str().is_empty() {
-            return Err(bad("storage.state_dir", "must not be empty"));
+            return Err(SettingsError::invalid("storage.state_dir", "must not be empty"));
         }
         let m = &self.model;
         for f in ["config.json", "model.safetensors"] {
             if !m.init_dir.join(f).is_file() {
-                return Err(bad("model.init_dir", format!("{} has no {f}", m.init_dir.display())));
+                return Err(SettingsError::invalid(
+                    "model.init_dir",
+                    format!("{} has no {f}", m.init_dir.display()),
+                ));
             }
         }
         if m.num_labels == Some(0) || m.num_labels == Some(1) {
-            return Err(bad("model.num_labels", "a classifier needs at least 2 labels"));
+            return Err(SettingsError::invalid("model.num_labels", "a classifier needs at least 2 labels"));
         }
         if !m.labels.is_empty() {
             if m.labels.len() < 2 {
-                return Err(bad("model.labels", "a classifier needs at least 2 labels"));
+                return Err(SettingsError::invalid("model.labels", "a classifier needs at least 2 labels"));
             }
             if m.num_labels.is_some_and(|n| n != m.labels.len()) {
-                return Err(bad("model.num_labels", "disagrees with the number of model.labels"));
+                return Err(SettingsError::invalid(
+                    "model.num_labels",
+                    "disagrees with the number of model.labels",
+                ));
             }
         }
         if m.train_top_layers == Some(0) {
-            return Err(bad("model.train_top_layers", "must be at least 1 (omit it to train all layers)"));
+            return Err(SettingsError::invalid(
+                "model.train_top_layers",
+                "must be at least 1 (omit it to train all layers)",
+            ));
         }
         let r = &self.rounds;
         if r.total == 0 {
-            return Err(bad("rounds.total", "must be at least 1"));
+            return Err(SettingsError::invalid("rounds.total", "must be at least 1"));
         }
         if r.deadline.is_zero() {
-            return Err(bad("rounds.deadline", "must be positive"));
+            return Err(SettingsError::invalid("rounds.deadline", "must be positive"));
         }
         if r.min_fit == 0 {
-            return Err(bad("rounds.min_fit", "must be at least 1"));
+            return Err(SettingsError::invalid("rounds.min_fit", "must be at least 1"));
         }
         if r.min_available < r.min_fit {
-            return Err(bad(
+            return Err(SettingsError::invalid(
                 "rounds.min_available",
                 format!("({}) must be at least rounds.min_fit ({})", r.min_available, r.min_fit),
             ));
         }
         if r.max_consecutive_failures == 0 {
-            return Err(bad("rounds.max_consecutive_failures", "must be at least 1"));
+            return Err(SettingsError::invalid("rounds.max_consecutive_failures", "must be at least 1"));
         }
         match self.sampling {
             SamplingSettings::Fraction { fraction } if !(fraction > 0.0 && fraction <= 1.0) => {
-                return Err(bad("sampling.fraction", "must be in (0, 1]"));
+                return Err(SettingsError::invalid("sampling.fraction", "must be in (0, 1]"));
             }
             SamplingSettings::Fixed { count } if count < r.min_fit => {
-                return Err(bad("sampling.count", format!("({count}) must be at least rounds.min_fit ({})", r.min_fit)));
+                return Err(SettingsError::invalid(
+                    "sampling.count",
+                    format!("({count}) must be at least rounds.min_fit ({})", r.min_fit),
+                ));
             }
             SamplingSettings::Poisson { rate } if !(rate > 0.0 && rate <= 1.0) => {
-                return Err(bad("sampling.rate", "must be in (0, 1]"));
+                return Err(SettingsError::invalid("sampling.rate", "must be in (0, 1]"));
             }
             _ => {}
         }
         let f = &self.fit;
         if f.epochs == 0 {
-            return Err(bad("fit.epochs", "must be at least 1"));
+            return Err(SettingsError::invalid("fit.epochs", "must be at least 1"));
         }
         if f.batch_size == 0 {
-            return Err(bad("fit.batch_size", "must be at least 1"));
+            return Err(SettingsError::invalid("fit.batch_size", "must be at least 1"));
         }
         if !(f.learning_rate.is_finite() && f.learning_rate > 0.0) {
-            return Err(bad("fit.learning_rate", "must be finite and positive"));
+            return Err(SettingsError::invalid("fit.learning_rate", "must be finite and positive"));
         }
         if f.max_steps == Some(0) {
-            return Err(bad("fit.max_steps", "must be at least 1 (omit it for no cap)"));
+            return Err(SettingsError::invalid("fit.max_steps", "must be at least 1 (omit it for no cap)"));
         }
         let e = &self.evaluation;
         if !(e.fraction > 0.0 && e.fraction <= 1.0) {
-            return Err(bad("evaluation.fraction", "must be in (0, 1]"));
+            return Err(SettingsError::invalid("evaluation.fraction", "must be in (0, 1]"));
         }
         if e.deadline.is_zero() {
-            return Err(bad("evaluation.deadline", "must be positive"));
+            return Err(SettingsError::invalid("evaluation.deadline", "must be positive"));
         }
         if e.batch_size == 0 {
-            return Err(bad("evaluation.batch_size", "must be at least 1"));
+            return Err(SettingsError::invalid("evaluation.batch_size", "must be at least 1"));
         }
         let positive = |v: f64| v.is_finite() && v > 0.0;
         match &self.strategy {
             StrategySettings::Fedavg { server_learning_rate } if !positive(*server_learning_rate) => {
-                return Err(bad("strategy.server_learning_rate", "must be finite and positive"));
+                return Err(SettingsError::invalid(
+                    "strategy.server_learning_rate",
+                    "must be finite and positive",
+                ));
             }
             StrategySettings::Fedprox { mu, server_learning_rate } => {
                 if !(mu.is_finite() && *mu >= 0.0) {
-                    return Err(bad("strategy.mu", "must be finite and non-negative"));
+                    return Err(SettingsError::invalid("strategy.mu", "must be finite and non-negative"));
                 }
                 if !positive(*server_learning_rate) {
-                    return Err(bad("strategy.server_learning_rate", "must be finite and positive"));
+                    return Err(SettingsError::invalid(
+                        "strategy.server_learning_rate",
+                        "must be finite and positive",
+                    ));
                 }
             }
             StrategySettings::Fedadam(a) | StrategySettings::Fedyogi(a) | StrategySettings::Fedadagrad(a) => {
                 if !positive(a.server_learning_rate) {
-                    return Err(bad("strategy.server_learning_rate", "must be finite and positive"));
+                    return Err(SettingsError::invalid(
+                        "strategy.server_learning_rate",
+                        "must be finite and positive",
+                    ));
                 }
                 if !(0.0..1.0).contains(&a.beta1) {
-                    return Err(bad("strategy.beta1", "must be in [0, 1)"));
+                    return Err(SettingsError::invalid("strategy.beta1", "must be in [0, 1)"));
                 }
                 if !(0.0..1.0).contains(&a.beta2) {
-                    return Err(bad("strategy.beta2", "must be in [0, 1)"));
+                    return Err(SettingsError::invalid("strategy.beta2", "must be in [0, 1)"));
                 }
                 if !positive(a.tau) {
-                    return Err(bad("strategy.tau", "must be finite and positive"));
+                    return Err(SettingsError::invalid("strategy.tau", "must be finite and positive"));
                 }
             }
             _ => {}
         }
         let c = &self.clients;
         if c.heartbeat_interval.is_zero() {
-            return Err(bad("clients.heartbeat_interval", "must be positive"));
+            return Err(SettingsError::invalid("clients.heartbeat_interval", "must be positive"));
         }
         if c.liveness_timeout <= c.heartbeat_interval {
-            return Err(bad("clients.liveness_timeout", "must exceed clients.heartbeat_interval"));
+            return Err(SettingsError::invalid(
+                "clients.liveness_timeout",
+                "must exceed clients.heartbeat_interval",
+            ));
         }
+        self.privacy.validate(self)?;
+        self.security.validate()?;
         Ok(())
     }
 
@@ -528,6 +563,8 @@ impl CoordinatorSettings {
             evaluation: EvaluationSettings::default(),
             strategy: StrategySettings::default(),
             clients: ClientSettings::default(),
+            privacy: crate::privacy::PrivacySettings::default(),
+            security: crate::auth::SecuritySettings::default(),
         }
     }
 }
@@ -583,7 +620,10 @@ mod tests {
             ("[rounds]\nmin_fit = 3\nmin_available = 2\n", "rounds.min_available"),
             ("[sampling]\nscheme = \"fraction\"\nfraction = 1.5\n", "sampling.fraction"),
             ("[strategy]\nname = \"fedadam\"\nbeta1 = 1.0\n", "strategy.beta1"),
-            ("[clients]\nheartbeat_interval = \"10s\"\nliveness_timeout = \"5s\"\n", "clients.liveness_timeout"),
+            (
+                "[clients]\nheartbeat_interval = \"10s\"\nliveness_timeout = \"5s\"\n",
+                "clients.liveness_timeout",
+            ),
             ("[rounds]\nmin_fitt = 3\n", "min_fitt"),
             ("[strategy]\nname = \"fedsgd\"\n", "fedsgd"),
         ];
@@ -596,10 +636,25 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_in_deploy_is_valid() {
+        let d = model_dir();
+        let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy/config/coordinator.example.toml");
+        let init = toml::Value::String(d.path().display().to_string());
+        let s = CoordinatorSettings::load(Some(&example), Vec::new(), &[("model.init_dir", init)]).unwrap();
+        assert_eq!(s.model.labels, ["negative", "positive"]);
+        assert_eq!(s.server, ServerSettings::default());
+        assert_eq!(s.rounds, RoundSettings::default());
+    }
+
+    #[test]
     fn a_model_dir_without_weights_is_refused() {
         let d = tempfile::tempdir().unwrap();
-        let err = load(&format!("[storage]\nstate_dir = \"/x\"\n[model]\ninit_dir = \"{}\"\n", d.path().display()), vec![])
-            .unwrap_err();
+        let err = load(
+            &format!("[storage]\nstate_dir = \"/x\"\n[model]\ninit_dir = \"{}\"\n", d.path().display()),
+            vec![],
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("model.init_dir"), "{err}");
     }
 }

@@ -27,7 +27,8 @@ use crate::error::RoundError;
 #[derive(Debug)]
 pub struct SpoolWriter {
     path: PathBuf,
-    file: Option<std::io::BufWriter<std::fs::File>>,
+    /// Unbuffered: chunks are 1–4 MiB already, and a buffer per upload would only add churn.
+    file: Option<std::fs::File>,
     tracker: ChunkTracker,
     manifest: Arc<Manifest>,
     sumsq: f64,
@@ -39,13 +40,7 @@ impl SpoolWriter {
         let path = dir.join(format!("{name}.upload"));
         let file = std::fs::File::create(&path)
             .map_err(|e| RoundError::Internal(format!("cannot create spool file {}: {e}", path.display())))?;
-        Ok(Self {
-            path,
-            file: Some(std::io::BufWriter::with_capacity(1 << 20, file)),
-            tracker: ChunkTracker::new(total, 0),
-            manifest,
-            sumsq: 0.0,
-        })
+        Ok(Self { path, file: Some(file), tracker: ChunkTracker::new(total, 0), manifest, sumsq: 0.0 })
     }
 
     /// Checks and stores the next chunk: order and size bound, whole f32 values, every value
@@ -63,7 +58,8 @@ impl SpoolWriter {
         })?;
         self.sumsq += check_values(&self.manifest, (offset / 4) as usize, data)?;
         let file = self.file.as_mut().expect("open until finished");
-        file.write_all(data).map_err(|e| RoundError::Internal(format!("spool write {}: {e}", self.path.display())))?;
+        file.write_all(data)
+            .map_err(|e| RoundError::Internal(format!("spool write {}: {e}", self.path.display())))?;
         Ok(())
     }
 
@@ -77,9 +73,8 @@ impl SpoolWriter {
         let received = self.tracker.position();
         let tracker = std::mem::replace(&mut self.tracker, ChunkTracker::new(0, 0));
         tracker.finish(digest)?;
-        let file = self.file.take().expect("open until finished");
-        file.into_inner()
-            .map_err(|e| RoundError::Internal(format!("spool flush {}: {e}", self.path.display())))?;
+        // Nothing to flush (unbuffered); the file is only read back by this process, so no fsync.
+        drop(self.file.take());
         let path = std::mem::take(&mut self.path);
         Ok(StagedUpdate { path, bytes: received, l2_norm: self.sumsq.sqrt() })
     }
@@ -168,6 +163,7 @@ mod tests {
         assert!(matches!(w.write_chunk(0, &[0u8; 3]), Err(RoundError::Misaligned { .. })));
         assert!(matches!(w.write_chunk(4, &bytes(&[1.0])), Err(RoundError::Chunk(_))));
         assert!(matches!(w.write_chunk(0, &bytes(&[f32::INFINITY])), Err(RoundError::Value(_))));
+        let mut w = SpoolWriter::create(dir.path(), "u3b", 16, manifest()).unwrap();
         assert!(matches!(w.write_chunk(0, &bytes(&[0.0; 5])), Err(RoundError::TooLarge { .. })));
         let data = bytes(&[1.0; 4]);
         let mut w = SpoolWriter::create(dir.path(), "u4", 16, manifest()).unwrap();

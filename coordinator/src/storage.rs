@@ -82,6 +82,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     total_examples INTEGER NOT NULL DEFAULT 0,
     train_loss     REAL,
     reason         TEXT,
+    bytes_sent     INTEGER NOT NULL DEFAULT 0,
+    bytes_received INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (round, attempt)
 );
 -- The audit record of every draw: scheme, seed, how many were eligible, and who was drawn.
@@ -213,6 +215,10 @@ pub struct RoundCommit {
     pub total_examples: u64,
     /// Weighted mean training loss, if reported.
     pub train_loss: Option<f64>,
+    /// Model bytes sent since the previous round closed.
+    pub bytes_sent: u64,
+    /// Update bytes received since the previous round closed.
+    pub bytes_received: u64,
 }
 
 /// A privacy-ledger entry, written with the round it charges (see the schema).
@@ -287,12 +293,30 @@ impl Storage {
         }
         std::fs::create_dir_all(&spool).map_err(io(&spool))?;
         let conn = Connection::open(dir.join("state.sqlite"))?;
+        // `fedtune-coordinator clients …` writes the allowlist tables from another process: wait
+        // for its short transactions instead of failing a round commit with SQLITE_BUSY.
+        conn.busy_timeout(Duration::from_secs(5))?;
         // WAL + synchronous=FULL: each commit is durable once it returns, and readers (status)
         // never block the writer.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        Ok(Self { dir: dir.to_path_buf(), conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    /// Opens an existing state directory without touching its spool (for tools that run
+    /// beside a live coordinator, e.g. `export`).
+    pub fn open_existing(dir: &Path) -> Result<Self, StorageError> {
+        let db = dir.join("state.sqlite");
+        if !db.is_file() {
+            return Err(StorageError::Mismatch {
+                dir: dir.to_path_buf(),
+                reason: "no state.sqlite: not a state directory".into(),
+            });
+        }
+        let conn = Connection::open(db)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
         Ok(Self { dir: dir.to_path_buf(), conn: Arc::new(Mutex::new(conn)) })
     }
 
@@ -331,7 +355,10 @@ impl Storage {
     }
 
     /// Runs `f` with the connection on the current thread (CLI tools, tests).
-    pub fn call_sync<R>(&self, f: impl FnOnce(&mut Connection) -> Result<R, StorageError>) -> Result<R, StorageError> {
+    pub fn call_sync<R>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<R, StorageError>,
+    ) -> Result<R, StorageError> {
         let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut guard)
     }
@@ -379,7 +406,10 @@ pub fn latest_checkpoint(conn: &Connection) -> Result<Option<CheckpointRow>, Sto
 }
 
 /// The checkpoint of one version.
-pub fn checkpoint_of(conn: &Connection, version: ModelVersion) -> Result<Option<CheckpointRow>, StorageError> {
+pub fn checkpoint_of(
+    conn: &Connection,
+    version: ModelVersion,
+) -> Result<Option<CheckpointRow>, StorageError> {
     Ok(conn
         .query_row(
             "SELECT version, path, strategy_path, full_sha256 FROM checkpoints WHERE version = ?1",
@@ -520,7 +550,11 @@ pub fn insert_sample(conn: &Connection, s: &SampleRecord) -> Result<(), StorageE
 }
 
 /// The clients drawn for an attempt (audit).
-pub fn sampled_clients(conn: &Connection, id: RoundId, kind: &str) -> Result<Vec<(ClientId, String)>, StorageError> {
+pub fn sampled_clients(
+    conn: &Connection,
+    id: RoundId,
+    kind: &str,
+) -> Result<Vec<(ClientId, String)>, StorageError> {
     let mut stmt = conn.prepare(
         "SELECT client_id, seed FROM samples WHERE round = ?1 AND attempt = ?2 AND kind = ?3 ORDER BY client_id",
     )?;
@@ -562,13 +596,23 @@ pub fn fail_round(
     reason: &str,
     outcomes: &[ClientOutcome],
     accepted: u32,
+    traffic: (u64, u64),
 ) -> Result<(), StorageError> {
     let tx = conn.transaction()?;
     let failed = outcomes.iter().filter(|o| o.outcome != "accepted").count() as i64;
     tx.execute(
-        "UPDATE rounds SET status = 'failed', finished_ms = ?3, reason = ?4, accepted = ?5, failed = ?6 \
-         WHERE round = ?1 AND attempt = ?2",
-        params![id.round as i64, id.attempt, now_ms() as i64, reason, accepted, failed],
+        "UPDATE rounds SET status = 'failed', finished_ms = ?3, reason = ?4, accepted = ?5, failed = ?6, \
+           bytes_sent = ?7, bytes_received = ?8 WHERE round = ?1 AND attempt = ?2",
+        params![
+            id.round as i64,
+            id.attempt,
+            now_ms() as i64,
+            reason,
+            accepted,
+            failed,
+            traffic.0 as i64,
+            traffic.1 as i64
+        ],
     )?;
     insert_outcomes(&tx, id, outcomes)?;
     tx.commit()?;
@@ -577,12 +621,17 @@ pub fn fail_round(
 
 /// Commits a completed round: round record, outcomes, checkpoint row and ledger entry, in one
 /// transaction (the files must already be durable).
-pub fn commit_round(conn: &mut Connection, c: &RoundCommit, ledger: Option<&LedgerEntry>) -> Result<(), StorageError> {
+pub fn commit_round(
+    conn: &mut Connection,
+    c: &RoundCommit,
+    ledger: Option<&LedgerEntry>,
+) -> Result<(), StorageError> {
     let tx = conn.transaction()?;
     let version = c.id.produces();
     tx.execute(
         "UPDATE rounds SET status = 'completed', finished_ms = ?3, accepted = ?4, failed = ?5, \
-           total_examples = ?6, train_loss = ?7 WHERE round = ?1 AND attempt = ?2",
+           total_examples = ?6, train_loss = ?7, bytes_sent = ?8, bytes_received = ?9 \
+         WHERE round = ?1 AND attempt = ?2",
         params![
             c.id.round as i64,
             c.id.attempt,
@@ -590,7 +639,9 @@ pub fn commit_round(conn: &mut Connection, c: &RoundCommit, ledger: Option<&Ledg
             c.accepted,
             c.failed,
             c.total_examples as i64,
-            c.train_loss
+            c.train_loss,
+            c.bytes_sent as i64,
+            c.bytes_received as i64
         ],
     )?;
     insert_outcomes(&tx, c.id, &c.outcomes)?;
@@ -659,7 +710,9 @@ pub fn record_evaluation(conn: &mut Connection, e: &EvaluationRecord) -> Result<
 /// Versions that have an evaluation record.
 pub fn evaluated(conn: &Connection, version: ModelVersion) -> Result<bool, StorageError> {
     let n: i64 =
-        conn.query_row("SELECT COUNT(*) FROM evaluations WHERE version = ?1", [version.0 as i64], |r| r.get(0))?;
+        conn.query_row("SELECT COUNT(*) FROM evaluations WHERE version = ?1", [version.0 as i64], |r| {
+            r.get(0)
+        })?;
     Ok(n > 0)
 }
 
@@ -668,8 +721,10 @@ pub fn evaluated(conn: &Connection, version: ModelVersion) -> Result<bool, Stora
 pub fn recent_rounds(conn: &Connection, n: usize) -> Result<Vec<RoundSummary>, StorageError> {
     let mut stmt = conn.prepare(
         "SELECT r.round, r.attempt, r.status, r.selected, r.accepted, r.failed, r.total_examples, r.train_loss, \
-           e.loss, e.accuracy, e.num_examples, r.started_ms, r.finished_ms, r.reason \
+           e.loss, e.accuracy, e.num_examples, r.started_ms, r.finished_ms, r.reason, \
+           r.bytes_sent, r.bytes_received, p.epsilon \
          FROM rounds r LEFT JOIN evaluations e ON e.version = r.round AND r.status = 'completed' \
+         LEFT JOIN privacy_ledger p ON p.version = r.round AND r.status = 'completed' \
          ORDER BY r.round DESC, r.attempt DESC LIMIT ?1",
     )?;
     let rows = stmt.query_map([n as i64], |r| {
@@ -688,6 +743,9 @@ pub fn recent_rounds(conn: &Connection, n: usize) -> Result<Vec<RoundSummary>, S
             eval_examples: r.get::<_, Option<i64>>(10)?.unwrap_or(0) as u64,
             duration: Duration::from_millis(finished.map(|f| (f - started).max(0) as u64).unwrap_or(0)),
             reason: r.get::<_, Option<String>>(13)?.unwrap_or_default(),
+            bytes_sent: r.get::<_, i64>(14)? as u64,
+            bytes_received: r.get::<_, i64>(15)? as u64,
+            epsilon: r.get(16)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -754,6 +812,8 @@ mod tests {
                 failed: 0,
                 total_examples: 10,
                 train_loss: Some(0.5),
+                bytes_sent: 100,
+                bytes_received: 40,
             };
             let ledger = LedgerEntry {
                 mechanism: "gaussian/central".into(),
@@ -770,9 +830,11 @@ mod tests {
             let rounds = recent_rounds(c, 5)?;
             assert_eq!(rounds[0].status, "completed");
             assert_eq!(rounds[0].accepted, 1);
+            assert_eq!((rounds[0].bytes_sent, rounds[0].bytes_received), (100, 40));
             assert_eq!(load_clients(c)?[0].rounds_contributed, 1);
             assert_eq!(sampled_clients(c, RoundId::new(1, 0), "fit")?.len(), 1);
-            let eps: f64 = c.query_row("SELECT epsilon FROM privacy_ledger WHERE version = 1", [], |r| r.get(0))?;
+            let eps: f64 =
+                c.query_row("SELECT epsilon FROM privacy_ledger WHERE version = 1", [], |r| r.get(0))?;
             assert_eq!(eps, 0.5);
             Ok(())
         })

@@ -162,7 +162,7 @@ pub struct PayloadView<'a> {
 impl<'a> PayloadView<'a> {
     /// The whole vector.
     pub fn whole(values: &'a [f32]) -> Self {
-        Self::segments(values, vec![0..values.len()])
+        Self::segments(values, std::iter::once(0..values.len()).collect())
     }
 
     /// The given value ranges of `values`, in order.

@@ -297,6 +297,9 @@ impl From<JoinRequest> for pb::JoinRequest {
             train_examples: r.train_examples,
             eval_examples: r.eval_examples,
             agent_version: r.agent_version,
+            // The join proof is attached by `crate::auth::JoinProof::attach`, not part of the
+            // domain request: it is produced per attempt, after a challenge round trip.
+            ..Default::default()
         }
     }
 }
@@ -348,6 +351,8 @@ impl From<JoinResponse> for pb::JoinResponse {
                 default_chunk_bytes: r.limits.default_chunk_bytes,
             }),
             labels: Some(pb::LabelSet { names: r.labels }),
+            // Set by the coordinator's join handler, which knows the federation.
+            federation_id: String::new(),
         }
     }
 }
@@ -437,7 +442,21 @@ impl TryFrom<pb::PrivacyInstructions> for PrivacyInstructions {
         if !(p.noise_stddev.is_finite() && p.noise_stddev >= 0.0) {
             return Err(invalid("privacy.noise_stddev", "must be finite and non-negative"));
         }
-        Ok(PrivacyInstructions { mode, clip_norm: p.clip_norm, noise_stddev: p.noise_stddev })
+        if let Some(k) = p.grid_log2.filter(|k| !(-200..=200).contains(k)) {
+            return Err(invalid("privacy.grid_log2", format!("{k} is outside [-200, 200]")));
+        }
+        if !(p.indicator_noise_stddev.is_finite() && p.indicator_noise_stddev >= 0.0) {
+            return Err(invalid("privacy.indicator_noise_stddev", "must be finite and non-negative"));
+        }
+        Ok(PrivacyInstructions {
+            mode,
+            clip_norm: p.clip_norm,
+            noise_stddev: p.noise_stddev,
+            grid_log2: p.grid_log2,
+            report_clip_indicator: p.report_clip_indicator,
+            indicator_noise_stddev: p.indicator_noise_stddev,
+            per_layer_clipping: p.per_layer_clipping,
+        })
     }
 }
 
@@ -449,7 +468,15 @@ impl From<PrivacyInstructions> for pb::PrivacyInstructions {
             PrivacyMode::Central => pb::PrivacyMode::Central,
             PrivacyMode::Distributed => pb::PrivacyMode::Distributed,
         };
-        pb::PrivacyInstructions { mode: mode as i32, clip_norm: p.clip_norm, noise_stddev: p.noise_stddev }
+        pb::PrivacyInstructions {
+            mode: mode as i32,
+            clip_norm: p.clip_norm,
+            noise_stddev: p.noise_stddev,
+            grid_log2: p.grid_log2,
+            report_clip_indicator: p.report_clip_indicator,
+            indicator_noise_stddev: p.indicator_noise_stddev,
+            per_layer_clipping: p.per_layer_clipping,
+        }
     }
 }
 
@@ -819,9 +846,24 @@ impl From<&StatusReport> for pb::GetStatusResponse {
                     eval_examples: r.eval_examples,
                     duration_ms: ms(r.duration),
                     reason: r.reason.clone(),
+                    bytes_sent: r.bytes_sent,
+                    bytes_received: r.bytes_received,
+                    epsilon: r.epsilon,
                 })
                 .collect(),
             accepted_updates: s.accepted_updates,
+            privacy: Some(pb::PrivacyStatus {
+                mode: s.privacy.mode.clone(),
+                guarantee: s.privacy.guarantee.clone(),
+                epsilon: s.privacy.epsilon,
+                delta: s.privacy.delta,
+                target_epsilon: s.privacy.target_epsilon.unwrap_or(0.0),
+                noise_multiplier: s.privacy.noise_multiplier,
+                clip_norm: s.privacy.clip_norm,
+                sampling: s.privacy.sampling.clone(),
+                rounds_charged: s.privacy.rounds_charged,
+            }),
+            finished_reason: s.finished_reason.clone().unwrap_or_default(),
         }
     }
 }
@@ -866,9 +908,28 @@ impl TryFrom<pb::GetStatusResponse> for StatusReport {
                     eval_examples: r.eval_examples,
                     duration: Duration::from_millis(r.duration_ms),
                     reason: r.reason,
+                    bytes_sent: r.bytes_sent,
+                    bytes_received: r.bytes_received,
+                    epsilon: r.epsilon,
                 })
                 .collect(),
             accepted_updates: s.accepted_updates,
+            // A coordinator that does not send the field runs without DP.
+            privacy: s
+                .privacy
+                .map(|p| PrivacyStatus {
+                    mode: p.mode,
+                    guarantee: p.guarantee,
+                    epsilon: p.epsilon,
+                    delta: p.delta,
+                    target_epsilon: (p.target_epsilon > 0.0).then_some(p.target_epsilon),
+                    noise_multiplier: p.noise_multiplier,
+                    clip_norm: p.clip_norm,
+                    sampling: p.sampling,
+                    rounds_charged: p.rounds_charged,
+                })
+                .unwrap_or_else(PrivacyStatus::none),
+            finished_reason: (!s.finished_reason.is_empty()).then_some(s.finished_reason),
         })
     }
 }
@@ -898,7 +959,8 @@ mod tests {
 
     #[test]
     fn update_headers_with_bad_fields_are_refused_naming_the_field() {
-        let cases: Vec<(fn(&mut pb::UpdateHeader), &str)> = vec![
+        type Mutation = fn(&mut pb::UpdateHeader);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|h| h.num_examples = 0, "num_examples"),
             (|h| h.num_examples = 1 << 31, "num_examples"),
             (|h| h.encoding = 0, "encoding"),

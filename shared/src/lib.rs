@@ -6,6 +6,8 @@
 //! tensor and its shape), never as framework tensors.
 //!
 //! # Layout
+//! - [`auth`]: join challenge, join proof and enrollment messages (validated), and what an update
+//!   signature covers (`update_statement`, `sign_upload`, `verify_upload`).
 //! - [`crypto`]: identities (Ed25519), signed updates and join challenges, session and
 //!   enrollment tokens, TLS configuration; all on ring.
 //! - [`ids`]: `ClientId`, `RoundId`, `ModelVersion`, `Sha256`.
@@ -20,6 +22,7 @@
 //! - [`telemetry`]: tracing set-up shared by both binaries.
 //! - [`shutdown`]: one shutdown path (SIGINT/SIGTERM → cancellation token).
 
+pub mod auth;
 pub mod chunk;
 pub mod convert;
 pub mod crypto;

@@ -170,11 +170,28 @@ pub struct PrivacyInstructions {
     pub clip_norm: f64,
     /// Per-coordinate Gaussian noise standard deviation (≥ 0).
     pub noise_stddev: f64,
+    /// Exponent of the grid `2^k` the noise is added on; `None`: the client's default for
+    /// `clip_norm` and the update size ([`crate::privacy::default_grid_log2`]).
+    pub grid_log2: Option<i32>,
+    /// Adaptive clipping: report the centred clipping indicator with the update.
+    pub report_clip_indicator: bool,
+    /// Std of the noise the client adds to its indicator (local/distributed noise; 0 otherwise).
+    pub indicator_noise_stddev: f64,
+    /// Clip tensor by tensor (equal shares of `clip_norm²`) instead of the whole update.
+    pub per_layer_clipping: bool,
 }
 
 impl PrivacyInstructions {
     /// No clipping, no noise.
-    pub const NONE: Self = Self { mode: PrivacyMode::None, clip_norm: 0.0, noise_stddev: 0.0 };
+    pub const NONE: Self = Self {
+        mode: PrivacyMode::None,
+        clip_norm: 0.0,
+        noise_stddev: 0.0,
+        grid_log2: None,
+        report_clip_indicator: false,
+        indicator_noise_stddev: 0.0,
+        per_layer_clipping: false,
+    };
 }
 
 /// Train from a published model and upload the delta.
@@ -467,6 +484,55 @@ pub struct RoundSummary {
     pub duration: Duration,
     /// Failure reason, if any.
     pub reason: String,
+    /// Model bytes streamed to clients between the previous round's close and this one's.
+    pub bytes_sent: u64,
+    /// Update payload bytes received over the same span (accepted or not).
+    pub bytes_received: u64,
+    /// Cumulative ε after this round, if it charged privacy.
+    pub epsilon: Option<f64>,
+}
+
+/// The federation's differential-privacy state, as status reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrivacyStatus {
+    /// `none`, `central`, `local` or `distributed`.
+    pub mode: String,
+    /// One line for operators (`no privacy guarantee` without DP).
+    pub guarantee: String,
+    /// ε spent so far.
+    pub epsilon: f64,
+    /// δ of every ε (0 without DP).
+    pub delta: f64,
+    /// Budget (`None`: no budget).
+    pub target_epsilon: Option<f64>,
+    /// Noise multiplier accounted per round.
+    pub noise_multiplier: f64,
+    /// Current clip bound.
+    pub clip_norm: f64,
+    /// Sampling scheme accounted (`poisson`, `fixed_size`, `full`).
+    pub sampling: String,
+    /// Rounds charged so far.
+    pub rounds_charged: u64,
+}
+
+impl PrivacyStatus {
+    /// The label of a federation without differential privacy.
+    pub const NO_GUARANTEE: &'static str = "no privacy guarantee";
+
+    /// The status of a federation without differential privacy.
+    pub fn none() -> Self {
+        Self {
+            mode: "none".into(),
+            guarantee: Self::NO_GUARANTEE.into(),
+            epsilon: 0.0,
+            delta: 0.0,
+            target_epsilon: None,
+            noise_multiplier: 0.0,
+            clip_norm: 0.0,
+            sampling: String::new(),
+            rounds_charged: 0,
+        }
+    }
 }
 
 /// The operator view of a coordinator.
@@ -492,4 +558,8 @@ pub struct StatusReport {
     pub recent_rounds: Vec<RoundSummary>,
     /// Updates accepted so far in the current round.
     pub accepted_updates: u32,
+    /// Differential privacy state ([`PrivacyStatus::none`] without DP).
+    pub privacy: PrivacyStatus,
+    /// Why the federation ended, once it has.
+    pub finished_reason: Option<String>,
 }

@@ -87,7 +87,8 @@ fn a_ledger_survives_serialisation_and_replay() {
 #[test]
 fn a_ledger_that_under_reports_epsilon_is_refused() {
     let mut acc = Accountant::new(1e-5, Adjacency::AddRemove).unwrap();
-    let mut ledger: Vec<_> = (0..5).map(|r| acc.record(entry(r, SamplingScheme::Poisson, 0.1, 1.0)).unwrap()).collect();
+    let mut ledger: Vec<_> =
+        (0..5).map(|r| acc.record(entry(r, SamplingScheme::Poisson, 0.1, 1.0)).unwrap()).collect();
     ledger[3].epsilon_after *= 0.5;
     assert!(matches!(
         Accountant::from_entries(1e-5, Adjacency::AddRemove, &ledger),
@@ -106,7 +107,8 @@ fn fixed_size_cohorts_are_never_accounted_as_poisson_samples() {
     let replace = Accountant::new(1e-5, Adjacency::ReplaceOne).unwrap();
     assert!(replace.epsilon_if(SamplingScheme::Poisson, 0.01, 1.0).is_err());
     // Replace-one doubles the sensitivity: the same q and z cost more than Poisson add/remove.
-    let fixed = epsilon_for_rounds(Adjacency::ReplaceOne, SamplingScheme::FixedSize, 0.01, 1.0, 100, 1e-5).unwrap();
+    let fixed =
+        epsilon_for_rounds(Adjacency::ReplaceOne, SamplingScheme::FixedSize, 0.01, 1.0, 100, 1e-5).unwrap();
     let poisson = poisson_eps(0.01, 1.0, 100);
     assert!(fixed > poisson, "fixed {fixed} vs poisson {poisson}");
     // And amplification still helps: it is below the unamplified (q = 1) replace-one cost.
@@ -165,11 +167,13 @@ fn calibration_finds_the_smallest_sufficient_multiplier() {
 /// gives a *lower* bound on δ (Dong, Roth & Su's CLT), which must not exceed the target δ.
 #[test]
 fn reported_epsilons_respect_the_clt_lower_bound() {
-    for &(n, batch, z, epochs, delta) in
-        &[(60000.0, 150.0, 1.3, 15.0, 1e-5), (100000.0, 100.0, 1.0, 30.0, 1e-7), (60000.0, 256.0, 1.1, 60.0, 1e-5)]
-    {
+    for &(n, batch, z, epochs, delta) in &[
+        (60000.0, 150.0, 1.3, 15.0, 1e-5),
+        (100000.0, 100.0, 1.0, 30.0, 1e-7),
+        (60000.0, 256.0, 1.1, 60.0, 1e-5),
+    ] {
         let q: f64 = batch / n;
-        let steps = (epochs * n / batch as f64).ceil();
+        let steps = (epochs * n / batch).ceil();
         let eps = poisson_eps(q, z, steps as u64);
         let sigma = z * f64::sqrt(steps) / q;
         let low_delta = gaussian_delta(sigma, eps);

@@ -1,1 +1,13 @@
 //! Harness for fedtune's integration scenarios.
+//!
+//! # Layout
+//! - [`process`]: the real binaries as child processes (start, `kill -9`, restart, status polling).
+//! - [`grpc`]: an in-process coordinator and a raw protocol test client (exact messages,
+//!   exact statuses).
+//! - [`fixtures`]: tiny models, synthetic data and quick coordinator settings.
+//! - [`identities`]: per-name client keys, allowlisted in the coordinator's state directory.
+
+pub mod fixtures;
+pub mod grpc;
+pub mod identities;
+pub mod process;

@@ -49,11 +49,6 @@ impl ModelCache {
         self.current.as_ref().filter(|(v, _)| *v == version).map(|(_, w)| Arc::clone(w))
     }
 
-    /// Bytes held of an interrupted download of `version`.
-    pub fn resumable_bytes(&self, version: ModelVersion) -> u64 {
-        self.partial.as_ref().filter(|p| p.version == version).map_or(0, |p| p.bytes.len() as u64)
-    }
-
     /// Payload bytes received over all downloads so far (a resumed download counts each byte
     /// once).
     pub fn bytes_received(&self) -> u64 {
@@ -137,13 +132,18 @@ async fn download_into<C: CoordinatorApi>(
     let mut stream = api.download(request).await?;
     let header = match stream.next().await {
         Some(Ok(DownloadItem::Header(h))) => h,
-        Some(Ok(DownloadItem::Chunk(_))) => return Err(ApiError::Protocol("download began without a header".into())),
+        Some(Ok(DownloadItem::Chunk(_))) => {
+            return Err(ApiError::Protocol("download began without a header".into()))
+        }
         Some(Err(e)) => return Err(e),
         None => return Err(ApiError::Unavailable("download stream ended before its header".into())),
     };
     let bad = |what: String| Err(ApiError::Protocol(format!("download header: {what}")));
     if header.version != model.version || header.scope != ModelScope::Trainable {
-        return bad(format!("got {} {:?}, asked for {} trainable", header.version, header.scope, model.version));
+        return bad(format!(
+            "got {} {:?}, asked for {} trainable",
+            header.version, header.scope, model.version
+        ));
     }
     if &header.manifest != trainable {
         return bad("manifest differs from the session's trainable manifest".into());
@@ -170,7 +170,9 @@ async fn download_into<C: CoordinatorApi>(
                 partial.hasher.update(&chunk.data);
                 partial.bytes.extend_from_slice(&chunk.data);
             }
-            DownloadItem::Header(_) => return Err(ApiError::Protocol("a second header in one download".into())),
+            DownloadItem::Header(_) => {
+                return Err(ApiError::Protocol("a second header in one download".into()))
+            }
         }
     }
     if !tracker.is_complete() {
@@ -193,14 +195,18 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
         };
         let chunk = session.limits.default_chunk_bytes.min(session.limits.max_chunk_bytes);
         let supervision = self.supervision(ClientActivity::Downloading, &work, None);
-        let fetched = supervise(supervision, self.cache.fetch(self.api.as_ref(), &model, &session.trainable, chunk)).await;
+        let fetched =
+            supervise(supervision, self.cache.fetch(self.api.as_ref(), &model, &session.trainable, chunk))
+                .await;
         Ok(match fetched {
             Ok(Ok(weights)) => {
                 self.stats.bytes_downloaded = self.cache.bytes_received();
                 self.contact();
                 match work {
                     Work::Fit { task, deadline } => State::Training { task, deadline, global: weights },
-                    Work::Evaluate { task, deadline } => State::Evaluating { task, deadline, global: weights },
+                    Work::Evaluate { task, deadline } => {
+                        State::Evaluating { task, deadline, global: weights }
+                    }
                 }
             }
             Ok(Err(e)) => {

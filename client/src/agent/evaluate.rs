@@ -37,7 +37,13 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
                 return Ok(State::Idle);
             }
         };
-        tracing::info!(round = task.round, loss = eval.loss, accuracy = eval.accuracy, examples = eval.num_examples, "evaluated");
+        tracing::info!(
+            round = task.round,
+            loss = eval.loss,
+            accuracy = eval.accuracy,
+            examples = eval.num_examples,
+            "evaluated"
+        );
         let report = EvalReport {
             round: task.round,
             model_version: task.model.version,

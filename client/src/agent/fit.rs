@@ -50,7 +50,8 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
         tracing::info!(round = %task.id, stages = ?pipeline.stage_names(), "training");
         let supervision = self.supervision(ClientActivity::Training, &work, None);
         let worker = self.worker.as_ref().ok_or(AgentError::WorkerGone)?;
-        let outcome = supervise(supervision, worker.fit(Arc::clone(&global), fit_config(&task), pipeline)).await;
+        let outcome =
+            supervise(supervision, worker.fit(Arc::clone(&global), fit_config(&task), pipeline)).await;
         let result = match outcome {
             Ok(done) => done?,
             Err(stop) => return Ok(self.stopped(stop, State::Training { task, deadline, global }).await),

@@ -77,7 +77,12 @@ where
     }
 }
 
-async fn beat<C: CoordinatorApi>(api: Arc<C>, interval: Duration, beat: Heartbeat, unwanted: CancellationToken) {
+async fn beat<C: CoordinatorApi>(
+    api: Arc<C>,
+    interval: Duration,
+    beat: Heartbeat,
+    unwanted: CancellationToken,
+) {
     let mut ticker = tokio::time::interval_at(Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -98,7 +103,12 @@ async fn beat<C: CoordinatorApi>(api: Arc<C>, interval: Duration, beat: Heartbea
 
 impl<C: CoordinatorApi + 'static> Agent<C> {
     /// The supervision settings for a step of `work`.
-    pub(super) fn supervision(&self, activity: ClientActivity, work: &Work, grace: Option<Duration>) -> Supervision<C> {
+    pub(super) fn supervision(
+        &self,
+        activity: ClientActivity,
+        work: &Work,
+        grace: Option<Duration>,
+    ) -> Supervision<C> {
         Supervision {
             api: Arc::clone(&self.api),
             shutdown: self.shutdown.clone(),

@@ -46,10 +46,17 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::local_trainer::{LocalTrainer, TrainerError};
 use crate::transport::{ApiError, CoordinatorApi};
-use crate::update::{PipelineFactory, PlainPipelines};
+use crate::update::privacy::DpPipelines;
+use crate::update::PipelineFactory;
 
 pub use download::ModelCache;
 pub use worker::FitResult;
+
+/// A stable 64-bit seed from a client name (FNV-1a): the same name gives the same jitter and
+/// fake-trainer behaviour on every run, different names differ.
+pub fn name_seed(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
 
 /// What the trainer factory learns from the coordinator before it builds the model.
 #[derive(Debug, Clone, PartialEq)]
@@ -262,7 +269,9 @@ impl State {
     fn work(&self) -> Option<Work> {
         match self {
             State::Downloading(work) => Some(work.clone()),
-            State::Training { task, deadline, .. } => Some(Work::Fit { task: task.clone(), deadline: *deadline }),
+            State::Training { task, deadline, .. } => {
+                Some(Work::Fit { task: task.clone(), deadline: *deadline })
+            }
             State::Uploading(p) => Some(Work::Fit { task: p.task.clone(), deadline: p.deadline }),
             State::Evaluating { task, deadline, .. } => {
                 Some(Work::Evaluate { task: task.clone(), deadline: *deadline })
@@ -312,21 +321,17 @@ impl<C: CoordinatorApi + 'static> fmt::Debug for Agent<C> {
 
 impl<C: CoordinatorApi + 'static> Agent<C> {
     /// An agent that will build its trainer with `factory` after the first join and stop when
-    /// `shutdown` is cancelled. Updates go through [`PlainPipelines`] unless
-    /// [`Agent::with_pipelines`] says otherwise.
+    /// `shutdown` is cancelled. Updates go through [`DpPipelines`] (clip and noise as each task's
+    /// privacy instructions say) unless [`Agent::with_pipelines`] says otherwise.
     pub fn new(api: C, config: AgentConfig, factory: TrainerFactory, shutdown: CancellationToken) -> Self {
         // Spread the retries of different clients: seed the jitter from the name.
-        let seed = config
-            .name
-            .as_ref()
-            .map(|n| n.as_str().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)))
-            .unwrap_or_else(rand::random);
+        let seed = config.name.as_ref().map(|n| name_seed(n.as_str())).unwrap_or_else(rand::random);
         Self {
             api: Arc::new(api),
             backoff: Backoff::new(config.backoff, seed),
             config,
             shutdown,
-            pipelines: Arc::new(PlainPipelines),
+            pipelines: Arc::new(DpPipelines),
             session: None,
             factory: Some(factory),
             worker: None,
@@ -347,14 +352,9 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
     pub async fn run(mut self) -> Result<AgentOutcome, AgentError> {
         let mut state = State::Connecting;
         loop {
-            if let State::Shutdown(reason) = state {
-                self.leave().await;
-                tracing::info!(?reason, stats = ?self.stats, "agent stopped");
-                return Ok(AgentOutcome { reason, stats: self.stats });
-            }
-            if self.shutdown.is_cancelled() && !matches!(state, State::Uploading(_)) {
+            // An upload in flight gets its grace period (see `upload`); anything else stops now.
+            if self.shutdown.is_cancelled() && !matches!(state, State::Uploading(_) | State::Shutdown(_)) {
                 state = self.abandon(state, "client shutting down").await;
-                continue;
             }
             tracing::debug!(state = %state, "agent step");
             state = match state {
@@ -365,7 +365,11 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
                 State::Evaluating { task, deadline, global } => self.evaluate(task, deadline, global).await?,
                 State::Uploading(pending) => self.upload(pending).await?,
                 State::Backoff { then, cause } => self.back_off(*then, cause).await?,
-                State::Shutdown(_) => unreachable!("handled above"),
+                State::Shutdown(reason) => {
+                    self.leave().await;
+                    tracing::info!(?reason, stats = ?self.stats, "agent stopped");
+                    return Ok(AgentOutcome { reason, stats: self.stats });
+                }
             };
         }
     }
@@ -395,12 +399,19 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
 
     /// Handles a failed call made in some state: retry transient failures after a pause,
     /// re-join on a lost session, give up the task otherwise.
-    async fn on_error(&mut self, error: ApiError, retry: State, work: Option<&Work>) -> Result<State, AgentError> {
+    async fn on_error(
+        &mut self,
+        error: ApiError,
+        retry: State,
+        work: Option<&Work>,
+    ) -> Result<State, AgentError> {
         match error {
             e if e.is_transient() => Ok(State::Backoff { then: Box::new(retry), cause: e }),
             // Garbage from the coordinator while no task is at stake (a version skew, a proxy
             // in the way): keep trying, slowly. During a task it fails the task below.
-            e @ ApiError::Protocol(_) if work.is_none() => Ok(State::Backoff { then: Box::new(retry), cause: e }),
+            e @ ApiError::Protocol(_) if work.is_none() => {
+                Ok(State::Backoff { then: Box::new(retry), cause: e })
+            }
             ApiError::Unauthenticated(why) => {
                 tracing::info!(%why, "session lost (coordinator restarted?); joining again");
                 Ok(State::Connecting)

@@ -39,10 +39,11 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
                 // The same task handed out again (after a lost reply or a coordinator restart):
                 // the update we already prepared is still the right answer.
                 match self.pending.take() {
-                    Some(p) if p.task.id.round == task.id.round
-                        && p.task.model == task.model
-                        && p.task.config == task.config
-                        && p.task.privacy == task.privacy =>
+                    Some(p)
+                        if p.task.id.round == task.id.round
+                            && p.task.model == task.model
+                            && p.task.config == task.config
+                            && p.task.privacy == task.privacy =>
                     {
                         tracing::info!(round = %task.id, "re-sending the update prepared earlier");
                         State::Uploading(Pending { task, deadline, result: p.result })

@@ -1,6 +1,9 @@
 //! Agent behaviour against an in-memory coordinator that can inject faults a real one cannot
 //! produce on demand: refused connections, broken download streams, lost sessions. The
 //! end-to-end behaviour against the real coordinator over gRPC is tested in `fedtune-tests`.
+//!
+//! Tests that train run on real time: the trainer works on its own OS thread, and a paused
+//! tokio clock would jump to the next timer (a task deadline) while that thread computes.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -116,17 +119,23 @@ impl CoordinatorApi for Arc<Scripted> {
             liveness_timeout: Duration::from_secs(10),
             model: model_ref(0, &self.weights),
             trainable_manifest: manifest(),
-            limits: Limits { max_message_bytes: 5 << 20, max_chunk_bytes: 4 << 20, default_chunk_bytes: 1 << 20 },
+            limits: Limits {
+                max_message_bytes: 5 << 20,
+                max_chunk_bytes: 4 << 20,
+                default_chunk_bytes: 1 << 20,
+            },
             labels: vec!["0".into(), "1".into()],
         })
     }
 
     async fn wait_for_task(&self, _max_wait: Duration) -> Result<Task, ApiError> {
         self.note("poll");
-        Ok(self.tasks.lock().unwrap().pop_front().unwrap_or(Task::Finished {
-            final_version: ModelVersion(9),
-            reason: "script over".into(),
-        }))
+        Ok(self
+            .tasks
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(Task::Finished { final_version: ModelVersion(9), reason: "script over".into() }))
     }
 
     async fn heartbeat(&self, beat: Heartbeat) -> Result<HeartbeatReply, ApiError> {
@@ -214,7 +223,8 @@ impl CoordinatorApi for Arc<Scripted> {
 
 fn fake_factory(seed: u64) -> TrainerFactory {
     Box::new(move |spec: &TrainerSpec| {
-        let trainer = FakeTrainer::new(spec.trainable.clone(), FakeTrainerConfig { seed, ..Default::default() });
+        let trainer =
+            FakeTrainer::new(spec.trainable.clone(), FakeTrainerConfig { seed, ..Default::default() });
         Ok(Box::new(trainer) as Box<dyn LocalTrainer>)
     })
 }
@@ -235,10 +245,13 @@ fn config() -> AgentConfig {
 }
 
 async fn run(coordinator: &Arc<Scripted>) -> AgentOutcome {
-    Agent::new(Arc::clone(coordinator), config(), fake_factory(1), CancellationToken::new()).run().await.unwrap()
+    Agent::new(Arc::clone(coordinator), config(), fake_factory(1), CancellationToken::new())
+        .run()
+        .await
+        .unwrap()
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn an_agent_trains_uploads_the_delta_and_stops_when_the_federation_finishes() {
     let c = Arc::new(Scripted::new(vec![], Faults::default()));
     let model = model_ref(0, &c.weights);
@@ -269,19 +282,20 @@ async fn an_unreachable_coordinator_is_retried_with_backoff_until_it_answers() {
     assert_eq!(start.elapsed(), Duration::from_millis(1500));
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn a_broken_download_resumes_from_the_bytes_already_held() {
-    let c = Arc::new(Scripted::new(vec![], Faults { break_download_after: Some(3 << 20), ..Faults::default() }));
+    let c =
+        Arc::new(Scripted::new(vec![], Faults { break_download_after: Some(3 << 19), ..Faults::default() }));
     let model = model_ref(0, &c.weights);
     c.tasks.lock().unwrap().extend([fit_task(1, model)]);
     let outcome = run(&c).await;
-    assert_eq!(*c.download_offsets.lock().unwrap(), vec![0, 3 << 20]);
+    assert_eq!(*c.download_offsets.lock().unwrap(), vec![0, 3 << 19]);
     // Every byte crossed the wire once.
     assert_eq!(outcome.stats.bytes_downloaded, manifest().byte_len() as u64);
     assert_eq!(outcome.stats.updates_accepted, 1);
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn after_losing_its_session_mid_upload_the_agent_rejoins_and_resends_without_retraining() {
     let c = Arc::new(Scripted::new(vec![], Faults { lose_session_on_upload: true, ..Faults::default() }));
     let model = model_ref(0, &c.weights);
@@ -294,7 +308,7 @@ async fn after_losing_its_session_mid_upload_the_agent_rejoins_and_resends_witho
     assert_eq!(c.uploads.lock().unwrap().len(), 1);
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn a_model_whose_bytes_do_not_match_the_task_digest_is_never_trained_on() {
     let c = Arc::new(Scripted::new(vec![], Faults::default()));
     let mut model = model_ref(0, &c.weights);
@@ -306,7 +320,7 @@ async fn a_model_whose_bytes_do_not_match_the_task_digest_is_never_trained_on() 
     assert!(c.calls("failure") >= 1, "the task is reported failed: {:?}", c.log.lock().unwrap());
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn an_evaluation_task_reports_the_trainer_metrics_for_that_model_version() {
     let c = Arc::new(Scripted::new(vec![], Faults::default()));
     let model = model_ref(0, &c.weights);
@@ -326,12 +340,18 @@ async fn an_evaluation_task_reports_the_trainer_metrics_for_that_model_version()
     assert_eq!((reports[0].num_examples, reports[0].loss), (expected.num_examples, expected.loss));
 }
 
-#[tokio::test(start_paused = true)]
+#[tokio::test]
 async fn a_task_asking_for_privacy_this_agent_cannot_provide_is_refused_not_sent_raw() {
     let c = Arc::new(Scripted::new(vec![], Faults::default()));
     let model = model_ref(0, &c.weights);
     let Task::Fit(mut task) = fit_task(1, model) else { unreachable!() };
-    task.privacy = PrivacyInstructions { mode: PrivacyMode::Local, clip_norm: 1.0, noise_stddev: 0.5 };
+    // Local noise with σ = 0 cannot be honoured: the update would leave un-noised.
+    task.privacy = PrivacyInstructions {
+        mode: PrivacyMode::Local,
+        clip_norm: 1.0,
+        noise_stddev: 0.0,
+        ..PrivacyInstructions::NONE
+    };
     c.tasks.lock().unwrap().push_back(Task::Fit(task));
     let outcome = run(&c).await;
     assert_eq!(outcome.stats.fits, 0);
@@ -356,6 +376,7 @@ async fn shutdown_while_waiting_for_work_leaves_cleanly() {
 async fn an_agent_that_never_reaches_the_coordinator_gives_up_when_told_to() {
     let c = Arc::new(Scripted::new(vec![], Faults { refused_joins: u32::MAX, ..Faults::default() }));
     let cfg = AgentConfig { give_up_after: Some(Duration::from_secs(5)), ..config() };
-    let err = Agent::new(Arc::clone(&c), cfg, fake_factory(1), CancellationToken::new()).run().await.unwrap_err();
+    let err =
+        Agent::new(Arc::clone(&c), cfg, fake_factory(1), CancellationToken::new()).run().await.unwrap_err();
     assert!(matches!(err, AgentError::GaveUp(_)), "{err}");
 }

@@ -11,7 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use fedtune_shared::chunk::{chunk_ranges, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 use fedtune_shared::ids::Sha256;
-use fedtune_shared::round::{Chunk, ClientActivity, FitTask, UpdateHeader, UpdateTrailer, UploadItem};
+use fedtune_shared::round::{
+    Chunk, ClientActivity, FitTask, PrivacyMode, UpdateHeader, UpdateTrailer, UploadItem,
+};
 use futures::stream::{self, BoxStream, StreamExt};
 use tokio::time::Instant;
 
@@ -29,10 +31,15 @@ pub(super) fn upload_items(
     rate: Option<u64>,
 ) -> BoxStream<'static, UploadItem> {
     let update = &result.update;
-    let mut metrics: BTreeMap<String, f64> = update.metrics.iter().map(|(k, v)| ((*k).to_string(), *v)).collect();
-    metrics.insert("train_loss".into(), result.train_loss);
-    metrics.insert("samples_per_second".into(), result.samples_per_second);
-    metrics.insert("train_seconds".into(), result.seconds);
+    let mut metrics: BTreeMap<String, f64> =
+        update.metrics.iter().map(|(k, v)| ((*k).to_string(), *v)).collect();
+    // Training figures depend on the client's data and are not covered by the DP noise: a
+    // private update carries only what its pipeline put in (the noised clipping indicator).
+    if task.privacy.mode == PrivacyMode::None {
+        metrics.insert("train_loss".into(), result.train_loss);
+        metrics.insert("samples_per_second".into(), result.samples_per_second);
+        metrics.insert("train_seconds".into(), result.seconds);
+    }
     metrics.retain(|_, v| v.is_finite());
     let total = update.delta.manifest().byte_len() as u64;
     let header = UploadItem::Header(UpdateHeader {
@@ -80,10 +87,12 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
             return Ok(State::Idle);
         }
         let chunk = session.limits.default_chunk_bytes.min(session.limits.max_chunk_bytes) as usize;
-        let items = upload_items(&pending.task, Arc::clone(&pending.result), chunk, self.config.upload_rate_limit);
+        let items =
+            upload_items(&pending.task, Arc::clone(&pending.result), chunk, self.config.upload_rate_limit);
         let total = pending.result.update.delta.manifest().byte_len() as u64;
         // An upload's work is done: on shutdown give it a short grace period to land.
-        let supervision = self.supervision(ClientActivity::Uploading, &work, Some(self.config.shutdown_grace));
+        let supervision =
+            self.supervision(ClientActivity::Uploading, &work, Some(self.config.shutdown_grace));
         let sent = supervise(supervision, self.api.upload(items)).await;
         let outcome = match sent {
             Ok(outcome) => outcome,
@@ -96,7 +105,11 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
                 self.stats.updates_accepted += 1;
                 self.stats.bytes_uploaded += total;
                 tracing::info!(round = %receipt.id, bytes = receipt.received_bytes, "update accepted");
-                Ok(if self.shutdown.is_cancelled() { State::Shutdown(super::ExitReason::Shutdown) } else { State::Idle })
+                Ok(if self.shutdown.is_cancelled() {
+                    State::Shutdown(super::ExitReason::Shutdown)
+                } else {
+                    State::Idle
+                })
             }
             Err(ApiError::AlreadyAccepted(_)) => {
                 self.contact();
@@ -178,7 +191,10 @@ mod tests {
         let r = result(600_000);
         let items: Vec<UploadItem> = upload_items(&task(), Arc::clone(&r), 1 << 20, None).collect().await;
         let UploadItem::Header(h) = &items[0] else { panic!("first item must be the header") };
-        assert_eq!((h.id, h.base_version, h.num_examples, h.total_bytes), (RoundId::new(3, 1), ModelVersion(2), 42, 2_400_000));
+        assert_eq!(
+            (h.id, h.base_version, h.num_examples, h.total_bytes),
+            (RoundId::new(3, 1), ModelVersion(2), 42, 2_400_000)
+        );
         assert_eq!(h.metrics["train_loss"], 0.25);
         assert_eq!(h.metrics["l2_norm"], 1.5);
         assert!(!h.metrics.contains_key("samples_per_second"), "non-finite metrics are not sent");

@@ -74,7 +74,10 @@ impl std::fmt::Debug for Job {
 impl Worker {
     /// Starts the thread, builds the trainer on it, and returns once it is ready, with the
     /// manifest of the tensors it trains.
-    pub(super) async fn start(factory: TrainerFactory, spec: TrainerSpec) -> Result<(Self, Manifest), AgentError> {
+    pub(super) async fn start(
+        factory: TrainerFactory,
+        spec: TrainerSpec,
+    ) -> Result<(Self, Manifest), AgentError> {
         let (jobs, inbox) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = oneshot::channel();
         std::thread::Builder::new()
@@ -130,7 +133,8 @@ fn run(trainer: &mut dyn LocalTrainer, job: Job) {
             }
             let started = Instant::now();
             let result = trainer.fit(&global, &config).map_err(JobError::from).and_then(|outcome| {
-                let update = pipeline.prepare(config.round, &global, &outcome.weights, outcome.num_examples)?;
+                let update =
+                    pipeline.prepare(config.round, &global, &outcome.weights, outcome.num_examples)?;
                 let digest = payload_digest(&update.delta);
                 Ok(FitResult {
                     update,

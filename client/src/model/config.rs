@@ -179,10 +179,10 @@ impl BertConfig {
     /// Reads and checks a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: shown.clone(), source })?;
-        let config: Self =
-            serde_json::from_str(&text).map_err(|source| ConfigError::Json { path: shown.clone(), source })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Io { path: shown.clone(), source })?;
+        let config: Self = serde_json::from_str(&text)
+            .map_err(|source| ConfigError::Json { path: shown.clone(), source })?;
         config.validate().map_err(|problem| ConfigError::Unsupported { path: shown, problem })?;
         Ok(config)
     }
@@ -204,13 +204,12 @@ impl BertConfig {
             }
         }
         if let Some(labels) = &self.id2label {
-            for (i, key) in labels.keys().enumerate() {
-                if key.parse::<usize>().ok().is_none() {
-                    return Err(format!("id2label key `{key}` is not a class id"));
-                }
-                let _ = i;
+            let mut ids = Vec::with_capacity(labels.len());
+            for key in labels.keys() {
+                ids.push(
+                    key.parse::<usize>().map_err(|_| format!("id2label key `{key}` is not a class id"))?,
+                );
             }
-            let mut ids: Vec<usize> = labels.keys().filter_map(|k| k.parse().ok()).collect();
             ids.sort_unstable();
             if ids.iter().enumerate().any(|(i, id)| i != *id) {
                 return Err("id2label ids must be 0..n without gaps".into());
@@ -265,7 +264,8 @@ mod tests {
 
     #[test]
     fn unknown_keys_survive_a_round_trip() {
-        let c: BertConfig = serde_json::from_str(r#"{"model_type": "bert", "gradient_checkpointing": false}"#).unwrap();
+        let c: BertConfig =
+            serde_json::from_str(r#"{"model_type": "bert", "gradient_checkpointing": false}"#).unwrap();
         let back = serde_json::to_value(&c).unwrap();
         assert_eq!(back["model_type"], "bert");
         assert_eq!(back["gradient_checkpointing"], false);
@@ -285,6 +285,14 @@ mod tests {
     fn heads_must_divide_the_hidden_size() {
         let c = BertConfig { hidden_size: 30, num_attention_heads: 4, ..BertConfig::default() };
         assert!(c.validate().unwrap_err().contains("multiple"));
+    }
+
+    #[test]
+    fn label_ids_must_count_from_zero_without_gaps() {
+        let c: BertConfig = serde_json::from_str(r#"{"id2label": {"0": "a", "2": "b"}}"#).unwrap();
+        assert!(c.validate().unwrap_err().contains("gaps"));
+        let c: BertConfig = serde_json::from_str(r#"{"id2label": {"x": "a"}}"#).unwrap();
+        assert!(c.validate().unwrap_err().contains("`x`"));
     }
 
     #[test]

@@ -32,8 +32,18 @@ impl BertEmbeddings {
                 h,
                 Some(config.pad_token_id),
             ),
-            position_embeddings: Embedding::new(&(p / "position_embeddings"), config.max_position_embeddings, h, None),
-            token_type_embeddings: Embedding::new(&(p / "token_type_embeddings"), config.type_vocab_size, h, None),
+            position_embeddings: Embedding::new(
+                &(p / "position_embeddings"),
+                config.max_position_embeddings,
+                h,
+                None,
+            ),
+            token_type_embeddings: Embedding::new(
+                &(p / "token_type_embeddings"),
+                config.type_vocab_size,
+                h,
+                None,
+            ),
             layer_norm: LayerNorm::new(&(p / "LayerNorm"), h, config.layer_norm_eps),
             dropout: config.hidden_dropout_prob,
         }

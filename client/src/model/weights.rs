@@ -169,7 +169,8 @@ mod tests {
 
     #[test]
     fn layer_numbers_sort_as_numbers() {
-        let mut names = vec!["bert.encoder.layer.10.x", "classifier.bias", "bert.encoder.layer.2.x", "bert.embeddings.a"];
+        let mut names =
+            vec!["bert.encoder.layer.10.x", "classifier.bias", "bert.encoder.layer.2.x", "bert.embeddings.a"];
         names.sort_by(|a, b| natural_cmp(a, b));
         assert_eq!(
             names,

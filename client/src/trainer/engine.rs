@@ -47,10 +47,6 @@ pub(crate) struct Engine {
     pub(crate) summary: TrainerSummary,
 }
 
-fn failed(context: &str) -> impl FnOnce(String) -> TrainerError + '_ {
-    move |e| TrainerError::Failed(format!("{context}: {e}"))
-}
-
 impl Engine {
     /// Loads model, tokenizer and data; splits, tokenizes and marks the trainable tensors.
     pub(crate) fn new(
@@ -74,8 +70,8 @@ impl Engine {
         model.config.set_labels(labels.names());
         model.precision = options.precision.resolve(device);
         let max_len = options.max_len.min(model.config.max_position_embeddings);
-        let tokenizer =
-            TextTokenizer::from_model_dir(model_dir, max_len).map_err(|e| TrainerError::Failed(e.to_string()))?;
+        let tokenizer = TextTokenizer::from_model_dir(model_dir, max_len)
+            .map_err(|e| TrainerError::Failed(e.to_string()))?;
 
         let (mut train, mut eval) = (Vec::new(), Vec::new());
         let mut train_labels = Vec::new();
@@ -85,7 +81,8 @@ impl Engine {
             let (train_idx, eval_idx) = data.split_indices(options.eval_fraction, options.seed);
             let encode = |idx: &[usize]| -> Result<Vec<Item>, TrainerError> {
                 let texts: Vec<&str> = idx.iter().map(|&i| data.examples[i].text.as_str()).collect();
-                let encoded = tokenizer.encode_all(&texts).map_err(|e| TrainerError::Failed(e.to_string()))?;
+                let encoded =
+                    tokenizer.encode_all(&texts).map_err(|e| TrainerError::Failed(e.to_string()))?;
                 Ok(encoded.into_iter().zip(idx).map(|(enc, &i)| Item { enc, label: ids[i] }).collect())
             };
             train = encode(&train_idx)?;
@@ -178,11 +175,11 @@ impl Engine {
             total = total.min(max);
         }
         let schedule = LinearSchedule::with_warmup_ratio(total, self.options.warmup_ratio);
-        let mut opt = AdamW::new(&self.trainable, self.options.adamw, cfg.learning_rate * schedule.factor(0))
+        let mut opt = AdamW::new(&self.trainable, self.options.adamw)
             .map_err(|e| TrainerError::Failed(e.to_string()))?;
         // FedProx anchors the local weights to the ones training started from.
-        let anchor: Option<Vec<Tensor>> = (cfg.proximal_mu > 0.0)
-            .then(|| self.trainable.iter().map(|(_, t)| t.detach().copy()).collect());
+        let anchor: Option<Vec<Tensor>> =
+            (cfg.proximal_mu > 0.0).then(|| self.trainable.iter().map(|(_, t)| t.detach().copy()).collect());
 
         tch::manual_seed(cfg.seed as i64);
         let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
@@ -202,25 +199,30 @@ impl Engine {
                 }
                 let items: Vec<&Item> = chunk.iter().map(|&i| &self.train[i]).collect();
                 let (input, labels) = self.labelled_batch(&items);
-                let logits = self.model.forward(&input, true).logits;
-                let ce = logits.cross_entropy_for_logits(&labels);
-                let loss = match &anchor {
-                    Some(anchor) => &ce + proximal_term(&self.trainable, anchor) * (cfg.proximal_mu / 2.0),
-                    None => ce.shallow_clone(),
-                };
-                opt.zero_grad().map_err(|e| failed("zero_grad")(e.to_string()))?;
-                loss.backward();
-                opt.clip_grad_norm(self.options.max_grad_norm);
-                opt.set_lr(cfg.learning_rate * schedule.factor(step)).map_err(|e| failed("set_lr")(e.to_string()))?;
-                opt.step().map_err(|e| failed("optimizer step")(e.to_string()))?;
-                loss_sum += ce.detach().to_kind(Kind::Double) * chunk.len() as f64;
+                let proximal = anchor.as_deref().map(|a| Proximal {
+                    trainable: &self.trainable,
+                    anchor: a,
+                    mu: cfg.proximal_mu,
+                });
+                let ce = train_step(
+                    &self.model,
+                    &mut opt,
+                    &input,
+                    &labels,
+                    cfg.learning_rate * schedule.factor(step),
+                    self.options.max_grad_norm,
+                    proximal,
+                )?;
+                loss_sum += ce.to_kind(Kind::Double) * chunk.len() as f64;
                 step += 1;
                 seen += chunk.len() as u64;
                 if step % SYNC_EVERY == 0 || step == total {
                     last_loss = f64::try_from(&loss_sum).unwrap_or(f64::NAN) / seen as f64;
                     if !last_loss.is_finite() {
                         progress.finish();
-                        return Err(TrainerError::Diverged(format!("mean loss is {last_loss} after {step} steps")));
+                        return Err(TrainerError::Diverged(format!(
+                            "mean loss is {last_loss} after {step} steps"
+                        )));
                     }
                     progress.update(step, last_loss, seen as f64 / start.elapsed().as_secs_f64().max(1e-9));
                 }
@@ -294,7 +296,8 @@ impl Engine {
                 let encs: Vec<&Encoded> = chunk.iter().map(|&i| &encoded[i]).collect();
                 let batch = EncodedBatch::collate(&encs, self.tokenizer.pad_id());
                 let probs = self.model.forward(&self.input(&batch), false).logits.softmax(-1, Kind::Float);
-                let flat: Vec<f32> = Vec::try_from(&probs.to_device(Device::Cpu).view([-1])).unwrap_or_default();
+                let flat: Vec<f32> =
+                    Vec::try_from(&probs.to_device(Device::Cpu).view([-1])).unwrap_or_default();
                 let k = self.labels.len();
                 for (row, &i) in chunk.iter().enumerate() {
                     let probs = flat[row * k..(row + 1) * k].to_vec();
@@ -325,6 +328,42 @@ impl Engine {
         crate::export::export_hf(dir, &self.model.config, self.labels.names(), &weights, &self.source_dir)
             .map_err(|e| TrainerError::Failed(e.to_string()))
     }
+}
+
+/// The FedProx term's inputs: the trainable tensors, their values at the start of the fit, μ.
+#[derive(Debug, Clone, Copy)]
+pub struct Proximal<'a> {
+    /// Trainable tensors (current values).
+    pub trainable: &'a [(String, Tensor)],
+    /// Their values when the fit started (the global model).
+    pub anchor: &'a [Tensor],
+    /// Coefficient μ of μ/2·‖w − w₀‖².
+    pub mu: f64,
+}
+
+/// One optimizer step on a batch: forward with dropout, cross-entropy (+ FedProx), backward,
+/// gradient clipping, learning rate, AdamW update. Returns the batch's mean cross-entropy
+/// (detached, still on the device, so the caller decides when to sync). The training loop and
+/// the throughput benchmark both run exactly this.
+pub fn train_step(
+    model: &BertClassifier,
+    opt: &mut AdamW,
+    input: &ModelInput,
+    labels: &Tensor,
+    lr: f64,
+    max_grad_norm: f64,
+    proximal: Option<Proximal<'_>>,
+) -> Result<Tensor, TrainerError> {
+    let logits = model.forward(input, true).logits;
+    let ce = logits.cross_entropy_for_logits(labels);
+    let loss = match proximal {
+        Some(p) => &ce + proximal_term(p.trainable, p.anchor) * (p.mu / 2.0),
+        None => ce.shallow_clone(),
+    };
+    let _grad_norm = opt
+        .backward_step(&loss, lr, max_grad_norm)
+        .map_err(|e| TrainerError::Failed(format!("optimizer step: {e}")))?;
+    Ok(ce.detach())
 }
 
 /// Σ‖w − w₀‖² over the trainable tensors (FedProx).

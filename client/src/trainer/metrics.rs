@@ -45,7 +45,8 @@ pub fn majority_baseline(train: &[usize], eval: &[usize], num_classes: usize) ->
     for &c in train {
         counts[c] += 1;
     }
-    let majority = counts.iter().enumerate().max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(c, _)| c);
+    let majority =
+        counts.iter().enumerate().max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(&a.0))).map_or(0, |(c, _)| c);
     (majority, accuracy(eval, &vec![majority; eval.len()]))
 }
 

@@ -10,13 +10,13 @@
 //! gradient-norm clipping, optional FedProx, optional partial fine-tuning ([`TrainScope`]), and
 //! bf16 matrix products on CUDA. On the CPU a fit is deterministic for a given seed.
 //!
-//! - [`engine`]: the thread-owned state and loops.
+//! - [`engine`]: the thread-owned state and loops; [`engine::train_step`] is one optimizer step.
 //! - [`optim`]: AdamW, schedule, clipping.
 //! - [`params`]: variables ⇄ [`ParameterVector`].
 //! - [`metrics`]: accuracy, macro-F1, majority baseline.
 //! - [`progress`]: the progress bar.
 
-mod engine;
+pub mod engine;
 pub mod metrics;
 pub mod optim;
 pub mod params;
@@ -186,7 +186,11 @@ impl BertTrainer {
         Self::start(model_dir.to_path_buf(), None, options)
     }
 
-    fn start(model_dir: PathBuf, dataset: Option<Dataset>, options: TrainerOptions) -> Result<Self, TrainerError> {
+    fn start(
+        model_dir: PathBuf,
+        dataset: Option<Dataset>,
+        options: TrainerOptions,
+    ) -> Result<Self, TrainerError> {
         let (commands, inbox) = mpsc::channel::<Command>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<TrainerSummary, TrainerError>>(1);
         let thread = std::thread::Builder::new()

@@ -10,7 +10,10 @@ pub fn manifest_of(vars: &[(String, Tensor)]) -> Manifest {
     Manifest {
         tensors: vars
             .iter()
-            .map(|(name, t)| TensorSpec { name: name.clone(), shape: t.size().iter().map(|&d| d as usize).collect() })
+            .map(|(name, t)| TensorSpec {
+                name: name.clone(),
+                shape: t.size().iter().map(|&d| d as usize).collect(),
+            })
             .collect(),
     }
 }
@@ -30,12 +33,17 @@ pub fn to_parameter_vector(vars: &[(String, Tensor)]) -> Result<ParameterVector,
 
 /// Writes the tensors `vars` names from `source` into the variables. `source` may hold more
 /// tensors, in any order; a missing tensor or a shape mismatch is [`TrainerError::Incompatible`].
-pub fn load_parameter_vector(vars: &[(String, Tensor)], source: &ParameterVector) -> Result<(), TrainerError> {
+pub fn load_parameter_vector(
+    vars: &[(String, Tensor)],
+    source: &ParameterVector,
+) -> Result<(), TrainerError> {
     let wanted = manifest_of(vars);
     let picked = if source.manifest() == &wanted {
         std::borrow::Cow::Borrowed(source)
     } else {
-        std::borrow::Cow::Owned(source.select(&wanted).map_err(|e| TrainerError::Incompatible(e.to_string()))?)
+        std::borrow::Cow::Owned(
+            source.select(&wanted).map_err(|e| TrainerError::Incompatible(e.to_string()))?,
+        )
     };
     picked.ensure_finite().map_err(|e| TrainerError::Incompatible(e.to_string()))?;
     tch::no_grad(|| {

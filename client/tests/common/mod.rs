@@ -10,23 +10,23 @@ use fedtune_client::trainer::TrainerOptions;
 use rand::{Rng, SeedableRng};
 
 /// `client/tests/fixtures/<name>`.
-pub fn fixture(name: &str) -> PathBuf {
+pub(crate) fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures").join(name)
 }
 
 /// The tiny random BertForSequenceClassification written by scripts/parity/make_fixtures.py.
-pub fn tiny_bert() -> PathBuf {
+pub(crate) fn tiny_bert() -> PathBuf {
     fixture("tiny-bert")
 }
 
 /// Parses a JSON file.
-pub fn json(path: &Path) -> serde_json::Value {
+pub(crate) fn json(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).unwrap()
 }
 
 /// A nested JSON array of numbers, flattened in row-major order.
-pub fn flat_f32(v: &serde_json::Value) -> Vec<f32> {
+pub(crate) fn flat_f32(v: &serde_json::Value) -> Vec<f32> {
     match v {
         serde_json::Value::Array(items) => items.iter().flat_map(flat_f32).collect(),
         serde_json::Value::Number(n) => vec![n.as_f64().unwrap() as f32],
@@ -35,7 +35,7 @@ pub fn flat_f32(v: &serde_json::Value) -> Vec<f32> {
 }
 
 /// A nested JSON array of integers, flattened.
-pub fn flat_i64(v: &serde_json::Value) -> Vec<i64> {
+pub(crate) fn flat_i64(v: &serde_json::Value) -> Vec<i64> {
     match v {
         serde_json::Value::Array(items) => items.iter().flat_map(flat_i64).collect(),
         serde_json::Value::Number(n) => vec![n.as_i64().unwrap()],
@@ -44,14 +44,14 @@ pub fn flat_i64(v: &serde_json::Value) -> Vec<i64> {
 }
 
 /// Largest absolute difference; panics on a length mismatch.
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// The real all-MiniLM-L6-v2 folder, when present (FEDTUNE_MINILM_DIR, else
 /// $FEDTUNE_HOME/assets/all-MiniLM-L6-v2, else ~/.cache/fedtune/assets/all-MiniLM-L6-v2).
-pub fn minilm_dir() -> Option<PathBuf> {
+pub(crate) fn minilm_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("FEDTUNE_MINILM_DIR").map(PathBuf::from).unwrap_or_else(|| {
         let home = std::env::var_os("FEDTUNE_HOME").map(PathBuf::from).unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache").join("fedtune")
@@ -62,7 +62,7 @@ pub fn minilm_dir() -> Option<PathBuf> {
 }
 
 /// The project's Python (the venv scripts/env.sh creates, linked as `.venv`).
-pub fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     let py = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(".venv").join("bin").join("python");
     assert!(py.exists(), "{} missing: run `. scripts/env.sh` once to create the venv", py.display());
     py
@@ -75,7 +75,7 @@ const VERBS: [&str; 3] = ["was", "is", "really was"];
 
 /// `n` learnable sentiment sentences: positive iff the sentence holds a positive word. About
 /// 65 % are positive, so the majority baseline is ~0.65 and must be beaten.
-pub fn sentiment_examples(n: usize, seed: u64) -> Vec<Example> {
+pub(crate) fn sentiment_examples(n: usize, seed: u64) -> Vec<Example> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     (0..n)
         .map(|i| {
@@ -99,7 +99,7 @@ pub fn sentiment_examples(n: usize, seed: u64) -> Vec<Example> {
 }
 
 /// Synthetic sentiment rows as a dataset, optionally with an explicit split.
-pub fn sentiment_dataset(n: usize, seed: u64, eval_every: Option<usize>) -> Dataset {
+pub(crate) fn sentiment_dataset(n: usize, seed: u64, eval_every: Option<usize>) -> Dataset {
     let mut examples = sentiment_examples(n, seed);
     if let Some(k) = eval_every {
         for (i, e) in examples.iter_mut().enumerate() {
@@ -111,7 +111,7 @@ pub fn sentiment_dataset(n: usize, seed: u64, eval_every: Option<usize>) -> Data
 
 /// Trainer options for fast, deterministic CPU tests. Labels come from the tiny model's config
 /// (negative/neutral/positive); the synthetic data uses two of them.
-pub fn cpu_options() -> TrainerOptions {
+pub(crate) fn cpu_options() -> TrainerOptions {
     TrainerOptions {
         max_len: 32,
         device: DeviceChoice::Cpu,

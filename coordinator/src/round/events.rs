@@ -1,6 +1,7 @@
 //! What the round actor publishes on `watch` channels: readers always see the latest value and
 //! never block the actor (a `watch` keeps one value, so a slow reader cannot make it queue).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use fedtune_shared::ids::{ModelVersion, RoundId};
@@ -50,7 +51,10 @@ impl EventPublisher {
         let (s_tx, s_rx) = watch::channel(state);
         let (m_tx, m_rx) = watch::channel(model);
         let (t_tx, t_rx) = watch::channel(0);
-        (Self { state: s_tx, model: m_tx, tasks: t_tx }, EventSubscriber { state: s_rx, model: m_rx, tasks: t_rx })
+        (
+            Self { state: s_tx, model: m_tx, tasks: t_tx },
+            EventSubscriber { state: s_rx, model: m_rx, tasks: t_rx },
+        )
     }
 
     /// Publishes a new state.
@@ -76,5 +80,30 @@ impl EventPublisher {
     /// Wakes long-polls.
     pub fn tasks_changed(&self) {
         self.tasks.send_modify(|n| *n += 1);
+    }
+}
+
+/// Payload bytes moved by the RPC layer, counted with relaxed atomics (statistics only). The
+/// actor records the growth since the previous round's close with each round.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    sent: AtomicU64,
+    received: AtomicU64,
+}
+
+impl Traffic {
+    /// Counts model bytes streamed to a client.
+    pub fn add_sent(&self, n: u64) {
+        self.sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts update bytes received from a client.
+    pub fn add_received(&self, n: u64) {
+        self.received.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// `(sent, received)` totals since start.
+    pub fn totals(&self) -> (u64, u64) {
+        (self.sent.load(Ordering::Relaxed), self.received.load(Ordering::Relaxed))
     }
 }

@@ -11,14 +11,14 @@ use std::time::Duration;
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId};
 use fedtune_shared::pb::PROTOCOL_VERSION;
 use fedtune_shared::round::{
-    ClientActivity, HeartbeatReply, PhaseName, StatusReport, Task, TaskKind,
+    ClientActivity, HeartbeatReply, PhaseName, PrivacyStatus, StatusReport, Task, TaskKind,
 };
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Interval};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::events::{EventPublisher, RoundState};
+use super::events::{EventPublisher, RoundState, Traffic};
 use super::requests::{Envelope, Joined, Request};
 use super::Round;
 use crate::error::RoundError;
@@ -40,14 +40,14 @@ pub(crate) trait Phase: Sized {
 #[derive(Debug, Clone)]
 pub(crate) struct Assigned {
     /// The task (its deadline fields are filled in when it is handed out).
-    pub task: Task,
+    pub(crate) task: Task,
     /// When it expires.
-    pub deadline: Instant,
+    pub(crate) deadline: Instant,
 }
 
 impl Assigned {
     /// The kind and round of the task.
-    pub fn kind_and_round(&self) -> (TaskKind, u64) {
+    pub(crate) fn kind_and_round(&self) -> (TaskKind, u64) {
         match &self.task {
             Task::Fit(f) => (TaskKind::Fit, f.id.round),
             Task::Evaluate(e) => (TaskKind::Evaluate, e.round),
@@ -60,64 +60,75 @@ impl Assigned {
 #[derive(Debug, Clone)]
 pub(crate) struct Closed {
     /// Round.
-    pub id: RoundId,
+    pub(crate) id: RoundId,
     /// Reason.
-    pub reason: String,
+    pub(crate) reason: String,
 }
 
 /// State that survives phase transitions. Owned by the actor task alone.
 pub(crate) struct Shared {
     /// Validated configuration.
-    pub settings: Arc<CoordinatorSettings>,
+    pub(crate) settings: Arc<CoordinatorSettings>,
     /// Incoming requests (bounded; see `requests`).
-    pub requests: mpsc::Receiver<Envelope>,
+    pub(crate) requests: mpsc::Receiver<Envelope>,
     /// Watch channels.
-    pub events: EventPublisher,
+    pub(crate) events: EventPublisher,
     /// Clients and liveness.
-    pub registry: Registry,
+    pub(crate) registry: Registry,
     /// State directory.
-    pub storage: Storage,
+    pub(crate) storage: Storage,
     /// Aggregation policy; behind a mutex only so it can move onto blocking threads.
-    pub strategy: Arc<Mutex<Box<dyn Strategy>>>,
+    pub(crate) strategy: Arc<Mutex<Box<dyn Strategy>>>,
     /// Strategy name (cached for status).
-    pub strategy_name: String,
+    pub(crate) strategy_name: String,
     /// The published model.
-    pub model: Arc<GlobalModel>,
-    /// Label names.
-    pub labels: Vec<String>,
+    pub(crate) model: Arc<GlobalModel>,
     /// Round and attempt in progress, or the last one.
-    pub round: RoundId,
+    pub(crate) round: RoundId,
     /// The round and attempt the next Selecting uses.
-    pub next: RoundId,
+    pub(crate) next: RoundId,
     /// Current phase.
-    pub phase: PhaseName,
+    pub(crate) phase: PhaseName,
     /// Deadline of the current phase.
-    pub deadline: Option<Instant>,
+    pub(crate) deadline: Option<Instant>,
     /// Failed attempts in a row.
-    pub consecutive_failures: u32,
+    pub(crate) consecutive_failures: u32,
     /// Outstanding tasks.
-    pub tasks: BTreeMap<ClientId, Assigned>,
+    pub(crate) tasks: BTreeMap<ClientId, Assigned>,
     /// The last round that stopped taking updates.
-    pub closed: Option<Closed>,
+    pub(crate) closed: Option<Closed>,
     /// Updates accepted in the current round (status).
-    pub accepted_updates: u32,
+    pub(crate) accepted_updates: u32,
     /// Set when the federation is over (reason).
-    pub finished: Option<String>,
+    pub(crate) finished: Option<String>,
     /// Whether the initial model was evaluated (or evaluation was attempted).
-    pub initial_evaluated: bool,
+    pub(crate) initial_evaluated: bool,
     /// Next upload id.
-    pub next_upload_id: u64,
+    pub(crate) next_upload_id: u64,
     /// The one shutdown token.
-    pub cancel: CancellationToken,
+    pub(crate) cancel: CancellationToken,
+    /// Bytes moved by the RPC layer.
+    pub(crate) traffic: Arc<Traffic>,
+    /// Traffic totals when the previous round closed.
+    pub(crate) traffic_mark: (u64, u64),
+    /// The strategy's differential-privacy state, if it has one (read by status without
+    /// locking the strategy, which aggregation may hold for a while).
+    pub(crate) privacy: Option<crate::privacy::PrivacyMonitor>,
 }
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared").field("round", &self.round).field("phase", &self.phase).finish_non_exhaustive()
+        f.debug_struct("Shared")
+            .field("round", &self.round)
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
     }
 }
 
 /// What woke a phase up.
+// One value per wake-up, moved straight into a match: boxing the request would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub(crate) enum Wake {
     /// A request the phase may handle itself.
@@ -132,14 +143,14 @@ pub(crate) enum Wake {
 
 impl Shared {
     /// Publishes the phase (and current round/version/deadline).
-    pub fn enter(&mut self, phase: PhaseName, deadline: Option<Instant>) {
+    pub(crate) fn enter(&mut self, phase: PhaseName, deadline: Option<Instant>) {
         self.phase = phase;
         self.deadline = deadline;
         self.publish_state();
     }
 
     /// Re-publishes the current state.
-    pub fn publish_state(&self) {
+    pub(crate) fn publish_state(&self) {
         self.events.set_state(RoundState {
             phase: self.phase,
             round: self.round,
@@ -149,7 +160,7 @@ impl Shared {
     }
 
     /// Periodic timer for liveness checks.
-    pub fn tick_interval(&self) -> Interval {
+    pub(crate) fn tick_interval(&self) -> Interval {
         let period = self.settings.clients.heartbeat_interval.min(Duration::from_secs(1));
         let mut i = tokio::time::interval(period);
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -157,7 +168,7 @@ impl Shared {
     }
 
     /// Waits for the next request, the deadline, a tick or shutdown.
-    pub async fn wake(&mut self, deadline: Option<Instant>, tick: &mut Interval) -> Wake {
+    pub(crate) async fn wake(&mut self, deadline: Option<Instant>, tick: &mut Interval) -> Wake {
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -179,7 +190,7 @@ impl Shared {
 
     /// Runs `work` (which must not borrow the actor) while serving common requests. Returns
     /// `None` on shutdown.
-    pub async fn serve_while<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
+    pub(crate) async fn serve_while<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
         tokio::pin!(work);
         loop {
             tokio::select! {
@@ -193,7 +204,7 @@ impl Shared {
 
     /// Runs a storage call on a blocking thread while serving common requests. `None` on
     /// shutdown.
-    pub async fn db<R: Send + 'static>(
+    pub(crate) async fn db<R: Send + 'static>(
         &mut self,
         f: impl FnOnce(&mut rusqlite::Connection) -> Result<R, storage::StorageError> + Send + 'static,
     ) -> Option<Result<R, storage::StorageError>> {
@@ -202,19 +213,19 @@ impl Shared {
     }
 
     /// Waits `d` while serving common requests. Returns false on shutdown.
-    pub async fn serve_for(&mut self, d: Duration) -> bool {
+    pub(crate) async fn serve_for(&mut self, d: Duration) -> bool {
         self.serve_while(tokio::time::sleep(d)).await.is_some()
     }
 
     /// Withdraws every task of one kind and wakes long-polls.
-    pub fn withdraw_tasks(&mut self, kind: TaskKind) {
+    pub(crate) fn withdraw_tasks(&mut self, kind: TaskKind) {
         self.tasks.retain(|_, a| a.kind_and_round().0 != kind);
         self.events.tasks_changed();
     }
 
     /// Handles a request the way every phase does. Phases intercept what they handle
     /// differently (uploads while training, reports while evaluating) before calling this.
-    pub async fn handle_common(&mut self, (req, span): Envelope) {
+    pub(crate) async fn handle_common(&mut self, (req, span): Envelope) {
         let _g = span.enter();
         let now = Instant::now();
         match req {
@@ -279,9 +290,16 @@ impl Shared {
         }
     }
 
-    async fn join(&mut self, join: fedtune_shared::round::JoinRequest, now: Instant) -> Result<Joined, RoundError> {
+    async fn join(
+        &mut self,
+        join: fedtune_shared::round::JoinRequest,
+        now: Instant,
+    ) -> Result<Joined, RoundError> {
         if join.protocol_version != PROTOCOL_VERSION {
-            return Err(RoundError::ProtocolVersion { client: join.protocol_version, server: PROTOCOL_VERSION });
+            return Err(RoundError::ProtocolVersion {
+                client: join.protocol_version,
+                server: PROTOCOL_VERSION,
+            });
         }
         let id = match join.name {
             Some(id) => id,
@@ -298,7 +316,7 @@ impl Shared {
     }
 
     /// The task a poll returns now.
-    pub fn task_for(&self, client: &ClientId, now: Instant) -> Task {
+    pub(crate) fn task_for(&self, client: &ClientId, now: Instant) -> Task {
         if let Some(reason) = &self.finished {
             return Task::Finished { final_version: self.model.version, reason: reason.clone() };
         }
@@ -325,7 +343,7 @@ impl Shared {
     }
 
     /// The precise refusal of an upload for `id` when no round takes it.
-    pub fn refuse_upload(&self, id: RoundId) -> RoundError {
+    pub(crate) fn refuse_upload(&self, id: RoundId) -> RoundError {
         let current = self.round;
         if id < current {
             RoundError::StaleRound { got: id, current }
@@ -352,16 +370,26 @@ impl Shared {
             clients: self.registry.status(now),
             recent_rounds: rounds,
             accepted_updates: self.accepted_updates,
+            privacy: self.privacy.as_ref().map(|p| p.snapshot()).unwrap_or_else(PrivacyStatus::none),
+            finished_reason: self.finished.clone(),
         })
     }
 
+    /// `(sent, received)` bytes since the previous call (the previous round's close).
+    pub(crate) fn take_traffic(&mut self) -> (u64, u64) {
+        let now = self.traffic.totals();
+        let delta = (now.0 - self.traffic_mark.0, now.1 - self.traffic_mark.1);
+        self.traffic_mark = now;
+        delta
+    }
+
     /// True once every configured round completed.
-    pub fn all_rounds_done(&self) -> bool {
+    pub(crate) fn all_rounds_done(&self) -> bool {
         self.model.version >= ModelVersion(self.settings.rounds.total)
     }
 
     /// Logs and records an internal failure that ends the federation.
-    pub fn fatal(&mut self, what: &str, err: &dyn std::fmt::Display) -> Round {
+    pub(crate) fn fatal(&mut self, what: &str, err: &dyn std::fmt::Display) -> Round {
         warn!(cause = %err, "{what}");
         Round::Shutdown(super::phases::shutdown::Shutdown::fatal(format!("{what}: {err}")))
     }

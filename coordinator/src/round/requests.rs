@@ -103,12 +103,20 @@ impl RoundHandle {
     }
 
     /// See [`Request::BeginUpload`].
-    pub async fn begin_upload(&self, client: ClientId, header: UpdateHeader) -> Result<UploadTicket, RoundError> {
+    pub async fn begin_upload(
+        &self,
+        client: ClientId,
+        header: UpdateHeader,
+    ) -> Result<UploadTicket, RoundError> {
         self.ask(|r| Request::BeginUpload(client, header, r)).await
     }
 
     /// See [`Request::CommitUpload`].
-    pub async fn commit_upload(&self, ticket: UploadTicket, staged: StagedUpdate) -> Result<UploadReceipt, RoundError> {
+    pub async fn commit_upload(
+        &self,
+        ticket: UploadTicket,
+        staged: StagedUpdate,
+    ) -> Result<UploadReceipt, RoundError> {
         self.ask(|r| Request::CommitUpload(ticket, staged, r)).await
     }
 
@@ -121,6 +129,11 @@ impl RoundHandle {
                 let _ = tx.send((Request::AbortUpload(ticket), span)).await;
             });
         }
+    }
+
+    /// See [`Request::AbortUpload`], awaited: the release is queued before this returns.
+    pub async fn release_upload(&self, ticket: UploadTicket) {
+        let _ = self.tx.send((Request::AbortUpload(ticket), Span::current())).await;
     }
 
     /// See [`Request::ReportFailure`].

@@ -150,7 +150,7 @@ impl Table {
         if self.rows.len() <= max_rows {
             return;
         }
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5a3f_1e);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x005a_3f1e);
         let mut order: Vec<usize> = (0..self.rows.len()).collect();
         order.shuffle(&mut rng);
         let mut keep = vec![false; self.rows.len()];
@@ -195,10 +195,9 @@ pub fn partition(table: &Table, spec: &PartitionSpec) -> Result<Shards, Partitio
     // Group row indices by split value; BTreeMap so iteration (and thus the RNG stream) is
     // deterministic.
     let split_col = table.column(&spec.split_column).ok();
-    let mut by_split: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    let mut by_split: BTreeMap<&'static str, Vec<usize>> = BTreeMap::new();
     for (i, row) in table.rows.iter().enumerate() {
-        let split = split_col.and_then(|c| row.get(c)).unwrap_or("train");
-        by_split.entry(split).or_default().push(i);
+        by_split.entry(split_of(split_col, row)).or_default().push(i);
     }
     let train_rows = by_split.get("train").map_or(0, Vec::len);
     if train_rows < n {
@@ -245,8 +244,19 @@ pub fn partition(table: &Table, spec: &PartitionSpec) -> Result<Shards, Partitio
     Ok(shards)
 }
 
+/// `"test"` for rows the client holds out, `"train"` for the rest, with the client's reading of
+/// the split column (`fedtune_client::data`): test, eval, evaluation, validation, valid and dev
+/// (any case) are held out, anything else trains.
+fn split_of(split_col: Option<usize>, row: &csv::StringRecord) -> &'static str {
+    let value = split_col.and_then(|c| row.get(c)).unwrap_or("").trim().to_ascii_lowercase();
+    match value.as_str() {
+        "test" | "eval" | "evaluation" | "validation" | "valid" | "dev" => "test",
+        _ => "train",
+    }
+}
+
 fn has_train_row(table: &Table, split_col: Option<usize>, shard: &[usize]) -> bool {
-    shard.iter().any(|&i| split_col.and_then(|c| table.rows[i].get(c)).unwrap_or("train") == "train")
+    shard.iter().any(|&i| split_of(split_col, &table.rows[i]) == "train")
 }
 
 /// Label-skewed shards; redraws (up to a bound) until every client has a training row.

@@ -65,6 +65,10 @@ pub struct RoundRow {
     pub bytes: u64,
     /// Wall-clock seconds the round took.
     pub seconds: f64,
+    /// Cumulative differential-privacy ε after the round (`None` without DP).
+    pub epsilon: Option<f64>,
+    /// The run's privacy model, e.g. `central DP, δ = 1e-5`, or `no privacy guarantee`.
+    pub privacy: String,
 }
 
 /// Paths of the files [`write_report`] wrote.
@@ -101,22 +105,28 @@ fn human_bytes(b: u64) -> String {
 /// The header of the per-round table [`table_line`] continues.
 pub fn table_header() -> String {
     format!(
-        "{:>5}  {:>12}  {:>10}  {:>9}  {:>8}  {:>10}  {:>8}",
-        "round", "participants", "train_loss", "eval_loss", "accuracy", "bytes", "seconds"
+        "{:>5}  {:>12}  {:>10}  {:>9}  {:>8}  {:>10}  {:>8}  {:>9}",
+        "round", "participants", "train_loss", "eval_loss", "accuracy", "bytes", "seconds", "epsilon"
     )
+}
+
+/// The line above and below the table that states the privacy model of the run.
+pub fn privacy_line(privacy: &str) -> String {
+    format!("privacy: {privacy}")
 }
 
 /// One row of the per-round table, aligned under [`table_header`].
 pub fn table_line(r: &RoundRow) -> String {
     format!(
-        "{:>5}  {:>12}  {:>10}  {:>9}  {:>8}  {:>10}  {:>8.1}",
+        "{:>5}  {:>12}  {:>10}  {:>9}  {:>8}  {:>10}  {:>8.1}  {:>9}",
         r.round,
         r.participants,
         cell(r.train_loss, 4),
         cell(r.eval_loss, 4),
         cell(r.eval_accuracy.map(|a| a * 100.0), 1),
         human_bytes(r.bytes),
-        r.seconds
+        r.seconds,
+        cell(r.epsilon, 3)
     )
 }
 
@@ -152,9 +162,10 @@ pub fn write_report(rows: &[RoundRow], dir: &Path) -> Result<ReportFiles, Report
 
 /// Two panels side by side: losses (train, eval) and eval accuracy, against the round.
 fn draw_chart(rows: &[RoundRow], path: &Path) -> Result<(), String> {
-    let root = SVGBackend::new(path, (1000, 420)).into_drawing_area();
+    let root = SVGBackend::new(path, (1500, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
-    let (left, right) = root.split_horizontally(500);
+    let (left, rest) = root.split_horizontally(500);
+    let (right, privacy) = rest.split_horizontally(500);
     let last_round = rows.iter().map(|r| r.round).max().unwrap_or(1).max(1);
     let rounds = 0u64..last_round + 1;
 
@@ -206,6 +217,29 @@ fn draw_chart(rows: &[RoundRow], path: &Path) -> Result<(), String> {
     chart
         .draw_series(accuracy.iter().map(|&p| Circle::new(p, 3, green.filled())))
         .map_err(|e| e.to_string())?;
+
+    // Privacy spent: cumulative ε per round, or the statement that there is no guarantee.
+    let epsilon = series(|r| r.epsilon);
+    let label = rows.first().map(|r| r.privacy.clone()).unwrap_or_default();
+    let max_eps = epsilon.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-6) * 1.1;
+    let mut chart = ChartBuilder::on(&privacy)
+        .caption(
+            if epsilon.is_empty() { format!("ε: {label}") } else { "privacy ε (cumulative)".into() },
+            ("sans-serif", 20),
+        )
+        .margin(12)
+        .x_label_area_size(32)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0u64..last_round + 1, 0.0..max_eps)
+        .map_err(|e| e.to_string())?;
+    chart.configure_mesh().x_desc("round").draw().map_err(|e| e.to_string())?;
+    let purple = RGBColor(120, 40, 160);
+    chart
+        .draw_series(LineSeries::new(epsilon.iter().copied(), purple.stroke_width(2)))
+        .map_err(|e| e.to_string())?;
+    chart
+        .draw_series(epsilon.iter().map(|&p| Circle::new(p, 3, purple.filled())))
+        .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
 }
 
@@ -223,6 +257,8 @@ mod tests {
                 eval_accuracy: Some(0.7),
                 bytes: 2_500_000,
                 seconds: 40.5,
+                epsilon: Some(0.5),
+                privacy: "central DP, δ = 1e-5".into(),
             },
             RoundRow {
                 round: 2,
@@ -232,6 +268,8 @@ mod tests {
                 eval_accuracy: None,
                 bytes: 1_700_000,
                 seconds: 38.0,
+                epsilon: Some(0.75),
+                privacy: "central DP, δ = 1e-5".into(),
             },
         ]
     }
@@ -243,13 +281,17 @@ mod tests {
 
         let csv = std::fs::read_to_string(&files.csv).unwrap();
         let mut lines = csv.lines();
-        assert_eq!(lines.next(), Some("round,participants,train_loss,eval_loss,eval_accuracy,bytes,seconds"));
-        assert_eq!(lines.next(), Some("1,3,0.69,0.61,0.7,2500000,40.5"));
-        assert_eq!(lines.next(), Some("2,2,0.52,,,1700000,38.0"));
+        assert_eq!(
+            lines.next(),
+            Some("round,participants,train_loss,eval_loss,eval_accuracy,bytes,seconds,epsilon,privacy")
+        );
+        assert_eq!(lines.next(), Some("1,3,0.69,0.61,0.7,2500000,40.5,0.5,\"central DP, δ = 1e-5\""));
+        assert_eq!(lines.next(), Some("2,2,0.52,,,1700000,38.0,0.75,\"central DP, δ = 1e-5\""));
 
         let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.json).unwrap()).unwrap();
         assert_eq!(json[0]["round"], 1);
         assert_eq!(json[0]["eval_accuracy"], 0.7);
+        assert_eq!(json[1]["epsilon"], 0.75);
         assert!(json[1]["eval_loss"].is_null());
         let back: Vec<RoundRow> = serde_json::from_value(json).unwrap();
         assert_eq!(back, rows());

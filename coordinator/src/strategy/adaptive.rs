@@ -49,12 +49,23 @@ pub struct Adaptive {
 impl Adaptive {
     /// A fresh optimizer.
     pub fn new(kind: AdaptiveKind, s: &AdaptiveSettings) -> Self {
-        Self { kind, eta: s.server_learning_rate, beta1: s.beta1, beta2: s.beta2, tau: s.tau, m: vec![], v: vec![] }
+        Self {
+            kind,
+            eta: s.server_learning_rate,
+            beta1: s.beta1,
+            beta2: s.beta2,
+            tau: s.tau,
+            m: vec![],
+            v: vec![],
+        }
     }
 
     fn state_manifest(n: usize) -> Manifest {
-        Manifest::new(vec![TensorSpec { name: "m".into(), shape: vec![n] }, TensorSpec { name: "v".into(), shape: vec![n] }])
-            .expect("distinct names")
+        Manifest::new(vec![
+            TensorSpec { name: "m".into(), shape: vec![n] },
+            TensorSpec { name: "v".into(), shape: vec![n] },
+        ])
+        .expect("distinct names")
     }
 }
 
@@ -80,7 +91,10 @@ impl Strategy for Adaptive {
             self.m = vec![0.0; n];
             self.v = vec![(self.tau * self.tau) as f32; n];
         } else if self.m.len() != n {
-            return Err(StrategyError::State(format!("optimizer state has {} values, model {n}", self.m.len())));
+            return Err(StrategyError::State(format!(
+                "optimizer state has {} values, model {n}",
+                self.m.len()
+            )));
         }
         let (b1, b2, tau, eta) = (self.beta1, self.beta2, self.tau, self.eta);
         let mut next = global.clone();

@@ -82,7 +82,8 @@ mod tests {
     #[test]
     fn fedavg_adds_the_mean_delta() {
         let mut s = FedAvg::new(1.0, 0.0);
-        let next = s.aggregate_fit(RoundId::new(1, 0), &pv(vec![1.0, 2.0]), &results(vec![0.5, -1.0]), &[]).unwrap();
+        let next =
+            s.aggregate_fit(RoundId::new(1, 0), &pv(vec![1.0, 2.0]), &results(vec![0.5, -1.0]), &[]).unwrap();
         assert_eq!(next.unwrap().values(), &[1.5, 1.0]);
     }
 

@@ -13,18 +13,21 @@
 //! 4. [`Strategy::configure_evaluate`] / [`Strategy::aggregate_evaluate`]: federated evaluation.
 //!
 //! # Server-side differential privacy (decorator seam)
-//! Central DP wraps any strategy: `DpFixedClipping<S: Strategy>` returns
+//! DP wraps any strategy: [`dp::DpStrategy`] returns
 //! `UpdateWeighting { weight: 1, scale: min(1, C/‖Δ‖) }` from `update_weighting` (user-level
-//! clipping, unweighted), adds Gaussian noise to `FitResults::mean_delta` before delegating
-//! `aggregate_fit`, refuses `configure_fit` once the accountant's ε would exceed the budget, and
+//! clipping, unweighted), adds Gaussian noise to the sum of the folded updates and divides it by
+//! the fixed expected cohort size before delegating `aggregate_fit`, refuses `configure_fit` once the accountant's ε would exceed the budget, and
 //! returns the round's [`LedgerEntry`] from `ledger_entry` — which the coordinator writes in the
 //! same transaction as the round's checkpoint. Everything else delegates.
 //!
 //! # Layout
 //! - [`fedavg`]: FedAvg and FedProx (FedAvg aggregation, proximal μ sent to clients).
 //! - [`adaptive`]: FedAdam, FedYogi, FedAdagrad (Reddi et al., 2021).
+//! - [`dp`]: `DpStrategy<S>`, the user-level DP decorator (clip, noise, fixed denominator,
+//!   accountant, budget).
 
 pub mod adaptive;
+pub mod dp;
 pub mod fedavg;
 
 use std::collections::BTreeMap;
@@ -147,6 +150,13 @@ pub trait Strategy: Send + 'static {
     /// Name shown in status and records.
     fn name(&self) -> &str;
 
+    /// How the clients of `round` were drawn: `candidates` live clients, `selected` of them
+    /// sampled. Called just before [`Strategy::configure_fit`] (a privacy accountant needs the
+    /// sampling rate of fixed-size cohorts, `selected / candidates`).
+    fn observe_sampling(&mut self, round: RoundId, candidates: usize, selected: usize) {
+        let _ = (round, candidates, selected);
+    }
+
     /// Instructions for the fit tasks of `round`.
     fn configure_fit(&mut self, round: RoundId, base: &FitInstructions) -> Result<FitPlan, StrategyError> {
         let _ = round;
@@ -192,6 +202,12 @@ pub trait Strategy: Send + 'static {
         None
     }
 
+    /// A live view of this strategy's differential-privacy state for status, read without
+    /// locking the strategy (`None`: no privacy guarantee).
+    fn privacy_monitor(&self) -> Option<crate::privacy::PrivacyMonitor> {
+        None
+    }
+
     /// Server-side state to checkpoint with the model (e.g. optimizer moments).
     fn state(&self) -> Option<ParameterVector> {
         None
@@ -227,8 +243,12 @@ pub fn weighted_evaluation(results: &[EvalResult]) -> Option<EvalSummary> {
 /// Builds the configured strategy.
 pub fn from_settings(s: &StrategySettings) -> Box<dyn Strategy> {
     match s {
-        StrategySettings::Fedavg { server_learning_rate } => Box::new(FedAvg::new(*server_learning_rate, 0.0)),
-        StrategySettings::Fedprox { mu, server_learning_rate } => Box::new(FedAvg::new(*server_learning_rate, *mu)),
+        StrategySettings::Fedavg { server_learning_rate } => {
+            Box::new(FedAvg::new(*server_learning_rate, 0.0))
+        }
+        StrategySettings::Fedprox { mu, server_learning_rate } => {
+            Box::new(FedAvg::new(*server_learning_rate, *mu))
+        }
         StrategySettings::Fedadam(a) => Box::new(Adaptive::new(AdaptiveKind::Adam, a)),
         StrategySettings::Fedyogi(a) => Box::new(Adaptive::new(AdaptiveKind::Yogi, a)),
         StrategySettings::Fedadagrad(a) => Box::new(Adaptive::new(AdaptiveKind::Adagrad, a)),
@@ -255,7 +275,8 @@ mod tests {
 
     #[test]
     fn evaluation_is_weighted_by_examples() {
-        let s = weighted_evaluation(&[report(10, 1.0, 0.5, Some(0.4)), report(30, 2.0, 1.0, Some(0.8))]).unwrap();
+        let s =
+            weighted_evaluation(&[report(10, 1.0, 0.5, Some(0.4)), report(30, 2.0, 1.0, Some(0.8))]).unwrap();
         assert_eq!(s.num_examples, 40);
         assert!((s.loss - 1.75).abs() < 1e-12);
         assert!((s.accuracy - 0.875).abs() < 1e-12);

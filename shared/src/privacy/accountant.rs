@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use super::noise::NoisePlacement;
 use super::rdp::{
-    default_orders, epsilon_from_rdp, gaussian_epsilon, rdp_poisson_gaussian, rdp_without_replacement_gaussian,
-    zcdp_epsilon,
+    default_orders, epsilon_from_rdp, gaussian_epsilon, rdp_poisson_gaussian,
+    rdp_without_replacement_gaussian, zcdp_epsilon,
 };
 use super::PrivacyError;
 
@@ -83,14 +83,11 @@ pub struct Accountant {
     full_inverse_variance: Option<f64>,
 }
 
-fn check_round(
-    adjacency: Adjacency,
-    sampling: SamplingScheme,
-    q: f64,
-    z: f64,
-) -> Result<(), PrivacyError> {
+fn check_round(adjacency: Adjacency, sampling: SamplingScheme, q: f64, z: f64) -> Result<(), PrivacyError> {
     if !(z.is_finite() && z > 0.0) {
-        return Err(PrivacyError::InvalidParameter(format!("noise multiplier {z} must be finite and positive")));
+        return Err(PrivacyError::InvalidParameter(format!(
+            "noise multiplier {z} must be finite and positive"
+        )));
     }
     if !(q > 0.0 && q <= 1.0) {
         return Err(PrivacyError::InvalidParameter(format!("sampling rate {q} must be in (0, 1]")));
@@ -136,7 +133,15 @@ impl Accountant {
         }
         let orders = default_orders();
         let rdp = vec![0.0; orders.len()];
-        Ok(Self { delta, adjacency, orders, rdp, rounds: 0, last_round: None, full_inverse_variance: Some(0.0) })
+        Ok(Self {
+            delta,
+            adjacency,
+            orders,
+            rdp,
+            rounds: 0,
+            last_round: None,
+            full_inverse_variance: Some(0.0),
+        })
     }
 
     /// Replays a persisted ledger. Fails on an entry with another δ, a non-increasing round
@@ -189,7 +194,9 @@ impl Accountant {
     fn epsilon_of(&self, rdp: &[f64], full_inverse_variance: Option<f64>) -> f64 {
         let (mut eps, _) = epsilon_from_rdp(&self.orders, rdp, self.delta);
         if let Some(inv) = full_inverse_variance.filter(|v| *v > 0.0) {
-            eps = eps.min(zcdp_epsilon(inv / 2.0, self.delta)).min(gaussian_epsilon(inv.powf(-0.5), self.delta));
+            eps = eps
+                .min(zcdp_epsilon(inv / 2.0, self.delta))
+                .min(gaussian_epsilon(inv.powf(-0.5), self.delta));
         }
         eps
     }
@@ -224,8 +231,13 @@ impl Accountant {
         }
         check_round(self.adjacency, entry.sampling, entry.sampling_rate, entry.noise_multiplier)
             .map_err(|e| err(e.to_string()))?;
-        let step =
-            round_rdp(self.adjacency, entry.sampling, entry.sampling_rate, entry.noise_multiplier, &self.orders);
+        let step = round_rdp(
+            self.adjacency,
+            entry.sampling,
+            entry.sampling_rate,
+            entry.noise_multiplier,
+            &self.orders,
+        );
         for (r, s) in self.rdp.iter_mut().zip(step) {
             *r += s;
         }

@@ -36,7 +36,8 @@ impl AdaptiveClip {
         learning_rate: f64,
         count_noise_std: f64,
     ) -> Result<Self, PrivacyError> {
-        let bad = |what: &str, v: f64| Err(PrivacyError::InvalidParameter(format!("adaptive clip {what} {v}")));
+        let bad =
+            |what: &str, v: f64| Err(PrivacyError::InvalidParameter(format!("adaptive clip {what} {v}")));
         if !(initial_clip.is_finite() && initial_clip > 0.0) {
             return bad("initial clip", initial_clip);
         }
@@ -106,7 +107,7 @@ impl AdaptiveClip {
 
     /// Applies one round's noised centred indicator sum; returns the new clip bound.
     pub fn update(&mut self, noised_centred_sum: f64, expected_clients: f64) -> Result<f64, PrivacyError> {
-        if !(expected_clients.is_finite() && expected_clients >= 1.0) || !noised_centred_sum.is_finite() {
+        if !(expected_clients.is_finite() && expected_clients >= 1.0 && noised_centred_sum.is_finite()) {
             return Err(PrivacyError::InvalidParameter(format!(
                 "adaptive clip update with sum {noised_centred_sum} over {expected_clients} clients"
             )));
@@ -121,7 +122,7 @@ impl AdaptiveClip {
     pub fn update_noise_multiplier(&self, z_total: f64) -> Result<f64, PrivacyError> {
         let zb = self.count_noise_multiplier();
         let rest = z_total.powi(-2) - zb.powi(-2);
-        if !(z_total > 0.0) || rest <= 0.0 {
+        if z_total.is_nan() || z_total <= 0.0 || rest <= 0.0 {
             return Err(PrivacyError::InvalidParameter(format!(
                 "count noise multiplier {zb} leaves nothing of the round's z = {z_total}"
             )));

@@ -7,6 +7,7 @@
 //! to absorb the `f32` rounding of the products, then checks the bound and shrinks again in the
 //! (never observed) case it does not hold.
 
+use super::exact::next_up;
 use super::PrivacyError;
 use crate::params::Manifest;
 
@@ -46,7 +47,7 @@ pub fn l2_norm_upper_bound(values: &[f32]) -> f64 {
         return 0.0;
     }
     let relative = (values.len() as f64 + 4.0) * 1.01 * f64::EPSILON / 2.0;
-    (s * (1.0 + relative)).next_up().sqrt().next_up()
+    next_up(next_up(s * (1.0 + relative)).sqrt())
 }
 
 /// Scales `values` so that their L2 norm is at most `c`; a no-op when it already is.

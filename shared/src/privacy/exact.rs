@@ -22,23 +22,40 @@ const TAYLOR_TERMS: u32 = 20;
 /// Bound on the Taylor tail above (with a wide margin).
 const TAYLOR_TAIL: f64 = 1e-25;
 
+/// The least double above `x` (`f64::next_up`, which is newer than the workspace MSRV).
+pub(crate) fn next_up(x: f64) -> f64 {
+    if x.is_nan() || x == f64::INFINITY {
+        return x;
+    }
+    if x == 0.0 {
+        return f64::from_bits(1);
+    }
+    let bits = x.to_bits();
+    f64::from_bits(if x > 0.0 { bits + 1 } else { bits - 1 })
+}
+
+/// The greatest double below `x`.
+pub(crate) fn next_down(x: f64) -> f64 {
+    -next_up(-x)
+}
+
 fn mul_dn(a: f64, b: f64) -> f64 {
-    (a * b).next_down().max(0.0)
+    next_down(a * b).max(0.0)
 }
 fn mul_up(a: f64, b: f64) -> f64 {
-    (a * b).next_up()
+    next_up(a * b)
 }
 fn div_dn(a: f64, b: f64) -> f64 {
-    (a / b).next_down().max(0.0)
+    next_down(a / b).max(0.0)
 }
 fn div_up(a: f64, b: f64) -> f64 {
-    (a / b).next_up()
+    next_up(a / b)
 }
 fn add_dn(a: f64, b: f64) -> f64 {
-    (a + b).next_down()
+    next_down(a + b)
 }
 fn add_up(a: f64, b: f64) -> f64 {
-    (a + b).next_up()
+    next_up(a + b)
 }
 
 /// `(lo, hi)` with `lo ≤ x ≤ hi` for an integer that may not be representable as `f64`.
@@ -46,9 +63,9 @@ pub(crate) fn u128_bounds(x: u128) -> (f64, f64) {
     let f = x as f64;
     // `f` is the nearest double, so its neighbour on the far side of `x` brackets it.
     if f >= 2f64.powi(128) || (f as u128) > x {
-        (f.next_down(), f)
+        (next_down(f), f)
     } else if (f as u128) < x {
-        (f, f.next_up())
+        (f, next_up(f))
     } else {
         (f, f)
     }
@@ -203,7 +220,7 @@ pub(crate) fn compare_prefix(u: u64, k: u32, bounds: (f64, f64)) -> Verdict {
     let hi_units = (bounds.1 * scale).ceil();
     let u_f = u as u128;
     // Both unit counts are integers no larger than 2^65, so the casts below are exact.
-    if u_f + 1 <= lo_units as u128 {
+    if u_f < lo_units as u128 {
         Verdict::Below
     } else if u_f >= hi_units as u128 {
         Verdict::Above

@@ -6,6 +6,7 @@
 //! `|k| ≤ 200`), and rounding to an integer is exact. So the only error is the rounding itself,
 //! at most `2^(k−1)` per coordinate — the quantity [`widened_sensitivity`] accounts for.
 
+use super::exact::next_up;
 use super::PrivacyError;
 
 /// Integers on the grid must stay below this so that adding noise (below 2⁴⁴) cannot overflow.
@@ -82,8 +83,8 @@ pub fn widened_sensitivity(clip: f64, grid_log2: i32, dim: usize) -> Result<f64,
     if !(clip.is_finite() && clip > 0.0) {
         return Err(PrivacyError::InvalidParameter(format!("clip norm {clip} must be finite and positive")));
     }
-    let root = (dim as f64).sqrt().next_up();
-    Ok((clip + (2f64.powi(grid_log2) * root).next_up()).next_up())
+    let root = next_up((dim as f64).sqrt());
+    Ok(next_up(clip + next_up(2f64.powi(grid_log2) * root)))
 }
 
 /// A grid fine enough that rounding widens the sensitivity by at most `clip/1024`:

@@ -82,7 +82,9 @@ pub use accountant::{
 };
 pub use adaptive::AdaptiveClip;
 pub use clip::{clip_l2, clip_per_layer, l2_norm_upper_bound, ClipReport, LayerBudget, PerLayerClipReport};
-pub use grid::{default_grid_log2, dequantize, dequantize_into, quantize, quantize_into, widened_sensitivity};
+pub use grid::{
+    default_grid_log2, dequantize, dequantize_into, quantize, quantize_into, widened_sensitivity,
+};
 pub use noise::{add_noise, add_noise_to_grid, ddg_noise_multiplier, NoisePlacement, NoisePlan, NoiseReport};
 pub use sampler::{
     fill_noise, for_each_chunk, CksDiscreteGaussian, FastDiscreteGaussian, NoiseDraw, NoiseRng, NoiseSampler,

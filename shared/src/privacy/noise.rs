@@ -202,7 +202,11 @@ pub fn add_noise(
 /// Adds exact discrete Gaussian noise of std `sigma_grid` grid steps to values already on the
 /// grid (the fixed-point representation secure aggregation sums). Values must be below 2⁶² in
 /// magnitude; nothing is modified when one is not.
-pub fn add_noise_to_grid(values: &mut [i64], sigma_grid: f64, source: &NoiseSource) -> Result<(), PrivacyError> {
+pub fn add_noise_to_grid(
+    values: &mut [i64],
+    sigma_grid: f64,
+    source: &NoiseSource,
+) -> Result<(), PrivacyError> {
     let sampler = FastDiscreteGaussian::new(sigma_grid)?;
     if let Some(index) = values.iter().position(|v| v.unsigned_abs() >= 1 << 62) {
         return Err(PrivacyError::GridOverflow { value: values[index] as f64, index, grid_log2: 0 });

@@ -355,7 +355,9 @@ mod tests {
             let exact = gaussian_epsilon(z / f64::sqrt(steps), delta);
             assert!(exact <= zc && zc <= rdp_eps * (1.0 + 1e-12), "{exact} {zc} {rdp_eps}");
             assert!(zc >= 0.9 * rdp_eps, "continuous orders should only slightly beat the grid");
-            assert!((gaussian_delta(z / f64::sqrt(steps), exact) - delta).abs() < 1e-9 * delta.max(1e-12) + 1e-15);
+            assert!(
+                (gaussian_delta(z / f64::sqrt(steps), exact) - delta).abs() < 1e-9 * delta.max(1e-12) + 1e-15
+            );
         }
     }
 
@@ -366,7 +368,8 @@ mod tests {
             assert!(r > 0.0 && r <= a / 2.0 * (1.0 + 1e-9), "a={a}: {r}");
         }
         assert!(
-            rdp_without_replacement_gaussian(0.01, 1.0, 8.0) < rdp_without_replacement_gaussian(0.02, 1.0, 8.0)
+            rdp_without_replacement_gaussian(0.01, 1.0, 8.0)
+                < rdp_without_replacement_gaussian(0.02, 1.0, 8.0)
         );
     }
 }

@@ -53,7 +53,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use super::exact::{
     bernoulli_scaled_exp_neg, compare_prefix, decide_exact, div_bounds, exp_neg_bounds, mul_bounds,
-    u128_bounds, Ratio, Verdict,
+    next_down, next_up, u128_bounds, Ratio, Verdict,
 };
 use super::PrivacyError;
 
@@ -308,7 +308,7 @@ impl FastDiscreteGaussian {
             beta += 1;
         }
         let b = 1u64 << beta;
-        let sq = |x: f64| ((x * x).next_down().max(0.0), (x * x).next_up());
+        let sq = |x: f64| (next_down(x * x).max(0.0), next_up(x * x));
         let (s_lo, s_hi) = sq(sigma);
         let two_sigma2 = (2.0 * s_lo, 2.0 * s_hi);
 
@@ -336,7 +336,7 @@ impl FastDiscreteGaussian {
         let top_sum: f64 = tops.iter().sum();
         let mut f = (capacity as f64 * (1.0 - 2f64.powi(-20)) / top_sum).floor().max(1.0);
         let weights = loop {
-            let w: Vec<u64> = tops.iter().map(|&t| ((f * t).next_up().ceil() as u64).max(1)).collect();
+            let w: Vec<u64> = tops.iter().map(|&t| (next_up(f * t).ceil() as u64).max(1)).collect();
             if w.iter().map(|&x| x as u128).sum::<u128>() <= capacity {
                 break w;
             }
@@ -398,7 +398,7 @@ impl FastDiscreteGaussian {
                 return true;
             }
             let mf = m as f64;
-            let m2 = ((mf * mf).next_down().max(0.0), (mf * mf).next_up());
+            let m2 = (next_down(mf * mf).max(0.0), next_up(mf * mf));
             let y = div_bounds(m2, self.two_sigma2);
             let p = mul_bounds(exp_neg_bounds(y.0, y.1), block.c);
             match compare_prefix(u, k_bits, p) {

@@ -27,7 +27,10 @@ impl Phase for Idle {
             let alive = shared.registry.alive(Instant::now()).len();
             if alive >= shared.settings.rounds.min_available {
                 let eval = &shared.settings.evaluation;
-                if eval.initial && eval.every > 0 && !shared.initial_evaluated && shared.model.version == ModelVersion(0)
+                if eval.initial
+                    && eval.every > 0
+                    && !shared.initial_evaluated
+                    && shared.model.version == ModelVersion(0)
                 {
                     shared.initial_evaluated = true;
                     return Round::Evaluating(Evaluating::new(ModelVersion(0)));

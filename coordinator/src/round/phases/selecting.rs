@@ -26,7 +26,7 @@ pub(crate) struct Selecting {
 
 impl Selecting {
     /// Selection for round `id`.
-    pub fn new(id: RoundId) -> Self {
+    pub(crate) fn new(id: RoundId) -> Self {
         Self { id }
     }
 }
@@ -55,13 +55,18 @@ impl Phase for Selecting {
         };
         let plan = {
             let mut strategy = shared.strategy.lock().unwrap_or_else(|p| p.into_inner());
+            strategy.observe_sampling(id, candidates.len(), selected.len());
             strategy.configure_fit(id, &base)
         };
         let plan = match plan {
             Ok(p) => p,
             Err(StrategyError::Exhausted(reason)) => {
                 warn!(%reason, "strategy refuses further rounds");
-                return Round::Finished(Finished::halted(shared, format!("strategy refuses round {}: {reason}", id.round)));
+                // A spent budget is a normal end (the last model is the result), not a failure.
+                return Round::Finished(Finished::ended(format!(
+                    "strategy refuses round {}: {reason}",
+                    id.round
+                )));
             }
             Err(e) => return shared.fatal("strategy failed to configure the round", &e),
         };
@@ -102,7 +107,8 @@ impl Phase for Selecting {
         let deadline = Instant::now() + s.rounds.deadline;
         let mut slots = BTreeMap::new();
         for client in &selected {
-            let config = FitInstructions { seed: sampling::client_seed(&seed, client), ..plan.config.clone() };
+            let config =
+                FitInstructions { seed: sampling::client_seed(&seed, client), ..plan.config.clone() };
             let task = Task::Fit(FitTask {
                 id,
                 model: shared.model.model_ref,

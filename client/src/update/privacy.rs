@@ -1,0 +1,286 @@
+//! The differential-privacy stages of the upload pipeline: clip (L2), then noise.
+//!
+//! What each fit task's [`PrivacyInstructions`] ask for (the mechanism and its proof are in the
+//! [`fedtune_shared::privacy`] docs):
+//!
+//! | mode          | stages                               |
+//! |---------------|--------------------------------------|
+//! | `None`        | range check                          |
+//! | `Central`     | range check → clip                   |
+//! | `Local`       | range check → clip → noise (full σ)  |
+//! | `Distributed` | range check → clip → noise (share σ) |
+//!
+//! The clip stage scales the whole update (or each tensor, with equal shares of `C²`) so that its
+//! L2 norm is at most `C` for the values actually sent ([`clip_l2`] checks the f32 result). Under
+//! adaptive clipping it reports the centred indicator (+½ if the update was within `C`, −½ if it
+//! was clipped), noised on the grid ½ℤ when the client adds noise.
+//!
+//! A private update must not carry unprotected side information, so the clip stage also
+//! replaces the update's metrics with the indicator alone (no pre-clip norm) and reports one
+//! example (DP weighs every client 1; the real count is private). The agent leaves training
+//! metrics out of a private upload for the same reason.
+//!
+//! The noise stage rounds to the grid `2^k` the coordinator announced and adds exact discrete
+//! Gaussian noise from a generator keyed by the operating system's CSPRNG, a fresh one per task.
+
+use std::sync::Arc;
+
+use fedtune_shared::privacy::{
+    add_noise, clip_l2, clip_per_layer, default_grid_log2, AdaptiveClip, LayerBudget, NoiseSource,
+};
+use fedtune_shared::round::{PrivacyInstructions, PrivacyMode};
+
+use super::{PipelineFactory, PreparedUpdate, TaskContext, UpdateError, UpdatePipeline, UpdateStage};
+
+/// Name of the upload metric that carries the (noised) centred clipping indicator.
+pub const CLIP_INDICATOR_METRIC: &str = "dp_clip_indicator";
+
+/// Clips the update to `clip_norm` (see the module docs).
+#[derive(Debug)]
+pub struct ClipStage {
+    clip_norm: f64,
+    per_layer: bool,
+    indicator: Option<IndicatorNoise>,
+}
+
+/// How the clipping indicator is reported.
+#[derive(Debug)]
+struct IndicatorNoise {
+    sigma: f64,
+    source: Arc<NoiseSource>,
+}
+
+impl ClipStage {
+    /// Clips to `clip_norm` (> 0), tensor by tensor with `per_layer`.
+    pub fn new(clip_norm: f64, per_layer: bool) -> Result<Self, UpdateError> {
+        if !(clip_norm.is_finite() && clip_norm > 0.0) {
+            return Err(UpdateError::Unsupported(format!(
+                "clip norm {clip_norm} must be finite and positive"
+            )));
+        }
+        Ok(Self { clip_norm, per_layer, indicator: None })
+    }
+
+    /// Also reports the centred clipping indicator, with discrete Gaussian noise of std `sigma`
+    /// (0: exact) drawn from `source`.
+    pub fn with_indicator(mut self, sigma: f64, source: Arc<NoiseSource>) -> Self {
+        self.indicator = Some(IndicatorNoise { sigma, source });
+        self
+    }
+}
+
+impl UpdateStage for ClipStage {
+    fn name(&self) -> &'static str {
+        "clip"
+    }
+
+    fn apply(&mut self, update: &mut PreparedUpdate) -> Result<(), UpdateError> {
+        let refuse = |reason: String| UpdateError::Refused { stage: "clip", reason };
+        let norm_before = if self.per_layer {
+            let manifest = update.delta.manifest().clone();
+            clip_per_layer(update.delta.values_mut(), &manifest, self.clip_norm, &LayerBudget::Equal)
+                .map_err(|e| refuse(e.to_string()))?
+                .norm_before
+        } else {
+            clip_l2(update.delta.values_mut(), self.clip_norm).norm_before
+        };
+        update.metrics.clear();
+        if update.num_examples > 0 {
+            update.num_examples = 1;
+        }
+        if let Some(ind) = &self.indicator {
+            let centred = if norm_before <= self.clip_norm { 0.5 } else { -0.5 };
+            let value = if ind.sigma > 0.0 {
+                // AdaptiveClip's sampler adds N_ℤ noise on the grid ½ℤ; only σ matters here.
+                let helper = AdaptiveClip::new(self.clip_norm, 0.5, 1.0, ind.sigma)
+                    .map_err(|e| refuse(e.to_string()))?;
+                helper
+                    .noise_indicator_sum(centred, ind.sigma, &ind.source)
+                    .map_err(|e| refuse(e.to_string()))?
+            } else {
+                centred
+            };
+            update.metrics.insert(CLIP_INDICATOR_METRIC, value);
+        }
+        Ok(())
+    }
+}
+
+/// Adds discrete Gaussian noise of std `sigma` on the grid `2^grid_log2`.
+#[derive(Debug)]
+pub struct NoiseStage {
+    sigma: f64,
+    grid_log2: Option<i32>,
+    clip_norm: f64,
+    source: Arc<NoiseSource>,
+}
+
+impl NoiseStage {
+    /// Noise of std `sigma` on the grid `2^grid_log2` (`None`: the default grid for
+    /// `clip_norm` and the update's size).
+    pub fn new(sigma: f64, grid_log2: Option<i32>, clip_norm: f64, source: Arc<NoiseSource>) -> Self {
+        Self { sigma, grid_log2, clip_norm, source }
+    }
+}
+
+impl UpdateStage for NoiseStage {
+    fn name(&self) -> &'static str {
+        "noise"
+    }
+
+    fn apply(&mut self, update: &mut PreparedUpdate) -> Result<(), UpdateError> {
+        let refuse = |reason: String| UpdateError::Refused { stage: "noise", reason };
+        let k = match self.grid_log2 {
+            Some(k) => k,
+            None => default_grid_log2(self.clip_norm, update.delta.values().len())
+                .map_err(|e| refuse(e.to_string()))?,
+        };
+        add_noise(update.delta.values_mut(), self.sigma, k, &self.source)
+            .map_err(|e| refuse(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Pipelines for every privacy mode (see the table in the module docs). Each private task gets
+/// a fresh [`NoiseSource`] keyed by the operating system's CSPRNG.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DpPipelines;
+
+impl DpPipelines {
+    /// The stages for `privacy` with noise from `source`.
+    pub fn stages(
+        privacy: &PrivacyInstructions,
+        source: Arc<NoiseSource>,
+    ) -> Result<UpdatePipeline, UpdateError> {
+        let p = privacy;
+        if p.mode == PrivacyMode::None {
+            return Ok(UpdatePipeline::default());
+        }
+        let mut clip = ClipStage::new(p.clip_norm, p.per_layer_clipping)?;
+        if p.report_clip_indicator {
+            clip = clip.with_indicator(p.indicator_noise_stddev, Arc::clone(&source));
+        }
+        let pipeline = UpdatePipeline::default().with_stage(clip);
+        match p.mode {
+            PrivacyMode::Central => Ok(pipeline),
+            PrivacyMode::Local | PrivacyMode::Distributed => {
+                if !(p.noise_stddev.is_finite() && p.noise_stddev > 0.0) {
+                    return Err(UpdateError::Unsupported(format!(
+                        "privacy mode {:?} with noise σ = {}: client-side noise must be positive",
+                        p.mode, p.noise_stddev
+                    )));
+                }
+                Ok(pipeline.with_stage(NoiseStage::new(p.noise_stddev, p.grid_log2, p.clip_norm, source)))
+            }
+            PrivacyMode::None => Ok(UpdatePipeline::default()),
+        }
+    }
+}
+
+impl PipelineFactory for DpPipelines {
+    fn build(&self, task: &TaskContext) -> Result<UpdatePipeline, UpdateError> {
+        if task.privacy.mode == PrivacyMode::None {
+            return Ok(UpdatePipeline::default());
+        }
+        let source = NoiseSource::from_os_entropy().map_err(|e| UpdateError::Unsupported(e.to_string()))?;
+        Self::stages(&task.privacy, Arc::new(source))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedtune_shared::ids::{ClientId, RoundId};
+    use fedtune_shared::params::{Manifest, ParameterVector, TensorSpec};
+    use fedtune_shared::privacy::l2_norm_upper_bound;
+
+    fn vectors(n: usize, value: f32) -> (ParameterVector, ParameterVector) {
+        let m = Manifest::new(vec![
+            TensorSpec { name: "a".into(), shape: vec![n / 2] },
+            TensorSpec { name: "b".into(), shape: vec![n - n / 2] },
+        ])
+        .unwrap();
+        (ParameterVector::zeros(m.clone()), ParameterVector::new(m, vec![value; n]).unwrap())
+    }
+
+    fn instructions(mode: PrivacyMode, sigma: f64) -> PrivacyInstructions {
+        PrivacyInstructions { mode, clip_norm: 1.0, noise_stddev: sigma, ..PrivacyInstructions::NONE }
+    }
+
+    fn context(privacy: PrivacyInstructions) -> TaskContext {
+        TaskContext { client_id: ClientId::parse("site-1").unwrap(), round: RoundId::new(1, 0), privacy }
+    }
+
+    #[test]
+    fn each_mode_gets_its_stages_in_order() {
+        let names =
+            |mode, sigma| DpPipelines.build(&context(instructions(mode, sigma))).unwrap().stage_names();
+        assert_eq!(names(PrivacyMode::None, 0.0), vec!["range"]);
+        assert_eq!(names(PrivacyMode::Central, 0.0), vec!["range", "clip"]);
+        assert_eq!(names(PrivacyMode::Local, 0.5), vec!["range", "clip", "noise"]);
+        assert_eq!(names(PrivacyMode::Distributed, 0.1), vec!["range", "clip", "noise"]);
+        assert!(DpPipelines.build(&context(instructions(PrivacyMode::Local, 0.0))).is_err());
+    }
+
+    #[test]
+    fn a_central_update_leaves_clipped_with_one_example_and_no_side_information() {
+        let (global, local) = vectors(1000, 0.5);
+        let mut p = DpPipelines.build(&context(instructions(PrivacyMode::Central, 0.0))).unwrap();
+        let out = p.prepare(1, &global, &local, 250).unwrap();
+        assert!(l2_norm_upper_bound(out.delta.values()) <= 1.0);
+        assert!(out.delta.l2_norm() > 0.999, "clipping keeps the update on the ball, not inside it");
+        assert_eq!(out.num_examples, 1);
+        assert!(out.metrics.is_empty(), "{:?}", out.metrics);
+    }
+
+    #[test]
+    fn per_layer_clipping_bounds_the_whole_update() {
+        let (global, local) = vectors(1000, 0.5);
+        let privacy =
+            PrivacyInstructions { per_layer_clipping: true, ..instructions(PrivacyMode::Central, 0.0) };
+        let out = DpPipelines.build(&context(privacy)).unwrap().prepare(1, &global, &local, 3).unwrap();
+        assert!(l2_norm_upper_bound(out.delta.values()) <= 1.0);
+    }
+
+    #[test]
+    fn local_noise_has_the_announced_standard_deviation() {
+        let n = 200_000;
+        let (global, local) = vectors(n, 0.0);
+        let sigma = 0.05;
+        let mut p = DpPipelines::stages(
+            &instructions(PrivacyMode::Local, sigma),
+            Arc::new(NoiseSource::seeded_for_tests(7)),
+        )
+        .unwrap();
+        let out = p.prepare(1, &global, &local, 10).unwrap();
+        let values = out.delta.values();
+        let mean = values.iter().map(|v| f64::from(*v)).sum::<f64>() / n as f64;
+        let var = values.iter().map(|v| (f64::from(*v) - mean).powi(2)).sum::<f64>() / n as f64;
+        // 200k samples: the sample std is within ~0.3% of σ with overwhelming probability.
+        assert!((var.sqrt() / sigma - 1.0).abs() < 0.01, "std {} vs σ {sigma}", var.sqrt());
+        assert!(mean.abs() < 5.0 * sigma / (n as f64).sqrt());
+    }
+
+    #[test]
+    fn the_clipping_indicator_says_whether_the_update_was_clipped() {
+        let source = Arc::new(NoiseSource::seeded_for_tests(1));
+        let privacy =
+            PrivacyInstructions { report_clip_indicator: true, ..instructions(PrivacyMode::Central, 0.0) };
+        let mut p = DpPipelines::stages(&privacy, Arc::clone(&source)).unwrap();
+        let (global, big) = vectors(100, 1.0);
+        let (_, small) = vectors(100, 0.01);
+        assert_eq!(p.prepare(1, &global, &big, 1).unwrap().metrics[CLIP_INDICATOR_METRIC], -0.5);
+        assert_eq!(p.prepare(1, &global, &small, 1).unwrap().metrics[CLIP_INDICATOR_METRIC], 0.5);
+        let noisy = PrivacyInstructions { indicator_noise_stddev: 3.0, ..privacy };
+        let mut p = DpPipelines::stages(
+            &PrivacyInstructions { mode: PrivacyMode::Local, noise_stddev: 0.1, ..noisy },
+            source,
+        )
+        .unwrap();
+        let values: Vec<f64> = (0..50)
+            .map(|_| p.prepare(1, &global, &small, 1).unwrap().metrics[CLIP_INDICATOR_METRIC])
+            .collect();
+        assert!(values.iter().any(|v| *v != 0.5), "the indicator is noised under local noise");
+        assert!(values.iter().all(|v| (v * 2.0).fract() == 0.0), "noise stays on the grid ½ℤ");
+    }
+}

@@ -1,0 +1,453 @@
+//! The allowlist: which client names may join, with which Ed25519 public key; and the
+//! outstanding one-time enrollment tokens.
+//!
+//! It lives in the state directory's SQLite database (tables `allowlist`, `enrollment_tokens`)
+//! so that `fedtune-coordinator clients add|revoke|enroll-token` work beside a running
+//! coordinator: the coordinator opens its own connection and reads a client's standing on every
+//! authenticated call, which is what makes a revocation take effect at once. Those reads are
+//! indexed point queries on a WAL database (they never wait for a writer), so they are done
+//! inline rather than on a blocking thread.
+//!
+//! Write transactions are `IMMEDIATE`: they take the write lock up front, so a concurrent
+//! writer (the coordinator committing a round, another CLI call) makes them wait for the busy
+//! timeout instead of failing on a read-to-write lock upgrade.
+//!
+//! Enrollment tokens are stored only as digests with an expiry ([`EnrollmentRecord`]); the
+//! record is deleted in the same transaction that allowlists the key, so a token works once.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fedtune_shared::crypto::{EnrollmentDigest, EnrollmentRecord, EnrollmentToken, PublicKey};
+use fedtune_shared::ids::ClientId;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+/// Tables of the allowlist (created next to the coordinator's own in `state.sqlite`).
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS allowlist (
+    client_id  TEXT PRIMARY KEY,
+    public_key BLOB NOT NULL,
+    added_ms   INTEGER NOT NULL,
+    added_via  TEXT NOT NULL CHECK (added_via IN ('operator', 'enrollment')),
+    revoked_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS enrollment_tokens (
+    client_id  TEXT PRIMARY KEY,
+    digest     BLOB NOT NULL,
+    expires_at INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+"#;
+
+/// Meta key of the federation id, generated once per state directory.
+const FEDERATION_ID_KEY: &str = "federation_id";
+
+/// Errors of the allowlist. Messages name clients and files, never keys or tokens.
+#[derive(Debug, thiserror::Error)]
+pub enum AllowlistError {
+    /// The database failed.
+    #[error("state database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The state directory cannot be created.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// Folder.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `add` for a name that is allowlisted and not revoked.
+    #[error("client `{0}` is already allowlisted; revoke it first to change its key")]
+    AlreadyAllowlisted(ClientId),
+    /// `revoke` for a name that is not (or no longer) allowlisted.
+    #[error("client `{0}` is not allowlisted")]
+    NotAllowlisted(ClientId),
+    /// No enrollment token is outstanding for this name.
+    #[error("no enrollment token is outstanding for `{0}`")]
+    NoToken(ClientId),
+    /// The presented enrollment token is not the one issued for this name.
+    #[error("the enrollment token does not match the one issued for `{0}`")]
+    TokenMismatch(ClientId),
+    /// The enrollment token's lifetime is over.
+    #[error("the enrollment token for `{0}` has expired; ask the operator for a new one")]
+    TokenExpired(ClientId),
+    /// The system random generator failed.
+    #[error("cannot generate a token: {0}")]
+    Crypto(#[from] fedtune_shared::crypto::CryptoError),
+}
+
+/// How a name may authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Allowlisted with this key.
+    Allowed(PublicKey),
+    /// Was allowlisted, and revoked.
+    Revoked,
+    /// Never allowlisted.
+    Unknown,
+}
+
+/// One allowlist row, for `clients list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowlistEntry {
+    /// Client name.
+    pub name: ClientId,
+    /// Its key.
+    pub public_key: PublicKey,
+    /// When it was added (Unix ms).
+    pub added_ms: u64,
+    /// `operator` (clients add) or `enrollment` (a token was used).
+    pub added_via: String,
+    /// When it was revoked, if it was.
+    pub revoked_ms: Option<u64>,
+    /// Whether an enrollment token is outstanding for the name.
+    pub token_pending: bool,
+}
+
+/// Unix seconds now (enrollment tokens are wall-clock: they outlive coordinator restarts).
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// The allowlist of one state directory, on its own database connection.
+#[derive(Debug)]
+pub struct Allowlist {
+    conn: Mutex<Connection>,
+}
+
+impl Allowlist {
+    /// Opens (creating the folder, database and tables if needed) the allowlist of `state_dir`.
+    pub fn open(state_dir: &Path) -> Result<Self, AllowlistError> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|source| AllowlistError::Io { path: state_dir.to_path_buf(), source })?;
+        let conn = Connection::open(state_dir.join("state.sqlite"))?;
+        // A CLI command and the coordinator may write at the same moment: wait, do not fail.
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn with<R>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<R, AllowlistError>,
+    ) -> Result<R, AllowlistError> {
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+
+    /// The federation id of this state directory, generated on first use (`fed-` + 16 random
+    /// hex digits). Update signatures and session tokens are bound to it, so neither can be
+    /// replayed to another federation.
+    pub fn federation_id(&self) -> Result<String, AllowlistError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let existing: Option<String> = tx
+                .query_row("SELECT value FROM meta WHERE key = ?1", [FEDERATION_ID_KEY], |r| r.get(0))
+                .optional()?;
+            let id = match existing {
+                Some(id) => id,
+                None => {
+                    use ring::rand::SecureRandom as _;
+                    let mut raw = [0u8; 8];
+                    ring::rand::SystemRandom::new()
+                        .fill(&mut raw)
+                        .map_err(|_| fedtune_shared::crypto::CryptoError::Rng)?;
+                    let id = format!("fed-{}", hex::encode(raw));
+                    tx.execute(
+                        "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                        params![FEDERATION_ID_KEY, id],
+                    )?;
+                    id
+                }
+            };
+            tx.commit()?;
+            Ok(id)
+        })
+    }
+
+    /// Allowlists `name` with `key` (operator action). A revoked name may be added again, with
+    /// any key; an active one must be revoked first.
+    pub fn add(&self, name: &ClientId, key: &PublicKey) -> Result<(), AllowlistError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            insert(&tx, name, key, "operator")?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Revokes `name`: its sessions stop working at once and its pending uploads are refused.
+    /// Also drops an outstanding enrollment token for it.
+    pub fn revoke(&self, name: &ClientId) -> Result<(), AllowlistError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let n = tx.execute(
+                "UPDATE allowlist SET revoked_ms = ?2 WHERE client_id = ?1 AND revoked_ms IS NULL",
+                params![name.as_str(), now_ms()],
+            )?;
+            let tokens = tx.execute("DELETE FROM enrollment_tokens WHERE client_id = ?1", [name.as_str()])?;
+            if n == 0 && tokens == 0 {
+                return Err(AllowlistError::NotAllowlisted(name.clone()));
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
+    /// Every allowlisted (or revoked) client, and names with only a pending token.
+    pub fn list(&self) -> Result<Vec<AllowlistEntry>, AllowlistError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT a.client_id, a.public_key, a.added_ms, a.added_via, a.revoked_ms, \
+                   EXISTS (SELECT 1 FROM enrollment_tokens t WHERE t.client_id = a.client_id) \
+                 FROM allowlist a ORDER BY a.client_id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<i64>>(4)?,
+                    r.get::<_, bool>(5)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (name, key, added, via, revoked, pending) = row?;
+                let (Ok(name), Ok(key)) = (ClientId::parse(&name), PublicKey::from_slice(&key)) else {
+                    continue;
+                };
+                out.push(AllowlistEntry {
+                    name,
+                    public_key: key,
+                    added_ms: added as u64,
+                    added_via: via,
+                    revoked_ms: revoked.map(|v| v as u64),
+                    token_pending: pending,
+                });
+            }
+            Ok(out)
+        })
+    }
+
+    /// Names with an outstanding enrollment token and no allowlist entry yet.
+    pub fn pending_tokens(&self) -> Result<Vec<(ClientId, u64)>, AllowlistError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT client_id, expires_at FROM enrollment_tokens t \
+                 WHERE NOT EXISTS (SELECT 1 FROM allowlist a WHERE a.client_id = t.client_id) ORDER BY client_id",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (name, exp) = row?;
+                if let Ok(name) = ClientId::parse(&name) {
+                    out.push((name, exp as u64));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// How `name` may authenticate now.
+    pub fn standing(&self, name: &ClientId) -> Result<Standing, AllowlistError> {
+        self.with(|c| {
+            let row: Option<(Vec<u8>, Option<i64>)> = c
+                .prepare_cached("SELECT public_key, revoked_ms FROM allowlist WHERE client_id = ?1")?
+                .query_row([name.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            Ok(match row {
+                None => Standing::Unknown,
+                Some((_, Some(_))) => Standing::Revoked,
+                Some((key, None)) => match PublicKey::from_slice(&key) {
+                    Ok(k) => Standing::Allowed(k),
+                    // A corrupt row must not authenticate anyone.
+                    Err(_) => Standing::Revoked,
+                },
+            })
+        })
+    }
+
+    /// Issues a one-time enrollment token for `name`, valid for `ttl`; replaces an earlier
+    /// outstanding token for it. Refused while `name` is allowlisted and not revoked.
+    pub fn issue_enrollment_token(
+        &self,
+        name: &ClientId,
+        ttl: Duration,
+    ) -> Result<EnrollmentToken, AllowlistError> {
+        let token = EnrollmentToken::generate()?;
+        let record = EnrollmentRecord::new(&token, ttl, unix_now());
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if let Standing::Allowed(_) = standing_in(&tx, name)? {
+                return Err(AllowlistError::AlreadyAllowlisted(name.clone()));
+            }
+            tx.execute(
+                "INSERT INTO enrollment_tokens (client_id, digest, expires_at, created_ms) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT(client_id) DO UPDATE SET digest = excluded.digest, expires_at = excluded.expires_at, \
+                   created_ms = excluded.created_ms",
+                params![name.as_str(), record.digest.as_bytes().to_vec(), record.expires_at as i64, now_ms()],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })?;
+        Ok(token)
+    }
+
+    /// Exchanges `token` for allowlisting `key` under `name`, at Unix time `now`. The token is
+    /// consumed in the same transaction. An expired token is deleted too.
+    pub fn enroll(
+        &self,
+        name: &ClientId,
+        token: &EnrollmentToken,
+        key: &PublicKey,
+        now: u64,
+    ) -> Result<(), AllowlistError> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let row: Option<(Vec<u8>, i64)> = tx
+                .query_row(
+                    "SELECT digest, expires_at FROM enrollment_tokens WHERE client_id = ?1",
+                    [name.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let (digest, expires_at) = row.ok_or_else(|| AllowlistError::NoToken(name.clone()))?;
+            let digest = <[u8; 32]>::try_from(digest.as_slice())
+                .map(EnrollmentDigest::from_bytes)
+                .map_err(|_| AllowlistError::NoToken(name.clone()))?;
+            if !digest.matches(token) {
+                return Err(AllowlistError::TokenMismatch(name.clone()));
+            }
+            tx.execute("DELETE FROM enrollment_tokens WHERE client_id = ?1", [name.as_str()])?;
+            if now >= expires_at as u64 {
+                tx.commit()?;
+                return Err(AllowlistError::TokenExpired(name.clone()));
+            }
+            insert(&tx, name, key, "enrollment")?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+}
+
+fn standing_in(c: &Connection, name: &ClientId) -> Result<Standing, AllowlistError> {
+    let row: Option<(Vec<u8>, Option<i64>)> = c
+        .query_row(
+            "SELECT public_key, revoked_ms FROM allowlist WHERE client_id = ?1",
+            [name.as_str()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(match row {
+        None => Standing::Unknown,
+        Some((_, Some(_))) => Standing::Revoked,
+        Some((key, None)) => PublicKey::from_slice(&key).map(Standing::Allowed).unwrap_or(Standing::Revoked),
+    })
+}
+
+fn insert(c: &Connection, name: &ClientId, key: &PublicKey, via: &str) -> Result<(), AllowlistError> {
+    if let Standing::Allowed(_) = standing_in(c, name)? {
+        return Err(AllowlistError::AlreadyAllowlisted(name.clone()));
+    }
+    c.execute(
+        "INSERT INTO allowlist (client_id, public_key, added_ms, added_via, revoked_ms) VALUES (?1, ?2, ?3, ?4, NULL) \
+         ON CONFLICT(client_id) DO UPDATE SET public_key = excluded.public_key, added_ms = excluded.added_ms, \
+           added_via = excluded.added_via, revoked_ms = NULL",
+        params![name.as_str(), key.as_bytes().to_vec(), now_ms(), via],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use fedtune_shared::crypto::KeyPair;
+
+    use super::*;
+
+    fn id(s: &str) -> ClientId {
+        ClientId::parse(s).unwrap()
+    }
+
+    fn key() -> PublicKey {
+        KeyPair::generate_ephemeral().unwrap().public_key()
+    }
+
+    #[test]
+    fn an_added_client_is_allowed_until_revoked_and_can_be_re_added_with_a_new_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = Allowlist::open(dir.path()).unwrap();
+        let (k1, k2) = (key(), key());
+        assert_eq!(list.standing(&id("a")).unwrap(), Standing::Unknown);
+        list.add(&id("a"), &k1).unwrap();
+        assert_eq!(list.standing(&id("a")).unwrap(), Standing::Allowed(k1));
+        assert!(matches!(list.add(&id("a"), &k2), Err(AllowlistError::AlreadyAllowlisted(_))));
+        list.revoke(&id("a")).unwrap();
+        assert_eq!(list.standing(&id("a")).unwrap(), Standing::Revoked);
+        assert!(matches!(list.revoke(&id("a")), Err(AllowlistError::NotAllowlisted(_))));
+        list.add(&id("a"), &k2).unwrap();
+        assert_eq!(list.standing(&id("a")).unwrap(), Standing::Allowed(k2));
+        // A second connection (the CLI beside a running coordinator) sees the same state.
+        let other = Allowlist::open(dir.path()).unwrap();
+        other.revoke(&id("a")).unwrap();
+        assert_eq!(list.standing(&id("a")).unwrap(), Standing::Revoked);
+        assert_eq!(list.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_enrollment_token_works_once_for_its_name_and_before_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = Allowlist::open(dir.path()).unwrap();
+        let k = key();
+        let token = list.issue_enrollment_token(&id("b"), Duration::from_secs(600)).unwrap();
+        let stranger = EnrollmentToken::generate().unwrap();
+        assert!(matches!(
+            list.enroll(&id("b"), &stranger, &k, unix_now()),
+            Err(AllowlistError::TokenMismatch(_))
+        ));
+        assert!(matches!(list.enroll(&id("c"), &token, &k, unix_now()), Err(AllowlistError::NoToken(_))));
+        list.enroll(&id("b"), &token, &k, unix_now()).unwrap();
+        assert_eq!(list.standing(&id("b")).unwrap(), Standing::Allowed(k));
+        assert!(matches!(list.enroll(&id("b"), &token, &k, unix_now()), Err(AllowlistError::NoToken(_))));
+
+        let late = list.issue_enrollment_token(&id("d"), Duration::from_secs(60)).unwrap();
+        let err = list.enroll(&id("d"), &late, &k, unix_now() + 61).unwrap_err();
+        assert!(matches!(err, AllowlistError::TokenExpired(_)), "{err}");
+        assert_eq!(list.standing(&id("d")).unwrap(), Standing::Unknown);
+    }
+
+    #[test]
+    fn the_database_stores_only_the_token_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = Allowlist::open(dir.path()).unwrap();
+        let token = list.issue_enrollment_token(&id("e"), Duration::from_secs(60)).unwrap();
+        drop(list);
+        let raw = std::fs::read(dir.path().join("state.sqlite")).unwrap();
+        let wal = std::fs::read(dir.path().join("state.sqlite-wal")).unwrap_or_default();
+        let secret = token.expose_secret();
+        for bytes in [raw, wal] {
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()));
+        }
+    }
+
+    #[test]
+    fn the_federation_id_is_stable_per_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Allowlist::open(dir.path()).unwrap().federation_id().unwrap();
+        let b = Allowlist::open(dir.path()).unwrap().federation_id().unwrap();
+        assert_eq!(a, b);
+        fedtune_shared::auth::check_federation_id(&a).unwrap();
+    }
+}

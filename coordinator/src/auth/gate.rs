@@ -1,0 +1,401 @@
+//! [`ClientAuth`]: who may join, who is calling, and whether an upload is really theirs.
+//!
+//! ```text
+//! JoinChallenge(name) ─► nonce (random, single use, challenge_ttl)
+//! Join(name, nonce, sig) ─► nonce taken ─► name allowlisted? ─► sig over (nonce, federation, name)
+//!                           verifies with the allowlisted key? ─► HMAC session token (session_ttl)
+//! any call (Bearer token) ─► HMAC tag, federation, expiry ─► the client's current session?
+//!                           ─► still allowlisted (read per call: revocation is immediate)
+//! upload trailer ─► still allowlisted ─► Ed25519 signature over (federation, round, client,
+//!                   manifest, payload SHA-256, examples) verifies ─► only then folded
+//! ```
+//!
+//! Session tokens are stateless HMACs (the secret is `session.key`, 0600, in the state
+//! directory), but each client has one *current* token: a new join replaces it and `Leave`
+//! ends it, as the protocol promises. That table is in memory, so after a restart clients join
+//! again, which they must anyway because the registry's sessions are in memory too.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use fedtune_shared::auth::{verify_upload, ChallengeGrant, ChallengeRequest, EnrollRequest, JoinProof};
+use fedtune_shared::crypto::{verify_challenge, CryptoError, SessionAuthority, SessionSecret};
+use fedtune_shared::ids::ClientId;
+use fedtune_shared::round::{JoinRequest, UpdateHeader, UpdateTrailer};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::allowlist::{unix_now, Allowlist, AllowlistError, Standing};
+use super::settings::SecuritySettings;
+use crate::error::RoundError;
+use crate::rpc::auth::{Authenticator, UpdateVerifier};
+
+/// File name of the session HMAC secret in the state directory.
+pub const SESSION_SECRET_FILE: &str = "session.key";
+
+/// Errors setting up client authentication.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthSetupError {
+    /// The allowlist database.
+    #[error(transparent)]
+    Allowlist(#[from] AllowlistError),
+    /// The session secret file.
+    #[error("session secret: {0}")]
+    Secret(#[from] CryptoError),
+}
+
+#[derive(Debug)]
+struct Pending {
+    name: ClientId,
+    expires: Instant,
+}
+
+/// Allowlist + join challenges + HMAC sessions + update signatures.
+pub struct ClientAuth {
+    federation_id: String,
+    authority: SessionAuthority,
+    allowlist: Arc<Allowlist>,
+    challenges: Mutex<HashMap<[u8; 32], Pending>>,
+    sessions: RwLock<HashMap<ClientId, [u8; 16]>>,
+    session_ttl: Duration,
+    challenge_ttl: Duration,
+    max_pending: usize,
+}
+
+impl std::fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientAuth")
+            .field("federation_id", &self.federation_id)
+            .field("session_ttl", &self.session_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+fn internal(e: AllowlistError) -> RoundError {
+    RoundError::Internal(e.to_string())
+}
+
+impl ClientAuth {
+    /// Opens the allowlist of `state_dir`, loads (or creates, 0600) its session secret, and reads
+    /// (or creates) its federation id.
+    pub fn open(state_dir: &Path, settings: &SecuritySettings) -> Result<Self, AuthSetupError> {
+        let allowlist = Arc::new(Allowlist::open(state_dir)?);
+        let federation_id = allowlist.federation_id()?;
+        let secret = SessionSecret::load_or_generate(&state_dir.join(SESSION_SECRET_FILE))?;
+        Ok(Self {
+            authority: SessionAuthority::new(&secret, federation_id.clone()),
+            federation_id,
+            allowlist,
+            challenges: Mutex::new(HashMap::new()),
+            sessions: RwLock::new(HashMap::new()),
+            session_ttl: settings.session_ttl,
+            challenge_ttl: settings.challenge_ttl,
+            max_pending: settings.limits.max_pending_challenges,
+        })
+    }
+
+    /// The allowlist this gate reads.
+    pub fn allowlist(&self) -> &Arc<Allowlist> {
+        &self.allowlist
+    }
+
+    fn allowed_key(&self, client: &ClientId) -> Result<fedtune_shared::crypto::PublicKey, RoundError> {
+        match self.allowlist.standing(client).map_err(internal)? {
+            Standing::Allowed(key) => Ok(key),
+            Standing::Revoked => Err(RoundError::Forbidden(format!("client `{client}` has been revoked"))),
+            Standing::Unknown => Err(RoundError::Forbidden(format!(
+                "client `{client}` is not allowlisted: ask the operator to run `fedtune-coordinator clients add` \
+                 or to issue an enrollment token"
+            ))),
+        }
+    }
+}
+
+impl Authenticator for ClientAuth {
+    fn challenge(&self, request: &ChallengeRequest) -> Result<ChallengeGrant, RoundError> {
+        let nonce = fedtune_shared::crypto::Challenge::new(&self.federation_id, request.name.as_str())
+            .map_err(|e| RoundError::Internal(e.to_string()))?
+            .nonce;
+        let now = Instant::now();
+        let mut pending = self.challenges.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.len() >= self.max_pending {
+            pending.retain(|_, p| p.expires > now);
+            if pending.len() >= self.max_pending {
+                return Err(RoundError::Limited(format!(
+                    "{} join challenges are outstanding; retry shortly",
+                    self.max_pending
+                )));
+            }
+        }
+        pending.insert(nonce, Pending { name: request.name.clone(), expires: now + self.challenge_ttl });
+        Ok(ChallengeGrant {
+            nonce,
+            federation_id: self.federation_id.clone(),
+            expires_in: self.challenge_ttl,
+        })
+    }
+
+    fn admit(&self, join: &JoinRequest, proof: Option<&JoinProof>) -> Result<(), RoundError> {
+        let name = join.name.as_ref().ok_or_else(|| {
+            RoundError::Unauthenticated(
+                "joining needs a client name (the one allowlisted for your key)".into(),
+            )
+        })?;
+        let proof = proof.ok_or_else(|| {
+            RoundError::Unauthenticated(
+                "joining needs a signed challenge: call JoinChallenge and sign its nonce with your key"
+                    .into(),
+            )
+        })?;
+        // Taken before anything else is checked: a nonce is spent by its first use, right or wrong.
+        let taken = self.challenges.lock().unwrap_or_else(|p| p.into_inner()).remove(&proof.nonce);
+        match taken {
+            Some(p) if &p.name == name && p.expires > Instant::now() => {}
+            _ => {
+                return Err(RoundError::Unauthenticated(
+                    "unknown, already used, expired or foreign join challenge: request a new one".into(),
+                ))
+            }
+        }
+        let key = self.allowed_key(name)?;
+        if join.public_key.is_some_and(|offered| offered != *key.as_bytes()) {
+            return Err(RoundError::Forbidden(format!("a different public key is allowlisted for `{name}`")));
+        }
+        let challenge = fedtune_shared::crypto::Challenge {
+            nonce: proof.nonce,
+            federation_id: self.federation_id.clone(),
+            client_name: name.as_str().to_owned(),
+        };
+        verify_challenge(&key, &challenge, &proof.signature).map_err(|_| {
+            warn!(client = %name, "join challenge signature does not verify");
+            RoundError::Unauthenticated(format!(
+                "the challenge signature does not verify with the key allowlisted for `{name}`"
+            ))
+        })
+    }
+
+    fn enroll(&self, request: &EnrollRequest) -> Result<ClientId, RoundError> {
+        match self.allowlist.enroll(&request.name, &request.token, &request.public_key, unix_now()) {
+            Ok(()) => {
+                info!(client = %request.name, key = %request.public_key, "client enrolled with a one-time token");
+                Ok(request.name.clone())
+            }
+            Err(e @ (AllowlistError::Sqlite(_) | AllowlistError::Io { .. } | AllowlistError::Crypto(_))) => {
+                Err(internal(e))
+            }
+            Err(e) => {
+                warn!(client = %request.name, reason = %e, "enrollment refused");
+                Err(RoundError::Forbidden(format!("enrollment refused: {e}")))
+            }
+        }
+    }
+
+    fn federation_id(&self) -> Option<String> {
+        Some(self.federation_id.clone())
+    }
+
+    fn open_session(&self, client: &ClientId) -> Result<String, RoundError> {
+        let token = self
+            .authority
+            .issue(client.as_str(), self.session_ttl, unix_now())
+            .map_err(|e| RoundError::Internal(e.to_string()))?;
+        let claims = self
+            .authority
+            .verify(token.expose_secret(), unix_now())
+            .map_err(|e| RoundError::Internal(e.to_string()))?;
+        self.sessions.write().unwrap_or_else(|p| p.into_inner()).insert(client.clone(), claims.nonce);
+        Ok(token.expose_secret().to_owned())
+    }
+
+    fn authenticate(&self, token: &str) -> Result<ClientId, RoundError> {
+        let claims = self.authority.verify(token, unix_now()).map_err(|e| match e {
+            CryptoError::Expired { .. } => {
+                RoundError::Unauthenticated(format!("session token {e}: join again"))
+            }
+            other => RoundError::Unauthenticated(format!("invalid session token ({other}): join again")),
+        })?;
+        let client = ClientId::parse(&claims.client_id).map_err(|_| {
+            RoundError::Unauthenticated("invalid session token (bad client id): join again".into())
+        })?;
+        let current = self.sessions.read().unwrap_or_else(|p| p.into_inner()).get(&client).copied();
+        if current != Some(claims.nonce) {
+            return Err(RoundError::Unauthenticated(
+                "session token was replaced by a newer join, closed, or predates a coordinator restart: join again"
+                    .into(),
+            ));
+        }
+        self.allowed_key(&client)?;
+        Ok(client)
+    }
+
+    fn close_session(&self, client: &ClientId) {
+        self.sessions.write().unwrap_or_else(|p| p.into_inner()).remove(client);
+    }
+}
+
+impl UpdateVerifier for ClientAuth {
+    fn verify(
+        &self,
+        client: &ClientId,
+        header: &UpdateHeader,
+        trailer: &UpdateTrailer,
+    ) -> Result<(), RoundError> {
+        // Read again at the trailer: a client revoked while its upload streamed is refused here.
+        let key = self.allowed_key(client)?;
+        verify_upload(
+            &key,
+            &self.federation_id,
+            client,
+            header,
+            &trailer.payload_digest,
+            trailer.signature.as_ref(),
+        )
+        .map_err(|e| {
+            warn!(client = %client, round = header.id.round, reason = %e, "update signature refused");
+            RoundError::BadSignature(e.to_string())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use fedtune_shared::auth::sign_upload;
+    use fedtune_shared::crypto::KeyPair;
+    use fedtune_shared::ids::{ModelVersion, RoundId, Sha256};
+    use fedtune_shared::pb::PROTOCOL_VERSION;
+
+    use super::*;
+
+    fn id(s: &str) -> ClientId {
+        ClientId::parse(s).unwrap()
+    }
+
+    fn join(name: &str) -> JoinRequest {
+        JoinRequest {
+            protocol_version: PROTOCOL_VERSION,
+            name: Some(id(name)),
+            public_key: None,
+            train_examples: 1,
+            eval_examples: 0,
+            agent_version: String::new(),
+        }
+    }
+
+    fn gate(dir: &Path) -> ClientAuth {
+        ClientAuth::open(dir, &SecuritySettings::default()).unwrap()
+    }
+
+    fn admitted(g: &ClientAuth, key: &KeyPair, name: &str) -> Result<(), RoundError> {
+        let grant = g.challenge(&ChallengeRequest { name: id(name) }).unwrap();
+        g.admit(&join(name), Some(&JoinProof::answer(key, &grant, &id(name))))
+    }
+
+    #[tokio::test]
+    async fn only_an_allowlisted_key_answering_a_fresh_challenge_is_admitted() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = gate(dir.path());
+        let (key, stranger) =
+            (KeyPair::generate_ephemeral().unwrap(), KeyPair::generate_ephemeral().unwrap());
+        assert!(matches!(admitted(&g, &key, "a"), Err(RoundError::Forbidden(_))));
+        g.allowlist().add(&id("a"), &key.public_key()).unwrap();
+        admitted(&g, &key, "a").unwrap();
+        assert!(matches!(admitted(&g, &stranger, "a"), Err(RoundError::Unauthenticated(_))));
+        assert!(matches!(g.admit(&join("a"), None), Err(RoundError::Unauthenticated(_))));
+
+        // A nonce works once, and only for the name it was issued to.
+        let grant = g.challenge(&ChallengeRequest { name: id("a") }).unwrap();
+        let proof = JoinProof::answer(&key, &grant, &id("a"));
+        g.admit(&join("a"), Some(&proof)).unwrap();
+        assert!(matches!(g.admit(&join("a"), Some(&proof)), Err(RoundError::Unauthenticated(_))));
+        g.allowlist().add(&id("b"), &key.public_key()).unwrap();
+        let grant = g.challenge(&ChallengeRequest { name: id("a") }).unwrap();
+        let proof = JoinProof::answer(&key, &grant, &id("b"));
+        assert!(matches!(g.admit(&join("b"), Some(&proof)), Err(RoundError::Unauthenticated(_))));
+    }
+
+    #[tokio::test]
+    async fn a_session_dies_on_rejoin_leave_and_revocation_and_forgeries_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = gate(dir.path());
+        let key = KeyPair::generate_ephemeral().unwrap();
+        g.allowlist().add(&id("a"), &key.public_key()).unwrap();
+        let t1 = g.open_session(&id("a")).unwrap();
+        assert_eq!(g.authenticate(&t1).unwrap(), id("a"));
+        let t2 = g.open_session(&id("a")).unwrap();
+        assert!(matches!(g.authenticate(&t1), Err(RoundError::Unauthenticated(_))));
+        let mut forged = t2.clone().into_bytes();
+        let last = forged.len() - 1;
+        forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
+        assert!(matches!(
+            g.authenticate(&String::from_utf8(forged).unwrap()),
+            Err(RoundError::Unauthenticated(_))
+        ));
+        // A token from another coordinator (another secret) is refused.
+        let other = tempfile::tempdir().unwrap();
+        let elsewhere = gate(other.path());
+        elsewhere.allowlist().add(&id("a"), &key.public_key()).unwrap();
+        let foreign = elsewhere.open_session(&id("a")).unwrap();
+        assert!(matches!(g.authenticate(&foreign), Err(RoundError::Unauthenticated(_))));
+
+        g.allowlist().revoke(&id("a")).unwrap();
+        assert!(matches!(g.authenticate(&t2), Err(RoundError::Forbidden(_))));
+        g.allowlist().add(&id("a"), &key.public_key()).unwrap();
+        g.authenticate(&t2).unwrap();
+        g.close_session(&id("a"));
+        assert!(matches!(g.authenticate(&t2), Err(RoundError::Unauthenticated(_))));
+    }
+
+    #[tokio::test]
+    async fn an_expired_session_token_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = gate(dir.path());
+        let key = KeyPair::generate_ephemeral().unwrap();
+        g.allowlist().add(&id("a"), &key.public_key()).unwrap();
+        g.open_session(&id("a")).unwrap();
+        // A genuine token for `a` issued long ago, under the persisted secret.
+        let secret = SessionSecret::load_or_generate(&dir.path().join(SESSION_SECRET_FILE)).unwrap();
+        let old = SessionAuthority::new(&secret, g.federation_id().unwrap())
+            .issue("a", Duration::from_secs(60), unix_now() - 3600)
+            .unwrap();
+        let err = g.authenticate(old.expose_secret()).unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+        assert!(!err.to_string().contains(old.expose_secret()));
+    }
+
+    #[tokio::test]
+    async fn an_update_must_be_signed_by_the_allowlisted_key_for_this_federation() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = gate(dir.path());
+        let (key, stranger) =
+            (KeyPair::generate_ephemeral().unwrap(), KeyPair::generate_ephemeral().unwrap());
+        g.allowlist().add(&id("a"), &key.public_key()).unwrap();
+        let header = UpdateHeader {
+            id: RoundId::new(1, 0),
+            base_version: ModelVersion(0),
+            num_examples: 5,
+            metrics: BTreeMap::new(),
+            manifest_digest: Sha256([1; 32]),
+            total_bytes: 4,
+        };
+        let digest = Sha256([2; 32]);
+        let fed = g.federation_id().unwrap();
+        let trailer = |sig| UpdateTrailer { payload_digest: digest, signature: Some(sig) };
+        g.verify(&id("a"), &header, &trailer(sign_upload(&key, &fed, &id("a"), &header, &digest))).unwrap();
+        let wrong = [
+            sign_upload(&stranger, &fed, &id("a"), &header, &digest),
+            sign_upload(&key, "fed-other", &id("a"), &header, &digest),
+        ];
+        for sig in wrong {
+            assert!(matches!(g.verify(&id("a"), &header, &trailer(sig)), Err(RoundError::BadSignature(_))));
+        }
+        let unsigned = UpdateTrailer { payload_digest: digest, signature: None };
+        assert!(matches!(g.verify(&id("a"), &header, &unsigned), Err(RoundError::BadSignature(_))));
+        g.allowlist().revoke(&id("a")).unwrap();
+        let good = trailer(sign_upload(&key, &fed, &id("a"), &header, &digest));
+        assert!(matches!(g.verify(&id("a"), &header, &good), Err(RoundError::Forbidden(_))));
+    }
+}

@@ -1,0 +1,231 @@
+//! Call limits: per-client token buckets and in-flight caps, per-address buckets for
+//! unauthenticated calls, and a global cap on streaming downloads.
+//!
+//! Every limit refuses at once with [`RoundError::Limited`] (`RESOURCE_EXHAUSTED`) instead of
+//! queueing: a queue would let a flooding client make honest clients wait behind it, and a
+//! refused call costs the coordinator almost nothing. The bucket tables are bounded too, so
+//! a stream of calls from ever-new addresses cannot grow memory without limit.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use fedtune_shared::ids::ClientId;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use super::settings::LimitSettings;
+use crate::error::RoundError;
+
+/// Most entries a bucket table keeps; beyond it, buckets that have refilled completely (whose
+/// owners are idle) are dropped, and if none has, new keys share one overflow bucket.
+const MAX_TRACKED: usize = 16_384;
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Token buckets keyed by `K`, all with the same rate and size.
+#[derive(Debug)]
+struct Buckets<K> {
+    rate: f64,
+    size: f64,
+    table: HashMap<K, Bucket>,
+    overflow: Bucket,
+}
+
+impl<K: Hash + Eq + Clone> Buckets<K> {
+    fn new(rate: f64, size: u32) -> Self {
+        let now = Instant::now();
+        let size = f64::from(size);
+        Self { rate, size, table: HashMap::new(), overflow: Bucket { tokens: size, at: now } }
+    }
+
+    fn refill(b: &mut Bucket, rate: f64, size: f64, now: Instant) {
+        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * rate).min(size);
+        b.at = now;
+    }
+
+    /// Takes one token for `key`; false when its bucket is empty.
+    fn take(&mut self, key: &K) -> bool {
+        let now = Instant::now();
+        let (rate, size) = (self.rate, self.size);
+        if !self.table.contains_key(key) && self.table.len() >= MAX_TRACKED {
+            self.table.retain(|_, b| {
+                Self::refill(b, rate, size, now);
+                b.tokens < size
+            });
+        }
+        let bucket = if self.table.len() < MAX_TRACKED || self.table.contains_key(key) {
+            self.table.entry(key.clone()).or_insert(Bucket { tokens: size, at: now })
+        } else {
+            &mut self.overflow
+        };
+        Self::refill(bucket, rate, size, now);
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The coordinator's call limits (see [`LimitSettings`]).
+#[derive(Debug)]
+pub struct Limits {
+    settings: LimitSettings,
+    clients: Mutex<Buckets<ClientId>>,
+    peers: Mutex<Buckets<Option<IpAddr>>>,
+    in_flight: Arc<Mutex<HashMap<ClientId, usize>>>,
+    downloads: Arc<Semaphore>,
+}
+
+/// Holds one of a client's in-flight call slots; released on drop.
+#[derive(Debug)]
+pub struct CallSlot {
+    client: ClientId,
+    table: Arc<Mutex<HashMap<ClientId, usize>>>,
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = t.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// Holds one of the global download slots; released on drop.
+#[derive(Debug)]
+pub struct DownloadSlot(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl Limits {
+    /// Limits as configured.
+    pub fn new(settings: &LimitSettings) -> Self {
+        Self {
+            clients: Mutex::new(Buckets::new(settings.calls_per_second, settings.burst)),
+            peers: Mutex::new(Buckets::new(settings.anonymous_calls_per_second, settings.anonymous_burst)),
+            in_flight: Arc::new(Mutex::new(HashMap::new())),
+            downloads: Arc::new(Semaphore::new(settings.max_concurrent_downloads)),
+            settings: settings.clone(),
+        }
+    }
+
+    /// Charges one call to an authenticated client and takes one of its in-flight slots.
+    pub fn client_call(&self, client: &ClientId) -> Result<CallSlot, RoundError> {
+        if !self.clients.lock().unwrap_or_else(|p| p.into_inner()).take(client) {
+            return Err(RoundError::Limited(format!(
+                "client `{client}` exceeds {} calls per second (burst {}); slow down",
+                self.settings.calls_per_second, self.settings.burst
+            )));
+        }
+        let mut t = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let n = t.entry(client.clone()).or_insert(0);
+        if *n >= self.settings.concurrent_calls_per_client {
+            return Err(RoundError::Limited(format!(
+                "client `{client}` already has {} calls in progress (the limit)",
+                self.settings.concurrent_calls_per_client
+            )));
+        }
+        *n += 1;
+        Ok(CallSlot { client: client.clone(), table: self.in_flight.clone() })
+    }
+
+    /// Charges one unauthenticated call (or one with a refused token) to the caller's address.
+    pub fn anonymous_call(&self, peer: Option<IpAddr>) -> Result<(), RoundError> {
+        if self.peers.lock().unwrap_or_else(|p| p.into_inner()).take(&peer) {
+            Ok(())
+        } else {
+            Err(RoundError::Limited(format!(
+                "too many unauthenticated calls from this address (limit {} per second, burst {})",
+                self.settings.anonymous_calls_per_second, self.settings.anonymous_burst
+            )))
+        }
+    }
+
+    /// Takes a global download slot, if one is free.
+    pub fn download(&self) -> Result<DownloadSlot, RoundError> {
+        self.downloads.clone().try_acquire_owned().map(DownloadSlot).map_err(|_| {
+            RoundError::Limited(format!(
+                "{} downloads are already streaming; retry shortly",
+                self.settings.max_concurrent_downloads
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn limits(rate: f64, burst: u32, concurrent: usize) -> Limits {
+        Limits::new(&LimitSettings {
+            calls_per_second: rate,
+            burst,
+            concurrent_calls_per_client: concurrent,
+            anonymous_calls_per_second: rate,
+            anonymous_burst: burst,
+            max_concurrent_downloads: 1,
+            ..LimitSettings::default()
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_over_its_rate_is_refused_while_another_is_served_and_tokens_refill() {
+        let l = limits(2.0, 3, 100);
+        let (a, b) = (ClientId::parse("a").unwrap(), ClientId::parse("b").unwrap());
+        for _ in 0..3 {
+            drop(l.client_call(&a).unwrap());
+        }
+        let err = l.client_call(&a).unwrap_err();
+        assert!(matches!(err, RoundError::Limited(_)), "{err}");
+        drop(l.client_call(&b).unwrap());
+        tokio::time::advance(Duration::from_millis(500)).await;
+        drop(l.client_call(&a).unwrap());
+        assert!(l.client_call(&a).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_flight_slots_are_capped_per_client_and_freed_on_drop() {
+        let l = limits(1000.0, 1000, 2);
+        let a = ClientId::parse("a").unwrap();
+        let s1 = l.client_call(&a).unwrap();
+        let _s2 = l.client_call(&a).unwrap();
+        assert!(l.client_call(&a).is_err());
+        drop(s1);
+        let _s3 = l.client_call(&a).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn downloads_share_a_global_cap_and_anonymous_calls_a_per_address_bucket() {
+        let l = limits(1.0, 1, 1);
+        let d = l.download().unwrap();
+        assert!(l.download().is_err());
+        drop(d);
+        l.download().unwrap();
+        let (x, y) = (Some(IpAddr::from([10, 0, 0, 1])), Some(IpAddr::from([10, 0, 0, 2])));
+        l.anonymous_call(x).unwrap();
+        assert!(l.anonymous_call(x).is_err());
+        l.anonymous_call(y).unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_bucket_table_stays_bounded_under_ever_new_keys() {
+        let mut b: Buckets<u32> = Buckets::new(1.0, 1);
+        for k in 0..(MAX_TRACKED as u32 + 100) {
+            b.take(&k);
+        }
+        assert!(b.table.len() <= MAX_TRACKED);
+    }
+}

@@ -1,0 +1,216 @@
+//! Start-up: a fresh state directory gets the initial model (version 0) built from the Hugging
+//! Face checkpoint; an existing one resumes after its last committed round.
+//!
+//! The state directory fixes the federation: the trainable split, the labels and the strategy are
+//! recorded at creation, and `serve` refuses to resume with settings that would change them
+//! (clients would otherwise upload updates for a different layout than the checkpoints hold).
+
+use std::path::PathBuf;
+
+use fedtune_shared::chunk::PayloadView;
+use fedtune_shared::ids::{ModelVersion, RoundId, Sha256};
+use fedtune_shared::params::{Manifest, ParameterVector};
+use tracing::{info, warn};
+
+use crate::model::{self, GlobalModel, ModelError, TrainableLayout};
+use crate::settings::CoordinatorSettings;
+use crate::storage::{self, Storage, StorageError, StoredClient};
+use crate::strategy::{self, Strategy};
+
+/// Meta keys of the state database.
+mod keys {
+    pub(super) const SCHEMA: &str = "schema";
+    pub(super) const INIT_DIR: &str = "init_dir";
+    pub(super) const INIT_SEED: &str = "init_seed";
+    pub(super) const INITIALISED: &str = "initialised_tensors";
+    pub(super) const LABELS: &str = "labels";
+    pub(super) const FULL_MANIFEST: &str = "full_manifest_sha256";
+    pub(super) const TRAINABLE_MANIFEST: &str = "trainable_manifest_sha256";
+    pub(super) const STRATEGY: &str = "strategy";
+}
+
+/// Errors at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// State directory.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// Model files.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The state directory does not fit the settings or is damaged.
+    #[error("state directory {dir}: {reason}")]
+    Inconsistent {
+        /// Folder.
+        dir: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// What the round actor starts from.
+pub struct Booted {
+    /// The published model.
+    pub model: GlobalModel,
+    /// Label names.
+    pub labels: Vec<String>,
+    /// The strategy, with restored state.
+    pub strategy: Box<dyn Strategy>,
+    /// Known clients.
+    pub clients: Vec<StoredClient>,
+    /// The next round to attempt.
+    pub next: RoundId,
+    /// Failed attempts of that round so far.
+    pub consecutive_failures: u32,
+    /// Whether version 0 was evaluated already.
+    pub initial_evaluated: bool,
+    /// True when this start created the state directory.
+    pub fresh: bool,
+}
+
+impl std::fmt::Debug for Booted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Booted")
+            .field("version", &self.model.version)
+            .field("next", &self.next)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Number of encoder layers named in a manifest.
+fn num_layers(m: &Manifest) -> usize {
+    m.tensors
+        .iter()
+        .filter_map(|t| t.name.strip_prefix("bert.encoder.layer."))
+        .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
+        .max()
+        .map(|l| l + 1)
+        .unwrap_or(0)
+}
+
+/// Opens or creates the federation state. Blocking (reads and hashes the model).
+pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Booted, BootError> {
+    let inconsistent = |reason: String| BootError::Inconsistent { dir: store.dir().to_path_buf(), reason };
+    let latest = store.call_sync(|c| storage::latest_checkpoint(c))?;
+    let mut strategy = strategy::from_settings(&settings.strategy);
+    let (model, labels, fresh) = match latest {
+        None => {
+            let init = model::load_initial(&settings.model)?;
+            let layout = TrainableLayout::new(
+                init.params.manifest().clone(),
+                model::trainable_rule(&settings.model, num_layers(init.params.manifest())),
+            );
+            if layout.trainable.tensors.is_empty() {
+                return Err(inconsistent("no tensor is trainable with these model settings".into()));
+            }
+            let global = GlobalModel::new(ModelVersion(0), init.params, layout.into());
+            let path = store.checkpoint_path(ModelVersion(0));
+            global.params.save_safetensors(&path).map_err(ModelError::from)?;
+            let meta = vec![
+                (keys::SCHEMA, "1".to_string()),
+                (keys::INIT_DIR, settings.model.init_dir.display().to_string()),
+                (keys::INIT_SEED, settings.model.init_seed.to_string()),
+                (keys::INITIALISED, serde_json::json!(init.initialised).to_string()),
+                (keys::LABELS, serde_json::json!(init.labels).to_string()),
+                (keys::FULL_MANIFEST, global.model_ref.full_manifest.to_hex()),
+                (keys::TRAINABLE_MANIFEST, global.model_ref.trainable_manifest.to_hex()),
+                (keys::STRATEGY, strategy.name().to_string()),
+            ];
+            let digest = global.model_ref.full_payload;
+            store.call_sync(|c| storage::commit_initial(c, &path, digest, &meta))?;
+            info!(
+                tensors = global.layout.full.tensors.len(),
+                values = global.layout.full.numel(),
+                trainable_values = global.layout.trainable.numel(),
+                initialised = ?init.initialised,
+                "initial model created"
+            );
+            (global, init.labels, true)
+        }
+        Some(row) => {
+            let meta = |k: &'static str| {
+                store.call_sync(|c| storage::meta_get(c, k)).and_then(|v| {
+                    v.ok_or_else(|| StorageError::Mismatch {
+                        dir: store.dir().into(),
+                        reason: format!("meta `{k}` missing"),
+                    })
+                })
+            };
+            let params = ParameterVector::load_safetensors(&row.path, |_| true).map_err(ModelError::from)?;
+            if Sha256(params.manifest().digest()).to_hex() != meta(keys::FULL_MANIFEST)? {
+                return Err(inconsistent(format!(
+                    "checkpoint {} has another tensor layout",
+                    row.path.display()
+                )));
+            }
+            let actual = PayloadView::whole(params.values()).digest();
+            if actual.to_hex() != row.full_sha256 {
+                return Err(inconsistent(format!(
+                    "checkpoint {} does not match its recorded digest (damaged?)",
+                    row.path.display()
+                )));
+            }
+            let layout = TrainableLayout::new(
+                params.manifest().clone(),
+                model::trainable_rule(&settings.model, num_layers(params.manifest())),
+            );
+            if Sha256(layout.trainable.digest()).to_hex() != meta(keys::TRAINABLE_MANIFEST)? {
+                return Err(inconsistent(
+                    "model.train_top_layers / model.freeze_embeddings differ from when this state directory \
+                     was created; use those settings or a new state directory"
+                        .into(),
+                ));
+            }
+            let recorded = meta(keys::STRATEGY)?;
+            if recorded != strategy.name() {
+                return Err(inconsistent(format!(
+                    "strategy `{}` configured, but this federation runs `{recorded}`",
+                    strategy.name()
+                )));
+            }
+            if let Some(sp) = &row.strategy_path {
+                let state = ParameterVector::load_safetensors(sp, |_| true).map_err(ModelError::from)?;
+                let state_manifest = state.manifest().clone();
+                let values = state.into_parts().1;
+                // load_safetensors sorts names; the strategies' own state order is m, v.
+                let ordered = ParameterVector::new(state_manifest, values).map_err(ModelError::from)?;
+                strategy.restore_state(ordered).map_err(|e| inconsistent(e.to_string()))?;
+            }
+            let labels: Vec<String> = serde_json::from_str(&meta(keys::LABELS)?)
+                .map_err(|e| inconsistent(format!("labels: {e}")))?;
+            if !settings.model.labels.is_empty() && settings.model.labels != labels {
+                warn!(recorded = ?labels, "model.labels differ from the recorded labels; the recorded ones stay");
+            }
+            info!(version = %row.version, "resuming from the last committed round");
+            (GlobalModel::new(row.version, params, layout.into()), labels, false)
+        }
+    };
+    // Differential privacy wraps whichever strategy runs, its accountant rebuilt from the ledger.
+    let strategy =
+        crate::privacy::wrap_strategy(settings, strategy, store, model.layout.trainable.numel(), fresh)
+            .map_err(|e| inconsistent(format!("privacy: {e}")))?;
+    let version = model.version;
+    let round = version.0 + 1;
+    let (clients, attempt, failures, initial_evaluated) = store.call_sync(|c| {
+        let aborted = storage::abort_running(c)?;
+        if aborted > 0 {
+            warn!(rounds = aborted, "rounds interrupted by the previous stop are marked aborted");
+        }
+        Ok((
+            storage::load_clients(c)?,
+            storage::next_attempt(c, round)?,
+            storage::trailing_failures(c, round)?,
+            storage::evaluated(c, ModelVersion(0))? || version.0 > 0,
+        ))
+    })?;
+    Ok(Booted {
+        model,
+        labels,
+        strategy,
+        clients,
+        next: RoundId::new(round, attempt),
+        consecutive_failures: failures,
+        initial_evaluated,
+        fresh,
+    })
+}

@@ -1,0 +1,300 @@
+//! `fedtune-coordinator privacy` and `calibrate`.
+//!
+//! * `privacy --state-dir DIR [--json]`: the ledger of a federation, one row per charged round.
+//! * `privacy --sample-rate Q --noise-multiplier Z --rounds T --delta D [--json]`: planning, ε
+//!   after `T` identical rounds (`{"epsilon": …}` with `--json`).
+//! * `calibrate --target-epsilon E --delta D --rounds T --sample-rate Q [--json]`: the smallest
+//!   noise multiplier that keeps `T` rounds within `E`.
+//!
+//! Both planning commands use the same accountant as `serve`
+//! ([`epsilon_for_rounds`], [`calibrate_for`]), so what they print is what the ledger will show.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use fedtune_shared::privacy::{calibrate_for, epsilon_for_rounds, Adjacency, PrivacyError, SamplingScheme};
+use fedtune_shared::round::PrivacyStatus;
+use serde_json::json;
+
+use super::ledger::{self, LedgerRecord};
+use super::scheme_name;
+use crate::storage::{self, Storage, StorageError};
+
+/// Sampling scheme for planning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PlanSampling {
+    /// Each client independently with probability Q (add/remove adjacency).
+    #[default]
+    Poisson,
+    /// A uniformly random cohort of Q·N clients (replace-one adjacency).
+    FixedSize,
+}
+
+/// `privacy` options: a state directory (the ledger), or the planning parameters.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PrivacyArgs {
+    /// State directory whose ledger to print.
+    #[arg(long, conflicts_with_all = ["sample_rate", "noise_multiplier", "rounds"])]
+    pub state_dir: Option<PathBuf>,
+    /// Planning: sampling rate q in (0, 1].
+    #[arg(long)]
+    pub sample_rate: Option<f64>,
+    /// Planning: noise multiplier z.
+    #[arg(long)]
+    pub noise_multiplier: Option<f64>,
+    /// Planning: number of rounds.
+    #[arg(long)]
+    pub rounds: Option<u64>,
+    /// Planning: δ.
+    #[arg(long, default_value_t = 1e-5)]
+    pub delta: f64,
+    /// Planning: how clients are sampled.
+    #[arg(long, value_enum, default_value_t = PlanSampling::Poisson)]
+    pub sampling: PlanSampling,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `calibrate` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CalibrateArgs {
+    /// Budget ε.
+    #[arg(long)]
+    pub target_epsilon: f64,
+    /// δ.
+    #[arg(long, default_value_t = 1e-5)]
+    pub delta: f64,
+    /// Rounds the budget must cover.
+    #[arg(long)]
+    pub rounds: u64,
+    /// Sampling rate q in (0, 1].
+    #[arg(long)]
+    pub sample_rate: f64,
+    /// How clients are sampled.
+    #[arg(long, value_enum, default_value_t = PlanSampling::Poisson)]
+    pub sampling: PlanSampling,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Why a privacy command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivacyCliError {
+    /// The arguments do not make a request.
+    #[error("{0}")]
+    Usage(String),
+    /// The accountant refused the parameters.
+    #[error(transparent)]
+    Privacy(#[from] PrivacyError),
+    /// The state directory.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+fn accounting(sampling: PlanSampling, q: f64) -> (SamplingScheme, Adjacency) {
+    match sampling {
+        PlanSampling::Poisson if q >= 1.0 => (SamplingScheme::Full, Adjacency::AddRemove),
+        PlanSampling::Poisson => (SamplingScheme::Poisson, Adjacency::AddRemove),
+        PlanSampling::FixedSize => (SamplingScheme::FixedSize, Adjacency::ReplaceOne),
+    }
+}
+
+/// Runs `privacy`; returns what to print.
+pub fn privacy(args: &PrivacyArgs) -> Result<String, PrivacyCliError> {
+    if let Some(dir) = &args.state_dir {
+        return show_ledger(dir, args.json);
+    }
+    let (Some(q), Some(z), Some(t)) = (args.sample_rate, args.noise_multiplier, args.rounds) else {
+        return Err(PrivacyCliError::Usage(
+            "give --state-dir DIR, or --sample-rate Q --noise-multiplier Z --rounds T [--delta D]".into(),
+        ));
+    };
+    let (sampling, adjacency) = accounting(args.sampling, q);
+    let eps = epsilon_for_rounds(adjacency, sampling, q, z, t, args.delta)?;
+    Ok(if args.json {
+        format!(
+            "{}\n",
+            json!({
+                "epsilon": eps,
+                "delta": args.delta,
+                "rounds": t,
+                "sample_rate": q,
+                "noise_multiplier": z,
+                "sampling": scheme_name(sampling),
+            })
+        )
+    } else {
+        format!(
+            "ε = {eps:.6} at δ = {:e} after {t} rounds ({} sampling, q = {q}, z = {z})\n",
+            args.delta,
+            scheme_name(sampling)
+        )
+    })
+}
+
+/// Runs `calibrate`; returns what to print.
+pub fn calibrate(args: &CalibrateArgs) -> Result<String, PrivacyCliError> {
+    let q = args.sample_rate;
+    let (sampling, adjacency) = accounting(args.sampling, q);
+    let z = calibrate_for(args.target_epsilon, args.delta, args.rounds, q, sampling, adjacency)?;
+    let eps = epsilon_for_rounds(adjacency, sampling, q, z, args.rounds, args.delta)?;
+    Ok(if args.json {
+        format!(
+            "{}\n",
+            json!({
+                "noise_multiplier": z,
+                "epsilon": eps,
+                "target_epsilon": args.target_epsilon,
+                "delta": args.delta,
+                "rounds": args.rounds,
+                "sample_rate": q,
+                "sampling": scheme_name(sampling),
+            })
+        )
+    } else {
+        format!("{z}\n")
+    })
+}
+
+/// The ledger of `dir` as text or JSON.
+fn show_ledger(dir: &std::path::Path, as_json: bool) -> Result<String, PrivacyCliError> {
+    let store = Storage::open_existing(dir)?;
+    let mode = store.call_sync(|c| storage::meta_get(c, "privacy_mode"))?.unwrap_or_else(|| "none".into());
+    let rows = store.call_sync(ledger::load)?;
+    Ok(render_ledger(&mode, &rows, as_json))
+}
+
+/// Renders a ledger (`mode` as recorded at creation).
+pub fn render_ledger(mode: &str, rows: &[LedgerRecord], as_json: bool) -> String {
+    let last = rows.last().map(|r| &r.detail.entry);
+    let guarantee = match (mode, last) {
+        ("none", _) => PrivacyStatus::NO_GUARANTEE.to_string(),
+        (_, None) => format!("{mode} noise, no round charged yet (ε = 0)"),
+        (_, Some(e)) => format!(
+            "(ε = {:.4}, δ = {:e}) user-level DP after {} round(s), {mode} noise",
+            e.epsilon_after,
+            e.delta,
+            rows.len()
+        ),
+    };
+    if as_json {
+        let rounds: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                let e = &r.detail.entry;
+                json!({
+                    "round": e.round,
+                    "version": r.version,
+                    "mechanism": r.mechanism,
+                    "sampling": scheme_name(e.sampling),
+                    "sampling_rate": e.sampling_rate,
+                    "noise_multiplier": e.noise_multiplier,
+                    "clip_norm": e.clip_norm,
+                    "next_clip_norm": r.detail.next_clip_norm,
+                    "expected_clients": r.detail.expected_clients,
+                    "sampled": e.sampled,
+                    "reported": e.reported,
+                    "epsilon": e.epsilon_after,
+                    "delta": e.delta,
+                })
+            })
+            .collect();
+        return format!(
+            "{}\n",
+            serde_json::to_string_pretty(&json!({
+                "mode": mode,
+                "guarantee": guarantee,
+                "epsilon": last.map(|e| e.epsilon_after).unwrap_or(0.0),
+                "delta": last.map(|e| e.delta),
+                "rounds": rounds,
+            }))
+            .unwrap_or_default()
+        );
+    }
+    let mut out = format!("privacy: {guarantee}\n");
+    if rows.is_empty() {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:>5}  {:<22} {:<10} {:>8} {:>9} {:>9} {:>7} {:>8} {:>10}",
+        "round", "mechanism", "sampling", "q", "z", "C", "sampled", "reported", "epsilon"
+    );
+    for r in rows {
+        let e = &r.detail.entry;
+        let _ = writeln!(
+            out,
+            "{:>5}  {:<22} {:<10} {:>8.4} {:>9.4} {:>9.4} {:>7} {:>8} {:>10.4}",
+            e.round,
+            r.mechanism,
+            scheme_name(e.sampling),
+            e.sampling_rate,
+            e.noise_multiplier,
+            e.clip_norm,
+            e.sampled,
+            e.reported,
+            e.epsilon_after
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(q: f64, z: f64, t: u64) -> PrivacyArgs {
+        PrivacyArgs {
+            state_dir: None,
+            sample_rate: Some(q),
+            noise_multiplier: Some(z),
+            rounds: Some(t),
+            delta: 1e-5,
+            sampling: PlanSampling::Poisson,
+            json: true,
+        }
+    }
+
+    #[test]
+    fn planning_prints_the_accountants_epsilon() {
+        let out = privacy(&plan(0.1, 1.1, 100)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let lib =
+            epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Poisson, 0.1, 1.1, 100, 1e-5).unwrap();
+        assert_eq!(v["epsilon"].as_f64().unwrap(), lib);
+    }
+
+    #[test]
+    fn calibration_round_trips_through_planning() {
+        let args = CalibrateArgs {
+            target_epsilon: 3.0,
+            delta: 1e-5,
+            rounds: 50,
+            sample_rate: 0.2,
+            sampling: PlanSampling::Poisson,
+            json: false,
+        };
+        let z: f64 = calibrate(&args).unwrap().trim().parse().unwrap();
+        let eps: f64 = serde_json::from_str::<serde_json::Value>(&privacy(&plan(0.2, z, 50)).unwrap())
+            .unwrap()["epsilon"]
+            .as_f64()
+            .unwrap();
+        assert!(eps <= 3.0 && eps > 2.99, "ε = {eps} for z = {z}");
+    }
+
+    #[test]
+    fn planning_without_parameters_explains_the_usage() {
+        let mut args = plan(0.1, 1.0, 1);
+        args.rounds = None;
+        assert!(matches!(privacy(&args), Err(PrivacyCliError::Usage(_))));
+    }
+
+    #[test]
+    fn an_empty_ledger_without_dp_says_there_is_no_guarantee() {
+        assert!(render_ledger("none", &[], false).contains("no privacy guarantee"));
+        let v: serde_json::Value = serde_json::from_str(&render_ledger("none", &[], true)).unwrap();
+        assert_eq!(v["guarantee"], "no privacy guarantee");
+    }
+}

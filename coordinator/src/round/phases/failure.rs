@@ -1,0 +1,62 @@
+//! Failure: an attempt did not produce a model. Record it; retry after a backoff with the next
+//! attempt number, or halt the federation after too many failures in a row.
+
+use fedtune_shared::ids::RoundId;
+use fedtune_shared::round::{PhaseName, TaskKind};
+use tracing::warn;
+
+use super::finished::Finished;
+use super::idle::Idle;
+use super::shutdown::Shutdown;
+use crate::round::phase::{Closed, Phase, Shared};
+use crate::round::Round;
+use crate::storage::{self, ClientOutcome};
+
+/// A failed attempt.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    id: RoundId,
+    reason: String,
+    outcomes: Vec<ClientOutcome>,
+    accepted: u32,
+}
+
+impl Failure {
+    /// Attempt `id` failed for `reason`.
+    pub(crate) fn new(id: RoundId, reason: String, outcomes: Vec<ClientOutcome>, accepted: u32) -> Self {
+        Self { id, reason, outcomes, accepted }
+    }
+}
+
+impl Phase for Failure {
+    const NAME: PhaseName = PhaseName::Failure;
+
+    async fn run(self, shared: &mut Shared) -> Round {
+        let Failure { id, reason, outcomes, accepted } = self;
+        warn!(%reason, "round attempt failed");
+        shared.withdraw_tasks(TaskKind::Fit);
+        shared.closed = Some(Closed { id, reason: format!("it failed: {reason}") });
+        let why = reason.clone();
+        let traffic = shared.take_traffic();
+        match shared.db(move |c| storage::fail_round(c, id, &why, &outcomes, accepted, traffic)).await {
+            None => return Round::Shutdown(Shutdown::requested()),
+            Some(Err(e)) => return shared.fatal("cannot record the failed round", &e),
+            Some(Ok(())) => {}
+        }
+        shared.consecutive_failures += 1;
+        shared.next = RoundId::new(id.round, id.attempt + 1);
+        let max = shared.settings.rounds.max_consecutive_failures;
+        if shared.consecutive_failures >= max {
+            let why = format!(
+                "halted after {max} consecutive failed attempts of round {}; last: {reason}",
+                id.round
+            );
+            return Round::Finished(Finished::halted(shared, why));
+        }
+        let backoff = shared.settings.rounds.retry_backoff;
+        if !shared.serve_for(backoff).await {
+            return Round::Shutdown(Shutdown::requested());
+        }
+        Round::Idle(Idle)
+    }
+}

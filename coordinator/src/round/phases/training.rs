@@ -1,0 +1,454 @@
+//! Training: sampled clients train and upload; verified updates are folded as they arrive.
+//!
+//! Per drawn client a slot moves `Assigned → Uploading → Folding → Accepted`, or ends `Failed`
+//! (reported failure, dropout, late, refused). An upload's header is checked here before any
+//! byte is staged; the staged, digest-verified update is folded into the fixed-point sum on a
+//! blocking thread, one fold at a time (the sum has one owner), while this loop keeps serving
+//! requests. The phase ends at the deadline, or earlier once every slot is final, after the
+//! folds already committed have finished.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use fedtune_shared::ids::{ClientId, RoundId, Sha256};
+use fedtune_shared::round::{ClientActivity, PhaseName, TaskKind, UpdateHeader, UploadReceipt};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::aggregating::Aggregating;
+use super::failure::Failure;
+use super::shutdown::Shutdown;
+use crate::aggregate::{FixedPointSum, MAX_TOTAL_WEIGHT};
+use crate::error::RoundError;
+use crate::round::phase::{Closed, Phase, Shared};
+use crate::round::requests::{Envelope, Reply, Request, UploadTicket};
+use crate::round::Round;
+use crate::spool::StagedUpdate;
+use crate::storage::ClientOutcome;
+use crate::strategy::{FitFailure, FitSummary, UpdateWeighting, UploadStats};
+
+/// Where a drawn client stands.
+#[derive(Debug, Clone, PartialEq)]
+enum Slot {
+    /// Task assigned, nothing received.
+    Assigned,
+    /// An upload with this id is streaming.
+    Uploading(u64),
+    /// Verified, waiting for or in its fold.
+    Folding,
+    /// Folded.
+    Accepted,
+    /// Ended without contributing.
+    Failed(String),
+}
+
+impl Slot {
+    fn is_final(&self) -> bool {
+        matches!(self, Slot::Accepted | Slot::Failed(_))
+    }
+}
+
+/// A verified update waiting for its fold.
+#[derive(Debug)]
+struct PendingFold {
+    ticket: UploadTicket,
+    staged: StagedUpdate,
+    weighting: UpdateWeighting,
+    reply: Reply<UploadReceipt>,
+}
+
+/// The fold running on a blocking thread; it hands the sum back when done.
+type FoldJoin = JoinHandle<(FixedPointSum, PendingFold, std::io::Result<()>)>;
+
+/// Collecting and folding the updates of one round.
+#[derive(Debug)]
+pub(crate) struct Training {
+    id: RoundId,
+    deadline: Instant,
+    slots: BTreeMap<ClientId, Slot>,
+    /// The running sum; `None` while a fold has it.
+    sum: Option<FixedPointSum>,
+    queue: VecDeque<PendingFold>,
+    folding: Option<FoldJoin>,
+    /// Weight of everything folded or queued (bounded by `MAX_TOTAL_WEIGHT`).
+    committed_weight: u64,
+    accepted: Vec<FitSummary>,
+    deadline_passed: bool,
+    /// Set if a fold failed: the sum can no longer be trusted and the attempt fails.
+    poisoned: Option<String>,
+}
+
+impl Training {
+    /// Training for `id` with the drawn clients, ending at `deadline`.
+    pub(crate) fn new(id: RoundId, selected: Vec<ClientId>, deadline: Instant) -> Self {
+        Self {
+            id,
+            deadline,
+            slots: selected.into_iter().map(|c| (c, Slot::Assigned)).collect(),
+            sum: None,
+            queue: VecDeque::new(),
+            folding: None,
+            committed_weight: 0,
+            accepted: Vec::new(),
+            deadline_passed: false,
+            poisoned: None,
+        }
+    }
+
+    fn done(&self) -> bool {
+        let settled = self.deadline_passed || self.slots.values().all(Slot::is_final);
+        settled && self.folding.is_none() && self.queue.is_empty()
+    }
+
+    fn fail_slot(&mut self, shared: &mut Shared, client: &ClientId, reason: String) {
+        if let Some(slot) = self.slots.get_mut(client) {
+            debug!(client = %client, %reason, "participant failed");
+            *slot = Slot::Failed(reason);
+        }
+        if shared.tasks.remove(client).is_some() {
+            shared.events.tasks_changed();
+        }
+    }
+
+    fn on_deadline(&mut self, shared: &mut Shared) {
+        self.deadline_passed = true;
+        let open: Vec<(ClientId, Slot)> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Assigned | Slot::Uploading(_)))
+            .map(|(c, s)| (c.clone(), s.clone()))
+            .collect();
+        for (c, s) in open {
+            let why = match s {
+                Slot::Uploading(_) => "late: upload incomplete at the deadline",
+                _ => "late: no update by the deadline",
+            };
+            self.fail_slot(shared, &c, why.into());
+        }
+        info!(
+            late =
+                self.slots.values().filter(|s| matches!(s, Slot::Failed(r) if r.starts_with("late"))).count(),
+            "round deadline passed"
+        );
+    }
+
+    fn check_liveness(&mut self, shared: &mut Shared) {
+        let now = Instant::now();
+        let silent: Vec<ClientId> = self
+            .slots
+            .iter()
+            .filter(|(c, s)| **s == Slot::Assigned && !shared.registry.is_alive(c, now))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for c in silent {
+            warn!(client = %c, "selected client went silent; counted as a dropout");
+            self.fail_slot(shared, &c, "dropped: no heartbeat within the liveness timeout".into());
+        }
+    }
+
+    fn begin(
+        &mut self,
+        shared: &mut Shared,
+        client: ClientId,
+        header: UpdateHeader,
+    ) -> Result<UploadTicket, RoundError> {
+        let id = self.id;
+        let slot = self
+            .slots
+            .get(&client)
+            .ok_or_else(|| RoundError::NotSelected { client: client.clone(), round: id })?;
+        if self.deadline_passed {
+            return Err(RoundError::Late { round: id, deadline: shared.settings.rounds.deadline });
+        }
+        match slot {
+            Slot::Assigned => {}
+            Slot::Uploading(_) => return Err(RoundError::UploadInProgress { client, round: id }),
+            Slot::Folding | Slot::Accepted => return Err(RoundError::Duplicate { client, round: id }),
+            Slot::Failed(reason) => {
+                return Err(RoundError::TaskOver { client, round: id, reason: reason.clone() })
+            }
+        }
+        if header.base_version != shared.model.version {
+            return Err(RoundError::WrongBaseVersion {
+                round: id,
+                got: header.base_version,
+                expected: shared.model.version,
+            });
+        }
+        let layout = &shared.model.layout;
+        let expected_digest = Sha256(layout.trainable.digest());
+        if header.manifest_digest != expected_digest {
+            return Err(RoundError::ManifestMismatch {
+                expected: expected_digest,
+                got: header.manifest_digest,
+            });
+        }
+        let expected = layout.trainable.byte_len() as u64;
+        if header.total_bytes > expected {
+            return Err(RoundError::TooLarge { size: header.total_bytes, limit: expected });
+        }
+        if header.total_bytes < expected {
+            return Err(RoundError::SizeMismatch { announced: header.total_bytes, expected });
+        }
+        if self.committed_weight + header.num_examples > MAX_TOTAL_WEIGHT {
+            return Err(RoundError::TooManyExamples { weight: header.num_examples, limit: MAX_TOTAL_WEIGHT });
+        }
+        shared.next_upload_id += 1;
+        let upload_id = shared.next_upload_id;
+        self.slots.insert(client.clone(), Slot::Uploading(upload_id));
+        shared.registry.touch(&client, Some(ClientActivity::Uploading), Instant::now());
+        Ok(UploadTicket { upload_id, round: id, client, header })
+    }
+
+    fn commit(
+        &mut self,
+        shared: &mut Shared,
+        ticket: UploadTicket,
+        staged: StagedUpdate,
+        reply: Reply<UploadReceipt>,
+    ) {
+        let client = ticket.client.clone();
+        let refuse = |reply: Reply<UploadReceipt>, e: RoundError| {
+            let _ = reply.send(Err(e));
+        };
+        match self.slots.get(&client) {
+            Some(Slot::Uploading(u)) if *u == ticket.upload_id => {}
+            Some(Slot::Failed(reason)) if reason.starts_with("late") => {
+                return refuse(
+                    reply,
+                    RoundError::Late { round: self.id, deadline: shared.settings.rounds.deadline },
+                )
+            }
+            Some(Slot::Failed(reason)) => {
+                return refuse(reply, RoundError::TaskOver { client, round: self.id, reason: reason.clone() })
+            }
+            _ => return refuse(reply, RoundError::Duplicate { client, round: self.id }),
+        }
+        let stats = UploadStats {
+            client: client.clone(),
+            num_examples: ticket.header.num_examples,
+            l2_norm: staged.l2_norm(),
+        };
+        let weighting = {
+            let strategy = shared.strategy.lock().unwrap_or_else(|p| p.into_inner());
+            strategy.update_weighting(&stats)
+        };
+        let weighting = match weighting {
+            Ok(w) if w.weight >= 1 && w.scale > 0.0 && w.scale <= 1.0 => w,
+            Ok(w) => {
+                warn!(?w, "strategy returned an invalid weighting");
+                self.fail_slot(shared, &client, "refused: invalid weighting".into());
+                return refuse(reply, RoundError::Internal("invalid update weighting".into()));
+            }
+            Err(e) => {
+                self.fail_slot(shared, &client, format!("refused: {e}"));
+                return refuse(reply, RoundError::Refused(e.to_string()));
+            }
+        };
+        if self.committed_weight + weighting.weight > MAX_TOTAL_WEIGHT {
+            self.fail_slot(shared, &client, "refused: too many examples".into());
+            return refuse(
+                reply,
+                RoundError::TooManyExamples { weight: weighting.weight, limit: MAX_TOTAL_WEIGHT },
+            );
+        }
+        self.committed_weight += weighting.weight;
+        self.slots.insert(client, Slot::Folding);
+        self.queue.push_back(PendingFold { ticket, staged, weighting, reply });
+        self.start_next_fold();
+    }
+
+    fn start_next_fold(&mut self) {
+        if self.folding.is_some() {
+            return;
+        }
+        let Some(sum) = self.sum.take() else { return };
+        let Some(pending) = self.queue.pop_front() else {
+            self.sum = Some(sum);
+            return;
+        };
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+        self.folding = Some(tokio::task::spawn_blocking(move || {
+            let mut sum = sum;
+            let w = pending.weighting;
+            let r = sum.fold_file(pending.staged.path(), w.weight, w.scale, threads);
+            (sum, pending, r)
+        }));
+    }
+
+    fn fold_done(
+        &mut self,
+        shared: &mut Shared,
+        res: Result<(FixedPointSum, PendingFold, std::io::Result<()>), tokio::task::JoinError>,
+    ) {
+        self.folding = None;
+        match res {
+            Ok((sum, pending, Ok(()))) => {
+                self.sum = Some(sum);
+                let client = pending.ticket.client.clone();
+                self.slots.insert(client.clone(), Slot::Accepted);
+                shared.tasks.remove(&client);
+                shared.accepted_updates += 1;
+                self.accepted.push(FitSummary {
+                    client: client.clone(),
+                    num_examples: pending.ticket.header.num_examples,
+                    weight: pending.weighting.weight,
+                    metrics: pending.ticket.header.metrics.clone(),
+                });
+                info!(client = %client, examples = pending.ticket.header.num_examples, "update folded");
+                let receipt = UploadReceipt { id: self.id, received_bytes: pending.staged.bytes() };
+                let _ = pending.reply.send(Ok(receipt));
+            }
+            Ok((sum, pending, Err(e))) => {
+                // The sum may hold part of this update: nothing folded into it can be trusted.
+                self.sum = Some(sum);
+                warn!(cause = %e, "fold failed; the attempt will fail");
+                self.poisoned = Some(format!("folding an update failed: {e}"));
+                let client = pending.ticket.client.clone();
+                self.fail_slot(shared, &client, "internal error while folding".into());
+                let _ = pending.reply.send(Err(RoundError::Internal(e.to_string())));
+            }
+            Err(e) => {
+                warn!(cause = %e, "fold task died; the attempt will fail");
+                self.poisoned = Some(format!("fold task died: {e}"));
+                // The sum went down with the task: refuse everything still queued.
+                for p in self.queue.drain(..) {
+                    let _ = p.reply.send(Err(RoundError::Internal("aggregation failed".into())));
+                }
+            }
+        }
+        self.start_next_fold();
+    }
+
+    async fn on_request(&mut self, shared: &mut Shared, env: Envelope) {
+        let (req, span) = env;
+        match req {
+            Request::BeginUpload(client, header, reply) if header.id == self.id => {
+                let _g = span.enter();
+                let out = self.begin(shared, client, header);
+                if let Err(e) = &out {
+                    debug!(cause = %e, "upload refused at its header");
+                }
+                let _ = reply.send(out);
+            }
+            Request::CommitUpload(ticket, staged, reply) if ticket.round == self.id => {
+                let _g = span.enter();
+                self.commit(shared, ticket, staged, reply);
+            }
+            Request::AbortUpload(ticket) if ticket.round == self.id => {
+                if self.slots.get(&ticket.client) == Some(&Slot::Uploading(ticket.upload_id)) {
+                    // The client may try again before the deadline.
+                    self.slots.insert(ticket.client, Slot::Assigned);
+                }
+            }
+            Request::ReportFailure(client, report, reply)
+                if report.kind == TaskKind::Fit
+                    && report.id == self.id
+                    && self.slots.contains_key(&client) =>
+            {
+                shared.registry.touch(&client, Some(ClientActivity::Idle), Instant::now());
+                if matches!(self.slots.get(&client), Some(Slot::Assigned | Slot::Uploading(_))) {
+                    info!(client = %client, reason = %report.reason, "client reported a failed fit task");
+                    self.fail_slot(shared, &client, format!("failed: {}", report.reason));
+                }
+                let _ = reply.send(Ok(()));
+            }
+            other => shared.handle_common((other, span)).await,
+        }
+    }
+}
+
+impl Phase for Training {
+    const NAME: PhaseName = PhaseName::Training;
+
+    async fn run(mut self, shared: &mut Shared) -> Round {
+        shared.enter(PhaseName::Training, Some(self.deadline));
+        let len = shared.model.layout.trainable.numel();
+        self.sum = Some(FixedPointSum::new(len));
+        let mut tick = shared.tick_interval();
+        while !self.done() {
+            let folding = async {
+                match self.folding.as_mut() {
+                    Some(h) => h.await,
+                    None => std::future::pending().await,
+                }
+            };
+            let deadline = self.deadline;
+            tokio::select! {
+                biased;
+                _ = shared.cancel.cancelled() => {
+                    self.abandon();
+                    return Round::Shutdown(Shutdown::requested());
+                }
+                res = folding => self.fold_done(shared, res),
+                _ = tokio::time::sleep_until(deadline), if !self.deadline_passed => self.on_deadline(shared),
+                env = shared.requests.recv() => match env {
+                    Some(env) => self.on_request(shared, env).await,
+                    None => {
+                        self.abandon();
+                        return Round::Shutdown(Shutdown::requested());
+                    }
+                },
+                _ = tick.tick() => self.check_liveness(shared),
+            }
+        }
+        shared.withdraw_tasks(TaskKind::Fit);
+        let reason = if self.deadline_passed {
+            format!("its deadline passed ({:?} after sampling)", shared.settings.rounds.deadline)
+        } else {
+            "every selected client has reported".to_string()
+        };
+        shared.closed = Some(Closed { id: self.id, reason });
+        let outcomes = self.outcomes();
+        let failures: Vec<FitFailure> = self
+            .slots
+            .iter()
+            .filter_map(|(c, s)| match s {
+                Slot::Failed(r) => Some(FitFailure { client: c.clone(), reason: r.clone() }),
+                _ => None,
+            })
+            .collect();
+        let accepted = self.accepted.len();
+        let min_fit = shared.settings.rounds.min_fit;
+        info!(accepted, failed = failures.len(), "training closed");
+        if let Some(reason) = self.poisoned {
+            return Round::Failure(Failure::new(self.id, reason, outcomes, accepted as u32));
+        }
+        if accepted < min_fit {
+            let reason = format!("{accepted} updates accepted, fewer than rounds.min_fit = {min_fit}");
+            return Round::Failure(Failure::new(self.id, reason, outcomes, accepted as u32));
+        }
+        let sum = self.sum.take().expect("no fold is running once training is done");
+        Round::Aggregating(Aggregating::new(self.id, sum, self.accepted, failures, outcomes))
+    }
+}
+
+impl Training {
+    /// Shutdown mid-round: refuse queued folds (their clients get UNAVAILABLE).
+    fn abandon(&mut self) {
+        for p in self.queue.drain(..) {
+            let _ = p.reply.send(Err(RoundError::ShuttingDown));
+        }
+    }
+
+    fn outcomes(&self) -> Vec<ClientOutcome> {
+        self.slots
+            .iter()
+            .map(|(c, s)| {
+                let accepted = self.accepted.iter().find(|a| &a.client == c);
+                ClientOutcome {
+                    client: c.clone(),
+                    outcome: match s {
+                        Slot::Accepted => "accepted".into(),
+                        Slot::Failed(r) => r.clone(),
+                        other => format!("{other:?}").to_lowercase(),
+                    },
+                    num_examples: accepted.map(|a| a.num_examples),
+                    metrics: accepted
+                        .map(|a| serde_json::json!(a.metrics))
+                        .unwrap_or(serde_json::Value::Null),
+                }
+            })
+            .collect()
+    }
+}

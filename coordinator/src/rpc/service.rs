@@ -1,0 +1,440 @@
+//! The gRPC service: authenticate, convert at the edge, forward to the round actor, stream.
+//!
+//! Handlers never touch round state. They convert wire messages with `TryFrom` (validation),
+//! ask the actor through [`RoundHandle`] and map its errors with `rpc::status`. Two paths carry
+//! bulk data and are handled here, off the actor:
+//!
+//! - **Downloads** read the published model from a `watch` channel and stream it from a spawned
+//!   producer through a small bounded channel, so a slow client holds at most a few chunks.
+//! - **Uploads** are checked at the header by the actor (which reserves the client's slot), then
+//!   streamed into a spool file on blocking threads (each chunk checked: order, size, finite,
+//!   range, digest), and handed to the actor for folding only once the trailer verified. The
+//!   number of uploads receiving at once is bounded by a semaphore. If the stream breaks off or
+//!   anything is refused, the ticket guard tells the actor and the spool file is deleted: the
+//!   aggregate never sees a byte of it.
+
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedtune_shared::auth::{ChallengeRequest, EnrollRequest, JoinProof};
+use fedtune_shared::chunk::{chunk_ranges, ChunkError, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, MIN_CHUNK_BYTES};
+use fedtune_shared::ids::ClientId;
+use fedtune_shared::pb::{self, coordinator_server::Coordinator};
+use fedtune_shared::round::{
+    Chunk, DownloadItem, DownloadRequest, EvalReport, FailureReport, Heartbeat, JoinRequest, JoinResponse,
+    Limits, ModelHeader, Task, UploadItem,
+};
+use futures::Stream;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info_span, Instrument};
+
+use super::auth::{bearer, Authenticator, UpdateVerifier};
+use crate::auth::limits::{CallSlot, Limits as CallLimits};
+use crate::error::RoundError;
+use crate::round::events::Traffic;
+use crate::round::requests::{RoundHandle, UploadTicket};
+use crate::settings::CoordinatorSettings;
+use crate::spool::SpoolWriter;
+
+/// The `fedtune.v1.Coordinator` implementation.
+pub struct CoordinatorService {
+    handle: RoundHandle,
+    auth: Arc<dyn Authenticator>,
+    verifier: Arc<dyn UpdateVerifier>,
+    /// Per-client and per-address call limits, download cap.
+    limits: Arc<CallLimits>,
+    settings: Arc<CoordinatorSettings>,
+    labels: Arc<Vec<String>>,
+    /// Bounds uploads receiving at once (each holds a spool file and a chunk).
+    uploads: Arc<Semaphore>,
+    spool_dir: PathBuf,
+    cancel: CancellationToken,
+    traffic: Arc<Traffic>,
+}
+
+impl std::fmt::Debug for CoordinatorService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorService").finish_non_exhaustive()
+    }
+}
+
+impl CoordinatorService {
+    /// Wires the service.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        handle: RoundHandle,
+        auth: Arc<dyn Authenticator>,
+        verifier: Arc<dyn UpdateVerifier>,
+        limits: Arc<CallLimits>,
+        settings: Arc<CoordinatorSettings>,
+        labels: Vec<String>,
+        spool_dir: PathBuf,
+        cancel: CancellationToken,
+        traffic: Arc<Traffic>,
+    ) -> Self {
+        let uploads = Arc::new(Semaphore::new(settings.server.max_concurrent_uploads));
+        Self {
+            handle,
+            auth,
+            verifier,
+            limits,
+            settings,
+            labels: Arc::new(labels),
+            uploads,
+            spool_dir,
+            cancel,
+            traffic,
+        }
+    }
+
+    /// The tonic server wrapper with explicit message limits.
+    pub fn into_server(self) -> pb::coordinator_server::CoordinatorServer<Self> {
+        pb::coordinator_server::CoordinatorServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Authenticates the caller and charges the call to it; the slot is held for the call.
+    /// A refused token is charged to the caller's address instead, so guessing tokens is
+    /// throttled like any other unauthenticated call.
+    fn client<T>(&self, req: &Request<T>) -> Result<(ClientId, CallSlot), Status> {
+        let client =
+            bearer(req.metadata()).and_then(|token| self.auth.authenticate(token)).map_err(|e| match self
+                .limits
+                .anonymous_call(req.remote_addr().map(|a| a.ip()))
+            {
+                Ok(()) => Status::from(e),
+                Err(limited) => Status::from(limited),
+            })?;
+        let slot = self.limits.client_call(&client)?;
+        Ok((client, slot))
+    }
+
+    /// Charges an unauthenticated call to the caller's address.
+    fn anonymous<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        Ok(self.limits.anonymous_call(req.remote_addr().map(|a| a.ip()))?)
+    }
+}
+
+/// Tells the actor when an upload ends without a commit.
+struct TicketGuard {
+    handle: RoundHandle,
+    ticket: Option<UploadTicket>,
+}
+
+impl TicketGuard {
+    fn take(&mut self) -> UploadTicket {
+        self.ticket.take().expect("taken once")
+    }
+}
+
+impl Drop for TicketGuard {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            self.handle.abort_upload(t);
+        }
+    }
+}
+
+async fn next_upload_item(
+    stream: &mut Streaming<pb::UploadUpdateRequest>,
+) -> Result<Option<UploadItem>, Status> {
+    let msg = stream.message().await.map_err(|s| {
+        // tonic reports an over-limit message as OUT_OF_RANGE; to the protocol it is a limit.
+        if s.code() == tonic::Code::OutOfRange {
+            Status::resource_exhausted(s.message().to_string())
+        } else {
+            s
+        }
+    })?;
+    match msg {
+        None => Ok(None),
+        Some(m) => Ok(Some(UploadItem::try_from(m).map_err(RoundError::from)?)),
+    }
+}
+
+type DownloadStream = Pin<Box<dyn Stream<Item = Result<pb::DownloadModelResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        self.anonymous(&req)?;
+        let wire = req.into_inner();
+        let proof = JoinProof::from_request(&wire).map_err(RoundError::from)?;
+        let mut join = JoinRequest::try_from(wire).map_err(RoundError::from)?;
+        self.auth.admit(&join, proof.as_ref())?;
+        let federation_id = self.auth.federation_id();
+        if federation_id.is_some() {
+            // Keys live in the allowlist (which may change them); the registry must not pin one.
+            join.public_key = None;
+        }
+        let joined = self.handle.join(join).await?;
+        let token = self.auth.open_session(&joined.client_id)?;
+        let model = self.handle.events.model.borrow().clone();
+        let c = &self.settings.clients;
+        let resp = JoinResponse {
+            client_id: joined.client_id,
+            session_token: token,
+            protocol_version: pb::PROTOCOL_VERSION,
+            heartbeat_interval: c.heartbeat_interval,
+            liveness_timeout: c.liveness_timeout,
+            model: model.model_ref,
+            trainable_manifest: model.layout.trainable.clone(),
+            limits: Limits {
+                max_message_bytes: MAX_MESSAGE_BYTES as u64,
+                max_chunk_bytes: MAX_CHUNK_BYTES as u64,
+                default_chunk_bytes: self.settings.server.download_chunk_bytes as u64,
+            },
+            labels: self.labels.as_ref().clone(),
+        };
+        let mut resp = pb::JoinResponse::from(resp);
+        resp.federation_id = federation_id.unwrap_or_default();
+        Ok(Response::new(resp))
+    }
+
+    async fn join_challenge(
+        &self,
+        req: Request<pb::JoinChallengeRequest>,
+    ) -> Result<Response<pb::JoinChallengeResponse>, Status> {
+        self.anonymous(&req)?;
+        let request = ChallengeRequest::try_from(req.into_inner()).map_err(RoundError::from)?;
+        let grant = self.auth.challenge(&request)?;
+        Ok(Response::new((&grant).into()))
+    }
+
+    async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
+        self.anonymous(&req)?;
+        let request = EnrollRequest::try_from(req.into_inner()).map_err(RoundError::from)?;
+        let client = self.auth.enroll(&request)?;
+        Ok(Response::new(pb::EnrollResponse { client_id: client.into() }))
+    }
+
+    async fn wait_for_task(
+        &self,
+        req: Request<pb::WaitForTaskRequest>,
+    ) -> Result<Response<pb::WaitForTaskResponse>, Status> {
+        let (client, _slot) = self.client(&req)?;
+        let wait = Duration::from_millis(req.get_ref().max_wait_ms).min(self.settings.server.long_poll);
+        let until = tokio::time::Instant::now() + wait;
+        let mut epoch = self.handle.events.tasks.clone();
+        loop {
+            // Mark the epoch seen *before* asking, so an assignment between the answer and the
+            // wait below still wakes us.
+            epoch.borrow_and_update();
+            let task = self.handle.poll(client.clone()).await?;
+            if !matches!(task, Task::None { .. }) || tokio::time::Instant::now() >= until {
+                return Ok(Response::new(task.into()));
+            }
+            tokio::select! {
+                changed = epoch.changed() => if changed.is_err() { return Err(RoundError::ShuttingDown.into()) },
+                _ = tokio::time::sleep_until(until) => {}
+                _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
+            }
+        }
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let (client, _slot) = self.client(&req)?;
+        let hb = Heartbeat::try_from(req.into_inner()).map_err(RoundError::from)?;
+        Ok(Response::new(self.handle.heartbeat(client, hb).await?.into()))
+    }
+
+    type DownloadModelStream = DownloadStream;
+
+    async fn download_model(
+        &self,
+        req: Request<pb::DownloadModelRequest>,
+    ) -> Result<Response<Self::DownloadModelStream>, Status> {
+        let (client, _slot) = self.client(&req)?;
+        let dl = DownloadRequest::try_from(req.into_inner()).map_err(RoundError::from)?;
+        let model = self.handle.events.model.borrow().clone();
+        if dl.version != model.version {
+            return Err(RoundError::VersionNotServed { requested: dl.version, current: model.version }.into());
+        }
+        let total = model.manifest(dl.scope).byte_len() as u64;
+        if dl.offset > total {
+            return Err(RoundError::Protocol(format!(
+                "resume offset {} is beyond the payload's {total} bytes",
+                dl.offset
+            ))
+            .into());
+        }
+        let chunk = dl
+            .max_chunk_bytes
+            .map(|c| c as usize)
+            .unwrap_or(self.settings.server.download_chunk_bytes)
+            .clamp(MIN_CHUNK_BYTES, MAX_CHUNK_BYTES)
+            / 4
+            * 4;
+        let header = ModelHeader {
+            version: model.version,
+            scope: dl.scope,
+            manifest: model.manifest(dl.scope).clone(),
+            total_bytes: total,
+            payload_digest: model.digest(dl.scope),
+            start_offset: dl.offset,
+        };
+        // Two messages in flight per download: enough to keep the socket busy, small enough
+        // that many slow downloads cost little memory.
+        let download_slot = self.limits.download()?;
+        let (tx, rx) = mpsc::channel(2);
+        let cancel = self.cancel.clone();
+        let traffic = self.traffic.clone();
+        let span = info_span!("download", client = %client, version = %model.version, scope = ?dl.scope);
+        tokio::spawn(
+            async move {
+                // Both slots are held until the stream ends, not just until this handler returns.
+                let _slots = (download_slot, _slot);
+                if tx.send(Ok(DownloadItem::Header(header).into())).await.is_err() {
+                    return;
+                }
+                let view = model.payload(dl.scope);
+                for r in chunk_ranges(dl.offset, total, chunk) {
+                    if cancel.is_cancelled() {
+                        let _ = tx.send(Err(RoundError::ShuttingDown.into())).await;
+                        return;
+                    }
+                    let mut buf = Vec::with_capacity((r.end - r.start) as usize);
+                    view.read_into(r.start, (r.end - r.start) as usize, &mut buf);
+                    traffic.add_sent(buf.len() as u64);
+                    let item = DownloadItem::Chunk(Chunk { offset: r.start, data: buf.into() });
+                    if tx.send(Ok(item.into())).await.is_err() {
+                        debug!("client went away mid-download");
+                        return;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn upload_update(
+        &self,
+        req: Request<Streaming<pb::UploadUpdateRequest>>,
+    ) -> Result<Response<pb::UploadUpdateResponse>, Status> {
+        let (client, _slot) = self.client(&req)?;
+        let mut stream = req.into_inner();
+        let header = match next_upload_item(&mut stream).await? {
+            Some(UploadItem::Header(h)) => h,
+            Some(_) => return Err(RoundError::Protocol("an upload must start with its header".into()).into()),
+            None => return Err(RoundError::Protocol("empty upload stream".into()).into()),
+        };
+        let span =
+            info_span!("upload", client = %client, round = header.id.round, attempt = header.id.attempt);
+        let ticket = self.handle.begin_upload(client.clone(), header).instrument(span.clone()).await?;
+        // If this call is dropped (the client reset the stream), the guard frees the slot from
+        // `Drop`; on every other exit the slot is freed below, before the status is returned,
+        // so a retry from the same client cannot overtake the release.
+        let mut guard = TicketGuard { handle: self.handle.clone(), ticket: Some(ticket.clone()) };
+        let result = async {
+            let _permit = tokio::select! {
+                p = self.uploads.clone().acquire_owned() => p.map_err(|_| RoundError::ShuttingDown)?,
+                _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
+            };
+            let manifest = Arc::new(self.handle.events.model.borrow().layout.trainable.clone());
+            let total = ticket.header.total_bytes;
+            let dir = self.spool_dir.clone();
+            let name =
+                format!("{}-{}-{}-{}", ticket.round.round, ticket.round.attempt, client, ticket.upload_id);
+            let mut writer =
+                tokio::task::spawn_blocking(move || SpoolWriter::create(&dir, &name, total, manifest))
+                    .await
+                    .map_err(|e| RoundError::Internal(e.to_string()))??;
+            let trailer = loop {
+                let item = tokio::select! {
+                    item = next_upload_item(&mut stream) => item?,
+                    _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
+                };
+                match item {
+                    Some(UploadItem::Chunk(c)) => {
+                        self.traffic.add_received(c.data.len() as u64);
+                        let (w, r) = tokio::task::spawn_blocking(move || {
+                            let r = writer.write_chunk(c.offset, &c.data);
+                            (writer, r)
+                        })
+                        .await
+                        .map_err(|e| RoundError::Internal(e.to_string()))?;
+                        writer = w;
+                        r?;
+                    }
+                    Some(UploadItem::Trailer(t)) => break t,
+                    Some(UploadItem::Header(_)) => {
+                        return Err(RoundError::Protocol("a second header inside one upload".into()).into())
+                    }
+                    None => {
+                        return Err(RoundError::Chunk(ChunkError::Truncated {
+                            expected: total,
+                            received: writer.received(),
+                        })
+                        .into())
+                    }
+                }
+            };
+            if next_upload_item(&mut stream).await?.is_some() {
+                return Err(RoundError::Protocol("messages after the trailer".into()).into());
+            }
+            self.verifier.verify(&client, &ticket.header, &trailer)?;
+            let digest = trailer.payload_digest;
+            let staged = tokio::task::spawn_blocking(move || writer.finish(&digest))
+                .await
+                .map_err(|e| RoundError::Internal(e.to_string()))??;
+            let receipt = self.handle.commit_upload(guard.take(), staged).await?;
+            Ok(Response::new(receipt.into()))
+        }
+        .instrument(span)
+        .await;
+        if let Some(t) = guard.ticket.take() {
+            self.handle.release_upload(t).await;
+        }
+        result
+    }
+
+    async fn report_evaluation(
+        &self,
+        req: Request<pb::ReportEvaluationRequest>,
+    ) -> Result<Response<pb::ReportEvaluationResponse>, Status> {
+        let (client, _slot) = self.client(&req)?;
+        let report = EvalReport::try_from(req.into_inner()).map_err(RoundError::from)?;
+        self.handle.report_evaluation(client, report).await?;
+        Ok(Response::new(pb::ReportEvaluationResponse {}))
+    }
+
+    async fn report_failure(
+        &self,
+        req: Request<pb::ReportFailureRequest>,
+    ) -> Result<Response<pb::ReportFailureResponse>, Status> {
+        let (client, _slot) = self.client(&req)?;
+        let report = FailureReport::try_from(req.into_inner()).map_err(RoundError::from)?;
+        self.handle.report_failure(client, report).await?;
+        Ok(Response::new(pb::ReportFailureResponse {}))
+    }
+
+    async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
+        let (client, _slot) = self.client(&req)?;
+        self.handle.leave(client.clone()).await?;
+        self.auth.close_session(&client);
+        Ok(Response::new(pb::LeaveResponse {}))
+    }
+
+    async fn get_status(
+        &self,
+        req: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        self.anonymous(&req)?;
+        let recent = match req.get_ref().recent_rounds {
+            0 => 10,
+            n => n as usize,
+        };
+        let report = self.handle.status(recent).await?;
+        Ok(Response::new((&report).into()))
+    }
+}

@@ -1,0 +1,266 @@
+//! `run`: wires storage, the round actor and the gRPC service on an already bound listener, and
+//! brings them down through one cancellation path with a bounded drain.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fedtune_shared::round::PhaseName;
+use fedtune_shared::settings::SettingsError;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Server, ServerTlsConfig};
+use tracing::{info, warn};
+
+use crate::bootstrap::{bootstrap, BootError};
+use crate::registry::Registry;
+use crate::round::events::{EventPublisher, RoundState, Traffic};
+use crate::round::phase::Shared;
+use crate::round::phases::idle::Idle;
+use crate::round::requests::RoundHandle;
+use crate::round::{self, ActorExit, Round};
+use crate::rpc::auth::{Authenticator, RandomTokens, SignaturesNotChecked, UpdateVerifier};
+use crate::rpc::service::CoordinatorService;
+use crate::settings::CoordinatorSettings;
+use crate::storage::{Storage, StorageError};
+use crate::strategy::Strategy;
+
+/// Why `run` returned an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Invalid configuration (the binary exits 64).
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    /// The state directory cannot be opened.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// Start-up failed (model files, inconsistent state directory).
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The federation halted (too many failed rounds, or the strategy refused to continue).
+    #[error("federation halted: {0}")]
+    Halted(String),
+    /// An internal failure stopped the coordinator.
+    #[error("coordinator failed: {0}")]
+    Fatal(String),
+    /// The allowlist or the session secret in the state directory cannot be used.
+    #[error("client authentication: {0}")]
+    Auth(#[from] crate::auth::AuthSetupError),
+    /// The TLS certificate, key or client CA cannot be used.
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::certs::CertError),
+}
+
+/// Wraps the configured strategy (e.g. in a central-DP decorator).
+pub type StrategyWrapper = Box<dyn FnOnce(Box<dyn Strategy>) -> Box<dyn Strategy> + Send>;
+
+/// Replaceable parts: where authentication, signature checks, server-side DP and TLS plug in.
+pub struct Seams {
+    /// Session tokens (default: opaque random tokens).
+    pub authenticator: Arc<dyn Authenticator>,
+    /// Upload signatures (default: not checked).
+    pub verifier: Arc<dyn UpdateVerifier>,
+    /// Wraps the configured strategy, e.g. in a central-DP decorator (default: unchanged).
+    pub wrap_strategy: StrategyWrapper,
+    /// TLS (or mutual TLS) for the listener (default: plaintext).
+    pub tls: Option<ServerTlsConfig>,
+}
+
+impl Default for Seams {
+    fn default() -> Self {
+        Self {
+            authenticator: Arc::new(RandomTokens::default()),
+            verifier: Arc::new(SignaturesNotChecked),
+            wrap_strategy: Box::new(|s| s),
+            tls: None,
+        }
+    }
+}
+
+impl Seams {
+    /// What `serve` runs with: the allowlist, join challenge, HMAC sessions and update
+    /// signatures of the state directory ([`crate::auth::ClientAuth`]), and TLS as configured.
+    /// Refuses plaintext unless `security.insecure` is set, naming the missing keys.
+    pub fn secure(settings: &CoordinatorSettings) -> Result<Self, RunError> {
+        settings.security.validate()?;
+        settings.security.require_transport()?;
+        let auth = Arc::new(crate::auth::ClientAuth::open(&settings.storage.state_dir, &settings.security)?);
+        Ok(Self {
+            authenticator: auth.clone(),
+            verifier: auth,
+            wrap_strategy: Box::new(|s| s),
+            tls: crate::auth::tls_config(&settings.security)?,
+        })
+    }
+}
+
+impl std::fmt::Debug for Seams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seams").field("tls", &self.tls.is_some()).finish_non_exhaustive()
+    }
+}
+
+/// HTTP/2 flow-control windows, set explicitly: large enough for fast transfers, small enough
+/// that an upload waiting for its turn buffers at most this much in the server.
+const STREAM_WINDOW: u32 = 1 << 20;
+const CONNECTION_WINDOW: u32 = 2 << 20;
+
+/// Runs a coordinator on `listener` until `shutdown` is cancelled (or the federation ends and
+/// `server.exit_after_finished` elapses), with [`Seams::secure`]: allowlisted clients only,
+/// signed updates, TLS unless `security.insecure`.
+pub async fn run(
+    settings: CoordinatorSettings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    settings.validate()?;
+    let seams = Seams::secure(&settings)?;
+    run_with(settings, listener, shutdown, seams).await
+}
+
+/// [`run`] with replaced seams.
+pub async fn run_with(
+    settings: CoordinatorSettings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    seams: Seams,
+) -> Result<(), RunError> {
+    settings.validate()?;
+    let settings = Arc::new(settings);
+    let storage = Storage::open(&settings.storage.state_dir)?;
+    let (s, st) = (settings.clone(), storage.clone());
+    let booted = tokio::task::spawn_blocking(move || bootstrap(&s, &st))
+        .await
+        .map_err(|e| RunError::Fatal(format!("start-up task died: {e}")))??;
+    // A child token: the actor ending (finished, halted) stops everything here without
+    // cancelling the caller's token.
+    let cancel = shutdown.child_token();
+    let now = tokio::time::Instant::now();
+    let mut registry = Registry::new(settings.clients.liveness_timeout);
+    for c in &booted.clients {
+        registry.restore(c.id.clone(), c.public_key, c.rounds_contributed, now);
+    }
+    let model = Arc::new(booted.model);
+    let (events, subscriber) = EventPublisher::new(
+        RoundState {
+            phase: PhaseName::Idle,
+            round: booted.next,
+            model_version: model.version,
+            deadline: None,
+        },
+        model.clone(),
+    );
+    let strategy = (seams.wrap_strategy)(booted.strategy);
+    let strategy_name = strategy.name().to_string();
+    let privacy = strategy.privacy_monitor();
+    let (tx, rx) = mpsc::channel(settings.server.request_queue);
+    let traffic = Arc::new(Traffic::default());
+    let shared = Shared {
+        settings: settings.clone(),
+        requests: rx,
+        events,
+        registry,
+        storage: storage.clone(),
+        strategy: Arc::new(Mutex::new(strategy)),
+        strategy_name,
+        model,
+        round: booted.next,
+        next: booted.next,
+        phase: PhaseName::Idle,
+        deadline: None,
+        consecutive_failures: booted.consecutive_failures,
+        tasks: Default::default(),
+        closed: None,
+        accepted_updates: 0,
+        finished: None,
+        initial_evaluated: booted.initial_evaluated,
+        next_upload_id: 0,
+        cancel: cancel.clone(),
+        traffic: traffic.clone(),
+        traffic_mark: (0, 0),
+        privacy,
+    };
+    let mut actor = tokio::spawn(round::run(shared, Round::Idle(Idle)));
+    let handle = RoundHandle::new(tx, subscriber);
+    let limits = Arc::new(crate::auth::Limits::new(&settings.security.limits));
+    let service = CoordinatorService::new(
+        handle,
+        seams.authenticator,
+        seams.verifier,
+        limits,
+        settings.clone(),
+        booted.labels,
+        storage.spool_dir(),
+        cancel.clone(),
+        traffic,
+    );
+    let addr = listener.local_addr().ok();
+    let mut builder = Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(Some(settings.security.limits.max_streams_per_connection))
+        .tcp_nodelay(true);
+    if let Some(tls) = seams.tls {
+        builder = builder.tls_config(tls)?;
+    } else {
+        warn!(
+            "serving PLAINTEXT gRPC without TLS (security.insecure): anyone on the network path can read \
+             updates and steal session tokens; use only for tests or on one trusted machine"
+        );
+    }
+    let server = builder
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.clone().cancelled_owned());
+    let mut server = tokio::spawn(server);
+    info!(addr = ?addr, fresh = booted.fresh, next_round = %booted.next, "coordinator serving");
+
+    let grace = settings.server.drain_grace;
+    // A JoinHandle must not be polled again once it completed: remember whether the server
+    // branch below consumed it (it can win the race with `cancelled()` at shutdown).
+    let mut server_done = false;
+    let exit = tokio::select! {
+        exit = &mut actor => {
+            cancel.cancel();
+            exit.unwrap_or_else(|e| ActorExit::Fatal(format!("round actor died: {e}")))
+        }
+        res = &mut server => {
+            // The server only ends on its own if it failed (or shutdown was requested).
+            server_done = true;
+            cancel.cancel();
+            let exit = tokio::time::timeout(grace, &mut actor).await;
+            match res {
+                Ok(Err(e)) => return Err(RunError::Transport(e)),
+                Ok(Ok(())) => exit.ok().and_then(Result::ok).unwrap_or(ActorExit::Stopped),
+                Err(e) => ActorExit::Fatal(format!("server task died: {e}")),
+            }
+        }
+        _ = cancel.cancelled() => {
+            match tokio::time::timeout(grace, &mut actor).await {
+                Ok(exit) => exit.unwrap_or_else(|e| ActorExit::Fatal(format!("round actor died: {e}"))),
+                Err(_) => {
+                    warn!(?grace, "round actor did not stop within the drain grace");
+                    actor.abort();
+                    ActorExit::Stopped
+                }
+            }
+        }
+    };
+    match if server_done { Ok(()) } else { tokio::time::timeout(grace, &mut server).await.map(|_| ()) } {
+        Ok(()) => info!("coordinator stopped"),
+        Err(_) => {
+            warn!(?grace, "in-flight calls did not finish within the drain grace; stopping anyway");
+            server.abort();
+        }
+    }
+    match exit {
+        ActorExit::Stopped => Ok(()),
+        ActorExit::Halted(reason) => Err(RunError::Halted(reason)),
+        ActorExit::Fatal(reason) => Err(RunError::Fatal(reason)),
+    }
+}

@@ -1,0 +1,741 @@
+//! `DpStrategy`: user-level DP-FedAvg as a decorator around any [`Strategy`].
+//!
+//! Per round (the mechanism and its proof are in the [`fedtune_shared::privacy`] docs; the
+//! coordinator side in [`crate::privacy`]):
+//!
+//! 1. [`Strategy::observe_sampling`] + [`Strategy::configure_fit`]: the sampling rate `q` of the
+//!    draw (Poisson rate, `m/N` for a fixed-size cohort, 1 for everyone), the fixed denominator
+//!    `n̄`, and the budget check: if ε after this round would exceed `target_epsilon` the round
+//!    is refused with [`StrategyError::Exhausted`] (the federation ends cleanly). Clients are
+//!    told the placement, `C`, their noise std and grid, and whether to report the clipping
+//!    indicator (adaptive clipping).
+//! 2. [`Strategy::update_weighting`]: every update weighs 1 (user level: example counts would
+//!    let a client with much data weigh more and are themselves private). Under central noise an
+//!    update beyond `C` is scaled onto the ball (server-side clipping).
+//! 3. [`Strategy::aggregate_fit`]: the sum of the folded updates gets the central noise (if
+//!    central), is divided by `n̄` (never by the number that reported), and goes to the inner
+//!    strategy as its mean delta. With adaptive clipping the noised indicator sum moves `C`.
+//! 4. [`Strategy::ledger_entry`]: the round is charged to the accountant and its ledger row is
+//!    returned for the commit transaction (written before the version is published).
+
+use fedtune_shared::ids::{ModelVersion, RoundId};
+use fedtune_shared::params::ParameterVector;
+use fedtune_shared::privacy::{
+    add_noise, widened_sensitivity, Accountant, AdaptiveClip, NoisePlacement, NoisePlan, NoiseSource,
+    PrivacyError, PrivacyLedgerEntry, SamplingScheme,
+};
+use fedtune_shared::round::{FitInstructions, PrivacyInstructions, PrivacyMode, PrivacyStatus};
+use tracing::{info, warn};
+
+use super::{
+    EvalResult, EvalSummary, FitFailure, FitPlan, FitResults, Strategy, StrategyError, UpdateWeighting,
+    UploadStats,
+};
+use crate::aggregate::{MAX_ABS_VALUE, SCALE_BITS};
+use crate::privacy::ledger::{self, LedgerDetail, LedgerRecord};
+use crate::privacy::{accounting_for, guarantee_line, scheme_name, DpMode, PrivacyMonitor};
+use crate::settings::{CoordinatorSettings, SamplingSettings};
+use crate::storage::LedgerEntry;
+
+/// The upload metric that carries a client's centred clipping indicator (adaptive clipping).
+pub const CLIP_INDICATOR_METRIC: &str = "dp_clip_indicator";
+
+/// A client's reported indicator as summed: under central noise forced onto ±½ (an honest
+/// client sends exactly that; anything else must not move the count by more than ½, its
+/// sensitivity); under client-side noise the noised value as sent. A missing or non-finite
+/// report counts as clipped.
+fn indicator_value(reported: Option<f64>, central: bool) -> f64 {
+    match reported {
+        Some(b) if central && b >= 0.0 => 0.5,
+        Some(_) if central => -0.5,
+        // Bounded so that one wild report cannot push C to 0 or infinity in one step.
+        Some(b) if b.is_finite() => b.clamp(-1e3, 1e3),
+        _ => -0.5,
+    }
+}
+
+/// What one round was configured with.
+#[derive(Debug, Clone)]
+struct RoundPlan {
+    round: RoundId,
+    sampling_rate: f64,
+    expected_clients: f64,
+    clip_norm: f64,
+    /// Multiplier of the update noise (below the round's `z` under adaptive clipping).
+    update_multiplier: f64,
+    /// The plan the clients follow (grid and per-party σ for client-side noise).
+    client_plan: NoisePlan,
+}
+
+/// A charged-but-not-committed round.
+#[derive(Debug, Clone)]
+struct Pending {
+    detail: LedgerDetail,
+    /// Adaptive clipping state after this round.
+    adaptive: Option<AdaptiveClip>,
+}
+
+/// The user-level DP decorator (see the module docs).
+pub struct DpStrategy {
+    inner: Box<dyn Strategy>,
+    mode: DpMode,
+    placement: NoisePlacement,
+    noise_multiplier: f64,
+    target_epsilon: Option<f64>,
+    per_layer: bool,
+    expected_override: Option<f64>,
+    sampling_settings: SamplingSettings,
+    sampling: SamplingScheme,
+    dim: usize,
+    clip_norm: f64,
+    adaptive: Option<AdaptiveClip>,
+    accountant: Accountant,
+    noise: NoiseSource,
+    observed: Option<(RoundId, usize, usize)>,
+    plan: Option<RoundPlan>,
+    pending: Option<Pending>,
+    monitor: PrivacyMonitor,
+}
+
+impl std::fmt::Debug for DpStrategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DpStrategy")
+            .field("inner", &self.inner.name())
+            .field("mode", &self.mode)
+            .field("noise_multiplier", &self.noise_multiplier)
+            .field("clip_norm", &self.clip_norm)
+            .field("epsilon", &self.accountant.epsilon())
+            .finish_non_exhaustive()
+    }
+}
+
+fn invalid(e: impl std::fmt::Display) -> PrivacyError {
+    PrivacyError::InvalidParameter(e.to_string())
+}
+
+impl DpStrategy {
+    /// Decorates `inner` per `settings.privacy` for updates of `dim` values, resuming from the
+    /// ledger `history` (oldest first). Validates every parameter; noise comes from the
+    /// operating system's CSPRNG.
+    pub fn new(
+        inner: Box<dyn Strategy>,
+        settings: &CoordinatorSettings,
+        dim: usize,
+        history: &[LedgerRecord],
+    ) -> Result<Self, PrivacyError> {
+        Self::with_noise_source(inner, settings, dim, history, NoiseSource::from_os_entropy()?)
+    }
+
+    /// [`DpStrategy::new`] with an explicit noise source (tests use a seeded one).
+    pub fn with_noise_source(
+        inner: Box<dyn Strategy>,
+        settings: &CoordinatorSettings,
+        dim: usize,
+        history: &[LedgerRecord],
+        noise: NoiseSource,
+    ) -> Result<Self, PrivacyError> {
+        let p = &settings.privacy;
+        let placement = p.mode.placement().ok_or_else(|| invalid("privacy.mode is none"))?;
+        if dim == 0 {
+            return Err(invalid("the model has no trainable value"));
+        }
+        if p.mode == DpMode::Distributed && !p.allow_distributed_without_secure_aggregation {
+            return Err(invalid("distributed noise needs secure aggregation (see privacy.mode)"));
+        }
+        let noise_multiplier = p.resolved_noise_multiplier(settings).map_err(invalid)?;
+        if !(p.clip_norm.is_finite() && p.clip_norm > 0.0) {
+            return Err(invalid(format!("clip norm {} must be finite and positive", p.clip_norm)));
+        }
+        if let Some(t) = p.target_epsilon.filter(|t| !(t.is_finite() && *t > 0.0)) {
+            return Err(invalid(format!("target epsilon {t} must be finite and positive")));
+        }
+        let (sampling, adjacency) = accounting_for(&settings.sampling);
+        let entries: Vec<PrivacyLedgerEntry> = history.iter().map(|r| r.detail.entry.clone()).collect();
+        let accountant = Accountant::from_entries(p.delta, adjacency, &entries)?;
+        let clip_norm = history.last().map(|r| r.detail.next_clip_norm).unwrap_or(p.clip_norm);
+        let adaptive = match &p.adaptive_clipping {
+            Some(a) => {
+                let clip =
+                    AdaptiveClip::new(clip_norm, a.target_quantile, a.learning_rate, a.count_noise_std)?;
+                clip.update_noise_multiplier(noise_multiplier)?;
+                Some(clip)
+            }
+            None => None,
+        };
+        // A plan on a nominal cohort checks that the sampler can serve this z, C and d at all,
+        // and that client-side noise fits the protocol's value range (values beyond it are
+        // refused on upload, so every private update would be lost).
+        let nominal = NoisePlan::new(placement, noise_multiplier, clip_norm, dim, 1.0)?;
+        if nominal.client_adds_noise() && 8.0 * nominal.party_sigma() > f64::from(MAX_ABS_VALUE) {
+            return Err(invalid(format!(
+                "client-side noise σ = {:.3} (z = {noise_multiplier}, C = {clip_norm}) would push update values \
+                 beyond the protocol's ±{MAX_ABS_VALUE}; lower privacy.clip_norm",
+                nominal.party_sigma()
+            )));
+        }
+        let epsilon = accountant.epsilon();
+        let monitor = PrivacyMonitor::new(PrivacyStatus {
+            mode: p.mode.as_str().into(),
+            guarantee: guarantee_line(p.mode, epsilon, p.delta, accountant.rounds()),
+            epsilon,
+            delta: p.delta,
+            target_epsilon: p.target_epsilon,
+            noise_multiplier,
+            clip_norm,
+            sampling: scheme_name(sampling).into(),
+            rounds_charged: accountant.rounds(),
+        });
+        info!(
+            mode = p.mode.as_str(),
+            noise_multiplier,
+            clip_norm,
+            delta = p.delta,
+            target_epsilon = ?p.target_epsilon,
+            sampling = scheme_name(sampling),
+            epsilon_so_far = epsilon,
+            rounds_charged = accountant.rounds(),
+            "differential privacy on"
+        );
+        Ok(Self {
+            inner,
+            mode: p.mode,
+            placement,
+            noise_multiplier,
+            target_epsilon: p.target_epsilon,
+            per_layer: p.per_layer_clipping,
+            expected_override: p.expected_clients,
+            sampling_settings: settings.sampling.clone(),
+            sampling,
+            dim,
+            clip_norm,
+            adaptive,
+            accountant,
+            noise,
+            observed: None,
+            plan: None,
+            pending: None,
+            monitor,
+        })
+    }
+
+    /// ε spent so far.
+    pub fn epsilon(&self) -> f64 {
+        self.accountant.epsilon()
+    }
+
+    /// The clip bound the next round uses.
+    pub fn clip_norm(&self) -> f64 {
+        self.clip_norm
+    }
+
+    /// `q` and `n̄` of a draw of `selected` out of `candidates`.
+    fn rate_and_denominator(&self, candidates: usize, selected: usize) -> (f64, f64) {
+        let (q, n) = match (&self.sampling_settings, self.sampling) {
+            (SamplingSettings::Poisson { rate }, _) => (*rate, rate * candidates as f64),
+            (_, SamplingScheme::Full) => (1.0, selected as f64),
+            _ => {
+                let q = if candidates == 0 { 1.0 } else { (selected as f64 / candidates as f64).min(1.0) };
+                (q, selected as f64)
+            }
+        };
+        (q.max(f64::MIN_POSITIVE), self.expected_override.unwrap_or(n).max(1.0))
+    }
+
+    /// The update-noise multiplier (the round's `z` minus what adaptive clipping's count spends).
+    fn update_multiplier(&self) -> Result<f64, PrivacyError> {
+        match &self.adaptive {
+            Some(a) => a.update_noise_multiplier(self.noise_multiplier),
+            None => Ok(self.noise_multiplier),
+        }
+    }
+
+    /// The bound on one folded contribution as the coordinator sums it: `C`, plus the f32
+    /// rounding of the server-side scale and the 2⁻²⁴ fixed-point grid of the running sum
+    /// (`2⁻²⁵` per value), plus the f32 rounding of the mean and of `mean × reported` from which
+    /// the noised sum is rebuilt (relative `2⁻²⁴` each, over at most `selected` contributions).
+    fn central_sensitivity_clip(&self, clip: f64, selected: usize) -> f64 {
+        let per_update =
+            clip * (1.0 + 2f64.powi(-23)) + 2f64.powi(-(SCALE_BITS + 1)) * (self.dim as f64).sqrt();
+        per_update * (1.0 + 2f64.powi(-22) * selected.max(1) as f64)
+    }
+}
+
+impl Strategy for DpStrategy {
+    fn name(&self) -> &str {
+        // The recorded strategy name must not change when DP is added around it.
+        self.inner.name()
+    }
+
+    fn observe_sampling(&mut self, round: RoundId, candidates: usize, selected: usize) {
+        self.observed = Some((round, candidates, selected));
+        self.inner.observe_sampling(round, candidates, selected);
+    }
+
+    fn configure_fit(&mut self, round: RoundId, base: &FitInstructions) -> Result<FitPlan, StrategyError> {
+        self.pending = None;
+        let (candidates, selected) = match self.observed {
+            Some((r, c, s)) if r == round => (c, s),
+            _ => return Err(StrategyError::State("configure_fit without observe_sampling".into())),
+        };
+        let (q, n_bar) = self.rate_and_denominator(candidates, selected);
+        let state = |e: PrivacyError| StrategyError::State(e.to_string());
+        let next = self.accountant.epsilon_if(self.sampling, q, self.noise_multiplier).map_err(state)?;
+        if let Some(target) = self.target_epsilon {
+            if next > target {
+                let spent = self.accountant.epsilon();
+                let reason = format!(
+                    "privacy budget exhausted: round {} would bring ε from {spent:.4} to {next:.4}, above \
+                     privacy.target_epsilon = {target} (δ = {:e}); the last model stays available",
+                    round.round,
+                    self.accountant.delta()
+                );
+                warn!(%reason, "round refused");
+                return Err(StrategyError::Exhausted(reason));
+            }
+        }
+        let update_multiplier = self.update_multiplier().map_err(state)?;
+        let client_plan = NoisePlan::new(self.placement, update_multiplier, self.clip_norm, self.dim, n_bar)
+            .map_err(state)?;
+        let client_noise = client_plan.client_adds_noise();
+        let privacy = PrivacyInstructions {
+            mode: match self.placement {
+                NoisePlacement::Central => PrivacyMode::Central,
+                NoisePlacement::Local => PrivacyMode::Local,
+                NoisePlacement::Distributed => PrivacyMode::Distributed,
+            },
+            clip_norm: self.clip_norm,
+            noise_stddev: if client_noise { client_plan.party_sigma() } else { 0.0 },
+            grid_log2: Some(client_plan.grid_log2),
+            report_clip_indicator: self.adaptive.is_some(),
+            indicator_noise_stddev: match (&self.adaptive, client_noise) {
+                (Some(a), true) => a.count_party_sigma(self.placement, n_bar),
+                _ => 0.0,
+            },
+            per_layer_clipping: self.per_layer,
+        };
+        self.plan = Some(RoundPlan {
+            round,
+            sampling_rate: q,
+            expected_clients: n_bar,
+            clip_norm: self.clip_norm,
+            update_multiplier,
+            client_plan,
+        });
+        let inner = self.inner.configure_fit(round, base)?;
+        Ok(FitPlan { config: inner.config, privacy })
+    }
+
+    fn update_weighting(&self, upload: &UploadStats) -> Result<UpdateWeighting, StrategyError> {
+        let Some(plan) = &self.plan else {
+            return Err(StrategyError::Refused("no privacy plan for this round".into()));
+        };
+        if self.placement != NoisePlacement::Central {
+            // Clipped and noised by the client: its norm is about σ√d, not bounded by C.
+            return Ok(UpdateWeighting { weight: 1, scale: 1.0 });
+        }
+        let c = plan.clip_norm;
+        // The received norm is an f64 sum: allow its rounding before scaling an honest update.
+        let norm = upload.l2_norm * (1.0 + 1e-9);
+        if !norm.is_finite() {
+            return Err(StrategyError::Refused("update norm is not finite".into()));
+        }
+        if norm <= c {
+            return Ok(UpdateWeighting { weight: 1, scale: 1.0 });
+        }
+        if norm > c * (1.0 + 1e-4) {
+            warn!(client = %upload.client, norm = upload.l2_norm, clip_norm = c, "update exceeds the clip bound; scaled onto it");
+        }
+        let scale = (c / norm * (1.0 - 2f64.powi(-20))) as f32;
+        Ok(UpdateWeighting { weight: 1, scale })
+    }
+
+    fn aggregate_fit(
+        &mut self,
+        round: RoundId,
+        global: &ParameterVector,
+        results: &FitResults,
+        failures: &[FitFailure],
+    ) -> Result<Option<ParameterVector>, StrategyError> {
+        let state = |e: PrivacyError| StrategyError::State(e.to_string());
+        let plan = match self.plan.take() {
+            Some(p) if p.round == round => p,
+            _ => return Err(StrategyError::State(format!("round {round} was not configured for privacy"))),
+        };
+        let reported = results.clients.len() as u64;
+        let sampled = reported + failures.len() as u64;
+        // The weights are all 1, so mean × total weight is the sum of the folded updates.
+        let total = results.total_weight as f64;
+        let (manifest, mean) = results.mean_delta.clone().into_parts();
+        let mut values: Vec<f32> = mean.iter().map(|m| (f64::from(*m) * total) as f32).collect();
+        drop(mean);
+        if self.placement == NoisePlacement::Central {
+            let c = self.central_sensitivity_clip(plan.clip_norm, sampled as usize);
+            let central = NoisePlan::new(
+                NoisePlacement::Central,
+                plan.update_multiplier,
+                c,
+                self.dim,
+                plan.expected_clients,
+            )
+            .map_err(state)?;
+            let sigma = plan.update_multiplier
+                * widened_sensitivity(c, central.grid_log2, self.dim).map_err(state)?;
+            add_noise(&mut values, sigma, central.grid_log2, &self.noise).map_err(state)?;
+        }
+        // Fixed denominator: dividing by the public n̄ is post-processing; dividing by the
+        // reported count would make one client's presence change every coordinate.
+        let inv = 1.0 / plan.expected_clients;
+        for v in values.iter_mut() {
+            *v = (f64::from(*v) * inv) as f32;
+        }
+        // Adaptive clipping: the noised count of unclipped updates moves C for the next round
+        // (on a copy: the bound only moves once the round is committed, in `ledger_entry`).
+        let mut next_adaptive = self.adaptive.clone();
+        let mut accounted = plan.client_plan.effective_noise_multiplier(reported);
+        if let Some(adaptive) = &mut next_adaptive {
+            let central = self.placement == NoisePlacement::Central;
+            let sum: f64 = results
+                .clients
+                .iter()
+                .map(|c| indicator_value(c.metrics.get(CLIP_INDICATOR_METRIC).copied(), central))
+                .sum();
+            let noised = if central {
+                adaptive.noise_indicator_sum(sum, adaptive.count_noise_std(), &self.noise).map_err(state)?
+            } else {
+                sum
+            };
+            let mut count_multiplier = adaptive.count_noise_multiplier();
+            if self.placement == NoisePlacement::Distributed && reported > 0 {
+                // Only the reported shares of the count noise are in the sum.
+                count_multiplier *= (reported as f64 / plan.expected_clients).sqrt().min(1.0);
+            }
+            accounted = (accounted.powi(-2) + count_multiplier.powi(-2)).powf(-0.5);
+            adaptive.update(noised, plan.expected_clients).map_err(state)?;
+        }
+        let next_clip = next_adaptive.as_ref().map(|a| a.clip_norm()).unwrap_or(plan.clip_norm);
+        let entry = PrivacyLedgerEntry {
+            round: round.round,
+            sampling: self.sampling,
+            placement: self.placement,
+            sampling_rate: plan.sampling_rate,
+            noise_multiplier: accounted,
+            clip_norm: plan.clip_norm,
+            sampled,
+            reported,
+            delta: self.accountant.delta(),
+            epsilon_after: 0.0,
+        };
+        let entry = self.accountant.clone().record(entry).map_err(state)?;
+        self.pending = Some(Pending {
+            detail: LedgerDetail {
+                entry,
+                expected_clients: plan.expected_clients,
+                next_clip_norm: next_clip,
+            },
+            adaptive: next_adaptive,
+        });
+        let mean_delta = ParameterVector::new(manifest, values)?;
+        let noised =
+            FitResults { mean_delta, total_weight: results.total_weight, clients: results.clients.clone() };
+        self.inner.aggregate_fit(round, global, &noised, failures)
+    }
+
+    fn configure_evaluate(&mut self, version: ModelVersion, batch_size: u32) -> u32 {
+        self.inner.configure_evaluate(version, batch_size)
+    }
+
+    fn aggregate_evaluate(
+        &mut self,
+        version: ModelVersion,
+        results: &[EvalResult],
+        failures: &[FitFailure],
+    ) -> Result<Option<EvalSummary>, StrategyError> {
+        self.inner.aggregate_evaluate(version, results, failures)
+    }
+
+    fn ledger_entry(&mut self, round: RoundId) -> Option<LedgerEntry> {
+        let pending = self.pending.take().filter(|p| p.detail.entry.round == round.round)?;
+        let detail = pending.detail;
+        match self.accountant.record(detail.entry.clone()) {
+            Ok(recorded) => {
+                debug_assert_eq!(recorded.epsilon_after, detail.entry.epsilon_after);
+            }
+            Err(e) => {
+                // Cannot happen for an entry this accountant's clone accepted; keep the
+                // stricter record (the ledger row) regardless.
+                warn!(cause = %e, "the accountant refused a round it had planned");
+            }
+        }
+        self.adaptive = pending.adaptive;
+        self.clip_norm = detail.next_clip_norm;
+        let epsilon = detail.entry.epsilon_after;
+        let rounds = self.accountant.rounds();
+        let (mode, delta) = (self.mode, self.accountant.delta());
+        self.monitor.update(|s| {
+            s.epsilon = epsilon;
+            s.rounds_charged = rounds;
+            s.clip_norm = detail.next_clip_norm;
+            s.noise_multiplier = detail.entry.noise_multiplier;
+            s.guarantee = guarantee_line(mode, epsilon, delta, rounds);
+        });
+        info!(round = %round, epsilon, delta, clip_norm = detail.entry.clip_norm, "privacy charged");
+        Some(ledger::to_row(&detail))
+    }
+
+    fn privacy_monitor(&self) -> Option<PrivacyMonitor> {
+        Some(self.monitor.clone())
+    }
+
+    fn state(&self) -> Option<ParameterVector> {
+        self.inner.state()
+    }
+
+    fn restore_state(&mut self, state: ParameterVector) -> Result<(), StrategyError> {
+        self.inner.restore_state(state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::privacy::{AdaptiveClipSettings, PrivacySettings};
+    use crate::strategy::{FedAvg, FitSummary};
+    use fedtune_shared::ids::ClientId;
+    use fedtune_shared::params::{Manifest, TensorSpec};
+    use fedtune_shared::privacy::{epsilon_for_rounds, Adjacency};
+    use std::collections::BTreeMap;
+
+    const DIM: usize = 100_000;
+
+    fn settings(mode: DpMode, sampling: SamplingSettings, target: Option<f64>) -> CoordinatorSettings {
+        let mut s = CoordinatorSettings::with_paths("/unused", "/unused");
+        s.sampling = sampling;
+        s.privacy = PrivacySettings {
+            mode,
+            noise_multiplier: Some(1.0),
+            clip_norm: 1.0,
+            target_epsilon: target,
+            ..PrivacySettings::default()
+        };
+        s
+    }
+
+    fn dp(s: &CoordinatorSettings) -> DpStrategy {
+        DpStrategy::with_noise_source(
+            Box::new(FedAvg::new(1.0, 0.0)),
+            s,
+            DIM,
+            &[],
+            NoiseSource::seeded_for_tests(5),
+        )
+        .unwrap()
+    }
+
+    fn manifest() -> Manifest {
+        Manifest::new(vec![TensorSpec { name: "w".into(), shape: vec![DIM] }]).unwrap()
+    }
+
+    fn base() -> FitInstructions {
+        FitInstructions {
+            epochs: 1,
+            batch_size: 8,
+            learning_rate: 1e-3,
+            proximal_mu: 0.0,
+            max_steps: None,
+            seed: 0,
+        }
+    }
+
+    /// `reported` clients each sent the update `value` in every coordinate (mean = value).
+    fn results(value: f32, reported: usize) -> FitResults {
+        FitResults {
+            mean_delta: ParameterVector::new(manifest(), vec![value; DIM]).unwrap(),
+            total_weight: reported as u64,
+            clients: (0..reported)
+                .map(|i| FitSummary {
+                    client: ClientId::parse(&format!("c{i}")).unwrap(),
+                    num_examples: 1,
+                    weight: 1,
+                    metrics: BTreeMap::new(),
+                })
+                .collect(),
+        }
+    }
+
+    fn moments(v: &[f32], centre: f64) -> (f64, f64) {
+        let n = v.len() as f64;
+        let mean = v.iter().map(|x| f64::from(*x) - centre).sum::<f64>() / n;
+        let var = v.iter().map(|x| (f64::from(*x) - centre - mean).powi(2)).sum::<f64>() / n;
+        (mean, var.sqrt())
+    }
+
+    #[test]
+    fn central_noise_lands_on_the_sum_and_the_average_uses_the_fixed_denominator() {
+        let s = settings(DpMode::Central, SamplingSettings::Poisson { rate: 0.5 }, None);
+        let mut dp = dp(&s);
+        let round = RoundId::new(1, 0);
+        dp.observe_sampling(round, 20, 9);
+        let plan = dp.configure_fit(round, &base()).unwrap();
+        assert_eq!(plan.privacy.mode, PrivacyMode::Central);
+        assert_eq!(plan.privacy.noise_stddev, 0.0, "clients add no noise under central DP");
+        let global = ParameterVector::zeros(manifest());
+        // 8 of the 9 sampled reported; n̄ = q·N = 10 regardless.
+        let next = dp.aggregate_fit(round, &global, &results(1e-3, 8), &[]).unwrap().unwrap();
+        let (mean, std) = moments(next.values(), 8.0 * 1e-3 / 10.0);
+        // σ = z·C'/n̄ with C' a hair above C = 1.
+        assert!((std / 0.1 - 1.0).abs() < 0.01, "std {std}");
+        assert!(mean.abs() < 5.0 * 0.1 / (DIM as f64).sqrt(), "mean offset {mean}");
+        let row = dp.ledger_entry(round).unwrap();
+        let lib =
+            epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Poisson, 0.5, 1.0, 1, 1e-5).unwrap();
+        assert_eq!(row.epsilon, lib);
+        assert_eq!(row.sampling_rate, 0.5);
+        assert_eq!(dp.privacy_monitor().unwrap().snapshot().epsilon, lib);
+    }
+
+    #[test]
+    fn local_noise_is_announced_to_clients_and_not_added_again() {
+        let s = settings(DpMode::Local, SamplingSettings::Fraction { fraction: 1.0 }, None);
+        let mut dp = dp(&s);
+        let round = RoundId::new(1, 0);
+        dp.observe_sampling(round, 4, 4);
+        let plan = dp.configure_fit(round, &base()).unwrap();
+        assert_eq!(plan.privacy.mode, PrivacyMode::Local);
+        assert!(plan.privacy.noise_stddev > 1.0 && plan.privacy.noise_stddev < 1.001);
+        assert!(plan.privacy.grid_log2.is_some());
+        let next =
+            dp.aggregate_fit(round, &ParameterVector::zeros(manifest()), &results(0.25, 4), &[]).unwrap();
+        // Sum 4·0.25 over n̄ = 4: exactly the mean, no coordinator noise.
+        assert!(next.unwrap().values().iter().all(|v| (*v - 0.25).abs() < 1e-6));
+    }
+
+    #[test]
+    fn an_update_beyond_the_bound_is_scaled_onto_it_under_central_noise() {
+        let s = settings(DpMode::Central, SamplingSettings::Fraction { fraction: 1.0 }, None);
+        let mut dp = dp(&s);
+        dp.observe_sampling(RoundId::new(1, 0), 3, 3);
+        dp.configure_fit(RoundId::new(1, 0), &base()).unwrap();
+        let stats =
+            |n: f64| UploadStats { client: ClientId::parse("a").unwrap(), num_examples: 500, l2_norm: n };
+        assert_eq!(dp.update_weighting(&stats(0.5)).unwrap(), UpdateWeighting { weight: 1, scale: 1.0 });
+        let w = dp.update_weighting(&stats(4.0)).unwrap();
+        assert_eq!(w.weight, 1, "user-level DP weighs every client the same");
+        assert!(f64::from(w.scale) * 4.0 <= 1.0 && f64::from(w.scale) * 4.0 > 0.999);
+    }
+
+    #[test]
+    fn a_round_beyond_the_budget_is_refused() {
+        let one = epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Full, 1.0, 1.0, 1, 1e-5).unwrap();
+        let two = epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Full, 1.0, 1.0, 2, 1e-5).unwrap();
+        let s =
+            settings(DpMode::Central, SamplingSettings::Fraction { fraction: 1.0 }, Some((one + two) / 2.0));
+        let mut dp = dp(&s);
+        let global = ParameterVector::zeros(manifest());
+        let r1 = RoundId::new(1, 0);
+        dp.observe_sampling(r1, 2, 2);
+        dp.configure_fit(r1, &base()).unwrap();
+        dp.aggregate_fit(r1, &global, &results(0.0, 2), &[]).unwrap();
+        dp.ledger_entry(r1).unwrap();
+        let r2 = RoundId::new(2, 0);
+        dp.observe_sampling(r2, 2, 2);
+        match dp.configure_fit(r2, &base()) {
+            Err(StrategyError::Exhausted(reason)) => assert!(reason.contains("budget"), "{reason}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fixed_size_cohorts_are_accounted_without_replacement_never_as_poisson() {
+        let s = settings(DpMode::Central, SamplingSettings::Fixed { count: 5 }, None);
+        let mut dp = dp(&s);
+        let r = RoundId::new(1, 0);
+        dp.observe_sampling(r, 50, 5);
+        dp.configure_fit(r, &base()).unwrap();
+        // Two of the five dropped out: ε is the same as if all had reported.
+        let failures: Vec<FitFailure> = (0..2)
+            .map(|i| FitFailure {
+                client: ClientId::parse(&format!("d{i}")).unwrap(),
+                reason: "dropped".into(),
+            })
+            .collect();
+        dp.aggregate_fit(r, &ParameterVector::zeros(manifest()), &results(0.0, 3), &failures).unwrap();
+        let row = dp.ledger_entry(r).unwrap();
+        let detail: LedgerDetail = serde_json::from_value(row.detail).unwrap();
+        assert_eq!(detail.entry.sampling, SamplingScheme::FixedSize);
+        assert_eq!((detail.entry.sampled, detail.entry.reported), (5, 3));
+        assert_eq!(detail.expected_clients, 5.0);
+        let lib =
+            epsilon_for_rounds(Adjacency::ReplaceOne, SamplingScheme::FixedSize, 0.1, 1.0, 1, 1e-5).unwrap();
+        assert_eq!(row.epsilon, lib);
+    }
+
+    #[test]
+    fn adaptive_clipping_moves_the_bound_and_its_count_is_accounted() {
+        let mut s = settings(DpMode::Central, SamplingSettings::Fraction { fraction: 1.0 }, None);
+        s.privacy.adaptive_clipping =
+            Some(AdaptiveClipSettings { target_quantile: 0.5, learning_rate: 0.5, count_noise_std: 0.6 });
+        let mut dp = dp(&s);
+        let r = RoundId::new(1, 0);
+        dp.observe_sampling(r, 10, 10);
+        let plan = dp.configure_fit(r, &base()).unwrap();
+        assert!(plan.privacy.report_clip_indicator);
+        let mut res = results(0.0, 10);
+        for c in &mut res.clients {
+            // Every update was clipped: C must grow.
+            c.metrics.insert(CLIP_INDICATOR_METRIC.into(), -0.5);
+        }
+        dp.aggregate_fit(r, &ParameterVector::zeros(manifest()), &res, &[]).unwrap();
+        assert_eq!(dp.clip_norm(), 1.0, "C moves only when the round commits");
+        let row = dp.ledger_entry(r).unwrap();
+        assert!(dp.clip_norm() > 1.0, "C = {}", dp.clip_norm());
+        // The round is accounted at the configured total z = 1 (update and count together).
+        assert!((row.noise_multiplier - 1.0).abs() < 1e-9, "z = {}", row.noise_multiplier);
+    }
+
+    #[test]
+    fn a_resumed_strategy_continues_from_its_ledger() {
+        let s = settings(DpMode::Central, SamplingSettings::Poisson { rate: 0.2 }, None);
+        let mut first = dp(&s);
+        let global = ParameterVector::zeros(manifest());
+        let mut history = Vec::new();
+        for round in 1..=3 {
+            let r = RoundId::new(round, 0);
+            first.observe_sampling(r, 50, 10);
+            first.configure_fit(r, &base()).unwrap();
+            first.aggregate_fit(r, &global, &results(0.0, 10), &[]).unwrap();
+            let row = first.ledger_entry(r).unwrap();
+            history.push(LedgerRecord {
+                version: round,
+                mechanism: row.mechanism.clone(),
+                detail: serde_json::from_value(row.detail).unwrap(),
+            });
+        }
+        let resumed = DpStrategy::with_noise_source(
+            Box::new(FedAvg::new(1.0, 0.0)),
+            &s,
+            DIM,
+            &history,
+            NoiseSource::seeded_for_tests(1),
+        )
+        .unwrap();
+        assert_eq!(resumed.epsilon(), first.epsilon());
+        assert_eq!(resumed.privacy_monitor().unwrap().snapshot().rounds_charged, 3);
+    }
+
+    #[test]
+    fn distributed_noise_is_refused_without_the_override() {
+        let mut s = settings(DpMode::Distributed, SamplingSettings::Poisson { rate: 0.5 }, None);
+        assert!(DpStrategy::new(Box::new(FedAvg::new(1.0, 0.0)), &s, DIM, &[]).is_err());
+        s.privacy.allow_distributed_without_secure_aggregation = true;
+        let mut dp = dp(&s);
+        let r = RoundId::new(1, 0);
+        dp.observe_sampling(r, 40, 20);
+        let plan = dp.configure_fit(r, &base()).unwrap();
+        // n̄ = 20 shares: each carries 1/√20 of the noise.
+        assert!(
+            (plan.privacy.noise_stddev * 20f64.sqrt() - 1.0).abs() < 1e-3,
+            "{}",
+            plan.privacy.noise_stddev
+        );
+    }
+}

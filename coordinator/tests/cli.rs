@@ -1,0 +1,138 @@
+//! The `fedtune-coordinator` binary: configuration errors, `status`, `export`.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use fedtune_coordinator::CoordinatorSettings;
+use fedtune_shared::params::{Manifest, ParameterVector, TensorSpec};
+use tokio_util::sync::CancellationToken;
+
+const BIN: &str = env!("CARGO_BIN_EXE_fedtune-coordinator");
+
+fn write_model(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let m = Manifest::new(vec![
+        TensorSpec { name: "bert.embeddings.word_embeddings.weight".into(), shape: vec![4, 4] },
+        TensorSpec { name: "bert.encoder.layer.0.output.dense.weight".into(), shape: vec![4, 4] },
+    ])
+    .unwrap();
+    ParameterVector::new(m, vec![0.25; 32])
+        .unwrap()
+        .save_safetensors(&dir.join("model.safetensors"))
+        .unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"hidden_size": 4, "num_hidden_layers": 1, "id2label": {"0": "no", "1": "yes"}}"#,
+    )
+    .unwrap();
+    std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
+}
+
+#[test]
+fn an_invalid_config_exits_64_naming_the_key_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(&dir.path().join("model"));
+    // Hold the port: had serve tried to bind, it would fail with another message and status.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\nstate_dir = \"{}\"\n[model]\ninit_dir = \"{}\"\n[rounds]\nmin_fit = 0\n[security]\ninsecure = true\n",
+            dir.path().join("state").display(),
+            dir.path().join("model").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN).args(["serve", "--config"]).arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rounds.min_fit"), "{stderr}");
+    assert!(!dir.path().join("state").exists(), "nothing may be created for an invalid config");
+
+    // An environment override is validated the same way.
+    std::fs::write(
+        &config,
+        format!(
+            "[storage]\nstate_dir = \"{}\"\n[model]\ninit_dir = \"{}\"\n[security]\ninsecure = true\n",
+            dir.path().join("state").display(),
+            dir.path().join("model").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("FEDTUNE__SAMPLING__SCHEME", "lottery")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lottery"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_a_running_coordinator_and_export_writes_a_loadable_hf_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(&dir.path().join("model"));
+    let mut settings = CoordinatorSettings::with_paths(dir.path().join("state"), dir.path().join("model"));
+    settings.security.insecure = true;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(fedtune_coordinator::run(settings, listener, stop.clone()));
+
+    let mut status = None;
+    for _ in 0..100 {
+        let out = tokio::process::Command::new(BIN)
+            .args(["status", "--json", "--addr", &url])
+            .output()
+            .await
+            .unwrap();
+        if out.status.success() {
+            status = Some(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = status.expect("status answered");
+    assert_eq!(status["phase"], "idle");
+    assert_eq!(status["model_version"], 0);
+    assert_eq!(status["strategy"], "fedavg");
+
+    let out_dir = dir.path().join("export");
+    let out = tokio::process::Command::new(BIN)
+        .args(["export", "--round", "0", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["num_labels"], 2);
+    assert_eq!(cfg["id2label"]["1"], "yes");
+    assert_eq!(cfg["architectures"][0], "BertForSequenceClassification");
+    assert!(out_dir.join("tokenizer.json").is_file());
+    let model = ParameterVector::load_safetensors(&out_dir.join("model.safetensors"), |_| true).unwrap();
+    // The coordinator completed the checkpoint with an initialised pooler and classifier.
+    assert_eq!(model.tensor("classifier.weight").map(<[f32]>::len), Some(8));
+    assert!(model.tensor("bert.pooler.dense.weight").is_some());
+
+    let missing = tokio::process::Command::new(BIN)
+        .args(["export", "--round", "3", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--out")
+        .arg(dir.path().join("x"))
+        .output()
+        .await
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("round 3"));
+
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}

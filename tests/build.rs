@@ -1,0 +1,2 @@
+//! The test binaries link libtorch through fedtune-client: reuse the client's rpath logic.
+include!("../client/build.rs");

@@ -1,0 +1,217 @@
+//! Real processes: the `fedtune-coordinator` and `fedtune-client` binaries on loopback, with the
+//! faults a deployment meets (`kill -9`, restarts, clients vanishing mid-upload).
+//!
+//! The binaries are the workspace's own build outputs in `target/<profile>/`, next to the folder
+//! holding the test executable (`target/<profile>/deps/`). `cargo test -p fedtune-tests` alone
+//! does not build them: run `cargo build --workspace` first (`scripts/test.sh` does).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use fedtune_client::transport::{ConnectOptions, CoordinatorApi, GrpcCoordinator};
+use fedtune_coordinator::settings::CoordinatorSettings;
+use fedtune_shared::round::StatusReport;
+use tokio::time::Instant;
+
+/// Path of a workspace binary (`fedtune-coordinator`, `fedtune-client`).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let file = format!("{name}{}", std::env::consts::EXE_SUFFIX);
+    exe.ancestors().skip(1).take(2).map(|dir| dir.join(&file)).find(|p| p.is_file()).with_context(|| {
+        format!("{file} not found next to {}: run `cargo build --workspace` first", exe.display())
+    })
+}
+
+/// A loopback port that was free a moment ago (the coordinator must come back on the same port
+/// after a restart, so tests choose it instead of binding port 0).
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A child process with its log file, killed when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    child: Option<Child>,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut command: Command, log: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .with_context(|| format!("starting {command:?}"))?;
+        Ok(Self { child: Some(child), log: log.to_path_buf() })
+    }
+
+    /// `kill -9`: no chance to clean up, exactly like a crash or an OOM kill.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, the polite stop.
+    pub fn terminate(&self) -> Result<()> {
+        let pid = self.child.as_ref().context("process already gone")?.id();
+        let status = Command::new("kill").arg("-TERM").arg(pid.to_string()).status()?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub async fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().context("process already gone")?;
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("process did not exit within {timeout:?}; log:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A `fedtune-coordinator serve` process with its configuration file, restartable on its port.
+#[derive(Debug)]
+pub struct CoordinatorProc {
+    /// The running process, if any.
+    pub proc: Option<Proc>,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl CoordinatorProc {
+    /// Writes `settings` (with `server.listen` on a free loopback port) to `dir/coordinator.toml`
+    /// and starts `fedtune-coordinator serve` on it.
+    pub fn start(mut settings: CoordinatorSettings, dir: &Path) -> Result<Self> {
+        let port = free_port()?;
+        settings.server.listen = ([127, 0, 0, 1], port).into();
+        let config = dir.join("coordinator.toml");
+        std::fs::write(&config, toml::to_string(&settings)?)?;
+        let mut me = Self {
+            proc: None,
+            url: format!("http://127.0.0.1:{port}"),
+            config,
+            log: dir.join("coordinator.log"),
+        };
+        crate::identities::register(&me.url, &settings.storage.state_dir);
+        me.restart()?;
+        Ok(me)
+    }
+
+    /// Starts the process (again) on the same configuration and state directory.
+    pub fn restart(&mut self) -> Result<()> {
+        let mut command = Command::new(binary("fedtune-coordinator")?);
+        command.arg("serve").arg("--config").arg(&self.config);
+        self.proc = Some(Proc::spawn(command, &self.log)?);
+        Ok(())
+    }
+
+    /// `kill -9` the coordinator.
+    pub fn kill9(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+
+    /// The coordinator's log (all incarnations).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// [`wait_for_status`] on this coordinator; on failure the error carries the end of its log.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        done: impl FnMut(&StatusReport) -> bool,
+    ) -> Result<StatusReport> {
+        wait_for_status(&self.url, timeout, done).await.with_context(|| {
+            let log = self.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            format!(
+                "coordinator log (last 40 lines):\n{}",
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            )
+        })
+    }
+}
+
+/// Starts `fedtune-client run --coordinator URL --data DATA --name NAME --key KEY --insecure
+/// ARGS…` (the key allowlisted for NAME, see [`crate::identities`]), logging to `dir/NAME.log`.
+pub fn start_client(url: &str, name: &str, data: &Path, args: &[&str], dir: &Path) -> Result<Proc> {
+    let key = crate::identities::key_file_for(url, name, dir)?;
+    let mut command = Command::new(binary("fedtune-client")?);
+    command
+        .arg("run")
+        .arg("--coordinator")
+        .arg(url)
+        .arg("--data")
+        .arg(data)
+        .arg("--name")
+        .arg(name)
+        .arg("--key")
+        .arg(&key)
+        .arg("--insecure")
+        .args(args);
+    Proc::spawn(command, &dir.join(format!("{name}.log")))
+}
+
+/// Polls the coordinator's status until `done` holds, tolerating the coordinator being down.
+pub async fn wait_for_status(
+    url: &str,
+    timeout: Duration,
+    mut done: impl FnMut(&StatusReport) -> bool,
+) -> Result<StatusReport> {
+    let api = GrpcCoordinator::connect_lazy(&ConnectOptions::new(url))?;
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if let Ok(report) = api.status(64).await {
+            if done(&report) {
+                return Ok(report);
+            }
+            last = Some(report);
+        }
+        if Instant::now() > deadline {
+            bail!("condition not reached within {timeout:?}; last status: {last:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Rounds with a `completed` record in `report`, ascending.
+pub fn completed_rounds(report: &StatusReport) -> Vec<u64> {
+    let mut rounds: Vec<u64> =
+        report.recent_rounds.iter().filter(|r| r.status == "completed").map(|r| r.id.round).collect();
+    rounds.sort_unstable();
+    rounds.dedup();
+    rounds
+}

@@ -1,0 +1,550 @@
+//! Differential privacy end to end (issue #4): real coordinators over real gRPC on loopback,
+//! in-process agents with fake trainers whose updates are known exactly, protocol-level test
+//! clients, and the `fedtune-coordinator` binary (planning CLI, `kill -9` and restart).
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use fedtune_client::agent::{Agent, AgentConfig, ExitReason, TrainerFactory, TrainerSpec};
+use fedtune_client::fake_trainer::{FakeTrainer, FakeTrainerConfig};
+use fedtune_client::local_trainer::{FitConfig, LocalTrainer};
+use fedtune_client::transport::{ApiError, ConnectOptions, CoordinatorApi, DownloadStream, GrpcCoordinator};
+use fedtune_coordinator::cli::{export, ExportArgs};
+use fedtune_coordinator::privacy::{DpMode, PrivacySettings};
+use fedtune_coordinator::settings::SamplingSettings;
+use fedtune_coordinator::{CoordinatorSettings, RunError};
+use fedtune_shared::ids::{ClientId, ModelVersion};
+use fedtune_shared::params::{Manifest, ParameterVector};
+use fedtune_shared::privacy::{
+    clip_l2, default_grid_log2, epsilon_for_rounds, l2_norm_upper_bound, widened_sensitivity, Adjacency,
+    SamplingScheme,
+};
+use fedtune_shared::round::{
+    DownloadRequest, EvalReport, FailureReport, Heartbeat, HeartbeatReply, JoinRequest, JoinResponse,
+    PhaseName, StatusReport, Task, UploadItem, UploadReceipt,
+};
+use fedtune_tests::fixtures::{quick_settings, write_fake_model};
+use fedtune_tests::grpc::{f32_bytes, InProcess, TestClient};
+use fedtune_tests::process::{binary, wait_for_status, CoordinatorProc};
+use futures::stream::{BoxStream, StreamExt};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+const DELTA: f64 = 1e-5;
+
+fn privacy(mode: DpMode, z: f64, clip: f64) -> PrivacySettings {
+    PrivacySettings {
+        mode,
+        noise_multiplier: Some(z),
+        clip_norm: clip,
+        delta: DELTA,
+        ..PrivacySettings::default()
+    }
+}
+
+fn fake(seed: u64) -> FakeTrainerConfig {
+    FakeTrainerConfig {
+        seed,
+        num_train_examples: 10 * seed,
+        num_eval_examples: 10,
+        ..FakeTrainerConfig::default()
+    }
+}
+
+fn factory(config: FakeTrainerConfig) -> TrainerFactory {
+    Box::new(move |spec: &TrainerSpec| {
+        Ok(Box::new(FakeTrainer::new(spec.trainable.clone(), config)) as Box<dyn LocalTrainer>)
+    })
+}
+
+/// What went over the wire in one upload.
+#[derive(Debug, Clone, Default)]
+struct Sent {
+    num_examples: u64,
+    metrics: Vec<String>,
+    payload: Vec<u8>,
+}
+
+/// The real gRPC transport, recording every upload it sends.
+#[derive(Debug, Clone)]
+struct Recording {
+    inner: Arc<GrpcCoordinator>,
+    sent: Arc<Mutex<Vec<Sent>>>,
+}
+
+impl CoordinatorApi for Recording {
+    async fn join(&self, request: JoinRequest) -> Result<JoinResponse, ApiError> {
+        self.inner.join(request).await
+    }
+    async fn wait_for_task(&self, max_wait: Duration) -> Result<Task, ApiError> {
+        self.inner.wait_for_task(max_wait).await
+    }
+    async fn heartbeat(&self, beat: Heartbeat) -> Result<HeartbeatReply, ApiError> {
+        self.inner.heartbeat(beat).await
+    }
+    async fn download(&self, request: DownloadRequest) -> Result<DownloadStream, ApiError> {
+        self.inner.download(request).await
+    }
+    async fn upload(&self, items: BoxStream<'static, UploadItem>) -> Result<UploadReceipt, ApiError> {
+        let slot = Arc::new(Mutex::new(Sent::default()));
+        let tap = Arc::clone(&slot);
+        let items = items
+            .inspect(move |item| {
+                let mut s = tap.lock().unwrap();
+                match item {
+                    UploadItem::Header(h) => {
+                        s.num_examples = h.num_examples;
+                        s.metrics = h.metrics.keys().cloned().collect();
+                    }
+                    UploadItem::Chunk(c) => s.payload.extend_from_slice(&c.data),
+                    UploadItem::Trailer(_) => {}
+                }
+            })
+            .boxed();
+        let receipt = self.inner.upload(items).await?;
+        self.sent.lock().unwrap().push(slot.lock().unwrap().clone());
+        Ok(receipt)
+    }
+    async fn report_evaluation(&self, report: EvalReport) -> Result<(), ApiError> {
+        self.inner.report_evaluation(report).await
+    }
+    async fn report_failure(&self, report: FailureReport) -> Result<(), ApiError> {
+        self.inner.report_failure(report).await
+    }
+    async fn leave(&self) -> Result<(), ApiError> {
+        self.inner.leave().await
+    }
+    async fn status(&self, recent_rounds: u32) -> Result<StatusReport, ApiError> {
+        self.inner.status(recent_rounds).await
+    }
+}
+
+/// The trainable model of `version`, exported from the state directory.
+fn published(state: &Path, round: u64, manifest: &Manifest, out: &Path) -> Result<ParameterVector> {
+    export(&ExportArgs { state_dir: state.to_path_buf(), round, out: out.to_path_buf(), init_dir: None })?;
+    Ok(ParameterVector::load_safetensors(&out.join("model.safetensors"), |_| true)?.select(manifest)?)
+}
+
+/// One round by three in-process agents (fake trainers, seeds 1–3) under `privacy`; returns the
+/// published model of version 1, the clipped deltas the clients computed, every upload as sent,
+/// and the final status.
+struct Outcome {
+    global: Vec<f32>,
+    published: Vec<f32>,
+    clipped: Vec<Vec<f32>>,
+    sent: Vec<Sent>,
+    status: StatusReport,
+}
+
+async fn one_round_with_agents(dir: &Path, privacy: PrivacySettings) -> Result<Outcome> {
+    let model = write_fake_model(&dir.join("model"), 2, 8)?;
+    let state = dir.join("state");
+    let mut settings = quick_settings(&state, &model, 1, 3, 3);
+    settings.evaluation.every = 0;
+    settings.server.exit_after_finished = Some(Duration::from_secs(60));
+    let clip = privacy.clip_norm;
+    let dp = privacy.enabled();
+    settings.privacy = privacy;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let stop = CancellationToken::new();
+    fedtune_tests::identities::register(&url, &state);
+    let server = tokio::spawn(fedtune_coordinator::run(settings, listener, stop.clone()));
+
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let mut agents = Vec::new();
+    for seed in 1..=3u64 {
+        let name = format!("site-{seed}");
+        let key = fedtune_tests::identities::key_for(&url, &name)?;
+        let api = GrpcCoordinator::connect_lazy(&ConnectOptions::new(url.clone()))?.with_identity(key, None);
+        let api = Recording { inner: Arc::new(api), sent: Arc::clone(&sent) };
+        let config = AgentConfig {
+            name: Some(ClientId::parse(&name)?),
+            train_examples: 10 * seed,
+            eval_examples: 10,
+            poll_wait: Duration::from_secs(2),
+            ..AgentConfig::default()
+        };
+        agents
+            .push(tokio::spawn(Agent::new(api, config, factory(fake(seed)), CancellationToken::new()).run()));
+    }
+    for agent in agents {
+        let outcome = tokio::time::timeout(Duration::from_secs(60), agent).await???;
+        assert!(matches!(outcome.reason, ExitReason::Finished { .. }), "{outcome:?}");
+        assert_eq!(outcome.stats.updates_accepted, 1, "{outcome:?}");
+    }
+    let status = wait_for_status(&url, WAIT, |s| s.phase == PhaseName::Finished).await?;
+    stop.cancel();
+    server.await??;
+
+    let initial = ParameterVector::load_safetensors(&model.join("model.safetensors"), |_| true)?;
+    let global = published(&state, 0, initial.manifest(), &dir.join("v0"))?;
+    let manifest = global.manifest().clone();
+    let mut clipped = Vec::new();
+    for seed in 1..=3u64 {
+        let mut trainer = FakeTrainer::new(manifest.clone(), fake(seed));
+        let local = trainer.fit(&global, &FitConfig::default())?.weights;
+        let mut d: Vec<f32> = local.values().iter().zip(global.values()).map(|(l, g)| l - g).collect();
+        if dp {
+            clip_l2(&mut d, clip);
+        }
+        clipped.push(d);
+    }
+    let got = published(&state, 1, &manifest, &dir.join("v1"))?;
+    let sent = sent.lock().unwrap().clone();
+    Ok(Outcome { global: global.values().to_vec(), published: got.values().to_vec(), clipped, sent, status })
+}
+
+/// Mean and standard deviation of `published − global − Σ clipped / n̄` per coordinate.
+fn residual(o: &Outcome, n_bar: f64) -> (f64, f64, usize) {
+    let d = o.global.len();
+    let r: Vec<f64> = (0..d)
+        .map(|j| {
+            let sum: f64 = o.clipped.iter().map(|c| f64::from(c[j])).sum();
+            f64::from(o.published[j]) - f64::from(o.global[j]) - sum / n_bar
+        })
+        .collect();
+    let mean = r.iter().sum::<f64>() / d as f64;
+    let var = r.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / d as f64;
+    (mean, var.sqrt(), d)
+}
+
+/// Sample-std tolerance: 6 standard errors of a std estimated from `d` Gaussian draws.
+fn assert_std(std: f64, sigma: f64, d: usize) {
+    let tol = 6.0 / (2.0 * d as f64).sqrt();
+    assert!(
+        (std / sigma - 1.0).abs() < tol,
+        "residual std {std:e}, expected σ = {sigma:e} (±{:.1}%)",
+        tol * 100.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn central_dp_publishes_the_clipped_sum_plus_gaussian_noise_over_the_fixed_denominator() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (z, clip) = (1.0, 0.01);
+    let o = one_round_with_agents(dir.path(), privacy(DpMode::Central, z, clip)).await?;
+    // On the wire: clipped to C, one example each, no side information beyond nothing.
+    assert_eq!(o.sent.len(), 3);
+    for s in &o.sent {
+        let values = fedtune_tests::grpc::f32_values(&s.payload);
+        assert!(
+            l2_norm_upper_bound(&values) <= clip,
+            "an upload left with norm {}",
+            l2_norm_upper_bound(&values)
+        );
+        assert_eq!(s.num_examples, 1);
+        assert!(s.metrics.is_empty(), "a private upload carried {:?}", s.metrics);
+    }
+    let (mean, std, d) = residual(&o, 3.0);
+    let sigma = z * clip / 3.0;
+    assert_std(std, sigma, d);
+    assert!(mean.abs() < 6.0 * sigma / (d as f64).sqrt(), "noise is centred: mean {mean:e}");
+    assert_eq!(o.status.privacy.mode, "central");
+    let eps = epsilon_for_rounds(Adjacency::ReplaceOne, SamplingScheme::FixedSize, 1.0, z, 1, DELTA)?;
+    assert!((o.status.privacy.epsilon / eps - 1.0).abs() < 1e-9, "{} vs {eps}", o.status.privacy.epsilon);
+    assert_eq!(o.status.recent_rounds[0].epsilon, Some(o.status.privacy.epsilon));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_dp_every_client_noises_its_clipped_update_and_the_coordinator_adds_nothing_more() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let (z, clip) = (0.5, 0.01);
+    let o = one_round_with_agents(dir.path(), privacy(DpMode::Local, z, clip)).await?;
+    let d = o.global.len();
+    // Each client adds σ = z·C' on the grid the coordinator announced; three shares over n̄ = 3.
+    let k = default_grid_log2(clip, d)?;
+    let per_client = z * widened_sensitivity(clip, k, d)?;
+    let (mean, std, d) = residual(&o, 3.0);
+    assert_std(std, per_client * 3f64.sqrt() / 3.0, d);
+    assert!(mean.abs() < 6.0 * per_client / (d as f64).sqrt());
+    for s in &o.sent {
+        let values = fedtune_tests::grpc::f32_values(&s.payload);
+        // Noised on the wire: the norm is about σ√d, far beyond the clip bound.
+        assert!(l2_norm_upper_bound(&values) > clip * 5.0);
+        assert_eq!(s.num_examples, 1);
+    }
+    assert_eq!(o.status.privacy.mode, "local");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_dp_the_mean_is_exact_and_every_report_says_there_is_no_privacy_guarantee() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let o = one_round_with_agents(dir.path(), PrivacySettings::default()).await?;
+    // Example-weighted FedAvg, no noise: the published model is the weighted mean to f32 precision.
+    let weights = [10.0, 20.0, 30.0];
+    let worst = (0..o.global.len())
+        .map(|j| {
+            let mean: f64 =
+                o.clipped.iter().zip(weights).map(|(c, w)| w * f64::from(c[j])).sum::<f64>() / 60.0;
+            (f64::from(o.published[j]) - f64::from(o.global[j]) - mean).abs()
+        })
+        .fold(0.0, f64::max);
+    assert!(worst < 1e-5, "published model is off the exact mean by {worst}");
+    assert!(o.sent.iter().all(|s| s.num_examples > 1), "without DP the example counts travel");
+    assert_eq!(o.status.privacy.guarantee, "no privacy guarantee");
+    assert_eq!(o.status.recent_rounds[0].epsilon, None);
+    let out = Command::new(binary("fedtune-coordinator")?)
+        .args(["privacy", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no privacy guarantee"));
+    Ok(())
+}
+
+/// Settings for protocol-level scenarios: `clients` test clients, full participation.
+fn full_participation(
+    dir: &Path,
+    rounds: u64,
+    clients: usize,
+    p: PrivacySettings,
+) -> Result<CoordinatorSettings> {
+    let model = write_fake_model(&dir.join("model"), 2, 8)?;
+    let mut s = quick_settings(&dir.join("state"), &model, rounds, clients, clients);
+    s.evaluation.every = 0;
+    s.rounds.min_available = clients;
+    s.sampling = SamplingSettings::Fraction { fraction: 1.0 };
+    s.privacy = p;
+    Ok(s)
+}
+
+/// Every client uploads a small update for its current fit task.
+async fn play_round(clients: &mut [TestClient], n: usize) -> Result<()> {
+    for (k, c) in clients.iter_mut().enumerate() {
+        let task = c.wait_for_fit(WAIT).await?;
+        let update: Vec<f32> = (0..n).map(|j| ((j + k) % 7) as f32 * 1e-4).collect();
+        c.upload(&task, 5, &f32_bytes(&update)).await.context("upload")?;
+    }
+    Ok(())
+}
+
+fn full_epsilon(z: f64, rounds: u64) -> f64 {
+    epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Full, 1.0, z, rounds, DELTA).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federation_with_a_small_budget_stops_cleanly_when_the_next_round_would_exceed_it() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let z = 2.0;
+    let mut p = privacy(DpMode::Central, z, 1.0);
+    p.target_epsilon = Some((full_epsilon(z, 2) + full_epsilon(z, 3)) / 2.0);
+    let coord = InProcess::start(full_participation(dir.path(), 10, 2, p)?).await?;
+    let mut clients = vec![
+        TestClient::join(&coord.url, "site-0", 0).await?,
+        TestClient::join(&coord.url, "site-1", 0).await?,
+    ];
+    let n = clients[0].trainable().numel();
+    for _ in 0..2 {
+        play_round(&mut clients, n).await?;
+    }
+    let status = clients[0].wait_status(WAIT, |s| s.phase == PhaseName::Finished).await?;
+    assert_eq!(status.model_version, ModelVersion(2));
+    let reason = status.finished_reason.clone().unwrap_or_default();
+    assert!(reason.contains("privacy budget exhausted"), "{reason}");
+    assert_eq!(status.privacy.rounds_charged, 2);
+    assert!(status.privacy.epsilon <= status.privacy.target_epsilon.unwrap());
+    assert!((status.privacy.epsilon / full_epsilon(z, 2) - 1.0).abs() < 1e-9);
+    assert_eq!(clients[0].wait_finished(WAIT).await?, ModelVersion(2));
+    // The last model is the result: it exports, and the coordinator stops without error.
+    let files = export(&ExportArgs {
+        state_dir: dir.path().join("state"),
+        round: 2,
+        out: dir.path().join("final"),
+        init_dir: None,
+    })?;
+    assert!(!files.is_empty());
+    coord.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distributed_noise_is_refused_without_the_explicit_override() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let settings = full_participation(dir.path(), 1, 2, privacy(DpMode::Distributed, 1.0, 1.0))?;
+    let err = settings.validate().unwrap_err().to_string();
+    assert!(err.contains("privacy.mode") && err.contains("secure aggregation"), "{err}");
+    let coord = InProcess::start(settings).await?;
+    match coord.task.await? {
+        Err(RunError::Settings(e)) => assert!(e.to_string().contains("secure aggregation"), "{e}"),
+        other => panic!("the coordinator must refuse to start, got {other:?}"),
+    }
+
+    let mut p = privacy(DpMode::Distributed, 1.0, 1.0);
+    p.allow_distributed_without_secure_aggregation = true;
+    let dir = tempfile::tempdir()?;
+    let coord = InProcess::start(full_participation(dir.path(), 1, 2, p)?).await?;
+    let mut a = TestClient::join(&coord.url, "site-0", 0).await?;
+    let _b = TestClient::join(&coord.url, "site-1", 0).await?;
+    let task = a.wait_for_fit(WAIT).await?;
+    // Two shares: each client adds 1/√2 of the noise.
+    let n = a.trainable().numel();
+    let full = widened_sensitivity(1.0, default_grid_log2(1.0, n)?, n)?;
+    assert!((task.privacy.noise_stddev * 2f64.sqrt() / full - 1.0).abs() < 1e-9, "{:?}", task.privacy);
+    coord.shutdown().await?;
+    Ok(())
+}
+
+#[test]
+fn the_planning_commands_print_what_the_accountant_computes() -> Result<()> {
+    let bin = binary("fedtune-coordinator")?;
+    let out = Command::new(&bin)
+        .args(["privacy", "--sample-rate", "0.05", "--noise-multiplier", "1.1", "--rounds", "200"])
+        .args(["--delta", "1e-6", "--json"])
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let lib = epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Poisson, 0.05, 1.1, 200, 1e-6)?;
+    assert_eq!(v["epsilon"].as_f64(), Some(lib));
+
+    let out = Command::new(&bin)
+        .args([
+            "calibrate",
+            "--target-epsilon",
+            "2",
+            "--delta",
+            "1e-6",
+            "--rounds",
+            "200",
+            "--sample-rate",
+            "0.05",
+        ])
+        .output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let z: f64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    let eps = epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Poisson, 0.05, z, 200, 1e-6)?;
+    assert!(eps <= 2.0 && eps > 1.99, "z = {z} gives ε = {eps}");
+    Ok(())
+}
+
+fn ledger(state: &Path) -> Result<serde_json::Value> {
+    let out = Command::new(binary("fedtune-coordinator")?)
+        .args(["privacy", "--json", "--state-dir"])
+        .arg(state)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_survives_kill_9_and_never_shows_less_than_was_published() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let z = 1.5;
+    let settings = full_participation(dir.path(), 3, 2, privacy(DpMode::Central, z, 1.0))?;
+    let state = settings.storage.state_dir.clone();
+    let mut coord = CoordinatorProc::start(settings, dir.path())?;
+    wait_for_status(&coord.url, WAIT, |_| true).await?;
+    let mut clients = vec![
+        TestClient::join(&coord.url, "site-0", 0).await?,
+        TestClient::join(&coord.url, "site-1", 0).await?,
+    ];
+    let n = clients[0].trainable().numel();
+    for _ in 0..2 {
+        play_round(&mut clients, n).await?;
+    }
+    wait_for_status(&coord.url, WAIT, |s| s.model_version == ModelVersion(2)).await?;
+    // Round 3: one update folded, then the coordinator dies before it could publish.
+    let task = clients[0].wait_for_fit(WAIT).await?;
+    clients[0].upload(&task, 5, &f32_bytes(&vec![1e-4; n])).await?;
+    coord.kill9();
+
+    let after_crash = ledger(&state)?;
+    assert_eq!(after_crash["rounds"].as_array().map(Vec::len), Some(2), "{after_crash:#}");
+    let eps2 = after_crash["epsilon"].as_f64().unwrap();
+    assert!((eps2 / full_epsilon(z, 2) - 1.0).abs() < 1e-9, "{eps2}");
+
+    coord.restart()?;
+    let status = wait_for_status(&coord.url, WAIT, |_| true).await?;
+    assert_eq!(status.privacy.epsilon, eps2, "the accountant is rebuilt from the ledger");
+    assert_eq!(status.privacy.rounds_charged, 2);
+    for (k, c) in clients.iter_mut().enumerate() {
+        c.rejoin(&format!("site-{k}"), 0).await?;
+    }
+    play_round(&mut clients, n).await?;
+    let status = wait_for_status(&coord.url, WAIT, |s| s.model_version == ModelVersion(3)).await?;
+    let eps3 = full_epsilon(z, 3);
+    assert!((status.privacy.epsilon / eps3 - 1.0).abs() < 1e-9, "{} vs {eps3}", status.privacy.epsilon);
+    let after = ledger(&state)?;
+    let rounds: Vec<u64> =
+        after["rounds"].as_array().unwrap().iter().map(|r| r["round"].as_u64().unwrap()).collect();
+    assert_eq!(rounds, vec![1, 2, 3]);
+    coord.kill9();
+    Ok(())
+}
+
+#[test]
+fn simulate_reports_epsilon_per_round_and_stops_at_the_budget() -> Result<()> {
+    use fedtune_tests::fixtures::write_sentiment_csv;
+    let dir = tempfile::tempdir()?;
+    let model = write_fake_model(&dir.path().join("model"), 2, 16)?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 200, 5)?;
+    let out = dir.path().join("out");
+    let z = 2.0;
+    // Full participation of 3 clients: the budget covers two rounds, not three.
+    let budget = (full_epsilon(z, 2) + full_epsilon(z, 3)) / 2.0;
+    let output = Command::new(binary("fedtune-coordinator")?)
+        .args([
+            "simulate",
+            "--fake-trainer",
+            "--clients",
+            "3",
+            "--rounds",
+            "4",
+            "--sample",
+            "0",
+            "--insecure",
+        ])
+        .args(["--dp", "central", "--noise-multiplier", "2", "--clip-norm", "0.5", "--delta", "1e-5"])
+        .args(["--target-epsilon", &budget.to_string(), "--model", model.to_str().unwrap()])
+        .args(["--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("epsilon") && stdout.contains("privacy: central DP"), "{stdout}");
+    assert!(stdout.contains("privacy budget exhausted"), "{stdout}");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(out.join("metrics.json"))?)?;
+    let eps: Vec<f64> = rows.iter().map(|r| r["epsilon"].as_f64().unwrap()).collect();
+    assert_eq!(eps.len(), 2, "{rows:?}");
+    for (t, e) in eps.iter().enumerate() {
+        assert!((e / full_epsilon(z, t as u64 + 1) - 1.0).abs() < 1e-9, "round {}: ε = {e}", t + 1);
+    }
+    assert!(std::fs::read_to_string(out.join("metrics.csv"))?.lines().next().unwrap().contains("epsilon"));
+    assert!(std::fs::read_to_string(out.join("metrics.svg"))?.contains("privacy ε"));
+
+    // Without DP, the same run says so in its table and files.
+    let out = dir.path().join("plain");
+    let output = Command::new(binary("fedtune-coordinator")?)
+        .args([
+            "simulate",
+            "--fake-trainer",
+            "--clients",
+            "2",
+            "--rounds",
+            "1",
+            "--sample",
+            "0",
+            "--insecure",
+        ])
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("privacy: no privacy guarantee"), "{stdout}");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(out.join("metrics.json"))?)?;
+    assert_eq!(rows[0]["privacy"], "no privacy guarantee");
+    assert!(rows[0]["epsilon"].is_null());
+    Ok(())
+}

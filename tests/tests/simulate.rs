@@ -1,0 +1,117 @@
+//! `fedtune-coordinator simulate` end to end: the binary shards a CSV, runs its coordinator and
+//! real `fedtune-client` processes, and writes the report. Needs `cargo build --workspace` first.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{ensure, Context, Result};
+use fedtune_coordinator::simulate::report::RoundRow;
+use fedtune_tests::fixtures::{tiny_bert, write_fake_model, write_sentiment_csv};
+use fedtune_tests::process::binary;
+
+/// Runs `simulate ARGS --out OUT` to completion and returns its per-round rows.
+fn simulate(args: &[&str], out: &Path) -> Result<Vec<RoundRow>> {
+    let output = Command::new(binary("fedtune-coordinator")?)
+        .arg("simulate")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(output.status.success(), "simulate failed ({}):\n{stdout}\n{stderr}", output.status);
+    ensure!(stdout.contains("round") && stdout.contains("accuracy"), "no table on stdout:\n{stdout}");
+    let json = std::fs::read(out.join("metrics.json")).context("metrics.json")?;
+    Ok(serde_json::from_slice(&json)?)
+}
+
+#[test]
+fn a_simulated_federation_of_fake_clients_reports_every_round_and_converges() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = write_fake_model(&dir.path().join("model"), 2, 16)?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 200, 5)?;
+    let out = dir.path().join("out");
+    let rows = simulate(
+        &[
+            "--fake-trainer",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--clients",
+            "3",
+            "--rounds",
+            "3",
+            "--partition",
+            "by:topic",
+            "--sample",
+            "0",
+        ],
+        &out,
+    )?;
+    assert_eq!(rows.iter().map(|r| r.round).collect::<Vec<_>>(), vec![1, 2, 3]);
+    for r in &rows {
+        assert_eq!(r.participants, 3, "{r:?}");
+        assert!(r.bytes > 0 && r.seconds > 0.0, "{r:?}");
+    }
+    // The fake problem has a closed-form optimum that FedAvg approaches round after round.
+    let losses: Vec<f64> = rows.iter().map(|r| r.eval_loss.expect("evaluated every round")).collect();
+    assert!(losses.windows(2).all(|w| w[1] < w[0]), "eval losses {losses:?}");
+    for f in
+        ["metrics.csv", "metrics.svg", "shards/client-0.csv", "logs/client-2.log", "model/model.safetensors"]
+    {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    // by:topic keeps each topic on one client.
+    let topics = |k: usize| -> Result<std::collections::BTreeSet<String>> {
+        let mut r = csv::Reader::from_path(out.join(format!("shards/client-{k}.csv")))?;
+        Ok(r.records().map(|rec| rec.map(|rec| rec[2].to_string())).collect::<Result<_, _>>()?)
+    };
+    let (a, b, c) = (topics(0)?, topics(1)?, topics(2)?);
+    assert!(a.is_disjoint(&b) && a.is_disjoint(&c) && b.is_disjoint(&c), "{a:?} {b:?} {c:?}");
+    Ok(())
+}
+
+#[test]
+fn three_bert_clients_learn_a_sentiment_task_together_in_two_rounds() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 900, 6)?;
+    let out = dir.path().join("out");
+    let rows = simulate(
+        &[
+            "--model",
+            tiny_bert().to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--clients",
+            "3",
+            "--rounds",
+            "2",
+            "--sample",
+            "0",
+            "--train-top-layers",
+            "0",
+            "--max-len",
+            "32",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "16",
+            "--lr",
+            "3e-3",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ],
+        &out,
+    )?;
+    assert_eq!(rows.len(), 2);
+    let (first, last) = (&rows[0], &rows[1]);
+    let acc = |r: &RoundRow| r.eval_accuracy.expect("evaluated");
+    assert!(last.eval_loss < first.eval_loss, "eval loss {:?} → {:?}", first.eval_loss, last.eval_loss);
+    assert!(acc(last) > acc(first), "accuracy {} → {}", acc(first), acc(last));
+    // About 60 % of the rows are positive: well above always guessing that.
+    assert!(acc(last) >= 0.8, "final accuracy {}", acc(last));
+    Ok(())
+}
