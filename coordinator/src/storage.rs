@@ -259,6 +259,16 @@ pub struct EvaluationRecord {
     pub per_client: Vec<(ClientId, u64, f64, f64, serde_json::Value)>,
 }
 
+/// Reads a `CheckpointRow` from `SELECT version, path, strategy_path, full_sha256`.
+fn checkpoint_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<CheckpointRow> {
+    Ok(CheckpointRow {
+        version: ModelVersion(r.get::<_, i64>(0)? as u64),
+        path: PathBuf::from(r.get::<_, String>(1)?),
+        strategy_path: r.get::<_, Option<String>>(2)?.map(PathBuf::from),
+        full_sha256: r.get(3)?,
+    })
+}
+
 /// The newest committed checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointRow {
@@ -393,14 +403,7 @@ pub fn latest_checkpoint(conn: &Connection) -> Result<Option<CheckpointRow>, Sto
         .query_row(
             "SELECT version, path, strategy_path, full_sha256 FROM checkpoints ORDER BY version DESC LIMIT 1",
             [],
-            |r| {
-                Ok(CheckpointRow {
-                    version: ModelVersion(r.get::<_, i64>(0)? as u64),
-                    path: PathBuf::from(r.get::<_, String>(1)?),
-                    strategy_path: r.get::<_, Option<String>>(2)?.map(PathBuf::from),
-                    full_sha256: r.get(3)?,
-                })
-            },
+            checkpoint_row,
         )
         .optional()?)
 }
@@ -414,14 +417,7 @@ pub fn checkpoint_of(
         .query_row(
             "SELECT version, path, strategy_path, full_sha256 FROM checkpoints WHERE version = ?1",
             [version.0 as i64],
-            |r| {
-                Ok(CheckpointRow {
-                    version: ModelVersion(r.get::<_, i64>(0)? as u64),
-                    path: PathBuf::from(r.get::<_, String>(1)?),
-                    strategy_path: r.get::<_, Option<String>>(2)?.map(PathBuf::from),
-                    full_sha256: r.get(3)?,
-                })
-            },
+            checkpoint_row,
         )
         .optional()?)
 }

@@ -1,0 +1,97 @@
+//! Join: opening a session.
+
+use super::*;
+
+impl TryFrom<pb::JoinRequest> for JoinRequest {
+    type Error = ConvertError;
+    fn try_from(r: pb::JoinRequest) -> Result<Self, ConvertError> {
+        let name = if r.client_name.is_empty() { None } else { Some(ClientId::parse(&r.client_name)?) };
+        let public_key = if r.public_key.is_empty() {
+            None
+        } else {
+            Some(<[u8; 32]>::try_from(r.public_key.as_ref()).map_err(|_| {
+                invalid("public_key", format!("an Ed25519 key has 32 bytes, got {}", r.public_key.len()))
+            })?)
+        };
+        if r.agent_version.len() > 128 {
+            return Err(invalid("agent_version", "longer than 128 bytes"));
+        }
+        Ok(JoinRequest {
+            protocol_version: r.protocol_version,
+            name,
+            public_key,
+            train_examples: r.train_examples,
+            eval_examples: r.eval_examples,
+            agent_version: r.agent_version,
+        })
+    }
+}
+
+impl From<JoinRequest> for pb::JoinRequest {
+    fn from(r: JoinRequest) -> Self {
+        pb::JoinRequest {
+            protocol_version: r.protocol_version,
+            client_name: r.name.map(String::from).unwrap_or_default(),
+            public_key: r.public_key.map(|k| k.to_vec()).unwrap_or_default().into(),
+            train_examples: r.train_examples,
+            eval_examples: r.eval_examples,
+            agent_version: r.agent_version,
+            // The join proof is attached by `crate::auth::JoinProof::attach`, not part of the
+            // domain request: it is produced per attempt, after a challenge round trip.
+            ..Default::default()
+        }
+    }
+}
+
+impl TryFrom<pb::JoinResponse> for JoinResponse {
+    type Error = ConvertError;
+    fn try_from(r: pb::JoinResponse) -> Result<Self, ConvertError> {
+        let limits = r.limits.ok_or(ConvertError::Missing("limits"))?;
+        if limits.max_chunk_bytes == 0 || limits.max_message_bytes < limits.max_chunk_bytes {
+            return Err(invalid("limits", "chunk limit must be positive and fit in a message"));
+        }
+        if r.session_token.is_empty() {
+            return Err(ConvertError::Missing("session_token"));
+        }
+        Ok(JoinResponse {
+            client_id: ClientId::parse(&r.client_id)?,
+            session_token: r.session_token,
+            protocol_version: r.protocol_version,
+            heartbeat_interval: Duration::from_millis(r.heartbeat_interval_ms),
+            liveness_timeout: Duration::from_millis(r.liveness_timeout_ms),
+            model: r.model.ok_or(ConvertError::Missing("model"))?.try_into()?,
+            trainable_manifest: r
+                .trainable_manifest
+                .ok_or(ConvertError::Missing("trainable_manifest"))?
+                .try_into()?,
+            limits: Limits {
+                max_message_bytes: limits.max_message_bytes,
+                max_chunk_bytes: limits.max_chunk_bytes,
+                default_chunk_bytes: limits.default_chunk_bytes,
+            },
+            labels: r.labels.map(|l| l.names).unwrap_or_default(),
+        })
+    }
+}
+
+impl From<JoinResponse> for pb::JoinResponse {
+    fn from(r: JoinResponse) -> Self {
+        pb::JoinResponse {
+            client_id: r.client_id.into(),
+            session_token: r.session_token,
+            protocol_version: r.protocol_version,
+            heartbeat_interval_ms: ms(r.heartbeat_interval),
+            liveness_timeout_ms: ms(r.liveness_timeout),
+            model: Some(r.model.into()),
+            trainable_manifest: Some((&r.trainable_manifest).into()),
+            limits: Some(pb::Limits {
+                max_message_bytes: r.limits.max_message_bytes,
+                max_chunk_bytes: r.limits.max_chunk_bytes,
+                default_chunk_bytes: r.limits.default_chunk_bytes,
+            }),
+            labels: Some(pb::LabelSet { names: r.labels }),
+            // Set by the coordinator's join handler, which knows the federation.
+            federation_id: String::new(),
+        }
+    }
+}

@@ -1,0 +1,85 @@
+use super::*;
+
+fn header() -> pb::UpdateHeader {
+    pb::UpdateHeader {
+        round: 1,
+        attempt: 0,
+        base_model_version: 0,
+        num_examples: 10,
+        metrics: [("train_loss".to_string(), 0.5)].into_iter().collect(),
+        manifest_sha256: vec![1; 32].into(),
+        total_bytes: 16,
+        encoding: pb::UpdateEncoding::F32Delta as i32,
+    }
+}
+
+#[test]
+fn a_valid_update_header_round_trips() {
+    let domain = UpdateHeader::try_from(header()).unwrap();
+    assert_eq!(pb::UpdateHeader::from(&domain), header());
+}
+
+#[test]
+fn update_headers_with_bad_fields_are_refused_naming_the_field() {
+    type Mutation = fn(&mut pb::UpdateHeader);
+    let cases: Vec<(Mutation, &str)> = vec![
+        (|h| h.num_examples = 0, "num_examples"),
+        (|h| h.num_examples = 1 << 31, "num_examples"),
+        (|h| h.encoding = 0, "encoding"),
+        (|h| h.manifest_sha256 = vec![1; 31].into(), "manifest_sha256"),
+        (|h| h.round = 0, "round"),
+        (|h| h.total_bytes = 15, "total_bytes"),
+        (|h| _ = h.metrics.insert("x".into(), f64::NAN), "metrics"),
+    ];
+    for (mutate, field) in cases {
+        let mut h = header();
+        mutate(&mut h);
+        let err = UpdateHeader::try_from(h).unwrap_err().to_string();
+        assert!(err.contains(field), "{err} should name {field}");
+    }
+}
+
+#[test]
+fn chunks_over_the_limit_are_refused() {
+    let big = pb::Chunk { offset: 0, data: vec![0; MAX_CHUNK_BYTES + 1].into() };
+    assert!(Chunk::try_from(big).is_err());
+    assert!(Chunk::try_from(pb::Chunk { offset: 0, data: Default::default() }).is_err());
+}
+
+#[test]
+fn manifests_round_trip_and_refuse_zero_dimensions() {
+    let m = Manifest::new(vec![TensorSpec { name: "w".into(), shape: vec![2, 3] }]).unwrap();
+    let wire = pb::Manifest::from(&m);
+    assert_eq!(Manifest::try_from(wire.clone()).unwrap(), m);
+    let mut bad = wire;
+    bad.tensors[0].shape = vec![0, 3];
+    assert!(Manifest::try_from(bad).is_err());
+}
+
+#[test]
+fn a_fit_task_round_trips() {
+    let d = Sha256([3; 32]);
+    let task = Task::Fit(FitTask {
+        id: RoundId::new(4, 1),
+        model: ModelRef {
+            version: ModelVersion(3),
+            full_manifest: d,
+            full_payload: d,
+            trainable_manifest: d,
+            trainable_payload: d,
+        },
+        config: FitInstructions {
+            epochs: 1,
+            batch_size: 8,
+            learning_rate: 1e-4,
+            proximal_mu: 0.01,
+            max_steps: Some(20),
+            seed: 9,
+        },
+        deadline_in: Duration::from_secs(60),
+        deadline_unix_ms: 1,
+        privacy: PrivacyInstructions::NONE,
+    });
+    let back = Task::try_from(pb::WaitForTaskResponse::from(task.clone())).unwrap();
+    assert_eq!(back, task);
+}

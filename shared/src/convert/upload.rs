@@ -1,0 +1,118 @@
+//! The update upload stream: header, chunks, trailer, receipt.
+
+use super::*;
+
+/// Largest FedAvg weight one update may carry. Bounding it keeps the coordinator's fixed-point
+/// sum far from overflow (see `coordinator::aggregate`).
+pub const MAX_NUM_EXAMPLES: u64 = (1 << 31) - 1;
+
+impl TryFrom<pb::UpdateHeader> for UpdateHeader {
+    type Error = ConvertError;
+    fn try_from(h: pb::UpdateHeader) -> Result<Self, ConvertError> {
+        if h.encoding != pb::UpdateEncoding::F32Delta as i32 {
+            return Err(invalid("header.encoding", format!("unsupported update encoding {}", h.encoding)));
+        }
+        if h.num_examples == 0 || h.num_examples > MAX_NUM_EXAMPLES {
+            return Err(invalid(
+                "header.num_examples",
+                format!("{} is outside 1..={MAX_NUM_EXAMPLES}", h.num_examples),
+            ));
+        }
+        if h.round == 0 {
+            return Err(invalid("header.round", "rounds start at 1"));
+        }
+        if h.total_bytes % 4 != 0 {
+            return Err(invalid("header.total_bytes", "not a multiple of 4"));
+        }
+        Ok(UpdateHeader {
+            id: RoundId::new(h.round, h.attempt),
+            base_version: ModelVersion(h.base_model_version),
+            num_examples: h.num_examples,
+            metrics: finite_metrics("header.metrics", h.metrics)?,
+            manifest_digest: digest("header.manifest_sha256", &h.manifest_sha256)?,
+            total_bytes: h.total_bytes,
+        })
+    }
+}
+
+impl From<&UpdateHeader> for pb::UpdateHeader {
+    fn from(h: &UpdateHeader) -> Self {
+        pb::UpdateHeader {
+            round: h.id.round,
+            attempt: h.id.attempt,
+            base_model_version: h.base_version.0,
+            num_examples: h.num_examples,
+            metrics: h.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            manifest_sha256: h.manifest_digest.0.to_vec().into(),
+            total_bytes: h.total_bytes,
+            encoding: pb::UpdateEncoding::F32Delta as i32,
+        }
+    }
+}
+
+impl TryFrom<pb::UpdateTrailer> for UpdateTrailer {
+    type Error = ConvertError;
+    fn try_from(t: pb::UpdateTrailer) -> Result<Self, ConvertError> {
+        let signature = match (t.signature_scheme.is_empty(), t.signature.is_empty()) {
+            (true, true) => None,
+            (false, false) => {
+                if t.signature.len() > 1024 || t.signature_scheme.len() > 32 {
+                    return Err(invalid("trailer.signature", "signature or scheme too long"));
+                }
+                Some(UpdateSignature { scheme: t.signature_scheme, bytes: t.signature })
+            }
+            _ => return Err(invalid("trailer.signature", "a signature needs both a scheme and bytes")),
+        };
+        Ok(UpdateTrailer { payload_digest: digest("trailer.payload_sha256", &t.payload_sha256)?, signature })
+    }
+}
+
+impl From<&UpdateTrailer> for pb::UpdateTrailer {
+    fn from(t: &UpdateTrailer) -> Self {
+        pb::UpdateTrailer {
+            payload_sha256: t.payload_digest.0.to_vec().into(),
+            signature_scheme: t.signature.as_ref().map(|s| s.scheme.clone()).unwrap_or_default(),
+            signature: t.signature.as_ref().map(|s| s.bytes.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+impl TryFrom<pb::UploadUpdateRequest> for UploadItem {
+    type Error = ConvertError;
+    fn try_from(r: pb::UploadUpdateRequest) -> Result<Self, ConvertError> {
+        use pb::upload_update_request::Item;
+        Ok(match r.item.ok_or(ConvertError::Missing("item"))? {
+            Item::Header(h) => UploadItem::Header(h.try_into()?),
+            Item::Chunk(c) => UploadItem::Chunk(c.try_into()?),
+            Item::Trailer(t) => UploadItem::Trailer(t.try_into()?),
+        })
+    }
+}
+
+impl From<UploadItem> for pb::UploadUpdateRequest {
+    fn from(i: UploadItem) -> Self {
+        use pb::upload_update_request::Item;
+        let item = match i {
+            UploadItem::Header(h) => Item::Header((&h).into()),
+            UploadItem::Chunk(c) => Item::Chunk(c.into()),
+            UploadItem::Trailer(t) => Item::Trailer((&t).into()),
+        };
+        pb::UploadUpdateRequest { item: Some(item) }
+    }
+}
+
+impl From<UploadReceipt> for pb::UploadUpdateResponse {
+    fn from(r: UploadReceipt) -> Self {
+        pb::UploadUpdateResponse {
+            round: r.id.round,
+            attempt: r.id.attempt,
+            received_bytes: r.received_bytes,
+        }
+    }
+}
+
+impl From<pb::UploadUpdateResponse> for UploadReceipt {
+    fn from(r: pb::UploadUpdateResponse) -> Self {
+        UploadReceipt { id: RoundId::new(r.round, r.attempt), received_bytes: r.received_bytes }
+    }
+}
