@@ -11,7 +11,7 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
-use tch::{nn::VarStore, Kind, Tensor};
+use tch::{nn::VarStore, Tensor};
 
 use super::config::BertConfig;
 
@@ -135,9 +135,22 @@ pub fn load_checkpoint(vs: &VarStore, path: &Path) -> Result<LoadReport, Weights
 
 /// Initializes the named variables as transformers' `_init_weights` would, drawing from
 /// `seed` in natural name order (so the values depend only on the seed, the names and shapes).
+///
+/// The draws come from a generator private to this call, not libtorch's process-wide one: any
+/// other thread drawing random numbers (dropout in a concurrent trainer, another test) between
+/// seeding and drawing would otherwise change the values, and every client must start from the
+/// same head.
 pub fn init_missing(vs: &VarStore, names: &[String], config: &BertConfig, seed: u64) {
+    use rand::{Rng, SeedableRng};
     let wanted: HashSet<&str> = names.iter().map(String::as_str).collect();
-    tch::manual_seed(seed as i64);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let sd = config.initializer_range;
+    // Box–Muller: two uniforms in (0, 1] give one normal deviate.
+    let mut normal = move || {
+        let u1: f64 = 1.0 - rng.random::<f64>();
+        let u2: f64 = rng.random::<f64>();
+        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * sd) as f32
+    };
     tch::no_grad(|| {
         for (name, mut var) in named_variables(vs) {
             if !wanted.contains(name.as_str()) {
@@ -149,8 +162,9 @@ pub fn init_missing(vs: &VarStore, names: &[String], config: &BertConfig, seed: 
                 let _ = var.zero_();
             } else {
                 // Draw on the CPU in f32 so that the values do not depend on the device.
-                let drawn = Tensor::zeros(var.size(), (Kind::Float, tch::Device::Cpu))
-                    .normal_(0.0, config.initializer_range);
+                let numel: i64 = var.size().iter().product();
+                let values: Vec<f32> = (0..numel).map(|_| normal()).collect();
+                let drawn = Tensor::from_slice(&values).view(var.size().as_slice());
                 var.copy_(&drawn.to_kind(var.kind()).to_device(var.device()));
                 if name.ends_with("word_embeddings.weight")
                     && config.pad_token_id >= 0
