@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId, Sha256};
 use fedtune_shared::round::RoundSummary;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 
 /// Errors of the state directory. They are infrastructure failures, not protocol outcomes: the
 /// round actor treats them as fatal.
@@ -302,16 +302,10 @@ impl Storage {
             std::fs::remove_dir_all(&spool).map_err(io(&spool))?;
         }
         std::fs::create_dir_all(&spool).map_err(io(&spool))?;
-        let conn = Connection::open(dir.join("state.sqlite"))?;
-        // `fedtune-coordinator clients …` writes the allowlist tables from another process: wait
-        // for its short transactions instead of failing a round commit with SQLITE_BUSY.
-        conn.busy_timeout(Duration::from_secs(5))?;
-        // WAL + synchronous=FULL: each commit is durable once it returns, and readers (status)
-        // never block the writer.
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        let conn = open_database(dir, SCHEMA)?;
+        // synchronous=FULL (with WAL): each commit is durable once it returns.
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.execute_batch(SCHEMA)?;
         Ok(Self { dir: dir.to_path_buf(), conn: Arc::new(Mutex::new(conn)) })
     }
 
@@ -326,7 +320,7 @@ impl Storage {
             });
         }
         let conn = Connection::open(db)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.busy_timeout(BUSY_WAIT)?;
         Ok(Self { dir: dir.to_path_buf(), conn: Arc::new(Mutex::new(conn)) })
     }
 
@@ -422,6 +416,50 @@ pub fn checkpoint_of(
         .optional()?)
 }
 
+/// How long a connection waits for another connection's write lock. The coordinator and the
+/// `fedtune-coordinator clients …` commands share one database and write in short transactions.
+const BUSY_WAIT: Duration = Duration::from_secs(5);
+
+/// Opens `state.sqlite` in `dir` (creating it), in WAL mode so readers never block the writer,
+/// and creates what `schema` declares. Two processes may do this at the same moment, e.g. a new
+/// coordinator and `clients add` on a fresh state directory.
+///
+/// Every write transaction on the database is `IMMEDIATE`: it takes the write lock up front,
+/// where SQLite waits (up to [`BUSY_WAIT`]). A deferred transaction that reads first would have
+/// to upgrade its lock later, and there SQLite answers `SQLITE_BUSY` at once instead of
+/// waiting, because waiting could deadlock.
+pub(crate) fn open_database(dir: &Path, schema: &str) -> rusqlite::Result<Connection> {
+    let mut conn = Connection::open(dir.join("state.sqlite"))?;
+    conn.busy_timeout(BUSY_WAIT)?;
+    // Switching a new file to WAL is such a lock upgrade; retried like one.
+    retry_while_busy(|| conn.pragma_update(None, "journal_mode", "WAL"))?;
+    retry_while_busy(|| {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(schema)?;
+        tx.commit()
+    })?;
+    Ok(conn)
+}
+
+/// Runs `step` again while SQLite answers `SQLITE_BUSY` without having waited, for about
+/// [`BUSY_WAIT`] in all.
+fn retry_while_busy<T>(mut step: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    const PAUSE: Duration = Duration::from_millis(20);
+    let tries = (BUSY_WAIT.as_millis() / PAUSE.as_millis()) as u32;
+    let mut tried = 1;
+    loop {
+        match step() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == ErrorCode::DatabaseBusy && tried < tries =>
+            {
+                tried += 1;
+                std::thread::sleep(PAUSE);
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Records the initial model (version 0) and the meta data that fixes this federation.
 pub fn commit_initial(
     conn: &mut Connection,
@@ -429,7 +467,7 @@ pub fn commit_initial(
     full_sha256: Sha256,
     meta: &[(&str, String)],
 ) -> Result<(), StorageError> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     for (k, v) in meta {
         meta_set(&tx, k, v)?;
     }
@@ -514,7 +552,7 @@ pub fn begin_round(
     base: ModelVersion,
     sample: &SampleRecord,
 ) -> Result<(), StorageError> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute(
         "INSERT INTO rounds (round, attempt, base_version, status, started_ms, selected) \
          VALUES (?1, ?2, ?3, 'running', ?4, ?5)",
@@ -594,7 +632,7 @@ pub fn fail_round(
     accepted: u32,
     traffic: (u64, u64),
 ) -> Result<(), StorageError> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let failed = outcomes.iter().filter(|o| o.outcome != "accepted").count() as i64;
     tx.execute(
         "UPDATE rounds SET status = 'failed', finished_ms = ?3, reason = ?4, accepted = ?5, failed = ?6, \
@@ -622,7 +660,7 @@ pub fn commit_round(
     c: &RoundCommit,
     ledger: Option<&LedgerEntry>,
 ) -> Result<(), StorageError> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let version = c.id.produces();
     tx.execute(
         "UPDATE rounds SET status = 'completed', finished_ms = ?3, accepted = ?4, failed = ?5, \
@@ -678,7 +716,7 @@ pub fn commit_round(
 
 /// Records a federated evaluation.
 pub fn record_evaluation(conn: &mut Connection, e: &EvaluationRecord) -> Result<(), StorageError> {
-    let tx = conn.transaction()?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute(
         "INSERT OR REPLACE INTO evaluations (version, clients, num_examples, loss, accuracy, metrics, created_ms) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -776,6 +814,29 @@ mod tests {
 
     fn id(s: &str) -> ClientId {
         ClientId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn the_coordinator_and_a_clients_command_may_open_a_new_state_directory_at_the_same_moment() {
+        // Each pair of opens races on a fresh file: the WAL switch and the schema creation
+        // must wait for each other instead of failing with "database is locked".
+        for _ in 0..30 {
+            let dir = tempfile::tempdir().unwrap();
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|s| {
+                let coordinator = s.spawn(|| {
+                    start.wait();
+                    Storage::open(dir.path()).map(drop).map_err(|e| e.to_string())
+                });
+                let clients_add = s.spawn(|| {
+                    start.wait();
+                    let list = crate::auth::Allowlist::open(dir.path()).map_err(|e| e.to_string())?;
+                    list.federation_id().map(drop).map_err(|e| e.to_string())
+                });
+                coordinator.join().unwrap().unwrap();
+                clients_add.join().unwrap().unwrap();
+            });
+        }
     }
 
     #[test]

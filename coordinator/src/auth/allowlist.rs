@@ -130,11 +130,9 @@ impl Allowlist {
     pub fn open(state_dir: &Path) -> Result<Self, AllowlistError> {
         std::fs::create_dir_all(state_dir)
             .map_err(|source| AllowlistError::Io { path: state_dir.to_path_buf(), source })?;
-        let conn = Connection::open(state_dir.join("state.sqlite"))?;
-        // A CLI command and the coordinator may write at the same moment: wait, do not fail.
-        conn.busy_timeout(Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.execute_batch(SCHEMA)?;
+        // A CLI command and the coordinator may open and write at the same moment: wait, do
+        // not fail.
+        let conn = crate::storage::open_database(state_dir, SCHEMA)?;
         Ok(Self { conn: Mutex::new(conn) })
     }
 
