@@ -102,7 +102,13 @@ pub struct RunArgs {
     pub key: PathBuf,
     /// One-time enrollment token (from `fedtune-coordinator clients enroll-token`): allowlists
     /// this client's key on first join.
-    #[arg(long, env = "FEDTUNE_ENROLL_TOKEN", hide_env_values = true, value_parser = parse_enroll_token)]
+    #[arg(
+        long,
+        env = "FEDTUNE_ENROLL_TOKEN",
+        hide_env_values = true,
+        allow_hyphen_values = true,
+        value_parser = parse_enroll_token
+    )]
     pub enroll_token: Option<EnrollmentToken>,
     /// Name the coordinator's certificate must carry (default: the URL's host).
     #[arg(long)]
@@ -365,6 +371,16 @@ mod tests {
             .connect_options()
             .unwrap_err();
         assert!(err.to_string().contains("ca.pem"), "{err}");
+    }
+
+    #[test]
+    fn an_enrollment_token_starting_with_a_dash_is_a_value_not_a_flag() {
+        let token = std::iter::repeat_with(|| EnrollmentToken::generate().unwrap())
+            .find(|t| t.expose_secret().starts_with('-'))
+            .unwrap();
+        let args =
+            run_args(&["--coordinator", "http://127.0.0.1:1", "--enroll-token", &token.expose_secret()]);
+        assert_eq!(args.enroll_token.map(|t| t.expose_secret()), Some(token.expose_secret()));
     }
 
     #[test]

@@ -41,8 +41,9 @@ pub enum ClientsCommand {
         /// Client name ([A-Za-z0-9._-], 1-64 characters); the client runs with `--name NAME`.
         #[arg(long)]
         name: String,
-        /// Public key, base64url (43 characters).
-        #[arg(long)]
+        /// Public key, base64url (43 characters). One in 64 keys starts with `-`, which must not
+        /// be taken for a flag.
+        #[arg(long, allow_hyphen_values = true)]
         public_key: String,
         /// State directory.
         #[command(flatten)]
@@ -254,6 +255,11 @@ mod tests {
         let sd = dir.path().to_str().unwrap();
         let key = KeyPair::generate_ephemeral().unwrap().public_key().to_string();
         run_clients(&["add", "--name", "site-1", "--public-key", &key, "--state-dir", sd]).unwrap();
+        // base64url keys may start with `-`: still a value, not a flag.
+        let dash = std::iter::repeat_with(|| KeyPair::generate_ephemeral().unwrap().public_key().to_string())
+            .find(|k| k.starts_with('-'))
+            .unwrap();
+        run_clients(&["add", "--name", "site-3", "--public-key", &dash, "--state-dir", sd]).unwrap();
         let token =
             run_clients(&["enroll-token", "--name", "site-2", "--ttl", "1h", "--state-dir", sd]).unwrap();
         assert_eq!(token.trim().len(), 43);
