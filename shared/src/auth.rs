@@ -209,7 +209,7 @@ impl From<&EnrollRequest> for pb::EnrollRequest {
     }
 }
 
-/// What an upload's signature covers: the federation, the round, the sender, the tensor layout,
+/// What an upload's signature covers: the federation, the round and attempt, the sender, the tensor layout,
 /// the exact payload and the example count (its FedAvg weight), all from the upload's header and
 /// trailer. Both sides build it with this function.
 pub fn update_statement(
@@ -221,6 +221,7 @@ pub fn update_statement(
     UpdateStatement {
         federation_id: federation_id.to_owned(),
         round: header.id.round,
+        attempt: header.id.attempt,
         client_id: client.as_str().to_owned(),
         manifest_digest: header.manifest_digest.0,
         payload_sha256: payload_digest.0,
@@ -295,6 +296,9 @@ mod tests {
         assert!(verify_upload(&pk, "fed", &me, &more, &digest, Some(&sig)).is_err());
         let later = UpdateHeader { id: RoundId::new(4, 0), ..header() };
         assert!(verify_upload(&pk, "fed", &me, &later, &digest, Some(&sig)).is_err());
+        // An update made for a failed attempt cannot be re-filed under the round's retry.
+        let retry = UpdateHeader { id: RoundId::new(3, 1), ..header() };
+        assert!(verify_upload(&pk, "fed", &me, &retry, &digest, Some(&sig)).is_err());
         assert!(verify_upload(&pk, "fed", &me, &header(), &digest, None).is_err());
         let wrong_scheme = UpdateSignature { scheme: "rsa".into(), ..sig };
         assert!(verify_upload(&pk, "fed", &me, &header(), &digest, Some(&wrong_scheme)).is_err());

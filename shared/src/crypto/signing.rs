@@ -19,8 +19,8 @@ pub const UPDATE_CONTEXT: &str = "fedtune/v1/update";
 /// Context label of join-challenge responses.
 pub const CHALLENGE_CONTEXT: &str = "fedtune/v1/join-challenge";
 
-/// What a client vouches for when it submits an update: which federation and round it is for,
-/// who sent it, which tensor layout it follows, the exact payload bytes, and how many local
+/// What a client vouches for when it submits an update: which federation, round and attempt it
+/// is for (so an update made for a failed attempt cannot be re-filed under the retry), who sent it, which tensor layout it follows, the exact payload bytes, and how many local
 /// examples it claims (the FedAvg weight, so it must be covered too).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpdateStatement {
@@ -28,6 +28,8 @@ pub struct UpdateStatement {
     pub federation_id: String,
     /// The round the update was trained for.
     pub round: u64,
+    /// The attempt of that round (a failed round is retried under the next attempt).
+    pub attempt: u32,
     /// The sending client's id as registered with the coordinator.
     pub client_id: String,
     /// `Manifest::digest()` of the tensor layout the payload follows.
@@ -44,6 +46,7 @@ impl UpdateStatement {
         Canonical::new(UPDATE_CONTEXT)
             .str(&self.federation_id)
             .u64(self.round)
+            .u64(u64::from(self.attempt))
             .str(&self.client_id)
             .fixed(&self.manifest_digest)
             .fixed(&self.payload_sha256)
@@ -171,6 +174,7 @@ mod tests {
         UpdateStatement {
             federation_id: "fed-a".into(),
             round: 7,
+            attempt: 0,
             client_id: "site-1".into(),
             manifest_digest: [1; 32],
             payload_sha256: [2; 32],
@@ -205,6 +209,7 @@ mod tests {
         assert_rejected(&public, &tampered_manifest, &sig);
 
         assert_rejected(&public, &UpdateStatement { round: 8, ..statement() }, &sig);
+        assert_rejected(&public, &UpdateStatement { attempt: 1, ..statement() }, &sig);
         assert_rejected(&public, &UpdateStatement { federation_id: "fed-b".into(), ..statement() }, &sig);
         assert_rejected(&public, &UpdateStatement { client_id: "site-2".into(), ..statement() }, &sig);
         assert_rejected(&public, &UpdateStatement { num_examples: 1_000_000, ..statement() }, &sig);
@@ -240,6 +245,7 @@ mod tests {
         let mimic = UpdateStatement {
             federation_id: challenge.federation_id.clone(),
             round: 0,
+            attempt: 0,
             client_id: challenge.client_name.clone(),
             manifest_digest: challenge.nonce,
             payload_sha256: challenge.nonce,
