@@ -346,6 +346,16 @@ impl TestClient {
         self.upload_raw(items).await
     }
 
+    /// Takes the next fit task, uploads update `k` (see [`update_values`]) for it with
+    /// `num_examples`, and waits until the federation finishes: for one-client federations.
+    pub async fn contribute_and_finish(&mut self, num_examples: u64, k: usize) -> Result<ModelVersion> {
+        let within = Duration::from_secs(20);
+        let task = self.wait_for_fit(within).await?;
+        let n = self.trainable().numel();
+        self.upload(&task, num_examples, &f32_bytes(&update_values(k, n))).await?;
+        self.wait_finished(within).await
+    }
+
     /// The header a correct upload for `task` carries.
     pub fn header(&self, task: &FitTask, num_examples: u64, total_bytes: u64) -> UpdateHeader {
         UpdateHeader {
@@ -431,6 +441,38 @@ impl TestClient {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// A deterministic update for client `k`: distinct per client and per coordinate, well inside
+/// the fixed-point range, with values that are not on the 2⁻²⁴ grid (so rounding is exercised).
+pub fn update_values(k: usize, n: usize) -> Vec<f32> {
+    (0..n).map(|j| (((j * 31 + k * 17) % 101) as f32 - 50.0) * 1.3e-3 + k as f32 * 1e-7).collect()
+}
+
+/// The honest end of round 2 of the "attacked vs. quiet" scenarios: `e` uploads (and when
+/// `replay` is set, sends the very same signed update again, which must be refused), then `a`
+/// and `b`. Returns the bits of the published round-2 model's trainable values, so that a run
+/// that saw attacks can be compared bit for bit with one that saw none.
+pub async fn finish_round_two(
+    coord: InProcess,
+    (a, ta): (&mut TestClient, &FitTask),
+    (b, tb): (&mut TestClient, &FitTask),
+    (e, te): (&mut TestClient, &FitTask),
+    replay: bool,
+) -> Result<Vec<u32>> {
+    const WAIT: Duration = Duration::from_secs(20);
+    let n = a.trainable().numel();
+    e.upload(te, 17, &f32_bytes(&update_values(5, n))).await?;
+    if replay {
+        let again = e.upload(te, 17, &f32_bytes(&update_values(5, n))).await;
+        expect_status(again, Code::AlreadyExists, &["already accepted"]);
+    }
+    a.upload(ta, 11, &f32_bytes(&update_values(3, n))).await?;
+    b.upload(tb, 13, &f32_bytes(&update_values(4, n))).await?;
+    assert_eq!(a.wait_finished(WAIT).await?, ModelVersion(2));
+    let v2 = a.download_vector(ModelVersion(2), ModelScope::Trainable).await?;
+    coord.shutdown().await?;
+    Ok(v2.values().iter().map(|v| v.to_bits()).collect())
 }
 
 /// Header, chunks of `chunk` bytes, trailer with `digest`.

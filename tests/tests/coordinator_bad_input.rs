@@ -9,14 +9,12 @@ use fedtune_shared::ids::{ModelVersion, RoundId, Sha256};
 use fedtune_shared::pb;
 use fedtune_shared::round::{Chunk, FitTask, ModelScope, UpdateHeader, UpdateTrailer, UploadItem};
 use fedtune_tests::fixtures::{quick_settings, write_fake_model};
-use fedtune_tests::grpc::{expect_status, f32_bytes, files_in, upload_items, InProcess, TestClient};
+use fedtune_tests::grpc::{
+    expect_status, f32_bytes, files_in, finish_round_two, update_values, upload_items, InProcess, TestClient,
+};
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn delta(k: usize, n: usize) -> Vec<f32> {
-    (0..n).map(|j| (((j * 13 + k * 7) % 89) as f32 - 44.0) * 0.9e-3).collect()
-}
 
 /// Runs two rounds with clients a, b, e (and an unselected f). In round 2, if `bad`, every bad
 /// upload is tried first. Returns the bits of the round-2 model's trainable values.
@@ -37,7 +35,7 @@ async fn scenario(dir: &Path, bad: bool) -> Result<Vec<u32>> {
     // Round 1: everyone contributes; afterwards round-1 uploads are stale.
     for (k, c) in [&mut a, &mut b, &mut e].into_iter().enumerate() {
         let t = c.wait_for_fit(WAIT).await?;
-        c.upload(&t, 10 + k as u64, &f32_bytes(&delta(k, n))).await?;
+        c.upload(&t, 10 + k as u64, &f32_bytes(&update_values(k, n))).await?;
     }
     a.wait_status(WAIT, |s| s.model_version == ModelVersion(1)).await?;
 
@@ -59,17 +57,7 @@ async fn scenario(dir: &Path, bad: bool) -> Result<Vec<u32>> {
         let status = a.status().await?;
         assert_eq!((status.model_version, status.accepted_updates), (ModelVersion(1), 0));
     }
-    e.upload(&te, 17, &f32_bytes(&delta(5, n))).await?;
-    if bad {
-        let again = e.upload(&te, 17, &f32_bytes(&delta(5, n))).await;
-        expect_status(again, Code::AlreadyExists, &["already accepted"]);
-    }
-    a.upload(&ta, 11, &f32_bytes(&delta(3, n))).await?;
-    b.upload(&tb, 13, &f32_bytes(&delta(4, n))).await?;
-    assert_eq!(a.wait_finished(WAIT).await?, ModelVersion(2));
-    let v2 = a.download_vector(ModelVersion(2), ModelScope::Trainable).await?;
-    coord.shutdown().await?;
-    Ok(v2.values().iter().map(|v| v.to_bits()).collect())
+    finish_round_two(coord, (&mut a, &ta), (&mut b, &tb), (&mut e, &te), bad).await
 }
 
 fn with(header: &UpdateHeader, edit: impl FnOnce(&mut UpdateHeader)) -> UpdateHeader {
@@ -85,7 +73,7 @@ async fn try_everything_bad(
     t: &FitTask,
     n: usize,
 ) -> Result<()> {
-    let good = f32_bytes(&delta(6, n));
+    let good = f32_bytes(&update_values(6, n));
     let header = e.header(t, 17, good.len() as u64);
     let digest = Sha256::of(&good);
     let items = |h: &UpdateHeader, payload: &[u8]| upload_items(h, payload, 1024, Sha256::of(payload));
@@ -139,7 +127,7 @@ async fn try_everything_bad(
     // Values.
     let first_tensor = e.trainable().tensors[0].name.clone();
     for (bad_value, needle) in [(f32::NAN, "non-finite"), (f32::INFINITY, "non-finite"), (1e6, "outside")] {
-        let mut v = delta(6, n);
+        let mut v = update_values(6, n);
         v[5] = bad_value;
         let payload = f32_bytes(&v);
         expect_status(

@@ -10,18 +10,12 @@ use fedtune_shared::ids::{ModelVersion, RoundId};
 use fedtune_shared::pb;
 use fedtune_shared::round::{Chunk, ModelScope, PhaseName, UpdateTrailer, UploadItem};
 use fedtune_tests::fixtures::{quick_settings, write_fake_model};
-use fedtune_tests::grpc::{expect_status, f32_bytes, files_in, InProcess, TestClient};
+use fedtune_tests::grpc::{expect_status, f32_bytes, files_in, update_values, InProcess, TestClient};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-/// A deterministic delta for client `k`: distinct per client and per coordinate, well inside the
-/// fixed-point range, with values that are not on the 2⁻²⁴ grid.
-fn delta(k: usize, n: usize) -> Vec<f32> {
-    (0..n).map(|j| (((j * 31 + k * 17) % 101) as f32 - 50.0) * 1.3e-3 + k as f32 * 1e-7).collect()
-}
 
 /// `global + Σ nₖ·Δₖ / Σ nₖ`, computed independently of the coordinator, in f64.
 fn weighted_mean_step(global: &[f32], updates: &[(u64, Vec<f32>)]) -> Vec<f64> {
@@ -69,13 +63,13 @@ async fn one_round(dir: &Path, order: &[usize]) -> Result<(Vec<f32>, Vec<f32>, V
         tasks.push(c.wait_for_fit(WAIT).await?);
     }
     for &k in order {
-        let receipt = clients[k].upload(&tasks[k], examples[k], &f32_bytes(&delta(k, n))).await?;
+        let receipt = clients[k].upload(&tasks[k], examples[k], &f32_bytes(&update_values(k, n))).await?;
         assert_eq!(receipt.id, RoundId::new(1, 0));
     }
     clients[0].wait_status(WAIT, |s| s.model_version == ModelVersion(1)).await?;
     let v1 = clients[0].download_vector(ModelVersion(1), ModelScope::Trainable).await?;
     coord.shutdown().await?;
-    let updates = (0..3).map(|k| (examples[k], delta(k, n))).collect();
+    let updates = (0..3).map(|k| (examples[k], update_values(k, n))).collect();
     Ok((v0.values().to_vec(), v1.values().to_vec(), updates))
 }
 
@@ -106,8 +100,8 @@ async fn a_restarted_coordinator_resumes_at_the_next_round_without_losing_a_comp
     let mut b = TestClient::join(&coord.url, "b", 0).await?;
     let n = a.trainable().numel();
     let (ta, tb) = (a.wait_for_fit(WAIT).await?, b.wait_for_fit(WAIT).await?);
-    a.upload(&ta, 5, &f32_bytes(&delta(0, n))).await?;
-    b.upload(&tb, 7, &f32_bytes(&delta(1, n))).await?;
+    a.upload(&ta, 5, &f32_bytes(&update_values(0, n))).await?;
+    b.upload(&tb, 7, &f32_bytes(&update_values(1, n))).await?;
     a.wait_status(WAIT, |s| s.model_version == ModelVersion(1)).await?;
     let v1 = a.download_vector(ModelVersion(1), ModelScope::Trainable).await?;
     coord.shutdown().await?;
@@ -138,8 +132,8 @@ async fn a_restarted_coordinator_resumes_at_the_next_round_without_losing_a_comp
     let (ta, tb) = (a.wait_for_fit(WAIT).await?, b.wait_for_fit(WAIT).await?);
     assert_eq!(ta.id.round, 2);
     assert_eq!(ta.model.version, ModelVersion(1));
-    a.upload(&ta, 5, &f32_bytes(&delta(2, n))).await?;
-    b.upload(&tb, 7, &f32_bytes(&delta(3, n))).await?;
+    a.upload(&ta, 5, &f32_bytes(&update_values(2, n))).await?;
+    b.upload(&tb, 7, &f32_bytes(&update_values(3, n))).await?;
     assert_eq!(a.wait_finished(WAIT).await?, ModelVersion(2));
     let status = a.status().await?;
     let completed: Vec<u64> =
@@ -166,16 +160,19 @@ async fn a_client_that_breaks_off_mid_upload_is_dropped_and_the_round_completes_
     let (ta, tb, tc) =
         (a.wait_for_fit(WAIT).await?, b.wait_for_fit(WAIT).await?, c.wait_for_fit(WAIT).await?);
 
-    c.upload_and_break_off(&tc, 1000, &f32_bytes(&delta(9, n)), 1).await;
-    a.upload(&ta, 10, &f32_bytes(&delta(0, n))).await?;
-    b.upload(&tb, 30, &f32_bytes(&delta(1, n))).await?;
+    c.upload_and_break_off(&tc, 1000, &f32_bytes(&update_values(9, n)), 1).await;
+    a.upload(&ta, 10, &f32_bytes(&update_values(0, n))).await?;
+    b.upload(&tb, 30, &f32_bytes(&update_values(1, n))).await?;
 
     // c went silent: after the liveness timeout it is a dropout, and the round closes with 2.
     let status = a.wait_status(WAIT, |s| s.model_version == ModelVersion(1)).await?;
     let round = &status.recent_rounds[0];
     assert_eq!((round.status.as_str(), round.accepted, round.failed), ("completed", 2, 1));
     let v1 = a.download_vector(ModelVersion(1), ModelScope::Trainable).await?;
-    assert_close(v1.values(), &weighted_mean_step(v0.values(), &[(10, delta(0, n)), (30, delta(1, n))]));
+    assert_close(
+        v1.values(),
+        &weighted_mean_step(v0.values(), &[(10, update_values(0, n)), (30, update_values(1, n))]),
+    );
     assert!(files_in(&spool).is_empty(), "the broken upload left {:?}", files_in(&spool));
     coord.shutdown().await?;
     Ok(())
@@ -199,11 +196,11 @@ async fn a_straggler_past_the_deadline_is_excluded_and_told_so() -> Result<()> {
     for c in &mut clients {
         tasks.push(c.wait_for_fit(WAIT).await?);
     }
-    clients[0].upload(&tasks[0], 10, &f32_bytes(&delta(0, n))).await?;
-    clients[1].upload(&tasks[1], 10, &f32_bytes(&delta(1, n))).await?;
+    clients[0].upload(&tasks[0], 10, &f32_bytes(&update_values(0, n))).await?;
+    clients[1].upload(&tasks[1], 10, &f32_bytes(&update_values(1, n))).await?;
 
     // "slow-upload" starts in time but finishes after the deadline.
-    let payload = f32_bytes(&delta(3, n));
+    let payload = f32_bytes(&update_values(3, n));
     let header = clients[3].header(&tasks[3], 10, payload.len() as u64);
     let (tx, rx) = mpsc::channel(4);
     let mut slow = clients[3].clone();
@@ -226,7 +223,7 @@ async fn a_straggler_past_the_deadline_is_excluded_and_told_so() -> Result<()> {
     expect_status(call.await?, Code::FailedPrecondition, &["round 1 (attempt 0)", "deadline"]);
 
     // "late-start" only now begins its upload.
-    let late = clients[2].upload(&tasks[2], 10, &f32_bytes(&delta(2, n))).await;
+    let late = clients[2].upload(&tasks[2], 10, &f32_bytes(&update_values(2, n))).await;
     expect_status(late, Code::FailedPrecondition, &["round 1 (attempt 0)", "deadline"]);
 
     let status = clients[0].wait_status(WAIT, |s| s.phase == PhaseName::Finished).await?;
@@ -273,8 +270,8 @@ async fn federated_evaluation_records_example_weighted_figures_per_round() -> Re
     let mut b = TestClient::join(&coord.url, "b", 30).await?;
     let n = a.trainable().numel();
     let (ta, tb) = (a.wait_for_fit(WAIT).await?, b.wait_for_fit(WAIT).await?);
-    a.upload(&ta, 5, &f32_bytes(&delta(0, n))).await?;
-    b.upload(&tb, 5, &f32_bytes(&delta(1, n))).await?;
+    a.upload(&ta, 5, &f32_bytes(&update_values(0, n))).await?;
+    b.upload(&tb, 5, &f32_bytes(&update_values(1, n))).await?;
     for (c, examples, loss, acc) in [(&mut a, 10u64, 1.0, 0.5), (&mut b, 30, 2.0, 0.9)] {
         let task = loop {
             match c.poll(Duration::from_millis(500)).await? {

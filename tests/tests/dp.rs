@@ -325,6 +325,17 @@ async fn play_round(clients: &mut [TestClient], n: usize) -> Result<()> {
     Ok(())
 }
 
+/// Joins `site-0` and `site-1` and plays two rounds with them; returns them and the update size.
+async fn two_sites_after_two_rounds(url: &str) -> Result<(Vec<TestClient>, usize)> {
+    let mut clients =
+        vec![TestClient::join(url, "site-0", 0).await?, TestClient::join(url, "site-1", 0).await?];
+    let n = clients[0].trainable().numel();
+    for _ in 0..2 {
+        play_round(&mut clients, n).await?;
+    }
+    Ok((clients, n))
+}
+
 fn full_epsilon(z: f64, rounds: u64) -> f64 {
     epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Full, 1.0, z, rounds, DELTA).unwrap()
 }
@@ -336,14 +347,7 @@ async fn a_federation_with_a_small_budget_stops_cleanly_when_the_next_round_woul
     let mut p = privacy(DpMode::Central, z, 1.0);
     p.target_epsilon = Some((full_epsilon(z, 2) + full_epsilon(z, 3)) / 2.0);
     let coord = InProcess::start(full_participation(dir.path(), 10, 2, p)?).await?;
-    let mut clients = vec![
-        TestClient::join(&coord.url, "site-0", 0).await?,
-        TestClient::join(&coord.url, "site-1", 0).await?,
-    ];
-    let n = clients[0].trainable().numel();
-    for _ in 0..2 {
-        play_round(&mut clients, n).await?;
-    }
+    let (mut clients, _) = two_sites_after_two_rounds(&coord.url).await?;
     let status = clients[0].wait_status(WAIT, |s| s.phase == PhaseName::Finished).await?;
     assert_eq!(status.model_version, ModelVersion(2));
     let reason = status.finished_reason.clone().unwrap_or_default();
@@ -440,14 +444,7 @@ async fn the_ledger_survives_kill_9_and_never_shows_less_than_was_published() ->
     let state = settings.storage.state_dir.clone();
     let mut coord = CoordinatorProc::start(settings, dir.path())?;
     wait_for_status(&coord.url, WAIT, |_| true).await?;
-    let mut clients = vec![
-        TestClient::join(&coord.url, "site-0", 0).await?,
-        TestClient::join(&coord.url, "site-1", 0).await?,
-    ];
-    let n = clients[0].trainable().numel();
-    for _ in 0..2 {
-        play_round(&mut clients, n).await?;
-    }
+    let (mut clients, n) = two_sites_after_two_rounds(&coord.url).await?;
     wait_for_status(&coord.url, WAIT, |s| s.model_version == ModelVersion(2)).await?;
     // Round 3: one update folded, then the coordinator dies before it could publish.
     let task = clients[0].wait_for_fit(WAIT).await?;

@@ -17,14 +17,12 @@ use fedtune_shared::params::ParameterVector;
 use fedtune_shared::pb;
 use fedtune_shared::round::{FitTask, ModelScope, UpdateHeader, UpdateTrailer, UploadItem};
 use fedtune_tests::fixtures::{quick_settings, write_fake_model};
-use fedtune_tests::grpc::{expect_status, f32_bytes, upload_items, InProcess, TestClient};
+use fedtune_tests::grpc::{
+    expect_status, f32_bytes, finish_round_two, update_values, upload_items, InProcess, TestClient,
+};
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn delta(k: usize, n: usize) -> Vec<f32> {
-    (0..n).map(|j| (((j * 11 + k * 5) % 83) as f32 - 41.0) * 1.1e-3).collect()
-}
 
 fn id(s: &str) -> ClientId {
     ClientId::parse(s).unwrap()
@@ -66,7 +64,7 @@ async fn scenario(dir: &Path, hostile: bool) -> Result<Vec<u32>> {
         let t = c.wait_for_fit(WAIT).await?;
         if k == 2 {
             // Kept to replay in round 2, signature and all.
-            let payload = f32_bytes(&delta(k, n));
+            let payload = f32_bytes(&update_values(k, n));
             let header = c.header(&t, 12, payload.len() as u64);
             let sig = sign_upload(
                 c.key.as_ref().unwrap(),
@@ -78,7 +76,7 @@ async fn scenario(dir: &Path, hostile: bool) -> Result<Vec<u32>> {
             round1_items = forged(&header, &payload, Some(sig));
             c.upload_raw(round1_items.clone()).await?;
         } else {
-            c.upload(&t, 10 + k as u64, &f32_bytes(&delta(k, n))).await?;
+            c.upload(&t, 10 + k as u64, &f32_bytes(&update_values(k, n))).await?;
         }
     }
     a.wait_status(WAIT, |s| s.model_version == ModelVersion(1)).await?;
@@ -91,18 +89,8 @@ async fn scenario(dir: &Path, hostile: bool) -> Result<Vec<u32>> {
         let status = a.status().await?;
         assert_eq!((status.model_version, status.accepted_updates), (ModelVersion(1), 0));
     }
-    e.upload(&te, 17, &f32_bytes(&delta(5, n))).await?;
-    if hostile {
-        // The same signed update again: a replay within the round.
-        let again = e.upload(&te, 17, &f32_bytes(&delta(5, n))).await;
-        expect_status(again, Code::AlreadyExists, &["already accepted"]);
-    }
-    a.upload(&ta, 11, &f32_bytes(&delta(3, n))).await?;
-    b.upload(&tb, 13, &f32_bytes(&delta(4, n))).await?;
-    assert_eq!(a.wait_finished(WAIT).await?, ModelVersion(2));
-    let v2 = a.download_vector(ModelVersion(2), ModelScope::Trainable).await?;
-    coord.shutdown().await?;
-    Ok(v2.values().iter().map(|v| v.to_bits()).collect())
+    // When hostile, the same signed update is also replayed within the round.
+    finish_round_two(coord, (&mut a, &ta), (&mut b, &tb), (&mut e, &te), hostile).await
 }
 
 async fn try_every_attack(
@@ -113,7 +101,7 @@ async fn try_every_attack(
     n: usize,
     round1_items: &[pb::UploadUpdateRequest],
 ) -> Result<()> {
-    let payload = f32_bytes(&delta(6, n));
+    let payload = f32_bytes(&update_values(6, n));
     let digest = Sha256::of(&payload);
     let header = e.header(t, 17, payload.len() as u64);
     let fed = e.federation_id.clone().unwrap();
@@ -205,7 +193,7 @@ async fn try_every_attack(
         }),
         ("tampered payload", {
             let signed = sign_upload(&key, &fed, &id("e"), &header, &digest);
-            let mut tampered = delta(6, n);
+            let mut tampered = update_values(6, n);
             tampered[3] += 0.5;
             forged(&header, &f32_bytes(&tampered), Some(signed))
         }),
@@ -251,7 +239,7 @@ async fn a_client_revoked_mid_upload_is_refused_and_the_round_completes_without_
         (a.wait_for_fit(WAIT).await?, b.wait_for_fit(WAIT).await?, r.wait_for_fit(WAIT).await?);
 
     // r's upload is streaming when the operator revokes it; its trailer arrives afterwards.
-    let payload = f32_bytes(&delta(9, n));
+    let payload = f32_bytes(&update_values(9, n));
     let items = upload_items(&r.header(&tr, 50, payload.len() as u64), &payload, 64, Sha256::of(&payload));
     let (tx, rx) = tokio::sync::mpsc::channel(items.len());
     let mut r_up = r.clone();
@@ -271,7 +259,7 @@ async fn a_client_revoked_mid_upload_is_refused_and_the_round_completes_without_
     expect_status(r.poll(Duration::from_millis(10)).await, Code::PermissionDenied, &["revoked"]);
 
     // The honest clients finish the round; r is dropped as silent, its bytes never counted.
-    let (da, db) = (delta(1, n), delta(2, n));
+    let (da, db) = (update_values(1, n), update_values(2, n));
     a.upload(&ta, 10, &f32_bytes(&da)).await?;
     b.upload(&tb, 30, &f32_bytes(&db)).await?;
     assert_eq!(a.wait_finished(Duration::from_secs(40)).await?, ModelVersion(1));
@@ -325,10 +313,7 @@ async fn an_enrollment_token_allowlists_one_key_once() -> Result<()> {
     let mut c = TestClient::connect(&coord.url).await?;
     c.key = Some(key);
     c.rejoin("new-site", 0).await?;
-    let t = c.wait_for_fit(WAIT).await?;
-    let n = c.trainable().numel();
-    c.upload(&t, 5, &f32_bytes(&delta(1, n))).await?;
-    assert_eq!(c.wait_finished(WAIT).await?, ModelVersion(1));
+    assert_eq!(c.contribute_and_finish(5, 1).await?, ModelVersion(1));
     coord.shutdown().await?;
     Ok(())
 }
@@ -386,10 +371,7 @@ async fn tls_refuses_plaintext_and_mutual_tls_refuses_clients_without_a_valid_ce
     let good = client_tls_config(&pki.ca_cert, "localhost", Some((&ours.cert, &ours.key)))?;
     let mut c = TestClient::connect_with(&coord.url, Some(good)).await?;
     c.rejoin("site-1", 0).await?;
-    let t = c.wait_for_fit(WAIT).await?;
-    let n = c.trainable().numel();
-    c.upload(&t, 5, &f32_bytes(&delta(1, n))).await?;
-    assert_eq!(c.wait_finished(WAIT).await?, ModelVersion(1));
+    assert_eq!(c.contribute_and_finish(5, 1).await?, ModelVersion(1));
     coord.shutdown().await?;
     Ok(())
 }
@@ -411,7 +393,7 @@ async fn a_client_flooding_calls_is_throttled_while_the_others_complete_their_ro
         (a.wait_for_fit(WAIT).await?, b.wait_for_fit(WAIT).await?, flood.wait_for_fit(WAIT).await?);
 
     // The flooder hammers the upload RPC with stale uploads, 20 at a time.
-    let payload = f32_bytes(&delta(7, n));
+    let payload = f32_bytes(&update_values(7, n));
     let stale = UpdateHeader { id: RoundId::new(0, 0), ..flood.header(&tf, 1, payload.len() as u64) };
     let mut calls = Vec::new();
     for _ in 0..60 {
@@ -420,8 +402,8 @@ async fn a_client_flooding_calls_is_throttled_while_the_others_complete_their_ro
         calls.push(tokio::spawn(async move { c.upload_raw(items).await }));
     }
     // Meanwhile the honest clients are served.
-    a.upload(&ta, 10, &f32_bytes(&delta(1, n))).await?;
-    b.upload(&tb, 20, &f32_bytes(&delta(2, n))).await?;
+    a.upload(&ta, 10, &f32_bytes(&update_values(1, n))).await?;
+    b.upload(&tb, 20, &f32_bytes(&update_values(2, n))).await?;
     let mut throttled = 0;
     for c in calls {
         if let Err(s) = c.await? {
@@ -434,7 +416,7 @@ async fn a_client_flooding_calls_is_throttled_while_the_others_complete_their_ro
     assert!(throttled >= 40, "only {throttled} of 60 flood calls were throttled");
     // Once its bucket refills, the flooder is an ordinary client again.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    flood.upload(&tf, 5, &f32_bytes(&delta(3, n))).await?;
+    flood.upload(&tf, 5, &f32_bytes(&update_values(3, n))).await?;
     assert_eq!(a.wait_finished(WAIT).await?, ModelVersion(1));
     let v1: ParameterVector = a.download_vector(ModelVersion(1), ModelScope::Trainable).await?;
     assert_eq!(v1.values().len(), n);
