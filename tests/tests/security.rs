@@ -384,6 +384,9 @@ async fn a_client_flooding_calls_is_throttled_while_the_others_complete_their_ro
     s.evaluation.every = 0;
     s.security.limits.calls_per_second = 5.0;
     s.security.limits.burst = 10;
+    // The flooder is silent while its bucket refills (its refused calls prove no liveness):
+    // long enough a liveness timeout that it is still in the round afterwards.
+    s.clients.liveness_timeout = Duration::from_secs(30);
     let coord = InProcess::start(s).await?;
     let mut a = TestClient::join(&coord.url, "a", 0).await?;
     let mut b = TestClient::join(&coord.url, "b", 0).await?;
