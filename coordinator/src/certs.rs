@@ -231,9 +231,10 @@ fn write_client_cert(
 ) -> Result<(), CertError> {
     let what = format!("certificate of client `{}`", paths.name);
     let key = generate_key(&what)?;
-    // No subject alternative names: client certificates are matched by chain, not by name,
-    // and a client name need not be a valid DNS name.
-    let cert = leaf_params(&paths.name, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)?
+    // The client name as a DNS subject alternative name: with
+    // `security.bind_client_certificates` the coordinator serves this certificate only to the
+    // client of that name (see `auth::peer`).
+    let cert = leaf_params(&paths.name, vec![paths.name.clone()], ExtendedKeyUsagePurpose::ClientAuth)?
         .signed_by(&key, issuer)
         .map_err(|e| gen_err(&what, e))?;
     write_file_atomically(&paths.key, key.serialize_pem().as_bytes(), PRIVATE_FILE_MODE, overwrite)?;
@@ -297,7 +298,8 @@ fn invalid_client(name: &str, reason: &str) -> CertError {
     CertError::InvalidName { what: "client name", name: name.to_owned(), reason: reason.to_owned() }
 }
 
-/// Client names become file names, so they are kept to a portable alphabet.
+/// Client names become file names and DNS names in certificates, so they are kept to a portable
+/// alphabet.
 fn validate_client_name(name: &str) -> Result<(), CertError> {
     if name.is_empty() || name.len() > MAX_CLIENT_NAME_LEN {
         return Err(invalid_client(name, &format!("must be 1..={MAX_CLIENT_NAME_LEN} characters")));
@@ -306,6 +308,14 @@ fn validate_client_name(name: &str) -> Result<(), CertError> {
         || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     {
         return Err(invalid_client(name, "use letters, digits, `-`, `_` and `.` (not first)"));
+    }
+    // The name goes into the certificate as a DNS name, which the coordinator matches on join.
+    if rustls::pki_types::DnsName::try_from(name).is_err() {
+        return Err(invalid_client(
+            name,
+            "must be a DNS-style name: dot-separated labels that do not start or end with `-`, \
+             the last one not all digits",
+        ));
     }
     Ok(())
 }
@@ -465,6 +475,9 @@ mod tests {
             (vec![], vec!["../escape".to_string()]),
             (vec![], vec!["".to_string()]),
             (vec![], vec!["a".to_string(), "a".to_string()]),
+            // Not DNS-style, so they could not be named in a certificate.
+            (vec![], vec!["-lead".to_string()]),
+            (vec![], vec!["2024".to_string()]),
         ] {
             let err = init_dev_pki(dir.path(), &servers, &clients, false).unwrap_err();
             assert!(matches!(err, CertError::InvalidName { .. }), "{err}");

@@ -91,8 +91,9 @@ pub struct CertsArgs {
 #[derive(Debug, clap::Subcommand)]
 pub enum CertsCommand {
     /// Create a development PKI: ca.pem/ca.key, server.pem/server.key and, per --client,
-    /// client-NAME.pem/.key (private keys 0600). For tests and small deployments; bring your own
-    /// PKI otherwise.
+    /// client-NAME.pem/.key (private keys 0600). Client certificates carry NAME as a DNS subject
+    /// alternative name: under mutual TLS the coordinator lets each serve only that client. For
+    /// tests and small deployments; bring your own PKI otherwise (same naming rule).
     Init {
         /// Output directory (created if missing).
         #[arg(long)]

@@ -319,7 +319,8 @@ async fn an_enrollment_token_allowlists_one_key_once() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_refuses_plaintext_and_mutual_tls_refuses_clients_without_a_valid_certificate() -> Result<()> {
+async fn tls_refuses_plaintext_and_mutual_tls_refuses_clients_without_a_valid_certificate_for_their_name(
+) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let model = write_fake_model(&dir.path().join("model"), 1, 8)?;
     let pki = init_dev_pki(&dir.path().join("pki"), &[], &["site-1".to_string()], false)?;
@@ -367,8 +368,13 @@ async fn tls_refuses_plaintext_and_mutual_tls_refuses_clients_without_a_valid_ce
             assert!(c.status().await.is_err(), "a server certificate from an untrusted CA was accepted")
         }
     }
-    // With the right certificate: a whole round over mutual TLS.
+    // A valid certificate serves only the client it names: site-1's machine cannot join as
+    // site-2, even with site-2's allowlisted key.
     let good = client_tls_config(&pki.ca_cert, "localhost", Some((&ours.cert, &ours.key)))?;
+    let mut other = TestClient::connect_with(&coord.url, Some(good.clone())).await?;
+    let refused = other.try_join("site-2", 0).await;
+    expect_status(refused, Code::PermissionDenied, &["not issued to `site-2`"]);
+    // With the right certificate: a whole round over mutual TLS.
     let mut c = TestClient::connect_with(&coord.url, Some(good)).await?;
     c.rejoin("site-1", 0).await?;
     assert_eq!(c.contribute_and_finish(5, 1).await?, ModelVersion(1));

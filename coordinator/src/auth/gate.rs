@@ -6,7 +6,7 @@
 //!                           verifies with the allowlisted key? ─► HMAC session token (session_ttl)
 //! any call (Bearer token) ─► HMAC tag, federation, expiry ─► the client's current session?
 //!                           ─► still allowlisted (read per call: revocation is immediate)
-//! upload trailer ─► still allowlisted ─► Ed25519 signature over (federation, round, client,
+//! upload trailer ─► still allowlisted ─► Ed25519 signature over (federation, round, attempt, client,
 //!                   manifest, payload SHA-256, examples) verifies ─► only then folded
 //! ```
 //!

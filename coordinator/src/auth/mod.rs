@@ -7,11 +7,12 @@
 //! - [`gate`]: [`ClientAuth`], the `Authenticator` + `UpdateVerifier` of `serve`: join challenge,
 //!   HMAC session tokens, per-call allowlist check, update signature check.
 //! - [`limits`]: per-client and per-address token buckets, in-flight caps, download cap.
+//! - [`peer`]: a mutual-TLS client certificate must be issued to the name the client joins as.
 //!
 //! # What each layer stops
 //! TLS keeps a network attacker from reading or altering traffic and from stealing session
 //! tokens; mutual TLS (optional) keeps machines without a client certificate from even reaching
-//! the gRPC service. The allowlist and join challenge make sure only holders of allowlisted
+//! the gRPC service, and a certificate serves only the client it names. The allowlist and join challenge make sure only holders of allowlisted
 //! private keys get sessions; update signatures make each folded update attributable to, and
 //! bound to, one client, round and federation, independently of the transport. Limits stop an
 //! authenticated or anonymous caller from exhausting the coordinator.
@@ -19,6 +20,7 @@
 pub mod allowlist;
 pub mod gate;
 pub mod limits;
+pub mod peer;
 pub mod settings;
 
 pub use allowlist::{Allowlist, AllowlistEntry, AllowlistError, Standing};

@@ -6,6 +6,7 @@
 //! tls_cert = "/etc/fedtune/server.pem"
 //! tls_key = "/etc/fedtune/server.key"
 //! client_ca = "/etc/fedtune/ca.pem"   # optional: require client certificates (mutual TLS)
+//! bind_client_certificates = true     # a certificate serves only the client it names
 //! session_ttl = "1h"
 //! [security.limits]
 //! calls_per_second = 50.0
@@ -31,6 +32,9 @@ pub struct SecuritySettings {
     pub tls_key: Option<PathBuf>,
     /// CA (PEM) whose certificates clients must present: mutual TLS. Needs `tls_cert`/`tls_key`.
     pub client_ca: Option<PathBuf>,
+    /// Under mutual TLS, a client may join or enroll only under a name its certificate is issued
+    /// to (a DNS subject alternative name, as `certs init` issues them). On by default.
+    pub bind_client_certificates: bool,
     /// Serve plaintext gRPC without TLS. Only for tests and a single trusted machine: anyone on
     /// the path can then read updates and steal session tokens. Logged as a warning at start.
     pub insecure: bool,
@@ -50,6 +54,7 @@ impl Default for SecuritySettings {
             tls_cert: None,
             tls_key: None,
             client_ca: None,
+            bind_client_certificates: true,
             insecure: false,
             session_ttl: Duration::from_secs(3600),
             challenge_ttl: Duration::from_secs(30),

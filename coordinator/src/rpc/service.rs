@@ -27,6 +27,7 @@ use fedtune_shared::round::{
     Limits, ModelHeader, Task, UploadItem,
 };
 use futures::Stream;
+use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,7 @@ use tracing::{debug, info_span, Instrument};
 
 use super::auth::{bearer, Authenticator, UpdateVerifier};
 use crate::auth::limits::{CallSlot, Limits as CallLimits};
+use crate::auth::peer::check_peer;
 use crate::error::RoundError;
 use crate::round::events::Traffic;
 use crate::round::requests::{RoundHandle, UploadTicket};
@@ -119,6 +121,15 @@ impl CoordinatorService {
     fn anonymous<T>(&self, req: &Request<T>) -> Result<(), Status> {
         Ok(self.limits.anonymous_call(req.remote_addr().map(|a| a.ip()))?)
     }
+
+    /// Under mutual TLS, the presented certificate must be issued to `client`.
+    fn check_certificate(
+        &self,
+        certs: Option<&[CertificateDer<'static>]>,
+        client: Option<&ClientId>,
+    ) -> Result<(), Status> {
+        Ok(check_peer(certs, self.settings.security.bind_client_certificates, client)?)
+    }
 }
 
 /// Tells the actor when an upload ends without a commit.
@@ -164,9 +175,11 @@ type DownloadStream = Pin<Box<dyn Stream<Item = Result<pb::DownloadModelResponse
 impl Coordinator for CoordinatorService {
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
         self.anonymous(&req)?;
+        let certs = req.peer_certs();
         let wire = req.into_inner();
         let proof = JoinProof::from_request(&wire).map_err(RoundError::from)?;
         let mut join = JoinRequest::try_from(wire).map_err(RoundError::from)?;
+        self.check_certificate(certs.as_deref().map(Vec::as_slice), join.name.as_ref())?;
         self.auth.admit(&join, proof.as_ref())?;
         let federation_id = self.auth.federation_id();
         if federation_id.is_some() {
@@ -209,7 +222,9 @@ impl Coordinator for CoordinatorService {
 
     async fn enroll(&self, req: Request<pb::EnrollRequest>) -> Result<Response<pb::EnrollResponse>, Status> {
         self.anonymous(&req)?;
+        let certs = req.peer_certs();
         let request = EnrollRequest::try_from(req.into_inner()).map_err(RoundError::from)?;
+        self.check_certificate(certs.as_deref().map(Vec::as_slice), Some(&request.name))?;
         let client = self.auth.enroll(&request)?;
         Ok(Response::new(pb::EnrollResponse { client_id: client.into() }))
     }
