@@ -25,7 +25,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId, Sha256};
 use fedtune_shared::round::RoundSummary;
-use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+mod database;
+
+pub(crate) use database::open_database;
+use database::{BUSY_WAIT, SCHEMA};
 
 /// Errors of the state directory. They are infrastructure failures, not protocol outcomes: the
 /// round actor treats them as fatal.
@@ -55,98 +60,6 @@ pub enum StorageError {
     #[error("storage task failed: {0}")]
     Join(String),
 }
-
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS clients (
-    client_id       TEXT PRIMARY KEY,
-    public_key      BLOB,
-    first_joined_ms INTEGER NOT NULL,
-    last_joined_ms  INTEGER NOT NULL,
-    train_examples  INTEGER NOT NULL DEFAULT 0,
-    eval_examples   INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS rounds (
-    round          INTEGER NOT NULL,
-    attempt        INTEGER NOT NULL,
-    base_version   INTEGER NOT NULL,
-    status         TEXT NOT NULL CHECK (status IN ('running', 'completed', 'failed', 'aborted')),
-    started_ms     INTEGER NOT NULL,
-    finished_ms    INTEGER,
-    selected       INTEGER NOT NULL DEFAULT 0,
-    accepted       INTEGER NOT NULL DEFAULT 0,
-    failed         INTEGER NOT NULL DEFAULT 0,
-    total_examples INTEGER NOT NULL DEFAULT 0,
-    train_loss     REAL,
-    reason         TEXT,
-    bytes_sent     INTEGER NOT NULL DEFAULT 0,
-    bytes_received INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (round, attempt)
-);
--- The audit record of every draw: scheme, seed, how many were eligible, and who was drawn.
-CREATE TABLE IF NOT EXISTS samples (
-    round      INTEGER NOT NULL,
-    attempt    INTEGER NOT NULL,
-    kind       TEXT NOT NULL CHECK (kind IN ('fit', 'evaluate')),
-    scheme     TEXT NOT NULL,
-    seed       TEXT NOT NULL,
-    candidates INTEGER NOT NULL,
-    client_id  TEXT NOT NULL,
-    PRIMARY KEY (round, attempt, kind, client_id)
-);
-CREATE TABLE IF NOT EXISTS round_clients (
-    round        INTEGER NOT NULL,
-    attempt      INTEGER NOT NULL,
-    client_id    TEXT NOT NULL,
-    outcome      TEXT NOT NULL,
-    num_examples INTEGER,
-    metrics      TEXT,
-    PRIMARY KEY (round, attempt, client_id)
-);
-CREATE TABLE IF NOT EXISTS checkpoints (
-    version        INTEGER PRIMARY KEY,
-    round          INTEGER NOT NULL,
-    attempt        INTEGER NOT NULL,
-    path           TEXT NOT NULL,
-    strategy_path  TEXT,
-    full_sha256    TEXT NOT NULL,
-    created_ms     INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS evaluations (
-    version      INTEGER PRIMARY KEY,
-    clients      INTEGER NOT NULL,
-    num_examples INTEGER NOT NULL,
-    loss         REAL NOT NULL,
-    accuracy     REAL NOT NULL,
-    metrics      TEXT NOT NULL,
-    created_ms   INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS evaluation_clients (
-    version      INTEGER NOT NULL,
-    client_id    TEXT NOT NULL,
-    num_examples INTEGER NOT NULL,
-    loss         REAL NOT NULL,
-    accuracy     REAL NOT NULL,
-    metrics      TEXT NOT NULL,
-    PRIMARY KEY (version, client_id)
-);
--- One row per completed round whose strategy charged privacy (written in the same transaction
--- as the round and its checkpoint, so ε is never under-reported after a crash).
-CREATE TABLE IF NOT EXISTS privacy_ledger (
-    version          INTEGER PRIMARY KEY,
-    round            INTEGER NOT NULL,
-    mechanism        TEXT NOT NULL,
-    sampling_rate    REAL NOT NULL,
-    noise_multiplier REAL NOT NULL,
-    clip_norm        REAL NOT NULL,
-    epsilon          REAL NOT NULL,
-    delta            REAL NOT NULL,
-    detail           TEXT NOT NULL
-);
-"#;
 
 /// Milliseconds since the Unix epoch (wall clock, for records only; deadlines use tokio time).
 pub fn now_ms() -> u64 {
@@ -414,50 +327,6 @@ pub fn checkpoint_of(
             checkpoint_row,
         )
         .optional()?)
-}
-
-/// How long a connection waits for another connection's write lock. The coordinator and the
-/// `fedtune-coordinator clients …` commands share one database and write in short transactions.
-const BUSY_WAIT: Duration = Duration::from_secs(5);
-
-/// Opens `state.sqlite` in `dir` (creating it), in WAL mode so readers never block the writer,
-/// and creates what `schema` declares. Two processes may do this at the same moment, e.g. a new
-/// coordinator and `clients add` on a fresh state directory.
-///
-/// Every write transaction on the database is `IMMEDIATE`: it takes the write lock up front,
-/// where SQLite waits (up to [`BUSY_WAIT`]). A deferred transaction that reads first would have
-/// to upgrade its lock later, and there SQLite answers `SQLITE_BUSY` at once instead of
-/// waiting, because waiting could deadlock.
-pub(crate) fn open_database(dir: &Path, schema: &str) -> rusqlite::Result<Connection> {
-    let mut conn = Connection::open(dir.join("state.sqlite"))?;
-    conn.busy_timeout(BUSY_WAIT)?;
-    // Switching a new file to WAL is such a lock upgrade; retried like one.
-    retry_while_busy(|| conn.pragma_update(None, "journal_mode", "WAL"))?;
-    retry_while_busy(|| {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute_batch(schema)?;
-        tx.commit()
-    })?;
-    Ok(conn)
-}
-
-/// Runs `step` again while SQLite answers `SQLITE_BUSY` without having waited, for about
-/// [`BUSY_WAIT`] in all.
-fn retry_while_busy<T>(mut step: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
-    const PAUSE: Duration = Duration::from_millis(20);
-    let tries = (BUSY_WAIT.as_millis() / PAUSE.as_millis()) as u32;
-    let mut tried = 1;
-    loop {
-        match step() {
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == ErrorCode::DatabaseBusy && tried < tries =>
-            {
-                tried += 1;
-                std::thread::sleep(PAUSE);
-            }
-            other => return other,
-        }
-    }
 }
 
 /// Records the initial model (version 0) and the meta data that fixes this federation.
@@ -809,133 +678,4 @@ pub fn delete_checkpoint_row(conn: &Connection, version: ModelVersion) -> Result
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn id(s: &str) -> ClientId {
-        ClientId::parse(s).unwrap()
-    }
-
-    #[test]
-    fn the_coordinator_and_a_clients_command_may_open_a_new_state_directory_at_the_same_moment() {
-        // Each pair of opens races on a fresh file: the WAL switch and the schema creation
-        // must wait for each other instead of failing with "database is locked".
-        for _ in 0..30 {
-            let dir = tempfile::tempdir().unwrap();
-            let start = std::sync::Barrier::new(2);
-            std::thread::scope(|s| {
-                let coordinator = s.spawn(|| {
-                    start.wait();
-                    Storage::open(dir.path()).map(drop).map_err(|e| e.to_string())
-                });
-                let clients_add = s.spawn(|| {
-                    start.wait();
-                    let list = crate::auth::Allowlist::open(dir.path()).map_err(|e| e.to_string())?;
-                    list.federation_id().map(drop).map_err(|e| e.to_string())
-                });
-                coordinator.join().unwrap().unwrap();
-                clients_add.join().unwrap().unwrap();
-            });
-        }
-    }
-
-    #[test]
-    fn a_completed_round_is_visible_with_its_checkpoint_and_outcomes() {
-        let dir = tempfile::tempdir().unwrap();
-        let st = Storage::open(dir.path()).unwrap();
-        st.call_sync(|c| {
-            upsert_client(c, &id("a"), None, 10, 2)?;
-            let sample = SampleRecord {
-                id: RoundId::new(1, 0),
-                kind: "fit",
-                scheme: "fraction(1)".into(),
-                seed: "00".into(),
-                candidates: 1,
-                selected: vec![id("a")],
-            };
-            begin_round(c, RoundId::new(1, 0), ModelVersion(0), &sample)?;
-            let commit = RoundCommit {
-                id: RoundId::new(1, 0),
-                checkpoint: "x".into(),
-                strategy_state: None,
-                full_sha256: Sha256([1; 32]),
-                outcomes: vec![ClientOutcome {
-                    client: id("a"),
-                    outcome: "accepted".into(),
-                    num_examples: Some(10),
-                    metrics: serde_json::json!({}),
-                }],
-                accepted: 1,
-                failed: 0,
-                total_examples: 10,
-                train_loss: Some(0.5),
-                bytes_sent: 100,
-                bytes_received: 40,
-            };
-            let ledger = LedgerEntry {
-                mechanism: "gaussian/central".into(),
-                sampling_rate: 1.0,
-                noise_multiplier: 1.0,
-                clip_norm: 1.0,
-                epsilon: 0.5,
-                delta: 1e-5,
-                detail: serde_json::json!({}),
-            };
-            commit_round(c, &commit, Some(&ledger))?;
-            let latest = latest_checkpoint(c)?.unwrap();
-            assert_eq!(latest.version, ModelVersion(1));
-            let rounds = recent_rounds(c, 5)?;
-            assert_eq!(rounds[0].status, "completed");
-            assert_eq!(rounds[0].accepted, 1);
-            assert_eq!((rounds[0].bytes_sent, rounds[0].bytes_received), (100, 40));
-            assert_eq!(load_clients(c)?[0].rounds_contributed, 1);
-            assert_eq!(sampled_clients(c, RoundId::new(1, 0), "fit")?.len(), 1);
-            let eps: f64 =
-                c.query_row("SELECT epsilon FROM privacy_ledger WHERE version = 1", [], |r| r.get(0))?;
-            assert_eq!(eps, 0.5);
-            Ok(())
-        })
-        .unwrap();
-    }
-
-    #[test]
-    fn rounds_left_running_are_aborted_on_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let st = Storage::open(dir.path()).unwrap();
-            st.call_sync(|c| {
-                let s = SampleRecord {
-                    id: RoundId::new(1, 0),
-                    kind: "fit",
-                    scheme: "s".into(),
-                    seed: "0".into(),
-                    candidates: 0,
-                    selected: vec![],
-                };
-                begin_round(c, RoundId::new(1, 0), ModelVersion(0), &s)
-            })
-            .unwrap();
-        }
-        let st = Storage::open(dir.path()).unwrap();
-        st.call_sync(|c| {
-            assert_eq!(abort_running(c)?, 1);
-            assert_eq!(next_attempt(c, 1)?, 1);
-            assert_eq!(recent_rounds(c, 1)?[0].status, "aborted");
-            Ok(())
-        })
-        .unwrap();
-    }
-
-    #[test]
-    fn a_pinned_key_is_never_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let st = Storage::open(dir.path()).unwrap();
-        st.call_sync(|c| {
-            upsert_client(c, &id("a"), Some([1; 32]), 0, 0)?;
-            upsert_client(c, &id("a"), Some([2; 32]), 0, 0)?;
-            assert_eq!(load_clients(c)?[0].public_key, Some([1; 32]));
-            Ok(())
-        })
-        .unwrap();
-    }
-}
+mod tests;

@@ -1,0 +1,128 @@
+use super::*;
+
+fn id(s: &str) -> ClientId {
+    ClientId::parse(s).unwrap()
+}
+
+#[test]
+fn the_coordinator_and_a_clients_command_may_open_a_new_state_directory_at_the_same_moment() {
+    // Each pair of opens races on a fresh file: the WAL switch and the schema creation
+    // must wait for each other instead of failing with "database is locked".
+    for _ in 0..30 {
+        let dir = tempfile::tempdir().unwrap();
+        let start = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            let coordinator = s.spawn(|| {
+                start.wait();
+                Storage::open(dir.path()).map(drop).map_err(|e| e.to_string())
+            });
+            let clients_add = s.spawn(|| {
+                start.wait();
+                let list = crate::auth::Allowlist::open(dir.path()).map_err(|e| e.to_string())?;
+                list.federation_id().map(drop).map_err(|e| e.to_string())
+            });
+            coordinator.join().unwrap().unwrap();
+            clients_add.join().unwrap().unwrap();
+        });
+    }
+}
+
+#[test]
+fn a_completed_round_is_visible_with_its_checkpoint_and_outcomes() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = Storage::open(dir.path()).unwrap();
+    st.call_sync(|c| {
+        upsert_client(c, &id("a"), None, 10, 2)?;
+        let sample = SampleRecord {
+            id: RoundId::new(1, 0),
+            kind: "fit",
+            scheme: "fraction(1)".into(),
+            seed: "00".into(),
+            candidates: 1,
+            selected: vec![id("a")],
+        };
+        begin_round(c, RoundId::new(1, 0), ModelVersion(0), &sample)?;
+        let commit = RoundCommit {
+            id: RoundId::new(1, 0),
+            checkpoint: "x".into(),
+            strategy_state: None,
+            full_sha256: Sha256([1; 32]),
+            outcomes: vec![ClientOutcome {
+                client: id("a"),
+                outcome: "accepted".into(),
+                num_examples: Some(10),
+                metrics: serde_json::json!({}),
+            }],
+            accepted: 1,
+            failed: 0,
+            total_examples: 10,
+            train_loss: Some(0.5),
+            bytes_sent: 100,
+            bytes_received: 40,
+        };
+        let ledger = LedgerEntry {
+            mechanism: "gaussian/central".into(),
+            sampling_rate: 1.0,
+            noise_multiplier: 1.0,
+            clip_norm: 1.0,
+            epsilon: 0.5,
+            delta: 1e-5,
+            detail: serde_json::json!({}),
+        };
+        commit_round(c, &commit, Some(&ledger))?;
+        let latest = latest_checkpoint(c)?.unwrap();
+        assert_eq!(latest.version, ModelVersion(1));
+        let rounds = recent_rounds(c, 5)?;
+        assert_eq!(rounds[0].status, "completed");
+        assert_eq!(rounds[0].accepted, 1);
+        assert_eq!((rounds[0].bytes_sent, rounds[0].bytes_received), (100, 40));
+        assert_eq!(load_clients(c)?[0].rounds_contributed, 1);
+        assert_eq!(sampled_clients(c, RoundId::new(1, 0), "fit")?.len(), 1);
+        let eps: f64 =
+            c.query_row("SELECT epsilon FROM privacy_ledger WHERE version = 1", [], |r| r.get(0))?;
+        assert_eq!(eps, 0.5);
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn rounds_left_running_are_aborted_on_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let st = Storage::open(dir.path()).unwrap();
+        st.call_sync(|c| {
+            let s = SampleRecord {
+                id: RoundId::new(1, 0),
+                kind: "fit",
+                scheme: "s".into(),
+                seed: "0".into(),
+                candidates: 0,
+                selected: vec![],
+            };
+            begin_round(c, RoundId::new(1, 0), ModelVersion(0), &s)
+        })
+        .unwrap();
+    }
+    let st = Storage::open(dir.path()).unwrap();
+    st.call_sync(|c| {
+        assert_eq!(abort_running(c)?, 1);
+        assert_eq!(next_attempt(c, 1)?, 1);
+        assert_eq!(recent_rounds(c, 1)?[0].status, "aborted");
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_pinned_key_is_never_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = Storage::open(dir.path()).unwrap();
+    st.call_sync(|c| {
+        upsert_client(c, &id("a"), Some([1; 32]), 0, 0)?;
+        upsert_client(c, &id("a"), Some([2; 32]), 0, 0)?;
+        assert_eq!(load_clients(c)?[0].public_key, Some([1; 32]));
+        Ok(())
+    })
+    .unwrap();
+}
