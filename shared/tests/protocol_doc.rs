@@ -430,7 +430,7 @@ fn the_enrollment_digest_example_matches_enrollment_token_hash() {
     let parsed: EnrollmentToken = text.parse().unwrap();
     ex.check_bytes("sha256", parsed.hash().as_bytes(), &documented);
     assert_eq!(parsed.hash(), EnrollmentDigest::from_bytes(documented));
-    assert_eq!(parsed.hash().to_string(), hex::encode(documented), "stored as lowercase hex");
+    assert_eq!(parsed.hash().to_string(), hex::encode(documented), "its text form is lowercase hex");
     ex.done();
 }
 
