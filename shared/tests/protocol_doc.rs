@@ -317,7 +317,8 @@ fn the_update_statement_example_matches_update_signing() {
     let federation_id = ex.string("federation_id");
     let client = ClientId::parse(&ex.string("client_id")).unwrap();
     let round = ex.u64("round");
-    let attempt = u32::try_from(ex.u64("attempt")).unwrap_or_else(|_| ex.fail("attempt", "is a u32 on the wire"));
+    let attempt =
+        u32::try_from(ex.u64("attempt")).unwrap_or_else(|_| ex.fail("attempt", "is a u32 on the wire"));
     let manifest_sha256 = ex.hex32("manifest_sha256");
     let payload_sha256 = ex.hex32("payload_sha256");
     let num_examples = ex.u64("num_examples");
@@ -393,8 +394,7 @@ fn the_session_token_example_is_accepted_and_issued_by_the_session_authority() {
 
     // A token the coordinator issues for the same inputs has the documented claims but for the
     // random nonce (the last 16 bytes), and the documented MAC construction.
-    let issued =
-        authority.issue(&client_id, Duration::from_secs(expires_at - issued_at), issued_at).unwrap();
+    let issued = authority.issue(&client_id, Duration::from_secs(expires_at - issued_at), issued_at).unwrap();
     let (claims_text, tag_text) = issued.expose_secret().split_once('.').unwrap();
     let issued_claims = URL_SAFE_NO_PAD.decode(claims_text).unwrap();
     assert_eq!(issued_claims.len(), claims.len(), "claims length");
