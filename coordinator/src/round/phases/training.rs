@@ -1,8 +1,9 @@
 //! Training: sampled clients train and upload; verified updates are folded as they arrive.
 //!
 //! Per drawn client a slot moves `Assigned → Uploading → Folding → Ended(Accepted)`, or ends
-//! early with another [`ParticipantOutcome`] (reported failure, dropout, late, refused). An upload's header is checked here before any
-//! byte is staged; the staged, digest-verified update is folded into the fixed-point sum on a
+//! early with another [`ParticipantOutcome`] (reported failure, dropout, late, refused). An
+//! upload's header is checked here before any byte is staged; the staged, digest-verified
+//! update is folded into the fixed-point sum on a
 //! blocking thread, one fold at a time (the sum has one owner), while this loop keeps serving
 //! requests. The phase ends at the deadline, or earlier once every slot is final, after the
 //! folds already committed have finished.
