@@ -213,8 +213,19 @@ impl FixedPointSum {
         if self.total_weight == 0 {
             return None;
         }
-        let inv = 1.0 / (self.total_weight as f64 * SCALE);
-        Some(self.sum.iter().map(|&s| (s as f64 * inv) as f32).collect())
+        Some(self.scaled(self.total_weight as f64))
+    }
+
+    /// The sum divided by `denominator`, `Σ w·q · 2⁻²⁴ / denominator`, rounded once to f32.
+    pub fn scaled(&self, denominator: f64) -> Vec<f32> {
+        let inv = 1.0 / (denominator * SCALE);
+        self.sum.iter().map(|&s| (s as f64 * inv) as f32).collect()
+    }
+
+    /// The integer sums, for mechanisms that work on the grid itself (central noise now, masks
+    /// of secure aggregation later). One unit is 2⁻²⁴ of a value.
+    pub fn grid_mut(&mut self) -> &mut [i64] {
+        &mut self.sum
     }
 }
 

@@ -187,7 +187,7 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
     };
     // Differential privacy wraps whichever strategy runs, its accountant rebuilt from the ledger.
     let strategy =
-        crate::privacy::wrap_strategy(settings, strategy, store, model.layout.trainable.numel(), fresh)
+        strategy::dp::wrap_strategy(settings, strategy, store, model.layout.trainable.numel(), fresh)
             .map_err(|e| inconsistent(format!("privacy: {e}")))?;
     let version = model.version;
     let round = version.0 + 1;

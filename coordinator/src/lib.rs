@@ -7,10 +7,14 @@
 //! cancellation token, so tests run the real server on `127.0.0.1:0`.
 //!
 //! # Layout
-//! - [`server`]: `run` / `run_with` (+ [`Seams`]: authenticator, signature verifier, strategy
-//!   decorator, TLS): storage, actor and gRPC service wired, one shutdown path with a drain.
-//! - [`settings`]: `CoordinatorSettings` (TOML + `FEDTUNE__…` env + flags), `validate()`.
-//! - [`cli`]: `serve`, `status`, `export` subcommands (clap).
+//! - [`server`]: `run` / `run_with` (+ [`Seams`]: authenticator, signature verifier, TLS):
+//!   storage, actor and gRPC service wired, one shutdown path with a drain.
+//! - [`settings`]: `CoordinatorSettings` (TOML + `FEDTUNE__…` env + flags), `validate()`; the
+//!   lowest layer (it names no other module), with `[privacy]` and `[security]` as submodules.
+//! - [`cli`]: the clap parse tree and `serve`'s flags.
+//! - [`operator`]: what an operator runs against a federation from outside the server
+//!   (`status` over gRPC, `export` from a state directory); `cli` and `simulate` both call it.
+//! - [`outcome`]: how an attempt and each participant ended (typed; stable stored strings).
 //! - [`round`]: the round state machine (actor), one file per phase under `round/phases/`,
 //!   bounded request channel, `watch` events.
 //! - [`rpc`]: gRPC service, session tokens, the single error → status mapping.
@@ -20,13 +24,16 @@
 //! - [`spool`]: on-disk staging of in-flight uploads (validate, then fold).
 //! - [`strategy`]: `Strategy` trait; FedAvg, FedProx, FedAdam, FedYogi, FedAdagrad.
 //! - [`model`]: the global model (HF names), trainable split, initial model, HF export.
-//! - [`privacy`]: differential privacy: `[privacy]` settings, ledger rows, status monitor, the
-//!   `privacy` / `calibrate` commands; the decorator itself is [`strategy::dp`].
-//! - [`storage`]: SQLite records and checkpoint files; crash-consistent round commits.
+//! - [`privacy`]: differential privacy: the guarantee, status monitor, the `privacy` /
+//!   `calibrate` commands; the decorator itself is [`strategy::dp`], the ledger record
+//!   [`storage::ledger`].
+//! - [`storage`]: SQLite records and checkpoint files; crash-consistent round commits; every SQL
+//!   statement of the crate (allowlist and ledger included).
 //! - [`bootstrap`]: fresh state directory vs resume after the last committed round.
 //! - [`error`]: `RoundError`, every way a request can fail.
-//! - [`auth`]: `[security]` settings, the client allowlist and enrollment tokens, join
-//!   challenge + HMAC sessions + update signature checks (`ClientAuth`), call limits.
+//! - [`auth`]: the `Authenticator` / `UpdateVerifier` seams, the client allowlist and
+//!   enrollment tokens, join challenge + HMAC sessions + update signature checks
+//!   (`ClientAuth`), call limits.
 //! - [`cli_clients`]: the `clients` (allowlist, enrollment tokens) and `certs` subcommands.
 //! - [`certs`]: development PKI (CA, server and client certificates via rcgen) and the server's
 //!   tonic TLS / mutual-TLS configuration.
@@ -40,6 +47,8 @@ pub mod cli;
 pub mod cli_clients;
 pub mod error;
 pub mod model;
+pub mod operator;
+pub mod outcome;
 pub mod privacy;
 pub mod registry;
 pub mod round;

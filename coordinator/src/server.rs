@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Server, ServerTlsConfig};
 use tracing::{info, warn};
 
+use crate::auth::{Authenticator, UpdateVerifier};
 use crate::bootstrap::{bootstrap, BootError};
 use crate::registry::Registry;
 use crate::round::events::{EventPublisher, RoundState, Traffic};
@@ -20,11 +21,9 @@ use crate::round::phase::Shared;
 use crate::round::phases::idle::Idle;
 use crate::round::requests::RoundHandle;
 use crate::round::{self, ActorExit, Round};
-use crate::rpc::auth::{Authenticator, RandomTokens, SignaturesNotChecked, UpdateVerifier};
 use crate::rpc::service::CoordinatorService;
 use crate::settings::CoordinatorSettings;
 use crate::storage::{Storage, StorageError};
-use crate::strategy::Strategy;
 
 /// Why `run` returned an error.
 #[derive(Debug, thiserror::Error)]
@@ -55,30 +54,15 @@ pub enum RunError {
     Tls(#[from] crate::certs::CertError),
 }
 
-/// Wraps the configured strategy (e.g. in a central-DP decorator).
-pub type StrategyWrapper = Box<dyn FnOnce(Box<dyn Strategy>) -> Box<dyn Strategy> + Send>;
-
-/// Replaceable parts: where authentication, signature checks, server-side DP and TLS plug in.
+/// Replaceable parts: where authentication, signature checks and TLS plug in. (Server-side DP
+/// is not a seam here: `[privacy]` decides it, and start-up wraps the strategy.)
 pub struct Seams {
-    /// Session tokens (default: opaque random tokens).
+    /// Join admission and session tokens.
     pub authenticator: Arc<dyn Authenticator>,
-    /// Upload signatures (default: not checked).
+    /// Upload signatures.
     pub verifier: Arc<dyn UpdateVerifier>,
-    /// Wraps the configured strategy, e.g. in a central-DP decorator (default: unchanged).
-    pub wrap_strategy: StrategyWrapper,
-    /// TLS (or mutual TLS) for the listener (default: plaintext).
+    /// TLS (or mutual TLS) for the listener; `None` serves plaintext.
     pub tls: Option<ServerTlsConfig>,
-}
-
-impl Default for Seams {
-    fn default() -> Self {
-        Self {
-            authenticator: Arc::new(RandomTokens::default()),
-            verifier: Arc::new(SignaturesNotChecked),
-            wrap_strategy: Box::new(|s| s),
-            tls: None,
-        }
-    }
 }
 
 impl Seams {
@@ -92,7 +76,6 @@ impl Seams {
         Ok(Self {
             authenticator: auth.clone(),
             verifier: auth,
-            wrap_strategy: Box::new(|s| s),
             tls: crate::auth::tls_config(&settings.security)?,
         })
     }
@@ -154,7 +137,7 @@ pub async fn run_with(
         },
         model.clone(),
     );
-    let strategy = (seams.wrap_strategy)(booted.strategy);
+    let strategy = booted.strategy;
     let strategy_name = strategy.name().to_string();
     let privacy = strategy.privacy_monitor();
     let (tx, rx) = mpsc::channel(settings.server.request_queue);

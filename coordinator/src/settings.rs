@@ -2,6 +2,9 @@
 //! environment variables and a few CLI flags (see [`fedtune_shared::settings`]), and validated
 //! once by [`CoordinatorSettings::validate`] before anything binds a port.
 //!
+//! This is the lowest layer of the crate: it names no other module of it, so every module may
+//! read settings. The `[privacy]` section is in [`privacy`], `[security]` in [`security`].
+//!
 //! Example (`deploy/config/coordinator.example.toml` has the full list):
 //!
 //! ```toml
@@ -23,6 +26,9 @@
 //! server_learning_rate = 0.01
 //! ```
 
+pub mod privacy;
+pub mod security;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,6 +36,9 @@ use std::time::Duration;
 use fedtune_shared::chunk::{DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 use fedtune_shared::settings::{duration, SettingsError};
 use serde::{Deserialize, Serialize};
+
+pub use privacy::{accounting_for, AdaptiveClipSettings, DpMode, PrivacySettings};
+pub use security::{LimitSettings, SecuritySettings};
 
 /// Everything the coordinator is configured with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,11 +71,11 @@ pub struct CoordinatorSettings {
     pub clients: ClientSettings,
     /// Differential privacy (mode, noise, clipping, budget); off by default.
     #[serde(default)]
-    pub privacy: crate::privacy::PrivacySettings,
+    pub privacy: PrivacySettings,
     /// TLS, client authentication lifetimes, call limits (`serve` refuses plaintext unless
     /// `security.insecure`).
     #[serde(default)]
-    pub security: crate::auth::SecuritySettings,
+    pub security: SecuritySettings,
 }
 
 /// Network side.
@@ -563,8 +572,8 @@ impl CoordinatorSettings {
             evaluation: EvaluationSettings::default(),
             strategy: StrategySettings::default(),
             clients: ClientSettings::default(),
-            privacy: crate::privacy::PrivacySettings::default(),
-            security: crate::auth::SecuritySettings::default(),
+            privacy: PrivacySettings::default(),
+            security: SecuritySettings::default(),
         }
     }
 }

@@ -14,6 +14,9 @@
 //!
 //! Enrollment tokens are stored only as digests with an expiry ([`EnrollmentRecord`]); the
 //! record is deleted in the same transaction that allowlists the key, so a token works once.
+//!
+//! The SQL is [`crate::storage::allowlist`]'s; this module decides what rows mean and which
+//! writes go together in one transaction.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -21,38 +24,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fedtune_shared::crypto::{EnrollmentDigest, EnrollmentRecord, EnrollmentToken, PublicKey};
 use fedtune_shared::ids::ClientId;
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{Connection, TransactionBehavior};
 
-/// Tables of the allowlist (created next to the coordinator's own in `state.sqlite`).
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS allowlist (
-    client_id  TEXT PRIMARY KEY,
-    public_key BLOB NOT NULL,
-    added_ms   INTEGER NOT NULL,
-    added_via  TEXT NOT NULL CHECK (added_via IN ('operator', 'enrollment')),
-    revoked_ms INTEGER
-);
-CREATE TABLE IF NOT EXISTS enrollment_tokens (
-    client_id  TEXT PRIMARY KEY,
-    digest     BLOB NOT NULL,
-    expires_at INTEGER NOT NULL,
-    created_ms INTEGER NOT NULL
-);
-"#;
-
-/// Meta key of the federation id, generated once per state directory.
-const FEDERATION_ID_KEY: &str = "federation_id";
+use crate::storage::allowlist::{self as rows, AddedVia, KeyRow};
+use crate::storage::StorageError;
 
 /// Errors of the allowlist. Messages name clients and files, never keys or tokens.
 #[derive(Debug, thiserror::Error)]
 pub enum AllowlistError {
     /// The database failed.
-    #[error("state database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
     /// The state directory cannot be created.
     #[error("{}: {source}", path.display())]
     Io {
@@ -80,6 +62,12 @@ pub enum AllowlistError {
     /// The system random generator failed.
     #[error("cannot generate a token: {0}")]
     Crypto(#[from] fedtune_shared::crypto::CryptoError),
+}
+
+impl From<rusqlite::Error> for AllowlistError {
+    fn from(e: rusqlite::Error) -> Self {
+        AllowlistError::Storage(StorageError::Sqlite(e))
+    }
 }
 
 /// How a name may authenticate.
@@ -132,7 +120,7 @@ impl Allowlist {
             .map_err(|source| AllowlistError::Io { path: state_dir.to_path_buf(), source })?;
         // A CLI command and the coordinator may open and write at the same moment: wait, do
         // not fail.
-        let conn = crate::storage::open_database(state_dir, SCHEMA)?;
+        let conn = crate::storage::open_database(state_dir, rows::SCHEMA)?;
         Ok(Self { conn: Mutex::new(conn) })
     }
 
@@ -150,10 +138,7 @@ impl Allowlist {
     pub fn federation_id(&self) -> Result<String, AllowlistError> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let existing: Option<String> = tx
-                .query_row("SELECT value FROM meta WHERE key = ?1", [FEDERATION_ID_KEY], |r| r.get(0))
-                .optional()?;
-            let id = match existing {
+            let id = match rows::federation_id(&tx)? {
                 Some(id) => id,
                 None => {
                     use ring::rand::SecureRandom as _;
@@ -162,10 +147,7 @@ impl Allowlist {
                         .fill(&mut raw)
                         .map_err(|_| fedtune_shared::crypto::CryptoError::Rng)?;
                     let id = format!("fed-{}", hex::encode(raw));
-                    tx.execute(
-                        "INSERT INTO meta (key, value) VALUES (?1, ?2)",
-                        params![FEDERATION_ID_KEY, id],
-                    )?;
+                    rows::insert_federation_id(&tx, &id)?;
                     id
                 }
             };
@@ -179,7 +161,7 @@ impl Allowlist {
     pub fn add(&self, name: &ClientId, key: &PublicKey) -> Result<(), AllowlistError> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            insert(&tx, name, key, "operator")?;
+            insert(&tx, name, key, AddedVia::Operator)?;
             tx.commit()?;
             Ok(())
         })
@@ -190,12 +172,9 @@ impl Allowlist {
     pub fn revoke(&self, name: &ClientId) -> Result<(), AllowlistError> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let n = tx.execute(
-                "UPDATE allowlist SET revoked_ms = ?2 WHERE client_id = ?1 AND revoked_ms IS NULL",
-                params![name.as_str(), now_ms()],
-            )?;
-            let tokens = tx.execute("DELETE FROM enrollment_tokens WHERE client_id = ?1", [name.as_str()])?;
-            if n == 0 && tokens == 0 {
+            let revoked = rows::revoke(&tx, name, now_ms())?;
+            let token = rows::delete_token(&tx, name)?;
+            if !revoked && !token {
                 return Err(AllowlistError::NotAllowlisted(name.clone()));
             }
             tx.commit()?;
@@ -206,34 +185,20 @@ impl Allowlist {
     /// Every allowlisted (or revoked) client, and names with only a pending token.
     pub fn list(&self) -> Result<Vec<AllowlistEntry>, AllowlistError> {
         self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT a.client_id, a.public_key, a.added_ms, a.added_via, a.revoked_ms, \
-                   EXISTS (SELECT 1 FROM enrollment_tokens t WHERE t.client_id = a.client_id) \
-                 FROM allowlist a ORDER BY a.client_id",
-            )?;
-            let rows = stmt.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, Vec<u8>>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, Option<i64>>(4)?,
-                    r.get::<_, bool>(5)?,
-                ))
-            })?;
             let mut out = Vec::new();
-            for row in rows {
-                let (name, key, added, via, revoked, pending) = row?;
-                let (Ok(name), Ok(key)) = (ClientId::parse(&name), PublicKey::from_slice(&key)) else {
+            for row in rows::entries(c)? {
+                let (Ok(name), Ok(key)) =
+                    (ClientId::parse(&row.client_id), PublicKey::from_slice(&row.public_key))
+                else {
                     continue;
                 };
                 out.push(AllowlistEntry {
                     name,
                     public_key: key,
-                    added_ms: added as u64,
-                    added_via: via,
-                    revoked_ms: revoked.map(|v| v as u64),
-                    token_pending: pending,
+                    added_ms: row.added_ms,
+                    added_via: row.added_via,
+                    revoked_ms: row.revoked_ms,
+                    token_pending: row.token_pending,
                 });
             }
             Ok(out)
@@ -243,39 +208,16 @@ impl Allowlist {
     /// Names with an outstanding enrollment token and no allowlist entry yet.
     pub fn pending_tokens(&self) -> Result<Vec<(ClientId, u64)>, AllowlistError> {
         self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT client_id, expires_at FROM enrollment_tokens t \
-                 WHERE NOT EXISTS (SELECT 1 FROM allowlist a WHERE a.client_id = t.client_id) ORDER BY client_id",
-            )?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-            let mut out = Vec::new();
-            for row in rows {
-                let (name, exp) = row?;
-                if let Ok(name) = ClientId::parse(&name) {
-                    out.push((name, exp as u64));
-                }
-            }
-            Ok(out)
+            Ok(rows::pending_tokens(c)?
+                .into_iter()
+                .filter_map(|(name, expires_at)| ClientId::parse(&name).ok().map(|n| (n, expires_at)))
+                .collect())
         })
     }
 
     /// How `name` may authenticate now.
     pub fn standing(&self, name: &ClientId) -> Result<Standing, AllowlistError> {
-        self.with(|c| {
-            let row: Option<(Vec<u8>, Option<i64>)> = c
-                .prepare_cached("SELECT public_key, revoked_ms FROM allowlist WHERE client_id = ?1")?
-                .query_row([name.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?;
-            Ok(match row {
-                None => Standing::Unknown,
-                Some((_, Some(_))) => Standing::Revoked,
-                Some((key, None)) => match PublicKey::from_slice(&key) {
-                    Ok(k) => Standing::Allowed(k),
-                    // A corrupt row must not authenticate anyone.
-                    Err(_) => Standing::Revoked,
-                },
-            })
-        })
+        self.with(|c| standing_in(c, name))
     }
 
     /// Issues a one-time enrollment token for `name`, valid for `ttl`; replaces an earlier
@@ -292,12 +234,7 @@ impl Allowlist {
             if let Standing::Allowed(_) = standing_in(&tx, name)? {
                 return Err(AllowlistError::AlreadyAllowlisted(name.clone()));
             }
-            tx.execute(
-                "INSERT INTO enrollment_tokens (client_id, digest, expires_at, created_ms) VALUES (?1, ?2, ?3, ?4) \
-                 ON CONFLICT(client_id) DO UPDATE SET digest = excluded.digest, expires_at = excluded.expires_at, \
-                   created_ms = excluded.created_ms",
-                params![name.as_str(), record.digest.as_bytes().to_vec(), record.expires_at as i64, now_ms()],
-            )?;
+            rows::upsert_token(&tx, name, record.digest.as_bytes(), record.expires_at, now_ms())?;
             tx.commit()?;
             Ok(())
         })?;
@@ -315,26 +252,19 @@ impl Allowlist {
     ) -> Result<(), AllowlistError> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let row: Option<(Vec<u8>, i64)> = tx
-                .query_row(
-                    "SELECT digest, expires_at FROM enrollment_tokens WHERE client_id = ?1",
-                    [name.as_str()],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            let (digest, expires_at) = row.ok_or_else(|| AllowlistError::NoToken(name.clone()))?;
-            let digest = <[u8; 32]>::try_from(digest.as_slice())
+            let row = rows::token_of(&tx, name)?.ok_or_else(|| AllowlistError::NoToken(name.clone()))?;
+            let digest = <[u8; 32]>::try_from(row.digest.as_slice())
                 .map(EnrollmentDigest::from_bytes)
                 .map_err(|_| AllowlistError::NoToken(name.clone()))?;
             if !digest.matches(token) {
                 return Err(AllowlistError::TokenMismatch(name.clone()));
             }
-            tx.execute("DELETE FROM enrollment_tokens WHERE client_id = ?1", [name.as_str()])?;
-            if now >= expires_at as u64 {
+            rows::delete_token(&tx, name)?;
+            if now >= row.expires_at {
                 tx.commit()?;
                 return Err(AllowlistError::TokenExpired(name.clone()));
             }
-            insert(&tx, name, key, "enrollment")?;
+            insert(&tx, name, key, AddedVia::Enrollment)?;
             tx.commit()?;
             Ok(())
         })
@@ -342,30 +272,21 @@ impl Allowlist {
 }
 
 fn standing_in(c: &Connection, name: &ClientId) -> Result<Standing, AllowlistError> {
-    let row: Option<(Vec<u8>, Option<i64>)> = c
-        .query_row(
-            "SELECT public_key, revoked_ms FROM allowlist WHERE client_id = ?1",
-            [name.as_str()],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    Ok(match row {
+    Ok(match rows::key_of(c, name)? {
         None => Standing::Unknown,
-        Some((_, Some(_))) => Standing::Revoked,
-        Some((key, None)) => PublicKey::from_slice(&key).map(Standing::Allowed).unwrap_or(Standing::Revoked),
+        Some(KeyRow { revoked: true, .. }) => Standing::Revoked,
+        // A corrupt key must not authenticate anyone.
+        Some(KeyRow { public_key, revoked: false }) => {
+            PublicKey::from_slice(&public_key).map(Standing::Allowed).unwrap_or(Standing::Revoked)
+        }
     })
 }
 
-fn insert(c: &Connection, name: &ClientId, key: &PublicKey, via: &str) -> Result<(), AllowlistError> {
+fn insert(c: &Connection, name: &ClientId, key: &PublicKey, via: AddedVia) -> Result<(), AllowlistError> {
     if let Standing::Allowed(_) = standing_in(c, name)? {
         return Err(AllowlistError::AlreadyAllowlisted(name.clone()));
     }
-    c.execute(
-        "INSERT INTO allowlist (client_id, public_key, added_ms, added_via, revoked_ms) VALUES (?1, ?2, ?3, ?4, NULL) \
-         ON CONFLICT(client_id) DO UPDATE SET public_key = excluded.public_key, added_ms = excluded.added_ms, \
-           added_via = excluded.added_via, revoked_ms = NULL",
-        params![name.as_str(), key.as_bytes().to_vec(), now_ms(), via],
-    )?;
+    rows::upsert_entry(c, name, key.as_bytes(), via, now_ms())?;
     Ok(())
 }
 

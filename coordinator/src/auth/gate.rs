@@ -28,9 +28,9 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::allowlist::{unix_now, Allowlist, AllowlistError, Standing};
-use super::settings::SecuritySettings;
+use super::seams::{Authenticator, UpdateVerifier};
 use crate::error::RoundError;
-use crate::rpc::auth::{Authenticator, UpdateVerifier};
+use crate::settings::SecuritySettings;
 
 /// File name of the session HMAC secret in the state directory.
 pub const SESSION_SECRET_FILE: &str = "session.key";
@@ -182,7 +182,7 @@ impl Authenticator for ClientAuth {
                 info!(client = %request.name, key = %request.public_key, "client enrolled with a one-time token");
                 Ok(request.name.clone())
             }
-            Err(e @ (AllowlistError::Sqlite(_) | AllowlistError::Io { .. } | AllowlistError::Crypto(_))) => {
+            Err(e @ (AllowlistError::Storage(_) | AllowlistError::Io { .. } | AllowlistError::Crypto(_))) => {
                 Err(internal(e))
             }
             Err(e) => {

@@ -15,8 +15,8 @@ use fedtune_shared::ids::ClientId;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::settings::LimitSettings;
 use crate::error::RoundError;
+use crate::settings::LimitSettings;
 
 /// Most entries a bucket table keeps; beyond it, buckets that have refilled completely (whose
 /// owners are idle) are dropped, and if none has, new keys share one overflow bucket.

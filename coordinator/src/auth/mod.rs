@@ -1,7 +1,9 @@
 //! Client authentication, transport security and call limits of `serve` (issue #5).
 //!
 //! # Layout
-//! - [`settings`]: the `[security]` section (TLS files, `insecure`, token lifetimes, limits).
+//! - [`seams`]: the [`Authenticator`] and [`UpdateVerifier`] traits the RPC layer calls.
+//! - The `[security]` section (TLS files, `insecure`, token lifetimes, limits) is
+//!   [`crate::settings::security`].
 //! - [`allowlist`]: allowlisted Ed25519 keys and one-time enrollment tokens in `state.sqlite`
 //!   (shared with the `clients` CLI, so changes apply to a running coordinator at once).
 //! - [`gate`]: [`ClientAuth`], the `Authenticator` + `UpdateVerifier` of `serve`: join challenge,
@@ -21,12 +23,14 @@ pub mod allowlist;
 pub mod gate;
 pub mod limits;
 pub mod peer;
-pub mod settings;
+pub mod seams;
 
 pub use allowlist::{Allowlist, AllowlistEntry, AllowlistError, Standing};
 pub use gate::{AuthSetupError, ClientAuth};
 pub use limits::Limits;
-pub use settings::{LimitSettings, SecuritySettings};
+pub use seams::{Authenticator, UpdateVerifier};
+
+pub use crate::settings::{LimitSettings, SecuritySettings};
 
 use tonic::transport::ServerTlsConfig;
 

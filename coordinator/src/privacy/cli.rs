@@ -16,9 +16,8 @@ use fedtune_shared::privacy::{calibrate_for, epsilon_for_rounds, Adjacency, Priv
 use fedtune_shared::round::PrivacyStatus;
 use serde_json::json;
 
-use super::ledger::{self, LedgerRecord};
 use super::scheme_name;
-use crate::storage::{self, Storage, StorageError};
+use crate::storage::{ledger, LedgerRecord, Storage, StorageError};
 
 /// Sampling scheme for planning.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -161,14 +160,14 @@ pub fn calibrate(args: &CalibrateArgs) -> Result<String, PrivacyCliError> {
 /// The ledger of `dir` as text or JSON.
 fn show_ledger(dir: &std::path::Path, as_json: bool) -> Result<String, PrivacyCliError> {
     let store = Storage::open_existing(dir)?;
-    let mode = store.call_sync(|c| storage::meta_get(c, "privacy_mode"))?.unwrap_or_else(|| "none".into());
+    let mode = store.call_sync(|c| ledger::recorded_mode(c))?.unwrap_or_else(|| "none".into());
     let rows = store.call_sync(ledger::load)?;
     Ok(render_ledger(&mode, &rows, as_json))
 }
 
 /// Renders a ledger (`mode` as recorded at creation).
 pub fn render_ledger(mode: &str, rows: &[LedgerRecord], as_json: bool) -> String {
-    let last = rows.last().map(|r| &r.detail.entry);
+    let last = rows.last().map(|r| &r.entry);
     let guarantee = match (mode, last) {
         ("none", _) => PrivacyStatus::NO_GUARANTEE.to_string(),
         (_, None) => format!("{mode} noise, no round charged yet (ε = 0)"),
@@ -183,17 +182,17 @@ pub fn render_ledger(mode: &str, rows: &[LedgerRecord], as_json: bool) -> String
         let rounds: Vec<_> = rows
             .iter()
             .map(|r| {
-                let e = &r.detail.entry;
+                let e = &r.entry;
                 json!({
                     "round": e.round,
-                    "version": r.version,
-                    "mechanism": r.mechanism,
+                    "version": r.version().0,
+                    "mechanism": r.mechanism(),
                     "sampling": scheme_name(e.sampling),
                     "sampling_rate": e.sampling_rate,
                     "noise_multiplier": e.noise_multiplier,
                     "clip_norm": e.clip_norm,
-                    "next_clip_norm": r.detail.next_clip_norm,
-                    "expected_clients": r.detail.expected_clients,
+                    "next_clip_norm": r.next_clip_norm,
+                    "expected_clients": r.expected_clients,
                     "sampled": e.sampled,
                     "reported": e.reported,
                     "epsilon": e.epsilon_after,
@@ -223,12 +222,12 @@ pub fn render_ledger(mode: &str, rows: &[LedgerRecord], as_json: bool) -> String
         "round", "mechanism", "sampling", "q", "z", "C", "sampled", "reported", "epsilon"
     );
     for r in rows {
-        let e = &r.detail.entry;
+        let e = &r.entry;
         let _ = writeln!(
             out,
             "{:>5}  {:<22} {:<10} {:>8.4} {:>9.4} {:>9.4} {:>7} {:>8} {:>10.4}",
             e.round,
-            r.mechanism,
+            r.mechanism(),
             scheme_name(e.sampling),
             e.sampling_rate,
             e.noise_multiplier,

@@ -35,13 +35,17 @@
 //!   checked, and folded into the fixed-point sum only after its digest verified (off the
 //!   reactor, one fold at a time, while requests keep being served). It ends at the deadline or
 //!   when every drawn client has either delivered or failed.
-//! - **Aggregating** turns the sum into the weighted mean delta and lets the strategy step.
+//! - **Aggregating** hands the exact weighted sum to the strategy, which chooses its
+//!   denominator and steps; a privacy charge that comes back is booked with the strategy.
 //! - **Publishing** writes checkpoint and strategy state, commits round record, outcomes and
 //!   privacy-ledger entry in one transaction, and only then publishes the new version.
 //! - **Evaluating** has drawn clients evaluate the new model and records weighted figures.
 //! - **Failure** records the failed attempt and either retries after a backoff or halts.
 //! - **Finished** keeps answering (downloads, status, polls get `Finished`) until shutdown.
 //! - **Shutdown** marks an unfinished round as aborted and ends the actor.
+//!
+//! How each participant and each attempt ended is typed ([`crate::outcome`]): phases decide on
+//! those values, never on their stored strings.
 //!
 //! Every phase serves the requests that mean the same everywhere (join, poll, heartbeat,
 //! status) through [`phase::Shared::handle_common`], so clients are never left waiting on a

@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - [`service`]: `impl Coordinator` — convert, forward to the round actor, stream payloads.
-//! - [`auth`]: session tokens (`authorization: Bearer …`) and the upload-signature seam.
+//! - [`auth`]: the session token of a call (`authorization: Bearer …`); what checks it is the
+//!   [`Authenticator`](crate::auth::Authenticator) seam below, in `auth`.
 //! - [`status`]: the single `impl From<RoundError> for tonic::Status`.
 
 pub mod auth;

@@ -34,9 +34,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info_span, Instrument};
 
-use super::auth::{bearer, Authenticator, UpdateVerifier};
+use super::auth::bearer;
 use crate::auth::limits::{CallSlot, Limits as CallLimits};
 use crate::auth::peer::check_peer;
+use crate::auth::{Authenticator, UpdateVerifier};
 use crate::error::RoundError;
 use crate::round::events::Traffic;
 use crate::round::requests::{RoundHandle, UploadTicket};

@@ -275,12 +275,12 @@ impl SimulateArgs {
             // A Poisson draw may be small: a round needs only one update.
             s.rounds.min_fit = self.min_fit.unwrap_or(1).clamp(1, self.clients);
         }
-        s.privacy = crate::privacy::PrivacySettings {
+        s.privacy = crate::settings::PrivacySettings {
             mode: match self.dp {
-                SimulateDp::None => crate::privacy::DpMode::None,
-                SimulateDp::Central => crate::privacy::DpMode::Central,
-                SimulateDp::Local => crate::privacy::DpMode::Local,
-                SimulateDp::Distributed => crate::privacy::DpMode::Distributed,
+                SimulateDp::None => crate::settings::DpMode::None,
+                SimulateDp::Central => crate::settings::DpMode::Central,
+                SimulateDp::Local => crate::settings::DpMode::Local,
+                SimulateDp::Distributed => crate::settings::DpMode::Distributed,
             },
             noise_multiplier: match (self.dp, self.noise_multiplier, self.target_epsilon) {
                 (SimulateDp::None, ..) => None,
@@ -292,7 +292,7 @@ impl SimulateArgs {
             delta: self.delta,
             target_epsilon: self.target_epsilon.filter(|_| self.dp != SimulateDp::None),
             allow_distributed_without_secure_aggregation: self.allow_distributed,
-            ..crate::privacy::PrivacySettings::default()
+            ..crate::settings::PrivacySettings::default()
         };
         s
     }
@@ -444,13 +444,13 @@ pub async fn run(args: &SimulateArgs, shutdown: CancellationToken) -> Result<Sim
 
     let files = report::write_report(&rows, out)?;
     if let Some(last) = rows.last() {
-        let export = crate::cli::ExportArgs {
+        let export = crate::operator::ExportArgs {
             state_dir: state.clone(),
             round: last.round,
             out: out.join("model"),
             init_dir: Some(model.clone()),
         };
-        match crate::cli::export(&export) {
+        match crate::operator::export(&export) {
             Ok(_) => println!("final global model (round {}) in {}", last.round, export.out.display()),
             Err(e) => tracing::warn!(error = %e, "could not export the final model"),
         }
@@ -530,7 +530,7 @@ async fn watch(
     coordinator: &mut tokio::task::JoinHandle<Result<(), crate::server::RunError>>,
     shutdown: &CancellationToken,
 ) -> Result<(Vec<RoundRow>, Option<String>), SimulateError> {
-    let query = crate::cli::StatusArgs {
+    let query = crate::operator::StatusArgs {
         addr: url.to_string(),
         recent: u32::try_from(args.rounds + 16).unwrap_or(u32::MAX),
         json: false,
@@ -572,7 +572,7 @@ async fn watch(
         }
         // Clients exit once told the federation is finished, so a status fetched after they
         // all exited tells a finished federation from a failed one.
-        let report = match crate::cli::fetch_status(&query).await {
+        let report = match crate::operator::fetch_status(&query).await {
             Ok(report) => report,
             Err(e) if fleet.running() == 0 => {
                 return Err(SimulateError::Failed(format!(

@@ -1,5 +1,5 @@
 //! Turning the coordinator's round summaries (its `GetStatus` answer, fetched with
-//! [`crate::cli::fetch_status`] exactly as an operator would) into report rows.
+//! [`crate::operator::fetch_status`] exactly as an operator would) into report rows.
 
 use fedtune_shared::round::{RoundSummary, StatusReport};
 

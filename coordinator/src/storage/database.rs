@@ -1,16 +1,21 @@
 //! The one way to open `state.sqlite`, shared by the coordinator and the `clients` commands,
-//! and the schema of the coordinator's own tables.
+//! the `meta` table both use, and the schema of the coordinator's own tables.
 
 use std::path::Path;
 use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 
-pub(super) const SCHEMA: &str = r#"
+/// Key–value facts about the federation (created with every schema: the allowlist keeps the
+/// federation id here, the coordinator what fixes the federation).
+const META: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
+"#;
+
+pub(super) const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS clients (
     client_id       TEXT PRIMARY KEY,
     public_key      BLOB,
@@ -103,8 +108,8 @@ CREATE TABLE IF NOT EXISTS privacy_ledger (
 pub(super) const BUSY_WAIT: Duration = Duration::from_secs(5);
 
 /// Opens `state.sqlite` in `dir` (creating it), in WAL mode so readers never block the writer,
-/// and creates what `schema` declares. Two processes may do this at the same moment, e.g. a new
-/// coordinator and `clients add` on a fresh state directory.
+/// and creates the `meta` table and what `schema` declares. Two processes may do this at the same
+/// moment, e.g. a new coordinator and `clients add` on a fresh state directory.
 ///
 /// Every write transaction on the database is `IMMEDIATE`: it takes the write lock up front,
 /// where SQLite waits (up to [`BUSY_WAIT`]). A deferred transaction that reads first would have
@@ -117,6 +122,7 @@ pub(crate) fn open_database(dir: &Path, schema: &str) -> rusqlite::Result<Connec
     retry_while_busy(|| conn.pragma_update(None, "journal_mode", "WAL"))?;
     retry_while_busy(|| {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(META)?;
         tx.execute_batch(schema)?;
         tx.commit()
     })?;

@@ -18,6 +18,13 @@
 //!
 //! The connection lives behind a `std::sync::Mutex` and is only used from blocking threads
 //! ([`Storage::call`]), so SQLite's fsyncs never stall the async reactor.
+//!
+//! # Layout
+//! Every SQL statement of the crate is in this module; other modules call its typed functions.
+//! - this file: rounds, samples, outcomes, checkpoints, evaluations, clients, meta.
+//! - `database`: [`open_database`], the `meta` table, the coordinator's schema.
+//! - [`ledger`]: the privacy ledger ([`LedgerRecord`]) and the recorded privacy mode.
+//! - [`allowlist`]: the allowlist and enrollment-token tables behind [`crate::auth::Allowlist`].
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -27,10 +34,15 @@ use fedtune_shared::ids::{ClientId, ModelVersion, RoundId, Sha256};
 use fedtune_shared::round::RoundSummary;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use crate::outcome::{AttemptFailure, AttemptStatus, ParticipantOutcome};
+
+pub mod allowlist;
 mod database;
+pub mod ledger;
 
 pub(crate) use database::open_database;
 use database::{BUSY_WAIT, SCHEMA};
+pub use ledger::LedgerRecord;
 
 /// Errors of the state directory. They are infrastructure failures, not protocol outcomes: the
 /// round actor treats them as fatal.
@@ -99,8 +111,8 @@ pub struct SampleRecord {
 pub struct ClientOutcome {
     /// Client.
     pub client: ClientId,
-    /// `accepted`, `failed`, `dropped`, `late`, …
-    pub outcome: String,
+    /// How its task ended.
+    pub outcome: ParticipantOutcome,
     /// Example count of an accepted update.
     pub num_examples: Option<u64>,
     /// Its metrics as JSON.
@@ -132,25 +144,6 @@ pub struct RoundCommit {
     pub bytes_sent: u64,
     /// Update bytes received since the previous round closed.
     pub bytes_received: u64,
-}
-
-/// A privacy-ledger entry, written with the round it charges (see the schema).
-#[derive(Debug, Clone, PartialEq)]
-pub struct LedgerEntry {
-    /// Mechanism, e.g. `gaussian/central`.
-    pub mechanism: String,
-    /// Sampling rate q of the round.
-    pub sampling_rate: f64,
-    /// Noise multiplier z.
-    pub noise_multiplier: f64,
-    /// Clipping norm C.
-    pub clip_norm: f64,
-    /// Cumulative ε after this round.
-    pub epsilon: f64,
-    /// δ.
-    pub delta: f64,
-    /// Free-form JSON detail (accountant state).
-    pub detail: serde_json::Value,
 }
 
 /// An evaluation result as recorded.
@@ -298,9 +291,9 @@ pub fn meta_set(conn: &Connection, key: &str, value: &str) -> Result<(), Storage
 /// Marks rounds left `running` by a previous process as `aborted`; returns how many.
 pub fn abort_running(conn: &Connection) -> Result<usize, StorageError> {
     Ok(conn.execute(
-        "UPDATE rounds SET status = 'aborted', finished_ms = ?1, reason = 'coordinator stopped mid-round' \
-         WHERE status = 'running'",
-        [now_ms() as i64],
+        "UPDATE rounds SET status = ?2, finished_ms = ?1, reason = 'coordinator stopped mid-round' \
+         WHERE status = ?3",
+        params![now_ms() as i64, AttemptStatus::Aborted.as_str(), AttemptStatus::Running.as_str()],
     )?)
 }
 
@@ -374,10 +367,11 @@ pub fn load_clients(conn: &Connection) -> Result<Vec<StoredClient>, StorageError
     let mut stmt = conn.prepare(
         "SELECT c.client_id, c.public_key, \
            (SELECT COUNT(*) FROM round_clients rc JOIN rounds r ON r.round = rc.round AND r.attempt = rc.attempt \
-             WHERE rc.client_id = c.client_id AND rc.outcome = 'accepted' AND r.status = 'completed') \
+             WHERE rc.client_id = c.client_id AND rc.outcome = ?1 AND r.status = ?2) \
          FROM clients c ORDER BY c.client_id",
     )?;
-    let rows = stmt.query_map([], |r| {
+    let accepted = ParticipantOutcome::Accepted.to_string();
+    let rows = stmt.query_map(params![accepted, AttemptStatus::Completed.as_str()], |r| {
         let id: String = r.get(0)?;
         let key: Option<Vec<u8>> = r.get(1)?;
         let n: i64 = r.get(2)?;
@@ -396,6 +390,16 @@ pub fn load_clients(conn: &Connection) -> Result<Vec<StoredClient>, StorageError
     Ok(out)
 }
 
+/// Number of completed rounds.
+pub fn completed_rounds(conn: &Connection) -> Result<u64, StorageError> {
+    let n: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM rounds WHERE status = ?1",
+        [AttemptStatus::Completed.as_str()],
+        |r| r.get(0),
+    )?;
+    Ok(n as u64)
+}
+
 /// The attempt number the next try of `round` should use.
 pub fn next_attempt(conn: &Connection, round: u64) -> Result<u32, StorageError> {
     let max: Option<i64> =
@@ -407,8 +411,8 @@ pub fn next_attempt(conn: &Connection, round: u64) -> Result<u32, StorageError> 
 /// a restart).
 pub fn trailing_failures(conn: &Connection, round: u64) -> Result<u32, StorageError> {
     let n: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM rounds WHERE round = ?1 AND status = 'failed'",
-        [round as i64],
+        "SELECT COUNT(*) FROM rounds WHERE round = ?1 AND status = ?2",
+        params![round as i64, AttemptStatus::Failed.as_str()],
         |r| r.get(0),
     )?;
     Ok(n as u32)
@@ -424,8 +428,15 @@ pub fn begin_round(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute(
         "INSERT INTO rounds (round, attempt, base_version, status, started_ms, selected) \
-         VALUES (?1, ?2, ?3, 'running', ?4, ?5)",
-        params![id.round as i64, id.attempt, base.0 as i64, now_ms() as i64, sample.selected.len() as i64],
+         VALUES (?1, ?2, ?3, ?6, ?4, ?5)",
+        params![
+            id.round as i64,
+            id.attempt,
+            base.0 as i64,
+            now_ms() as i64,
+            sample.selected.len() as i64,
+            AttemptStatus::Running.as_str()
+        ],
     )?;
     insert_sample(&tx, sample)?;
     tx.commit()?;
@@ -484,7 +495,7 @@ fn insert_outcomes(conn: &Connection, id: RoundId, outcomes: &[ClientOutcome]) -
             id.round as i64,
             id.attempt,
             o.client.as_str(),
-            o.outcome,
+            o.outcome.to_string(),
             o.num_examples.map(|n| n as i64),
             o.metrics.to_string()
         ])?;
@@ -496,25 +507,26 @@ fn insert_outcomes(conn: &Connection, id: RoundId, outcomes: &[ClientOutcome]) -
 pub fn fail_round(
     conn: &mut Connection,
     id: RoundId,
-    reason: &str,
+    reason: &AttemptFailure,
     outcomes: &[ClientOutcome],
     accepted: u32,
     traffic: (u64, u64),
 ) -> Result<(), StorageError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let failed = outcomes.iter().filter(|o| o.outcome != "accepted").count() as i64;
+    let failed = outcomes.iter().filter(|o| !o.outcome.is_accepted()).count() as i64;
     tx.execute(
-        "UPDATE rounds SET status = 'failed', finished_ms = ?3, reason = ?4, accepted = ?5, failed = ?6, \
+        "UPDATE rounds SET status = ?9, finished_ms = ?3, reason = ?4, accepted = ?5, failed = ?6, \
            bytes_sent = ?7, bytes_received = ?8 WHERE round = ?1 AND attempt = ?2",
         params![
             id.round as i64,
             id.attempt,
             now_ms() as i64,
-            reason,
+            reason.to_string(),
             accepted,
             failed,
             traffic.0 as i64,
-            traffic.1 as i64
+            traffic.1 as i64,
+            AttemptStatus::Failed.as_str()
         ],
     )?;
     insert_outcomes(&tx, id, outcomes)?;
@@ -527,12 +539,12 @@ pub fn fail_round(
 pub fn commit_round(
     conn: &mut Connection,
     c: &RoundCommit,
-    ledger: Option<&LedgerEntry>,
+    ledger: Option<&LedgerRecord>,
 ) -> Result<(), StorageError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let version = c.id.produces();
     tx.execute(
-        "UPDATE rounds SET status = 'completed', finished_ms = ?3, accepted = ?4, failed = ?5, \
+        "UPDATE rounds SET status = ?10, finished_ms = ?3, accepted = ?4, failed = ?5, \
            total_examples = ?6, train_loss = ?7, bytes_sent = ?8, bytes_received = ?9 \
          WHERE round = ?1 AND attempt = ?2",
         params![
@@ -544,7 +556,8 @@ pub fn commit_round(
             c.total_examples as i64,
             c.train_loss,
             c.bytes_sent as i64,
-            c.bytes_received as i64
+            c.bytes_received as i64,
+            AttemptStatus::Completed.as_str()
         ],
     )?;
     insert_outcomes(&tx, c.id, &c.outcomes)?;
@@ -562,22 +575,7 @@ pub fn commit_round(
         ],
     )?;
     if let Some(l) = ledger {
-        tx.execute(
-            "INSERT OR REPLACE INTO privacy_ledger \
-             (version, round, mechanism, sampling_rate, noise_multiplier, clip_norm, epsilon, delta, detail) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
-                version.0 as i64,
-                c.id.round as i64,
-                l.mechanism,
-                l.sampling_rate,
-                l.noise_multiplier,
-                l.clip_norm,
-                l.epsilon,
-                l.delta,
-                l.detail.to_string()
-            ],
-        )?;
+        ledger::insert(&tx, version, l)?;
     }
     tx.commit()?;
     Ok(())
@@ -626,16 +624,20 @@ pub fn recent_rounds(conn: &Connection, n: usize) -> Result<Vec<RoundSummary>, S
         "SELECT r.round, r.attempt, r.status, r.selected, r.accepted, r.failed, r.total_examples, r.train_loss, \
            e.loss, e.accuracy, e.num_examples, r.started_ms, r.finished_ms, r.reason, \
            r.bytes_sent, r.bytes_received, p.epsilon \
-         FROM rounds r LEFT JOIN evaluations e ON e.version = r.round AND r.status = 'completed' \
-         LEFT JOIN privacy_ledger p ON p.version = r.round AND r.status = 'completed' \
+         FROM rounds r LEFT JOIN evaluations e ON e.version = r.round AND r.status = ?2 \
+         LEFT JOIN privacy_ledger p ON p.version = r.round AND r.status = ?2 \
          ORDER BY r.round DESC, r.attempt DESC LIMIT ?1",
     )?;
-    let rows = stmt.query_map([n as i64], |r| {
+    let rows = stmt.query_map(params![n as i64, AttemptStatus::Completed.as_str()], |r| {
         let started: i64 = r.get(11)?;
         let finished: Option<i64> = r.get(12)?;
+        let status: String = r.get(2)?;
+        let status: AttemptStatus = status.parse().map_err(|e: crate::outcome::UnknownOutcome| {
+            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
+        })?;
         Ok(RoundSummary {
             id: RoundId::new(r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u32),
-            status: r.get(2)?,
+            status: status.to_string(),
             selected: r.get::<_, i64>(3)? as u32,
             accepted: r.get::<_, i64>(4)? as u32,
             failed: r.get::<_, i64>(5)? as u32,

@@ -1,3 +1,5 @@
+use fedtune_shared::privacy::{NoisePlacement, PrivacyLedgerEntry, SamplingScheme};
+
 use super::*;
 
 fn id(s: &str) -> ClientId {
@@ -49,7 +51,7 @@ fn a_completed_round_is_visible_with_its_checkpoint_and_outcomes() {
             full_sha256: Sha256([1; 32]),
             outcomes: vec![ClientOutcome {
                 client: id("a"),
-                outcome: "accepted".into(),
+                outcome: ParticipantOutcome::Accepted,
                 num_examples: Some(10),
                 metrics: serde_json::json!({}),
             }],
@@ -60,16 +62,7 @@ fn a_completed_round_is_visible_with_its_checkpoint_and_outcomes() {
             bytes_sent: 100,
             bytes_received: 40,
         };
-        let ledger = LedgerEntry {
-            mechanism: "gaussian/central".into(),
-            sampling_rate: 1.0,
-            noise_multiplier: 1.0,
-            clip_norm: 1.0,
-            epsilon: 0.5,
-            delta: 1e-5,
-            detail: serde_json::json!({}),
-        };
-        commit_round(c, &commit, Some(&ledger))?;
+        commit_round(c, &commit, Some(&ledger_record(1, 0.5)))?;
         let latest = latest_checkpoint(c)?.unwrap();
         assert_eq!(latest.version, ModelVersion(1));
         let rounds = recent_rounds(c, 5)?;
@@ -122,6 +115,88 @@ fn a_pinned_key_is_never_replaced() {
         upsert_client(c, &id("a"), Some([1; 32]), 0, 0)?;
         upsert_client(c, &id("a"), Some([2; 32]), 0, 0)?;
         assert_eq!(load_clients(c)?[0].public_key, Some([1; 32]));
+        Ok(())
+    })
+    .unwrap();
+}
+
+fn ledger_record(round: u64, epsilon: f64) -> LedgerRecord {
+    LedgerRecord {
+        entry: PrivacyLedgerEntry {
+            round,
+            sampling: SamplingScheme::Full,
+            placement: NoisePlacement::Central,
+            sampling_rate: 1.0,
+            noise_multiplier: 1.0,
+            clip_norm: 1.0,
+            sampled: 2,
+            reported: 2,
+            delta: 1e-5,
+            epsilon_after: epsilon,
+        },
+        expected_clients: 2.0,
+        next_clip_norm: 0.9,
+    }
+}
+
+#[test]
+fn a_ledger_record_reads_back_as_it_was_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = Storage::open(dir.path()).unwrap();
+    let record = ledger_record(1, 0.5);
+    st.call_sync(|c| {
+        let sample = SampleRecord {
+            id: RoundId::new(1, 0),
+            kind: "fit",
+            scheme: "fraction(1)".into(),
+            seed: "00".into(),
+            candidates: 0,
+            selected: vec![],
+        };
+        begin_round(c, RoundId::new(1, 0), ModelVersion(0), &sample)?;
+        let commit = RoundCommit {
+            id: RoundId::new(1, 0),
+            checkpoint: "x".into(),
+            strategy_state: None,
+            full_sha256: Sha256([1; 32]),
+            outcomes: vec![],
+            accepted: 0,
+            failed: 0,
+            total_examples: 0,
+            train_loss: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+        };
+        commit_round(c, &commit, Some(&record))?;
+        assert_eq!(ledger::load(c)?, std::slice::from_ref(&record));
+        assert_eq!(completed_rounds(c)?, 1);
+        let mechanism: String =
+            c.query_row("SELECT mechanism FROM privacy_ledger WHERE version = 1", [], |r| r.get(0))?;
+        assert_eq!(mechanism, "gaussian/central");
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_ledger_row_written_by_an_earlier_coordinator_still_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = Storage::open(dir.path()).unwrap();
+    // The `detail` column exactly as coordinators before the single ledger type wrote it.
+    let detail = r#"{"entry":{"round":3,"sampling":"poisson","placement":"local","sampling_rate":0.5,"noise_multiplier":1.1,"clip_norm":1.0,"sampled":4,"reported":3,"delta":1e-5,"epsilon_after":2.5},"expected_clients":4.0,"next_clip_norm":1.0}"#;
+    st.call_sync(|c| {
+        c.execute(
+            "INSERT INTO privacy_ledger \
+             (version, round, mechanism, sampling_rate, noise_multiplier, clip_norm, epsilon, delta, detail) \
+             VALUES (3, 3, 'gaussian/local', 0.5, 1.1, 1.0, 2.5, 1e-5, ?1)",
+            [detail],
+        )?;
+        let rows = ledger::load(c)?;
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].version(), ModelVersion(3));
+        assert_eq!(rows[0].mechanism(), "gaussian/local");
+        assert_eq!((rows[0].entry.sampled, rows[0].entry.reported), (4, 3));
+        assert_eq!(rows[0].entry.epsilon_after, 2.5);
         Ok(())
     })
     .unwrap();

@@ -1,7 +1,8 @@
 //! Adaptive server optimizers: FedAdagrad, FedAdam, FedYogi (Reddi et al., "Adaptive Federated
 //! Optimization", ICLR 2021, Algorithm 2).
 //!
-//! With the weighted mean delta Δ̄ as pseudo-gradient, per coordinate:
+//! With the example-weighted mean delta Δ̄ (the round's exact sum over its total weight) as
+//! pseudo-gradient, per coordinate:
 //!
 //! ```text
 //! m ← β₁·m + (1 − β₁)·Δ̄
@@ -15,10 +16,9 @@
 //! moments are server state: they are checkpointed with the model (`strategy-NNNNNN.safetensors`)
 //! so a restarted coordinator continues the same optimizer trajectory.
 
-use fedtune_shared::ids::RoundId;
 use fedtune_shared::params::{Manifest, ParameterVector, TensorSpec};
 
-use super::{FitFailure, FitResults, Strategy, StrategyError};
+use super::{Aggregated, FitFailure, FitResults, RoundContext, Strategy, StrategyError};
 use crate::settings::AdaptiveSettings;
 
 /// Which second-moment rule.
@@ -80,12 +80,13 @@ impl Strategy for Adaptive {
 
     fn aggregate_fit(
         &mut self,
-        _round: RoundId,
+        _round: &RoundContext,
         global: &ParameterVector,
-        results: &FitResults,
+        results: FitResults,
         _failures: &[FitFailure],
-    ) -> Result<Option<ParameterVector>, StrategyError> {
-        global.manifest().ensure_same(results.mean_delta.manifest())?;
+    ) -> Result<Option<Aggregated>, StrategyError> {
+        global.manifest().ensure_same(&results.manifest)?;
+        let mean_delta = results.into_mean_delta()?;
         let n = global.values().len();
         if self.m.is_empty() {
             self.m = vec![0.0; n];
@@ -99,7 +100,7 @@ impl Strategy for Adaptive {
         let (b1, b2, tau, eta) = (self.beta1, self.beta2, self.tau, self.eta);
         let mut next = global.clone();
         for (((x, &d), m), v) in
-            next.values_mut().iter_mut().zip(results.mean_delta.values()).zip(&mut self.m).zip(&mut self.v)
+            next.values_mut().iter_mut().zip(mean_delta.values()).zip(&mut self.m).zip(&mut self.v)
         {
             let d = f64::from(d);
             let mm = b1 * f64::from(*m) + (1.0 - b1) * d;
@@ -114,7 +115,7 @@ impl Strategy for Adaptive {
             *v = vv as f32;
             *x = (f64::from(*x) + eta * mm / (vv.max(0.0).sqrt() + tau)) as f32;
         }
-        Ok(Some(next))
+        Ok(Some(Aggregated::uncharged(next)))
     }
 
     fn state(&self) -> Option<ParameterVector> {
@@ -141,10 +142,16 @@ impl Strategy for Adaptive {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::FixedPointSum;
+    use crate::strategy::Draw;
+    use fedtune_shared::ids::RoundId;
+
+    fn manifest(n: usize) -> Manifest {
+        Manifest::new(vec![TensorSpec { name: "w".into(), shape: vec![n] }]).unwrap()
+    }
 
     fn pv(v: Vec<f32>) -> ParameterVector {
-        let m = Manifest::new(vec![TensorSpec { name: "w".into(), shape: vec![v.len()] }]).unwrap();
-        ParameterVector::new(m, v).unwrap()
+        ParameterVector::new(manifest(v.len()), v).unwrap()
     }
 
     fn settings() -> AdaptiveSettings {
@@ -152,8 +159,11 @@ mod tests {
     }
 
     fn step(s: &mut Adaptive, x: f32, d: f32) -> f32 {
-        let r = FitResults { mean_delta: pv(vec![d]), total_weight: 1, clients: vec![] };
-        s.aggregate_fit(RoundId::new(1, 0), &pv(vec![x]), &r, &[]).unwrap().unwrap().values()[0]
+        let mut sum = FixedPointSum::new(1);
+        sum.fold_values(&[d], 1, 1.0);
+        let r = FitResults::new(sum, manifest(1), vec![]);
+        let round = RoundContext::new(Draw { round: RoundId::new(1, 0), candidates: 1, selected: 1 });
+        s.aggregate_fit(&round, &pv(vec![x]), r, &[]).unwrap().unwrap().params.values()[0]
     }
 
     #[test]

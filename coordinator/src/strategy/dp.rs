@@ -3,39 +3,44 @@
 //! Per round (the mechanism and its proof are in the [`fedtune_shared::privacy`] docs; the
 //! coordinator side in [`crate::privacy`]):
 //!
-//! 1. [`Strategy::observe_sampling`] + [`Strategy::configure_fit`]: the sampling rate `q` of the
-//!    draw (Poisson rate, `m/N` for a fixed-size cohort, 1 for everyone), the fixed denominator
-//!    `n̄`, and the budget check: if ε after this round would exceed `target_epsilon` the round
-//!    is refused with [`StrategyError::Exhausted`] (the federation ends cleanly). Clients are
-//!    told the placement, `C`, their noise std and grid, and whether to report the clipping
-//!    indicator (adaptive clipping).
+//! 1. [`Strategy::configure_fit`]: from the round's [`Draw`], the sampling rate `q` (Poisson
+//!    rate, `m/N` for a fixed-size cohort, 1 for everyone), the fixed denominator `n̄`, and the
+//!    budget check: if ε after this round would exceed `target_epsilon` the round is refused
+//!    with [`StrategyError::Exhausted`] (the federation ends cleanly). Clients are told the
+//!    placement, `C`, their noise std and grid, and whether to report the clipping indicator
+//!    (adaptive clipping). All of it goes into the round's [`DpRound`], which the actor hands
+//!    back with the [`RoundContext`]: nothing about the round is remembered here.
 //! 2. [`Strategy::update_weighting`]: every update weighs 1 (user level: example counts would
 //!    let a client with much data weigh more and are themselves private). Under central noise an
 //!    update beyond `C` is scaled onto the ball (server-side clipping).
-//! 3. [`Strategy::aggregate_fit`]: the sum of the folded updates gets the central noise (if
-//!    central), is divided by `n̄` (never by the number that reported), and goes to the inner
-//!    strategy as its mean delta. With adaptive clipping the noised indicator sum moves `C`.
-//! 4. [`Strategy::ledger_entry`]: the round is charged to the accountant and its ledger row is
-//!    returned for the commit transaction (written before the version is published).
+//! 3. [`Strategy::aggregate_fit`]: the exact integer sum of the folded updates gets the central
+//!    discrete Gaussian noise (if central) on its own 2⁻²⁴ grid, its denominator becomes `n̄`
+//!    (never the number that reported), and it goes to the inner strategy. With adaptive
+//!    clipping the noised indicator sum moves `C`. The round's [`LedgerRecord`] comes back with
+//!    the new weights.
+//! 4. [`Strategy::charge`]: once the weights are accepted, the record is booked: the accountant
+//!    composes the round and the next round starts from its clip bound. The coordinator writes
+//!    the same record in the round's commit transaction (before the version is published).
+//!
+//! [`wrap_strategy`] builds the decorator at start-up, its accountant rebuilt from the ledger.
 
-use fedtune_shared::ids::{ModelVersion, RoundId};
+use fedtune_shared::ids::ModelVersion;
 use fedtune_shared::params::ParameterVector;
 use fedtune_shared::privacy::{
-    add_noise, widened_sensitivity, Accountant, AdaptiveClip, NoisePlacement, NoisePlan, NoiseSource,
-    PrivacyError, PrivacyLedgerEntry, SamplingScheme,
+    add_noise_to_grid, widened_sensitivity, Accountant, AdaptiveClip, NoisePlacement, NoisePlan, NoiseSource,
+    PrivacyError, PrivacyLedgerEntry, SamplingScheme, MAX_SIGMA_GRID,
 };
 use fedtune_shared::round::{FitInstructions, PrivacyInstructions, PrivacyMode, PrivacyStatus};
 use tracing::{info, warn};
 
 use super::{
-    EvalResult, EvalSummary, FitFailure, FitPlan, FitResults, Strategy, StrategyError, UpdateWeighting,
-    UploadStats,
+    Aggregated, Denominator, Draw, EvalResult, EvalSummary, FitFailure, FitPlan, FitResults, RoundContext,
+    Strategy, StrategyError, UpdateWeighting, UploadStats,
 };
 use crate::aggregate::{MAX_ABS_VALUE, SCALE_BITS};
-use crate::privacy::ledger::{self, LedgerDetail, LedgerRecord};
-use crate::privacy::{accounting_for, guarantee_line, scheme_name, DpMode, PrivacyMonitor};
-use crate::settings::{CoordinatorSettings, SamplingSettings};
-use crate::storage::LedgerEntry;
+use crate::privacy::{guarantee_line, scheme_name, PrivacyMonitor};
+use crate::settings::{accounting_for, AdaptiveClipSettings, CoordinatorSettings, DpMode, SamplingSettings};
+use crate::storage::{self, LedgerRecord, Storage, StorageError};
 
 /// The upload metric that carries a client's centred clipping indicator (adaptive clipping).
 pub const CLIP_INDICATOR_METRIC: &str = "dp_clip_indicator";
@@ -54,10 +59,10 @@ fn indicator_value(reported: Option<f64>, central: bool) -> f64 {
     }
 }
 
-/// What one round was configured with.
-#[derive(Debug, Clone)]
-struct RoundPlan {
-    round: RoundId,
+/// The differential-privacy plan of one round: made by `configure_fit`, carried in the round's
+/// [`RoundContext`], read by `update_weighting` and `aggregate_fit` of that round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DpRound {
     sampling_rate: f64,
     expected_clients: f64,
     clip_norm: f64,
@@ -65,14 +70,20 @@ struct RoundPlan {
     update_multiplier: f64,
     /// The plan the clients follow (grid and per-party σ for client-side noise).
     client_plan: NoisePlan,
+    /// Adaptive clipping as the round started (its bound moves only when the round is charged).
+    adaptive: Option<AdaptiveClip>,
 }
 
-/// A charged-but-not-committed round.
-#[derive(Debug, Clone)]
-struct Pending {
-    detail: LedgerDetail,
-    /// Adaptive clipping state after this round.
-    adaptive: Option<AdaptiveClip>,
+impl DpRound {
+    /// The clip bound `C` of the round.
+    pub fn clip_norm(&self) -> f64 {
+        self.clip_norm
+    }
+
+    /// The fixed averaging denominator `n̄` of the round.
+    pub fn expected_clients(&self) -> f64 {
+        self.expected_clients
+    }
 }
 
 /// The user-level DP decorator (see the module docs).
@@ -88,12 +99,10 @@ pub struct DpStrategy {
     sampling: SamplingScheme,
     dim: usize,
     clip_norm: f64,
+    adaptive_settings: Option<AdaptiveClipSettings>,
     adaptive: Option<AdaptiveClip>,
     accountant: Accountant,
     noise: NoiseSource,
-    observed: Option<(RoundId, usize, usize)>,
-    plan: Option<RoundPlan>,
-    pending: Option<Pending>,
     monitor: PrivacyMonitor,
 }
 
@@ -111,6 +120,30 @@ impl std::fmt::Debug for DpStrategy {
 
 fn invalid(e: impl std::fmt::Display) -> PrivacyError {
     PrivacyError::InvalidParameter(e.to_string())
+}
+
+fn adaptive_clip(s: &AdaptiveClipSettings, clip_norm: f64) -> Result<AdaptiveClip, PrivacyError> {
+    AdaptiveClip::new(clip_norm, s.target_quantile, s.learning_rate, s.count_noise_std)
+}
+
+/// The bound on one folded contribution as the integer sum holds it: `C`, widened by the f32
+/// rounding of the server-side scale (relative 2⁻²³) and by the rounding of every value to the
+/// 2⁻²⁴ grid of the sum (half a step per value, `2⁻²⁵·√d` in all).
+fn central_sensitivity(clip: f64, dim: usize) -> Result<f64, PrivacyError> {
+    widened_sensitivity(clip * (1.0 + 2f64.powi(-23)), -(SCALE_BITS + 1), dim)
+}
+
+/// Noise std, in units of the sum's grid, of central noise with multiplier `z` and bound `clip`.
+fn central_sigma_grid(z: f64, clip: f64, dim: usize) -> Result<f64, PrivacyError> {
+    let sigma = z * central_sensitivity(clip, dim)? * 2f64.powi(SCALE_BITS);
+    if sigma > MAX_SIGMA_GRID {
+        return Err(invalid(format!(
+            "central noise σ = {:.3e} (z = {z}, C = {clip}) is beyond the sampler's range on the 2^-{SCALE_BITS} \
+             grid of the sum; lower privacy.clip_norm or privacy.noise_multiplier",
+            sigma * 2f64.powi(-SCALE_BITS)
+        )));
+    }
+    Ok(sigma)
 }
 
 impl DpStrategy {
@@ -150,13 +183,12 @@ impl DpStrategy {
             return Err(invalid(format!("target epsilon {t} must be finite and positive")));
         }
         let (sampling, adjacency) = accounting_for(&settings.sampling);
-        let entries: Vec<PrivacyLedgerEntry> = history.iter().map(|r| r.detail.entry.clone()).collect();
+        let entries: Vec<PrivacyLedgerEntry> = history.iter().map(|r| r.entry.clone()).collect();
         let accountant = Accountant::from_entries(p.delta, adjacency, &entries)?;
-        let clip_norm = history.last().map(|r| r.detail.next_clip_norm).unwrap_or(p.clip_norm);
+        let clip_norm = history.last().map(|r| r.next_clip_norm).unwrap_or(p.clip_norm);
         let adaptive = match &p.adaptive_clipping {
             Some(a) => {
-                let clip =
-                    AdaptiveClip::new(clip_norm, a.target_quantile, a.learning_rate, a.count_noise_std)?;
+                let clip = adaptive_clip(a, clip_norm)?;
                 clip.update_noise_multiplier(noise_multiplier)?;
                 Some(clip)
             }
@@ -172,6 +204,13 @@ impl DpStrategy {
                  beyond the protocol's ±{MAX_ABS_VALUE}; lower privacy.clip_norm",
                 nominal.party_sigma()
             )));
+        }
+        if nominal.coordinator_adds_noise() {
+            let z_update = match &adaptive {
+                Some(a) => a.update_noise_multiplier(noise_multiplier)?,
+                None => noise_multiplier,
+            };
+            central_sigma_grid(z_update, clip_norm, dim)?;
         }
         let epsilon = accountant.epsilon();
         let monitor = PrivacyMonitor::new(PrivacyStatus {
@@ -208,12 +247,10 @@ impl DpStrategy {
             sampling,
             dim,
             clip_norm,
+            adaptive_settings: p.adaptive_clipping.clone(),
             adaptive,
             accountant,
             noise,
-            observed: None,
-            plan: None,
-            pending: None,
             monitor,
         })
     }
@@ -248,16 +285,6 @@ impl DpStrategy {
             None => Ok(self.noise_multiplier),
         }
     }
-
-    /// The bound on one folded contribution as the coordinator sums it: `C`, plus the f32
-    /// rounding of the server-side scale and the 2⁻²⁴ fixed-point grid of the running sum
-    /// (`2⁻²⁵` per value), plus the f32 rounding of the mean and of `mean × reported` from which
-    /// the noised sum is rebuilt (relative `2⁻²⁴` each, over at most `selected` contributions).
-    fn central_sensitivity_clip(&self, clip: f64, selected: usize) -> f64 {
-        let per_update =
-            clip * (1.0 + 2f64.powi(-23)) + 2f64.powi(-(SCALE_BITS + 1)) * (self.dim as f64).sqrt();
-        per_update * (1.0 + 2f64.powi(-22) * selected.max(1) as f64)
-    }
 }
 
 impl Strategy for DpStrategy {
@@ -266,18 +293,9 @@ impl Strategy for DpStrategy {
         self.inner.name()
     }
 
-    fn observe_sampling(&mut self, round: RoundId, candidates: usize, selected: usize) {
-        self.observed = Some((round, candidates, selected));
-        self.inner.observe_sampling(round, candidates, selected);
-    }
-
-    fn configure_fit(&mut self, round: RoundId, base: &FitInstructions) -> Result<FitPlan, StrategyError> {
-        self.pending = None;
-        let (candidates, selected) = match self.observed {
-            Some((r, c, s)) if r == round => (c, s),
-            _ => return Err(StrategyError::State("configure_fit without observe_sampling".into())),
-        };
-        let (q, n_bar) = self.rate_and_denominator(candidates, selected);
+    fn configure_fit(&mut self, draw: &Draw, base: &FitInstructions) -> Result<FitPlan, StrategyError> {
+        let round = draw.round;
+        let (q, n_bar) = self.rate_and_denominator(draw.candidates, draw.selected);
         let state = |e: PrivacyError| StrategyError::State(e.to_string());
         let next = self.accountant.epsilon_if(self.sampling, q, self.noise_multiplier).map_err(state)?;
         if let Some(target) = self.target_epsilon {
@@ -313,20 +331,28 @@ impl Strategy for DpStrategy {
             },
             per_layer_clipping: self.per_layer,
         };
-        self.plan = Some(RoundPlan {
-            round,
+        let dp = DpRound {
             sampling_rate: q,
             expected_clients: n_bar,
             clip_norm: self.clip_norm,
             update_multiplier,
             client_plan,
-        });
-        let inner = self.inner.configure_fit(round, base)?;
-        Ok(FitPlan { config: inner.config, privacy })
+            adaptive: self.adaptive.clone(),
+        };
+        let inner = self.inner.configure_fit(draw, base)?;
+        Ok(FitPlan {
+            config: inner.config,
+            privacy,
+            context: RoundContext { privacy: Some(dp), ..inner.context },
+        })
     }
 
-    fn update_weighting(&self, upload: &UploadStats) -> Result<UpdateWeighting, StrategyError> {
-        let Some(plan) = &self.plan else {
+    fn update_weighting(
+        &self,
+        round: &RoundContext,
+        upload: &UploadStats,
+    ) -> Result<UpdateWeighting, StrategyError> {
+        let Some(plan) = &round.privacy else {
             return Err(StrategyError::Refused("no privacy plan for this round".into()));
         };
         if self.placement != NoisePlacement::Central {
@@ -351,46 +377,31 @@ impl Strategy for DpStrategy {
 
     fn aggregate_fit(
         &mut self,
-        round: RoundId,
+        round: &RoundContext,
         global: &ParameterVector,
-        results: &FitResults,
+        mut results: FitResults,
         failures: &[FitFailure],
-    ) -> Result<Option<ParameterVector>, StrategyError> {
+    ) -> Result<Option<Aggregated>, StrategyError> {
         let state = |e: PrivacyError| StrategyError::State(e.to_string());
-        let plan = match self.plan.take() {
-            Some(p) if p.round == round => p,
-            _ => return Err(StrategyError::State(format!("round {round} was not configured for privacy"))),
+        let id = round.round();
+        let Some(plan) = &round.privacy else {
+            return Err(StrategyError::State(format!("round {id} was not configured for privacy")));
         };
         let reported = results.clients.len() as u64;
         let sampled = reported + failures.len() as u64;
-        // The weights are all 1, so mean × total weight is the sum of the folded updates.
-        let total = results.total_weight as f64;
-        let (manifest, mean) = results.mean_delta.clone().into_parts();
-        let mut values: Vec<f32> = mean.iter().map(|m| (f64::from(*m) * total) as f32).collect();
-        drop(mean);
         if self.placement == NoisePlacement::Central {
-            let c = self.central_sensitivity_clip(plan.clip_norm, sampled as usize);
-            let central = NoisePlan::new(
-                NoisePlacement::Central,
-                plan.update_multiplier,
-                c,
-                self.dim,
-                plan.expected_clients,
-            )
-            .map_err(state)?;
-            let sigma = plan.update_multiplier
-                * widened_sensitivity(c, central.grid_log2, self.dim).map_err(state)?;
-            add_noise(&mut values, sigma, central.grid_log2, &self.noise).map_err(state)?;
+            // On the sum's own grid: the integer sum is exact, so the only rounding to account
+            // for is each update's own quantization (in `central_sensitivity`).
+            let sigma_grid =
+                central_sigma_grid(plan.update_multiplier, plan.clip_norm, self.dim).map_err(state)?;
+            add_noise_to_grid(results.sum.grid_mut(), sigma_grid, &self.noise).map_err(state)?;
         }
         // Fixed denominator: dividing by the public n̄ is post-processing; dividing by the
         // reported count would make one client's presence change every coordinate.
-        let inv = 1.0 / plan.expected_clients;
-        for v in values.iter_mut() {
-            *v = (f64::from(*v) * inv) as f32;
-        }
+        results.denominator = Denominator::Fixed(plan.expected_clients);
         // Adaptive clipping: the noised count of unclipped updates moves C for the next round
-        // (on a copy: the bound only moves once the round is committed, in `ledger_entry`).
-        let mut next_adaptive = self.adaptive.clone();
+        // (on the round's copy: the bound only moves once the round is charged).
+        let mut next_adaptive = plan.adaptive.clone();
         let mut accounted = plan.client_plan.effective_noise_multiplier(reported);
         if let Some(adaptive) = &mut next_adaptive {
             let central = self.placement == NoisePlacement::Central;
@@ -414,7 +425,7 @@ impl Strategy for DpStrategy {
         }
         let next_clip = next_adaptive.as_ref().map(|a| a.clip_norm()).unwrap_or(plan.clip_norm);
         let entry = PrivacyLedgerEntry {
-            round: round.round,
+            round: id.round,
             sampling: self.sampling,
             placement: self.placement,
             sampling_rate: plan.sampling_rate,
@@ -425,19 +436,42 @@ impl Strategy for DpStrategy {
             delta: self.accountant.delta(),
             epsilon_after: 0.0,
         };
+        // ε after this round, on a copy: the accountant itself composes the round in `charge`.
         let entry = self.accountant.clone().record(entry).map_err(state)?;
-        self.pending = Some(Pending {
-            detail: LedgerDetail {
-                entry,
-                expected_clients: plan.expected_clients,
-                next_clip_norm: next_clip,
-            },
-            adaptive: next_adaptive,
+        let record =
+            LedgerRecord { entry, expected_clients: plan.expected_clients, next_clip_norm: next_clip };
+        let next = self.inner.aggregate_fit(round, global, results, failures)?;
+        Ok(next.map(|a| Aggregated { charge: Some(record), ..a }))
+    }
+
+    fn charge(&mut self, record: &LedgerRecord) -> Result<(), StrategyError> {
+        let recorded =
+            self.accountant.record(record.entry.clone()).map_err(|e| StrategyError::State(e.to_string()))?;
+        debug_assert_eq!(recorded.epsilon_after, record.entry.epsilon_after);
+        if let Some(a) = &self.adaptive_settings {
+            self.adaptive = Some(
+                adaptive_clip(a, record.next_clip_norm).map_err(|e| StrategyError::State(e.to_string()))?,
+            );
+        }
+        self.clip_norm = record.next_clip_norm;
+        let epsilon = record.entry.epsilon_after;
+        let rounds = self.accountant.rounds();
+        let (mode, delta) = (self.mode, self.accountant.delta());
+        self.monitor.update(|s| {
+            s.epsilon = epsilon;
+            s.rounds_charged = rounds;
+            s.clip_norm = record.next_clip_norm;
+            s.noise_multiplier = record.entry.noise_multiplier;
+            s.guarantee = guarantee_line(mode, epsilon, delta, rounds);
         });
-        let mean_delta = ParameterVector::new(manifest, values)?;
-        let noised =
-            FitResults { mean_delta, total_weight: results.total_weight, clients: results.clients.clone() };
-        self.inner.aggregate_fit(round, global, &noised, failures)
+        info!(
+            round = record.entry.round,
+            epsilon,
+            delta,
+            clip_norm = record.entry.clip_norm,
+            "privacy charged"
+        );
+        Ok(())
     }
 
     fn configure_evaluate(&mut self, version: ModelVersion, batch_size: u32) -> u32 {
@@ -453,35 +487,6 @@ impl Strategy for DpStrategy {
         self.inner.aggregate_evaluate(version, results, failures)
     }
 
-    fn ledger_entry(&mut self, round: RoundId) -> Option<LedgerEntry> {
-        let pending = self.pending.take().filter(|p| p.detail.entry.round == round.round)?;
-        let detail = pending.detail;
-        match self.accountant.record(detail.entry.clone()) {
-            Ok(recorded) => {
-                debug_assert_eq!(recorded.epsilon_after, detail.entry.epsilon_after);
-            }
-            Err(e) => {
-                // Cannot happen for an entry this accountant's clone accepted; keep the
-                // stricter record (the ledger row) regardless.
-                warn!(cause = %e, "the accountant refused a round it had planned");
-            }
-        }
-        self.adaptive = pending.adaptive;
-        self.clip_norm = detail.next_clip_norm;
-        let epsilon = detail.entry.epsilon_after;
-        let rounds = self.accountant.rounds();
-        let (mode, delta) = (self.mode, self.accountant.delta());
-        self.monitor.update(|s| {
-            s.epsilon = epsilon;
-            s.rounds_charged = rounds;
-            s.clip_norm = detail.next_clip_norm;
-            s.noise_multiplier = detail.entry.noise_multiplier;
-            s.guarantee = guarantee_line(mode, epsilon, delta, rounds);
-        });
-        info!(round = %round, epsilon, delta, clip_norm = detail.entry.clip_norm, "privacy charged");
-        Some(ledger::to_row(&detail))
-    }
-
     fn privacy_monitor(&self) -> Option<PrivacyMonitor> {
         Some(self.monitor.clone())
     }
@@ -495,12 +500,69 @@ impl Strategy for DpStrategy {
     }
 }
 
+/// Errors of the privacy wiring at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum DpSetupError {
+    /// The library refused a parameter, the ledger, or the entropy source failed.
+    #[error(transparent)]
+    Privacy(#[from] PrivacyError),
+    /// The state database.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// Settings and state directory disagree.
+    #[error("{0}")]
+    Mismatch(String),
+}
+
+/// Wraps `inner` in the DP decorator when `[privacy]` enables it, with the accountant rebuilt
+/// from the ledger of `store`. `dim` is the number of trainable values. Refuses to resume a
+/// federation under another privacy mode than it was created with (ε would not describe it).
+pub fn wrap_strategy(
+    settings: &CoordinatorSettings,
+    inner: Box<dyn Strategy>,
+    store: &Storage,
+    dim: usize,
+    fresh: bool,
+) -> Result<Box<dyn Strategy>, DpSetupError> {
+    let p = &settings.privacy;
+    let mode = p.mode.as_str();
+    let recorded = store.call_sync(|c| storage::ledger::recorded_mode(c))?;
+    // A directory with no completed round has released nothing yet, whatever it was created
+    // with (e.g. a crash between its creation and this record).
+    let completed = store.call_sync(|c| storage::completed_rounds(c))?;
+    match recorded {
+        None if fresh || completed == 0 => store.call_sync(|c| storage::ledger::record_mode(c, mode))?,
+        // A state directory from before privacy was recorded ran without DP.
+        None if p.mode == DpMode::None => store.call_sync(|c| storage::ledger::record_mode(c, mode))?,
+        None => {
+            return Err(DpSetupError::Mismatch(format!(
+                "privacy.mode = {mode}, but this federation already ran rounds without differential privacy; \
+                 use a new state directory"
+            )))
+        }
+        Some(r) if r != mode => {
+            return Err(DpSetupError::Mismatch(format!(
+                "privacy.mode = {mode}, but this federation was created with `{r}`; ε would not describe it. \
+                 Use `{r}` or a new state directory"
+            )))
+        }
+        Some(_) => {}
+    }
+    if !p.enabled() {
+        return Ok(inner);
+    }
+    let entries = store.call_sync(storage::ledger::load)?;
+    Ok(Box::new(DpStrategy::new(inner, settings, dim, &entries)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::privacy::{AdaptiveClipSettings, PrivacySettings};
+    use crate::aggregate::FixedPointSum;
+    use crate::outcome::ParticipantOutcome;
+    use crate::settings::PrivacySettings;
     use crate::strategy::{FedAvg, FitSummary};
-    use fedtune_shared::ids::ClientId;
+    use fedtune_shared::ids::{ClientId, RoundId};
     use fedtune_shared::params::{Manifest, TensorSpec};
     use fedtune_shared::privacy::{epsilon_for_rounds, Adjacency};
     use std::collections::BTreeMap;
@@ -546,20 +608,42 @@ mod tests {
         }
     }
 
-    /// `reported` clients each sent the update `value` in every coordinate (mean = value).
+    /// `reported` clients each sent the update `value` in every coordinate, folded with weight 1.
     fn results(value: f32, reported: usize) -> FitResults {
-        FitResults {
-            mean_delta: ParameterVector::new(manifest(), vec![value; DIM]).unwrap(),
-            total_weight: reported as u64,
-            clients: (0..reported)
-                .map(|i| FitSummary {
-                    client: ClientId::parse(&format!("c{i}")).unwrap(),
-                    num_examples: 1,
-                    weight: 1,
-                    metrics: BTreeMap::new(),
-                })
-                .collect(),
+        let mut sum = FixedPointSum::new(DIM);
+        let update = vec![value; DIM];
+        for _ in 0..reported {
+            sum.fold_values(&update, 1, 1.0);
         }
+        let clients = (0..reported)
+            .map(|i| FitSummary {
+                client: ClientId::parse(&format!("c{i}")).unwrap(),
+                num_examples: 1,
+                weight: 1,
+                metrics: BTreeMap::new(),
+            })
+            .collect();
+        FitResults::new(sum, manifest(), clients)
+    }
+
+    fn draw(round: u64, candidates: usize, selected: usize) -> Draw {
+        Draw { round: RoundId::new(round, 0), candidates, selected }
+    }
+
+    /// Aggregates and books the round, as the actor does once the weights are accepted.
+    fn aggregate_and_charge(
+        dp: &mut DpStrategy,
+        plan: &FitPlan,
+        results: FitResults,
+        failures: &[FitFailure],
+    ) -> (ParameterVector, LedgerRecord) {
+        let out = dp
+            .aggregate_fit(&plan.context, &ParameterVector::zeros(manifest()), results, failures)
+            .unwrap()
+            .unwrap();
+        let record = out.charge.expect("a DP round charges privacy");
+        dp.charge(&record).unwrap();
+        (out.params, record)
     }
 
     fn moments(v: &[f32], centre: f64) -> (f64, f64) {
@@ -573,23 +657,19 @@ mod tests {
     fn central_noise_lands_on_the_sum_and_the_average_uses_the_fixed_denominator() {
         let s = settings(DpMode::Central, SamplingSettings::Poisson { rate: 0.5 }, None);
         let mut dp = dp(&s);
-        let round = RoundId::new(1, 0);
-        dp.observe_sampling(round, 20, 9);
-        let plan = dp.configure_fit(round, &base()).unwrap();
+        let plan = dp.configure_fit(&draw(1, 20, 9), &base()).unwrap();
         assert_eq!(plan.privacy.mode, PrivacyMode::Central);
         assert_eq!(plan.privacy.noise_stddev, 0.0, "clients add no noise under central DP");
-        let global = ParameterVector::zeros(manifest());
         // 8 of the 9 sampled reported; n̄ = q·N = 10 regardless.
-        let next = dp.aggregate_fit(round, &global, &results(1e-3, 8), &[]).unwrap().unwrap();
+        let (next, row) = aggregate_and_charge(&mut dp, &plan, results(1e-3, 8), &[]);
         let (mean, std) = moments(next.values(), 8.0 * 1e-3 / 10.0);
         // σ = z·C'/n̄ with C' a hair above C = 1.
         assert!((std / 0.1 - 1.0).abs() < 0.01, "std {std}");
         assert!(mean.abs() < 5.0 * 0.1 / (DIM as f64).sqrt(), "mean offset {mean}");
-        let row = dp.ledger_entry(round).unwrap();
         let lib =
             epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Poisson, 0.5, 1.0, 1, 1e-5).unwrap();
-        assert_eq!(row.epsilon, lib);
-        assert_eq!(row.sampling_rate, 0.5);
+        assert_eq!(row.entry.epsilon_after, lib);
+        assert_eq!(row.entry.sampling_rate, 0.5);
         assert_eq!(dp.privacy_monitor().unwrap().snapshot().epsilon, lib);
     }
 
@@ -597,28 +677,25 @@ mod tests {
     fn local_noise_is_announced_to_clients_and_not_added_again() {
         let s = settings(DpMode::Local, SamplingSettings::Fraction { fraction: 1.0 }, None);
         let mut dp = dp(&s);
-        let round = RoundId::new(1, 0);
-        dp.observe_sampling(round, 4, 4);
-        let plan = dp.configure_fit(round, &base()).unwrap();
+        let plan = dp.configure_fit(&draw(1, 4, 4), &base()).unwrap();
         assert_eq!(plan.privacy.mode, PrivacyMode::Local);
         assert!(plan.privacy.noise_stddev > 1.0 && plan.privacy.noise_stddev < 1.001);
         assert!(plan.privacy.grid_log2.is_some());
-        let next =
-            dp.aggregate_fit(round, &ParameterVector::zeros(manifest()), &results(0.25, 4), &[]).unwrap();
+        let (next, _) = aggregate_and_charge(&mut dp, &plan, results(0.25, 4), &[]);
         // Sum 4·0.25 over n̄ = 4: exactly the mean, no coordinator noise.
-        assert!(next.unwrap().values().iter().all(|v| (*v - 0.25).abs() < 1e-6));
+        assert!(next.values().iter().all(|v| *v == 0.25));
     }
 
     #[test]
     fn an_update_beyond_the_bound_is_scaled_onto_it_under_central_noise() {
         let s = settings(DpMode::Central, SamplingSettings::Fraction { fraction: 1.0 }, None);
         let mut dp = dp(&s);
-        dp.observe_sampling(RoundId::new(1, 0), 3, 3);
-        dp.configure_fit(RoundId::new(1, 0), &base()).unwrap();
+        let plan = dp.configure_fit(&draw(1, 3, 3), &base()).unwrap();
         let stats =
             |n: f64| UploadStats { client: ClientId::parse("a").unwrap(), num_examples: 500, l2_norm: n };
-        assert_eq!(dp.update_weighting(&stats(0.5)).unwrap(), UpdateWeighting { weight: 1, scale: 1.0 });
-        let w = dp.update_weighting(&stats(4.0)).unwrap();
+        let weighting = |n: f64| dp.update_weighting(&plan.context, &stats(n)).unwrap();
+        assert_eq!(weighting(0.5), UpdateWeighting { weight: 1, scale: 1.0 });
+        let w = weighting(4.0);
         assert_eq!(w.weight, 1, "user-level DP weighs every client the same");
         assert!(f64::from(w.scale) * 4.0 <= 1.0 && f64::from(w.scale) * 4.0 > 0.999);
     }
@@ -630,15 +707,9 @@ mod tests {
         let s =
             settings(DpMode::Central, SamplingSettings::Fraction { fraction: 1.0 }, Some((one + two) / 2.0));
         let mut dp = dp(&s);
-        let global = ParameterVector::zeros(manifest());
-        let r1 = RoundId::new(1, 0);
-        dp.observe_sampling(r1, 2, 2);
-        dp.configure_fit(r1, &base()).unwrap();
-        dp.aggregate_fit(r1, &global, &results(0.0, 2), &[]).unwrap();
-        dp.ledger_entry(r1).unwrap();
-        let r2 = RoundId::new(2, 0);
-        dp.observe_sampling(r2, 2, 2);
-        match dp.configure_fit(r2, &base()) {
+        let plan = dp.configure_fit(&draw(1, 2, 2), &base()).unwrap();
+        aggregate_and_charge(&mut dp, &plan, results(0.0, 2), &[]);
+        match dp.configure_fit(&draw(2, 2, 2), &base()) {
             Err(StrategyError::Exhausted(reason)) => assert!(reason.contains("budget"), "{reason}"),
             other => panic!("expected a refusal, got {other:?}"),
         }
@@ -648,25 +719,21 @@ mod tests {
     fn fixed_size_cohorts_are_accounted_without_replacement_never_as_poisson() {
         let s = settings(DpMode::Central, SamplingSettings::Fixed { count: 5 }, None);
         let mut dp = dp(&s);
-        let r = RoundId::new(1, 0);
-        dp.observe_sampling(r, 50, 5);
-        dp.configure_fit(r, &base()).unwrap();
+        let plan = dp.configure_fit(&draw(1, 50, 5), &base()).unwrap();
         // Two of the five dropped out: ε is the same as if all had reported.
         let failures: Vec<FitFailure> = (0..2)
             .map(|i| FitFailure {
                 client: ClientId::parse(&format!("d{i}")).unwrap(),
-                reason: "dropped".into(),
+                outcome: ParticipantOutcome::Dropped,
             })
             .collect();
-        dp.aggregate_fit(r, &ParameterVector::zeros(manifest()), &results(0.0, 3), &failures).unwrap();
-        let row = dp.ledger_entry(r).unwrap();
-        let detail: LedgerDetail = serde_json::from_value(row.detail).unwrap();
-        assert_eq!(detail.entry.sampling, SamplingScheme::FixedSize);
-        assert_eq!((detail.entry.sampled, detail.entry.reported), (5, 3));
-        assert_eq!(detail.expected_clients, 5.0);
+        let (_, row) = aggregate_and_charge(&mut dp, &plan, results(0.0, 3), &failures);
+        assert_eq!(row.entry.sampling, SamplingScheme::FixedSize);
+        assert_eq!((row.entry.sampled, row.entry.reported), (5, 3));
+        assert_eq!(row.expected_clients, 5.0);
         let lib =
             epsilon_for_rounds(Adjacency::ReplaceOne, SamplingScheme::FixedSize, 0.1, 1.0, 1, 1e-5).unwrap();
-        assert_eq!(row.epsilon, lib);
+        assert_eq!(row.entry.epsilon_after, lib);
     }
 
     #[test]
@@ -675,40 +742,33 @@ mod tests {
         s.privacy.adaptive_clipping =
             Some(AdaptiveClipSettings { target_quantile: 0.5, learning_rate: 0.5, count_noise_std: 0.6 });
         let mut dp = dp(&s);
-        let r = RoundId::new(1, 0);
-        dp.observe_sampling(r, 10, 10);
-        let plan = dp.configure_fit(r, &base()).unwrap();
+        let plan = dp.configure_fit(&draw(1, 10, 10), &base()).unwrap();
         assert!(plan.privacy.report_clip_indicator);
         let mut res = results(0.0, 10);
         for c in &mut res.clients {
             // Every update was clipped: C must grow.
             c.metrics.insert(CLIP_INDICATOR_METRIC.into(), -0.5);
         }
-        dp.aggregate_fit(r, &ParameterVector::zeros(manifest()), &res, &[]).unwrap();
-        assert_eq!(dp.clip_norm(), 1.0, "C moves only when the round commits");
-        let row = dp.ledger_entry(r).unwrap();
+        let out = dp.aggregate_fit(&plan.context, &ParameterVector::zeros(manifest()), res, &[]).unwrap();
+        let row = out.unwrap().charge.unwrap();
+        assert_eq!(dp.clip_norm(), 1.0, "C moves only when the round is charged");
+        dp.charge(&row).unwrap();
         assert!(dp.clip_norm() > 1.0, "C = {}", dp.clip_norm());
+        assert_eq!(dp.clip_norm(), row.next_clip_norm);
         // The round is accounted at the configured total z = 1 (update and count together).
-        assert!((row.noise_multiplier - 1.0).abs() < 1e-9, "z = {}", row.noise_multiplier);
+        let z = row.entry.noise_multiplier;
+        assert!((z - 1.0).abs() < 1e-9, "z = {z}");
     }
 
     #[test]
     fn a_resumed_strategy_continues_from_its_ledger() {
         let s = settings(DpMode::Central, SamplingSettings::Poisson { rate: 0.2 }, None);
         let mut first = dp(&s);
-        let global = ParameterVector::zeros(manifest());
         let mut history = Vec::new();
         for round in 1..=3 {
-            let r = RoundId::new(round, 0);
-            first.observe_sampling(r, 50, 10);
-            first.configure_fit(r, &base()).unwrap();
-            first.aggregate_fit(r, &global, &results(0.0, 10), &[]).unwrap();
-            let row = first.ledger_entry(r).unwrap();
-            history.push(LedgerRecord {
-                version: round,
-                mechanism: row.mechanism.clone(),
-                detail: serde_json::from_value(row.detail).unwrap(),
-            });
+            let plan = first.configure_fit(&draw(round, 50, 10), &base()).unwrap();
+            let (_, row) = aggregate_and_charge(&mut first, &plan, results(0.0, 10), &[]);
+            history.push(row);
         }
         let resumed = DpStrategy::with_noise_source(
             Box::new(FedAvg::new(1.0, 0.0)),
@@ -728,14 +788,39 @@ mod tests {
         assert!(DpStrategy::new(Box::new(FedAvg::new(1.0, 0.0)), &s, DIM, &[]).is_err());
         s.privacy.allow_distributed_without_secure_aggregation = true;
         let mut dp = dp(&s);
-        let r = RoundId::new(1, 0);
-        dp.observe_sampling(r, 40, 20);
-        let plan = dp.configure_fit(r, &base()).unwrap();
+        let plan = dp.configure_fit(&draw(1, 40, 20), &base()).unwrap();
         // n̄ = 20 shares: each carries 1/√20 of the noise.
         assert!(
             (plan.privacy.noise_stddev * 20f64.sqrt() - 1.0).abs() < 1e-3,
             "{}",
             plan.privacy.noise_stddev
         );
+    }
+
+    #[test]
+    fn each_round_is_aggregated_from_its_own_context_whatever_was_configured_since() {
+        let s = settings(DpMode::Central, SamplingSettings::Poisson { rate: 0.5 }, None);
+        let mut dp = dp(&s);
+        let first = dp.configure_fit(&draw(1, 20, 9), &base()).unwrap();
+        // A later attempt configured in between (e.g. a retry) does not disturb round 1.
+        let other = dp.configure_fit(&draw(2, 40, 30), &base()).unwrap();
+        assert_ne!(first.context, other.context);
+        let (_, row) = aggregate_and_charge(&mut dp, &first, results(0.0, 9), &[]);
+        assert_eq!((row.entry.round, row.entry.sampled), (1, 9));
+        assert_eq!(row.expected_clients, 10.0, "n̄ = q·N of round 1's own draw");
+        // A round configured by no one cannot be aggregated with privacy.
+        let bare = RoundContext::new(draw(3, 1, 1));
+        assert!(dp.aggregate_fit(&bare, &ParameterVector::zeros(manifest()), results(0.0, 1), &[]).is_err());
+    }
+
+    #[test]
+    fn central_noise_on_the_integer_sum_has_the_calibrated_spread_over_the_fixed_denominator() {
+        let s = settings(DpMode::Central, SamplingSettings::Fraction { fraction: 1.0 }, None);
+        let mut dp = dp(&s);
+        let plan = dp.configure_fit(&draw(1, 4, 4), &base()).unwrap();
+        let (next, _) = aggregate_and_charge(&mut dp, &plan, results(0.0, 4), &[]);
+        let (mean, std) = moments(next.values(), 0.0);
+        assert!((std / 0.25 - 1.0).abs() < 0.01, "σ = z·C'/n̄ = 0.25: std {std}");
+        assert!(mean.abs() < 5.0 * 0.25 / (DIM as f64).sqrt(), "mean offset {mean}");
     }
 }

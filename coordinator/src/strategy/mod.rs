@@ -1,24 +1,33 @@
 //! Aggregation policy as a trait (after Flower's `Strategy`), and its implementations.
 //!
 //! The round actor owns the mechanics (sampling, deadlines, streaming fixed-point folding); a
-//! [`Strategy`] decides the policy at four points of a round:
+//! [`Strategy`] decides the policy at these points of a round:
 //!
-//! 1. [`Strategy::configure_fit`]: what clients are told (training config, privacy instructions).
-//!    An error here (e.g. a privacy budget that would be exceeded) halts the federation.
+//! 1. [`Strategy::configure_fit`]: from the round's [`Draw`], what clients are told (training
+//!    config, privacy instructions) and the round's [`RoundContext`]. An error here (e.g. a
+//!    privacy budget that would be exceeded) halts the federation.
 //! 2. [`Strategy::update_weighting`]: per accepted update, before it is folded: its integer FedAvg
 //!    weight and a scale in (0, 1] applied to its values (server-side clipping).
-//! 3. [`Strategy::aggregate_fit`]: from the weighted mean delta of all folded updates (never the
-//!    individual updates: memory stays O(model)) and the explicit failures, the new trainable
-//!    weights, or `None` to keep the old model (the attempt then fails).
-//! 4. [`Strategy::configure_evaluate`] / [`Strategy::aggregate_evaluate`]: federated evaluation.
+//! 3. [`Strategy::aggregate_fit`]: from the exact weighted integer sum of all folded updates and
+//!    its total weight ([`FitResults`]; never the individual updates: memory stays O(model)) and
+//!    the explicit failures, the new trainable weights, or `None` to keep the old model (the
+//!    attempt then fails). The strategy chooses the denominator of the mean.
+//! 4. [`Strategy::charge`]: the privacy charge `aggregate_fit` returned, once the new model is
+//!    accepted (the actor commits the same record with the round).
+//! 5. [`Strategy::configure_evaluate`] / [`Strategy::aggregate_evaluate`]: federated evaluation.
+//!
+//! Everything a strategy needs about a round is passed in: the actor keeps the
+//! [`RoundContext`] that `configure_fit` returned and hands it to `update_weighting` and
+//! `aggregate_fit` of that round, so no call depends on which call came before it.
 //!
 //! # Server-side differential privacy (decorator seam)
 //! DP wraps any strategy: [`dp::DpStrategy`] returns
 //! `UpdateWeighting { weight: 1, scale: min(1, C/‖Δ‖) }` from `update_weighting` (user-level
-//! clipping, unweighted), adds Gaussian noise to the sum of the folded updates and divides it by
-//! the fixed expected cohort size before delegating `aggregate_fit`, refuses `configure_fit` once the accountant's ε would exceed the budget, and
-//! returns the round's [`LedgerEntry`] from `ledger_entry` — which the coordinator writes in the
-//! same transaction as the round's checkpoint. Everything else delegates.
+//! clipping, unweighted), adds discrete Gaussian noise to the integer sum of the folded updates
+//! and sets the fixed expected cohort size as its denominator before delegating `aggregate_fit`,
+//! refuses `configure_fit` once the accountant's ε would exceed the budget, and returns the
+//! round's [`LedgerRecord`] with the new weights — which the coordinator writes in the same
+//! transaction as the round's checkpoint. Everything else delegates.
 //!
 //! # Layout
 //! - [`fedavg`]: FedAvg and FedProx (FedAvg aggregation, proximal μ sent to clients).
@@ -33,11 +42,13 @@ pub mod fedavg;
 use std::collections::BTreeMap;
 
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId};
-use fedtune_shared::params::{ParameterVector, ParamsError};
+use fedtune_shared::params::{Manifest, ParameterVector, ParamsError};
 use fedtune_shared::round::{EvalReport, FitInstructions, PrivacyInstructions};
 
+use crate::aggregate::FixedPointSum;
+use crate::outcome::ParticipantOutcome;
 use crate::settings::StrategySettings;
-use crate::storage::LedgerEntry;
+use crate::storage::LedgerRecord;
 
 pub use adaptive::{Adaptive, AdaptiveKind};
 pub use fedavg::FedAvg;
@@ -54,18 +65,57 @@ pub enum StrategyError {
     /// Shapes disagree.
     #[error(transparent)]
     Params(#[from] ParamsError),
-    /// Restoring saved state failed.
+    /// Restoring saved state failed, or a call does not fit the strategy's state.
     #[error("strategy state: {0}")]
     State(String),
+    /// Nothing was folded, so there is nothing to average.
+    #[error("no update was folded")]
+    NoUpdates,
 }
 
-/// What clients of a round are told to do.
+/// How the clients of a round were drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Draw {
+    /// Round and attempt.
+    pub round: RoundId,
+    /// Live clients the draw chose from.
+    pub candidates: usize,
+    /// Clients drawn (a privacy accountant needs `selected / candidates` for fixed-size cohorts).
+    pub selected: usize,
+}
+
+/// What a round was configured with. The actor keeps it from [`Strategy::configure_fit`] and
+/// hands it to every later call of the same round, so a strategy keeps no memory of which round
+/// it configured last.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundContext {
+    /// The draw the round was configured for.
+    pub draw: Draw,
+    /// The round's differential-privacy plan, when the DP decorator configured it.
+    pub privacy: Option<dp::DpRound>,
+}
+
+impl RoundContext {
+    /// The context of a round without differential privacy.
+    pub fn new(draw: Draw) -> Self {
+        Self { draw, privacy: None }
+    }
+
+    /// Round and attempt.
+    pub fn round(&self) -> RoundId {
+        self.draw.round
+    }
+}
+
+/// What clients of a round are told to do, and what the round was configured with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FitPlan {
     /// Training parameters (the actor derives a per-client seed).
     pub config: FitInstructions,
     /// Privacy instructions.
     pub privacy: PrivacyInstructions,
+    /// Handed back to `update_weighting` and `aggregate_fit` of this round.
+    pub context: RoundContext,
 }
 
 /// What the actor knows about an update when it asks for its weighting.
@@ -106,19 +156,76 @@ pub struct FitSummary {
 pub struct FitFailure {
     /// Client.
     pub client: ClientId,
-    /// Why (`failed: …`, `dropped`, `late`).
-    pub reason: String,
+    /// How its task ended (never [`ParticipantOutcome::Accepted`]).
+    pub outcome: ParticipantOutcome,
 }
 
-/// Everything a round's updates amount to.
+/// What the weighted sum of a round is divided by to make the mean delta.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Denominator {
+    /// The sum of the weights (example-weighted FedAvg).
+    TotalWeight,
+    /// A fixed value chosen before the round (DP: the expected number of participants, so one
+    /// client's presence does not change the divisor).
+    Fixed(f64),
+}
+
+/// Everything a round's updates amount to: their exact weighted sum, not yet divided.
 #[derive(Debug, Clone)]
 pub struct FitResults {
-    /// Weighted mean of the folded deltas (trainable manifest).
-    pub mean_delta: ParameterVector,
-    /// Sum of the weights.
-    pub total_weight: u64,
+    /// `Σ wᵢ·qᵢ` of the folded deltas on the fixed-point grid, exact, with its total weight
+    /// `Σ wᵢ`.
+    pub sum: FixedPointSum,
+    /// Layout of the sum (the trainable manifest).
+    pub manifest: Manifest,
     /// The accepted updates.
     pub clients: Vec<FitSummary>,
+    /// What [`FitResults::into_mean_delta`] divides by; a decorator may change it before
+    /// delegating.
+    pub denominator: Denominator,
+}
+
+impl FitResults {
+    /// The results of a round, averaged over the total weight unless a decorator says otherwise.
+    pub fn new(sum: FixedPointSum, manifest: Manifest, clients: Vec<FitSummary>) -> Self {
+        Self { sum, manifest, clients, denominator: Denominator::TotalWeight }
+    }
+
+    /// Sum of the weights folded.
+    pub fn total_weight(&self) -> u64 {
+        self.sum.total_weight()
+    }
+
+    /// The mean delta: the sum over [`FitResults::denominator`], rounded once to f32. Consumes
+    /// the results so that the sum is freed before the caller builds the next model.
+    pub fn into_mean_delta(self) -> Result<ParameterVector, StrategyError> {
+        let values = match self.denominator {
+            Denominator::TotalWeight => self.sum.mean().ok_or(StrategyError::NoUpdates)?,
+            Denominator::Fixed(d) if d.is_finite() && d > 0.0 => self.sum.scaled(d),
+            Denominator::Fixed(d) => {
+                return Err(StrategyError::State(format!("averaging denominator {d} is not positive")))
+            }
+        };
+        drop(self.sum);
+        Ok(ParameterVector::new(self.manifest, values)?)
+    }
+}
+
+/// What [`Strategy::aggregate_fit`] produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Aggregated {
+    /// The new trainable weights.
+    pub params: ParameterVector,
+    /// The round's privacy charge, if the strategy charges privacy. The actor commits it with the
+    /// round and hands it to [`Strategy::charge`] once the weights are accepted.
+    pub charge: Option<LedgerRecord>,
+}
+
+impl Aggregated {
+    /// New weights that charge no privacy.
+    pub fn uncharged(params: ParameterVector) -> Self {
+        Self { params, charge: None }
+    }
 }
 
 /// One evaluation report with its sender.
@@ -150,21 +257,22 @@ pub trait Strategy: Send + 'static {
     /// Name shown in status and records.
     fn name(&self) -> &str;
 
-    /// How the clients of `round` were drawn: `candidates` live clients, `selected` of them
-    /// sampled. Called just before [`Strategy::configure_fit`] (a privacy accountant needs the
-    /// sampling rate of fixed-size cohorts, `selected / candidates`).
-    fn observe_sampling(&mut self, round: RoundId, candidates: usize, selected: usize) {
-        let _ = (round, candidates, selected);
+    /// Instructions for the fit tasks of the round drawn as `draw`, and the round's context.
+    fn configure_fit(&mut self, draw: &Draw, base: &FitInstructions) -> Result<FitPlan, StrategyError> {
+        Ok(FitPlan {
+            config: base.clone(),
+            privacy: PrivacyInstructions::NONE,
+            context: RoundContext::new(*draw),
+        })
     }
 
-    /// Instructions for the fit tasks of `round`.
-    fn configure_fit(&mut self, round: RoundId, base: &FitInstructions) -> Result<FitPlan, StrategyError> {
+    /// Weighting of one update of the round `round` (default: its example count, unscaled).
+    fn update_weighting(
+        &self,
+        round: &RoundContext,
+        upload: &UploadStats,
+    ) -> Result<UpdateWeighting, StrategyError> {
         let _ = round;
-        Ok(FitPlan { config: base.clone(), privacy: PrivacyInstructions::NONE })
-    }
-
-    /// Weighting of one update (default: its example count, unscaled).
-    fn update_weighting(&self, upload: &UploadStats) -> Result<UpdateWeighting, StrategyError> {
         Ok(UpdateWeighting { weight: upload.num_examples, scale: 1.0 })
     }
 
@@ -172,11 +280,19 @@ pub trait Strategy: Send + 'static {
     /// current model.
     fn aggregate_fit(
         &mut self,
-        round: RoundId,
+        round: &RoundContext,
         global: &ParameterVector,
-        results: &FitResults,
+        results: FitResults,
         failures: &[FitFailure],
-    ) -> Result<Option<ParameterVector>, StrategyError>;
+    ) -> Result<Option<Aggregated>, StrategyError>;
+
+    /// Books the privacy charge of a round whose weights were accepted (the record
+    /// `aggregate_fit` returned, written in the round's commit transaction). Default: nothing to
+    /// book.
+    fn charge(&mut self, record: &LedgerRecord) -> Result<(), StrategyError> {
+        let _ = record;
+        Ok(())
+    }
 
     /// Evaluation batch size for the evaluation of `version` (default: unchanged).
     fn configure_evaluate(&mut self, version: ModelVersion, batch_size: u32) -> u32 {
@@ -193,13 +309,6 @@ pub trait Strategy: Send + 'static {
     ) -> Result<Option<EvalSummary>, StrategyError> {
         let _ = (version, failures);
         Ok(weighted_evaluation(results))
-    }
-
-    /// The privacy-ledger entry of a round that just aggregated, if this strategy charges
-    /// privacy (written in the round's commit transaction).
-    fn ledger_entry(&mut self, round: RoundId) -> Option<LedgerEntry> {
-        let _ = round;
-        None
     }
 
     /// A live view of this strategy's differential-privacy state for status, read without

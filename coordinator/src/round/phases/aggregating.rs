@@ -1,10 +1,10 @@
-//! Aggregating: the fixed-point sum becomes the weighted mean delta; the strategy steps the
-//! trainable weights; the result becomes the next full model (not yet published).
+//! Aggregating: the strategy turns the round's exact weighted sum into the next trainable
+//! weights (choosing its own denominator); the result becomes the next full model (not yet
+//! published). A privacy charge that comes with it is booked here and committed by Publishing.
 
 use std::sync::Arc;
 
 use fedtune_shared::ids::RoundId;
-use fedtune_shared::params::ParameterVector;
 use fedtune_shared::round::PhaseName;
 use tracing::info;
 
@@ -13,15 +13,16 @@ use super::publishing::Publishing;
 use super::shutdown::Shutdown;
 use crate::aggregate::FixedPointSum;
 use crate::model::GlobalModel;
+use crate::outcome::AttemptFailure;
 use crate::round::phase::{Phase, Shared};
 use crate::round::Round;
-use crate::storage::{ClientOutcome, LedgerEntry};
-use crate::strategy::{FitFailure, FitResults, FitSummary};
+use crate::storage::{ClientOutcome, LedgerRecord};
+use crate::strategy::{Aggregated, FitFailure, FitResults, FitSummary, RoundContext};
 
 /// Applying the strategy to one round's folded updates.
 #[derive(Debug)]
 pub(crate) struct Aggregating {
-    id: RoundId,
+    context: RoundContext,
     sum: FixedPointSum,
     accepted: Vec<FitSummary>,
     failures: Vec<FitFailure>,
@@ -29,60 +30,57 @@ pub(crate) struct Aggregating {
 }
 
 impl Aggregating {
-    /// Aggregation of `id`.
+    /// Aggregation of the round configured as `context`.
     pub(crate) fn new(
-        id: RoundId,
+        context: RoundContext,
         sum: FixedPointSum,
         accepted: Vec<FitSummary>,
         failures: Vec<FitFailure>,
         outcomes: Vec<ClientOutcome>,
     ) -> Self {
-        Self { id, sum, accepted, failures, outcomes }
+        Self { context, sum, accepted, failures, outcomes }
     }
 }
 
 /// What aggregation produced.
 enum Outcome {
-    Next(Box<GlobalModel>, Option<LedgerEntry>),
-    Kept(String),
+    Next(Box<GlobalModel>, Option<LedgerRecord>),
+    Kept(AttemptFailure),
 }
 
 impl Phase for Aggregating {
     const NAME: PhaseName = PhaseName::Aggregating;
 
     async fn run(self, shared: &mut Shared) -> Round {
-        let Aggregating { id, sum, accepted, failures, outcomes } = self;
+        let Aggregating { context, sum, accepted, failures, outcomes } = self;
+        let id: RoundId = context.round();
         let model = shared.model.clone();
         let strategy = shared.strategy.clone();
-        let accepted_for_strategy = accepted.clone();
-        // Everything heavy (mean, strategy step, digests) runs on a blocking thread.
-        let work = tokio::task::spawn_blocking(move || -> Result<Outcome, String> {
+        let results = FitResults::new(sum, model.layout.trainable.clone(), accepted.clone());
+        // Everything heavy (the strategy's division and step, digests) runs on a blocking thread.
+        let work = tokio::task::spawn_blocking(move || -> Result<Outcome, AttemptFailure> {
+            let failed = |e: &dyn std::fmt::Display| AttemptFailure::AggregationFailed(e.to_string());
             let layout = model.layout.clone();
-            let mean = sum.mean().ok_or("no update was folded")?;
-            drop(sum);
-            let mean_delta =
-                ParameterVector::new(layout.trainable.clone(), mean).map_err(|e| e.to_string())?;
             let global = layout.extract(&model.params);
-            let results = FitResults { mean_delta, total_weight: 0, clients: accepted_for_strategy };
-            let results =
-                FitResults { total_weight: results.clients.iter().map(|c| c.weight).sum(), ..results };
             let mut strategy = strategy.lock().unwrap_or_else(|p| p.into_inner());
-            let next = strategy.aggregate_fit(id, &global, &results, &failures).map_err(|e| e.to_string())?;
-            let Some(next) = next else {
-                return Ok(Outcome::Kept("the strategy kept the previous model".into()));
+            let next =
+                strategy.aggregate_fit(&context, &global, results, &failures).map_err(|e| failed(&e))?;
+            let Some(Aggregated { params: next, charge }) = next else {
+                return Ok(Outcome::Kept(AttemptFailure::StrategyKept));
             };
             if let Err(e) = next.ensure_finite() {
-                return Ok(Outcome::Kept(format!("aggregation produced a non-finite model: {e}")));
+                return Ok(Outcome::Kept(AttemptFailure::NonFiniteModel(e.to_string())));
             }
-            next.manifest().ensure_same(&layout.trainable).map_err(|e| e.to_string())?;
-            let ledger = strategy.ledger_entry(id);
+            next.manifest().ensure_same(&layout.trainable).map_err(|e| failed(&e))?;
+            if let Some(record) = &charge {
+                strategy.charge(record).map_err(|e| failed(&e))?;
+            }
             drop(strategy);
-            drop(results);
             drop(global);
             let mut params = model.params.clone();
             layout.write_back(&mut params, next.values());
             drop(next);
-            Ok(Outcome::Next(Box::new(GlobalModel::new(id.produces(), params, Arc::clone(&layout))), ledger))
+            Ok(Outcome::Next(Box::new(GlobalModel::new(id.produces(), params, Arc::clone(&layout))), charge))
         });
         let out = match shared.serve_while(work).await {
             None => return Round::Shutdown(Shutdown::requested()),
@@ -95,15 +93,9 @@ impl Phase for Aggregating {
                 info!(version = %model.version, ?train_loss, "aggregated");
                 Round::Publishing(Publishing::new(id, *model, ledger, outcomes, accepted, train_loss))
             }
-            Ok(Outcome::Kept(reason)) => {
+            Ok(Outcome::Kept(reason)) | Err(reason) => {
                 Round::Failure(Failure::new(id, reason, outcomes, accepted.len() as u32))
             }
-            Err(reason) => Round::Failure(Failure::new(
-                id,
-                format!("aggregation failed: {reason}"),
-                outcomes,
-                accepted.len() as u32,
-            )),
         }
     }
 }

@@ -17,6 +17,7 @@ use super::finished::Finished;
 use super::idle::Idle;
 use super::shutdown::Shutdown;
 use crate::error::RoundError;
+use crate::outcome::{Lateness, ParticipantOutcome};
 use crate::round::phase::{Assigned, Phase, Shared, Wake};
 use crate::round::requests::Request;
 use crate::round::Round;
@@ -108,8 +109,8 @@ impl Phase for Evaluating {
                 Wake::Cancelled => return Round::Shutdown(Shutdown::requested()),
                 Wake::Deadline => {
                     for c in std::mem::take(&mut pending).into_keys() {
-                        failures
-                            .push(FitFailure { client: c, reason: "late: no report by the deadline".into() });
+                        let outcome = ParticipantOutcome::Late(Lateness::NoReport);
+                        failures.push(FitFailure { client: c, outcome });
                     }
                 }
                 Wake::Tick => {
@@ -119,7 +120,7 @@ impl Phase for Evaluating {
                     for c in gone {
                         pending.remove(&c);
                         shared.tasks.remove(&c);
-                        failures.push(FitFailure { client: c, reason: "dropped".into() });
+                        failures.push(FitFailure { client: c, outcome: ParticipantOutcome::Dropped });
                     }
                 }
                 Wake::Request((Request::ReportEvaluation(client, report, reply), span)) => {
@@ -146,7 +147,7 @@ impl Phase for Evaluating {
                     let _g = span.enter();
                     pending.remove(&client);
                     shared.tasks.remove(&client);
-                    failures.push(FitFailure { client, reason: format!("failed: {}", report.reason) });
+                    failures.push(FitFailure { client, outcome: ParticipantOutcome::Failed(report.reason) });
                     let _ = reply.send(Ok(()));
                 }
                 Wake::Request(env) => shared.handle_common(env).await,

@@ -8,6 +8,7 @@ use tracing::warn;
 use super::finished::Finished;
 use super::idle::Idle;
 use super::shutdown::Shutdown;
+use crate::outcome::AttemptFailure;
 use crate::round::phase::{Closed, Phase, Shared};
 use crate::round::Round;
 use crate::storage::{self, ClientOutcome};
@@ -16,14 +17,19 @@ use crate::storage::{self, ClientOutcome};
 #[derive(Debug)]
 pub(crate) struct Failure {
     id: RoundId,
-    reason: String,
+    reason: AttemptFailure,
     outcomes: Vec<ClientOutcome>,
     accepted: u32,
 }
 
 impl Failure {
     /// Attempt `id` failed for `reason`.
-    pub(crate) fn new(id: RoundId, reason: String, outcomes: Vec<ClientOutcome>, accepted: u32) -> Self {
+    pub(crate) fn new(
+        id: RoundId,
+        reason: AttemptFailure,
+        outcomes: Vec<ClientOutcome>,
+        accepted: u32,
+    ) -> Self {
         Self { id, reason, outcomes, accepted }
     }
 }

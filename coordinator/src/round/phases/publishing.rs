@@ -18,7 +18,7 @@ use super::shutdown::Shutdown;
 use crate::model::GlobalModel;
 use crate::round::phase::{Closed, Phase, Shared};
 use crate::round::Round;
-use crate::storage::{self, ClientOutcome, LedgerEntry, RoundCommit};
+use crate::storage::{self, ClientOutcome, LedgerRecord, RoundCommit};
 use crate::strategy::FitSummary;
 
 /// Committing and publishing one round's model.
@@ -26,7 +26,7 @@ use crate::strategy::FitSummary;
 pub(crate) struct Publishing {
     id: RoundId,
     model: GlobalModel,
-    ledger: Option<LedgerEntry>,
+    ledger: Option<LedgerRecord>,
     outcomes: Vec<ClientOutcome>,
     accepted: Vec<FitSummary>,
     train_loss: Option<f64>,
@@ -37,7 +37,7 @@ impl Publishing {
     pub(crate) fn new(
         id: RoundId,
         model: GlobalModel,
-        ledger: Option<LedgerEntry>,
+        ledger: Option<LedgerRecord>,
         outcomes: Vec<ClientOutcome>,
         accepted: Vec<FitSummary>,
         train_loss: Option<f64>,
@@ -82,7 +82,7 @@ impl Phase for Publishing {
             checkpoint: shared.storage.checkpoint_path(version),
             strategy_state,
             full_sha256: model.model_ref.full_payload,
-            failed: outcomes.iter().filter(|o| o.outcome != "accepted").count() as u32,
+            failed: outcomes.iter().filter(|o| !o.outcome.is_accepted()).count() as u32,
             outcomes,
             accepted: accepted.len() as u32,
             total_examples: accepted.iter().map(|a| a.num_examples).sum(),

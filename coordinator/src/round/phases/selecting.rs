@@ -12,11 +12,12 @@ use super::failure::Failure;
 use super::finished::Finished;
 use super::shutdown::Shutdown;
 use super::training::Training;
+use crate::outcome::AttemptFailure;
 use crate::round::phase::{Assigned, Phase, Shared};
 use crate::round::Round;
 use crate::sampling;
 use crate::storage::{self, SampleRecord};
-use crate::strategy::StrategyError;
+use crate::strategy::{Draw, StrategyError};
 
 /// Drawing the clients of `id`.
 #[derive(Debug)]
@@ -55,8 +56,8 @@ impl Phase for Selecting {
         };
         let plan = {
             let mut strategy = shared.strategy.lock().unwrap_or_else(|p| p.into_inner());
-            strategy.observe_sampling(id, candidates.len(), selected.len());
-            strategy.configure_fit(id, &base)
+            let draw = Draw { round: id, candidates: candidates.len(), selected: selected.len() };
+            strategy.configure_fit(&draw, &base)
         };
         let plan = match plan {
             Ok(p) => p,
@@ -92,17 +93,12 @@ impl Phase for Selecting {
             "clients sampled"
         );
         if selected.len() < s.rounds.min_fit {
-            return Round::Failure(Failure::new(
-                id,
-                format!(
-                    "sampled {} of {} live clients, fewer than rounds.min_fit = {}",
-                    selected.len(),
-                    candidates.len(),
-                    s.rounds.min_fit
-                ),
-                Vec::new(),
-                0,
-            ));
+            let reason = AttemptFailure::TooFewSampled {
+                sampled: selected.len(),
+                live: candidates.len(),
+                min_fit: s.rounds.min_fit,
+            };
+            return Round::Failure(Failure::new(id, reason, Vec::new(), 0));
         }
         let deadline = Instant::now() + s.rounds.deadline;
         let mut slots = BTreeMap::new();
@@ -122,6 +118,6 @@ impl Phase for Selecting {
         }
         shared.events.tasks_changed();
         let selected: Vec<ClientId> = slots.into_keys().collect();
-        Round::Training(Training::new(id, selected, deadline))
+        Round::Training(Training::new(plan.context, selected, deadline))
     }
 }

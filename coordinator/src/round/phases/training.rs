@@ -1,8 +1,9 @@
 //! Training: sampled clients train and upload; verified updates are folded as they arrive.
 //!
-//! Per drawn client a slot moves `Assigned → Uploading → Folding → Accepted`, or ends `Failed`
-//! (reported failure, dropout, late, refused). An upload's header is checked here before any
-//! byte is staged; the staged, digest-verified update is folded into the fixed-point sum on a
+//! Per drawn client a slot moves `Assigned → Uploading → Folding → Ended(Accepted)`, or ends
+//! early with another [`ParticipantOutcome`] (reported failure, dropout, late, refused). An
+//! upload's header is checked here before any byte is staged; the staged, digest-verified
+//! update is folded into the fixed-point sum on a
 //! blocking thread, one fold at a time (the sum has one owner), while this loop keeps serving
 //! requests. The phase ends at the deadline, or earlier once every slot is final, after the
 //! folds already committed have finished.
@@ -20,12 +21,13 @@ use super::failure::Failure;
 use super::shutdown::Shutdown;
 use crate::aggregate::{FixedPointSum, MAX_TOTAL_WEIGHT};
 use crate::error::RoundError;
+use crate::outcome::{AttemptFailure, Lateness, ParticipantOutcome, Refusal};
 use crate::round::phase::{Closed, Phase, Shared};
 use crate::round::requests::{Envelope, Reply, Request, UploadTicket};
 use crate::round::Round;
 use crate::spool::StagedUpdate;
 use crate::storage::ClientOutcome;
-use crate::strategy::{FitFailure, FitSummary, UpdateWeighting, UploadStats};
+use crate::strategy::{FitFailure, FitSummary, RoundContext, UpdateWeighting, UploadStats};
 
 /// Where a drawn client stands.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,15 +38,25 @@ enum Slot {
     Uploading(u64),
     /// Verified, waiting for or in its fold.
     Folding,
-    /// Folded.
-    Accepted,
-    /// Ended without contributing.
-    Failed(String),
+    /// Over: folded, or ended without contributing.
+    Ended(ParticipantOutcome),
 }
 
 impl Slot {
     fn is_final(&self) -> bool {
-        matches!(self, Slot::Accepted | Slot::Failed(_))
+        matches!(self, Slot::Ended(_))
+    }
+
+    /// How the slot counts once training is over. Training ends only when every slot is final or
+    /// the deadline closed the open ones, so the open arms are a safety net: an open slot did
+    /// not contribute.
+    fn outcome(&self) -> ParticipantOutcome {
+        match self {
+            Slot::Ended(o) => o.clone(),
+            Slot::Assigned => ParticipantOutcome::Late(Lateness::NoUpdate),
+            Slot::Uploading(_) => ParticipantOutcome::Late(Lateness::UploadIncomplete),
+            Slot::Folding => ParticipantOutcome::FoldFailed,
+        }
     }
 }
 
@@ -64,6 +76,9 @@ type FoldJoin = JoinHandle<(FixedPointSum, PendingFold, std::io::Result<()>)>;
 #[derive(Debug)]
 pub(crate) struct Training {
     id: RoundId,
+    /// What the strategy configured the round with (handed back at each weighting and at
+    /// aggregation).
+    context: RoundContext,
     deadline: Instant,
     slots: BTreeMap<ClientId, Slot>,
     /// The running sum; `None` while a fold has it.
@@ -75,14 +90,16 @@ pub(crate) struct Training {
     accepted: Vec<FitSummary>,
     deadline_passed: bool,
     /// Set if a fold failed: the sum can no longer be trusted and the attempt fails.
-    poisoned: Option<String>,
+    poisoned: Option<AttemptFailure>,
 }
 
 impl Training {
-    /// Training for `id` with the drawn clients, ending at `deadline`.
-    pub(crate) fn new(id: RoundId, selected: Vec<ClientId>, deadline: Instant) -> Self {
+    /// Training for the round configured as `context` with the drawn clients, ending at
+    /// `deadline`.
+    pub(crate) fn new(context: RoundContext, selected: Vec<ClientId>, deadline: Instant) -> Self {
         Self {
-            id,
+            id: context.round(),
+            context,
             deadline,
             slots: selected.into_iter().map(|c| (c, Slot::Assigned)).collect(),
             sum: None,
@@ -100,10 +117,10 @@ impl Training {
         settled && self.folding.is_none() && self.queue.is_empty()
     }
 
-    fn fail_slot(&mut self, shared: &mut Shared, client: &ClientId, reason: String) {
+    fn end_slot(&mut self, shared: &mut Shared, client: &ClientId, outcome: ParticipantOutcome) {
         if let Some(slot) = self.slots.get_mut(client) {
-            debug!(client = %client, %reason, "participant failed");
-            *slot = Slot::Failed(reason);
+            debug!(client = %client, %outcome, "participant failed");
+            *slot = Slot::Ended(outcome);
         }
         if shared.tasks.remove(client).is_some() {
             shared.events.tasks_changed();
@@ -119,15 +136,14 @@ impl Training {
             .map(|(c, s)| (c.clone(), s.clone()))
             .collect();
         for (c, s) in open {
-            let why = match s {
-                Slot::Uploading(_) => "late: upload incomplete at the deadline",
-                _ => "late: no update by the deadline",
+            let late = match s {
+                Slot::Uploading(_) => Lateness::UploadIncomplete,
+                _ => Lateness::NoUpdate,
             };
-            self.fail_slot(shared, &c, why.into());
+            self.end_slot(shared, &c, ParticipantOutcome::Late(late));
         }
         info!(
-            late =
-                self.slots.values().filter(|s| matches!(s, Slot::Failed(r) if r.starts_with("late"))).count(),
+            late = self.slots.values().filter(|s| matches!(s, Slot::Ended(o) if o.is_late())).count(),
             "round deadline passed"
         );
     }
@@ -142,7 +158,7 @@ impl Training {
             .collect();
         for c in silent {
             warn!(client = %c, "selected client went silent; counted as a dropout");
-            self.fail_slot(shared, &c, "dropped: no heartbeat within the liveness timeout".into());
+            self.end_slot(shared, &c, ParticipantOutcome::Dropped);
         }
     }
 
@@ -163,9 +179,11 @@ impl Training {
         match slot {
             Slot::Assigned => {}
             Slot::Uploading(_) => return Err(RoundError::UploadInProgress { client, round: id }),
-            Slot::Folding | Slot::Accepted => return Err(RoundError::Duplicate { client, round: id }),
-            Slot::Failed(reason) => {
-                return Err(RoundError::TaskOver { client, round: id, reason: reason.clone() })
+            Slot::Folding | Slot::Ended(ParticipantOutcome::Accepted) => {
+                return Err(RoundError::Duplicate { client, round: id })
+            }
+            Slot::Ended(outcome) => {
+                return Err(RoundError::TaskOver { client, round: id, reason: outcome.to_string() })
             }
         }
         if header.base_version != shared.model.version {
@@ -213,14 +231,15 @@ impl Training {
         };
         match self.slots.get(&client) {
             Some(Slot::Uploading(u)) if *u == ticket.upload_id => {}
-            Some(Slot::Failed(reason)) if reason.starts_with("late") => {
+            Some(Slot::Ended(outcome)) if outcome.is_late() => {
                 return refuse(
                     reply,
                     RoundError::Late { round: self.id, deadline: shared.settings.rounds.deadline },
                 )
             }
-            Some(Slot::Failed(reason)) => {
-                return refuse(reply, RoundError::TaskOver { client, round: self.id, reason: reason.clone() })
+            Some(Slot::Ended(outcome)) if !outcome.is_accepted() => {
+                let reason = outcome.to_string();
+                return refuse(reply, RoundError::TaskOver { client, round: self.id, reason });
             }
             _ => return refuse(reply, RoundError::Duplicate { client, round: self.id }),
         }
@@ -231,22 +250,22 @@ impl Training {
         };
         let weighting = {
             let strategy = shared.strategy.lock().unwrap_or_else(|p| p.into_inner());
-            strategy.update_weighting(&stats)
+            strategy.update_weighting(&self.context, &stats)
         };
         let weighting = match weighting {
             Ok(w) if w.weight >= 1 && w.scale > 0.0 && w.scale <= 1.0 => w,
             Ok(w) => {
                 warn!(?w, "strategy returned an invalid weighting");
-                self.fail_slot(shared, &client, "refused: invalid weighting".into());
+                self.end_slot(shared, &client, ParticipantOutcome::Refused(Refusal::InvalidWeighting));
                 return refuse(reply, RoundError::Internal("invalid update weighting".into()));
             }
             Err(e) => {
-                self.fail_slot(shared, &client, format!("refused: {e}"));
+                self.end_slot(shared, &client, ParticipantOutcome::Refused(Refusal::Strategy(e.to_string())));
                 return refuse(reply, RoundError::Refused(e.to_string()));
             }
         };
         if self.committed_weight + weighting.weight > MAX_TOTAL_WEIGHT {
-            self.fail_slot(shared, &client, "refused: too many examples".into());
+            self.end_slot(shared, &client, ParticipantOutcome::Refused(Refusal::TooManyExamples));
             return refuse(
                 reply,
                 RoundError::TooManyExamples { weight: weighting.weight, limit: MAX_TOTAL_WEIGHT },
@@ -286,7 +305,7 @@ impl Training {
             Ok((sum, pending, Ok(()))) => {
                 self.sum = Some(sum);
                 let client = pending.ticket.client.clone();
-                self.slots.insert(client.clone(), Slot::Accepted);
+                self.slots.insert(client.clone(), Slot::Ended(ParticipantOutcome::Accepted));
                 shared.tasks.remove(&client);
                 shared.accepted_updates += 1;
                 self.accepted.push(FitSummary {
@@ -303,17 +322,23 @@ impl Training {
                 // The sum may hold part of this update: nothing folded into it can be trusted.
                 self.sum = Some(sum);
                 warn!(cause = %e, "fold failed; the attempt will fail");
-                self.poisoned = Some(format!("folding an update failed: {e}"));
+                self.poisoned = Some(AttemptFailure::FoldFailed(e.to_string()));
                 let client = pending.ticket.client.clone();
-                self.fail_slot(shared, &client, "internal error while folding".into());
+                self.end_slot(shared, &client, ParticipantOutcome::FoldFailed);
                 let _ = pending.reply.send(Err(RoundError::Internal(e.to_string())));
             }
             Err(e) => {
                 warn!(cause = %e, "fold task died; the attempt will fail");
-                self.poisoned = Some(format!("fold task died: {e}"));
-                // The sum went down with the task: refuse everything still queued.
+                self.poisoned = Some(AttemptFailure::FoldTaskDied(e.to_string()));
+                // The sum went down with the task: refuse everything still queued, and count the
+                // update that was folding (the task took its reply along) as not folded.
                 for p in self.queue.drain(..) {
                     let _ = p.reply.send(Err(RoundError::Internal("aggregation failed".into())));
+                }
+                let folding: Vec<ClientId> =
+                    self.slots.iter().filter(|(_, s)| **s == Slot::Folding).map(|(c, _)| c.clone()).collect();
+                for c in folding {
+                    self.end_slot(shared, &c, ParticipantOutcome::FoldFailed);
                 }
             }
         }
@@ -349,7 +374,7 @@ impl Training {
                 shared.registry.touch(&client, Some(ClientActivity::Idle), Instant::now());
                 if matches!(self.slots.get(&client), Some(Slot::Assigned | Slot::Uploading(_))) {
                     info!(client = %client, reason = %report.reason, "client reported a failed fit task");
-                    self.fail_slot(shared, &client, format!("failed: {}", report.reason));
+                    self.end_slot(shared, &client, ParticipantOutcome::Failed(report.reason.clone()));
                 }
                 let _ = reply.send(Ok(()));
             }
@@ -400,13 +425,10 @@ impl Phase for Training {
         };
         shared.closed = Some(Closed { id: self.id, reason });
         let outcomes = self.outcomes();
-        let failures: Vec<FitFailure> = self
-            .slots
+        let failures: Vec<FitFailure> = outcomes
             .iter()
-            .filter_map(|(c, s)| match s {
-                Slot::Failed(r) => Some(FitFailure { client: c.clone(), reason: r.clone() }),
-                _ => None,
-            })
+            .filter(|o| !o.outcome.is_accepted())
+            .map(|o| FitFailure { client: o.client.clone(), outcome: o.outcome.clone() })
             .collect();
         let accepted = self.accepted.len();
         let min_fit = shared.settings.rounds.min_fit;
@@ -415,11 +437,11 @@ impl Phase for Training {
             return Round::Failure(Failure::new(self.id, reason, outcomes, accepted as u32));
         }
         if accepted < min_fit {
-            let reason = format!("{accepted} updates accepted, fewer than rounds.min_fit = {min_fit}");
+            let reason = AttemptFailure::TooFewAccepted { accepted, min_fit };
             return Round::Failure(Failure::new(self.id, reason, outcomes, accepted as u32));
         }
         let sum = self.sum.take().expect("no fold is running once training is done");
-        Round::Aggregating(Aggregating::new(self.id, sum, self.accepted, failures, outcomes))
+        Round::Aggregating(Aggregating::new(self.context, sum, self.accepted, failures, outcomes))
     }
 }
 
@@ -438,11 +460,7 @@ impl Training {
                 let accepted = self.accepted.iter().find(|a| &a.client == c);
                 ClientOutcome {
                     client: c.clone(),
-                    outcome: match s {
-                        Slot::Accepted => "accepted".into(),
-                        Slot::Failed(r) => r.clone(),
-                        other => format!("{other:?}").to_lowercase(),
-                    },
+                    outcome: s.outcome(),
                     num_examples: accepted.map(|a| a.num_examples),
                     metrics: accepted
                         .map(|a| serde_json::json!(a.metrics))

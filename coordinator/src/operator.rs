@@ -1,0 +1,273 @@
+//! What an operator does with a federation from outside the server: ask a running coordinator
+//! for its status over gRPC (`status`), and write a round's model as a Hugging Face directory
+//! from a state directory (`export`).
+//!
+//! The `fedtune-coordinator` CLI parses into these argument structs and calls these functions;
+//! `simulate` calls the same ones, so a simulation sees the federation exactly as an operator
+//! does. This module sits below both and names neither.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use fedtune_shared::chunk::MAX_MESSAGE_BYTES;
+use fedtune_shared::ids::ModelVersion;
+use fedtune_shared::params::ParameterVector;
+use fedtune_shared::pb;
+use fedtune_shared::round::StatusReport;
+use fedtune_shared::settings::SettingsError;
+
+use crate::model::{self, ModelError};
+use crate::storage::{self, Storage, StorageError};
+
+/// `status` options.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Coordinator URL.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Rounds to show.
+    #[arg(long, default_value_t = 10)]
+    pub recent: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// CA certificate (PEM) to trust for an https:// coordinator.
+    #[arg(long, value_name = "PEM")]
+    pub ca: Option<PathBuf>,
+    /// Name the coordinator's certificate must carry (default: the URL's host).
+    #[arg(long)]
+    pub tls_domain: Option<String>,
+    /// Client certificate (PEM) when the coordinator requires mutual TLS.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// `export` options.
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// State directory of the federation.
+    #[arg(long)]
+    pub state_dir: PathBuf,
+    /// Round whose model to export (0 = the initial model).
+    #[arg(long)]
+    pub round: u64,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Where the tokenizer and config.json come from (default: the recorded initial model
+    /// directory).
+    #[arg(long)]
+    pub init_dir: Option<PathBuf>,
+}
+
+/// Errors of the operator commands.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad configuration (exit status 64).
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
+    /// Connecting or calling the coordinator.
+    #[error("cannot reach the coordinator at {addr}: {reason}")]
+    Connect {
+        /// URL.
+        addr: String,
+        /// Cause.
+        reason: String,
+    },
+    /// State directory.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// Model files.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// Nothing to export.
+    #[error("{0}")]
+    NotFound(String),
+}
+
+/// Calls `GetStatus` on a running coordinator.
+pub async fn fetch_status(args: &StatusArgs) -> Result<StatusReport, CliError> {
+    let err = |reason: String| CliError::Connect { addr: args.addr.clone(), reason };
+    let mut endpoint =
+        tonic::transport::Endpoint::from_shared(args.addr.clone()).map_err(|e| err(e.to_string()))?;
+    if let Some(ca) = &args.ca {
+        let domain = match &args.tls_domain {
+            Some(d) => d.clone(),
+            None => {
+                url_host(&args.addr).ok_or_else(|| err("no host in the URL; pass --tls-domain".into()))?
+            }
+        };
+        let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
+        let tls = fedtune_shared::crypto::client_tls_config(ca, &domain, identity)
+            .map_err(|e| err(format!("TLS: {e}")))?;
+        endpoint = endpoint.tls_config(tls).map_err(|e| err(format!("TLS: {e}")))?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| err(e.to_string()))?;
+    let mut client = pb::coordinator_client::CoordinatorClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let resp = client
+        .get_status(pb::GetStatusRequest { recent_rounds: args.recent })
+        .await
+        .map_err(|s| err(format!("{}: {}", s.code(), s.message())))?;
+    StatusReport::try_from(resp.into_inner()).map_err(|e| err(e.to_string()))
+}
+
+/// The host of `scheme://host:port/…` (brackets of an IPv6 literal removed).
+pub fn url_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next()?;
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    (!host.is_empty()).then(|| host.to_string())
+}
+
+fn fmt_f(v: f64) -> String {
+    if v.is_nan() {
+        "-".into()
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+/// Human-readable status.
+pub fn render_status(s: &StatusReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "phase {}  round {} (attempt {})  model v{}  of {} rounds  strategy {}",
+        s.phase, s.round.round, s.round.attempt, s.model_version.0, s.total_rounds, s.strategy
+    );
+    let _ = writeln!(out, "privacy: {}", s.privacy.guarantee);
+    if let Some(reason) = &s.finished_reason {
+        let _ = writeln!(out, "finished: {reason}");
+    }
+    if let Some(d) = s.deadline_in {
+        let _ = writeln!(
+            out,
+            "deadline in {:.1}s, {} updates accepted so far",
+            d.as_secs_f64(),
+            s.accepted_updates
+        );
+    }
+    let alive = s.clients.iter().filter(|c| c.alive).count();
+    let _ = writeln!(out, "\nclients: {alive} alive of {}", s.clients.len());
+    for c in &s.clients {
+        let _ = writeln!(
+            out,
+            "  {:<24} {:<5} {:<11} seen {:>7.1}s ago  rounds {}",
+            c.client_id.to_string(),
+            if c.alive { "alive" } else { "gone" },
+            c.activity.to_string(),
+            c.last_seen_ago.as_secs_f64(),
+            c.rounds_contributed
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nround attempt status     sel acc fail  examples  train_loss  eval_loss  eval_acc  secs"
+    );
+    for r in &s.recent_rounds {
+        let _ = writeln!(
+            out,
+            "{:>5} {:>7} {:<10} {:>3} {:>3} {:>4} {:>9} {:>11} {:>10} {:>9} {:>5.1}{}",
+            r.id.round,
+            r.id.attempt,
+            r.status,
+            r.selected,
+            r.accepted,
+            r.failed,
+            r.total_examples,
+            fmt_f(r.train_loss),
+            fmt_f(r.eval_loss),
+            fmt_f(r.eval_accuracy),
+            r.duration.as_secs_f64(),
+            if r.reason.is_empty() { String::new() } else { format!("  ({})", r.reason) }
+        );
+    }
+    out
+}
+
+/// JSON status (for scripts).
+pub fn status_json(s: &StatusReport) -> serde_json::Value {
+    let num = |v: f64| if v.is_nan() { serde_json::Value::Null } else { serde_json::json!(v) };
+    serde_json::json!({
+        "phase": s.phase,
+        "round": s.round.round,
+        "attempt": s.round.attempt,
+        "model_version": s.model_version.0,
+        "total_rounds": s.total_rounds,
+        "strategy": s.strategy,
+        "deadline_in_ms": s.deadline_in.map(|d| d.as_millis() as u64),
+        "accepted_updates": s.accepted_updates,
+        "finished_reason": s.finished_reason,
+        "privacy": {
+            "mode": s.privacy.mode,
+            "guarantee": s.privacy.guarantee,
+            "epsilon": s.privacy.epsilon,
+            "delta": s.privacy.delta,
+            "target_epsilon": s.privacy.target_epsilon,
+            "noise_multiplier": s.privacy.noise_multiplier,
+            "clip_norm": s.privacy.clip_norm,
+            "sampling": s.privacy.sampling,
+            "rounds_charged": s.privacy.rounds_charged,
+        },
+        "clients": s.clients.iter().map(|c| serde_json::json!({
+            "client_id": c.client_id.as_str(),
+            "alive": c.alive,
+            "last_seen_ms_ago": c.last_seen_ago.as_millis() as u64,
+            "activity": c.activity,
+            "rounds_contributed": c.rounds_contributed,
+        })).collect::<Vec<_>>(),
+        "recent_rounds": s.recent_rounds.iter().map(|r| serde_json::json!({
+            "round": r.id.round,
+            "attempt": r.id.attempt,
+            "status": r.status,
+            "selected": r.selected,
+            "accepted": r.accepted,
+            "failed": r.failed,
+            "total_examples": r.total_examples,
+            "train_loss": num(r.train_loss),
+            "eval_loss": num(r.eval_loss),
+            "eval_accuracy": num(r.eval_accuracy),
+            "eval_examples": r.eval_examples,
+            "duration_ms": r.duration.as_millis() as u64,
+            "reason": r.reason,
+            "epsilon": r.epsilon,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// Exports the model after round `args.round`; returns the files written.
+pub fn export(args: &ExportArgs) -> Result<Vec<PathBuf>, CliError> {
+    let store = Storage::open_existing(&args.state_dir)?;
+    let version = ModelVersion(args.round);
+    let (row, labels, init_dir) = store.call_sync(|c| {
+        Ok((
+            storage::checkpoint_of(c, version)?,
+            storage::meta_get(c, "labels")?,
+            storage::meta_get(c, "init_dir")?,
+        ))
+    })?;
+    let row = row.ok_or_else(|| {
+        CliError::NotFound(format!(
+            "no checkpoint for round {} in {} (not completed yet, or pruned)",
+            args.round,
+            args.state_dir.display()
+        ))
+    })?;
+    let labels: Vec<String> = labels
+        .and_then(|l| serde_json::from_str(&l).ok())
+        .ok_or_else(|| CliError::NotFound("the state directory records no labels".into()))?;
+    let init_dir =
+        args.init_dir.clone().or(init_dir.map(PathBuf::from)).ok_or_else(|| {
+            CliError::NotFound("no initial model directory recorded; pass --init-dir".into())
+        })?;
+    let params = ParameterVector::load_safetensors(&row.path, |_| true).map_err(ModelError::from)?;
+    Ok(model::export_hf(&params, &labels, &init_dir, &args.out)?)
+}
