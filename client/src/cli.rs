@@ -3,6 +3,12 @@
 //! `main.rs` only parses [`Cli`], sets up logging and dispatches; each subcommand is a function
 //! here that writes its results to a writer (stdout in the binary, a buffer in tests). Progress
 //! bars and logs go to stderr, so stdout stays machine-readable for `predict`.
+//!
+//! This is the top layer: `run`'s flags ([`RunArgs`]) only turn into
+//! [`ClientSettings`](crate::settings::ClientSettings), which `crate::run_cmd` executes without
+//! knowing about the command line.
+
+mod run;
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -14,7 +20,9 @@ use crate::device::{DeviceChoice, PrecisionChoice};
 use crate::local_trainer::{FitConfig, TrainerError};
 use crate::trainer::{AdamWConfig, BertTrainer, TrainScope, TrainerOptions, TrainerSummary};
 
-/// Errors a subcommand reports (printed by `main`, exit status 1).
+pub use run::RunArgs;
+
+/// Errors a subcommand reports (printed by `main`; exit status 64 for [`CliError::Usage`], else 1).
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     /// Reading the data failed.
@@ -58,7 +66,7 @@ pub enum Command {
     Predict(PredictArgs),
     /// Join a federation: train on local data for the coordinator round after round, until the
     /// federation finishes or SIGINT/SIGTERM.
-    Run(crate::run_cmd::RunArgs),
+    Run(Box<RunArgs>),
     /// Write a new Ed25519 identity key (PKCS#8 PEM, mode 0600) and print its public key, for
     /// `fedtune-coordinator clients add --public-key`.
     Keygen(crate::identity::KeygenArgs),

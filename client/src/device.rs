@@ -108,6 +108,16 @@ impl FromStr for PrecisionChoice {
     }
 }
 
+impl fmt::Display for PrecisionChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        })
+    }
+}
+
 impl PrecisionChoice {
     /// The precision to use on `device`.
     pub fn resolve(self, device: Device) -> Precision {
@@ -132,6 +142,16 @@ mod tests {
         assert_eq!("cuda:3".parse(), Ok(DeviceChoice::Cuda(3)));
         assert!("cuda:x".parse::<DeviceChoice>().is_err());
         assert!("tpu".parse::<DeviceChoice>().is_err());
+    }
+
+    #[test]
+    fn choices_print_as_they_parse() {
+        for d in [DeviceChoice::Auto, DeviceChoice::Cpu, DeviceChoice::Cuda(2)] {
+            assert_eq!(d.to_string().parse(), Ok(d));
+        }
+        for p in [PrecisionChoice::Auto, PrecisionChoice::F32, PrecisionChoice::Bf16] {
+            assert_eq!(p.to_string().parse(), Ok(p));
+        }
     }
 
     #[test]

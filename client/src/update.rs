@@ -2,13 +2,15 @@
 //!
 //! ```text
 //! local, global ─► delta = local − global ─► stage ─► stage ─► … ─► PreparedUpdate ─► upload
-//!                                            (check finite, clip (L2), noise (DP), sign)
+//!                                            (check finite, clip (L2), noise (DP))
 //! ```
 //!
 //! Computing the delta is fixed; everything after it is an ordered list of [`UpdateStage`]s, so
-//! that differential privacy (clip, then noise) and signing plug in as stages without the agent
-//! changing. Order matters and is the caller's to choose: clipping must precede noise, and signing
-//! must come last because it covers the final bytes. The default pipeline only checks that every
+//! that differential privacy (clip, then noise) plugs in as stages without the agent changing.
+//! Order matters and is the caller's to choose: clipping must precede noise. Signing is not a
+//! stage: the signature covers the upload header and the session's federation and client id,
+//! which only the transport knows, so `identity::sign_upload_stream` signs the trailer there.
+//! The default pipeline only checks that every
 //! value is finite and within the protocol's range (a diverged client must not poison the global
 //! model, and the coordinator would reject the upload anyway, after it was streamed).
 //!
@@ -28,7 +30,7 @@ use std::collections::BTreeMap;
 
 use fedtune_shared::ids::{ClientId, RoundId};
 use fedtune_shared::params::{ParameterVector, ParamsError};
-use fedtune_shared::round::{PrivacyInstructions, PrivacyMode, UpdateSignature};
+use fedtune_shared::round::{PrivacyInstructions, PrivacyMode};
 
 /// Largest magnitude of an uploaded delta value (`docs/protocol.md`: the coordinator sums
 /// updates in fixed point and refuses values outside ±1024).
@@ -62,8 +64,6 @@ pub struct PreparedUpdate {
     pub delta: ParameterVector,
     /// Training examples behind the update (its FedAvg weight).
     pub num_examples: u64,
-    /// Signature over the final payload, set by a signing stage (none without one).
-    pub signature: Option<UpdateSignature>,
     /// Figures stages record for logs and the coordinator's metrics, e.g. `l2_norm` before
     /// clipping; keyed by a stable name so adding a stage never changes the struct.
     pub metrics: BTreeMap<&'static str, f64>,
@@ -74,7 +74,7 @@ pub struct PreparedUpdate {
 /// `&mut self` because real stages carry state (a noise generator, a key); `Send` because the
 /// pipeline moves onto the trainer's blocking thread.
 pub trait UpdateStage: Send + std::fmt::Debug {
-    /// Short stable name for logs and errors (`"clip"`, `"noise"`, `"sign"`).
+    /// Short stable name for logs and errors (`"clip"`, `"noise"`).
     fn name(&self) -> &'static str;
     /// Transforms or checks `update` in place; an error abandons the upload.
     fn apply(&mut self, update: &mut PreparedUpdate) -> Result<(), UpdateError>;
@@ -111,7 +111,7 @@ pub struct UpdatePipeline {
 }
 
 impl Default for UpdatePipeline {
-    /// The pipeline without privacy or signing: only [`CheckRange`].
+    /// The pipeline without privacy: only [`CheckRange`].
     fn default() -> Self {
         Self { stages: vec![Box::new(CheckRange)] }
     }
@@ -123,7 +123,7 @@ impl UpdatePipeline {
         Self { stages }
     }
 
-    /// Appends a stage (e.g. clip, then noise, then sign).
+    /// Appends a stage (e.g. clip, then noise).
     pub fn with_stage(mut self, stage: impl UpdateStage + 'static) -> Self {
         self.stages.push(Box::new(stage));
         self
@@ -146,8 +146,7 @@ impl UpdatePipeline {
         num_examples: u64,
     ) -> Result<PreparedUpdate, UpdateError> {
         let delta = delta(global, local)?;
-        let mut update =
-            PreparedUpdate { round, delta, num_examples, signature: None, metrics: BTreeMap::new() };
+        let mut update = PreparedUpdate { round, delta, num_examples, metrics: BTreeMap::new() };
         for stage in &mut self.stages {
             stage.apply(&mut update)?;
         }
@@ -158,7 +157,7 @@ impl UpdatePipeline {
 /// What a [`PipelineFactory`] knows about the fit task it builds a pipeline for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskContext {
-    /// Our id at the coordinator (a signing stage covers it).
+    /// Our id at the coordinator.
     pub client_id: ClientId,
     /// Round and attempt of the task.
     pub round: RoundId,
@@ -166,8 +165,7 @@ pub struct TaskContext {
     pub privacy: PrivacyInstructions,
 }
 
-/// Builds the pipeline one fit task needs (clip and noise per its privacy instructions, sign
-/// if this client signs).
+/// Builds the pipeline one fit task needs (clip and noise per its privacy instructions).
 pub trait PipelineFactory: Send + Sync + std::fmt::Debug {
     /// A fresh pipeline for `task`, or [`UpdateError::Unsupported`] if this agent cannot
     /// honour the task's instructions.
@@ -194,7 +192,15 @@ impl PipelineFactory for PlainPipelines {
 
 /// `local − global`, over `local`'s tensors (looked up by name and shape in `global`).
 pub fn delta(global: &ParameterVector, local: &ParameterVector) -> Result<ParameterVector, UpdateError> {
-    let base = global.select(local.manifest()).map_err(UpdateError::Mismatch)?;
+    // The usual case (the global model is exactly what the client trains) subtracts in place of
+    // first copying the matching part of a model-sized vector.
+    let selected;
+    let base = if global.manifest() == local.manifest() {
+        global
+    } else {
+        selected = global.select(local.manifest()).map_err(UpdateError::Mismatch)?;
+        &selected
+    };
     let values = local.values().iter().zip(base.values()).map(|(l, g)| l - g).collect();
     ParameterVector::new(local.manifest().clone(), values).map_err(UpdateError::Mismatch)
 }

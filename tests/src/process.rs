@@ -3,11 +3,16 @@
 //!
 //! The binaries are the workspace's own build outputs in `target/<profile>/`, next to the folder
 //! holding the test executable (`target/<profile>/deps/`). `cargo test -p fedtune-tests` alone
-//! does not build them: run `cargo build --workspace` first (`scripts/test.sh` does).
+//! does not build them: run `cargo build --workspace` first (`scripts/test.sh` does). That build
+//! gives them the `test-support` feature (`--fake-trainer`), which this crate enables and cargo
+//! unifies across the workspace; a binary built without it (`cargo build -p fedtune-client`
+//! alone, a release build) is refused by [`binary`] with that advice, rather than failing a
+//! scenario later with a client that never joins.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -16,13 +21,36 @@ use fedtune_coordinator::settings::CoordinatorSettings;
 use fedtune_shared::round::StatusReport;
 use tokio::time::Instant;
 
-/// Path of a workspace binary (`fedtune-coordinator`, `fedtune-client`).
+/// Path of a workspace binary (`fedtune-coordinator`, `fedtune-client`), checked once per test
+/// process to have been built with the `test-support` feature.
 pub fn binary(name: &str) -> Result<PathBuf> {
+    static CHECKED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
     let exe = std::env::current_exe()?;
     let file = format!("{name}{}", std::env::consts::EXE_SUFFIX);
-    exe.ancestors().skip(1).take(2).map(|dir| dir.join(&file)).find(|p| p.is_file()).with_context(|| {
-        format!("{file} not found next to {}: run `cargo build --workspace` first", exe.display())
-    })
+    let path =
+        exe.ancestors().skip(1).take(2).map(|dir| dir.join(&file)).find(|p| p.is_file()).with_context(
+            || format!("{file} not found next to {}: run `cargo build --workspace` first", exe.display()),
+        )?;
+    let mut checked = CHECKED.lock().unwrap_or_else(PoisonError::into_inner);
+    if !checked.contains(&path) {
+        // Only a test-support build accepts the hidden flag; `--help` then ends the probe.
+        let subcommand = if name == "fedtune-client" { "run" } else { "simulate" };
+        let accepted = Command::new(&path)
+            .args([subcommand, "--fake-trainer", "--help"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !accepted {
+            bail!(
+                "{} was built without the `test-support` feature (`cargo build -p {name}` alone, or a \
+                 release build): run `cargo build --workspace` first",
+                path.display()
+            );
+        }
+        checked.push(path.clone());
+    }
+    Ok(path)
 }
 
 /// A loopback port that was free a moment ago (the coordinator must come back on the same port

@@ -52,7 +52,8 @@ pub(super) fn upload_items(
     });
     let trailer = UploadItem::Trailer(UpdateTrailer {
         payload_digest: result.payload_digest,
-        signature: update.signature.clone(),
+        // Filled in by the transport, which alone knows the session the signature covers.
+        signature: None,
     });
     let chunk_bytes = chunk_bytes.clamp(MIN_CHUNK_BYTES, MAX_CHUNK_BYTES) / 4 * 4;
     let ranges: Vec<_> = chunk_ranges(0, total, chunk_bytes).collect();
@@ -175,7 +176,6 @@ mod tests {
                 round: 3,
                 delta,
                 num_examples: 42,
-                signature: None,
                 metrics: BTreeMap::from([("l2_norm", 1.5)]),
             },
             payload_digest,

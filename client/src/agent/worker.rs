@@ -5,6 +5,9 @@
 //! optimizer, device context) must stay on one owner, and a job the agent abandons (task no
 //! longer wanted, shutdown) simply finishes into a dropped reply channel, without blocking the
 //! runtime's shutdown. The thread ends when the agent drops its [`Worker`].
+//!
+//! It is the only trainer thread: the factory builds the trainer on it and the BERT trainer runs
+//! synchronously here, so a fit reads the global weights through the job's `Arc` in place.
 
 use std::sync::mpsc;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! The state the trainer thread owns: model, tokenized data, and the training/evaluation loops.
 //!
-//! Nothing here is `Sync` (tch tensors are not): an [`Engine`] lives on one thread for its
-//! whole life, and [`super::BertTrainer`] talks to it over channels.
+//! Nothing here is `Sync` (tch tensors are not): an [`Engine`] is used by one thread at a time,
+//! the thread that owns the [`super::BertTrainer`] wrapping it.
 
 use std::path::{Path, PathBuf};
 
@@ -32,7 +32,7 @@ struct Item {
     label: usize,
 }
 
-/// Model, data and loops, owned by the trainer thread.
+/// Model, data and loops, owned by the trainer's thread.
 #[derive(Debug)]
 pub(crate) struct Engine {
     model: BertClassifier,

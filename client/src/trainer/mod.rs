@@ -1,10 +1,11 @@
-//! Local fine-tuning: [`BertTrainer`], a BERT classifier on tch that owns its model on a
-//! dedicated thread and implements [`LocalTrainer`].
+//! Local fine-tuning: [`BertTrainer`], a BERT classifier on tch that implements [`LocalTrainer`].
 //!
-//! tch tensors are `Send` but not `Sync`, and libtorch work blocks for seconds: so one OS thread
-//! owns the variable store, optimizer, tokenizer and tokenized data ([`engine`]), and the
-//! handle sends it commands over a channel, each with its own reply channel. Handles are cheap
-//! to move into `spawn_blocking`; dropping the handle stops the thread.
+//! tch tensors are `Send` but not `Sync`, and libtorch work blocks for seconds: so a trainer
+//! (variable store, optimizer, tokenizer and tokenized data, [`engine`]) belongs to one thread
+//! at a time and runs synchronously on it. In the federated agent that is the agent's one
+//! trainer thread (`agent::worker`), which talks to the async side over channels; there is no
+//! second thread behind the trainer, so a fit neither hops threads again nor copies the global
+//! weights to reach the model.
 //!
 //! Training is AdamW (no decay on biases and LayerNorm weights) with linear warm-up and decay,
 //! gradient-norm clipping, optional FedProx, optional partial fine-tuning ([`TrainScope`]), and
@@ -22,8 +23,7 @@ pub mod optim;
 pub mod params;
 pub mod progress;
 
-use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::path::Path;
 
 use fedtune_shared::params::{Manifest, ParameterVector};
 use serde::Serialize;
@@ -154,146 +154,86 @@ pub struct Prediction {
     pub probs: Vec<f32>,
 }
 
-type Reply<T> = mpsc::SyncSender<Result<T, TrainerError>>;
-
-enum Command {
-    Fit { global: Option<ParameterVector>, config: FitConfig, reply: Reply<FitOutcome> },
-    Evaluate { global: Option<ParameterVector>, reply: Reply<EvalOutcome> },
-    TrainableWeights { reply: Reply<ParameterVector> },
-    AllWeights { reply: Reply<ParameterVector> },
-    Export { dir: PathBuf, reply: Reply<()> },
-    Predict { texts: Vec<String>, reply: Reply<Vec<Prediction>> },
-}
-
-/// A BERT sequence classifier trained on one site's data, on its own thread.
+/// A BERT sequence classifier trained on one site's data.
+///
+/// It runs on the thread that calls it and is `Send` but not `Sync` (tch tensors are not):
+/// whoever owns it owns the model's thread. The agent builds it on its trainer thread
+/// (`agent::worker`) and keeps it there, so a fit is one hop from the async agent to that thread,
+/// and the global weights are read in place rather than copied to another thread. The CLI
+/// subcommands, which have nothing else to do meanwhile, call it on the main thread.
 #[derive(Debug)]
 pub struct BertTrainer {
-    commands: Option<mpsc::Sender<Command>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    summary: TrainerSummary,
+    engine: Engine,
 }
 
 impl BertTrainer {
     /// Loads the model folder (`config.json`, `model.safetensors`, tokenizer) and `dataset`,
-    /// splits and tokenizes the data, and starts the trainer thread. Returns once everything is
-    /// loaded, with the first error otherwise.
+    /// and splits and tokenizes the data. Returns once everything is loaded, with the first
+    /// error otherwise.
     pub fn new(model_dir: &Path, dataset: Dataset, options: TrainerOptions) -> Result<Self, TrainerError> {
-        Self::start(model_dir.to_path_buf(), Some(dataset), options)
+        let engine = guarded(|| Engine::new(model_dir, Some(&dataset), options))?;
+        Ok(Self { engine })
     }
 
     /// A trainer without data, for prediction only (labels from the model's config).
     pub fn for_inference(model_dir: &Path, options: TrainerOptions) -> Result<Self, TrainerError> {
-        Self::start(model_dir.to_path_buf(), None, options)
-    }
-
-    fn start(
-        model_dir: PathBuf,
-        dataset: Option<Dataset>,
-        options: TrainerOptions,
-    ) -> Result<Self, TrainerError> {
-        let (commands, inbox) = mpsc::channel::<Command>();
-        let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<TrainerSummary, TrainerError>>(1);
-        let thread = std::thread::Builder::new()
-            .name("fedtune-trainer".into())
-            .spawn(move || {
-                let engine = guarded(|| Engine::new(&model_dir, dataset.as_ref(), options));
-                let mut engine = match engine {
-                    Ok(engine) => {
-                        let _ = ready_tx.send(Ok(engine.summary.clone()));
-                        engine
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                drop(dataset);
-                for command in inbox {
-                    serve(&mut engine, command);
-                }
-            })
-            .map_err(|e| TrainerError::Failed(format!("cannot start the trainer thread: {e}")))?;
-        let summary = ready_rx.recv().map_err(|_| stopped())??;
-        Ok(Self { commands: Some(commands), thread: Some(thread), summary })
+        let engine = guarded(|| Engine::new(model_dir, None, options))?;
+        Ok(Self { engine })
     }
 
     /// What was loaded: labels, split sizes, parameter counts, majority baseline.
     pub fn summary(&self) -> &TrainerSummary {
-        &self.summary
-    }
-
-    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, TrainerError> {
-        let (reply, answer) = mpsc::sync_channel(1);
-        self.commands.as_ref().ok_or_else(stopped)?.send(make(reply)).map_err(|_| stopped())?;
-        answer.recv().map_err(|_| stopped())?
+        &self.engine.summary
     }
 
     /// Trains from the current weights (no global model): the centralized baseline.
     pub fn train(&mut self, config: &FitConfig) -> Result<FitOutcome, TrainerError> {
-        let config = config.clone();
-        self.call(|reply| Command::Fit { global: None, config, reply })
+        guarded(|| self.engine.fit(None, config))
     }
 
     /// Evaluates the current weights on the held-out split.
     pub fn evaluate_current(&mut self) -> Result<EvalOutcome, TrainerError> {
-        self.call(|reply| Command::Evaluate { global: None, reply })
+        guarded(|| self.engine.evaluate(None))
     }
 
     /// Current values of the trainable tensors (the manifest of [`LocalTrainer::trainable_manifest`]):
     /// e.g. the initial global model of a federation.
     pub fn trainable_weights(&self) -> Result<ParameterVector, TrainerError> {
-        self.call(|reply| Command::TrainableWeights { reply })
+        guarded(|| self.engine.trainable_weights())
     }
 
     /// Current values of every tensor, with transformers' names.
     pub fn all_weights(&self) -> Result<ParameterVector, TrainerError> {
-        self.call(|reply| Command::AllWeights { reply })
+        guarded(|| self.engine.all_weights())
     }
 
     /// Writes the current model to `dir` in Hugging Face layout (see [`crate::export`]).
     pub fn export(&self, dir: &Path) -> Result<(), TrainerError> {
-        let dir = dir.to_path_buf();
-        self.call(|reply| Command::Export { dir, reply })
+        guarded(|| self.engine.export(dir))
     }
 
     /// Class probabilities for each text, in order.
     pub fn predict(&self, texts: Vec<String>) -> Result<Vec<Prediction>, TrainerError> {
-        self.call(|reply| Command::Predict { texts, reply })
+        guarded(|| self.engine.predict(&texts))
     }
 }
 
 impl LocalTrainer for BertTrainer {
     fn trainable_manifest(&self) -> Manifest {
-        self.summary.trainable_manifest.clone()
+        self.engine.summary.trainable_manifest.clone()
     }
 
     fn fit(&mut self, global: &ParameterVector, config: &FitConfig) -> Result<FitOutcome, TrainerError> {
-        let (global, config) = (global.clone(), config.clone());
-        self.call(|reply| Command::Fit { global: Some(global), config, reply })
+        guarded(|| self.engine.fit(Some(global), config))
     }
 
     fn evaluate(&mut self, global: &ParameterVector) -> Result<EvalOutcome, TrainerError> {
-        let global = global.clone();
-        self.call(|reply| Command::Evaluate { global: Some(global), reply })
+        guarded(|| self.engine.evaluate(Some(global)))
     }
-}
-
-impl Drop for BertTrainer {
-    fn drop(&mut self) {
-        // Closing the channel ends the thread's loop after the command in flight.
-        self.commands.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn stopped() -> TrainerError {
-    TrainerError::Failed("the trainer thread has stopped".into())
 }
 
 /// Runs `f`, turning a panic (tch panics on libtorch errors such as CUDA running out of memory)
-/// into an error, so that the agent gets an answer rather than a dead channel.
+/// into an error, so that the agent's trainer thread survives and reports the failed task.
 fn guarded<T>(f: impl FnOnce() -> Result<T, TrainerError>) -> Result<T, TrainerError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
         let what = panic
@@ -303,29 +243,6 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, TrainerError>) -> Result<T, TrainerE
             .unwrap_or_else(|| "unknown panic".into());
         Err(TrainerError::Failed(format!("libtorch error: {what}")))
     })
-}
-
-fn serve(engine: &mut Engine, command: Command) {
-    match command {
-        Command::Fit { global, config, reply } => {
-            let _ = reply.send(guarded(|| engine.fit(global.as_ref(), &config)));
-        }
-        Command::Evaluate { global, reply } => {
-            let _ = reply.send(guarded(|| engine.evaluate(global.as_ref())));
-        }
-        Command::TrainableWeights { reply } => {
-            let _ = reply.send(guarded(|| engine.trainable_weights()));
-        }
-        Command::AllWeights { reply } => {
-            let _ = reply.send(guarded(|| engine.all_weights()));
-        }
-        Command::Export { dir, reply } => {
-            let _ = reply.send(guarded(|| engine.export(&dir)));
-        }
-        Command::Predict { texts, reply } => {
-            let _ = reply.send(guarded(|| engine.predict(&texts)));
-        }
-    }
 }
 
 #[cfg(test)]

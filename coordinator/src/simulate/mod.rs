@@ -163,10 +163,13 @@ pub struct SimulateArgs {
     /// with only its share of the noise).
     #[arg(long)]
     pub allow_distributed: bool,
-    /// Test harness: clients use the deterministic fake trainer.
+    /// Test harness: clients use the deterministic fake trainer (their binary must have it too:
+    /// both come from a build with the `test-support` feature, e.g. `cargo build --workspace`).
+    #[cfg(feature = "test-support")]
     #[arg(long, hide = true)]
     pub fake_trainer: bool,
     /// Test harness: wall time of one fake fit, in milliseconds.
+    #[cfg(feature = "test-support")]
     #[arg(long, hide = true, default_value_t = 0)]
     pub fake_fit_ms: u64,
 }
@@ -326,11 +329,12 @@ impl SimulateArgs {
             "2m".into(),
             "--quiet".into(),
         ];
+        #[cfg(feature = "test-support")]
         if self.fake_trainer {
             args.extend(["--fake-trainer".into(), "--fake-fit-ms".into(), self.fake_fit_ms.to_string()]);
-        } else {
-            args.extend(["--model".into(), model.display().to_string()]);
+            return args;
         }
+        args.extend(["--model".into(), model.display().to_string()]);
         args
     }
 }
