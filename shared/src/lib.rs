@@ -6,6 +6,8 @@
 //! tensor and its shape), never as framework tensors.
 //!
 //! # Layout
+//! - [`limits`]: the protocol's limits (update value bound, chunk and message sizes, name
+//!   alphabet), defined once; a client learns the ones it must respect from `JoinResponse`.
 //! - [`auth`]: join challenge, join proof and enrollment messages (validated), and what an update
 //!   signature covers (`update_statement`, `sign_upload`, `verify_upload`).
 //! - [`crypto`]: identities (Ed25519), signed updates and join challenges, session and
@@ -27,6 +29,7 @@ pub mod chunk;
 pub mod convert;
 pub mod crypto;
 pub mod ids;
+pub mod limits;
 pub mod params;
 pub mod pb;
 pub mod privacy;

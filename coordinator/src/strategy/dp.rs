@@ -37,8 +37,7 @@ use crate::privacy::{accounting_for, guarantee_line, scheme_name, DpMode, Privac
 use crate::settings::{CoordinatorSettings, SamplingSettings};
 use crate::storage::LedgerEntry;
 
-/// The upload metric that carries a client's centred clipping indicator (adaptive clipping).
-pub const CLIP_INDICATOR_METRIC: &str = "dp_clip_indicator";
+pub use fedtune_shared::privacy::CLIP_INDICATOR_METRIC;
 
 /// A client's reported indicator as summed: under central noise forced onto ±½ (an honest
 /// client sends exactly that; anything else must not move the count by more than ½, its
