@@ -19,6 +19,7 @@
 //! - [`params`]: parameter vectors, manifests, digests, safetensors in and out.
 //! - [`privacy`]: user-level DP-FedAvg: clipping, exact discrete Gaussian noise on a fixed-point
 //!   grid (OS-seeded ChaCha20), adaptive clipping, RDP accountant and calibration.
+//! - [`files`]: crash-safe writes (temporary, fsync, rename) of files and directories.
 //! - [`pb`]: generated wire types and gRPC stubs (`proto/fedtune/v1`); the only module naming them.
 //! - [`settings`]: layered TOML + `FEDTUNE__…` env + CLI configuration, human durations.
 //! - [`telemetry`]: tracing set-up shared by both binaries.
@@ -28,6 +29,7 @@ pub mod auth;
 pub mod chunk;
 pub mod convert;
 pub mod crypto;
+pub mod files;
 pub mod ids;
 pub mod limits;
 pub mod params;

@@ -5,7 +5,7 @@
 //! its [`Manifest`]. A contiguous buffer is what streaming aggregation, clipping, noising and
 //! chunked transfer all want, and its digest is cheap to compute and check.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use ring::digest;
@@ -278,11 +278,19 @@ impl ParameterVector {
         ParameterVector::new(manifest.clone(), values)
     }
 
-    /// Writes the vector as a safetensors file (F32, names from the manifest), atomically:
-    /// a temporary file in the same folder is fsynced, then renamed over `path`.
+    /// Writes the vector as a safetensors file (F32, names from the manifest), atomically
+    /// ([`crate::files::atomic_write`]).
     pub fn save_safetensors(&self, path: &Path) -> Result<(), ParamsError> {
-        use std::io::Write;
-        let err = |reason: String| ParamsError::Safetensors { path: path.display().to_string(), reason };
+        let data = self
+            .to_safetensors(None)
+            .map_err(|reason| ParamsError::Safetensors { path: path.display().to_string(), reason })?;
+        crate::files::atomic_write(path, &data)
+            .map_err(|e| ParamsError::Io { path: e.path.display().to_string(), source: e.source })
+    }
+
+    /// The vector as safetensors bytes (F32, names and order from the manifest), with the
+    /// header's `__metadata__` set to `metadata` (transformers writes `format: pt`).
+    pub fn to_safetensors(&self, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>, String> {
         let bytes = self.to_le_bytes();
         let mut views = Vec::with_capacity(self.manifest.tensors.len());
         for (spec, range) in self.manifest.ranges() {
@@ -291,23 +299,10 @@ impl ParameterVector {
                 spec.shape.clone(),
                 &bytes[range.start * 4..range.end * 4],
             )
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
             views.push((spec.name.clone(), view));
         }
-        let data = safetensors::serialize(views, None).map_err(|e| err(e.to_string()))?;
-        let io = |source| ParamsError::Io { path: path.display().to_string(), source };
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let tmp =
-            dir.join(format!(".{}.tmp", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
-        let mut file = std::fs::File::create(&tmp).map_err(io)?;
-        file.write_all(&data).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        drop(file);
-        std::fs::rename(&tmp, path).map_err(io)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        safetensors::serialize(views, metadata).map_err(|e| e.to_string())
     }
 
     /// Reads every floating-point tensor of a safetensors file, converted to f32, in the
