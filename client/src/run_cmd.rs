@@ -11,7 +11,6 @@ use std::time::Duration;
 use clap::Args;
 use fedtune_shared::crypto::EnrollmentToken;
 use fedtune_shared::ids::ClientId;
-use fedtune_shared::params::Manifest;
 use fedtune_shared::settings::parse_duration;
 use tokio_util::sync::CancellationToken;
 
@@ -197,22 +196,6 @@ fn host_of(url: &str) -> Option<String> {
     (!host.is_empty()).then(|| host.to_string())
 }
 
-/// The BERT scope that trains exactly `trainable`: the coordinator's choice (top-k layers,
-/// frozen embeddings) recovered from tensor names, so clients need no flag that could disagree.
-fn scope_for(trainable: &Manifest, num_layers: usize) -> TrainScope {
-    let names = || trainable.tensors.iter().map(|t| t.name.as_str());
-    if names().any(|n| n.starts_with("bert.embeddings.")) {
-        return TrainScope { train_top_layers: None, freeze_embeddings: false };
-    }
-    let lowest = names()
-        .filter_map(|n| n.strip_prefix("bert.encoder.layer.")?.split('.').next()?.parse::<usize>().ok())
-        .min();
-    TrainScope {
-        train_top_layers: Some(lowest.map_or(0, |l| num_layers.saturating_sub(l))),
-        freeze_embeddings: true,
-    }
-}
-
 fn bert_factory(args: &RunArgs, model: &Path, dataset: Dataset) -> TrainerFactory {
     let model = model.to_path_buf();
     let options = TrainerOptions {
@@ -232,7 +215,10 @@ fn bert_factory(args: &RunArgs, model: &Path, dataset: Dataset) -> TrainerFactor
         let config = BertConfig::from_file(&model.join("config.json"))
             .map_err(|e| TrainerError::Failed(format!("{}: {e}", model.join("config.json").display())))?;
         let options = TrainerOptions {
-            scope: scope_for(&spec.trainable, config.num_hidden_layers),
+            scope: TrainScope::of_trainable(
+                spec.trainable.tensors.iter().map(|t| t.name.as_str()),
+                config.num_hidden_layers,
+            ),
             labels: (!spec.labels.is_empty()).then(|| spec.labels.clone()),
             ..options
         };
@@ -318,37 +304,6 @@ pub fn run_blocking(args: &RunArgs) -> Result<(), RunError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedtune_shared::params::TensorSpec;
-
-    fn manifest(names: &[&str]) -> Manifest {
-        Manifest::new(names.iter().map(|n| TensorSpec { name: (*n).into(), shape: vec![1] }).collect())
-            .unwrap()
-    }
-
-    #[test]
-    fn the_training_scope_is_recovered_from_the_coordinators_manifest() {
-        let top2 = manifest(&[
-            "bert.encoder.layer.4.output.dense.weight",
-            "bert.encoder.layer.5.output.dense.weight",
-            "bert.pooler.dense.weight",
-            "classifier.weight",
-        ]);
-        assert_eq!(scope_for(&top2, 6), TrainScope { train_top_layers: Some(2), freeze_embeddings: true });
-        let head = manifest(&["classifier.weight", "classifier.bias"]);
-        assert_eq!(scope_for(&head, 6).train_top_layers, Some(0));
-        let all = manifest(&[
-            "bert.embeddings.word_embeddings.weight",
-            "bert.encoder.layer.0.x",
-            "classifier.bias",
-        ]);
-        assert_eq!(scope_for(&all, 6), TrainScope { train_top_layers: None, freeze_embeddings: false });
-        for (k, scope) in [(2, scope_for(&top2, 6)), (0, scope_for(&head, 6))] {
-            for t in if k == 2 { &top2.tensors } else { &head.tensors } {
-                assert!(scope.trains(&t.name, 6), "{} must train", t.name);
-            }
-            assert!(!scope.trains("bert.encoder.layer.3.output.dense.weight", 6));
-        }
-    }
 
     fn run_args(extra: &[&str]) -> RunArgs {
         use clap::Parser;
