@@ -13,7 +13,6 @@
 //! - [`tokenize`]: word-piece tokenization (`tokenizer.json` or `vocab.txt`), pad to longest.
 //! - [`data`]: labelled CSV/JSONL loading, label sets, train/held-out split; errors name file:line.
 //! - [`trainer`]: `BertTrainer` (owns the model on its own thread, implements `LocalTrainer`).
-//! - [`export`]: writing a model folder that transformers' `from_pretrained` loads.
 //! - [`device`]: `--device auto|cpu|cuda[:N]` and compute precision.
 //! - [`cli`]: the `train`/`eval`/`predict` subcommands behind `main.rs`.
 
@@ -22,7 +21,6 @@ pub mod backoff;
 pub mod cli;
 pub mod data;
 pub mod device;
-pub mod export;
 pub mod fake_trainer;
 pub mod identity;
 pub mod local_trainer;

@@ -18,7 +18,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fedtune_shared::bert::{checkpoint_name, TrainScope};
+use fedtune_shared::bert::{checkpoint_name, export, TrainScope};
 use fedtune_shared::chunk::PayloadView;
 use fedtune_shared::ids::{ModelVersion, Sha256};
 use fedtune_shared::params::{natural_cmp, Manifest, ParameterVector, ParamsError, TensorSpec};
@@ -51,6 +51,9 @@ pub enum ModelError {
     /// Parameter vectors or safetensors.
     #[error(transparent)]
     Params(#[from] ParamsError),
+    /// Writing a Hugging Face export.
+    #[error("export: {0}")]
+    Export(#[from] export::ExportError),
     /// The checkpoint does not look like a BERT model.
     #[error("checkpoint {path}: {reason}")]
     Checkpoint {
@@ -311,66 +314,16 @@ fn normal_sample(rng: &mut ChaCha20Rng) -> f64 {
     INIT_STD * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
-/// Tokenizer and vocabulary files copied from the initial model directory on export.
-pub const TOKENIZER_FILES: [&str; 6] = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "merges.txt",
-];
-
-/// Writes a Hugging Face `BertForSequenceClassification` directory: `config.json` (with
-/// `num_labels`, `id2label`, `label2id`), `model.safetensors` and the tokenizer files found in
-/// `init_dir`.
+/// Writes a Hugging Face `BertForSequenceClassification` directory `out` from `params` with
+/// the config and tokenizer files of `init_dir` ([`fedtune_shared::bert::export`]).
 pub fn export_hf(
     params: &ParameterVector,
     labels: &[String],
     init_dir: &Path,
     out: &Path,
 ) -> Result<Vec<PathBuf>, ModelError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ModelError::Io { path, source }
-    };
-    std::fs::create_dir_all(out).map_err(io(out))?;
     let config = HfConfig::read(init_dir)?;
-    let mut json = config.json;
-    let obj = json.as_object_mut().ok_or_else(|| ModelError::Config {
-        path: init_dir.join("config.json"),
-        reason: "not a JSON object".into(),
-    })?;
-    obj.insert("architectures".into(), serde_json::json!(["BertForSequenceClassification"]));
-    obj.insert("num_labels".into(), serde_json::json!(labels.len()));
-    obj.insert(
-        "id2label".into(),
-        serde_json::Value::Object(
-            labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone().into())).collect(),
-        ),
-    );
-    obj.insert(
-        "label2id".into(),
-        serde_json::Value::Object(labels.iter().enumerate().map(|(i, l)| (l.clone(), i.into())).collect()),
-    );
-    obj.insert("problem_type".into(), "single_label_classification".into());
-    let mut written = Vec::new();
-    let cfg_path = out.join("config.json");
-    let text = serde_json::to_string_pretty(&json).expect("JSON values serialize");
-    std::fs::write(&cfg_path, text).map_err(io(&cfg_path))?;
-    written.push(cfg_path);
-    let model_path = out.join("model.safetensors");
-    params.save_safetensors(&model_path)?;
-    written.push(model_path);
-    for f in TOKENIZER_FILES {
-        let src = init_dir.join(f);
-        if src.is_file() {
-            let dst = out.join(f);
-            std::fs::copy(&src, &dst).map_err(io(&dst))?;
-            written.push(dst);
-        }
-    }
-    Ok(written)
+    Ok(export::export_hf(out, &config.json, labels, params, init_dir)?)
 }
 
 #[cfg(test)]

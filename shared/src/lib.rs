@@ -19,7 +19,8 @@
 //! - [`params`]: parameter vectors, manifests, digests, safetensors in and out.
 //! - [`privacy`]: user-level DP-FedAvg: clipping, exact discrete Gaussian noise on a fixed-point
 //!   grid (OS-seeded ChaCha20), adaptive clipping, RDP accountant and calibration.
-//! - [`bert`]: BERT tensor names and the train scope (which tensors a federation trains).
+//! - [`bert`]: BERT tensor names, the train scope (which tensors a federation trains), and the
+//!   Hugging Face export both binaries write.
 //! - [`files`]: crash-safe writes (temporary, fsync, rename) of files and directories.
 //! - [`pb`]: generated wire types and gRPC stubs (`proto/fedtune/v1`); the only module naming them.
 //! - [`settings`]: layered TOML + `FEDTUNE__…` env + CLI configuration, human durations.

@@ -226,7 +226,8 @@ impl BertTrainer {
         self.call(|reply| Command::AllWeights { reply })
     }
 
-    /// Writes the current model to `dir` in Hugging Face layout (see [`crate::export`]).
+    /// Writes the current model to `dir` in Hugging Face layout (see
+    /// [`fedtune_shared::bert::export`]).
     pub fn export(&self, dir: &Path) -> Result<(), TrainerError> {
         let dir = dir.to_path_buf();
         self.call(|reply| Command::Export { dir, reply })

@@ -1,6 +1,6 @@
 //! BERT sequence classifiers as both binaries see them: what a tensor name says about its place
 //! in the model, which tensors a federation trains, and the Hugging Face directory a model is
-//! exported as. No libtorch: names only.
+//! exported as. No libtorch: names and `f32` buffers only.
 //!
 //! # Names
 //! Tensors carry the names transformers' `BertForSequenceClassification` uses: `bert.embeddings.…`,
@@ -18,6 +18,10 @@
 //! checkpoint to build the trainable manifest; a client recovers the scope from that manifest
 //! ([`TrainScope::of_trainable`]) and applies it to its own model, so both select the same
 //! tensors by construction.
+//!
+//! - [`export`]: writing a model directory transformers' `from_pretrained` loads.
+
+pub mod export;
 
 /// Where a tensor sits in a `BertForSequenceClassification`, read from its transformers name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
