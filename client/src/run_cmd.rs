@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clap::Args;
 use fedtune_shared::crypto::EnrollmentToken;
+use fedtune_shared::endpoint::TlsOptions;
 use fedtune_shared::ids::ClientId;
 use fedtune_shared::settings::parse_duration;
 use tokio_util::sync::CancellationToken;
@@ -164,16 +165,12 @@ impl RunArgs {
             (true, true, false) => {}
         }
         if let Some(ca) = self.tls_ca.as_ref().filter(|_| https) {
-            let domain = match &self.tls_domain {
-                Some(d) => d.clone(),
-                None => host_of(&self.coordinator).ok_or_else(|| {
-                    RunError::Usage(format!("no host in `{}`; pass --tls-domain", self.coordinator))
-                })?,
-            };
             let identity = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
-            let tls = fedtune_shared::crypto::tls::client_tls_config(ca, &domain, identity)
-                .map_err(|e| RunError::Usage(format!("TLS: {e}")))?;
-            options.tls = Some(tls);
+            let tls = TlsOptions { ca, domain: self.tls_domain.as_deref(), identity };
+            options.tls = Some(
+                fedtune_shared::endpoint::client_tls(&self.coordinator, &tls)
+                    .map_err(|e| RunError::Usage(e.to_string()))?,
+            );
         }
         Ok(options)
     }
@@ -182,18 +179,6 @@ impl RunArgs {
 /// Parses `--enroll-token` into a type whose `Debug` redacts it (so `RunArgs` can be logged).
 fn parse_enroll_token(text: &str) -> Result<EnrollmentToken, String> {
     text.parse().map_err(|e: fedtune_shared::crypto::CryptoError| e.to_string())
-}
-
-/// The host part of `scheme://host:port/…`.
-fn host_of(url: &str) -> Option<String> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split('/').next()?;
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split(']').next()?
-    } else {
-        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
-    };
-    (!host.is_empty()).then(|| host.to_string())
 }
 
 fn bert_factory(args: &RunArgs, model: &Path, dataset: Dataset) -> TrainerFactory {
@@ -336,12 +321,5 @@ mod tests {
         let args =
             run_args(&["--coordinator", "http://127.0.0.1:1", "--enroll-token", &token.expose_secret()]);
         assert_eq!(args.enroll_token.map(|t| t.expose_secret()), Some(token.expose_secret()));
-    }
-
-    #[test]
-    fn the_tls_domain_defaults_to_the_url_host() {
-        assert_eq!(host_of("https://coord.example:50051").as_deref(), Some("coord.example"));
-        assert_eq!(host_of("https://[::1]:50051/x").as_deref(), Some("::1"));
-        assert_eq!(host_of("http://127.0.0.1").as_deref(), Some("127.0.0.1"));
     }
 }

@@ -22,6 +22,7 @@
 //! - [`bert`]: BERT tensor names, the train scope (which tensors a federation trains), and the
 //!   Hugging Face export both binaries write.
 //! - [`files`]: crash-safe writes (temporary, fsync, rename) of files and directories.
+//! - [`endpoint`]: URL + TLS options → tonic endpoint, for every caller of a coordinator.
 //! - [`pb`]: generated wire types and gRPC stubs (`proto/fedtune/v1`); the only module naming them.
 //! - [`settings`]: layered TOML + `FEDTUNE__…` env + CLI configuration, human durations.
 //! - [`telemetry`]: tracing set-up shared by both binaries.
@@ -32,6 +33,7 @@ pub mod bert;
 pub mod chunk;
 pub mod convert;
 pub mod crypto;
+pub mod endpoint;
 pub mod files;
 pub mod ids;
 pub mod limits;
