@@ -23,6 +23,7 @@
 //!   Hugging Face export both binaries write.
 //! - [`files`]: crash-safe writes (temporary, fsync, rename) of files and directories.
 //! - [`endpoint`]: URL + TLS options → tonic endpoint, for every caller of a coordinator.
+//! - [`clock`]: wall-clock milliseconds and seconds for records that outlive a process.
 //! - [`pb`]: generated wire types and gRPC stubs (`proto/fedtune/v1`); the only module naming them.
 //! - [`settings`]: layered TOML + `FEDTUNE__…` env + CLI configuration, human durations.
 //! - [`telemetry`]: tracing set-up shared by both binaries.
@@ -31,6 +32,7 @@
 pub mod auth;
 pub mod bert;
 pub mod chunk;
+pub mod clock;
 pub mod convert;
 pub mod crypto;
 pub mod endpoint;

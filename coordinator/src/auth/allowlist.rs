@@ -17,7 +17,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use fedtune_shared::crypto::{EnrollmentDigest, EnrollmentRecord, EnrollmentToken, PublicKey};
 use fedtune_shared::ids::ClientId;
@@ -110,14 +110,9 @@ pub struct AllowlistEntry {
     pub token_pending: bool,
 }
 
+use fedtune_shared::clock::now_ms;
 /// Unix seconds now (enrollment tokens are wall-clock: they outlive coordinator restarts).
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+pub use fedtune_shared::clock::now_secs as unix_now;
 
 /// The allowlist of one state directory, on its own database connection.
 #[derive(Debug)]
@@ -192,7 +187,7 @@ impl Allowlist {
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let n = tx.execute(
                 "UPDATE allowlist SET revoked_ms = ?2 WHERE client_id = ?1 AND revoked_ms IS NULL",
-                params![name.as_str(), now_ms()],
+                params![name.as_str(), now_ms() as i64],
             )?;
             let tokens = tx.execute("DELETE FROM enrollment_tokens WHERE client_id = ?1", [name.as_str()])?;
             if n == 0 && tokens == 0 {
@@ -296,7 +291,7 @@ impl Allowlist {
                 "INSERT INTO enrollment_tokens (client_id, digest, expires_at, created_ms) VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT(client_id) DO UPDATE SET digest = excluded.digest, expires_at = excluded.expires_at, \
                    created_ms = excluded.created_ms",
-                params![name.as_str(), record.digest.as_bytes().to_vec(), record.expires_at as i64, now_ms()],
+                params![name.as_str(), record.digest.as_bytes().to_vec(), record.expires_at as i64, now_ms() as i64],
             )?;
             tx.commit()?;
             Ok(())
@@ -364,7 +359,7 @@ fn insert(c: &Connection, name: &ClientId, key: &PublicKey, via: &str) -> Result
         "INSERT INTO allowlist (client_id, public_key, added_ms, added_via, revoked_ms) VALUES (?1, ?2, ?3, ?4, NULL) \
          ON CONFLICT(client_id) DO UPDATE SET public_key = excluded.public_key, added_ms = excluded.added_ms, \
            added_via = excluded.added_via, revoked_ms = NULL",
-        params![name.as_str(), key.as_bytes().to_vec(), now_ms(), via],
+        params![name.as_str(), key.as_bytes().to_vec(), now_ms() as i64, via],
     )?;
     Ok(())
 }
