@@ -6,6 +6,7 @@
 //! tensor and its shape), never as framework tensors.
 //!
 //! # Layout
+//! - [`labels`]: the class-id order of label names, the same on every client.
 //! - [`limits`]: the protocol's limits (update value bound, chunk and message sizes, name
 //!   alphabet), defined once; a client learns the ones it must respect from `JoinResponse`.
 //! - [`auth`]: join challenge, join proof and enrollment messages (validated), and what an update
@@ -38,6 +39,7 @@ pub mod crypto;
 pub mod endpoint;
 pub mod files;
 pub mod ids;
+pub mod labels;
 pub mod limits;
 pub mod params;
 pub mod pb;
