@@ -105,6 +105,12 @@ impl Limits {
             max_abs_update_value: crate::limits::MAX_ABS_UPDATE_VALUE,
         }
     }
+
+    /// The chunk size a client uses for its uploads and asks for in downloads: the advertised
+    /// default within the advertised maximum, a whole number of `f32` values (at least one).
+    pub fn chunk_bytes(&self) -> u64 {
+        (self.default_chunk_bytes.min(self.max_chunk_bytes) / 4 * 4).max(4)
+    }
 }
 
 /// A client's request to join.

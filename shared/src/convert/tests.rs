@@ -113,6 +113,19 @@ fn a_join_response_carries_the_protocols_update_value_bound() {
 }
 
 #[test]
+fn clients_cut_chunks_within_the_advertised_maximum_and_on_value_boundaries() {
+    let limits = |default_chunk_bytes, max_chunk_bytes| Limits {
+        default_chunk_bytes,
+        max_chunk_bytes,
+        ..Limits::of_protocol(0)
+    };
+    assert_eq!(limits(1 << 20, 4 << 20).chunk_bytes(), 1 << 20);
+    assert_eq!(limits(8 << 20, 4 << 20).chunk_bytes(), 4 << 20);
+    assert_eq!(limits(1_000_003, 4 << 20).chunk_bytes(), 1_000_000);
+    assert_eq!(limits(0, 4 << 20).chunk_bytes(), 4);
+}
+
+#[test]
 fn a_join_response_without_a_usable_value_bound_is_a_protocol_error() {
     // 0 is what a coordinator that does not know the field sends.
     for bound in [0.0, -1.0, f32::NAN, f32::INFINITY] {
