@@ -18,6 +18,7 @@ use fedtune_client::model::{BertClassifier, BertConfig, ModelInput};
 use fedtune_client::trainer::engine::train_step;
 use fedtune_client::trainer::optim::{AdamW, AdamWConfig};
 use fedtune_client::update::privacy::DpPipelines;
+use fedtune_shared::limits::MAX_ABS_UPDATE_VALUE;
 use fedtune_shared::params::{Manifest, ParameterVector, TensorSpec};
 use fedtune_shared::privacy::{
     add_noise, clip_l2, clip_per_layer, default_grid_log2, l2_norm_upper_bound, widened_sensitivity,
@@ -139,12 +140,14 @@ fn main() -> anyhow::Result<()> {
     };
     let shared = Arc::new(NoiseSource::from_os_entropy()?.with_threads(a.threads));
     let t_pipeline = best(a.repeats, || {
-        let mut p = DpPipelines::stages(&instructions, Arc::clone(&shared)).expect("valid instructions");
+        let mut p = DpPipelines::stages(&instructions, MAX_ABS_UPDATE_VALUE, Arc::clone(&shared))
+            .expect("valid instructions");
         std::hint::black_box(p.prepare(1, &global, &local, 100).expect("update prepared"));
     });
     let central = PrivacyInstructions { mode: PrivacyMode::Central, noise_stddev: 0.0, ..instructions };
     let t_pipeline_central = best(a.repeats, || {
-        let mut p = DpPipelines::stages(&central, Arc::clone(&shared)).expect("valid instructions");
+        let mut p = DpPipelines::stages(&central, MAX_ABS_UPDATE_VALUE, Arc::clone(&shared))
+            .expect("valid instructions");
         std::hint::black_box(p.prepare(1, &global, &local, 100).expect("update prepared"));
     });
     drop((buf, delta));

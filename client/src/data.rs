@@ -8,7 +8,6 @@
 //! line and what is wrong with it, because a data error found after an hour of training is a
 //! wasted hour.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use rand::seq::SliceRandom;
@@ -132,15 +131,15 @@ impl LabelSet {
         Self { names }
     }
 
-    /// The distinct labels of `examples`: numerically sorted when all are integers
-    /// (so `2` < `10`), otherwise sorted as strings.
+    /// The distinct labels of `examples` in class-id order
+    /// ([`fedtune_shared::labels::class_order`]: numerically when all are integers, so `2` <
+    /// `10`, otherwise as strings).
     pub fn from_examples<'a>(examples: impl IntoIterator<Item = &'a Example>) -> Self {
-        let distinct: BTreeSet<&str> = examples.into_iter().filter_map(|e| e.label.as_deref()).collect();
-        let mut names: Vec<String> = distinct.into_iter().map(String::from).collect();
-        if names.iter().all(|n| n.parse::<i64>().is_ok()) {
-            names.sort_by_key(|n| n.parse::<i64>().unwrap_or(0));
+        Self {
+            names: fedtune_shared::labels::class_order(
+                examples.into_iter().filter_map(|e| e.label.as_deref()),
+            ),
         }
-        Self { names }
     }
 
     /// Number of classes.

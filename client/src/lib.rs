@@ -15,7 +15,6 @@
 //! - [`tokenize`]: word-piece tokenization (`tokenizer.json` or `vocab.txt`), pad to longest.
 //! - [`data`]: labelled CSV/JSONL loading, label sets, train/held-out split; errors name file:line.
 //! - [`trainer`]: `BertTrainer` (runs on its owner's thread: the agent's trainer thread; implements `LocalTrainer`).
-//! - [`export`]: writing a model folder that transformers' `from_pretrained` loads.
 //! - [`device`]: `--device auto|cpu|cuda[:N]` and compute precision.
 //! - [`cli`]: the command line behind `main.rs`: `train`/`eval`/`predict`, and `run`'s flags (the top layer).
 
@@ -24,7 +23,6 @@ pub mod backoff;
 pub mod cli;
 pub mod data;
 pub mod device;
-pub mod export;
 #[cfg(any(test, feature = "test-support"))]
 pub mod fake_trainer;
 pub mod identity;

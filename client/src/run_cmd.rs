@@ -12,8 +12,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use fedtune_shared::crypto::EnrollmentToken;
+use fedtune_shared::endpoint::TlsOptions;
 use fedtune_shared::ids::ClientId;
-use fedtune_shared::params::Manifest;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, AgentConfig, AgentError, AgentOutcome, TrainerFactory, TrainerSpec};
@@ -64,46 +64,13 @@ fn connect_options(settings: &ClientSettings) -> Result<ConnectOptions, RunError
         );
     }
     if let Some(ca) = c.tls_ca.as_ref().filter(|_| c.url.starts_with("https://")) {
-        let domain = match &c.tls_domain {
-            Some(d) => d.clone(),
-            None => host_of(&c.url).ok_or_else(|| {
-                RunError::Usage(format!("no host in `{}`; set coordinator.tls_domain (--tls-domain)", c.url))
-            })?,
-        };
         let identity = c.tls_cert.as_deref().zip(c.tls_key.as_deref());
-        let tls = fedtune_shared::crypto::tls::client_tls_config(ca, &domain, identity)
-            .map_err(|e| RunError::Usage(format!("TLS: {e}")))?;
-        options.tls = Some(tls);
+        let tls = TlsOptions { ca, domain: c.tls_domain.as_deref(), identity };
+        options.tls = Some(
+            fedtune_shared::endpoint::client_tls(&c.url, &tls).map_err(|e| RunError::Usage(e.to_string()))?,
+        );
     }
     Ok(options)
-}
-
-/// The host part of `scheme://host:port/…`.
-fn host_of(url: &str) -> Option<String> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split('/').next()?;
-    let host = if let Some(v6) = authority.strip_prefix('[') {
-        v6.split(']').next()?
-    } else {
-        authority.rsplit_once(':').map_or(authority, |(h, _)| h)
-    };
-    (!host.is_empty()).then(|| host.to_string())
-}
-
-/// The BERT scope that trains exactly `trainable`: the coordinator's choice (top-k layers,
-/// frozen embeddings) recovered from tensor names, so clients need no flag that could disagree.
-fn scope_for(trainable: &Manifest, num_layers: usize) -> TrainScope {
-    let names = || trainable.tensors.iter().map(|t| t.name.as_str());
-    if names().any(|n| n.starts_with("bert.embeddings.")) {
-        return TrainScope { train_top_layers: None, freeze_embeddings: false };
-    }
-    let lowest = names()
-        .filter_map(|n| n.strip_prefix("bert.encoder.layer.")?.split('.').next()?.parse::<usize>().ok())
-        .min();
-    TrainScope {
-        train_top_layers: Some(lowest.map_or(0, |l| num_layers.saturating_sub(l))),
-        freeze_embeddings: true,
-    }
 }
 
 fn bert_factory(settings: &ClientSettings, dataset: Dataset) -> TrainerFactory {
@@ -126,7 +93,10 @@ fn bert_factory(settings: &ClientSettings, dataset: Dataset) -> TrainerFactory {
         let config = BertConfig::from_file(&model.join("config.json"))
             .map_err(|e| TrainerError::Failed(format!("{}: {e}", model.join("config.json").display())))?;
         let options = TrainerOptions {
-            scope: scope_for(&spec.trainable, config.num_hidden_layers),
+            scope: TrainScope::of_trainable(
+                spec.trainable.tensors.iter().map(|t| t.name.as_str()),
+                config.num_hidden_layers,
+            ),
             labels: (!spec.labels.is_empty()).then(|| spec.labels.clone()),
             ..options
         };
@@ -237,37 +207,6 @@ pub fn run_blocking(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedtune_shared::params::TensorSpec;
-
-    fn manifest(names: &[&str]) -> Manifest {
-        Manifest::new(names.iter().map(|n| TensorSpec { name: (*n).into(), shape: vec![1] }).collect())
-            .unwrap()
-    }
-
-    #[test]
-    fn the_training_scope_is_recovered_from_the_coordinators_manifest() {
-        let top2 = manifest(&[
-            "bert.encoder.layer.4.output.dense.weight",
-            "bert.encoder.layer.5.output.dense.weight",
-            "bert.pooler.dense.weight",
-            "classifier.weight",
-        ]);
-        assert_eq!(scope_for(&top2, 6), TrainScope { train_top_layers: Some(2), freeze_embeddings: true });
-        let head = manifest(&["classifier.weight", "classifier.bias"]);
-        assert_eq!(scope_for(&head, 6).train_top_layers, Some(0));
-        let all = manifest(&[
-            "bert.embeddings.word_embeddings.weight",
-            "bert.encoder.layer.0.x",
-            "classifier.bias",
-        ]);
-        assert_eq!(scope_for(&all, 6), TrainScope { train_top_layers: None, freeze_embeddings: false });
-        for (k, scope) in [(2, scope_for(&top2, 6)), (0, scope_for(&head, 6))] {
-            for t in if k == 2 { &top2.tensors } else { &head.tensors } {
-                assert!(scope.trains(&t.name, 6), "{} must train", t.name);
-            }
-            assert!(!scope.trains("bert.encoder.layer.3.output.dense.weight", 6));
-        }
-    }
 
     fn settings(url: &str, extra: &[(&str, &str)]) -> ClientSettings {
         let mut env = vec![
@@ -290,12 +229,5 @@ mod tests {
         );
         let err = connect_options(&https).unwrap_err();
         assert!(matches!(&err, RunError::Usage(m) if m.contains("ca.pem")), "{err}");
-    }
-
-    #[test]
-    fn the_tls_domain_defaults_to_the_url_host() {
-        assert_eq!(host_of("https://coord.example:50051").as_deref(), Some("coord.example"));
-        assert_eq!(host_of("https://[::1]:50051/x").as_deref(), Some("::1"));
-        assert_eq!(host_of("http://127.0.0.1").as_deref(), Some("127.0.0.1"));
     }
 }

@@ -29,7 +29,7 @@ use fedtune_shared::round::{
     JoinResponse, StatusReport, Task, UploadItem, UploadReceipt,
 };
 use futures::stream::{BoxStream, StreamExt};
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::Code;
 
 /// Why a call to the coordinator failed, classified by what the agent should do about it.
@@ -208,18 +208,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl GrpcCoordinator {
     /// Prepares a channel to the coordinator without connecting yet.
     pub fn connect_lazy(options: &ConnectOptions) -> Result<Self, ApiError> {
-        let mut endpoint = Endpoint::from_shared(options.url.clone())
-            .map_err(|e| ApiError::Config(format!("coordinator URL `{}`: {e}", options.url)))?
-            .connect_timeout(options.connect_timeout)
-            .tcp_nodelay(true)
-            .tcp_keepalive(Some(Duration::from_secs(30)))
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(10));
-        if let Some(tls) = &options.tls {
-            endpoint = endpoint
-                .tls_config(tls.clone())
-                .map_err(|e| ApiError::Config(format!("TLS configuration: {e}")))?;
-        }
+        let endpoint =
+            fedtune_shared::endpoint::endpoint(&options.url, options.tls.clone(), options.connect_timeout)
+                .map_err(|e| ApiError::Config(e.to_string()))?
+                .tcp_nodelay(true)
+                .tcp_keepalive(Some(Duration::from_secs(30)))
+                .http2_keep_alive_interval(Duration::from_secs(20))
+                .keep_alive_timeout(Duration::from_secs(10));
         let client = CoordinatorClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);

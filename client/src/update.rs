@@ -10,9 +10,10 @@
 //! Order matters and is the caller's to choose: clipping must precede noise. Signing is not a
 //! stage: the signature covers the upload header and the session's federation and client id,
 //! which only the transport knows, so `identity::sign_upload_stream` signs the trailer there.
-//! The default pipeline only checks that every
-//! value is finite and within the protocol's range (a diverged client must not poison the global
-//! model, and the coordinator would reject the upload anyway, after it was streamed).
+//! The plain pipeline ([`UpdatePipeline::checked`]) only checks that every value is finite and
+//! within the bound the coordinator advertised at join (`JoinResponse.limits.max_abs_update_value`):
+//! a diverged client must not poison the global model, and the coordinator would reject the
+//! upload anyway, after it was streamed.
 //!
 //! Which stages a task needs depends on its privacy instructions, so the agent asks a
 //! [`PipelineFactory`] for a fresh pipeline per fit task. [`PlainPipelines`] serves tasks without
@@ -31,10 +32,6 @@ use std::collections::BTreeMap;
 use fedtune_shared::ids::{ClientId, RoundId};
 use fedtune_shared::params::{ParameterVector, ParamsError};
 use fedtune_shared::round::{PrivacyInstructions, PrivacyMode};
-
-/// Largest magnitude of an uploaded delta value (`docs/protocol.md`: the coordinator sums
-/// updates in fixed point and refuses values outside ±1024).
-pub const MAX_ABS_DELTA: f32 = 1024.0;
 
 /// Why an update could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -80,10 +77,20 @@ pub trait UpdateStage: Send + std::fmt::Debug {
     fn apply(&mut self, update: &mut PreparedUpdate) -> Result<(), UpdateError>;
 }
 
-/// Refuses deltas holding NaN, infinity or values beyond ±[`MAX_ABS_DELTA`], and records the
-/// delta's L2 norm (`l2_norm`), which a clipping stage placed after it compares with its bound.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct CheckRange;
+/// Refuses deltas holding NaN, infinity or values beyond ±`max_abs` (the bound the
+/// coordinator advertised), and records the delta's L2 norm (`l2_norm`), which a clipping
+/// stage placed after it compares with its bound.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckRange {
+    max_abs: f32,
+}
+
+impl CheckRange {
+    /// A check against ±`max_abs` (the coordinator's `max_abs_update_value`).
+    pub fn new(max_abs: f32) -> Self {
+        Self { max_abs }
+    }
+}
 
 impl UpdateStage for CheckRange {
     fn name(&self) -> &'static str {
@@ -92,10 +99,15 @@ impl UpdateStage for CheckRange {
 
     fn apply(&mut self, update: &mut PreparedUpdate) -> Result<(), UpdateError> {
         let refuse = |reason: String| UpdateError::Refused { stage: "range", reason };
+        let max_abs = self.max_abs;
+        // A NaN bound would let every value through the comparison below.
+        if !fedtune_shared::limits::is_valid_value_bound(max_abs) {
+            return Err(refuse(format!("the coordinator's update value bound {max_abs} is unusable")));
+        }
         update.delta.ensure_finite().map_err(|e| refuse(e.to_string()))?;
-        if let Some(i) = update.delta.values().iter().position(|v| v.abs() > MAX_ABS_DELTA) {
+        if let Some(i) = update.delta.values().iter().position(|v| v.abs() > max_abs) {
             return Err(refuse(format!(
-                "value {} at flat index {i} exceeds the protocol's ±{MAX_ABS_DELTA}",
+                "value {} at flat index {i} exceeds the coordinator's bound ±{max_abs}",
                 update.delta.values()[i]
             )));
         }
@@ -110,14 +122,12 @@ pub struct UpdatePipeline {
     stages: Vec<Box<dyn UpdateStage>>,
 }
 
-impl Default for UpdatePipeline {
-    /// The pipeline without privacy: only [`CheckRange`].
-    fn default() -> Self {
-        Self { stages: vec![Box::new(CheckRange)] }
-    }
-}
-
 impl UpdatePipeline {
+    /// The pipeline without privacy: only [`CheckRange`] against ±`max_abs`.
+    pub fn checked(max_abs: f32) -> Self {
+        Self { stages: vec![Box::new(CheckRange::new(max_abs))] }
+    }
+
     /// A pipeline with exactly `stages`, in order.
     pub fn new(stages: Vec<Box<dyn UpdateStage>>) -> Self {
         Self { stages }
@@ -163,6 +173,8 @@ pub struct TaskContext {
     pub round: RoundId,
     /// How the coordinator wants the update privatized.
     pub privacy: PrivacyInstructions,
+    /// Largest `|value|` the coordinator accepts in an update (advertised at join).
+    pub max_abs_update_value: f32,
 }
 
 /// Builds the pipeline one fit task needs (clip and noise per its privacy instructions).
@@ -180,7 +192,7 @@ pub struct PlainPipelines;
 impl PipelineFactory for PlainPipelines {
     fn build(&self, task: &TaskContext) -> Result<UpdatePipeline, UpdateError> {
         match task.privacy.mode {
-            PrivacyMode::None => Ok(UpdatePipeline::default()),
+            PrivacyMode::None => Ok(UpdatePipeline::checked(task.max_abs_update_value)),
             mode => Err(UpdateError::Unsupported(format!(
                 "privacy mode {mode:?} (clip {} / noise σ {}) needs clipping and noise stages this agent was \
                  not built with",
@@ -208,6 +220,7 @@ pub fn delta(global: &ParameterVector, local: &ParameterVector) -> Result<Parame
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fedtune_shared::limits::MAX_ABS_UPDATE_VALUE;
     use fedtune_shared::params::{Manifest, TensorSpec};
 
     fn spec(name: &str, n: usize) -> TensorSpec {
@@ -239,7 +252,7 @@ mod tests {
     fn the_default_pipeline_refuses_a_diverged_update_and_measures_a_healthy_one() {
         let m = Manifest::new(vec![spec("w", 2)]).unwrap();
         let global = ParameterVector::zeros(m.clone());
-        let mut pipeline = UpdatePipeline::default();
+        let mut pipeline = UpdatePipeline::checked(MAX_ABS_UPDATE_VALUE);
 
         let ok = pipeline
             .prepare(4, &global, &ParameterVector::new(m.clone(), vec![3.0, 4.0]).unwrap(), 10)
@@ -257,11 +270,27 @@ mod tests {
     }
 
     #[test]
+    fn the_range_check_uses_the_bound_the_coordinator_advertised() {
+        let m = Manifest::new(vec![spec("w", 1)]).unwrap();
+        let global = ParameterVector::zeros(m.clone());
+        // Beyond the coordinator's fixed-point range, though well within what an older client
+        // build assumed (±1024): refused before a single byte is streamed.
+        let local = ParameterVector::new(m, vec![300.0]).unwrap();
+        let err = UpdatePipeline::checked(MAX_ABS_UPDATE_VALUE).prepare(1, &global, &local, 1).unwrap_err();
+        assert!(err.to_string().contains("±256"), "{err}");
+        // A coordinator advertising a tighter bound is obeyed.
+        let small = ParameterVector::new(global.manifest().clone(), vec![2.0]).unwrap();
+        assert!(UpdatePipeline::checked(1.0).prepare(1, &global, &small, 1).is_err());
+        assert!(UpdatePipeline::checked(f32::NAN).prepare(1, &global, &small, 1).is_err());
+    }
+
+    #[test]
     fn plain_pipelines_refuse_tasks_that_ask_for_privacy() {
         let mut task = TaskContext {
             client_id: ClientId::parse("site-1").unwrap(),
             round: RoundId::new(1, 0),
             privacy: PrivacyInstructions::NONE,
+            max_abs_update_value: MAX_ABS_UPDATE_VALUE,
         };
         assert_eq!(PlainPipelines.build(&task).unwrap().stage_names(), vec!["range"]);
         task.privacy = PrivacyInstructions {
@@ -291,7 +320,8 @@ mod tests {
         let m = Manifest::new(vec![spec("w", 1)]).unwrap();
         let global = ParameterVector::zeros(m.clone());
         let local = ParameterVector::new(m, vec![2.0]).unwrap();
-        let mut pipeline = UpdatePipeline::new(vec![]).with_stage(Scale(3.0)).with_stage(CheckRange);
+        let mut pipeline =
+            UpdatePipeline::new(vec![]).with_stage(Scale(3.0)).with_stage(CheckRange::new(256.0));
         assert_eq!(pipeline.stage_names(), vec!["scale", "range"]);
         let out = pipeline.prepare(1, &global, &local, 1).unwrap();
         // The range stage saw the scaled delta.

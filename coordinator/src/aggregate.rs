@@ -30,10 +30,13 @@ use fedtune_shared::params::Manifest;
 pub const SCALE_BITS: i32 = 24;
 /// 2²⁴.
 const SCALE: f64 = (1u64 << SCALE_BITS) as f64;
-/// Largest accepted |value| of an update.
-pub const MAX_ABS_VALUE: f32 = 256.0;
+/// Largest accepted |value| of an update: the protocol's bound, advertised to clients.
+pub use fedtune_shared::limits::MAX_ABS_UPDATE_VALUE as MAX_ABS_VALUE;
 /// Largest total weight (sum of example counts) of one round.
 pub const MAX_TOTAL_WEIGHT: u64 = (1 << 31) - 1;
+// The overflow argument of the module docs, checked where the bound is defined elsewhere: a
+// larger protocol bound must not compile into a sum that can overflow.
+const _: () = assert!((MAX_ABS_VALUE as f64) * SCALE * (MAX_TOTAL_WEIGHT as f64) < 9.223_372_036_854_776e18);
 /// 1.5·2⁵²: adding and subtracting it rounds an f64 of magnitude < 2⁵¹ to the nearest integer
 /// (ties to even) under the default rounding mode.
 const RNE_MAGIC: f64 = 6_755_399_441_055_744.0;

@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 
+use fedtune_shared::bert::num_encoder_layers;
 use fedtune_shared::chunk::PayloadView;
 use fedtune_shared::ids::{ModelVersion, RoundId, Sha256};
 use fedtune_shared::params::{Manifest, ParameterVector};
@@ -79,13 +80,7 @@ impl std::fmt::Debug for Booted {
 
 /// Number of encoder layers named in a manifest.
 fn num_layers(m: &Manifest) -> usize {
-    m.tensors
-        .iter()
-        .filter_map(|t| t.name.strip_prefix("bert.encoder.layer."))
-        .filter_map(|r| r.split('.').next()?.parse::<usize>().ok())
-        .max()
-        .map(|l| l + 1)
-        .unwrap_or(0)
+    num_encoder_layers(m.tensors.iter().map(|t| t.name.as_str()))
 }
 
 /// Opens or creates the federation state. Blocking (reads and hashes the model).

@@ -40,7 +40,6 @@ const CA_VALIDITY_DAYS: i64 = 3650;
 const LEAF_VALIDITY_DAYS: i64 = 365;
 /// Certificates start an hour in the past so a peer whose clock is slightly behind accepts them.
 const BACKDATE: time::Duration = time::Duration::hours(1);
-const MAX_CLIENT_NAME_LEN: usize = 64;
 
 /// Errors of the development PKI and of building TLS configurations.
 #[derive(Debug, thiserror::Error)]
@@ -298,16 +297,15 @@ fn invalid_client(name: &str, reason: &str) -> CertError {
     CertError::InvalidName { what: "client name", name: name.to_owned(), reason: reason.to_owned() }
 }
 
-/// Client names become file names and DNS names in certificates, so they are kept to a portable
-/// alphabet.
+/// Client names become file names and DNS names in certificates: the protocol's name alphabet
+/// ([`fedtune_shared::limits::is_valid_name`]), not starting with `.`, and a DNS-style name.
 fn validate_client_name(name: &str) -> Result<(), CertError> {
-    if name.is_empty() || name.len() > MAX_CLIENT_NAME_LEN {
-        return Err(invalid_client(name, &format!("must be 1..={MAX_CLIENT_NAME_LEN} characters")));
-    }
-    if name.starts_with('.')
-        || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
-        return Err(invalid_client(name, "use letters, digits, `-`, `_` and `.` (not first)"));
+    use fedtune_shared::limits::{is_valid_name, MAX_NAME_LEN};
+    if !is_valid_name(name) || name.starts_with('.') {
+        return Err(invalid_client(
+            name,
+            &format!("use 1..={MAX_NAME_LEN} letters, digits, `-`, `_` and `.` (not first)"),
+        ));
     }
     // The name goes into the certificate as a DNS name, which the coordinator matches on join.
     if rustls::pki_types::DnsName::try_from(name).is_err() {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use fedtune_shared::settings::SettingsError;
 
 pub use crate::operator::{
-    export, fetch_status, render_status, status_json, url_host, CliError, ExportArgs, StatusArgs,
+    export, fetch_status, render_status, status_json, CliError, ExportArgs, StatusArgs,
 };
 use crate::settings::CoordinatorSettings;
 

@@ -4,22 +4,24 @@
 //!
 //! # Names
 //! Tensors carry the names `BertForSequenceClassification` uses (`bert.…`, `classifier.…`), so
-//! a checkpoint written here loads in transformers unchanged. A base-model checkpoint without
-//! the `bert.` prefix gets it; pre-training heads (`cls.…`) and the `position_ids` buffer are
-//! skipped; old `LayerNorm.gamma/beta` names become `weight/bias`.
+//! a checkpoint written here loads in transformers unchanged; checkpoint names are mapped onto
+//! them by [`fedtune_shared::bert::checkpoint_name`].
 //!
 //! # Trainable part
-//! Clients train and upload only the trainable tensors (always pooler and classifier; the top
-//! `train_top_layers` encoder layers or all; embeddings unless frozen). Frozen tensors never
-//! change, so a client downloads the full model once and only the trainable part per version.
+//! Clients train and upload only the trainable tensors, chosen by the one rule both sides share
+//! ([`fedtune_shared::bert::TrainScope`]: pooler and classifier always; the top
+//! `train_top_layers` encoder layers or all; embeddings only when all layers train and they are
+//! not frozen; tensors of unknown names never). Frozen tensors never change, so a client
+//! downloads the full model once and only the trainable part per version.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use fedtune_shared::bert::{checkpoint_name, export, TrainScope};
 use fedtune_shared::chunk::PayloadView;
 use fedtune_shared::ids::{ModelVersion, Sha256};
-use fedtune_shared::params::{Manifest, ParameterVector, ParamsError, TensorSpec};
+use fedtune_shared::params::{natural_cmp, Manifest, ParameterVector, ParamsError, TensorSpec};
 use fedtune_shared::round::{ModelRef, ModelScope};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -49,6 +51,9 @@ pub enum ModelError {
     /// Parameter vectors or safetensors.
     #[error(transparent)]
     Params(#[from] ParamsError),
+    /// Writing a Hugging Face export.
+    #[error("export: {0}")]
+    Export(#[from] export::ExportError),
     /// The checkpoint does not look like a BERT model.
     #[error("checkpoint {path}: {reason}")]
     Checkpoint {
@@ -138,24 +143,11 @@ impl TrainableLayout {
     }
 }
 
-/// The selection rule for trainable tensors (see the module docs).
+/// The selection rule for trainable tensors: [`fedtune_shared::bert::TrainScope`] with the
+/// model settings, for a checkpoint of `num_layers` encoder layers.
 pub fn trainable_rule(settings: &ModelSettings, num_layers: usize) -> impl Fn(&str) -> bool + Clone {
-    let first_trained = settings.train_top_layers.map(|k| num_layers.saturating_sub(k)).unwrap_or(0);
-    let freeze_embeddings = settings.freeze_embeddings;
-    move |name: &str| {
-        if name.starts_with("classifier.") || name.starts_with("bert.pooler.") {
-            return true;
-        }
-        if name.starts_with("bert.embeddings.") {
-            return !freeze_embeddings;
-        }
-        if let Some(rest) = name.strip_prefix("bert.encoder.layer.") {
-            let layer: usize = rest.split('.').next().and_then(|n| n.parse().ok()).unwrap_or(0);
-            return layer >= first_trained;
-        }
-        // Anything else (unknown extras) stays frozen: clients cannot be assumed to train it.
-        false
-    }
+    TrainScope { train_top_layers: settings.train_top_layers, freeze_embeddings: settings.freeze_embeddings }
+        .rule(num_layers)
 }
 
 /// A published version of the global model. Immutable; shared with downloads through `Arc`.
@@ -217,7 +209,7 @@ impl GlobalModel {
 /// The initial model and what was decided while building it.
 #[derive(Debug)]
 pub struct InitialModel {
-    /// All tensors, HF names, sorted by name.
+    /// All tensors, HF names, in [`natural_cmp`] order.
     pub params: ParameterVector,
     /// Class names.
     pub labels: Vec<String>,
@@ -230,37 +222,17 @@ pub struct InitialModel {
 /// Standard deviation of the head initialisation (BERT's `initializer_range`).
 const INIT_STD: f64 = 0.02;
 
-/// Maps a checkpoint name to the classifier's name, or `None` to skip it.
-fn canonical_name(name: &str) -> Option<String> {
-    if name.ends_with("embeddings.position_ids") || name.starts_with("cls.") {
-        return None;
-    }
-    let mut n = if name.starts_with("bert.") || name.starts_with("classifier.") {
-        name.to_string()
-    } else {
-        format!("bert.{name}")
-    };
-    if n.contains("LayerNorm.") {
-        if let Some(stem) = n.strip_suffix(".gamma") {
-            n = format!("{stem}.weight");
-        } else if let Some(stem) = n.strip_suffix(".beta") {
-            n = format!("{stem}.bias");
-        }
-    }
-    Some(n)
-}
-
 /// Builds the initial global model from `settings.init_dir` (see the module docs).
 pub fn load_initial(settings: &ModelSettings) -> Result<InitialModel, ModelError> {
     let config = HfConfig::read(&settings.init_dir)?;
     let path = settings.init_dir.join("model.safetensors");
-    let raw = ParameterVector::load_safetensors(&path, |n| canonical_name(n).is_some())?;
+    let raw = ParameterVector::load_safetensors(&path, |n| checkpoint_name(n).is_some())?;
     let (manifest, values) = raw.into_parts();
     let mut tensors: Vec<(TensorSpec, Range<usize>)> = Vec::new();
     let mut offset = 0;
     for t in manifest.tensors {
         let n = t.numel();
-        let name = canonical_name(&t.name).expect("filtered above");
+        let name = checkpoint_name(&t.name).expect("filtered above");
         tensors.push((TensorSpec { name, shape: t.shape }, offset..offset + n));
         offset += n;
     }
@@ -323,7 +295,7 @@ pub fn load_initial(settings: &ModelSettings) -> Result<InitialModel, ModelError
         .map(|(t, r)| (t, Ok(r)))
         .chain(extra.into_iter().map(|(t, v)| (t, Err(v))))
         .collect();
-    all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    all.sort_by(|a, b| natural_cmp(&a.0.name, &b.0.name));
     for (spec, src) in all {
         match src {
             Ok(r) => out_values.extend_from_slice(&values[r]),
@@ -342,66 +314,16 @@ fn normal_sample(rng: &mut ChaCha20Rng) -> f64 {
     INIT_STD * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
-/// Tokenizer and vocabulary files copied from the initial model directory on export.
-pub const TOKENIZER_FILES: [&str; 6] = [
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.txt",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "merges.txt",
-];
-
-/// Writes a Hugging Face `BertForSequenceClassification` directory: `config.json` (with
-/// `num_labels`, `id2label`, `label2id`), `model.safetensors` and the tokenizer files found in
-/// `init_dir`.
+/// Writes a Hugging Face `BertForSequenceClassification` directory `out` from `params` with
+/// the config and tokenizer files of `init_dir` ([`fedtune_shared::bert::export`]).
 pub fn export_hf(
     params: &ParameterVector,
     labels: &[String],
     init_dir: &Path,
     out: &Path,
 ) -> Result<Vec<PathBuf>, ModelError> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ModelError::Io { path, source }
-    };
-    std::fs::create_dir_all(out).map_err(io(out))?;
     let config = HfConfig::read(init_dir)?;
-    let mut json = config.json;
-    let obj = json.as_object_mut().ok_or_else(|| ModelError::Config {
-        path: init_dir.join("config.json"),
-        reason: "not a JSON object".into(),
-    })?;
-    obj.insert("architectures".into(), serde_json::json!(["BertForSequenceClassification"]));
-    obj.insert("num_labels".into(), serde_json::json!(labels.len()));
-    obj.insert(
-        "id2label".into(),
-        serde_json::Value::Object(
-            labels.iter().enumerate().map(|(i, l)| (i.to_string(), l.clone().into())).collect(),
-        ),
-    );
-    obj.insert(
-        "label2id".into(),
-        serde_json::Value::Object(labels.iter().enumerate().map(|(i, l)| (l.clone(), i.into())).collect()),
-    );
-    obj.insert("problem_type".into(), "single_label_classification".into());
-    let mut written = Vec::new();
-    let cfg_path = out.join("config.json");
-    let text = serde_json::to_string_pretty(&json).expect("JSON values serialize");
-    std::fs::write(&cfg_path, text).map_err(io(&cfg_path))?;
-    written.push(cfg_path);
-    let model_path = out.join("model.safetensors");
-    params.save_safetensors(&model_path)?;
-    written.push(model_path);
-    for f in TOKENIZER_FILES {
-        let src = init_dir.join(f);
-        if src.is_file() {
-            let dst = out.join(f);
-            std::fs::copy(&src, &dst).map_err(io(&dst))?;
-            written.push(dst);
-        }
-    }
-    Ok(written)
+    Ok(export::export_hf(out, &config.json, labels, params, init_dir)?)
 }
 
 #[cfg(test)]

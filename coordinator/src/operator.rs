@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use fedtune_shared::chunk::MAX_MESSAGE_BYTES;
+use fedtune_shared::endpoint::{self, TlsOptions};
 use fedtune_shared::ids::ModelVersion;
 use fedtune_shared::params::ParameterVector;
 use fedtune_shared::pb;
@@ -88,23 +89,23 @@ pub enum CliError {
     NotFound(String),
 }
 
+/// Bound on connecting for `status`: an unreachable coordinator is reported, not waited for.
+const STATUS_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Calls `GetStatus` on a running coordinator.
 pub async fn fetch_status(args: &StatusArgs) -> Result<StatusReport, CliError> {
     let err = |reason: String| CliError::Connect { addr: args.addr.clone(), reason };
-    let mut endpoint =
-        tonic::transport::Endpoint::from_shared(args.addr.clone()).map_err(|e| err(e.to_string()))?;
-    if let Some(ca) = &args.ca {
-        let domain = match &args.tls_domain {
-            Some(d) => d.clone(),
-            None => {
-                url_host(&args.addr).ok_or_else(|| err("no host in the URL; pass --tls-domain".into()))?
-            }
-        };
-        let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
-        let tls = fedtune_shared::crypto::client_tls_config(ca, &domain, identity)
-            .map_err(|e| err(format!("TLS: {e}")))?;
-        endpoint = endpoint.tls_config(tls).map_err(|e| err(format!("TLS: {e}")))?;
-    }
+    let tls = args
+        .ca
+        .as_deref()
+        .map(|ca| {
+            let identity = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
+            endpoint::client_tls(&args.addr, &TlsOptions { ca, domain: args.tls_domain.as_deref(), identity })
+        })
+        .transpose()
+        .map_err(|e| err(e.to_string()))?;
+    let endpoint =
+        endpoint::endpoint(&args.addr, tls, STATUS_CONNECT_TIMEOUT).map_err(|e| err(e.to_string()))?;
     let channel = endpoint.connect().await.map_err(|e| err(e.to_string()))?;
     let mut client = pb::coordinator_client::CoordinatorClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -114,17 +115,6 @@ pub async fn fetch_status(args: &StatusArgs) -> Result<StatusReport, CliError> {
         .await
         .map_err(|s| err(format!("{}: {}", s.code(), s.message())))?;
     StatusReport::try_from(resp.into_inner()).map_err(|e| err(e.to_string()))
-}
-
-/// The host of `scheme://host:port/…` (brackets of an IPv6 literal removed).
-pub fn url_host(url: &str) -> Option<String> {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let authority = rest.split('/').next()?;
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next()?,
-        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
-    };
-    (!host.is_empty()).then(|| host.to_string())
 }
 
 fn fmt_f(v: f64) -> String {

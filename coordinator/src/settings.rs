@@ -148,10 +148,11 @@ pub struct ModelSettings {
     /// Seed of the classifier (and pooler, if missing) initialisation; recorded in the state dir.
     #[serde(default = "default_init_seed")]
     pub init_seed: u64,
-    /// Train only the top k encoder layers (plus pooler and classifier). Absent: all layers.
+    /// Train only the top k encoder layers (plus pooler and classifier; embeddings frozen).
+    /// Absent: all layers.
     #[serde(default)]
     pub train_top_layers: Option<usize>,
-    /// Keep the embeddings frozen.
+    /// Keep the embeddings frozen (implied by `train_top_layers`).
     #[serde(default)]
     pub freeze_embeddings: bool,
 }

@@ -26,7 +26,7 @@ use crate::round::{UpdateHeader, UpdateSignature};
 pub const SIGNATURE_SCHEME: &str = "ed25519";
 
 /// Longest federation id accepted from the wire.
-pub const MAX_FEDERATION_ID_LEN: usize = 64;
+pub const MAX_FEDERATION_ID_LEN: usize = crate::limits::MAX_NAME_LEN;
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConvertError {
     ConvertError::Invalid { field, reason: reason.into() }
@@ -39,10 +39,7 @@ fn fixed<const N: usize>(field: &'static str, bytes: &[u8]) -> Result<[u8; N], C
 /// Checks a federation id: the same alphabet as client ids ([A-Za-z0-9._-], 1–64), so it is
 /// safe in logs and file names and has one encoding.
 pub fn check_federation_id(id: &str) -> Result<(), ConvertError> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_FEDERATION_ID_LEN
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if ok {
+    if crate::limits::is_valid_name(id) {
         Ok(())
     } else {
         Err(invalid("federation_id", "must be 1-64 characters of [A-Za-z0-9._-]"))

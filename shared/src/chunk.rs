@@ -12,16 +12,9 @@ use ring::digest;
 use crate::ids::Sha256;
 use crate::params::ParameterVector;
 
-/// Smallest chunk a sender uses (except for the last chunk of a payload). Smaller chunks waste
-/// per-message overhead on 100+ MB payloads.
-pub const MIN_CHUNK_BYTES: usize = 1 << 20;
-/// Largest chunk either side accepts (4 MiB).
-pub const MAX_CHUNK_BYTES: usize = 4 << 20;
-/// Chunk size used unless a client asks for another one.
-pub const DEFAULT_CHUNK_BYTES: usize = 1 << 20;
-/// gRPC message size limit on both sides, set explicitly (never unlimited): the largest chunk
-/// plus room for the message framing and a header with a manifest of ~1000 tensors.
-pub const MAX_MESSAGE_BYTES: usize = MAX_CHUNK_BYTES + (256 << 10);
+// The limits live with the protocol's other limits; re-exported because every chunking caller
+// needs them.
+pub use crate::limits::{DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, MIN_CHUNK_BYTES};
 
 /// Errors while reassembling a chunked payload.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -26,14 +26,11 @@ pub struct ClientId(String);
 
 impl ClientId {
     /// Longest accepted id.
-    pub const MAX_LEN: usize = 64;
+    pub const MAX_LEN: usize = crate::limits::MAX_NAME_LEN;
 
-    /// Validates and wraps an id.
+    /// Validates and wraps an id (see [`crate::limits::is_valid_name`]).
     pub fn parse(s: &str) -> Result<Self, IdError> {
-        let ok = !s.is_empty()
-            && s.len() <= Self::MAX_LEN
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if ok {
+        if crate::limits::is_valid_name(s) {
             Ok(Self(s.to_owned()))
         } else {
             Err(IdError::BadClientId(s.chars().take(80).collect()))

@@ -6,6 +6,9 @@
 //! tensor and its shape), never as framework tensors.
 //!
 //! # Layout
+//! - [`labels`]: the class-id order of label names, the same on every client.
+//! - [`limits`]: the protocol's limits (update value bound, chunk and message sizes, name
+//!   alphabet), defined once; a client learns the ones it must respect from `JoinResponse`.
 //! - [`auth`]: join challenge, join proof and enrollment messages (validated), and what an update
 //!   signature covers (`update_statement`, `sign_upload`, `verify_upload`).
 //! - [`crypto`]: identities (Ed25519), signed updates and join challenges, session and
@@ -17,16 +20,27 @@
 //! - [`params`]: parameter vectors, manifests, digests, safetensors in and out.
 //! - [`privacy`]: user-level DP-FedAvg: clipping, exact discrete Gaussian noise on a fixed-point
 //!   grid (OS-seeded ChaCha20), adaptive clipping, RDP accountant and calibration.
+//! - [`bert`]: BERT tensor names, the train scope (which tensors a federation trains), and the
+//!   Hugging Face export both binaries write.
+//! - [`files`]: crash-safe writes (temporary, fsync, rename) of files and directories.
+//! - [`endpoint`]: URL + TLS options → tonic endpoint, for every caller of a coordinator.
+//! - [`clock`]: wall-clock milliseconds and seconds for records that outlive a process.
 //! - [`pb`]: generated wire types and gRPC stubs (`proto/fedtune/v1`); the only module naming them.
 //! - [`settings`]: layered TOML + `FEDTUNE__…` env + CLI configuration, human durations.
 //! - [`telemetry`]: tracing set-up shared by both binaries.
 //! - [`shutdown`]: one shutdown path (SIGINT/SIGTERM → cancellation token).
 
 pub mod auth;
+pub mod bert;
 pub mod chunk;
+pub mod clock;
 pub mod convert;
 pub mod crypto;
+pub mod endpoint;
+pub mod files;
 pub mod ids;
+pub mod labels;
+pub mod limits;
 pub mod params;
 pub mod pb;
 pub mod privacy;

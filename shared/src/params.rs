@@ -5,7 +5,7 @@
 //! its [`Manifest`]. A contiguous buffer is what streaming aggregation, clipping, noising and
 //! chunked transfer all want, and its digest is cheap to compute and check.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use ring::digest;
@@ -278,11 +278,19 @@ impl ParameterVector {
         ParameterVector::new(manifest.clone(), values)
     }
 
-    /// Writes the vector as a safetensors file (F32, names from the manifest), atomically:
-    /// a temporary file in the same folder is fsynced, then renamed over `path`.
+    /// Writes the vector as a safetensors file (F32, names from the manifest), atomically
+    /// ([`crate::files::atomic_write`]).
     pub fn save_safetensors(&self, path: &Path) -> Result<(), ParamsError> {
-        use std::io::Write;
-        let err = |reason: String| ParamsError::Safetensors { path: path.display().to_string(), reason };
+        let data = self
+            .to_safetensors(None)
+            .map_err(|reason| ParamsError::Safetensors { path: path.display().to_string(), reason })?;
+        crate::files::atomic_write(path, &data)
+            .map_err(|e| ParamsError::Io { path: e.path.display().to_string(), source: e.source })
+    }
+
+    /// The vector as safetensors bytes (F32, names and order from the manifest), with the
+    /// header's `__metadata__` set to `metadata` (transformers writes `format: pt`).
+    pub fn to_safetensors(&self, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>, String> {
         let bytes = self.to_le_bytes();
         let mut views = Vec::with_capacity(self.manifest.tensors.len());
         for (spec, range) in self.manifest.ranges() {
@@ -291,27 +299,14 @@ impl ParameterVector {
                 spec.shape.clone(),
                 &bytes[range.start * 4..range.end * 4],
             )
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| e.to_string())?;
             views.push((spec.name.clone(), view));
         }
-        let data = safetensors::serialize(views, None).map_err(|e| err(e.to_string()))?;
-        let io = |source| ParamsError::Io { path: path.display().to_string(), source };
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let tmp =
-            dir.join(format!(".{}.tmp", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()));
-        let mut file = std::fs::File::create(&tmp).map_err(io)?;
-        file.write_all(&data).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        drop(file);
-        std::fs::rename(&tmp, path).map_err(io)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        safetensors::serialize(views, metadata).map_err(|e| e.to_string())
     }
 
-    /// Reads every floating-point tensor of a safetensors file, converted to f32, in the
-    /// file's name order (sorted), optionally keeping only names `keep` accepts.
+    /// Reads every floating-point tensor of a safetensors file, converted to f32, in
+    /// [`natural_cmp`] order of their names, optionally keeping only names `keep` accepts.
     pub fn load_safetensors(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Self, ParamsError> {
         let io = |source| ParamsError::Io { path: path.display().to_string(), source };
         let data = std::fs::read(path).map_err(io)?;
@@ -320,7 +315,7 @@ impl ParameterVector {
             reason: e.to_string(),
         })?;
         let mut names: Vec<String> = st.names().into_iter().filter(|n| keep(n)).map(String::from).collect();
-        names.sort();
+        names.sort_by(|a, b| natural_cmp(a, b));
         let mut tensors = Vec::with_capacity(names.len());
         let mut values = Vec::new();
         for name in names {
@@ -373,6 +368,32 @@ fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
+/// The order of tensors in manifests, checkpoints and exports on both sides: names compare
+/// segment by segment (split at `.`), numeric segments as numbers, so `layer.2` sorts before
+/// `layer.10`. The coordinator's trainable manifest and a client's must list the same tensors
+/// in the same order, so this is the only order either side sorts by.
+pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    let mut xs = a.split('.');
+    let mut ys = b.split('.');
+    loop {
+        match (xs.next(), ys.next()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) => {
+                let o = match (x.parse::<u64>(), y.parse::<u64>()) {
+                    (Ok(i), Ok(j)) => i.cmp(&j),
+                    _ => x.cmp(y),
+                };
+                if o != Ordering::Equal {
+                    return o;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,6 +404,32 @@ mod tests {
             TensorSpec { name: "a.bias".into(), shape: vec![3] },
         ])
         .unwrap()
+    }
+
+    #[test]
+    fn layer_numbers_sort_as_numbers() {
+        let mut names =
+            vec!["bert.encoder.layer.10.x", "classifier.bias", "bert.encoder.layer.2.x", "bert.embeddings.a"];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            names,
+            ["bert.embeddings.a", "bert.encoder.layer.2.x", "bert.encoder.layer.10.x", "classifier.bias"]
+        );
+    }
+
+    #[test]
+    fn a_safetensors_file_loads_in_natural_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let names = ["layer.10.w", "layer.9.w", "layer.1.w"];
+        let m =
+            Manifest::new(names.iter().map(|n| TensorSpec { name: (*n).into(), shape: vec![1] }).collect())
+                .unwrap();
+        ParameterVector::new(m, vec![10.0, 9.0, 1.0]).unwrap().save_safetensors(&path).unwrap();
+        let back = ParameterVector::load_safetensors(&path, |_| true).unwrap();
+        let order: Vec<&str> = back.manifest().tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(order, ["layer.1.w", "layer.9.w", "layer.10.w"]);
+        assert_eq!(back.values(), &[1.0, 9.0, 10.0]);
     }
 
     #[test]

@@ -79,8 +79,9 @@ pub enum ModelScope {
     Trainable,
 }
 
-/// Size limits of a connection (see `Limits` in the proto).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Limits of a connection (see `Limits` in the proto), as the coordinator advertised them.
+/// Their values on the coordinator's side come from [`crate::limits`].
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     /// Largest encoded gRPC message, bytes.
     pub max_message_bytes: u64,
@@ -88,6 +89,28 @@ pub struct Limits {
     pub max_chunk_bytes: u64,
     /// Download chunk size used unless asked otherwise, bytes.
     pub default_chunk_bytes: u64,
+    /// Largest `|value|` of an uploaded delta the coordinator accepts (finite, positive); a
+    /// client checks its update against it before streaming.
+    pub max_abs_update_value: f32,
+}
+
+impl Limits {
+    /// The limits this build of the protocol enforces, with downloads cut into
+    /// `default_chunk_bytes`.
+    pub fn of_protocol(default_chunk_bytes: u64) -> Self {
+        Self {
+            max_message_bytes: crate::limits::MAX_MESSAGE_BYTES as u64,
+            max_chunk_bytes: crate::limits::MAX_CHUNK_BYTES as u64,
+            default_chunk_bytes,
+            max_abs_update_value: crate::limits::MAX_ABS_UPDATE_VALUE,
+        }
+    }
+
+    /// The chunk size a client uses for its uploads and asks for in downloads: the advertised
+    /// default within the advertised maximum, a whole number of `f32` values (at least one).
+    pub fn chunk_bytes(&self) -> u64 {
+        (self.default_chunk_bytes.min(self.max_chunk_bytes) / 4 * 4).max(4)
+    }
 }
 
 /// A client's request to join.

@@ -115,6 +115,7 @@ fn seeds() -> Vec<Vec<u8>> {
                 max_message_bytes: 8 << 20,
                 max_chunk_bytes: 4 << 20,
                 default_chunk_bytes: 1 << 20,
+                max_abs_update_value: 256.0,
             }),
             federation_id: "fed-1".into(),
             ..Default::default()

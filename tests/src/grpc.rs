@@ -101,11 +101,7 @@ impl TestClient {
 
     /// Connects with a TLS configuration (for `https://` coordinators).
     pub async fn connect_with(url: &str, tls: Option<tonic::transport::ClientTlsConfig>) -> Result<Self> {
-        let mut endpoint =
-            tonic::transport::Endpoint::from_shared(url.to_string())?.connect_timeout(Duration::from_secs(5));
-        if let Some(tls) = tls {
-            endpoint = endpoint.tls_config(tls)?;
-        }
+        let endpoint = fedtune_shared::endpoint::endpoint(url, tls, Duration::from_secs(5))?;
         let channel = endpoint.connect().await.with_context(|| format!("connecting to {url}"))?;
         let inner = CoordinatorClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

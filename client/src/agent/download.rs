@@ -193,7 +193,7 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
             Work::Fit { task, .. } => task.model,
             Work::Evaluate { task, .. } => task.model,
         };
-        let chunk = session.limits.default_chunk_bytes.min(session.limits.max_chunk_bytes);
+        let chunk = session.limits.chunk_bytes();
         let supervision = self.supervision(ClientActivity::Downloading, &work, None);
         let fetched =
             supervise(supervision, self.cache.fetch(self.api.as_ref(), &model, &session.trainable, chunk))

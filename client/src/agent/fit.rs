@@ -35,11 +35,17 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
         deadline: Instant,
         global: Arc<ParameterVector>,
     ) -> Result<State, AgentError> {
-        let Some(client_id) = self.session.as_ref().map(|s| s.client_id.clone()) else {
+        let Some((client_id, limits)) = self.session.as_ref().map(|s| (s.client_id.clone(), s.limits)) else {
             return Ok(State::Connecting);
         };
         let work = Work::Fit { task: task.clone(), deadline };
-        let context = TaskContext { client_id, round: task.id, privacy: task.privacy };
+        // The range check uses the bound this coordinator advertised, not a copy of our own.
+        let context = TaskContext {
+            client_id,
+            round: task.id,
+            privacy: task.privacy,
+            max_abs_update_value: limits.max_abs_update_value,
+        };
         let pipeline = match self.pipelines.build(&context) {
             Ok(p) => p,
             Err(e) => {

@@ -64,6 +64,8 @@ struct Faults {
     break_download_after: Option<usize>,
     /// Answer the next upload with "unknown session" (as after a coordinator restart).
     lose_session_on_upload: bool,
+    /// Advertise this update value bound at join instead of the protocol's.
+    max_abs_update_value: Option<f32>,
 }
 
 /// A single-client coordinator in memory.
@@ -104,13 +106,14 @@ impl Scripted {
 impl CoordinatorApi for Arc<Scripted> {
     async fn join(&self, _request: JoinRequest) -> Result<JoinResponse, ApiError> {
         self.note("join");
-        {
+        let max_abs_update_value = {
             let mut f = self.faults.lock().unwrap();
             if f.refused_joins > 0 {
                 f.refused_joins -= 1;
                 return Err(ApiError::Unavailable("connection refused".into()));
             }
-        }
+            f.max_abs_update_value.unwrap_or(fedtune_shared::limits::MAX_ABS_UPDATE_VALUE)
+        };
         Ok(JoinResponse {
             client_id: ClientId::parse("site-a").unwrap(),
             session_token: "t".into(),
@@ -123,6 +126,7 @@ impl CoordinatorApi for Arc<Scripted> {
                 max_message_bytes: 5 << 20,
                 max_chunk_bytes: 4 << 20,
                 default_chunk_bytes: 1 << 20,
+                max_abs_update_value,
             },
             labels: vec!["0".into(), "1".into()],
         })
@@ -357,6 +361,20 @@ async fn a_task_asking_for_privacy_this_agent_cannot_provide_is_refused_not_sent
     assert_eq!(outcome.stats.fits, 0);
     assert!(c.uploads.lock().unwrap().is_empty());
     assert_eq!(c.calls("failure unsupported"), 1, "{:?}", c.log.lock().unwrap());
+}
+
+#[tokio::test]
+async fn an_update_beyond_the_bound_the_coordinator_advertised_is_refused_before_streaming() {
+    // A coordinator stricter than any update: the agent checks against what it advertised, not
+    // against a bound of its own.
+    let faults = Faults { max_abs_update_value: Some(1e-12), ..Faults::default() };
+    let c = Arc::new(Scripted::new(vec![], faults));
+    let model = model_ref(0, &c.weights);
+    c.tasks.lock().unwrap().extend([fit_task(1, model)]);
+    let outcome = run(&c).await;
+    assert!(matches!(outcome.reason, ExitReason::Finished { .. }), "{outcome:?}");
+    assert!(c.uploads.lock().unwrap().is_empty(), "nothing is streamed");
+    assert_eq!(c.calls("failure update refused locally"), 1, "{:?}", c.log.lock().unwrap());
 }
 
 #[tokio::test(start_paused = true)]

@@ -87,7 +87,7 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
             self.report_failure(&work, "no training examples behind the update".into()).await;
             return Ok(State::Idle);
         }
-        let chunk = session.limits.default_chunk_bytes.min(session.limits.max_chunk_bytes) as usize;
+        let chunk = session.limits.chunk_bytes() as usize;
         let items =
             upload_items(&pending.task, Arc::clone(&pending.result), chunk, self.config.upload_rate_limit);
         let total = pending.result.update.delta.manifest().byte_len() as u64;

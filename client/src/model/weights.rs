@@ -7,10 +7,10 @@
 //! `initializer_range`) for linear and embedding weights, zero biases, LayerNorm 1/0, zero
 //! padding row), from a fixed seed and in name order, so a run is reproducible.
 
-use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
+use fedtune_shared::bert::{checkpoint_name, is_buffer};
 use tch::{nn::VarStore, Tensor};
 
 use super::config::BertConfig;
@@ -57,33 +57,8 @@ pub struct LoadReport {
     pub unused: Vec<String>,
 }
 
-/// Buffers transformers saves but which are not parameters.
-fn is_buffer(name: &str) -> bool {
-    name.ends_with("embeddings.position_ids") || name.ends_with("embeddings.token_type_ids")
-}
-
-/// Orders names like a reader would: numeric path segments compare as numbers, so
-/// `layer.2` sorts before `layer.10`. This is the order of manifests and exports.
-pub fn natural_cmp(a: &str, b: &str) -> Ordering {
-    let mut xs = a.split('.');
-    let mut ys = b.split('.');
-    loop {
-        match (xs.next(), ys.next()) {
-            (None, None) => return Ordering::Equal,
-            (None, Some(_)) => return Ordering::Less,
-            (Some(_), None) => return Ordering::Greater,
-            (Some(x), Some(y)) => {
-                let o = match (x.parse::<u64>(), y.parse::<u64>()) {
-                    (Ok(i), Ok(j)) => i.cmp(&j),
-                    _ => x.cmp(y),
-                };
-                if o != Ordering::Equal {
-                    return o;
-                }
-            }
-        }
-    }
-}
+/// The order of manifests and exports, shared with the coordinator.
+pub use fedtune_shared::params::natural_cmp;
 
 /// All variables of `vs` in natural name order.
 pub fn named_variables(vs: &VarStore) -> Vec<(String, Tensor)> {
@@ -92,21 +67,27 @@ pub fn named_variables(vs: &VarStore) -> Vec<(String, Tensor)> {
     vars
 }
 
-/// Fills the variables of `vs` from a safetensors checkpoint, accepting keys with or without
-/// the `bert.` prefix, converting any float dtype to the variable's. Variables it lacks are
+/// Fills the variables of `vs` from a safetensors checkpoint, accepting any key that
+/// [`checkpoint_name`] maps to a variable (with or without the `bert.` prefix, old
+/// `LayerNorm.gamma/beta`), converting any float dtype to the variable's. Variables it lacks are
 /// left alone (see [`init_missing`]).
 pub fn load_checkpoint(vs: &VarStore, path: &Path) -> Result<LoadReport, WeightsError> {
     let shown = path.display().to_string();
     let tensors = Tensor::read_safetensors(path)
         .map_err(|e| WeightsError::Read { path: shown.clone(), reason: e.to_string() })?;
     let by_name: BTreeMap<String, Tensor> = tensors.into_iter().collect();
+    let by_model_name: BTreeMap<String, &String> =
+        by_name.keys().filter_map(|k| Some((checkpoint_name(k)?, k))).collect();
     let mut used = HashSet::new();
     let mut report = LoadReport::default();
     tch::no_grad(|| -> Result<(), WeightsError> {
         for (name, mut var) in named_variables(vs) {
-            let key = [name.clone(), name.strip_prefix("bert.").unwrap_or(&name).to_string()]
-                .into_iter()
-                .find(|k| by_name.contains_key(k));
+            // The exact name first: a file holding both `bert.x` and `x` means `bert.x`.
+            let key = if by_name.contains_key(&name) {
+                Some(name.clone())
+            } else {
+                by_model_name.get(&name).map(|k| (*k).clone())
+            };
             let Some(key) = key else {
                 report.missing.push(name);
                 continue;
@@ -175,20 +156,4 @@ pub fn init_missing(vs: &VarStore, names: &[String], config: &BertConfig, seed: 
             }
         }
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layer_numbers_sort_as_numbers() {
-        let mut names =
-            vec!["bert.encoder.layer.10.x", "classifier.bias", "bert.encoder.layer.2.x", "bert.embeddings.a"];
-        names.sort_by(|a, b| natural_cmp(a, b));
-        assert_eq!(
-            names,
-            ["bert.embeddings.a", "bert.encoder.layer.2.x", "bert.encoder.layer.10.x", "classifier.bias"]
-        );
-    }
 }

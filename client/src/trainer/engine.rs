@@ -322,10 +322,13 @@ impl Engine {
         to_parameter_vector(&self.model.named_variables())
     }
 
-    /// Writes the model in transformers' layout.
+    /// Writes the model in transformers' layout ([`fedtune_shared::bert::export`]).
     pub(crate) fn export(&self, dir: &Path) -> Result<(), TrainerError> {
         let weights = self.all_weights()?;
-        crate::export::export_hf(dir, &self.model.config, self.labels.names(), &weights, &self.source_dir)
+        let config =
+            serde_json::to_value(&self.model.config).map_err(|e| TrainerError::Failed(e.to_string()))?;
+        fedtune_shared::bert::export::export_hf(dir, &config, self.labels.names(), &weights, &self.source_dir)
+            .map(drop)
             .map_err(|e| TrainerError::Failed(e.to_string()))
     }
 }

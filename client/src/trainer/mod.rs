@@ -35,32 +35,8 @@ use crate::model::Precision;
 use engine::Engine;
 pub use optim::AdamWConfig;
 
-/// Which tensors are trained; the rest keep their loaded values and never travel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct TrainScope {
-    /// Train only the top `k` encoder layers plus pooler and classifier (`Some(0)`: the head
-    /// only). Implies frozen embeddings. `None` trains every layer.
-    pub train_top_layers: Option<usize>,
-    /// Keep the embedding block frozen.
-    pub freeze_embeddings: bool,
-}
-
-impl TrainScope {
-    /// Whether the tensor `name` (transformers' naming) is trained in a model of `num_layers`.
-    pub fn trains(&self, name: &str, num_layers: usize) -> bool {
-        if name.starts_with("bert.embeddings.") {
-            return !self.freeze_embeddings && self.train_top_layers.is_none();
-        }
-        if let Some(rest) = name.strip_prefix("bert.encoder.layer.") {
-            let layer: usize = rest.split('.').next().and_then(|n| n.parse().ok()).unwrap_or(0);
-            return match self.train_top_layers {
-                Some(k) => layer >= num_layers.saturating_sub(k),
-                None => true,
-            };
-        }
-        true
-    }
-}
+/// Which tensors are trained: the rule the coordinator uses too (one home, in shared).
+pub use fedtune_shared::bert::TrainScope;
 
 /// Settings fixed for a trainer's life (per-run settings come in [`FitConfig`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -207,7 +183,8 @@ impl BertTrainer {
         guarded(|| self.engine.all_weights())
     }
 
-    /// Writes the current model to `dir` in Hugging Face layout (see [`crate::export`]).
+    /// Writes the current model to `dir` in Hugging Face layout (see
+    /// [`fedtune_shared::bert::export`]).
     pub fn export(&self, dir: &Path) -> Result<(), TrainerError> {
         guarded(|| self.engine.export(dir))
     }
@@ -243,27 +220,4 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, TrainerError>) -> Result<T, TrainerE
             .unwrap_or_else(|| "unknown panic".into());
         Err(TrainerError::Failed(format!("libtorch error: {what}")))
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn training_the_top_layer_freezes_embeddings_and_lower_layers() {
-        let scope = TrainScope { train_top_layers: Some(1), freeze_embeddings: false };
-        assert!(!scope.trains("bert.embeddings.word_embeddings.weight", 6));
-        assert!(!scope.trains("bert.encoder.layer.4.output.dense.weight", 6));
-        assert!(scope.trains("bert.encoder.layer.5.output.dense.weight", 6));
-        assert!(scope.trains("bert.pooler.dense.weight", 6));
-        assert!(scope.trains("classifier.bias", 6));
-    }
-
-    #[test]
-    fn the_default_scope_trains_everything_and_freezing_embeddings_spares_them() {
-        assert!(TrainScope::default().trains("bert.embeddings.LayerNorm.weight", 2));
-        let frozen = TrainScope { freeze_embeddings: true, ..TrainScope::default() };
-        assert!(!frozen.trains("bert.embeddings.LayerNorm.weight", 2));
-        assert!(frozen.trains("bert.encoder.layer.0.intermediate.dense.weight", 2));
-    }
 }

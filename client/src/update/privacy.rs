@@ -32,8 +32,7 @@ use fedtune_shared::round::{PrivacyInstructions, PrivacyMode};
 
 use super::{PipelineFactory, PreparedUpdate, TaskContext, UpdateError, UpdatePipeline, UpdateStage};
 
-/// Name of the upload metric that carries the (noised) centred clipping indicator.
-pub const CLIP_INDICATOR_METRIC: &str = "dp_clip_indicator";
+pub use fedtune_shared::privacy::CLIP_INDICATOR_METRIC;
 
 /// Clips the update to `clip_norm` (see the module docs).
 #[derive(Debug)]
@@ -147,20 +146,22 @@ impl UpdateStage for NoiseStage {
 pub struct DpPipelines;
 
 impl DpPipelines {
-    /// The stages for `privacy` with noise from `source`.
+    /// The stages for `privacy` with noise from `source`, after a range check against
+    /// ±`max_abs_update_value` (the coordinator's bound).
     pub fn stages(
         privacy: &PrivacyInstructions,
+        max_abs_update_value: f32,
         source: Arc<NoiseSource>,
     ) -> Result<UpdatePipeline, UpdateError> {
         let p = privacy;
         if p.mode == PrivacyMode::None {
-            return Ok(UpdatePipeline::default());
+            return Ok(UpdatePipeline::checked(max_abs_update_value));
         }
         let mut clip = ClipStage::new(p.clip_norm, p.per_layer_clipping)?;
         if p.report_clip_indicator {
             clip = clip.with_indicator(p.indicator_noise_stddev, Arc::clone(&source));
         }
-        let pipeline = UpdatePipeline::default().with_stage(clip);
+        let pipeline = UpdatePipeline::checked(max_abs_update_value).with_stage(clip);
         match p.mode {
             PrivacyMode::Central => Ok(pipeline),
             PrivacyMode::Local | PrivacyMode::Distributed => {
@@ -172,7 +173,7 @@ impl DpPipelines {
                 }
                 Ok(pipeline.with_stage(NoiseStage::new(p.noise_stddev, p.grid_log2, p.clip_norm, source)))
             }
-            PrivacyMode::None => Ok(UpdatePipeline::default()),
+            PrivacyMode::None => Ok(UpdatePipeline::checked(max_abs_update_value)),
         }
     }
 }
@@ -180,10 +181,10 @@ impl DpPipelines {
 impl PipelineFactory for DpPipelines {
     fn build(&self, task: &TaskContext) -> Result<UpdatePipeline, UpdateError> {
         if task.privacy.mode == PrivacyMode::None {
-            return Ok(UpdatePipeline::default());
+            return Ok(UpdatePipeline::checked(task.max_abs_update_value));
         }
         let source = NoiseSource::from_os_entropy().map_err(|e| UpdateError::Unsupported(e.to_string()))?;
-        Self::stages(&task.privacy, Arc::new(source))
+        Self::stages(&task.privacy, task.max_abs_update_value, Arc::new(source))
     }
 }
 
@@ -191,6 +192,7 @@ impl PipelineFactory for DpPipelines {
 mod tests {
     use super::*;
     use fedtune_shared::ids::{ClientId, RoundId};
+    use fedtune_shared::limits::MAX_ABS_UPDATE_VALUE;
     use fedtune_shared::params::{Manifest, ParameterVector, TensorSpec};
     use fedtune_shared::privacy::l2_norm_upper_bound;
 
@@ -208,7 +210,12 @@ mod tests {
     }
 
     fn context(privacy: PrivacyInstructions) -> TaskContext {
-        TaskContext { client_id: ClientId::parse("site-1").unwrap(), round: RoundId::new(1, 0), privacy }
+        TaskContext {
+            client_id: ClientId::parse("site-1").unwrap(),
+            round: RoundId::new(1, 0),
+            privacy,
+            max_abs_update_value: MAX_ABS_UPDATE_VALUE,
+        }
     }
 
     #[test]
@@ -249,6 +256,7 @@ mod tests {
         let sigma = 0.05;
         let mut p = DpPipelines::stages(
             &instructions(PrivacyMode::Local, sigma),
+            MAX_ABS_UPDATE_VALUE,
             Arc::new(NoiseSource::seeded_for_tests(7)),
         )
         .unwrap();
@@ -266,7 +274,7 @@ mod tests {
         let source = Arc::new(NoiseSource::seeded_for_tests(1));
         let privacy =
             PrivacyInstructions { report_clip_indicator: true, ..instructions(PrivacyMode::Central, 0.0) };
-        let mut p = DpPipelines::stages(&privacy, Arc::clone(&source)).unwrap();
+        let mut p = DpPipelines::stages(&privacy, MAX_ABS_UPDATE_VALUE, Arc::clone(&source)).unwrap();
         let (global, big) = vectors(100, 1.0);
         let (_, small) = vectors(100, 0.01);
         assert_eq!(p.prepare(1, &global, &big, 1).unwrap().metrics[CLIP_INDICATOR_METRIC], -0.5);
@@ -274,6 +282,7 @@ mod tests {
         let noisy = PrivacyInstructions { indicator_noise_stddev: 3.0, ..privacy };
         let mut p = DpPipelines::stages(
             &PrivacyInstructions { mode: PrivacyMode::Local, noise_stddev: 0.1, ..noisy },
+            MAX_ABS_UPDATE_VALUE,
             source,
         )
         .unwrap();

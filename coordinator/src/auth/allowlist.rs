@@ -20,8 +20,9 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use fedtune_shared::clock::now_ms;
 use fedtune_shared::crypto::{EnrollmentDigest, EnrollmentRecord, EnrollmentToken, PublicKey};
 use fedtune_shared::ids::ClientId;
 use rusqlite::{Connection, TransactionBehavior};
@@ -99,13 +100,7 @@ pub struct AllowlistEntry {
 }
 
 /// Unix seconds now (enrollment tokens are wall-clock: they outlive coordinator restarts).
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
+pub use fedtune_shared::clock::now_secs as unix_now;
 
 /// The allowlist of one state directory, on its own database connection.
 #[derive(Debug)]

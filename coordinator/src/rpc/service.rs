@@ -199,11 +199,7 @@ impl Coordinator for CoordinatorService {
             liveness_timeout: c.liveness_timeout,
             model: model.model_ref,
             trainable_manifest: model.layout.trainable.clone(),
-            limits: Limits {
-                max_message_bytes: MAX_MESSAGE_BYTES as u64,
-                max_chunk_bytes: MAX_CHUNK_BYTES as u64,
-                default_chunk_bytes: self.settings.server.download_chunk_bytes as u64,
-            },
+            limits: Limits::of_protocol(self.settings.server.download_chunk_bytes as u64),
             labels: self.labels.as_ref().clone(),
         };
         let mut resp = pb::JoinResponse::from(resp);

@@ -205,17 +205,9 @@ fn fedtune_home() -> PathBuf {
     })
 }
 
-/// Class names as the client numbers them: numerically sorted when every label is an integer,
-/// else lexicographically (`fedtune_client::data::LabelSet`).
+/// Class names as the client numbers them ([`fedtune_shared::labels::class_order`]).
 fn label_names(table: &Table, column: usize) -> Vec<String> {
-    let mut labels: Vec<String> =
-        table.rows.iter().filter_map(|r| r.get(column)).map(str::to_string).collect();
-    labels.sort();
-    labels.dedup();
-    if labels.iter().all(|l| l.parse::<i64>().is_ok()) {
-        labels.sort_by_key(|l| l.parse::<i64>().unwrap_or(0));
-    }
-    labels
+    fedtune_shared::labels::class_order(table.rows.iter().filter_map(|r| r.get(column)))
 }
 
 /// The label set to configure: the model's own (`id2label`) when it names every label in the

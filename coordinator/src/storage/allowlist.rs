@@ -114,22 +114,22 @@ pub fn upsert_entry(
     name: &ClientId,
     key: &[u8],
     via: AddedVia,
-    now_ms: i64,
+    now_ms: u64,
 ) -> Result<(), StorageError> {
     conn.execute(
         "INSERT INTO allowlist (client_id, public_key, added_ms, added_via, revoked_ms) VALUES (?1, ?2, ?3, ?4, NULL) \
          ON CONFLICT(client_id) DO UPDATE SET public_key = excluded.public_key, added_ms = excluded.added_ms, \
            added_via = excluded.added_via, revoked_ms = NULL",
-        params![name.as_str(), key, now_ms, via.as_str()],
+        params![name.as_str(), key, now_ms as i64, via.as_str()],
     )?;
     Ok(())
 }
 
 /// Marks `name` revoked at `now_ms`; returns whether an active row was revoked.
-pub fn revoke(conn: &Connection, name: &ClientId, now_ms: i64) -> Result<bool, StorageError> {
+pub fn revoke(conn: &Connection, name: &ClientId, now_ms: u64) -> Result<bool, StorageError> {
     let n = conn.execute(
         "UPDATE allowlist SET revoked_ms = ?2 WHERE client_id = ?1 AND revoked_ms IS NULL",
-        params![name.as_str(), now_ms],
+        params![name.as_str(), now_ms as i64],
     )?;
     Ok(n > 0)
 }
@@ -170,13 +170,13 @@ pub fn upsert_token(
     name: &ClientId,
     digest: &[u8],
     expires_at: u64,
-    now_ms: i64,
+    now_ms: u64,
 ) -> Result<(), StorageError> {
     conn.execute(
         "INSERT INTO enrollment_tokens (client_id, digest, expires_at, created_ms) VALUES (?1, ?2, ?3, ?4) \
          ON CONFLICT(client_id) DO UPDATE SET digest = excluded.digest, expires_at = excluded.expires_at, \
            created_ms = excluded.created_ms",
-        params![name.as_str(), digest, expires_at as i64, now_ms],
+        params![name.as_str(), digest, expires_at as i64, now_ms as i64],
     )?;
     Ok(())
 }

@@ -28,7 +28,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId, Sha256};
 use fedtune_shared::round::RoundSummary;
@@ -74,9 +74,7 @@ pub enum StorageError {
 }
 
 /// Milliseconds since the Unix epoch (wall clock, for records only; deadlines use tokio time).
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+pub use fedtune_shared::clock::now_ms;
 
 /// A client as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

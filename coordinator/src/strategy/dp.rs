@@ -42,8 +42,7 @@ use crate::privacy::{guarantee_line, scheme_name, PrivacyMonitor};
 use crate::settings::{accounting_for, AdaptiveClipSettings, CoordinatorSettings, DpMode, SamplingSettings};
 use crate::storage::{self, LedgerRecord, Storage, StorageError};
 
-/// The upload metric that carries a client's centred clipping indicator (adaptive clipping).
-pub const CLIP_INDICATOR_METRIC: &str = "dp_clip_indicator";
+pub use fedtune_shared::privacy::CLIP_INDICATOR_METRIC;
 
 /// A client's reported indicator as summed: under central noise forced onto ±½ (an honest
 /// client sends exactly that; anything else must not move the count by more than ½, its

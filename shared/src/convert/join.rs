@@ -50,6 +50,16 @@ impl TryFrom<pb::JoinResponse> for JoinResponse {
         if limits.max_chunk_bytes == 0 || limits.max_message_bytes < limits.max_chunk_bytes {
             return Err(invalid("limits", "chunk limit must be positive and fit in a message"));
         }
+        if !crate::limits::is_valid_value_bound(limits.max_abs_update_value) {
+            return Err(invalid(
+                "limits.max_abs_update_value",
+                format!(
+                    "{} is not a usable bound on update values (a finite, positive number); a coordinator \
+                     that does not advertise one speaks an older protocol revision",
+                    limits.max_abs_update_value
+                ),
+            ));
+        }
         if r.session_token.is_empty() {
             return Err(ConvertError::Missing("session_token"));
         }
@@ -68,6 +78,7 @@ impl TryFrom<pb::JoinResponse> for JoinResponse {
                 max_message_bytes: limits.max_message_bytes,
                 max_chunk_bytes: limits.max_chunk_bytes,
                 default_chunk_bytes: limits.default_chunk_bytes,
+                max_abs_update_value: limits.max_abs_update_value,
             },
             labels: r.labels.map(|l| l.names).unwrap_or_default(),
         })
@@ -88,6 +99,7 @@ impl From<JoinResponse> for pb::JoinResponse {
                 max_message_bytes: r.limits.max_message_bytes,
                 max_chunk_bytes: r.limits.max_chunk_bytes,
                 default_chunk_bytes: r.limits.default_chunk_bytes,
+                max_abs_update_value: r.limits.max_abs_update_value,
             }),
             labels: Some(pb::LabelSet { names: r.labels }),
             // Set by the coordinator's join handler, which knows the federation.

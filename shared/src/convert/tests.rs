@@ -83,3 +83,55 @@ fn a_fit_task_round_trips() {
     let back = Task::try_from(pb::WaitForTaskResponse::from(task.clone())).unwrap();
     assert_eq!(back, task);
 }
+
+fn join_response() -> JoinResponse {
+    let digest = Sha256([7; 32]);
+    JoinResponse {
+        client_id: ClientId::parse("site-1").unwrap(),
+        session_token: "token".into(),
+        protocol_version: pb::PROTOCOL_VERSION,
+        heartbeat_interval: Duration::from_secs(1),
+        liveness_timeout: Duration::from_secs(10),
+        model: ModelRef {
+            version: ModelVersion(3),
+            full_manifest: digest,
+            full_payload: digest,
+            trainable_manifest: digest,
+            trainable_payload: digest,
+        },
+        trainable_manifest: Manifest::new(vec![TensorSpec { name: "w".into(), shape: vec![2] }]).unwrap(),
+        limits: Limits::of_protocol(1 << 20),
+        labels: vec!["neg".into(), "pos".into()],
+    }
+}
+
+#[test]
+fn a_join_response_carries_the_protocols_update_value_bound() {
+    let wire = pb::JoinResponse::from(join_response());
+    assert_eq!(wire.limits.as_ref().unwrap().max_abs_update_value, crate::limits::MAX_ABS_UPDATE_VALUE);
+    assert_eq!(JoinResponse::try_from(wire).unwrap(), join_response());
+}
+
+#[test]
+fn clients_cut_chunks_within_the_advertised_maximum_and_on_value_boundaries() {
+    let limits = |default_chunk_bytes, max_chunk_bytes| Limits {
+        default_chunk_bytes,
+        max_chunk_bytes,
+        ..Limits::of_protocol(0)
+    };
+    assert_eq!(limits(1 << 20, 4 << 20).chunk_bytes(), 1 << 20);
+    assert_eq!(limits(8 << 20, 4 << 20).chunk_bytes(), 4 << 20);
+    assert_eq!(limits(1_000_003, 4 << 20).chunk_bytes(), 1_000_000);
+    assert_eq!(limits(0, 4 << 20).chunk_bytes(), 4);
+}
+
+#[test]
+fn a_join_response_without_a_usable_value_bound_is_a_protocol_error() {
+    // 0 is what a coordinator that does not know the field sends.
+    for bound in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        let mut wire = pb::JoinResponse::from(join_response());
+        wire.limits.as_mut().unwrap().max_abs_update_value = bound;
+        let err = JoinResponse::try_from(wire).unwrap_err().to_string();
+        assert!(err.contains("limits.max_abs_update_value"), "{bound}: {err}");
+    }
+}

@@ -2,9 +2,7 @@
 
 use super::*;
 
-/// Largest FedAvg weight one update may carry. Bounding it keeps the coordinator's fixed-point
-/// sum far from overflow (see `coordinator::aggregate`).
-pub const MAX_NUM_EXAMPLES: u64 = (1 << 31) - 1;
+pub use crate::limits::MAX_NUM_EXAMPLES;
 
 impl TryFrom<pb::UpdateHeader> for UpdateHeader {
     type Error = ConvertError;

@@ -1,17 +1,17 @@
 //! Writing and reading files that hold secrets (or certificates next to them).
 //!
-//! Writes go to a temporary file in the same directory (created with its final mode, so the
-//! secret is never readable by others, not even for a moment), are fsynced, and only then
-//! appear under their final name: a crash leaves either no file or the whole file, never a
-//! truncated key. Without `overwrite` the final step is a hard link, which fails if the name is
-//! taken, so two processes racing to create a key cannot silently replace each other's.
+//! Writes go through [`crate::files`]: a temporary file in the same directory, created with its
+//! final mode (so the secret is never readable by others, not even for a moment), fsynced, and
+//! only then published under its final name. Without `overwrite` the final step is a hard link,
+//! which fails if the name is taken, so two processes racing to create a key cannot silently
+//! replace each other's.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::fs::{self, File};
+use std::io::{ErrorKind, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
-use ring::rand::{SecureRandom, SystemRandom};
+pub use crate::files::Overwrite;
 
 use super::CryptoError;
 
@@ -19,73 +19,24 @@ use super::CryptoError;
 pub const PRIVATE_FILE_MODE: u32 = 0o600;
 
 /// Permission bits for public material (certificates): world-readable, owner-writable.
-pub const PUBLIC_FILE_MODE: u32 = 0o644;
-
-/// Whether [`write_file_atomically`] may replace an existing file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Overwrite {
-    /// Fail with [`CryptoError::FileExists`] if the path is taken.
-    Refuse,
-    /// Atomically replace whatever is there.
-    Replace,
-}
+pub const PUBLIC_FILE_MODE: u32 = crate::files::DEFAULT_FILE_MODE;
 
 /// Writes `contents` to `path` with permission bits `mode`, atomically and durably (see the
-/// module docs). The parent directory must exist.
+/// module docs). The parent directory must exist. A taken name under [`Overwrite::Refuse`] is
+/// [`CryptoError::FileExists`].
 pub fn write_file_atomically(
     path: &Path,
     contents: &[u8],
     mode: u32,
     overwrite: Overwrite,
 ) -> Result<(), CryptoError> {
-    if overwrite == Overwrite::Refuse && path.symlink_metadata().is_ok() {
-        return Err(CryptoError::FileExists { path: path.to_path_buf() });
-    }
-    let dir = parent_dir(path);
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| CryptoError::InvalidInput(format!("{} does not name a file", path.display())))?;
-    let mut suffix = [0u8; 8];
-    SystemRandom::new().fill(&mut suffix).map_err(|_| CryptoError::Rng)?;
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), hex::encode(suffix)));
-
-    let result = write_tmp_then_publish(&tmp, path, contents, mode, overwrite);
-    // The temporary name is gone after a successful publish by rename; after a hard link or a
-    // failure it must be removed so no stray copy of a secret lingers.
-    let _ = fs::remove_file(&tmp);
-    result?;
-    sync_dir(&dir)
-}
-
-fn write_tmp_then_publish(
-    tmp: &Path,
-    path: &Path,
-    contents: &[u8],
-    mode: u32,
-    overwrite: Overwrite,
-) -> Result<(), CryptoError> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(tmp)
-        .map_err(|e| CryptoError::io(parent_dir(path), e))?;
-    // `mode` at creation is filtered by the umask; set it explicitly so a public certificate
-    // is readable even under umask 077 and a key is never wider than asked.
-    file.set_permissions(fs::Permissions::from_mode(mode)).map_err(|e| CryptoError::io(tmp, e))?;
-    file.write_all(contents).map_err(|e| CryptoError::io(tmp, e))?;
-    file.sync_all().map_err(|e| CryptoError::io(tmp, e))?;
-    drop(file);
-    match overwrite {
-        Overwrite::Replace => fs::rename(tmp, path).map_err(|e| CryptoError::io(path, e)),
-        Overwrite::Refuse => fs::hard_link(tmp, path).map_err(|e| {
-            if e.kind() == ErrorKind::AlreadyExists {
-                CryptoError::FileExists { path: path.to_path_buf() }
-            } else {
-                CryptoError::io(path, e)
-            }
-        }),
-    }
+    crate::files::atomic_write_with(path, contents, mode, overwrite).map_err(|e| {
+        if overwrite == Overwrite::Refuse && e.is_already_exists() {
+            CryptoError::FileExists { path: path.to_path_buf() }
+        } else {
+            CryptoError::io(e.path, e.source)
+        }
+    })
 }
 
 /// Reads a file that holds a secret, refusing it when group or others have any access to it
@@ -112,19 +63,6 @@ pub fn read_public_file(path: &Path) -> Result<Vec<u8>, CryptoError> {
         ErrorKind::NotFound => CryptoError::FileMissing { path: path.to_path_buf() },
         _ => CryptoError::io(path, e),
     })
-}
-
-fn parent_dir(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
-/// Makes the new directory entry durable: without this a crash right after the rename can
-/// leave the old name (or none) even though the data blocks were synced.
-fn sync_dir(dir: &Path) -> Result<(), CryptoError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| CryptoError::io(dir, e))
 }
 
 #[cfg(test)]

@@ -15,6 +15,11 @@
 //! count is noised there without rounding and without widening.
 
 use super::noise::NoisePlacement;
+
+/// Name of the upload metric that carries a client's (noised) centred clipping indicator: the
+/// client's update pipeline writes it, the coordinator's adaptive clipping sums it.
+pub const CLIP_INDICATOR_METRIC: &str = "dp_clip_indicator";
+
 use super::sampler::{FastDiscreteGaussian, NoiseSampler, NoiseSource};
 use super::PrivacyError;
 
