@@ -18,6 +18,9 @@
 //! - [`device`]: `--device auto|cpu|cuda[:N]` and compute precision.
 //! - [`cli`]: the command line behind `main.rs`: `train`/`eval`/`predict`, and `run`'s flags (the top layer).
 
+// Every public item says what it is for (ARCHITECTURE principle 14); CI denies warnings.
+#![warn(missing_docs)]
+
 pub mod agent;
 pub mod backoff;
 pub mod cli;

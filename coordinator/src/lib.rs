@@ -39,6 +39,9 @@
 //!   tonic TLS / mutual-TLS configuration.
 //! - [`simulate`]: `simulate`: a local federation (coordinator + client processes), sharded data, per-round report.
 
+// Every public item says what it is for (ARCHITECTURE principle 14); CI denies warnings.
+#![warn(missing_docs)]
+
 pub mod aggregate;
 pub mod auth;
 pub mod bootstrap;

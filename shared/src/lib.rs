@@ -30,6 +30,9 @@
 //! - [`telemetry`]: tracing set-up shared by both binaries.
 //! - [`shutdown`]: one shutdown path (SIGINT/SIGTERM → cancellation token).
 
+// Every public item says what it is for (ARCHITECTURE principle 14); CI denies warnings.
+#![warn(missing_docs)]
+
 pub mod auth;
 pub mod bert;
 pub mod chunk;

@@ -7,6 +7,9 @@
 //! - [`fixtures`]: tiny models, synthetic data and quick coordinator settings.
 //! - [`identities`]: per-name client keys, allowlisted in the coordinator's state directory.
 
+// Every public item says what it is for (ARCHITECTURE principle 14); CI denies warnings.
+#![warn(missing_docs)]
+
 pub mod fixtures;
 pub mod grpc;
 pub mod identities;
