@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fedtune_shared::ids::ClientId;
-use fedtune_shared::settings::{duration, SettingsError};
+use fedtune_shared::settings::{as_text, duration, optional_duration, SettingsError};
 use serde::{Deserialize, Serialize};
 
 use crate::device::{DeviceChoice, PrecisionChoice};
@@ -358,46 +358,6 @@ impl ClientSettings {
             ));
         }
         Ok(())
-    }
-}
-
-/// Serde for values written as their `Display`/`FromStr` text (`device = "cuda:1"`).
-mod as_text {
-    use std::fmt::Display;
-    use std::str::FromStr;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<T: Display, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(value)
-    }
-
-    pub(super) fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
-    where
-        T: FromStr,
-        T::Err: Display,
-        D: Deserializer<'de>,
-    {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// Serde for an optional human duration (`give_up_after = "2m"`, or the key left out).
-mod optional_duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_str(&fedtune_shared::settings::format_duration(*d)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let s = String::deserialize(d)?;
-        fedtune_shared::settings::parse_duration(&s).map(Some).map_err(serde::de::Error::custom)
     }
 }
 

@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fedtune_shared::chunk::{DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
-use fedtune_shared::settings::{duration, SettingsError};
+use fedtune_shared::settings::{duration, optional_duration, SettingsError};
 use serde::{Deserialize, Serialize};
 
 pub use privacy::{accounting_for, AdaptiveClipSettings, DpMode, PrivacySettings};
@@ -102,7 +102,7 @@ pub struct ServerSettings {
     pub drain_grace: Duration,
     /// Stop serving this long after the federation finished (all rounds done), so that agents
     /// still polling learn it is over. `None` keeps serving until a signal.
-    #[serde(default, with = "opt_duration")]
+    #[serde(default, with = "optional_duration")]
     pub exit_after_finished: Option<Duration>,
 }
 
@@ -360,24 +360,6 @@ pub struct ClientSettings {
 impl Default for ClientSettings {
     fn default() -> Self {
         Self { heartbeat_interval: Duration::from_secs(5), liveness_timeout: Duration::from_secs(30) }
-    }
-}
-
-mod opt_duration {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => s.serialize_str(&fedtune_shared::settings::format_duration(*d)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let s = String::deserialize(d)?;
-        fedtune_shared::settings::parse_duration(&s).map(Some).map_err(serde::de::Error::custom)
     }
 }
 
