@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use fedtune_shared::chunk::MAX_MESSAGE_BYTES;
+use fedtune_shared::crypto::{CryptoError, OperatorToken, OPERATOR_TOKEN_FILE};
 use fedtune_shared::endpoint::{self, TlsOptions};
 use fedtune_shared::ids::ModelVersion;
 use fedtune_shared::params::ParameterVector;
@@ -44,6 +45,22 @@ pub struct StatusArgs {
     /// Client private key (PEM) for mutual TLS.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// The operator token file (mode 0600) for the full view: clients, rounds, metrics.
+    /// Without it (or `--state-dir`) the coordinator answers with its anonymous view.
+    #[arg(long, value_name = "PATH", conflicts_with = "state_dir")]
+    pub operator_token_file: Option<PathBuf>,
+    /// The coordinator's state directory, to read its operator token (`operator.token`) from.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl StatusArgs {
+    /// Where the operator token is read from, if the full view is asked for.
+    fn operator_token_path(&self) -> Option<PathBuf> {
+        self.operator_token_file
+            .clone()
+            .or_else(|| self.state_dir.as_ref().map(|d| d.join(OPERATOR_TOKEN_FILE)))
+    }
 }
 
 /// `export` options.
@@ -87,6 +104,9 @@ pub enum CliError {
     /// Nothing to export.
     #[error("{0}")]
     NotFound(String),
+    /// The operator token file cannot be used.
+    #[error("operator token: {0}")]
+    OperatorToken(#[from] CryptoError),
 }
 
 /// Bound on connecting for `status`: an unreachable coordinator is reported, not waited for.
@@ -110,10 +130,15 @@ pub async fn fetch_status(args: &StatusArgs) -> Result<StatusReport, CliError> {
     let mut client = pb::coordinator_client::CoordinatorClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let resp = client
-        .get_status(pb::GetStatusRequest { recent_rounds: args.recent })
-        .await
-        .map_err(|s| err(format!("{}: {}", s.code(), s.message())))?;
+    let mut request = tonic::Request::new(pb::GetStatusRequest { recent_rounds: args.recent });
+    if let Some(path) = args.operator_token_path() {
+        let token = OperatorToken::load(&path)?;
+        let value = format!("Bearer {}", token.expose_secret())
+            .parse()
+            .map_err(|_| CliError::NotFound(format!("{} does not hold a token", path.display())))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let resp = client.get_status(request).await.map_err(|s| err(format!("{}: {}", s.code(), s.message())))?;
     StatusReport::try_from(resp.into_inner()).map_err(|e| err(e.to_string()))
 }
 

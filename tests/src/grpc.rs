@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use fedtune_coordinator::{run, CoordinatorSettings, RunError};
 use fedtune_shared::auth::{sign_upload, ChallengeGrant, JoinProof};
 use fedtune_shared::chunk::{DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES};
-use fedtune_shared::crypto::KeyPair;
+use fedtune_shared::crypto::{KeyPair, OperatorToken, OPERATOR_TOKEN_FILE};
 use fedtune_shared::ids::{ClientId, ModelVersion, Sha256};
 use fedtune_shared::params::{Manifest, ParameterVector};
 use fedtune_shared::pb::{self, coordinator_client::CoordinatorClient};
@@ -408,10 +408,24 @@ impl TestClient {
         Ok(())
     }
 
-    /// Operator status.
+    /// Operator status: the full view, with the operator token of the coordinator's state
+    /// directory (made here if the coordinator has not made it yet; both agree on one file).
     pub async fn status(&mut self) -> Result<StatusReport> {
-        let resp = self.inner.get_status(pb::GetStatusRequest { recent_rounds: 20 }).await?.into_inner();
-        Ok(StatusReport::try_from(resp)?)
+        let state = crate::identities::state_dir_of(&self.url)?;
+        let token = OperatorToken::load_or_generate(&state.join(OPERATOR_TOKEN_FILE))?;
+        Ok(self.status_as(Some(token.expose_secret())).await?)
+    }
+
+    /// `GetStatus` with `bearer` as the `authorization: Bearer` credential, or with none.
+    pub async fn status_as(&mut self, bearer: Option<&str>) -> Result<StatusReport, Status> {
+        let mut r = Request::new(pb::GetStatusRequest { recent_rounds: 20 });
+        if let Some(token) = bearer {
+            let value =
+                format!("Bearer {token}").parse().map_err(|_| Status::internal("token is not ASCII"))?;
+            r.metadata_mut().insert("authorization", value);
+        }
+        let resp = self.inner.get_status(r).await?.into_inner();
+        StatusReport::try_from(resp).map_err(|e| Status::internal(e.to_string()))
     }
 
     /// Polls status until `pred` holds.

@@ -16,7 +16,6 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use fedtune_client::transport::{ConnectOptions, CoordinatorApi, GrpcCoordinator};
 use fedtune_coordinator::settings::CoordinatorSettings;
 use fedtune_shared::round::StatusReport;
 use tokio::time::Instant;
@@ -218,11 +217,23 @@ pub async fn wait_for_status(
     timeout: Duration,
     mut done: impl FnMut(&StatusReport) -> bool,
 ) -> Result<StatusReport> {
-    let api = GrpcCoordinator::connect_lazy(&ConnectOptions::new(url))?;
+    // The operator's full view (round records included), as `fedtune-coordinator status
+    // --state-dir` reads it.
+    let query = fedtune_coordinator::operator::StatusArgs {
+        addr: url.to_string(),
+        recent: 64,
+        json: false,
+        ca: None,
+        tls_domain: None,
+        tls_cert: None,
+        tls_key: None,
+        operator_token_file: None,
+        state_dir: Some(crate::identities::state_dir_of(url)?),
+    };
     let deadline = Instant::now() + timeout;
     let mut last = None;
     loop {
-        if let Ok(report) = api.status(64).await {
+        if let Ok(report) = fedtune_coordinator::operator::fetch_status(&query).await {
             if done(&report) {
                 return Ok(report);
             }

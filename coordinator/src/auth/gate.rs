@@ -21,7 +21,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use fedtune_shared::auth::{verify_upload, ChallengeGrant, ChallengeRequest, EnrollRequest, JoinProof};
-use fedtune_shared::crypto::{verify_challenge, CryptoError, SessionAuthority, SessionSecret};
+use fedtune_shared::crypto::{
+    verify_challenge, CryptoError, OperatorCheck, OperatorToken, SessionAuthority, SessionSecret,
+    OPERATOR_TOKEN_FILE,
+};
 use fedtune_shared::ids::ClientId;
 use fedtune_shared::round::{JoinRequest, UpdateHeader, UpdateTrailer};
 use tokio::time::Instant;
@@ -42,7 +45,7 @@ pub enum AuthSetupError {
     #[error(transparent)]
     Allowlist(#[from] AllowlistError),
     /// The session secret file.
-    #[error("session secret: {0}")]
+    #[error("session secret or operator token: {0}")]
     Secret(#[from] CryptoError),
 }
 
@@ -56,6 +59,7 @@ struct Pending {
 pub struct ClientAuth {
     federation_id: String,
     authority: SessionAuthority,
+    operator: OperatorCheck,
     allowlist: Arc<Allowlist>,
     challenges: Mutex<HashMap<[u8; 32], Pending>>,
     sessions: RwLock<HashMap<ClientId, [u8; 16]>>,
@@ -78,14 +82,16 @@ fn internal(e: AllowlistError) -> RoundError {
 }
 
 impl ClientAuth {
-    /// Opens the allowlist of `state_dir`, loads (or creates, 0600) its session secret, and reads
-    /// (or creates) its federation id.
+    /// Opens the allowlist of `state_dir`, loads (or creates, 0600) its session secret and its
+    /// operator token, and reads (or creates) its federation id.
     pub fn open(state_dir: &Path, settings: &SecuritySettings) -> Result<Self, AuthSetupError> {
         let allowlist = Arc::new(Allowlist::open(state_dir)?);
         let federation_id = allowlist.federation_id()?;
         let secret = SessionSecret::load_or_generate(&state_dir.join(SESSION_SECRET_FILE))?;
+        let operator = OperatorToken::load_or_generate(&state_dir.join(OPERATOR_TOKEN_FILE))?.check()?;
         Ok(Self {
             authority: SessionAuthority::new(&secret, federation_id.clone()),
+            operator,
             federation_id,
             allowlist,
             challenges: Mutex::new(HashMap::new()),
@@ -189,6 +195,17 @@ impl Authenticator for ClientAuth {
                 warn!(client = %request.name, reason = %e, "enrollment refused");
                 Err(RoundError::Forbidden(format!("enrollment refused: {e}")))
             }
+        }
+    }
+
+    fn operator(&self, token: &str) -> Result<(), RoundError> {
+        if self.operator.matches(token) {
+            Ok(())
+        } else {
+            warn!("a GetStatus call presented a token that is not the operator token");
+            Err(RoundError::Unauthenticated(format!(
+                "not the operator token (the coordinator keeps it in <state_dir>/{OPERATOR_TOKEN_FILE})"
+            )))
         }
     }
 

@@ -9,6 +9,7 @@
 //! - [`gate`]: [`ClientAuth`], the `Authenticator` + `UpdateVerifier` of `serve`: join challenge,
 //!   HMAC session tokens, per-call allowlist check, update signature check.
 //! - [`limits`]: per-client and per-address token buckets, in-flight caps, download cap.
+//! - [`operator`]: what an anonymous `GetStatus` caller sees (the operator token unlocks the rest).
 //! - [`peer`]: a mutual-TLS client certificate must be issued to the name the client joins as.
 //!
 //! # What each layer stops
@@ -22,6 +23,7 @@
 pub mod allowlist;
 pub mod gate;
 pub mod limits;
+pub mod operator;
 pub mod peer;
 pub mod seams;
 

@@ -36,6 +36,12 @@ pub trait Authenticator: Send + Sync + 'static {
         let _ = request;
         Err(RoundError::Refused("this coordinator does not enroll clients".into()))
     }
+    /// Checks an operator's bearer token (the full status view). By default there is no
+    /// operator credential and every token is refused.
+    fn operator(&self, token: &str) -> Result<(), RoundError> {
+        let _ = token;
+        Err(RoundError::Unauthenticated("this coordinator has no operator credential".into()))
+    }
     /// The federation id that session tokens and update signatures are bound to, if any.
     fn federation_id(&self) -> Option<String> {
         None

@@ -36,6 +36,7 @@ use tracing::{debug, info_span, Instrument};
 
 use super::auth::bearer;
 use crate::auth::limits::{CallSlot, Limits as CallLimits};
+use crate::auth::operator::anonymous_view;
 use crate::auth::peer::check_peer;
 use crate::auth::{Authenticator, UpdateVerifier};
 use crate::error::RoundError;
@@ -441,12 +442,28 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
-        self.anonymous(&req)?;
+        // No credentials: the anonymous view. A credential that is not the operator token is
+        // refused rather than downgraded, so an operator with a stale token notices.
+        let operator = match req.metadata().get("authorization") {
+            None => false,
+            Some(_) => {
+                let checked = bearer(req.metadata()).and_then(|token| self.auth.operator(token));
+                if let Err(e) = checked {
+                    self.anonymous(&req)?;
+                    return Err(e.into());
+                }
+                true
+            }
+        };
+        if !operator {
+            self.anonymous(&req)?;
+        }
         let recent = match req.get_ref().recent_rounds {
             0 => 10,
             n => n as usize,
         };
-        let report = self.handle.status(recent).await?;
+        let report = self.handle.status(if operator { recent } else { 0 }).await?;
+        let report = if operator { report } else { anonymous_view(report) };
         Ok(Response::new((&report).into()))
     }
 }

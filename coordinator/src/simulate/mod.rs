@@ -534,6 +534,9 @@ async fn watch(
         tls_domain: None,
         tls_cert: None,
         tls_key: None,
+        // The simulation is the operator: it reads the full view, like `status --state-dir`.
+        operator_token_file: None,
+        state_dir: Some(args.out.join("state")),
     };
     let deadline = tokio::time::Instant::now() + args.timeout;
     let mut printed = BTreeSet::new();

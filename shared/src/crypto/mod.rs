@@ -7,6 +7,7 @@
 //! - [`signing`]: domain-separated signatures over update statements and join challenges.
 //! - [`session`]: HMAC-SHA256 session tokens issued and checked by the coordinator.
 //! - [`enrollment`]: one-time enrollment tokens, stored by the coordinator only as digests.
+//! - [`operator`]: the operator token that unlocks the full status view, checked in constant time.
 //! - [`tls`]: tonic client TLS configuration from PEM files, rustls provider set-up.
 //! - [`files`]: atomic, permission-checked reading and writing of secret files.
 //!
@@ -22,6 +23,7 @@ pub mod enrollment;
 mod error;
 pub mod files;
 pub mod identity;
+pub mod operator;
 pub mod session;
 pub mod signing;
 pub mod tls;
@@ -29,6 +31,7 @@ pub mod tls;
 pub use enrollment::{EnrollmentDigest, EnrollmentRecord, EnrollmentToken};
 pub use error::CryptoError;
 pub use identity::{generate_keypair_file, load_keypair, KeyPair, PublicKey};
+pub use operator::{OperatorCheck, OperatorToken, OPERATOR_TOKEN_FILE};
 pub use session::{SessionAuthority, SessionClaims, SessionSecret, SessionToken};
 pub use signing::{
     sign_challenge, sign_update, verify_challenge, verify_update, Challenge, Signature, UpdateStatement,

@@ -1,0 +1,90 @@
+//! Issue #10, who may see and ask what, over real gRPC: the status view an anonymous caller gets
+//! and the operator's.
+
+use anyhow::Result;
+use fedtune_coordinator::operator::{fetch_status, StatusArgs};
+use fedtune_shared::ids::{ClientId, ModelVersion};
+use fedtune_shared::pb;
+use fedtune_shared::round::PhaseName;
+use fedtune_tests::fixtures::{quick_settings, write_fake_model};
+use fedtune_tests::grpc::{expect_status, InProcess, TestClient};
+use tonic::Code;
+
+fn id(s: &str) -> ClientId {
+    ClientId::parse(s).unwrap()
+}
+
+fn status_args(url: &str, state_dir: Option<std::path::PathBuf>) -> StatusArgs {
+    StatusArgs {
+        addr: url.to_string(),
+        recent: 10,
+        json: false,
+        ca: None,
+        tls_domain: None,
+        tls_cert: None,
+        tls_key: None,
+        operator_token_file: None,
+        state_dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_status_shows_nothing_per_client_a_wrong_token_is_unauthenticated_and_the_operator_sees_all(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = write_fake_model(&dir.path().join("model"), 1, 8)?;
+    let mut s = quick_settings(&dir.path().join("state"), &model, 1, 1, 1);
+    s.evaluation.every = 0;
+    let state = s.storage.state_dir.clone();
+    let coord = InProcess::start(s).await?;
+    let mut a = TestClient::join(&coord.url, "a", 0).await?;
+    assert_eq!(a.contribute_and_finish(5, 1).await?, ModelVersion(1));
+
+    // No credentials: progress and the privacy line, nothing per client or per round, on the wire.
+    let mut raw = pb::coordinator_client::CoordinatorClient::connect(coord.url.clone()).await?;
+    let wire = raw.get_status(pb::GetStatusRequest { recent_rounds: 20 }).await?.into_inner();
+    assert!(wire.clients.is_empty(), "{:?}", wire.clients);
+    assert!(wire.recent_rounds.is_empty(), "{:?}", wire.recent_rounds);
+    assert_eq!(wire.accepted_updates, 0);
+    assert_eq!(wire.model_version, 1);
+    let mut anon = TestClient::connect(&coord.url).await?;
+    let view = anon.status_as(None).await?;
+    assert_eq!(view.phase, PhaseName::Finished);
+    assert!(view.clients.is_empty() && view.recent_rounds.is_empty());
+    assert!(!view.privacy.guarantee.is_empty());
+    let view = fetch_status(&status_args(&coord.url, None)).await?;
+    assert!(view.clients.is_empty() && view.recent_rounds.is_empty());
+
+    // A wrong token, and a client's own session token, are refused rather than downgraded.
+    expect_status(
+        anon.status_as(Some("not-the-operator-token")).await,
+        Code::Unauthenticated,
+        &["not the operator token"],
+    );
+    let session = a.token().expect("joined");
+    expect_status(anon.status_as(Some(&session)).await, Code::Unauthenticated, &["not the operator token"]);
+    let err = fetch_status(&StatusArgs {
+        operator_token_file: Some(dir.path().join("missing.token")),
+        ..status_args(&coord.url, None)
+    })
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("missing.token"), "{err}");
+
+    // The operator token from the state directory unlocks everything.
+    let full = fetch_status(&status_args(&coord.url, Some(state.clone()))).await?;
+    let clients: Vec<_> = full.clients.iter().map(|c| (c.client_id.clone(), c.rounds_contributed)).collect();
+    assert_eq!(clients, vec![(id("a"), 1)]);
+    assert_eq!(full.recent_rounds.len(), 1);
+    let token_file = state.join(fedtune_shared::crypto::OPERATOR_TOKEN_FILE);
+    let by_file = fetch_status(&StatusArgs {
+        operator_token_file: Some(token_file.clone()),
+        ..status_args(&coord.url, None)
+    })
+    .await?;
+    assert_eq!(by_file.clients.len(), 1);
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(&token_file)?.permissions().mode() & 0o777, 0o600);
+    coord.shutdown().await?;
+    Ok(())
+}
