@@ -1,8 +1,14 @@
 //! Issue #10, who may see and ask what, over real gRPC: the status view an anonymous caller gets
-//! and the operator's.
+//! and the operator's, join challenges under a flood, and enrollment refusals.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Result;
+use fedtune_coordinator::auth::{Allowlist, ClientAuth};
 use fedtune_coordinator::operator::{fetch_status, StatusArgs};
+use fedtune_coordinator::{run_with, Seams};
+use fedtune_shared::crypto::{EnrollmentToken, KeyPair};
 use fedtune_shared::ids::{ClientId, ModelVersion};
 use fedtune_shared::pb;
 use fedtune_shared::round::PhaseName;
@@ -85,6 +91,88 @@ async fn anonymous_status_shows_nothing_per_client_a_wrong_token_is_unauthentica
     assert_eq!(by_file.clients.len(), 1);
     use std::os::unix::fs::PermissionsExt as _;
     assert_eq!(std::fs::metadata(&token_file)?.permissions().mode() & 0o777, 0o600);
+    coord.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_join_challenges_stores_nothing_refuses_unknown_names_and_an_honest_client_still_joins(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = write_fake_model(&dir.path().join("model"), 1, 8)?;
+    let mut s = quick_settings(&dir.path().join("state"), &model, 1, 1, 1);
+    s.evaluation.every = 0;
+    s.security.limits.max_pending_challenges = 16;
+    let state = s.storage.state_dir.clone();
+    // The gate is kept here so the test can count what it stores.
+    let gate = Arc::new(ClientAuth::open(&state, &s.security)?);
+    let seams = Seams { authenticator: gate.clone(), verifier: gate.clone(), tls: None };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    fedtune_tests::identities::register(&url, &state);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(run_with(s, listener, stop.clone(), seams));
+    let coord = InProcess { url: url.clone(), stop, task };
+    let a_key = fedtune_tests::identities::key_for(&url, "a")?;
+    Allowlist::open(&state)?.add(&id("gone"), &KeyPair::generate_ephemeral()?.public_key())?;
+    Allowlist::open(&state)?.revoke(&id("gone"))?;
+
+    let mut raw = pb::coordinator_client::CoordinatorClient::connect(url.clone()).await?;
+    // Far more challenges for one allowlisted name than the old table had room for.
+    for _ in 0..500 {
+        raw.join_challenge(pb::JoinChallengeRequest { client_name: "a".into() }).await?;
+    }
+    // Unknown and revoked names get no challenge, and the same answer.
+    let mut answers = std::collections::BTreeSet::new();
+    for k in 0..500 {
+        let name = if k % 50 == 0 { "gone".to_string() } else { format!("stranger-{k}") };
+        let refused = raw.join_challenge(pb::JoinChallengeRequest { client_name: name.clone() }).await;
+        let status = expect_status(refused, Code::PermissionDenied, &["is not allowlisted (or was revoked)"]);
+        answers.insert(status.message().replace(&name, "NAME"));
+    }
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(gate.stored_challenges(), 0);
+
+    let mut a = TestClient::connect(&url).await?;
+    a.key = Some(a_key);
+    a.rejoin("a", 0).await?;
+    assert_eq!(gate.stored_challenges(), 1);
+    assert_eq!(a.contribute_and_finish(5, 1).await?, ModelVersion(1));
+    coord.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refused_enrollment_gets_the_same_answer_and_a_valid_token_still_works_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = write_fake_model(&dir.path().join("model"), 1, 8)?;
+    let s = quick_settings(&dir.path().join("state"), &model, 1, 1, 1);
+    let state = s.storage.state_dir.clone();
+    let coord = InProcess::start(s).await?;
+    let list = Allowlist::open(&state)?;
+    let token = list.issue_enrollment_token(&id("new-site"), Duration::from_secs(600))?;
+    let key = KeyPair::generate_ephemeral()?;
+    let mut raw = pb::coordinator_client::CoordinatorClient::connect(coord.url.clone()).await?;
+    let enroll = |name: &str, token: String| pb::EnrollRequest {
+        client_name: name.into(),
+        public_key: key.public_key().as_bytes().to_vec().into(),
+        enrollment_token: token,
+    };
+    let mut answers = Vec::new();
+    // Wrong token, unknown name.
+    answers.push(raw.enroll(enroll("new-site", EnrollmentToken::generate()?.expose_secret())).await);
+    answers.push(raw.enroll(enroll("nobody", token.expose_secret())).await);
+    raw.enroll(enroll("new-site", token.expose_secret())).await?;
+    // Already used.
+    answers.push(raw.enroll(enroll("new-site", token.expose_secret())).await);
+    // Expired (a zero lifetime ends the moment it is issued).
+    let short = list.issue_enrollment_token(&id("late-site"), Duration::ZERO)?;
+    answers.push(raw.enroll(enroll("late-site", short.expose_secret())).await);
+    let messages: std::collections::BTreeSet<_> = answers
+        .into_iter()
+        .map(|a| expect_status(a, Code::PermissionDenied, &["enrollment refused"]).message().to_string())
+        .collect();
+    assert_eq!(messages.len(), 1, "{messages:?}");
     coord.shutdown().await?;
     Ok(())
 }

@@ -215,6 +215,11 @@ impl Allowlist {
         self.with(|c| standing_in(c, name))
     }
 
+    /// Whether an unexpired enrollment token is outstanding for `name` at Unix time `now`.
+    pub fn enrolling(&self, name: &ClientId, now: u64) -> Result<bool, AllowlistError> {
+        self.with(|c| Ok(rows::token_of(c, name)?.is_some_and(|row| now < row.expires_at)))
+    }
+
     /// Issues a one-time enrollment token for `name`, valid for `ttl`; replaces an earlier
     /// outstanding token for it. Refused while `name` is allowlisted and not revoked.
     pub fn issue_enrollment_token(
@@ -246,14 +251,12 @@ impl Allowlist {
         now: u64,
     ) -> Result<(), AllowlistError> {
         self.with(|c| {
+            // A plain read first: a guess for an unknown name or a wrong token is refused without
+            // taking the database's write lock, so guessing cannot stall the coordinator's writes.
+            token_matches(c, name, token)?;
             let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let row = rows::token_of(&tx, name)?.ok_or_else(|| AllowlistError::NoToken(name.clone()))?;
-            let digest = <[u8; 32]>::try_from(row.digest.as_slice())
-                .map(EnrollmentDigest::from_bytes)
-                .map_err(|_| AllowlistError::NoToken(name.clone()))?;
-            if !digest.matches(token) {
-                return Err(AllowlistError::TokenMismatch(name.clone()));
-            }
+            // Checked again inside the transaction: another enrollment may have used it since.
+            let row = token_matches(&tx, name, token)?;
             rows::delete_token(&tx, name)?;
             if now >= row.expires_at {
                 tx.commit()?;
@@ -264,6 +267,22 @@ impl Allowlist {
             Ok(())
         })
     }
+}
+
+/// The stored token row for `name` if `token` matches it (expiry is the caller's to check).
+fn token_matches(
+    c: &Connection,
+    name: &ClientId,
+    token: &EnrollmentToken,
+) -> Result<rows::TokenRow, AllowlistError> {
+    let row = rows::token_of(c, name)?.ok_or_else(|| AllowlistError::NoToken(name.clone()))?;
+    let digest = <[u8; 32]>::try_from(row.digest.as_slice())
+        .map(EnrollmentDigest::from_bytes)
+        .map_err(|_| AllowlistError::NoToken(name.clone()))?;
+    if !digest.matches(token) {
+        return Err(AllowlistError::TokenMismatch(name.clone()));
+    }
+    Ok(row)
 }
 
 fn standing_in(c: &Connection, name: &ClientId) -> Result<Standing, AllowlistError> {

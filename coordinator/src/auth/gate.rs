@@ -1,9 +1,11 @@
 //! [`ClientAuth`]: who may join, who is calling, and whether an upload is really theirs.
 //!
 //! ```text
-//! JoinChallenge(name) ─► nonce (random, single use, challenge_ttl)
-//! Join(name, nonce, sig) ─► nonce taken ─► name allowlisted? ─► sig over (nonce, federation, name)
-//!                           verifies with the allowlisted key? ─► HMAC session token (session_ttl)
+//! JoinChallenge(name) ─► allowlisted or enrolling? ─► nonce: random | expiry | HMAC tag over
+//!                        (federation, name, random, expiry) under the session secret; nothing stored
+//! Join(name, nonce, sig) ─► tag and expiry check ─► name allowlisted? ─► sig over (nonce,
+//!                           federation, name) verifies with the allowlisted key? ─► nonce not used
+//!                           before (replay set, until its expiry) ─► HMAC session token (session_ttl)
 //! any call (Bearer token) ─► HMAC tag, federation, expiry ─► the client's current session?
 //!                           ─► still allowlisted (read per call: revocation is immediate)
 //! upload trailer ─► still allowlisted ─► Ed25519 signature over (federation, round, attempt, client,
@@ -27,7 +29,6 @@ use fedtune_shared::crypto::{
 };
 use fedtune_shared::ids::ClientId;
 use fedtune_shared::round::{JoinRequest, UpdateHeader, UpdateTrailer};
-use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::allowlist::{unix_now, Allowlist, AllowlistError, Standing};
@@ -49,19 +50,15 @@ pub enum AuthSetupError {
     Secret(#[from] CryptoError),
 }
 
-#[derive(Debug)]
-struct Pending {
-    name: ClientId,
-    expires: Instant,
-}
-
 /// Allowlist + join challenges + HMAC sessions + update signatures.
 pub struct ClientAuth {
     federation_id: String,
     authority: SessionAuthority,
     operator: OperatorCheck,
     allowlist: Arc<Allowlist>,
-    challenges: Mutex<HashMap<[u8; 32], Pending>>,
+    /// Nonces that opened a session, until they expire (unix ms): what keeps a stateless
+    /// challenge single-use. Only successful joins add to it, so a flood cannot grow it.
+    used_challenges: Mutex<HashMap<[u8; 32], u64>>,
     sessions: RwLock<HashMap<ClientId, [u8; 16]>>,
     session_ttl: Duration,
     challenge_ttl: Duration,
@@ -81,7 +78,31 @@ fn internal(e: AllowlistError) -> RoundError {
     RoundError::Internal(e.to_string())
 }
 
+/// The one answer to every refused enrollment (unknown name, wrong, expired or used token, a
+/// name already allowlisted).
+pub const ENROLLMENT_REFUSED: &str =
+    "enrollment refused: no valid enrollment token for this name (unknown, wrong, expired or already used)";
+
+/// The one answer to a join challenge for a name that may not join, whether it was never
+/// allowlisted or was revoked, so the answer does not tell which names exist.
+fn not_admitted(name: &ClientId) -> RoundError {
+    RoundError::Forbidden(format!(
+        "client `{name}` is not allowlisted (or was revoked): ask the operator to run \
+         `fedtune-coordinator clients add` or to issue an enrollment token"
+    ))
+}
+
+fn now_ms() -> u64 {
+    fedtune_shared::clock::now_ms()
+}
+
 impl ClientAuth {
+    /// Join challenges this gate holds state for (nonces that opened a session and have not
+    /// expired yet). Issuing challenges adds nothing, so a flood of them leaves this unchanged.
+    pub fn stored_challenges(&self) -> usize {
+        self.used_challenges.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// Opens the allowlist of `state_dir`, loads (or creates, 0600) its session secret and its
     /// operator token, and reads (or creates) its federation id.
     pub fn open(state_dir: &Path, settings: &SecuritySettings) -> Result<Self, AuthSetupError> {
@@ -94,7 +115,7 @@ impl ClientAuth {
             operator,
             federation_id,
             allowlist,
-            challenges: Mutex::new(HashMap::new()),
+            used_challenges: Mutex::new(HashMap::new()),
             sessions: RwLock::new(HashMap::new()),
             session_ttl: settings.session_ttl,
             challenge_ttl: settings.challenge_ttl,
@@ -121,21 +142,17 @@ impl ClientAuth {
 
 impl Authenticator for ClientAuth {
     fn challenge(&self, request: &ChallengeRequest) -> Result<ChallengeGrant, RoundError> {
-        let nonce = fedtune_shared::crypto::Challenge::new(&self.federation_id, request.name.as_str())
-            .map_err(|e| RoundError::Internal(e.to_string()))?
-            .nonce;
-        let now = Instant::now();
-        let mut pending = self.challenges.lock().unwrap_or_else(|p| p.into_inner());
-        if pending.len() >= self.max_pending {
-            pending.retain(|_, p| p.expires > now);
-            if pending.len() >= self.max_pending {
-                return Err(RoundError::Limited(format!(
-                    "{} join challenges are outstanding; retry shortly",
-                    self.max_pending
-                )));
-            }
+        let name = &request.name;
+        let may_join = matches!(self.allowlist.standing(name).map_err(internal)?, Standing::Allowed(_))
+            || self.allowlist.enrolling(name, unix_now()).map_err(internal)?;
+        if !may_join {
+            return Err(not_admitted(name));
         }
-        pending.insert(nonce, Pending { name: request.name.clone(), expires: now + self.challenge_ttl });
+        let expires_at = now_ms().saturating_add(self.challenge_ttl.as_millis() as u64);
+        let nonce = self
+            .authority
+            .issue_challenge(name.as_str(), expires_at)
+            .map_err(|e| RoundError::Internal(e.to_string()))?;
         Ok(ChallengeGrant {
             nonce,
             federation_id: self.federation_id.clone(),
@@ -155,16 +172,13 @@ impl Authenticator for ClientAuth {
                     .into(),
             )
         })?;
-        // Taken before anything else is checked: a nonce is spent by its first use, right or wrong.
-        let taken = self.challenges.lock().unwrap_or_else(|p| p.into_inner()).remove(&proof.nonce);
-        match taken {
-            Some(p) if &p.name == name && p.expires > Instant::now() => {}
-            _ => {
-                return Err(RoundError::Unauthenticated(
-                    "unknown, already used, expired or foreign join challenge: request a new one".into(),
-                ))
-            }
-        }
+        let stale = || {
+            RoundError::Unauthenticated(
+                "unknown, already used, expired or foreign join challenge: request a new one".into(),
+            )
+        };
+        let expires_at =
+            self.authority.check_challenge(&proof.nonce, name.as_str(), now_ms()).map_err(|_| stale())?;
         let key = self.allowed_key(name)?;
         if join.public_key.is_some_and(|offered| offered != *key.as_bytes()) {
             return Err(RoundError::Forbidden(format!("a different public key is allowlisted for `{name}`")));
@@ -179,7 +193,24 @@ impl Authenticator for ClientAuth {
             RoundError::Unauthenticated(format!(
                 "the challenge signature does not verify with the key allowlisted for `{name}`"
             ))
-        })
+        })?;
+        // Spent only by a join that passed every check, so nobody but the key holder can fill
+        // this set; inserting under the lock also settles two racing joins with one nonce.
+        let now = now_ms();
+        let mut used = self.used_challenges.lock().unwrap_or_else(|p| p.into_inner());
+        if used.len() >= self.max_pending {
+            used.retain(|_, expiry| *expiry > now);
+            if used.len() >= self.max_pending {
+                return Err(RoundError::Limited(format!(
+                    "{} joins within one challenge lifetime; retry shortly",
+                    self.max_pending
+                )));
+            }
+        }
+        if used.insert(proof.nonce, expires_at).is_some() {
+            return Err(stale());
+        }
+        Ok(())
     }
 
     fn enroll(&self, request: &EnrollRequest) -> Result<ClientId, RoundError> {
@@ -192,8 +223,10 @@ impl Authenticator for ClientAuth {
                 Err(internal(e))
             }
             Err(e) => {
+                // The reason stays in the log: the caller learns nothing about which names
+                // exist or hold tokens.
                 warn!(client = %request.name, reason = %e, "enrollment refused");
-                Err(RoundError::Forbidden(format!("enrollment refused: {e}")))
+                Err(RoundError::Forbidden(ENROLLMENT_REFUSED.into()))
             }
         }
     }
@@ -317,7 +350,16 @@ mod tests {
         let g = gate(dir.path());
         let (key, stranger) =
             (KeyPair::generate_ephemeral().unwrap(), KeyPair::generate_ephemeral().unwrap());
-        assert!(matches!(admitted(&g, &key, "a"), Err(RoundError::Forbidden(_))));
+        // Neither allowlisted nor enrolling: no challenge at all, with one answer for an unknown
+        // and a revoked name.
+        let unknown = g.challenge(&ChallengeRequest { name: id("a") }).unwrap_err();
+        assert!(matches!(unknown, RoundError::Forbidden(_)), "{unknown}");
+        g.allowlist().add(&id("r"), &key.public_key()).unwrap();
+        g.allowlist().revoke(&id("r")).unwrap();
+        let revoked = g.challenge(&ChallengeRequest { name: id("r") }).unwrap_err();
+        assert_eq!(revoked.to_string(), unknown.to_string().replace("`a`", "`r`"));
+        g.allowlist().issue_enrollment_token(&id("enrolling"), Duration::from_secs(60)).unwrap();
+        g.challenge(&ChallengeRequest { name: id("enrolling") }).unwrap();
         g.allowlist().add(&id("a"), &key.public_key()).unwrap();
         admitted(&g, &key, "a").unwrap();
         assert!(matches!(admitted(&g, &stranger, "a"), Err(RoundError::Unauthenticated(_))));

@@ -223,7 +223,11 @@ impl Coordinator for CoordinatorService {
         let certs = req.peer_certs();
         let request = EnrollRequest::try_from(req.into_inner()).map_err(RoundError::from)?;
         self.check_certificate(certs.as_deref().map(Vec::as_slice), Some(&request.name))?;
-        let client = self.auth.enroll(&request)?;
+        // Enrollment reads and writes SQLite (and may wait for its write lock): off the runtime.
+        let auth = self.auth.clone();
+        let client = tokio::task::spawn_blocking(move || auth.enroll(&request))
+            .await
+            .map_err(|e| RoundError::Internal(e.to_string()))??;
         Ok(Response::new(pb::EnrollResponse { client_id: client.into() }))
     }
 

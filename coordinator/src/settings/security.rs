@@ -82,8 +82,8 @@ pub struct LimitSettings {
     pub anonymous_burst: u32,
     /// Model downloads streaming at once, over all clients.
     pub max_concurrent_downloads: usize,
-    /// Join challenges outstanding at once, over all clients (each holds a few dozen bytes
-    /// until used or expired).
+    /// Used join challenges remembered at once, over all clients (a challenge is stateless
+    /// until a join spends it; the spent nonce is kept until it expires, to refuse replays).
     pub max_pending_challenges: usize,
     /// HTTP/2 streams one connection may have open at once.
     pub max_streams_per_connection: u32,

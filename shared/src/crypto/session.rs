@@ -270,6 +270,58 @@ impl SessionAuthority {
     }
 }
 
+/// Context label of join-challenge nonce tags.
+pub const CHALLENGE_CONTEXT: &str = "fedtune/v1/challenge-nonce";
+
+impl SessionAuthority {
+    /// A stateless join-challenge nonce for `client_name`, valid until `expires_at_ms` (unix
+    /// milliseconds): `random (8 bytes) | expires_at_ms u64 BE | tag (16 bytes)`, where `tag` is
+    /// the first 16 bytes of `HMAC-SHA256(secret, len u64 BE | "fedtune/v1/challenge-nonce" |
+    /// len u64 BE | federation id | len u64 BE | client name | random | expires_at_ms u64 BE)`.
+    /// The coordinator stores nothing per challenge: [`SessionAuthority::check_challenge`]
+    /// recomputes the tag, so a flood of challenges costs it no memory.
+    pub fn issue_challenge(&self, client_name: &str, expires_at_ms: u64) -> Result<[u8; 32], CryptoError> {
+        let random: [u8; 8] = random_bytes()?;
+        let mut nonce = [0u8; 32];
+        nonce[..8].copy_from_slice(&random);
+        nonce[8..16].copy_from_slice(&expires_at_ms.to_be_bytes());
+        let tag = self.challenge_tag(client_name, &nonce[..16]);
+        nonce[16..].copy_from_slice(&tag);
+        Ok(nonce)
+    }
+
+    /// Checks that `nonce` was issued by this authority to `client_name` ([`CryptoError::BadTag`],
+    /// compared in constant time) and is not past its expiry at `now_ms`
+    /// ([`CryptoError::Expired`], times in milliseconds). Returns its expiry (unix ms).
+    pub fn check_challenge(
+        &self,
+        nonce: &[u8; 32],
+        client_name: &str,
+        now_ms: u64,
+    ) -> Result<u64, CryptoError> {
+        let tag = self.challenge_tag(client_name, &nonce[..16]);
+        if !super::constant_time_eq(&tag, &nonce[16..]) {
+            return Err(CryptoError::BadTag);
+        }
+        let mut expiry = [0u8; 8];
+        expiry.copy_from_slice(&nonce[8..16]);
+        let expires_at = u64::from_be_bytes(expiry);
+        if now_ms >= expires_at {
+            return Err(CryptoError::Expired { expires_at, now: now_ms });
+        }
+        Ok(expires_at)
+    }
+
+    fn challenge_tag(&self, client_name: &str, head: &[u8]) -> [u8; 16] {
+        let input =
+            Canonical::new(CHALLENGE_CONTEXT).str(&self.federation_id).str(client_name).fixed(head).finish();
+        let full = hmac::sign(&self.key, &input);
+        let mut tag = [0u8; 16];
+        tag.copy_from_slice(&full.as_ref()[..16]);
+        tag
+    }
+}
+
 fn mac_input(encoded_claims: &[u8]) -> Vec<u8> {
     Canonical::new(SESSION_CONTEXT).bytes(encoded_claims).finish()
 }
@@ -295,6 +347,27 @@ mod tests {
 
     fn authority(fed: &str) -> SessionAuthority {
         SessionAuthority::new(&SessionSecret::from_bytes([42; 32]), fed)
+    }
+
+    #[test]
+    fn a_join_challenge_nonce_verifies_only_for_its_name_federation_and_lifetime() {
+        let a = authority("fed-1");
+        let nonce = a.issue_challenge("site-1", NOW * 1000 + 30_000).unwrap();
+        assert_eq!(a.check_challenge(&nonce, "site-1", NOW * 1000).unwrap(), NOW * 1000 + 30_000);
+        assert!(matches!(a.check_challenge(&nonce, "site-2", NOW * 1000), Err(CryptoError::BadTag)));
+        assert!(matches!(
+            authority("fed-2").check_challenge(&nonce, "site-1", NOW * 1000),
+            Err(CryptoError::BadTag)
+        ));
+        assert!(matches!(
+            a.check_challenge(&nonce, "site-1", NOW * 1000 + 30_000),
+            Err(CryptoError::Expired { .. })
+        ));
+        // A later expiry written into the nonce breaks its tag.
+        let mut stretched = nonce;
+        stretched[15] ^= 1;
+        assert!(matches!(a.check_challenge(&stretched, "site-1", NOW * 1000), Err(CryptoError::BadTag)));
+        assert_ne!(a.issue_challenge("site-1", NOW * 1000 + 30_000).unwrap(), nonce);
     }
 
     #[test]
