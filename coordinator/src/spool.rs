@@ -38,8 +38,13 @@ impl SpoolWriter {
     /// Creates `dir/name.upload` for a payload of `total` bytes following `manifest`.
     pub fn create(dir: &Path, name: &str, total: u64, manifest: Arc<Manifest>) -> Result<Self, RoundError> {
         let path = dir.join(format!("{name}.upload"));
-        let file = std::fs::File::create(&path)
-            .map_err(|e| RoundError::Internal(format!("cannot create spool file {}: {e}", path.display())))?;
+        // 0600: a staged update is a client's contribution before any noise the server adds.
+        let file = std::os::unix::fs::OpenOptionsExt::mode(
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true),
+            0o600,
+        )
+        .open(&path)
+        .map_err(|e| RoundError::Internal(format!("cannot create spool file {}: {e}", path.display())))?;
         Ok(Self { path, file: Some(file), tracker: ChunkTracker::new(total, 0), manifest, sumsq: 0.0 })
     }
 
@@ -141,6 +146,9 @@ mod tests {
         w.write_chunk(8, &data[8..]).unwrap();
         let staged = w.finish(&Sha256::of(&data)).unwrap();
         assert_eq!(std::fs::read(staged.path()).unwrap(), data);
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(staged.path()).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600, "a staged update is readable by the owner only");
         assert!((staged.l2_norm() - 5.0).abs() < 1e-12);
         let path = staged.path().to_path_buf();
         drop(staged);

@@ -206,6 +206,12 @@ impl Storage {
             std::fs::remove_dir_all(&spool).map_err(io(&spool))?;
         }
         std::fs::create_dir_all(&spool).map_err(io(&spool))?;
+        // The state directory holds the session secret, the operator token, the allowlist and
+        // staged updates: owner only, whatever umask created it.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+        }
         let conn = open_database(dir, SCHEMA)?;
         // synchronous=FULL (with WAL): each commit is durable once it returns.
         conn.pragma_update(None, "synchronous", "FULL")?;

@@ -30,6 +30,17 @@ fn the_coordinator_and_a_clients_command_may_open_a_new_state_directory_at_the_s
 }
 
 #[test]
+fn the_state_directory_is_owner_only_whatever_umask_created_it() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+    Storage::open(&state).unwrap();
+    assert_eq!(std::fs::metadata(&state).unwrap().permissions().mode() & 0o777, 0o700);
+}
+
+#[test]
 fn a_completed_round_is_visible_with_its_checkpoint_and_outcomes() {
     let dir = tempfile::tempdir().unwrap();
     let st = Storage::open(dir.path()).unwrap();

@@ -13,7 +13,6 @@
 //! installs ring as the process default once, before any configuration is built, which makes
 //! both sides independent of what the rest of the dependency graph enables.
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::sync::Once;
 
@@ -21,7 +20,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
-use super::files::read_public_file;
+use super::files::{read_private_file, read_public_file};
 use super::CryptoError;
 
 const CERT_EXPECTED: &str = "PEM certificate file";
@@ -65,13 +64,8 @@ pub fn load_ca_certificate(path: &Path) -> Result<Certificate, CryptoError> {
 /// secrets 0644) but logged as a warning.
 pub fn load_identity(cert_path: &Path, key_path: &Path) -> Result<Identity, CryptoError> {
     let (cert_pem, chain) = read_certificates(cert_path)?;
-    let key_pem = read_public_file(key_path)?;
-    if let Ok(meta) = std::fs::metadata(key_path) {
-        let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            tracing::warn!(path = %key_path.display(), mode = format_args!("{mode:04o}"), "TLS private key is accessible to group or others");
-        }
-    }
+    // Refused like a client identity key: a key others can read may already be someone else's.
+    let key_pem = read_private_file(key_path)?;
     let invalid = |reason: String| CryptoError::InvalidFile {
         path: key_path.to_path_buf(),
         expected: KEY_EXPECTED,
@@ -109,6 +103,8 @@ pub fn client_tls_config(
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
     use super::*;
     use crate::crypto::files::{write_file_atomically, Overwrite, PRIVATE_FILE_MODE, PUBLIC_FILE_MODE};
 
@@ -155,6 +151,25 @@ mod tests {
         .unwrap();
         let err = load_identity(&cert, &key).unwrap_err().to_string();
         assert!(err.contains("client.key") && !err.contains("c2VjcmV0"), "{err}");
+    }
+
+    #[test]
+    fn a_tls_key_readable_by_group_or_others_is_refused_like_a_client_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("server.key");
+        write_file_atomically(&key, b"irrelevant", PRIVATE_FILE_MODE, Overwrite::Refuse).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let cert = dir.path().join("server.pem");
+        let der = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"placeholder");
+        write_file_atomically(
+            &cert,
+            format!("-----BEGIN CERTIFICATE-----\n{der}\n-----END CERTIFICATE-----\n").as_bytes(),
+            PUBLIC_FILE_MODE,
+            Overwrite::Refuse,
+        )
+        .unwrap();
+        let err = load_identity(&cert, &key).unwrap_err();
+        assert!(matches!(err, CryptoError::InsecureFileMode { mode: 0o640, .. }), "{err}");
     }
 
     #[test]
