@@ -1,8 +1,12 @@
 //! `fedtune-coordinator privacy` and `calibrate`.
 //!
 //! * `privacy --state-dir DIR [--json]`: the ledger of a federation, one row per charged round.
-//! * `privacy --sample-rate Q --noise-multiplier Z --rounds T --delta D [--json]`: planning, ε
-//!   after `T` identical rounds (`{"epsilon": …}` with `--json`).
+//! * `privacy --sample-rate Q --noise-multiplier Z --rounds T --delta D [--participations K]
+//!   [--json]`: planning, two numbers. The **central** ε of the published models after `T`
+//!   identical rounds, amplified by subsampling (it holds only while the sample is secret), and
+//!   the **local** ε of one client that took part in `K` of them against an observer who knows
+//!   the draw (the coordinator, in `local` mode): `K` unamplified rounds, `q = 1`
+//!   ([`epsilon_unamplified`]). Without `--participations`, `K` is the expected count `⌈q·T⌉`.
 //! * `calibrate --target-epsilon E --delta D --rounds T --sample-rate Q [--json]`: the smallest
 //!   noise multiplier that keeps `T` rounds within `E`.
 //!
@@ -12,7 +16,9 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use fedtune_shared::privacy::{calibrate_for, epsilon_for_rounds, Adjacency, PrivacyError, SamplingScheme};
+use fedtune_shared::privacy::{
+    calibrate_for, epsilon_for_rounds, epsilon_unamplified, Adjacency, PrivacyError, SamplingScheme,
+};
 use fedtune_shared::round::PrivacyStatus;
 use serde_json::json;
 
@@ -50,6 +56,9 @@ pub struct PrivacyArgs {
     /// Planning: how clients are sampled.
     #[arg(long, value_enum, default_value_t = PlanSampling::Poisson)]
     pub sampling: PlanSampling,
+    /// Planning: rounds one client took part in, for its local ε (default: the expected ⌈q·T⌉).
+    #[arg(long, conflicts_with = "state_dir")]
+    pub participations: Option<u64>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -112,11 +121,19 @@ pub fn privacy(args: &PrivacyArgs) -> Result<String, PrivacyCliError> {
     };
     let (sampling, adjacency) = accounting(args.sampling, q);
     let eps = epsilon_for_rounds(adjacency, sampling, q, z, t, args.delta)?;
+    let k = args.participations.unwrap_or_else(|| expected_participations(q, t));
+    if k > t {
+        return Err(PrivacyCliError::Usage(format!("--participations {k} exceeds --rounds {t}")));
+    }
+    let local = epsilon_unamplified(z, k, args.delta)?;
     Ok(if args.json {
         format!(
             "{}\n",
             json!({
                 "epsilon": eps,
+                "central_epsilon": eps,
+                "local_epsilon": local,
+                "participations": k,
                 "delta": args.delta,
                 "rounds": t,
                 "sample_rate": q,
@@ -126,11 +143,20 @@ pub fn privacy(args: &PrivacyArgs) -> Result<String, PrivacyCliError> {
         )
     } else {
         format!(
-            "ε = {eps:.6} at δ = {:e} after {t} rounds ({} sampling, q = {q}, z = {z})\n",
+            "central ε = {eps:.6} at δ = {:e} after {t} rounds ({} sampling, q = {q}, z = {z}): \
+             the published models, amplified by sampling, which holds only while the sample is secret\n\
+             local   ε = {local:.6} at δ = {:e} for a client that took part in {k} round(s): \
+             against anyone who knows the draw (the coordinator), no amplification\n",
             args.delta,
-            scheme_name(sampling)
+            scheme_name(sampling),
+            args.delta,
         )
     })
+}
+
+/// The expected number of rounds one client takes part in, rounded up: `⌈q·T⌉`.
+fn expected_participations(q: f64, rounds: u64) -> u64 {
+    ((q * rounds as f64).ceil() as u64).min(rounds)
 }
 
 /// Runs `calibrate`; returns what to print.
@@ -252,8 +278,44 @@ mod tests {
             rounds: Some(t),
             delta: 1e-5,
             sampling: PlanSampling::Poisson,
+            participations: None,
             json: true,
         }
+    }
+
+    fn printed(out: &str, label: &str) -> String {
+        let line = out.lines().find(|l| l.starts_with(label)).unwrap();
+        let value = line.split("ε = ").nth(1).unwrap().split(' ').next().unwrap();
+        format!("{:.2}", value.parse::<f64>().unwrap())
+    }
+
+    #[test]
+    fn planning_prints_the_amplified_central_and_the_unamplified_local_epsilon() {
+        // q = 0.01, z = 1, T = 1000, δ = 1e-5: the published models are (2.10, 1e-5)-DP, but a
+        // client sampled in 10 rounds is (17.86, 1e-5)-DP against whoever knows the draw.
+        let mut args = plan(0.01, 1.0, 1000);
+        args.participations = Some(10);
+        args.json = false;
+        let out = privacy(&args).unwrap();
+        assert_eq!(printed(&out, "central"), "2.10", "{out}");
+        assert_eq!(printed(&out, "local"), "17.86", "{out}");
+        let full = plan(1.0, 1.0, 10);
+        let v: serde_json::Value = serde_json::from_str(&privacy(&full).unwrap()).unwrap();
+        assert_eq!(format!("{:.2}", v["central_epsilon"].as_f64().unwrap()), "17.86");
+    }
+
+    #[test]
+    fn the_local_epsilon_defaults_to_the_expected_participations() {
+        let v: serde_json::Value = serde_json::from_str(&privacy(&plan(0.01, 1.0, 1000)).unwrap()).unwrap();
+        assert_eq!(v["participations"], 10);
+        assert_eq!(v["local_epsilon"].as_f64().unwrap(), epsilon_unamplified(1.0, 10, 1e-5).unwrap());
+    }
+
+    #[test]
+    fn more_participations_than_rounds_is_a_usage_error() {
+        let mut args = plan(0.1, 1.0, 5);
+        args.participations = Some(6);
+        assert!(matches!(privacy(&args), Err(PrivacyCliError::Usage(_))));
     }
 
     #[test]
