@@ -44,7 +44,10 @@ impl Phase for Selecting {
         let s = shared.settings.clone();
         let now = Instant::now();
         let candidates = shared.registry.alive(now);
-        let seed = sampling::draw_seed(s.rounds.seed, id, "fit");
+        let seed = match sampling::fit_seed(&s, id) {
+            Ok(seed) => seed,
+            Err(e) => return shared.fatal("cannot draw the round's clients", &e),
+        };
         let selected = sampling::sample(&s.sampling, s.rounds.min_fit, &candidates, seed);
         let base = FitInstructions {
             epochs: s.fit.epochs,
@@ -92,7 +95,9 @@ impl Phase for Selecting {
             seed = %hex::encode(&seed[..8]),
             "clients sampled"
         );
-        if selected.len() < s.rounds.min_fit {
+        // A Poisson draw under DP is never redrawn (it would condition the sample): it runs and
+        // is charged whatever its size (`sampling::unconditioned`).
+        if selected.len() < sampling::min_sampled(&s) {
             let reason = AttemptFailure::TooFewSampled {
                 sampled: selected.len(),
                 live: candidates.len(),
