@@ -270,6 +270,12 @@ async fn local_dp_every_client_noises_its_clipped_update_and_the_coordinator_add
         assert_eq!(s.num_examples, 1);
     }
     assert_eq!(o.status.privacy.mode, "local");
+    // One round, every client drawn once: against the coordinator each client's local ε is one
+    // unamplified Gaussian round, beside the central ε of the published model.
+    assert_eq!(o.status.privacy.max_participations, 1);
+    let local = o.status.privacy.local_epsilon.context("local ε in status")?;
+    assert_eq!(local, fedtune_shared::privacy::epsilon_unamplified(z, 1, DELTA)?);
+    assert!(o.status.privacy.guarantee.contains("local ε"), "{}", o.status.privacy.guarantee);
     Ok(())
 }
 

@@ -22,7 +22,7 @@ use fedtune_shared::privacy::{
 use fedtune_shared::round::PrivacyStatus;
 use serde_json::json;
 
-use super::scheme_name;
+use super::{guarantee_line, local_epsilon, scheme_name, DpMode};
 use crate::storage::{ledger, LedgerRecord, Storage, StorageError};
 
 /// Sampling scheme for planning.
@@ -188,21 +188,46 @@ fn show_ledger(dir: &std::path::Path, as_json: bool) -> Result<String, PrivacyCl
     let store = Storage::open_existing(dir)?;
     let mode = store.call_sync(|c| ledger::recorded_mode(c))?.unwrap_or_else(|| "none".into());
     let rows = store.call_sync(ledger::load)?;
-    Ok(render_ledger(&mode, &rows, as_json))
+    let participations = store.call_sync(|c| ledger::max_participations_with(c, &[]))?;
+    Ok(render_ledger(&mode, &rows, participations, as_json))
 }
 
-/// Renders a ledger (`mode` as recorded at creation).
-pub fn render_ledger(mode: &str, rows: &[LedgerRecord], as_json: bool) -> String {
+/// The local ε of the most-sampled client (drawn into `participations` fit attempts) under
+/// local noise, from the ledger: the smallest multiplier any round accounted, composed without
+/// amplification (the coordinator knows who was sampled). `None` in other modes.
+fn worst_local_epsilon(mode: &str, rows: &[LedgerRecord], participations: u64) -> Option<f64> {
+    if mode != "local" {
+        return None;
+    }
+    let z = rows.iter().map(|r| r.entry.noise_multiplier).fold(f64::INFINITY, f64::min);
+    let delta = rows.first().map(|r| r.entry.delta)?;
+    // The draw records can hold an attempt after the last charged round (failed, or still
+    // running): it counts, with the smallest z seen.
+    Some(local_epsilon(z, participations, delta).unwrap_or(f64::INFINITY))
+}
+
+/// Renders a ledger (`mode` as recorded at creation; `participations`: the most fit attempts any
+/// client was drawn into).
+pub fn render_ledger(mode: &str, rows: &[LedgerRecord], participations: u64, as_json: bool) -> String {
     let last = rows.last().map(|r| &r.entry);
+    let local = worst_local_epsilon(mode, rows, participations);
     let guarantee = match (mode, last) {
         ("none", _) => PrivacyStatus::NO_GUARANTEE.to_string(),
         (_, None) => format!("{mode} noise, no round charged yet (ε = 0)"),
-        (_, Some(e)) => format!(
-            "(ε = {:.4}, δ = {:e}) user-level DP after {} round(s), {mode} noise",
-            e.epsilon_after,
-            e.delta,
-            rows.len()
-        ),
+        (_, Some(e)) => {
+            let mode_enum = match mode {
+                "local" => DpMode::Local,
+                "distributed" => DpMode::Distributed,
+                _ => DpMode::Central,
+            };
+            guarantee_line(
+                mode_enum,
+                e.epsilon_after,
+                e.delta,
+                rows.len() as u64,
+                local.map(|l| (l, participations)),
+            )
+        }
     };
     if as_json {
         let rounds: Vec<_> = rows
@@ -232,6 +257,9 @@ pub fn render_ledger(mode: &str, rows: &[LedgerRecord], as_json: bool) -> String
                 "mode": mode,
                 "guarantee": guarantee,
                 "epsilon": last.map(|e| e.epsilon_after).unwrap_or(0.0),
+                "central_epsilon": last.map(|e| e.epsilon_after).unwrap_or(0.0),
+                "local_epsilon": local,
+                "max_participations": participations,
                 "delta": last.map(|e| e.delta),
                 "rounds": rounds,
             }))
@@ -239,6 +267,9 @@ pub fn render_ledger(mode: &str, rows: &[LedgerRecord], as_json: bool) -> String
         );
     }
     let mut out = format!("privacy: {guarantee}\n");
+    if mode != "none" {
+        let _ = writeln!(out, "most fit attempts any client was drawn into: {participations}");
+    }
     if rows.is_empty() {
         return out;
     }
@@ -352,10 +383,48 @@ mod tests {
         assert!(matches!(privacy(&args), Err(PrivacyCliError::Usage(_))));
     }
 
+    fn local_rows(rounds: u64, q: f64, z: f64) -> Vec<LedgerRecord> {
+        let mut acc = fedtune_shared::privacy::Accountant::new(1e-5, Adjacency::AddRemove).unwrap();
+        (1..=rounds)
+            .map(|round| LedgerRecord {
+                entry: acc
+                    .record(fedtune_shared::privacy::PrivacyLedgerEntry {
+                        round,
+                        sampling: SamplingScheme::Poisson,
+                        placement: fedtune_shared::privacy::NoisePlacement::Local,
+                        sampling_rate: q,
+                        noise_multiplier: z,
+                        clip_norm: 1.0,
+                        sampled: 1,
+                        reported: 1,
+                        delta: 1e-5,
+                        epsilon_after: 0.0,
+                    })
+                    .unwrap(),
+                expected_clients: 1.0,
+                next_clip_norm: 1.0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_local_ledger_shows_the_most_sampled_clients_unamplified_epsilon_beside_the_central_one() {
+        let rows = local_rows(1000, 0.01, 1.0);
+        let v: serde_json::Value = serde_json::from_str(&render_ledger("local", &rows, 10, true)).unwrap();
+        assert_eq!(format!("{:.2}", v["central_epsilon"].as_f64().unwrap()), "2.10");
+        assert_eq!(format!("{:.2}", v["local_epsilon"].as_f64().unwrap()), "17.86");
+        assert_eq!(v["max_participations"], 10);
+        let text = render_ledger("local", &rows, 10, false);
+        assert!(text.contains("local ε = 17.8566"), "{text}");
+        let central: serde_json::Value =
+            serde_json::from_str(&render_ledger("central", &rows, 10, true)).unwrap();
+        assert!(central["local_epsilon"].is_null());
+    }
+
     #[test]
     fn an_empty_ledger_without_dp_says_there_is_no_guarantee() {
-        assert!(render_ledger("none", &[], false).contains("no privacy guarantee"));
-        let v: serde_json::Value = serde_json::from_str(&render_ledger("none", &[], true)).unwrap();
+        assert!(render_ledger("none", &[], 0, false).contains("no privacy guarantee"));
+        let v: serde_json::Value = serde_json::from_str(&render_ledger("none", &[], 0, true)).unwrap();
         assert_eq!(v["guarantee"], "no privacy guarantee");
     }
 }

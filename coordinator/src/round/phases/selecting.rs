@@ -57,9 +57,24 @@ impl Phase for Selecting {
             max_steps: s.fit.max_steps,
             seed: 0,
         };
+        let max_participations = if s.privacy.enabled() && selected.len() >= sampling::min_sampled(&s) {
+            let drawn = selected.clone();
+            match shared.db(move |c| storage::ledger::max_participations_with(c, &drawn)).await {
+                None => return Round::Shutdown(Shutdown::requested()),
+                Some(Err(e)) => return shared.fatal("cannot count the clients' participations", &e),
+                Some(Ok(n)) => n,
+            }
+        } else {
+            0
+        };
         let plan = {
             let mut strategy = shared.strategy.lock().unwrap_or_else(|p| p.into_inner());
-            let draw = Draw { round: id, candidates: candidates.len(), selected: selected.len() };
+            let draw = Draw {
+                round: id,
+                candidates: candidates.len(),
+                selected: selected.len(),
+                max_participations,
+            };
             strategy.configure_fit(&draw, &base)
         };
         let plan = match plan {
