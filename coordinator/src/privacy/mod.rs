@@ -34,10 +34,10 @@
 //! refuses a ledger whose recorded ε is below what replay computes. The ledger therefore never
 //! shows less than what was released.
 //!
-//! Caveat (local noise): an attempt that fails after clients uploaded gives the coordinator
-//! their noised updates without publishing anything. Each such upload is private on its own
-//! against the coordinator (that is what local noise is for), but the ledger accounts the
-//! published models, i.e. what everyone except the coordinator sees.
+//! Local noise: an attempt that fails after clients uploaded gives the coordinator their noised
+//! updates without publishing anything. The ledger accounts the published models (what
+//! everyone except the coordinator sees); what the coordinator saw is each client's local ε,
+//! which counts every attempt the client was drawn into, failed ones included (below).
 //!
 //! # Two numbers: central and local
 //!
