@@ -231,6 +231,9 @@ pub fn status_json(s: &StatusReport) -> serde_json::Value {
             "clip_norm": s.privacy.clip_norm,
             "sampling": s.privacy.sampling,
             "rounds_charged": s.privacy.rounds_charged,
+            "central_epsilon": s.privacy.epsilon,
+            "local_epsilon": s.privacy.local_epsilon,
+            "max_participations": s.privacy.max_participations,
         },
         "clients": s.clients.iter().map(|c| serde_json::json!({
             "client_id": c.client_id.as_str(),

@@ -1,8 +1,15 @@
 //! Client sampling per round: fraction, fixed count, or Poisson with rate q.
 //!
-//! Every draw is reproducible from its seed, which is derived from the configured base seed,
-//! the round, the attempt and the kind of task (`SHA-256("fedtune/v1/sample" ‖ …)`), and recorded
-//! with the drawn set in the state database — an auditor can recompute any draw from the record.
+//! Where the seed comes from depends on whether the draw must be secret ([`fit_seed`]):
+//! * **Without DP** a draw is reproducible: its seed is derived from the configured base seed,
+//!   the round, the attempt and the kind of task (`SHA-256("fedtune/v1/sample" ‖ …)`).
+//! * **Under DP** the seed is 32 bytes from the operating system's CSPRNG (ring's
+//!   `SystemRandom`). Amplification by subsampling holds only while the sample is secret, and a
+//!   seed derived from public values (the default base seed is 0, the client list is public)
+//!   lets anyone recompute who was sampled.
+//!
+//! Either way the seed is recorded with the drawn set in the state database, so the operator
+//! (who may see the sample) can recompute any draw from the record.
 //! Candidates are always taken in id order, so the same seed and candidates give the same sample.
 //! The generator is ChaCha20 (`rand_chacha`), whose output is stable across platforms.
 
@@ -10,7 +17,7 @@ use fedtune_shared::ids::{ClientId, RoundId};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use crate::settings::SamplingSettings;
+use crate::settings::{CoordinatorSettings, SamplingSettings};
 
 /// The seed of one draw.
 pub fn draw_seed(base: u64, id: RoundId, kind: &str) -> [u8; 32] {
@@ -23,6 +30,53 @@ pub fn draw_seed(base: u64, id: RoundId, kind: &str) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(ctx.finish().as_ref());
     out
+}
+
+/// Why a draw could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SamplingError {
+    /// The operating system's CSPRNG failed.
+    #[error("the operating system's random generator failed; no secret client sample can be drawn")]
+    Entropy,
+}
+
+/// The seed of a fit draw: secret (OS CSPRNG) under DP, [`draw_seed`] from the configured
+/// `rounds.seed` otherwise (see the module docs).
+pub fn fit_seed(settings: &CoordinatorSettings, id: RoundId) -> Result<[u8; 32], SamplingError> {
+    if settings.privacy.enabled() {
+        let mut seed = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+            .map_err(|_| SamplingError::Entropy)?;
+        Ok(seed)
+    } else {
+        Ok(draw_seed(settings.rounds.seed, id, "fit"))
+    }
+}
+
+/// Whether a Poisson draw under DP is used as drawn, whatever its size. Redrawing a sample below
+/// `rounds.min_fit` would release a *conditioned* sample (N = 20, q = 0.1, min_fit = 2 gives
+/// each client an inclusion probability of about 0.14, not the 0.10 the accountant uses). With
+/// the fixed denominator `n̄` a small sample needs no protection, so every such round runs and
+/// is charged; with no client sampled it publishes the noised empty sum (central noise) or the
+/// unchanged model (local noise, where the noise is the clients'), charged like any other round.
+pub fn unconditioned(settings: &CoordinatorSettings) -> bool {
+    settings.privacy.enabled() && matches!(settings.sampling, SamplingSettings::Poisson { .. })
+}
+
+/// The fewest sampled clients a fit attempt needs ([`unconditioned`] draws need none).
+pub fn min_sampled(settings: &CoordinatorSettings) -> usize {
+    if unconditioned(settings) {
+        0
+    } else {
+        settings.rounds.min_fit
+    }
+}
+
+/// The fewest folded updates a fit attempt needs before it aggregates. [`unconditioned`] draws
+/// need none either: failing the attempt and drawing again would condition the released
+/// sample on how many of the first one reported.
+pub fn min_accepted(settings: &CoordinatorSettings) -> usize {
+    min_sampled(settings)
 }
 
 /// A per-client training seed derived from the draw seed (so clients shuffle differently but
@@ -46,7 +100,8 @@ pub fn describe(s: &SamplingSettings) -> String {
 
 /// Draws the clients of a fit round from `candidates` (sorted by id). The result is sorted.
 /// Fraction and fixed draws never return fewer than `min(min_fit, candidates)`; a Poisson draw
-/// may return anything from none to all (callers fail the attempt if it is below `min_fit`).
+/// may return anything from none to all (callers fail the attempt if it is below
+/// [`min_sampled`]).
 pub fn sample(
     s: &SamplingSettings,
     min_fit: usize,
@@ -112,6 +167,42 @@ mod tests {
         d.dedup();
         assert_eq!(d, s);
         assert_eq!(sample(&SamplingSettings::Fixed { count: 40 }, 2, &c, seed).len(), 10);
+    }
+
+    fn dp_settings(sampling: SamplingSettings) -> CoordinatorSettings {
+        let mut s = CoordinatorSettings::with_paths("/unused", "/unused");
+        s.privacy.mode = crate::settings::DpMode::Central;
+        s.sampling = sampling;
+        s.rounds.min_fit = 2;
+        s
+    }
+
+    #[test]
+    fn under_dp_the_fit_draw_is_secret_and_differs_from_the_seeded_one() {
+        let s = dp_settings(SamplingSettings::Poisson { rate: 0.1 });
+        let id = RoundId::new(1, 0);
+        let (a, b) = (fit_seed(&s, id).unwrap(), fit_seed(&s, id).unwrap());
+        assert_ne!(a, b, "two secret draws of the same attempt must not repeat");
+        assert_ne!(a, draw_seed(s.rounds.seed, id, "fit"));
+    }
+
+    #[test]
+    fn without_dp_the_fit_draw_is_reproducible_from_the_configured_seed() {
+        let mut s = dp_settings(SamplingSettings::Poisson { rate: 0.1 });
+        s.privacy.mode = crate::settings::DpMode::None;
+        let id = RoundId::new(4, 1);
+        assert_eq!(fit_seed(&s, id).unwrap(), draw_seed(s.rounds.seed, id, "fit"));
+    }
+
+    #[test]
+    fn a_poisson_draw_under_dp_needs_no_minimum_but_others_keep_min_fit() {
+        let s = dp_settings(SamplingSettings::Poisson { rate: 0.1 });
+        assert_eq!((min_sampled(&s), min_accepted(&s)), (0, 0));
+        let s = dp_settings(SamplingSettings::Fixed { count: 3 });
+        assert_eq!((min_sampled(&s), min_accepted(&s)), (2, 2));
+        let mut s = dp_settings(SamplingSettings::Poisson { rate: 0.1 });
+        s.privacy.mode = crate::settings::DpMode::None;
+        assert_eq!(min_sampled(&s), 2);
     }
 
     #[test]

@@ -172,14 +172,18 @@ pub struct RoundSettings {
     pub deadline: Duration,
     /// Live clients needed before a round starts.
     pub min_available: usize,
-    /// Accepted updates needed by the deadline for a round to complete.
+    /// Accepted updates needed by the deadline for a round to complete (and clients a draw
+    /// needs). Not applied to Poisson draws under DP, which run and are charged whatever their
+    /// size: redrawing would condition the sample (`sampling::unconditioned`).
     pub min_fit: usize,
     /// Failed attempts in a row after which the federation halts.
     pub max_consecutive_failures: u32,
     /// Pause before retrying a failed round.
     #[serde(with = "duration")]
     pub retry_backoff: Duration,
-    /// Base seed of client sampling and per-client training seeds (recorded per round).
+    /// Base seed of client sampling and per-client training seeds (recorded per round). Used
+    /// only without DP: under DP every draw is seeded from the OS CSPRNG, so that the sample
+    /// stays secret (`sampling::fit_seed`).
     pub seed: u64,
 }
 

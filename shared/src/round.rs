@@ -536,6 +536,12 @@ pub struct PrivacyStatus {
     pub sampling: String,
     /// Rounds charged so far.
     pub rounds_charged: u64,
+    /// Under local noise: the local ε of the most-sampled client against the coordinator (which
+    /// knows who was sampled), i.e. its participations composed without amplification. `None`
+    /// in other modes, where the published models' [`PrivacyStatus::epsilon`] is the figure.
+    pub local_epsilon: Option<f64>,
+    /// The most fit attempts any one client was drawn into (failed attempts included).
+    pub max_participations: u64,
 }
 
 impl PrivacyStatus {
@@ -554,6 +560,8 @@ impl PrivacyStatus {
             clip_norm: 0.0,
             sampling: String::new(),
             rounds_charged: 0,
+            local_epsilon: None,
+            max_participations: 0,
         }
     }
 }

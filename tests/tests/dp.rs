@@ -270,6 +270,12 @@ async fn local_dp_every_client_noises_its_clipped_update_and_the_coordinator_add
         assert_eq!(s.num_examples, 1);
     }
     assert_eq!(o.status.privacy.mode, "local");
+    // One round, every client drawn once: against the coordinator each client's local ε is one
+    // unamplified Gaussian round, beside the central ε of the published model.
+    assert_eq!(o.status.privacy.max_participations, 1);
+    let local = o.status.privacy.local_epsilon.context("local ε in status")?;
+    assert_eq!(local, fedtune_shared::privacy::epsilon_unamplified(z, 1, DELTA)?);
+    assert!(o.status.privacy.guarantee.contains("local ε"), "{}", o.status.privacy.guarantee);
     Ok(())
 }
 
@@ -365,6 +371,35 @@ async fn a_federation_with_a_small_budget_stops_cleanly_when_the_next_round_woul
     })?;
     assert!(!files.is_empty());
     coord.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_dp_a_poisson_draw_below_min_fit_is_not_redrawn_and_the_round_is_charged() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = full_participation(dir.path(), 2, 2, privacy(DpMode::Central, 1.0, 1.0))?;
+    // q = 10⁻⁶ with two clients: the draws are (almost surely) empty, far below min_fit = 2.
+    s.sampling = SamplingSettings::Poisson { rate: 1e-6 };
+    s.rounds.max_consecutive_failures = 1;
+    let coord = InProcess::start(s).await?;
+    let mut clients =
+        [TestClient::join(&coord.url, "site-0", 0).await?, TestClient::join(&coord.url, "site-1", 0).await?];
+    // Both rounds run as drawn (one failed attempt halts the federation, so a redraw cannot hide)
+    // and each is charged at the configured q, whatever the draw's size.
+    assert_eq!(clients[0].wait_finished(WAIT).await?, ModelVersion(2));
+    let status = clients[1].wait_status(WAIT, |s| s.phase == PhaseName::Finished).await?;
+    assert_eq!(status.privacy.rounds_charged, 2);
+    let expected = epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Poisson, 1e-6, 1.0, 2, DELTA)?;
+    assert!(
+        (status.privacy.epsilon - expected).abs() <= 1e-9 * expected,
+        "{} vs {expected}",
+        status.privacy.epsilon
+    );
+    coord.shutdown().await?;
+    let rows = ledger(&dir.path().join("state"))?;
+    let rounds = rows["rounds"].as_array().context("ledger rounds")?;
+    assert_eq!(rounds.len(), 2);
+    assert!(rounds.iter().all(|r| r["sampled"] == 0 && r["sampling_rate"] == 1e-6), "{rounds:?}");
     Ok(())
 }
 

@@ -1,8 +1,12 @@
 //! `fedtune-coordinator privacy` and `calibrate`.
 //!
 //! * `privacy --state-dir DIR [--json]`: the ledger of a federation, one row per charged round.
-//! * `privacy --sample-rate Q --noise-multiplier Z --rounds T --delta D [--json]`: planning, ε
-//!   after `T` identical rounds (`{"epsilon": …}` with `--json`).
+//! * `privacy --sample-rate Q --noise-multiplier Z --rounds T --delta D [--participations K]
+//!   [--json]`: planning, two numbers. The **central** ε of the published models after `T`
+//!   identical rounds, amplified by subsampling (it holds only while the sample is secret), and
+//!   the **local** ε of one client that took part in `K` of them against an observer who knows
+//!   the draw (the coordinator, in `local` mode): `K` unamplified rounds, `q = 1`
+//!   ([`epsilon_unamplified`]). Without `--participations`, `K` is the expected count `⌈q·T⌉`.
 //! * `calibrate --target-epsilon E --delta D --rounds T --sample-rate Q [--json]`: the smallest
 //!   noise multiplier that keeps `T` rounds within `E`.
 //!
@@ -12,11 +16,13 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use fedtune_shared::privacy::{calibrate_for, epsilon_for_rounds, Adjacency, PrivacyError, SamplingScheme};
+use fedtune_shared::privacy::{
+    calibrate_for, epsilon_for_rounds, epsilon_unamplified, Adjacency, PrivacyError, SamplingScheme,
+};
 use fedtune_shared::round::PrivacyStatus;
 use serde_json::json;
 
-use super::scheme_name;
+use super::{guarantee_line, local_epsilon, scheme_name, DpMode};
 use crate::storage::{ledger, LedgerRecord, Storage, StorageError};
 
 /// Sampling scheme for planning.
@@ -50,6 +56,9 @@ pub struct PrivacyArgs {
     /// Planning: how clients are sampled.
     #[arg(long, value_enum, default_value_t = PlanSampling::Poisson)]
     pub sampling: PlanSampling,
+    /// Planning: rounds one client took part in, for its local ε (default: the expected ⌈q·T⌉).
+    #[arg(long, conflicts_with = "state_dir")]
+    pub participations: Option<u64>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -112,11 +121,19 @@ pub fn privacy(args: &PrivacyArgs) -> Result<String, PrivacyCliError> {
     };
     let (sampling, adjacency) = accounting(args.sampling, q);
     let eps = epsilon_for_rounds(adjacency, sampling, q, z, t, args.delta)?;
+    let k = args.participations.unwrap_or_else(|| expected_participations(q, t));
+    if k > t {
+        return Err(PrivacyCliError::Usage(format!("--participations {k} exceeds --rounds {t}")));
+    }
+    let local = epsilon_unamplified(z, k, args.delta)?;
     Ok(if args.json {
         format!(
             "{}\n",
             json!({
                 "epsilon": eps,
+                "central_epsilon": eps,
+                "local_epsilon": local,
+                "participations": k,
                 "delta": args.delta,
                 "rounds": t,
                 "sample_rate": q,
@@ -126,11 +143,20 @@ pub fn privacy(args: &PrivacyArgs) -> Result<String, PrivacyCliError> {
         )
     } else {
         format!(
-            "ε = {eps:.6} at δ = {:e} after {t} rounds ({} sampling, q = {q}, z = {z})\n",
+            "central ε = {eps:.6} at δ = {:e} after {t} rounds ({} sampling, q = {q}, z = {z}): \
+             the published models, amplified by sampling, which holds only while the sample is secret\n\
+             local   ε = {local:.6} at δ = {:e} for a client that took part in {k} round(s): \
+             against anyone who knows the draw (the coordinator), no amplification\n",
             args.delta,
-            scheme_name(sampling)
+            scheme_name(sampling),
+            args.delta,
         )
     })
+}
+
+/// The expected number of rounds one client takes part in, rounded up: `⌈q·T⌉`.
+fn expected_participations(q: f64, rounds: u64) -> u64 {
+    ((q * rounds as f64).ceil() as u64).min(rounds)
 }
 
 /// Runs `calibrate`; returns what to print.
@@ -162,21 +188,46 @@ fn show_ledger(dir: &std::path::Path, as_json: bool) -> Result<String, PrivacyCl
     let store = Storage::open_existing(dir)?;
     let mode = store.call_sync(|c| ledger::recorded_mode(c))?.unwrap_or_else(|| "none".into());
     let rows = store.call_sync(ledger::load)?;
-    Ok(render_ledger(&mode, &rows, as_json))
+    let participations = store.call_sync(|c| ledger::max_participations_with(c, &[]))?;
+    Ok(render_ledger(&mode, &rows, participations, as_json))
 }
 
-/// Renders a ledger (`mode` as recorded at creation).
-pub fn render_ledger(mode: &str, rows: &[LedgerRecord], as_json: bool) -> String {
+/// The local ε of the most-sampled client (drawn into `participations` fit attempts) under
+/// local noise, from the ledger: the smallest multiplier any round accounted, composed without
+/// amplification (the coordinator knows who was sampled). `None` in other modes.
+fn worst_local_epsilon(mode: &str, rows: &[LedgerRecord], participations: u64) -> Option<f64> {
+    if mode != "local" {
+        return None;
+    }
+    let z = rows.iter().map(|r| r.entry.noise_multiplier).fold(f64::INFINITY, f64::min);
+    let delta = rows.first().map(|r| r.entry.delta)?;
+    // The draw records can hold an attempt after the last charged round (failed, or still
+    // running): it counts, with the smallest z seen.
+    Some(local_epsilon(z, participations, delta).unwrap_or(f64::INFINITY))
+}
+
+/// Renders a ledger (`mode` as recorded at creation; `participations`: the most fit attempts any
+/// client was drawn into).
+pub fn render_ledger(mode: &str, rows: &[LedgerRecord], participations: u64, as_json: bool) -> String {
     let last = rows.last().map(|r| &r.entry);
+    let local = worst_local_epsilon(mode, rows, participations);
     let guarantee = match (mode, last) {
         ("none", _) => PrivacyStatus::NO_GUARANTEE.to_string(),
         (_, None) => format!("{mode} noise, no round charged yet (ε = 0)"),
-        (_, Some(e)) => format!(
-            "(ε = {:.4}, δ = {:e}) user-level DP after {} round(s), {mode} noise",
-            e.epsilon_after,
-            e.delta,
-            rows.len()
-        ),
+        (_, Some(e)) => {
+            let mode_enum = match mode {
+                "local" => DpMode::Local,
+                "distributed" => DpMode::Distributed,
+                _ => DpMode::Central,
+            };
+            guarantee_line(
+                mode_enum,
+                e.epsilon_after,
+                e.delta,
+                rows.len() as u64,
+                local.map(|l| (l, participations)),
+            )
+        }
     };
     if as_json {
         let rounds: Vec<_> = rows
@@ -206,6 +257,9 @@ pub fn render_ledger(mode: &str, rows: &[LedgerRecord], as_json: bool) -> String
                 "mode": mode,
                 "guarantee": guarantee,
                 "epsilon": last.map(|e| e.epsilon_after).unwrap_or(0.0),
+                "central_epsilon": last.map(|e| e.epsilon_after).unwrap_or(0.0),
+                "local_epsilon": local,
+                "max_participations": participations,
                 "delta": last.map(|e| e.delta),
                 "rounds": rounds,
             }))
@@ -213,6 +267,9 @@ pub fn render_ledger(mode: &str, rows: &[LedgerRecord], as_json: bool) -> String
         );
     }
     let mut out = format!("privacy: {guarantee}\n");
+    if mode != "none" {
+        let _ = writeln!(out, "most fit attempts any client was drawn into: {participations}");
+    }
     if rows.is_empty() {
         return out;
     }
@@ -252,8 +309,44 @@ mod tests {
             rounds: Some(t),
             delta: 1e-5,
             sampling: PlanSampling::Poisson,
+            participations: None,
             json: true,
         }
+    }
+
+    fn printed(out: &str, label: &str) -> String {
+        let line = out.lines().find(|l| l.starts_with(label)).unwrap();
+        let value = line.split("ε = ").nth(1).unwrap().split(' ').next().unwrap();
+        format!("{:.2}", value.parse::<f64>().unwrap())
+    }
+
+    #[test]
+    fn planning_prints_the_amplified_central_and_the_unamplified_local_epsilon() {
+        // q = 0.01, z = 1, T = 1000, δ = 1e-5: the published models are (2.10, 1e-5)-DP, but a
+        // client sampled in 10 rounds is (17.86, 1e-5)-DP against whoever knows the draw.
+        let mut args = plan(0.01, 1.0, 1000);
+        args.participations = Some(10);
+        args.json = false;
+        let out = privacy(&args).unwrap();
+        assert_eq!(printed(&out, "central"), "2.10", "{out}");
+        assert_eq!(printed(&out, "local"), "17.86", "{out}");
+        let full = plan(1.0, 1.0, 10);
+        let v: serde_json::Value = serde_json::from_str(&privacy(&full).unwrap()).unwrap();
+        assert_eq!(format!("{:.2}", v["central_epsilon"].as_f64().unwrap()), "17.86");
+    }
+
+    #[test]
+    fn the_local_epsilon_defaults_to_the_expected_participations() {
+        let v: serde_json::Value = serde_json::from_str(&privacy(&plan(0.01, 1.0, 1000)).unwrap()).unwrap();
+        assert_eq!(v["participations"], 10);
+        assert_eq!(v["local_epsilon"].as_f64().unwrap(), epsilon_unamplified(1.0, 10, 1e-5).unwrap());
+    }
+
+    #[test]
+    fn more_participations_than_rounds_is_a_usage_error() {
+        let mut args = plan(0.1, 1.0, 5);
+        args.participations = Some(6);
+        assert!(matches!(privacy(&args), Err(PrivacyCliError::Usage(_))));
     }
 
     #[test]
@@ -290,10 +383,48 @@ mod tests {
         assert!(matches!(privacy(&args), Err(PrivacyCliError::Usage(_))));
     }
 
+    fn local_rows(rounds: u64, q: f64, z: f64) -> Vec<LedgerRecord> {
+        let mut acc = fedtune_shared::privacy::Accountant::new(1e-5, Adjacency::AddRemove).unwrap();
+        (1..=rounds)
+            .map(|round| LedgerRecord {
+                entry: acc
+                    .record(fedtune_shared::privacy::PrivacyLedgerEntry {
+                        round,
+                        sampling: SamplingScheme::Poisson,
+                        placement: fedtune_shared::privacy::NoisePlacement::Local,
+                        sampling_rate: q,
+                        noise_multiplier: z,
+                        clip_norm: 1.0,
+                        sampled: 1,
+                        reported: 1,
+                        delta: 1e-5,
+                        epsilon_after: 0.0,
+                    })
+                    .unwrap(),
+                expected_clients: 1.0,
+                next_clip_norm: 1.0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_local_ledger_shows_the_most_sampled_clients_unamplified_epsilon_beside_the_central_one() {
+        let rows = local_rows(1000, 0.01, 1.0);
+        let v: serde_json::Value = serde_json::from_str(&render_ledger("local", &rows, 10, true)).unwrap();
+        assert_eq!(format!("{:.2}", v["central_epsilon"].as_f64().unwrap()), "2.10");
+        assert_eq!(format!("{:.2}", v["local_epsilon"].as_f64().unwrap()), "17.86");
+        assert_eq!(v["max_participations"], 10);
+        let text = render_ledger("local", &rows, 10, false);
+        assert!(text.contains("local ε = 17.8566"), "{text}");
+        let central: serde_json::Value =
+            serde_json::from_str(&render_ledger("central", &rows, 10, true)).unwrap();
+        assert!(central["local_epsilon"].is_null());
+    }
+
     #[test]
     fn an_empty_ledger_without_dp_says_there_is_no_guarantee() {
-        assert!(render_ledger("none", &[], false).contains("no privacy guarantee"));
-        let v: serde_json::Value = serde_json::from_str(&render_ledger("none", &[], true)).unwrap();
+        assert!(render_ledger("none", &[], 0, false).contains("no privacy guarantee"));
+        let v: serde_json::Value = serde_json::from_str(&render_ledger("none", &[], 0, true)).unwrap();
         assert_eq!(v["guarantee"], "no privacy guarantee");
     }
 }

@@ -34,16 +34,30 @@
 //! refuses a ledger whose recorded ε is below what replay computes. The ledger therefore never
 //! shows less than what was released.
 //!
-//! Caveat (local noise): an attempt that fails after clients uploaded gives the coordinator
-//! their noised updates without publishing anything. Each such upload is private on its own
-//! against the coordinator (that is what local noise is for), but the ledger accounts the
-//! published models, i.e. what everyone except the coordinator sees.
+//! Local noise: an attempt that fails after clients uploaded gives the coordinator their noised
+//! updates without publishing anything. The ledger accounts the published models (what
+//! everyone except the coordinator sees); what the coordinator saw is each client's local ε,
+//! which counts every attempt the client was drawn into, failed ones included (below).
+//!
+//! # Two numbers: central and local
+//!
+//! The ledger's ε is the **central** guarantee of the published models. It takes amplification
+//! by subsampling, which holds only while the sample is secret: under DP every draw is seeded
+//! from the OS CSPRNG ([`crate::sampling::fit_seed`]) and only the operator may see who was
+//! drawn. The coordinator itself always knows the sample, so under `local` noise (whose point is
+//! privacy against the coordinator) each client's guarantee is its **local** ε: its
+//! participations (fit attempts it was drawn into, failed ones included,
+//! [`crate::storage::ledger::participations`]) composed without amplification
+//! ([`local_epsilon`]). Status, `privacy --state-dir` and `simulate` show the most-sampled
+//! client's.
 //!
 //! # Budget
 //!
 //! With `privacy.target_epsilon`, before each round the coordinator computes ε *if* the round
-//! ran ([`Accountant::epsilon_if`](fedtune_shared::privacy::Accountant::epsilon_if)); if that
-//! exceeds the budget it refuses the round, logs why, reports it in `GetStatus`
+//! ran ([`Accountant::epsilon_if`](fedtune_shared::privacy::Accountant::epsilon_if)); under
+//! `local` noise also the local ε of the most-sampled client if this draw's tasks were released
+//! (a client's own guarantee must not silently exceed the budget the operator announced, and the
+//! central ε is never the larger of the two). If either exceeds the budget it refuses the round, logs why, reports it in `GetStatus`
 //! (`finished_reason`, phase `FINISHED`), and ends the federation cleanly: the last published
 //! model stays downloadable and exportable.
 //!
@@ -75,7 +89,7 @@ pub mod cli;
 
 use std::sync::{Arc, Mutex};
 
-use fedtune_shared::privacy::SamplingScheme;
+use fedtune_shared::privacy::{epsilon_unamplified, PrivacyError, SamplingScheme};
 use fedtune_shared::round::PrivacyStatus;
 
 pub use crate::settings::{AdaptiveClipSettings, DpMode, PrivacySettings};
@@ -111,13 +125,31 @@ impl PrivacyMonitor {
     }
 }
 
-/// The one-line guarantee status shows.
-pub fn guarantee_line(mode: DpMode, epsilon: f64, delta: f64, rounds: u64) -> String {
-    match mode {
-        DpMode::None => PrivacyStatus::NO_GUARANTEE.to_string(),
-        _ => format!(
-            "(ε = {epsilon:.4}, δ = {delta:e}) user-level DP after {rounds} round(s), {} noise",
+/// The one-line guarantee status shows: the central ε of the published models and, under local
+/// noise, the local ε of the most-sampled client (`local`: ε and its participations).
+pub fn guarantee_line(
+    mode: DpMode,
+    epsilon: f64,
+    delta: f64,
+    rounds: u64,
+    local: Option<(f64, u64)>,
+) -> String {
+    match (mode, local) {
+        (DpMode::None, _) => PrivacyStatus::NO_GUARANTEE.to_string(),
+        (_, None) => format!(
+            "(ε = {epsilon:.4}, δ = {delta:e}) user-level DP of the published models after {rounds} round(s), {} noise",
+            mode.as_str()
+        ),
+        (_, Some((local, k))) => format!(
+            "(ε = {epsilon:.4}, δ = {delta:e}) user-level DP of the published models after {rounds} round(s), {} \
+             noise; against the coordinator, local ε = {local:.4} for the most-sampled client ({k} participation(s))",
             mode.as_str()
         ),
     }
+}
+
+/// The local ε of a client drawn into `participations` fit attempts under local noise with
+/// multiplier `z`: the coordinator knows who was sampled, so no amplification applies.
+pub fn local_epsilon(z: f64, participations: u64, delta: f64) -> Result<f64, PrivacyError> {
+    epsilon_unamplified(z, participations, delta)
 }

@@ -6,7 +6,9 @@
 //! accountant replays at start. [`insert`] runs inside the round's commit transaction
 //! ([`super::commit_round`]).
 
-use fedtune_shared::ids::ModelVersion;
+use std::collections::BTreeMap;
+
+use fedtune_shared::ids::{ClientId, ModelVersion};
 use fedtune_shared::privacy::{NoisePlacement, PrivacyLedgerEntry};
 use rusqlite::{params, Connection};
 use serde::{Deserialize, Serialize};
@@ -83,6 +85,28 @@ pub fn load(conn: &mut Connection) -> Result<Vec<LedgerRecord>, StorageError> {
         out.push(record);
     }
     Ok(out)
+}
+
+/// How many fit attempts each client was drawn into, failed attempts included, from the draw
+/// records (`samples`). This is what the coordinator knows about each client's participation,
+/// so a client's local ε (no amplification: see `fedtune_shared::privacy::epsilon_unamplified`)
+/// composes over it. A draw that failed below `rounds.min_fit` before releasing any task is
+/// counted too: that can only overstate ε, never hide a participation.
+pub fn participations(conn: &Connection) -> Result<BTreeMap<String, u64>, StorageError> {
+    let mut stmt =
+        conn.prepare("SELECT client_id, COUNT(*) FROM samples WHERE kind = 'fit' GROUP BY client_id")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The most participations of any client once `selected` is added to the record (the worst
+/// client's count, for its local ε and the budget check before a draw's tasks are released).
+pub fn max_participations_with(conn: &Connection, selected: &[ClientId]) -> Result<u64, StorageError> {
+    let mut counts = participations(conn)?;
+    for c in selected {
+        *counts.entry(c.as_str().to_owned()).or_default() += 1;
+    }
+    Ok(counts.into_values().max().unwrap_or(0))
 }
 
 /// Meta key recording the privacy mode a federation was created with.

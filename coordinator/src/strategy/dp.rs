@@ -38,7 +38,7 @@ use super::{
     Strategy, StrategyError, UpdateWeighting, UploadStats,
 };
 use crate::aggregate::{MAX_ABS_VALUE, SCALE_BITS};
-use crate::privacy::{guarantee_line, scheme_name, PrivacyMonitor};
+use crate::privacy::{guarantee_line, local_epsilon, scheme_name, PrivacyMonitor};
 use crate::settings::{accounting_for, AdaptiveClipSettings, CoordinatorSettings, DpMode, SamplingSettings};
 use crate::storage::{self, LedgerRecord, Storage, StorageError};
 
@@ -214,7 +214,13 @@ impl DpStrategy {
         let epsilon = accountant.epsilon();
         let monitor = PrivacyMonitor::new(PrivacyStatus {
             mode: p.mode.as_str().into(),
-            guarantee: guarantee_line(p.mode, epsilon, p.delta, accountant.rounds()),
+            guarantee: guarantee_line(
+                p.mode,
+                epsilon,
+                p.delta,
+                accountant.rounds(),
+                (placement == NoisePlacement::Local).then_some((0.0, 0)),
+            ),
             epsilon,
             delta: p.delta,
             target_epsilon: p.target_epsilon,
@@ -222,6 +228,8 @@ impl DpStrategy {
             clip_norm,
             sampling: scheme_name(sampling).into(),
             rounds_charged: accountant.rounds(),
+            local_epsilon: (placement == NoisePlacement::Local).then_some(0.0),
+            max_participations: 0,
         });
         info!(
             mode = p.mode.as_str(),
@@ -277,6 +285,65 @@ impl DpStrategy {
         (q.max(f64::MIN_POSITIVE), self.expected_override.unwrap_or(n).max(1.0))
     }
 
+    /// Records that some client has already been drawn into `participations` fit attempts (at
+    /// start, from the draw records), so status shows its local ε before the next draw.
+    pub fn resume_participations(&mut self, participations: u64) -> Result<(), PrivacyError> {
+        self.observe_participations(participations, self.local_epsilon_after(participations)?);
+        Ok(())
+    }
+
+    /// The local ε of a client drawn into `participations` attempts (`None` unless local noise).
+    fn local_epsilon_after(&self, participations: u64) -> Result<Option<f64>, PrivacyError> {
+        if self.placement != NoisePlacement::Local {
+            return Ok(None);
+        }
+        // The client adds the round's whole multiplier (update and, with adaptive clipping,
+        // its indicator), and every attempt it is drawn into releases one such output.
+        local_epsilon(self.noise_multiplier, participations, self.accountant.delta()).map(Some)
+    }
+
+    fn observe_participations(&self, participations: u64, local: Option<f64>) {
+        let (mode, delta, rounds, epsilon) =
+            (self.mode, self.accountant.delta(), self.accountant.rounds(), self.accountant.epsilon());
+        self.monitor.update(|s| {
+            if participations >= s.max_participations {
+                s.max_participations = participations;
+                s.local_epsilon = local;
+            }
+            s.guarantee = guarantee_line(
+                mode,
+                epsilon,
+                delta,
+                rounds,
+                s.local_epsilon.map(|l| (l, s.max_participations)),
+            );
+        });
+    }
+
+    /// Under local noise, refuses a draw after which the most-sampled client's local ε would
+    /// exceed the budget (see the budget section of [`crate::privacy`]).
+    fn check_local_budget(&self, draw: &Draw) -> Result<(), StrategyError> {
+        let local = self
+            .local_epsilon_after(draw.max_participations)
+            .map_err(|e| StrategyError::State(e.to_string()))?;
+        if let (Some(local), Some(target)) = (local, self.target_epsilon) {
+            if local > target {
+                let reason = format!(
+                    "privacy budget exhausted: round {} would bring the local ε of the most-sampled client \
+                     ({} participations, no amplification: the coordinator knows the sample) to {local:.4}, \
+                     above privacy.target_epsilon = {target} (δ = {:e}); the last model stays available",
+                    draw.round.round,
+                    draw.max_participations,
+                    self.accountant.delta()
+                );
+                warn!(%reason, "round refused");
+                return Err(StrategyError::Exhausted(reason));
+            }
+        }
+        self.observe_participations(draw.max_participations, local);
+        Ok(())
+    }
+
     /// The update-noise multiplier (the round's `z` minus what adaptive clipping's count spends).
     fn update_multiplier(&self) -> Result<f64, PrivacyError> {
         match &self.adaptive {
@@ -310,6 +377,7 @@ impl Strategy for DpStrategy {
                 return Err(StrategyError::Exhausted(reason));
             }
         }
+        self.check_local_budget(draw)?;
         let update_multiplier = self.update_multiplier().map_err(state)?;
         let client_plan = NoisePlan::new(self.placement, update_multiplier, self.clip_norm, self.dim, n_bar)
             .map_err(state)?;
@@ -461,7 +529,13 @@ impl Strategy for DpStrategy {
             s.rounds_charged = rounds;
             s.clip_norm = record.next_clip_norm;
             s.noise_multiplier = record.entry.noise_multiplier;
-            s.guarantee = guarantee_line(mode, epsilon, delta, rounds);
+            s.guarantee = guarantee_line(
+                mode,
+                epsilon,
+                delta,
+                rounds,
+                s.local_epsilon.map(|l| (l, s.max_participations)),
+            );
         });
         info!(
             round = record.entry.round,
@@ -551,7 +625,10 @@ pub fn wrap_strategy(
         return Ok(inner);
     }
     let entries = store.call_sync(storage::ledger::load)?;
-    Ok(Box::new(DpStrategy::new(inner, settings, dim, &entries)?))
+    let participations = store.call_sync(|c| storage::ledger::max_participations_with(c, &[]))?;
+    let mut strategy = DpStrategy::new(inner, settings, dim, &entries)?;
+    strategy.resume_participations(participations)?;
+    Ok(Box::new(strategy))
 }
 
 #[cfg(test)]
@@ -626,7 +703,7 @@ mod tests {
     }
 
     fn draw(round: u64, candidates: usize, selected: usize) -> Draw {
-        Draw { round: RoundId::new(round, 0), candidates, selected }
+        Draw { round: RoundId::new(round, 0), candidates, selected, max_participations: round }
     }
 
     /// Aggregates and books the round, as the actor does once the weights are accepted.
@@ -733,6 +810,30 @@ mod tests {
         let lib =
             epsilon_for_rounds(Adjacency::ReplaceOne, SamplingScheme::FixedSize, 0.1, 1.0, 1, 1e-5).unwrap();
         assert_eq!(row.entry.epsilon_after, lib);
+    }
+
+    #[test]
+    fn under_local_noise_a_draw_that_would_take_the_most_sampled_client_beyond_the_budget_is_refused() {
+        // q = 0.01, z = 1: the central ε of one round is tiny, but a client already drawn into
+        // 9 attempts would reach the local ε of 10 unamplified rounds (17.86).
+        let mut s = settings(DpMode::Local, SamplingSettings::Poisson { rate: 0.01 }, Some(10.0));
+        s.privacy.noise_multiplier = Some(1.0);
+        let mut strategy = dp(&s);
+        let mut draw = draw(1, 100, 1);
+        draw.max_participations = 3;
+        strategy.configure_fit(&draw, &base()).unwrap();
+        let status = strategy.privacy_monitor().unwrap().snapshot();
+        assert_eq!(status.max_participations, 3);
+        assert_eq!(status.local_epsilon, Some(local_epsilon(1.0, 3, s.privacy.delta).unwrap()));
+        draw.max_participations = 10;
+        let err = strategy.configure_fit(&draw, &base()).unwrap_err();
+        assert!(matches!(&err, StrategyError::Exhausted(r) if r.contains("local ε")), "{err}");
+        // The same draw under central noise is judged by the published models' ε only.
+        let mut s = settings(DpMode::Central, SamplingSettings::Poisson { rate: 0.01 }, Some(10.0));
+        s.privacy.noise_multiplier = Some(1.0);
+        let mut strategy = dp(&s);
+        strategy.configure_fit(&draw, &base()).unwrap();
+        assert_eq!(strategy.privacy_monitor().unwrap().snapshot().local_epsilon, None);
     }
 
     #[test]

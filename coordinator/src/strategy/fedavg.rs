@@ -93,7 +93,12 @@ mod tests {
     }
 
     fn context() -> RoundContext {
-        RoundContext::new(Draw { round: RoundId::new(1, 0), candidates: 1, selected: 1 })
+        RoundContext::new(Draw {
+            round: RoundId::new(1, 0),
+            candidates: 1,
+            selected: 1,
+            max_participations: 1,
+        })
     }
 
     fn step(s: &mut FedAvg, global: Vec<f32>, r: FitResults) -> Result<Vec<f32>, StrategyError> {
@@ -131,7 +136,7 @@ mod tests {
             max_steps: None,
             seed: 0,
         };
-        let draw = Draw { round: RoundId::new(1, 0), candidates: 2, selected: 2 };
+        let draw = Draw { round: RoundId::new(1, 0), candidates: 2, selected: 2, max_participations: 1 };
         assert_eq!(s.configure_fit(&draw, &base).unwrap().config.proximal_mu, 0.01);
         assert_eq!(s.name(), "fedprox");
     }

@@ -82,6 +82,11 @@ pub struct Draw {
     pub candidates: usize,
     /// Clients drawn (a privacy accountant needs `selected / candidates` for fixed-size cohorts).
     pub selected: usize,
+    /// The most fit attempts any one client will have been drawn into once this draw's tasks are
+    /// released (the worst client's participations, failed attempts included; 0 when not
+    /// counted). Under local noise the coordinator knows who was sampled, so that client's
+    /// local ε composes over these participations without amplification.
+    pub max_participations: u64,
 }
 
 /// What a round was configured with. The actor keeps it from [`Strategy::configure_fit`] and

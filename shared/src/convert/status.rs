@@ -57,6 +57,8 @@ impl From<&StatusReport> for pb::GetStatusResponse {
                 clip_norm: s.privacy.clip_norm,
                 sampling: s.privacy.sampling.clone(),
                 rounds_charged: s.privacy.rounds_charged,
+                local_epsilon: s.privacy.local_epsilon,
+                max_participations: s.privacy.max_participations,
             }),
             finished_reason: s.finished_reason.clone().unwrap_or_default(),
         }
@@ -122,6 +124,8 @@ impl TryFrom<pb::GetStatusResponse> for StatusReport {
                     clip_norm: p.clip_norm,
                     sampling: p.sampling,
                     rounds_charged: p.rounds_charged,
+                    local_epsilon: p.local_epsilon.filter(|e| e.is_finite() && *e >= 0.0),
+                    max_participations: p.max_participations,
                 })
                 .unwrap_or_else(PrivacyStatus::none),
             finished_reason: (!s.finished_reason.is_empty()).then_some(s.finished_reason),

@@ -270,6 +270,18 @@ pub fn epsilon_for_rounds(
     Ok(acc.epsilon_of(&rdp, full))
 }
 
+/// ε of one client against an observer who knows which rounds it took part in: `participations`
+/// unamplified Gaussian rounds (`q = 1`) at multiplier `z`, under add/remove adjacency (the
+/// client's contribution replaced by a null one).
+///
+/// Amplification by subsampling holds only while the sample is secret. Whoever knows the draw
+/// (the coordinator under local noise; everyone when the draw is reproducible from a public seed)
+/// sees each of the client's participations as a plain Gaussian mechanism, so this, not the
+/// amplified figure, is the client's guarantee against them.
+pub fn epsilon_unamplified(z: f64, participations: u64, delta: f64) -> Result<f64, PrivacyError> {
+    epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Full, 1.0, z, participations, delta)
+}
+
 /// The smallest noise multiplier (to ~10⁻⁹ relative, rounded up) for which `rounds` Poisson
 /// rounds at rate `q` (full participation when `q = 1`) stay within `target_epsilon` at `delta`
 /// under add/remove adjacency.

@@ -44,7 +44,10 @@ impl Phase for Selecting {
         let s = shared.settings.clone();
         let now = Instant::now();
         let candidates = shared.registry.alive(now);
-        let seed = sampling::draw_seed(s.rounds.seed, id, "fit");
+        let seed = match sampling::fit_seed(&s, id) {
+            Ok(seed) => seed,
+            Err(e) => return shared.fatal("cannot draw the round's clients", &e),
+        };
         let selected = sampling::sample(&s.sampling, s.rounds.min_fit, &candidates, seed);
         let base = FitInstructions {
             epochs: s.fit.epochs,
@@ -54,9 +57,24 @@ impl Phase for Selecting {
             max_steps: s.fit.max_steps,
             seed: 0,
         };
+        let max_participations = if s.privacy.enabled() && selected.len() >= sampling::min_sampled(&s) {
+            let drawn = selected.clone();
+            match shared.db(move |c| storage::ledger::max_participations_with(c, &drawn)).await {
+                None => return Round::Shutdown(Shutdown::requested()),
+                Some(Err(e)) => return shared.fatal("cannot count the clients' participations", &e),
+                Some(Ok(n)) => n,
+            }
+        } else {
+            0
+        };
         let plan = {
             let mut strategy = shared.strategy.lock().unwrap_or_else(|p| p.into_inner());
-            let draw = Draw { round: id, candidates: candidates.len(), selected: selected.len() };
+            let draw = Draw {
+                round: id,
+                candidates: candidates.len(),
+                selected: selected.len(),
+                max_participations,
+            };
             strategy.configure_fit(&draw, &base)
         };
         let plan = match plan {
@@ -92,7 +110,9 @@ impl Phase for Selecting {
             seed = %hex::encode(&seed[..8]),
             "clients sampled"
         );
-        if selected.len() < s.rounds.min_fit {
+        // A Poisson draw under DP is never redrawn (it would condition the sample): it runs and
+        // is charged whatever its size (`sampling::unconditioned`).
+        if selected.len() < sampling::min_sampled(&s) {
             let reason = AttemptFailure::TooFewSampled {
                 sampled: selected.len(),
                 live: candidates.len(),

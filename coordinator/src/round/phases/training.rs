@@ -431,7 +431,7 @@ impl Phase for Training {
             .map(|o| FitFailure { client: o.client.clone(), outcome: o.outcome.clone() })
             .collect();
         let accepted = self.accepted.len();
-        let min_fit = shared.settings.rounds.min_fit;
+        let min_fit = crate::sampling::min_accepted(&shared.settings);
         info!(accepted, failed = failures.len(), "training closed");
         if let Some(reason) = self.poisoned {
             return Round::Failure(Failure::new(self.id, reason, outcomes, accepted as u32));
