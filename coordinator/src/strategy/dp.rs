@@ -329,6 +329,8 @@ impl Strategy for DpStrategy {
                 _ => 0.0,
             },
             per_layer_clipping: self.per_layer,
+            // What the round is accounted with, so a site can refuse a round below its floor.
+            noise_multiplier: self.noise_multiplier,
         };
         let dp = DpRound {
             sampling_rate: q,
