@@ -613,3 +613,43 @@ async fn a_site_refuses_a_task_below_its_privacy_floor_and_the_coordinator_recor
     assert_eq!(of("site-2"), Some(ParticipantOutcome::Accepted), "{outcomes:?}");
     Ok(())
 }
+
+/// One round of central DP with one agent and evaluation after every round as configured;
+/// returns how many evaluations the agent reported.
+async fn evaluations_under_dp(dir: &Path, enabled_under_dp: bool) -> Result<u64> {
+    let model = write_fake_model(&dir.join("model"), 2, 8)?;
+    let state = dir.join("state");
+    let mut settings = quick_settings(&state, &model, 1, 1, 1);
+    assert_eq!(settings.evaluation.every, 1);
+    settings.evaluation.enabled_under_dp = enabled_under_dp;
+    settings.privacy = privacy(DpMode::Central, 1.0, 1.0);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let stop = CancellationToken::new();
+    fedtune_tests::identities::register(&url, &state);
+    let server = tokio::spawn(fedtune_coordinator::run(settings, listener, stop.clone()));
+    let key = fedtune_tests::identities::key_for(&url, "site-1")?;
+    let api = GrpcCoordinator::connect_lazy(&ConnectOptions::new(url.clone()))?.with_identity(key, None);
+    let config = AgentConfig {
+        name: Some(ClientId::parse("site-1")?),
+        train_examples: 10,
+        eval_examples: 10,
+        poll_wait: Duration::from_secs(2),
+        ..AgentConfig::default()
+    };
+    let agent = Agent::new(api, config, factory(fake(1)), CancellationToken::new()).run();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), agent).await??;
+    assert!(matches!(outcome.reason, ExitReason::Finished { .. }), "{outcome:?}");
+    assert_eq!(outcome.stats.updates_accepted, 1, "{outcome:?}");
+    stop.cancel();
+    server.await??;
+    Ok(outcome.stats.evaluations)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_dp_clients_evaluate_only_when_the_operator_asks_for_it() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    assert_eq!(evaluations_under_dp(&dir.path().join("default"), false).await?, 0);
+    assert_eq!(evaluations_under_dp(&dir.path().join("asked"), true).await?, 1);
+    Ok(())
+}
