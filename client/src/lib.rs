@@ -6,6 +6,7 @@
 //! - [`update`]: the upload pipeline (delta, then ordered stages: check, clip, noise).
 //! - `fake_trainer`: a deterministic `LocalTrainer` for tests and `run --fake-trainer`; only in
 //!   builds with the `test-support` feature (which `fedtune-tests` enables), never in release.
+//! - [`privacy_floor`]: the site's floor (`--require-privacy`, `--min-noise-multiplier`): which fit tasks it refuses.
 //! - [`agent`]: the federated agent's state machine (join, poll, download, train, upload, evaluate).
 //! - [`transport`]: `CoordinatorApi` (domain calls) and its gRPC implementation; the only module naming `pb`.
 //! - [`identity`]: `keygen`, loading the Ed25519 key, signing upload trailers.
@@ -31,6 +32,7 @@ pub mod fake_trainer;
 pub mod identity;
 pub mod local_trainer;
 pub mod model;
+pub mod privacy_floor;
 pub mod run_cmd;
 pub mod settings;
 pub mod tokenize;

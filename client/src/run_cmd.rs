@@ -165,10 +165,18 @@ pub async fn run(
         .map_err(|e| RunError::Usage(e.to_string()))?
         .with_identity(key, enroll_token);
     let agent = &settings.agent;
+    if settings.privacy.floor().expects_privacy() {
+        tracing::info!(
+            require = %settings.privacy.require,
+            min_noise_multiplier = settings.privacy.min_noise_multiplier,
+            "privacy floor: weaker fit tasks are refused"
+        );
+    }
     let config = AgentConfig {
         name,
         train_examples: train.len() as u64,
         eval_examples: eval.len() as u64,
+        privacy_floor: settings.privacy.floor(),
         poll_wait: agent.poll_wait,
         backoff: BackoffPolicy { max: agent.max_backoff, ..BackoffPolicy::default() },
         give_up_after: agent.give_up_after,

@@ -33,6 +33,7 @@ use fedtune_shared::settings::{as_text, duration, optional_duration, SettingsErr
 use serde::{Deserialize, Serialize};
 
 use crate::device::{DeviceChoice, PrecisionChoice};
+use crate::privacy_floor::{PrivacyFloor, RequiredPrivacy};
 
 /// Prefix of the client's environment variables: `FEDTUNE_CLIENT__AGENT__POLL_WAIT=5s` sets
 /// `agent.poll_wait`.
@@ -56,6 +57,8 @@ pub struct ClientSettings {
     pub runtime: RuntimeSettings,
     /// Polling, retries and upload pacing.
     pub agent: AgentSettings,
+    /// The weakest privacy this site trains under (see [`crate::privacy_floor`]).
+    pub privacy: PrivacySettings,
     /// Test harness only: train with the deterministic fake trainer (absent from release builds).
     #[cfg(feature = "test-support")]
     pub fake_trainer: FakeTrainerSettings,
@@ -205,6 +208,24 @@ impl Default for AgentSettings {
     }
 }
 
+/// `[privacy]`: the site's floor; a fit task weaker than this is refused and reported as
+/// `refused_privacy_floor` (see [`crate::privacy_floor`]).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacySettings {
+    /// Weakest mode accepted: none, central (central or distributed noise) or local.
+    pub require: RequiredPrivacy,
+    /// Least noise multiplier accepted (0: no minimum); above 0 a task without noise is refused.
+    pub min_noise_multiplier: f64,
+}
+
+impl PrivacySettings {
+    /// The floor these settings describe.
+    pub fn floor(&self) -> PrivacyFloor {
+        PrivacyFloor { require: self.require, min_noise_multiplier: self.min_noise_multiplier }
+    }
+}
+
 /// `[fake_trainer]`: multi-process tests run the real binary with a deterministic trainer.
 #[cfg(feature = "test-support")]
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -349,6 +370,13 @@ impl ClientSettings {
             return Err(SettingsError::invalid(
                 "agent.give_up_after",
                 "must be positive (leave it unset to retry forever)",
+            ));
+        }
+        let m = self.privacy.min_noise_multiplier;
+        if !(m.is_finite() && m >= 0.0) {
+            return Err(SettingsError::invalid(
+                "privacy.min_noise_multiplier",
+                "must be a finite number ≥ 0 (0: no minimum)",
             ));
         }
         if a.upload_rate_limit == Some(0) {

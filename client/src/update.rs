@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 
 use fedtune_shared::ids::{ClientId, RoundId};
 use fedtune_shared::params::{ParameterVector, ParamsError};
-use fedtune_shared::round::{PrivacyInstructions, PrivacyMode};
+use fedtune_shared::round::{FailureCode, PrivacyInstructions, PrivacyMode};
 
 /// Why an update could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,16 @@ pub enum UpdateError {
         /// Why.
         reason: String,
     },
+}
+
+impl UpdateError {
+    /// The code the coordinator is told (the detail stays in the site's log under DP).
+    pub fn failure_code(&self) -> FailureCode {
+        match self {
+            UpdateError::Refused { stage: CheckRange::NAME, .. } => FailureCode::UpdateOutOfRange,
+            _ => FailureCode::UpdateRefused,
+        }
+    }
 }
 
 /// An update on its way out: the (possibly clipped, noised) delta plus what travels with it.
@@ -80,25 +90,39 @@ pub trait UpdateStage: Send + std::fmt::Debug {
 /// Refuses deltas holding NaN, infinity or values beyond ±`max_abs` (the bound the
 /// coordinator advertised), and records the delta's L2 norm (`l2_norm`), which a clipping
 /// stage placed after it compares with its bound.
+///
+/// Under differential privacy the check runs last, on the clipped and noised update
+/// ([`CheckRange::after_privacy`]): its verdict leaves the site (as a failure report, or as the
+/// absence of an update), so it must be a function of what the mechanism protects, never of the
+/// raw delta; and it records no norm there.
 #[derive(Debug, Clone, Copy)]
 pub struct CheckRange {
     max_abs: f32,
+    measure: bool,
 }
 
 impl CheckRange {
+    /// The stage's name, also what [`UpdateError::failure_code`] recognises.
+    pub const NAME: &'static str = "range";
+
     /// A check against ±`max_abs` (the coordinator's `max_abs_update_value`).
     pub fn new(max_abs: f32) -> Self {
-        Self { max_abs }
+        Self { max_abs, measure: true }
+    }
+
+    /// The check at the end of a private pipeline: the same bound, no `l2_norm` metric.
+    pub fn after_privacy(max_abs: f32) -> Self {
+        Self { max_abs, measure: false }
     }
 }
 
 impl UpdateStage for CheckRange {
     fn name(&self) -> &'static str {
-        "range"
+        Self::NAME
     }
 
     fn apply(&mut self, update: &mut PreparedUpdate) -> Result<(), UpdateError> {
-        let refuse = |reason: String| UpdateError::Refused { stage: "range", reason };
+        let refuse = |reason: String| UpdateError::Refused { stage: Self::NAME, reason };
         let max_abs = self.max_abs;
         // A NaN bound would let every value through the comparison below.
         if !fedtune_shared::limits::is_valid_value_bound(max_abs) {
@@ -111,7 +135,9 @@ impl UpdateStage for CheckRange {
                 update.delta.values()[i]
             )));
         }
-        update.metrics.insert("l2_norm", update.delta.l2_norm());
+        if self.measure {
+            update.metrics.insert("l2_norm", update.delta.l2_norm());
+        }
         Ok(())
     }
 }

@@ -267,6 +267,9 @@ pub struct EvaluationSettings {
     pub deadline: Duration,
     /// Evaluation batch size.
     pub batch_size: u32,
+    /// Evaluate under differential privacy too. Off by default: evaluation reports are
+    /// per-client figures on local data that no noise protects, outside the (ε, δ) guarantee.
+    pub enabled_under_dp: bool,
 }
 
 impl Default for EvaluationSettings {
@@ -278,6 +281,7 @@ impl Default for EvaluationSettings {
             min_clients: 1,
             deadline: Duration::from_secs(300),
             batch_size: 32,
+            enabled_under_dp: false,
         }
     }
 }
@@ -368,6 +372,16 @@ impl Default for ClientSettings {
 }
 
 impl CoordinatorSettings {
+    /// Evaluate after every k-th round (0 = never): `evaluation.every`, or 0 under DP unless
+    /// `evaluation.enabled_under_dp` asks for it.
+    pub fn evaluation_every(&self) -> u64 {
+        if self.privacy.enabled() && !self.evaluation.enabled_under_dp {
+            0
+        } else {
+            self.evaluation.every
+        }
+    }
+
     /// Loads from an optional TOML file, `FEDTUNE__SECTION__KEY` variables of `env`, and CLI
     /// overrides (`("server.listen", value)`), then validates.
     pub fn load(

@@ -202,6 +202,10 @@ pub struct PrivacyInstructions {
     pub indicator_noise_stddev: f64,
     /// Clip tensor by tensor (equal shares of `clip_norm²`) instead of the whole update.
     pub per_layer_clipping: bool,
+    /// The noise multiplier `z` the coordinator accounts the round with (0 without noise): what
+    /// a site's floor (`--min-noise-multiplier`) is compared with when the site cannot check the
+    /// noise itself (central and distributed noise).
+    pub noise_multiplier: f64,
 }
 
 impl PrivacyInstructions {
@@ -214,6 +218,7 @@ impl PrivacyInstructions {
         report_clip_indicator: false,
         indicator_noise_stddev: 0.0,
         per_layer_clipping: false,
+        noise_multiplier: 0.0,
     };
 }
 
@@ -452,6 +457,80 @@ pub enum TaskKind {
     Fit,
     /// Evaluate.
     Evaluate,
+}
+
+/// Why a client gave up a task, as a stable code: the first word of
+/// [`FailureReport::reason`], and the whole of it under differential privacy, where anything
+/// computed from local data (a loss, an offending value and its index) must stay on the site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureCode {
+    /// Local training (or building the trainer for it) failed.
+    TrainingFailed,
+    /// The prepared update holds a non-finite value or one beyond the advertised bound.
+    UpdateOutOfRange,
+    /// Another stage of the upload pipeline refused the update, or the task's privacy
+    /// instructions could not be honoured.
+    UpdateRefused,
+    /// The task is weaker than the site's privacy floor (`--require-privacy`,
+    /// `--min-noise-multiplier`): a refusal, not a fault.
+    RefusedPrivacyFloor,
+    /// Fetching the model, or talking to the coordinator, failed.
+    TransportFailed,
+    /// Evaluating the published model failed.
+    EvaluationFailed,
+    /// The task's deadline passed before it was done.
+    DeadlinePassed,
+    /// The client is shutting down.
+    ClientShutdown,
+}
+
+impl FailureCode {
+    /// The stable text (`training_failed`, …) sent and stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureCode::TrainingFailed => "training_failed",
+            FailureCode::UpdateOutOfRange => "update_out_of_range",
+            FailureCode::UpdateRefused => "update_refused",
+            FailureCode::RefusedPrivacyFloor => "refused_privacy_floor",
+            FailureCode::TransportFailed => "transport_failed",
+            FailureCode::EvaluationFailed => "evaluation_failed",
+            FailureCode::DeadlinePassed => "deadline_passed",
+            FailureCode::ClientShutdown => "client_shutdown",
+        }
+    }
+
+    /// The reason to send: the code alone when `private` (the task is under differential
+    /// privacy), else `code: detail`. Detail stays in the client's own log either way.
+    pub fn reason(self, private: bool, detail: &str) -> String {
+        if private || detail.is_empty() {
+            self.as_str().to_string()
+        } else {
+            format!("{}: {detail}", self.as_str())
+        }
+    }
+
+    /// The code a reason starts with, if it starts with one.
+    pub fn of(reason: &str) -> Option<Self> {
+        let word = reason.split(':').next().unwrap_or_default().trim();
+        [
+            FailureCode::TrainingFailed,
+            FailureCode::UpdateOutOfRange,
+            FailureCode::UpdateRefused,
+            FailureCode::RefusedPrivacyFloor,
+            FailureCode::TransportFailed,
+            FailureCode::EvaluationFailed,
+            FailureCode::DeadlinePassed,
+            FailureCode::ClientShutdown,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == word)
+    }
+}
+
+impl fmt::Display for FailureCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A client gives up on a task.

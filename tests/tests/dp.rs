@@ -13,6 +13,7 @@ use fedtune_client::fake_trainer::{FakeTrainer, FakeTrainerConfig};
 use fedtune_client::local_trainer::{FitConfig, LocalTrainer};
 use fedtune_client::transport::{ApiError, ConnectOptions, CoordinatorApi, DownloadStream, GrpcCoordinator};
 use fedtune_coordinator::cli::{export, ExportArgs};
+use fedtune_coordinator::outcome::ParticipantOutcome;
 use fedtune_coordinator::privacy::{DpMode, PrivacySettings};
 use fedtune_coordinator::settings::SamplingSettings;
 use fedtune_coordinator::{CoordinatorSettings, RunError};
@@ -23,8 +24,8 @@ use fedtune_shared::privacy::{
     SamplingScheme,
 };
 use fedtune_shared::round::{
-    DownloadRequest, EvalReport, FailureReport, Heartbeat, HeartbeatReply, JoinRequest, JoinResponse,
-    PhaseName, StatusReport, Task, UploadItem, UploadReceipt,
+    DownloadRequest, EvalReport, FailureCode, FailureReport, Heartbeat, HeartbeatReply, JoinRequest,
+    JoinResponse, PhaseName, StatusReport, Task, UploadItem, UploadReceipt,
 };
 use fedtune_tests::fixtures::{quick_settings, write_fake_model};
 use fedtune_tests::grpc::{f32_bytes, InProcess, TestClient};
@@ -578,5 +579,112 @@ fn simulate_reports_epsilon_per_round_and_stops_at_the_budget() -> Result<()> {
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(out.join("metrics.json"))?)?;
     assert_eq!(rows[0]["privacy"], "no privacy guarantee");
     assert!(rows[0]["epsilon"].is_null());
+    Ok(())
+}
+
+/// How each client's slot of round 1 (attempt 0) ended, from the coordinator's state database.
+fn round_one_outcomes(state: &Path) -> Result<Vec<(String, ParticipantOutcome)>> {
+    use fedtune_coordinator::storage::{participant_outcomes, Storage};
+    let storage = Storage::open_existing(state)?;
+    let rows = storage.call_sync(|c| participant_outcomes(c, fedtune_shared::ids::RoundId::new(1, 0)))?;
+    Ok(rows.into_iter().map(|(c, o)| (c.to_string(), o)).collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_refuses_a_task_below_its_privacy_floor_and_the_coordinator_records_the_refusal() -> Result<()>
+{
+    use fedtune_client::privacy_floor::{PrivacyFloor, RequiredPrivacy};
+    let dir = tempfile::tempdir()?;
+    let model = write_fake_model(&dir.path().join("model"), 2, 8)?;
+    let state = dir.path().join("state");
+    // Central noise at z = 0.8; both sites are drawn, one good update is enough for the round.
+    let mut settings = quick_settings(&state, &model, 1, 2, 1);
+    settings.rounds.min_available = 2;
+    settings.evaluation.every = 0;
+    settings.privacy = privacy(DpMode::Central, 0.8, 1.0);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let stop = CancellationToken::new();
+    fedtune_tests::identities::register(&url, &state);
+    let server = tokio::spawn(fedtune_coordinator::run(settings, listener, stop.clone()));
+
+    // site-1 asks for local noise (a weaker task than asked: refused); site-2 asks for central
+    // noise at z ≥ 0.8 (satisfied: trains).
+    let floors = [
+        ("site-1", PrivacyFloor { require: RequiredPrivacy::Local, min_noise_multiplier: 0.0 }),
+        ("site-2", PrivacyFloor { require: RequiredPrivacy::Central, min_noise_multiplier: 0.8 }),
+    ];
+    let mut agents = Vec::new();
+    for (seed, (name, floor)) in (1u64..).zip(floors) {
+        let key = fedtune_tests::identities::key_for(&url, name)?;
+        let api = GrpcCoordinator::connect_lazy(&ConnectOptions::new(url.clone()))?.with_identity(key, None);
+        let config = AgentConfig {
+            name: Some(ClientId::parse(name)?),
+            train_examples: 10,
+            eval_examples: 10,
+            privacy_floor: floor,
+            poll_wait: Duration::from_secs(2),
+            ..AgentConfig::default()
+        };
+        agents
+            .push(tokio::spawn(Agent::new(api, config, factory(fake(seed)), CancellationToken::new()).run()));
+    }
+    let mut stats = Vec::new();
+    for agent in agents {
+        let outcome = tokio::time::timeout(Duration::from_secs(60), agent).await???;
+        assert!(matches!(outcome.reason, ExitReason::Finished { .. }), "{outcome:?}");
+        stats.push(outcome.stats);
+    }
+    stop.cancel();
+    server.await??;
+
+    assert_eq!((stats[0].fits, stats[0].bytes_downloaded, stats[0].tasks_dropped), (0, 0, 1), "{stats:?}");
+    assert_eq!((stats[1].fits, stats[1].updates_accepted), (1, 1), "{stats:?}");
+    let outcomes = round_one_outcomes(&state)?;
+    let of = |name: &str| outcomes.iter().find(|(c, _)| c == name).map(|(_, o)| o.clone());
+    // A private task: the coordinator hears the stable code and nothing else.
+    let refusal = ParticipantOutcome::Failed(FailureCode::RefusedPrivacyFloor.as_str().into());
+    assert_eq!(of("site-1"), Some(refusal), "{outcomes:?}");
+    assert_eq!(of("site-2"), Some(ParticipantOutcome::Accepted), "{outcomes:?}");
+    Ok(())
+}
+
+/// One round of central DP with one agent and evaluation after every round as configured;
+/// returns how many evaluations the agent reported.
+async fn evaluations_under_dp(dir: &Path, enabled_under_dp: bool) -> Result<u64> {
+    let model = write_fake_model(&dir.join("model"), 2, 8)?;
+    let state = dir.join("state");
+    let mut settings = quick_settings(&state, &model, 1, 1, 1);
+    assert_eq!(settings.evaluation.every, 1);
+    settings.evaluation.enabled_under_dp = enabled_under_dp;
+    settings.privacy = privacy(DpMode::Central, 1.0, 1.0);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let stop = CancellationToken::new();
+    fedtune_tests::identities::register(&url, &state);
+    let server = tokio::spawn(fedtune_coordinator::run(settings, listener, stop.clone()));
+    let key = fedtune_tests::identities::key_for(&url, "site-1")?;
+    let api = GrpcCoordinator::connect_lazy(&ConnectOptions::new(url.clone()))?.with_identity(key, None);
+    let config = AgentConfig {
+        name: Some(ClientId::parse("site-1")?),
+        train_examples: 10,
+        eval_examples: 10,
+        poll_wait: Duration::from_secs(2),
+        ..AgentConfig::default()
+    };
+    let agent = Agent::new(api, config, factory(fake(1)), CancellationToken::new()).run();
+    let outcome = tokio::time::timeout(Duration::from_secs(60), agent).await??;
+    assert!(matches!(outcome.reason, ExitReason::Finished { .. }), "{outcome:?}");
+    assert_eq!(outcome.stats.updates_accepted, 1, "{outcome:?}");
+    stop.cancel();
+    server.await??;
+    Ok(outcome.stats.evaluations)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_dp_clients_evaluate_only_when_the_operator_asks_for_it() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    assert_eq!(evaluations_under_dp(&dir.path().join("default"), false).await?, 0);
+    assert_eq!(evaluations_under_dp(&dir.path().join("asked"), true).await?, 1);
     Ok(())
 }

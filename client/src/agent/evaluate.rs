@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use fedtune_shared::params::ParameterVector;
-use fedtune_shared::round::{ClientActivity, EvalReport, EvaluateTask};
+use fedtune_shared::round::{ClientActivity, EvalReport, EvaluateTask, FailureCode};
 use tokio::time::Instant;
 
 use super::heartbeat::supervise;
@@ -29,11 +29,16 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
         let eval = match outcome {
             Ok(eval) if eval.num_examples > 0 => eval,
             Ok(_) => {
-                self.report_failure(&work, "no held-out examples to evaluate on".into()).await;
+                self.report_failure(
+                    &work,
+                    FailureCode::EvaluationFailed,
+                    "no held-out examples to evaluate on",
+                )
+                .await;
                 return Ok(State::Idle);
             }
             Err(e) => {
-                self.report_failure(&work, format!("evaluation failed: {e}")).await;
+                self.report_failure(&work, FailureCode::EvaluationFailed, &e.to_string()).await;
                 return Ok(State::Idle);
             }
         };

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use fedtune_shared::params::ParameterVector;
-use fedtune_shared::round::{ClientActivity, FitTask};
+use fedtune_shared::round::{ClientActivity, FailureCode, FitTask};
 use tokio::time::Instant;
 
 use super::heartbeat::supervise;
@@ -49,7 +49,7 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
         let pipeline = match self.pipelines.build(&context) {
             Ok(p) => p,
             Err(e) => {
-                self.report_failure(&work, e.to_string()).await;
+                self.report_failure(&work, e.failure_code(), &e.to_string()).await;
                 return Ok(State::Idle);
             }
         };
@@ -78,11 +78,11 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
                 Ok(State::Uploading(pending))
             }
             Err(JobError::Trainer(e)) => {
-                self.report_failure(&work, format!("local training failed: {e}")).await;
+                self.report_failure(&work, FailureCode::TrainingFailed, &e.to_string()).await;
                 Ok(State::Idle)
             }
             Err(JobError::Update(e)) => {
-                self.report_failure(&work, format!("update refused locally: {e}")).await;
+                self.report_failure(&work, e.failure_code(), &e.to_string()).await;
                 Ok(State::Idle)
             }
         }

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedtune_shared::round::{ClientActivity, Heartbeat};
+use fedtune_shared::round::{ClientActivity, FailureCode, Heartbeat};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -129,7 +129,12 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
             }
             Stop::DeadlinePassed => {
                 if let Some(work) = state.work() {
-                    self.report_failure(&work, "deadline passed before the task was done".into()).await;
+                    self.report_failure(
+                        &work,
+                        FailureCode::DeadlinePassed,
+                        "deadline passed before the task was done",
+                    )
+                    .await;
                 }
                 State::Idle
             }

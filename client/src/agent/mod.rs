@@ -39,12 +39,13 @@ use std::time::Duration;
 
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId};
 use fedtune_shared::params::{Manifest, ParameterVector};
-use fedtune_shared::round::{EvaluateTask, FailureReport, FitTask, TaskKind};
+use fedtune_shared::round::{EvaluateTask, FailureCode, FailureReport, FitTask, PrivacyMode, TaskKind};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::local_trainer::{LocalTrainer, TrainerError};
+use crate::privacy_floor::PrivacyFloor;
 use crate::transport::{ApiError, CoordinatorApi};
 use crate::update::privacy::DpPipelines;
 use crate::update::PipelineFactory;
@@ -79,10 +80,13 @@ pub type TrainerFactory =
 pub struct AgentConfig {
     /// Name to join under; `None` lets the coordinator assign one.
     pub name: Option<ClientId>,
-    /// Training examples held locally (sent at join, informational).
+    /// Training examples held locally (sent at join, informational; only 0 or 1 when the
+    /// floor expects privacy, see [`AgentConfig::join_counts`]).
     pub train_examples: u64,
     /// Held-out examples (0 = this client cannot evaluate).
     pub eval_examples: u64,
+    /// The weakest fit task this site trains for; weaker ones are refused and reported.
+    pub privacy_floor: PrivacyFloor,
     /// Longest single long-poll for work.
     pub poll_wait: Duration,
     /// Retry schedule while the coordinator is unreachable or busy.
@@ -100,12 +104,26 @@ pub struct AgentConfig {
     pub agent_version: String,
 }
 
+impl AgentConfig {
+    /// The `(train, eval)` example counts to send at join. A site that expects differential
+    /// privacy sends only whether it has examples (0 or 1): a real count is a statistic of its
+    /// data that no noise protects, and the coordinator needs no more than "can evaluate".
+    pub fn join_counts(&self) -> (u64, u64) {
+        if self.privacy_floor.expects_privacy() {
+            (self.train_examples.min(1), self.eval_examples.min(1))
+        } else {
+            (self.train_examples, self.eval_examples)
+        }
+    }
+}
+
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             name: None,
             train_examples: 0,
             eval_examples: 0,
+            privacy_floor: PrivacyFloor::default(),
             poll_wait: Duration::from_secs(20),
             backoff: BackoffPolicy::default(),
             give_up_after: None,
@@ -207,6 +225,14 @@ impl Work {
     fn deadline(&self) -> Instant {
         match self {
             Work::Fit { deadline, .. } | Work::Evaluate { deadline, .. } => *deadline,
+        }
+    }
+
+    /// Whether the task is under differential privacy (then a failure says its code only).
+    fn private(&self) -> bool {
+        match self {
+            Work::Fit { task, .. } => task.privacy.mode != PrivacyMode::None,
+            Work::Evaluate { .. } => false,
         }
     }
 
@@ -425,7 +451,7 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
             }
             other => {
                 if let Some(work) = work {
-                    self.report_failure(work, other.to_string()).await;
+                    self.report_failure(work, FailureCode::TransportFailed, &other.to_string()).await;
                 } else {
                     tracing::warn!(error = %other, "coordinator refused a request");
                 }
@@ -435,10 +461,14 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
     }
 
     /// Tells the coordinator we give up `work`, so the round need not wait for us. Best effort.
-    async fn report_failure(&mut self, work: &Work, reason: String) {
+    /// `detail` goes to the local log; the coordinator hears it only for a task without
+    /// differential privacy on a site whose floor does not expect privacy, and the bare `code`
+    /// otherwise (detail may be computed from local data: a value, its index, a loss).
+    async fn report_failure(&mut self, work: &Work, code: FailureCode, detail: &str) {
         self.stats.tasks_dropped += 1;
-        tracing::warn!(round = work.round(), %reason, "giving up the task");
-        let report = work.failure(reason);
+        tracing::warn!(round = work.round(), %code, %detail, "giving up the task");
+        let private = work.private() || self.config.privacy_floor.expects_privacy();
+        let report = work.failure(code.reason(private, detail));
         match tokio::time::timeout(Duration::from_secs(5), self.api.report_failure(report)).await {
             Ok(Ok(())) => self.contact(),
             Ok(Err(e)) => tracing::debug!(error = %e, "could not report the failure"),
@@ -449,7 +479,7 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
     /// Leaves `state` because of shutdown: reports the task it was working on, if any.
     async fn abandon(&mut self, state: State, reason: &str) -> State {
         if let (Some(work), Some(_)) = (state.work(), &self.session) {
-            self.report_failure(&work, reason.to_string()).await;
+            self.report_failure(&work, FailureCode::ClientShutdown, reason).await;
         }
         match state {
             State::Shutdown(reason) => State::Shutdown(reason),

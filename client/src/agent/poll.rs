@@ -1,6 +1,6 @@
 //! Idle: long-poll the coordinator for work.
 
-use fedtune_shared::round::Task;
+use fedtune_shared::round::{FailureCode, Task};
 use tokio::time::Instant;
 
 use super::{Agent, AgentError, ExitReason, Pending, State, Work};
@@ -36,6 +36,14 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
             Task::Fit(task) => {
                 let deadline = Instant::now() + task.deadline_in;
                 tracing::info!(round = %task.id, model = %task.model.version, deadline_in = ?task.deadline_in, "fit task");
+                // Before anything is downloaded or trained: a task below the site's floor is
+                // refused, and the coordinator is told so (never a silent downgrade).
+                if let Err(below) = self.config.privacy_floor.check(&task.privacy) {
+                    tracing::error!(round = %task.id, reason = %below, "refusing a fit task below this site's privacy floor");
+                    let work = Work::Fit { task, deadline };
+                    self.report_failure(&work, FailureCode::RefusedPrivacyFloor, &below.to_string()).await;
+                    return Ok(State::Idle);
+                }
                 // The same task handed out again (after a lost reply or a coordinator restart):
                 // the update we already prepared is still the right answer.
                 match self.pending.take() {

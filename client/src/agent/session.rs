@@ -29,12 +29,13 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
     /// Joins; on the first join also builds the trainer and checks that it trains exactly the
     /// tensors the coordinator expects.
     pub(super) async fn connect(&mut self) -> Result<State, AgentError> {
+        let (train_examples, eval_examples) = self.config.join_counts();
         let request = JoinRequest {
             protocol_version: PROTOCOL_VERSION,
             name: self.session.as_ref().map(|s| s.client_id.clone()).or_else(|| self.config.name.clone()),
             public_key: None,
-            train_examples: self.config.train_examples,
-            eval_examples: self.config.eval_examples,
+            train_examples,
+            eval_examples,
             agent_version: self.config.agent_version.clone(),
         };
         let joined = match self.api.join(request).await {

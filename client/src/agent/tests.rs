@@ -17,6 +17,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 
 use super::*;
 use crate::fake_trainer::{FakeTrainer, FakeTrainerConfig};
+use crate::privacy_floor::RequiredPrivacy;
 use crate::transport::DownloadStream;
 
 fn manifest() -> Manifest {
@@ -104,8 +105,9 @@ impl Scripted {
 }
 
 impl CoordinatorApi for Arc<Scripted> {
-    async fn join(&self, _request: JoinRequest) -> Result<JoinResponse, ApiError> {
+    async fn join(&self, request: JoinRequest) -> Result<JoinResponse, ApiError> {
         self.note("join");
+        self.note(format!("counts {} {}", request.train_examples, request.eval_examples));
         let max_abs_update_value = {
             let mut f = self.faults.lock().unwrap();
             if f.refused_joins > 0 {
@@ -360,7 +362,41 @@ async fn a_task_asking_for_privacy_this_agent_cannot_provide_is_refused_not_sent
     let outcome = run(&c).await;
     assert_eq!(outcome.stats.fits, 0);
     assert!(c.uploads.lock().unwrap().is_empty());
-    assert_eq!(c.calls("failure unsupported"), 1, "{:?}", c.log.lock().unwrap());
+    // A private task: the coordinator hears the code alone.
+    assert_eq!(c.calls("failure update_refused"), 1, "{:?}", c.log.lock().unwrap());
+    assert_eq!(c.calls("failure update_refused:"), 0, "{:?}", c.log.lock().unwrap());
+}
+
+#[tokio::test]
+async fn a_task_below_the_privacy_floor_is_refused_before_download_and_reported_as_a_refusal() {
+    let c = Arc::new(Scripted::new(vec![], Faults::default()));
+    let model = model_ref(0, &c.weights);
+    let Task::Fit(mut task) = fit_task(1, model) else { unreachable!() };
+    // Central noise at z = 0.5 where the site asks for local noise at z ≥ 1.
+    task.privacy = PrivacyInstructions {
+        mode: PrivacyMode::Central,
+        clip_norm: 1.0,
+        noise_multiplier: 0.5,
+        ..PrivacyInstructions::NONE
+    };
+    c.tasks.lock().unwrap().push_back(Task::Fit(task));
+    let floor = PrivacyFloor { require: RequiredPrivacy::Local, min_noise_multiplier: 1.0 };
+    let cfg = AgentConfig { privacy_floor: floor, ..config() };
+    let outcome =
+        Agent::new(Arc::clone(&c), cfg, fake_factory(1), CancellationToken::new()).run().await.unwrap();
+    let log = c.log.lock().unwrap().clone();
+    assert_eq!((outcome.stats.fits, outcome.stats.tasks_dropped), (0, 1), "{log:?}");
+    assert_eq!(c.calls("download"), 0, "{log:?}");
+    assert!(log.contains(&"failure refused_privacy_floor".to_string()), "{log:?}");
+    // A site that expects privacy says only that it has examples, not how many.
+    assert!(log.contains(&"counts 1 1".to_string()), "{log:?}");
+}
+
+#[tokio::test]
+async fn without_a_floor_the_join_sends_the_example_counts() {
+    let c = Arc::new(Scripted::new(vec![], Faults::default()));
+    run(&c).await;
+    assert_eq!(c.calls("counts 100 20"), 1, "{:?}", c.log.lock().unwrap());
 }
 
 #[tokio::test]
@@ -374,7 +410,8 @@ async fn an_update_beyond_the_bound_the_coordinator_advertised_is_refused_before
     let outcome = run(&c).await;
     assert!(matches!(outcome.reason, ExitReason::Finished { .. }), "{outcome:?}");
     assert!(c.uploads.lock().unwrap().is_empty(), "nothing is streamed");
-    assert_eq!(c.calls("failure update refused locally"), 1, "{:?}", c.log.lock().unwrap());
+    // No DP: the detail travels with the code.
+    assert_eq!(c.calls("failure update_out_of_range: "), 1, "{:?}", c.log.lock().unwrap());
 }
 
 #[tokio::test(start_paused = true)]

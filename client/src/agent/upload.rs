@@ -12,7 +12,7 @@ use bytes::Bytes;
 use fedtune_shared::chunk::{chunk_ranges, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 use fedtune_shared::ids::Sha256;
 use fedtune_shared::round::{
-    Chunk, ClientActivity, FitTask, PrivacyMode, UpdateHeader, UpdateTrailer, UploadItem,
+    Chunk, ClientActivity, FailureCode, FitTask, PrivacyMode, UpdateHeader, UpdateTrailer, UploadItem,
 };
 use futures::stream::{self, BoxStream, StreamExt};
 use tokio::time::Instant;
@@ -84,7 +84,8 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
         let work = Work::Fit { task: pending.task.clone(), deadline: pending.deadline };
         if pending.result.update.num_examples == 0 {
             self.pending = None;
-            self.report_failure(&work, "no training examples behind the update".into()).await;
+            self.report_failure(&work, FailureCode::TrainingFailed, "no training examples behind the update")
+                .await;
             return Ok(State::Idle);
         }
         let chunk = session.limits.chunk_bytes() as usize;

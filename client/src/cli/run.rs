@@ -12,6 +12,7 @@ use fedtune_shared::crypto::EnrollmentToken;
 use fedtune_shared::settings::{format_duration, parse_duration, SettingsError};
 
 use crate::device::{DeviceChoice, PrecisionChoice};
+use crate::privacy_floor::RequiredPrivacy;
 use crate::settings::ClientSettings;
 
 /// `fedtune-client run`.
@@ -81,6 +82,14 @@ pub struct RunArgs {
     /// Upload pacing in bytes per second (default: unpaced) [agent.upload_rate_limit].
     #[arg(long, value_name = "BYTES_PER_SEC")]
     pub upload_rate_limit: Option<u64>,
+    /// Refuse fit tasks weaker than this: none, central (central or distributed noise) or local
+    /// (noise added here, private against the coordinator too) [privacy.require].
+    #[arg(long, value_name = "MODE")]
+    pub require_privacy: Option<RequiredPrivacy>,
+    /// Refuse fit tasks whose noise multiplier is below Z (local: the noise this site adds;
+    /// central/distributed: what the coordinator declares it accounts) [privacy.min_noise_multiplier].
+    #[arg(long, value_name = "Z")]
+    pub min_noise_multiplier: Option<f64>,
     /// CA certificate (PEM) to trust for an https coordinator [coordinator.tls_ca].
     #[arg(long, visible_alias = "ca", value_name = "PEM")]
     pub tls_ca: Option<PathBuf>,
@@ -193,6 +202,12 @@ impl RunArgs {
             ("agent.give_up_after", "--give-up-after", self.give_up_after.as_ref().map(duration)),
             ("agent.max_backoff", "--max-backoff", self.max_backoff.as_ref().map(duration)),
             ("agent.upload_rate_limit", "--upload-rate-limit", self.upload_rate_limit.map(int)),
+            ("privacy.require", "--require-privacy", self.require_privacy.map(|r| text(&r.to_string()))),
+            (
+                "privacy.min_noise_multiplier",
+                "--min-noise-multiplier",
+                self.min_noise_multiplier.map(Value::Float),
+            ),
         ];
         #[cfg(feature = "test-support")]
         let out = {
@@ -256,6 +271,29 @@ mod tests {
         let err = parse(&[&REQUIRED[..], &["--poll-wait", "0s"]].concat()).settings(env()).unwrap_err();
         let err = err.to_string();
         assert!(err.contains("agent.poll_wait") && err.contains("--poll-wait"), "{err}");
+    }
+
+    #[test]
+    fn the_privacy_floor_flags_set_the_privacy_keys_and_a_negative_minimum_is_refused() {
+        let s = parse(&REQUIRED).settings(Vec::new()).unwrap();
+        assert_eq!(s.privacy.floor(), crate::privacy_floor::PrivacyFloor::default());
+        let args = parse(
+            &[&REQUIRED[..], &["--require-privacy", "local", "--min-noise-multiplier", "1.5"]].concat(),
+        );
+        let s = args.settings(Vec::new()).unwrap();
+        assert_eq!((s.privacy.require, s.privacy.min_noise_multiplier), (RequiredPrivacy::Local, 1.5));
+        let env = vec![("FEDTUNE_CLIENT__PRIVACY__REQUIRE".to_string(), "central".to_string())];
+        assert_eq!(parse(&REQUIRED).settings(env).unwrap().privacy.require, RequiredPrivacy::Central);
+        let err = parse(&[&REQUIRED[..], &["--min-noise-multiplier=-1"]].concat())
+            .settings(Vec::new())
+            .unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("privacy.min_noise_multiplier") && err.contains("--min-noise-multiplier"),
+            "{err}"
+        );
+        let cli = ["fedtune-client", "run", "--require-privacy", "distributed"];
+        assert!(Cli::try_parse_from(cli).is_err(), "distributed is a task mode, not a floor");
     }
 
     #[test]

@@ -6,9 +6,15 @@
 //! | mode          | stages                               |
 //! |---------------|--------------------------------------|
 //! | `None`        | range check                          |
-//! | `Central`     | range check → clip                   |
-//! | `Local`       | range check → clip → noise (full σ)  |
-//! | `Distributed` | range check → clip → noise (share σ) |
+//! | `Central`     | clip → range check                   |
+//! | `Local`       | clip → noise (full σ) → range check  |
+//! | `Distributed` | clip → noise (share σ) → range check |
+//!
+//! The range check comes last under DP: whether it passes is visible to the coordinator (a
+//! failure report, a missing update), so it must see only what the mechanism protects. A raw
+//! delta with one huge coordinate is clipped like any other; the check then only catches what
+//! clipping cannot fix (NaN, or a bound `C` beyond the coordinator's value range), and the
+//! coordinator hears `update_out_of_range`, never the value or its index.
 //!
 //! The clip stage scales the whole update (or each tensor, with equal shares of `C²`) so that its
 //! L2 norm is at most `C` for the values actually sent ([`clip_l2`] checks the f32 result). Under
@@ -30,7 +36,9 @@ use fedtune_shared::privacy::{
 };
 use fedtune_shared::round::{PrivacyInstructions, PrivacyMode};
 
-use super::{PipelineFactory, PreparedUpdate, TaskContext, UpdateError, UpdatePipeline, UpdateStage};
+use super::{
+    CheckRange, PipelineFactory, PreparedUpdate, TaskContext, UpdateError, UpdatePipeline, UpdateStage,
+};
 
 pub use fedtune_shared::privacy::CLIP_INDICATOR_METRIC;
 
@@ -146,8 +154,8 @@ impl UpdateStage for NoiseStage {
 pub struct DpPipelines;
 
 impl DpPipelines {
-    /// The stages for `privacy` with noise from `source`, after a range check against
-    /// ±`max_abs_update_value` (the coordinator's bound).
+    /// The stages for `privacy` with noise from `source`, then a range check against
+    /// ±`max_abs_update_value` (the coordinator's bound) on the privatized update.
     pub fn stages(
         privacy: &PrivacyInstructions,
         max_abs_update_value: f32,
@@ -161,9 +169,10 @@ impl DpPipelines {
         if p.report_clip_indicator {
             clip = clip.with_indicator(p.indicator_noise_stddev, Arc::clone(&source));
         }
-        let pipeline = UpdatePipeline::checked(max_abs_update_value).with_stage(clip);
+        let pipeline = UpdatePipeline::new(vec![]).with_stage(clip);
+        let check = CheckRange::after_privacy(max_abs_update_value);
         match p.mode {
-            PrivacyMode::Central => Ok(pipeline),
+            PrivacyMode::Central => Ok(pipeline.with_stage(check)),
             PrivacyMode::Local | PrivacyMode::Distributed => {
                 if !(p.noise_stddev.is_finite() && p.noise_stddev > 0.0) {
                     return Err(UpdateError::Unsupported(format!(
@@ -171,7 +180,9 @@ impl DpPipelines {
                         p.mode, p.noise_stddev
                     )));
                 }
-                Ok(pipeline.with_stage(NoiseStage::new(p.noise_stddev, p.grid_log2, p.clip_norm, source)))
+                Ok(pipeline
+                    .with_stage(NoiseStage::new(p.noise_stddev, p.grid_log2, p.clip_norm, source))
+                    .with_stage(check))
             }
             PrivacyMode::None => Ok(UpdatePipeline::checked(max_abs_update_value)),
         }
@@ -223,9 +234,9 @@ mod tests {
         let names =
             |mode, sigma| DpPipelines.build(&context(instructions(mode, sigma))).unwrap().stage_names();
         assert_eq!(names(PrivacyMode::None, 0.0), vec!["range"]);
-        assert_eq!(names(PrivacyMode::Central, 0.0), vec!["range", "clip"]);
-        assert_eq!(names(PrivacyMode::Local, 0.5), vec!["range", "clip", "noise"]);
-        assert_eq!(names(PrivacyMode::Distributed, 0.1), vec!["range", "clip", "noise"]);
+        assert_eq!(names(PrivacyMode::Central, 0.0), vec!["clip", "range"]);
+        assert_eq!(names(PrivacyMode::Local, 0.5), vec!["clip", "noise", "range"]);
+        assert_eq!(names(PrivacyMode::Distributed, 0.1), vec!["clip", "noise", "range"]);
         assert!(DpPipelines.build(&context(instructions(PrivacyMode::Local, 0.0))).is_err());
     }
 
@@ -238,6 +249,24 @@ mod tests {
         assert!(out.delta.l2_norm() > 0.999, "clipping keeps the update on the ball, not inside it");
         assert_eq!(out.num_examples, 1);
         assert!(out.metrics.is_empty(), "{:?}", out.metrics);
+    }
+
+    #[test]
+    fn under_dp_a_huge_raw_value_is_clipped_before_the_range_check_and_a_failure_names_no_value() {
+        let (global, mut local) = vectors(10, 0.0);
+        local.values_mut()[3] = 5000.0;
+        // Clipped to norm 1 first: the raw value never meets the range check.
+        let mut central = DpPipelines.build(&context(instructions(PrivacyMode::Central, 0.0))).unwrap();
+        let out = central.prepare(1, &global, &local, 1).unwrap();
+        assert!(l2_norm_upper_bound(out.delta.values()) <= 1.0);
+        // What clipping cannot fix (a bound C beyond the coordinator's value range) is refused,
+        // and the coordinator hears the code alone.
+        local.values_mut()[3] = 600.0;
+        let wide = PrivacyInstructions { clip_norm: 1000.0, ..instructions(PrivacyMode::Central, 0.0) };
+        let err = DpPipelines.build(&context(wide)).unwrap().prepare(1, &global, &local, 1).unwrap_err();
+        assert_eq!(err.failure_code(), fedtune_shared::round::FailureCode::UpdateOutOfRange, "{err}");
+        assert!(err.to_string().contains("600"), "the site's own log keeps the detail: {err}");
+        assert_eq!(err.failure_code().reason(true, &err.to_string()), "update_out_of_range");
     }
 
     #[test]

@@ -308,8 +308,15 @@ impl Shared {
                 ClientId::parse(&format!("c-{}", hex::encode(bytes))).expect("hex ids are valid")
             }
         };
-        self.registry.join(&id, join.public_key, join.train_examples, join.eval_examples, now)?;
-        let (c, key, tr, ev) = (id.clone(), join.public_key, join.train_examples, join.eval_examples);
+        // Under DP a client's example counts are statistics of its data that no noise protects:
+        // keep only whether it has examples (an older or careless client may still send them).
+        let (tr, ev) = if self.settings.privacy.enabled() {
+            (join.train_examples.min(1), join.eval_examples.min(1))
+        } else {
+            (join.train_examples, join.eval_examples)
+        };
+        self.registry.join(&id, join.public_key, tr, ev, now)?;
+        let (c, key) = (id.clone(), join.public_key);
         self.storage.call(move |conn| storage::upsert_client(conn, &c, key, tr, ev)).await?;
         info!(client = %id, train_examples = tr, eval_examples = ev, "client joined");
         Ok(Joined { client_id: id })

@@ -489,6 +489,27 @@ pub fn sampled_clients(
     Ok(out)
 }
 
+/// How each participant's slot of an attempt ended, by client id (operators' audit; tests).
+pub fn participant_outcomes(
+    conn: &Connection,
+    id: RoundId,
+) -> Result<Vec<(ClientId, ParticipantOutcome)>, StorageError> {
+    let mut stmt = conn.prepare(
+        "SELECT client_id, outcome FROM round_clients WHERE round = ?1 AND attempt = ?2 ORDER BY client_id",
+    )?;
+    let rows = stmt.query_map(params![id.round as i64, id.attempt], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (c, outcome) = row?;
+        if let (Ok(c), Ok(outcome)) = (ClientId::parse(&c), outcome.parse()) {
+            out.push((c, outcome));
+        }
+    }
+    Ok(out)
+}
+
 fn insert_outcomes(conn: &Connection, id: RoundId, outcomes: &[ClientOutcome]) -> Result<(), StorageError> {
     let mut stmt = conn.prepare(
         "INSERT OR REPLACE INTO round_clients (round, attempt, client_id, outcome, num_examples, metrics) \

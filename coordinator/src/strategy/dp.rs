@@ -273,13 +273,23 @@ impl DpStrategy {
     }
 
     /// `q` and `n̄` of a draw of `selected` out of `candidates`.
+    ///
+    /// `n̄` (the averaging denominator, and the number of noise shares under distributed noise)
+    /// is a public bound: `privacy.expected_clients`, else what the configured scheme asks for
+    /// of the (public) candidate count, never the realised size of the sample, which one
+    /// client's presence changes.
     fn rate_and_denominator(&self, candidates: usize, selected: usize) -> (f64, f64) {
         let (q, n) = match (&self.sampling_settings, self.sampling) {
             (SamplingSettings::Poisson { rate }, _) => (*rate, rate * candidates as f64),
-            (_, SamplingScheme::Full) => (1.0, selected as f64),
-            _ => {
+            (_, SamplingScheme::Full) => (1.0, candidates as f64),
+            (configured, _) => {
                 let q = if candidates == 0 { 1.0 } else { (selected as f64 / candidates as f64).min(1.0) };
-                (q, selected as f64)
+                let n = match configured {
+                    SamplingSettings::Fixed { count } => *count as f64,
+                    SamplingSettings::Fraction { fraction } => (fraction * candidates as f64).ceil(),
+                    SamplingSettings::Poisson { rate } => rate * candidates as f64,
+                };
+                (q, n)
             }
         };
         (q.max(f64::MIN_POSITIVE), self.expected_override.unwrap_or(n).max(1.0))
@@ -397,6 +407,8 @@ impl Strategy for DpStrategy {
                 _ => 0.0,
             },
             per_layer_clipping: self.per_layer,
+            // What the round is accounted with, so a site can refuse a round below its floor.
+            noise_multiplier: self.noise_multiplier,
         };
         let dp = DpRound {
             sampling_rate: q,
@@ -505,6 +517,16 @@ impl Strategy for DpStrategy {
         };
         // ε after this round, on a copy: the accountant itself composes the round in `charge`.
         let entry = self.accountant.clone().record(entry).map_err(state)?;
+        // `configure_fit` checked the budget with the nominal z; dropouts under distributed
+        // noise lower the z recorded here, so check again with it, before anything is released.
+        if let Some(target) = self.target_epsilon.filter(|t| entry.epsilon_after > *t) {
+            let reason = format!(
+                "privacy budget exhausted: round {} would bring ε to {:.4} with the noise multiplier {accounted:.4}                  of the {reported} updates that arrived, above privacy.target_epsilon = {target}; nothing of it                  is published",
+                id.round, entry.epsilon_after
+            );
+            warn!(%reason, "round refused after aggregation");
+            return Err(StrategyError::Exhausted(reason));
+        }
         let record =
             LedgerRecord { entry, expected_clients: plan.expected_clients, next_clip_norm: next_clip };
         let next = self.inner.aggregate_fit(round, global, results, failures)?;
@@ -671,6 +693,16 @@ mod tests {
 
     fn manifest() -> Manifest {
         Manifest::new(vec![TensorSpec { name: "w".into(), shape: vec![DIM] }]).unwrap()
+    }
+
+    #[test]
+    fn the_denominator_is_the_configured_bound_not_the_realised_sample_size() {
+        // Five clients asked for, three live: n̄ stays 5 (one client's presence moves `selected`).
+        let fixed = dp(&settings(DpMode::Central, SamplingSettings::Fixed { count: 5 }, None));
+        assert_eq!(fixed.rate_and_denominator(3, 3).1, 5.0);
+        assert_eq!(fixed.rate_and_denominator(10, 5).1, 5.0);
+        let poisson = dp(&settings(DpMode::Central, SamplingSettings::Poisson { rate: 0.5 }, None));
+        assert_eq!(poisson.rate_and_denominator(10, 7).1, 5.0);
     }
 
     fn base() -> FitInstructions {

@@ -91,6 +91,9 @@ impl TryFrom<pb::PrivacyInstructions> for PrivacyInstructions {
         if !(p.indicator_noise_stddev.is_finite() && p.indicator_noise_stddev >= 0.0) {
             return Err(invalid("privacy.indicator_noise_stddev", "must be finite and non-negative"));
         }
+        if !(p.noise_multiplier.is_finite() && p.noise_multiplier >= 0.0) {
+            return Err(invalid("privacy.noise_multiplier", "must be finite and non-negative"));
+        }
         Ok(PrivacyInstructions {
             mode,
             clip_norm: p.clip_norm,
@@ -99,6 +102,7 @@ impl TryFrom<pb::PrivacyInstructions> for PrivacyInstructions {
             report_clip_indicator: p.report_clip_indicator,
             indicator_noise_stddev: p.indicator_noise_stddev,
             per_layer_clipping: p.per_layer_clipping,
+            noise_multiplier: p.noise_multiplier,
         })
     }
 }
@@ -119,6 +123,7 @@ impl From<PrivacyInstructions> for pb::PrivacyInstructions {
             report_clip_indicator: p.report_clip_indicator,
             indicator_noise_stddev: p.indicator_noise_stddev,
             per_layer_clipping: p.per_layer_clipping,
+            noise_multiplier: p.noise_multiplier,
         }
     }
 }

@@ -20,6 +20,19 @@ use super::noise::NoisePlacement;
 /// client's update pipeline writes it, the coordinator's adaptive clipping sums it.
 pub const CLIP_INDICATOR_METRIC: &str = "dp_clip_indicator";
 
+/// The per-client upload metrics that are part of the DP mechanism: the (noised) clipping
+/// indicator, and nothing else. Under DP the coordinator keeps only these, so a client that
+/// sends a loss or a pre-clip norm anyway does not get it stored, summed or shown.
+pub fn mechanism_metrics(
+    metrics: &std::collections::BTreeMap<String, f64>,
+) -> std::collections::BTreeMap<String, f64> {
+    metrics
+        .iter()
+        .filter(|(k, _)| k.as_str() == CLIP_INDICATOR_METRIC)
+        .map(|(k, v)| (k.clone(), *v))
+        .collect()
+}
+
 use super::sampler::{FastDiscreteGaussian, NoiseSampler, NoiseSource};
 use super::PrivacyError;
 
@@ -144,6 +157,19 @@ impl AdaptiveClip {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_clipping_indicator_is_a_mechanism_metric() {
+        let sent = std::collections::BTreeMap::from([
+            (CLIP_INDICATOR_METRIC.to_string(), 0.5),
+            ("train_loss".to_string(), 0.1),
+            ("l2_norm".to_string(), 3.0),
+        ]);
+        assert_eq!(
+            mechanism_metrics(&sent).into_iter().collect::<Vec<_>>(),
+            vec![(CLIP_INDICATOR_METRIC.to_string(), 0.5)]
+        );
+    }
 
     #[test]
     fn splitting_and_combining_the_multiplier_round_trips() {

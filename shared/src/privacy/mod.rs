@@ -81,7 +81,7 @@ pub use accountant::{
     calibrate, calibrate_for, epsilon_for_rounds, epsilon_unamplified, Accountant, Adjacency,
     PrivacyLedgerEntry, SamplingScheme,
 };
-pub use adaptive::{AdaptiveClip, CLIP_INDICATOR_METRIC};
+pub use adaptive::{mechanism_metrics, AdaptiveClip, CLIP_INDICATOR_METRIC};
 pub use clip::{clip_l2, clip_per_layer, l2_norm_upper_bound, ClipReport, LayerBudget, PerLayerClipReport};
 pub use grid::{
     default_grid_log2, dequantize, dequantize_into, quantize, quantize_into, widened_sensitivity,

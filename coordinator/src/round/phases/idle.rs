@@ -28,7 +28,7 @@ impl Phase for Idle {
             if alive >= shared.settings.rounds.min_available {
                 let eval = &shared.settings.evaluation;
                 if eval.initial
-                    && eval.every > 0
+                    && shared.settings.evaluation_every() > 0
                     && !shared.initial_evaluated
                     && shared.model.version == ModelVersion(0)
                 {

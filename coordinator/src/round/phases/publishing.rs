@@ -108,8 +108,8 @@ impl Phase for Publishing {
         shared.publish_state();
         info!(%version, "published");
         prune(shared).await;
-        let eval = &shared.settings.evaluation;
-        if eval.every > 0 && version.0 % eval.every == 0 {
+        let every = shared.settings.evaluation_every();
+        if every > 0 && version.0 % every == 0 {
             Round::Evaluating(Evaluating::new(version))
         } else if shared.all_rounds_done() {
             Round::Finished(Finished::completed(shared))

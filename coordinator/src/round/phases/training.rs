@@ -312,7 +312,12 @@ impl Training {
                     client: client.clone(),
                     num_examples: pending.ticket.header.num_examples,
                     weight: pending.weighting.weight,
-                    metrics: pending.ticket.header.metrics.clone(),
+                    // Under DP only what the mechanism noises is kept (see `mechanism_metrics`).
+                    metrics: if shared.settings.privacy.enabled() {
+                        fedtune_shared::privacy::mechanism_metrics(&pending.ticket.header.metrics)
+                    } else {
+                        pending.ticket.header.metrics.clone()
+                    },
                 });
                 info!(client = %client, examples = pending.ticket.header.num_examples, "update folded");
                 let receipt = UploadReceipt { id: self.id, received_bytes: pending.staged.bytes() };
