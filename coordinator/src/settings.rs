@@ -34,6 +34,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fedtune_shared::chunk::{DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
+use fedtune_shared::limits::MAX_NUM_EXAMPLES;
 use fedtune_shared::settings::{duration, optional_duration, SettingsError};
 use serde::{Deserialize, Serialize};
 
@@ -93,6 +94,15 @@ pub struct ServerSettings {
     /// whatever the number of clients. Receiving is CPU-bound (hash, checks), so more than about
     /// twice the cores buys nothing.
     pub max_concurrent_uploads: usize,
+    /// Longest an upload stream may stay silent between two messages before it is closed with
+    /// DEADLINE_EXCEEDED, so a client that sends a header and then nothing cannot hold one of the
+    /// `max_concurrent_uploads` slots until the round's deadline.
+    #[serde(with = "duration")]
+    pub upload_idle_timeout: Duration,
+    /// Largest weight (`num_examples`) one update may claim. Each round also shares the
+    /// fixed-point bound on the total weight evenly among its participants, so one update can
+    /// never leave the others no room; an update above either cap is refused at its header.
+    pub max_update_weight: u64,
     /// Chunk size of downloads unless a client asks otherwise (1–4 MiB).
     pub download_chunk_bytes: usize,
     /// Capacity of the bounded request queue in front of the round actor.
@@ -112,6 +122,8 @@ impl Default for ServerSettings {
             listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
             long_poll: Duration::from_secs(20),
             max_concurrent_uploads: 4,
+            upload_idle_timeout: Duration::from_secs(30),
+            max_update_weight: 10_000_000,
             download_chunk_bytes: DEFAULT_CHUNK_BYTES,
             request_queue: 256,
             drain_grace: Duration::from_secs(30),
@@ -384,6 +396,15 @@ impl CoordinatorSettings {
         }
         if s.max_concurrent_uploads == 0 {
             return Err(SettingsError::invalid("server.max_concurrent_uploads", "must be at least 1"));
+        }
+        if s.upload_idle_timeout.is_zero() || s.upload_idle_timeout > Duration::from_secs(600) {
+            return Err(SettingsError::invalid("server.upload_idle_timeout", "must be between 1ms and 10m"));
+        }
+        if !(1..=MAX_NUM_EXAMPLES).contains(&s.max_update_weight) {
+            return Err(SettingsError::invalid(
+                "server.max_update_weight",
+                format!("must be between 1 and {MAX_NUM_EXAMPLES}"),
+            ));
         }
         if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&s.download_chunk_bytes) {
             return Err(SettingsError::invalid(

@@ -374,7 +374,7 @@ impl TestClient {
         chunks: usize,
     ) {
         let header = self.header(task, num_examples, payload.len() as u64);
-        let items = upload_items(&header, payload, 1024, Sha256::of(payload));
+        let items = upload_items(&header, payload, DEFAULT_CHUNK_BYTES, Sha256::of(payload));
         let (tx, rx) = mpsc::channel(1);
         let mut inner = self.inner.clone();
         let r = self.req(ReceiverStream::new(rx));

@@ -9,7 +9,9 @@
 //! - **Uploads** are checked at the header by the actor (which reserves the client's slot), then
 //!   streamed into a spool file on blocking threads (each chunk checked: order, size, finite,
 //!   range, digest), and handed to the actor for folding only once the trailer verified. The
-//!   number of uploads receiving at once is bounded by a semaphore. If the stream breaks off or
+//!   number of uploads receiving at once is bounded by a semaphore; waiting for it and receiving
+//!   both end at the round's deadline, a stream silent for `server.upload_idle_timeout` is
+//!   closed, and the session is re-checked at every chunk (revocation). If the stream breaks off or
 //!   anything is refused, the ticket guard tells the actor and the spool file is deleted: the
 //!   aggregate never sees a byte of it.
 
@@ -168,6 +170,17 @@ async fn next_upload_item(
         None => Ok(None),
         Some(m) => Ok(Some(UploadItem::try_from(m).map_err(RoundError::from)?)),
     }
+}
+
+/// The next upload message, or [`RoundError::UploadIdle`] if none arrives within `idle`: a
+/// silent stream must not hold its upload slot until the round's deadline.
+async fn next_upload_item_within(
+    stream: &mut Streaming<pb::UploadUpdateRequest>,
+    idle: Duration,
+) -> Result<Option<UploadItem>, Status> {
+    tokio::time::timeout(idle, next_upload_item(stream))
+        .await
+        .map_err(|_| Status::from(RoundError::UploadIdle { idle }))?
 }
 
 type DownloadStream = Pin<Box<dyn Stream<Item = Result<pb::DownloadModelResponse, Status>> + Send>>;
@@ -334,8 +347,11 @@ impl Coordinator for CoordinatorService {
         req: Request<Streaming<pb::UploadUpdateRequest>>,
     ) -> Result<Response<pb::UploadUpdateResponse>, Status> {
         let (client, _slot) = self.client(&req)?;
+        // Kept to re-check the session (and so revocation) while the upload streams.
+        let token = bearer(req.metadata())?.to_string();
+        let idle = self.settings.server.upload_idle_timeout;
         let mut stream = req.into_inner();
-        let header = match next_upload_item(&mut stream).await? {
+        let header = match next_upload_item_within(&mut stream, idle).await? {
             Some(UploadItem::Header(h)) => h,
             Some(_) => return Err(RoundError::Protocol("an upload must start with its header".into()).into()),
             None => return Err(RoundError::Protocol("empty upload stream".into()).into()),
@@ -348,9 +364,21 @@ impl Coordinator for CoordinatorService {
         // so a retry from the same client cannot overtake the release.
         let mut guard = TicketGuard { handle: self.handle.clone(), ticket: Some(ticket.clone()) };
         let result = async {
+            // Waiting for a slot and receiving both end when the round closes to uploads: an
+            // update after that could not be folded anyway.
+            let deadline = ticket.deadline;
+            let late = || RoundError::RoundClosed {
+                round: ticket.round,
+                reason: "its deadline passed before the upload completed".into(),
+            };
+            // Biased: a slot freed by another stream ending at the same deadline is no use.
             let _permit = tokio::select! {
-                p = self.uploads.clone().acquire_owned() => p.map_err(|_| RoundError::ShuttingDown)?,
+                biased;
                 _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(RoundError::NoUploadSlot { round: ticket.round }.into())
+                }
+                p = self.uploads.clone().acquire_owned() => p.map_err(|_| RoundError::ShuttingDown)?,
             };
             let manifest = Arc::new(self.handle.events.model.borrow().layout.trainable.clone());
             let total = ticket.header.total_bytes;
@@ -363,11 +391,16 @@ impl Coordinator for CoordinatorService {
                     .map_err(|e| RoundError::Internal(e.to_string()))??;
             let trailer = loop {
                 let item = tokio::select! {
-                    item = next_upload_item(&mut stream) => item?,
+                    biased;
                     _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
+                    _ = tokio::time::sleep_until(deadline) => return Err(late().into()),
+                    item = next_upload_item_within(&mut stream, idle) => item?,
                 };
                 match item {
                     Some(UploadItem::Chunk(c)) => {
+                        // A client revoked (or whose session was replaced) mid-upload stops
+                        // here, not only at its next call.
+                        self.auth.authenticate(&token)?;
                         self.traffic.add_received(c.data.len() as u64);
                         let (w, r) = tokio::task::spawn_blocking(move || {
                             let r = writer.write_chunk(c.offset, &c.data);
@@ -391,7 +424,7 @@ impl Coordinator for CoordinatorService {
                     }
                 }
             };
-            if next_upload_item(&mut stream).await?.is_some() {
+            if next_upload_item_within(&mut stream, idle).await?.is_some() {
                 return Err(RoundError::Protocol("messages after the trailer".into()).into());
             }
             self.verifier.verify(&client, &ticket.header, &trailer)?;
