@@ -118,6 +118,12 @@ impl TestClient {
         })
     }
 
+    /// The generated stub on this client's connection, without a session, for calls the
+    /// helpers here would not make (e.g. oversized requests).
+    pub fn raw(&self) -> CoordinatorClient<Channel> {
+        self.inner.clone()
+    }
+
     /// Connects and joins as `name`.
     pub async fn join(url: &str, name: &str, eval_examples: u64) -> Result<Self> {
         let mut c = Self::connect(url).await?;

@@ -37,6 +37,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info_span, Instrument};
 
 use super::auth::bearer;
+use super::body_limit::BodyLimit;
 use crate::auth::limits::{CallSlot, Limits as CallLimits};
 use crate::auth::peer::check_peer;
 use crate::auth::{Authenticator, UpdateVerifier};
@@ -97,11 +98,14 @@ impl CoordinatorService {
         }
     }
 
-    /// The tonic server wrapper with explicit message limits.
-    pub fn into_server(self) -> pb::coordinator_server::CoordinatorServer<Self> {
-        pb::coordinator_server::CoordinatorServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    /// The tonic server wrapper with explicit message limits: one upload message (a chunk and
+    /// header room) for the service, a few KiB for every other call's body.
+    pub fn into_server(self) -> BodyLimit<pb::coordinator_server::CoordinatorServer<Self>> {
+        BodyLimit::new(
+            pb::coordinator_server::CoordinatorServer::new(self)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
     }
 
     /// Authenticates the caller and charges the call to it; the slot is held for the call.
