@@ -105,6 +105,10 @@ pub struct ServerSettings {
     pub max_update_weight: u64,
     /// Chunk size of downloads unless a client asks otherwise (1–4 MiB).
     pub download_chunk_bytes: usize,
+    /// Longest a download waits for the client to take its next chunk; a client that stops
+    /// reading loses the stream then, freeing its download slot and buffered chunks.
+    #[serde(with = "duration")]
+    pub download_send_timeout: Duration,
     /// Capacity of the bounded request queue in front of the round actor.
     pub request_queue: usize,
     /// How long shutdown waits for in-flight calls before it stops anyway.
@@ -125,6 +129,7 @@ impl Default for ServerSettings {
             upload_idle_timeout: Duration::from_secs(30),
             max_update_weight: 10_000_000,
             download_chunk_bytes: DEFAULT_CHUNK_BYTES,
+            download_send_timeout: Duration::from_secs(60),
             request_queue: 256,
             drain_grace: Duration::from_secs(30),
             exit_after_finished: None,
@@ -410,6 +415,12 @@ impl CoordinatorSettings {
             return Err(SettingsError::invalid(
                 "server.download_chunk_bytes",
                 format!("must be between {MIN_CHUNK_BYTES} and {MAX_CHUNK_BYTES}"),
+            ));
+        }
+        if s.download_send_timeout.is_zero() || s.download_send_timeout > Duration::from_secs(600) {
+            return Err(SettingsError::invalid(
+                "server.download_send_timeout",
+                "must be between 1ms and 10m",
             ));
         }
         if s.request_queue == 0 {

@@ -305,6 +305,21 @@ impl TestClient {
         Ok((header.ok_or_else(|| Status::internal("no header"))?, bytes))
     }
 
+    /// Opens a download and returns its stream unread, as a client that stops reading.
+    pub async fn open_download(
+        &mut self,
+        version: ModelVersion,
+        scope: ModelScope,
+    ) -> Result<tonic::Streaming<pb::DownloadModelResponse>, Status> {
+        let r = self.req(pb::DownloadModelRequest::from(DownloadRequest {
+            version,
+            scope,
+            offset: 0,
+            max_chunk_bytes: None,
+        }));
+        Ok(self.inner.download_model(r).await?.into_inner())
+    }
+
     /// Downloads a whole scope and checks it against its header digest.
     pub async fn download_vector(
         &mut self,

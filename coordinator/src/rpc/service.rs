@@ -313,7 +313,8 @@ impl Coordinator for CoordinatorService {
         };
         // Two messages in flight per download: enough to keep the socket busy, small enough
         // that many slow downloads cost little memory.
-        let download_slot = self.limits.download()?;
+        let download_slot = self.limits.download(&client)?;
+        let send_timeout = self.settings.server.download_send_timeout;
         let (tx, rx) = mpsc::channel(2);
         let cancel = self.cancel.clone();
         let traffic = self.traffic.clone();
@@ -335,9 +336,17 @@ impl Coordinator for CoordinatorService {
                     view.read_into(r.start, (r.end - r.start) as usize, &mut buf);
                     traffic.add_sent(buf.len() as u64);
                     let item = DownloadItem::Chunk(Chunk { offset: r.start, data: buf.into() });
-                    if tx.send(Ok(item.into())).await.is_err() {
-                        debug!("client went away mid-download");
-                        return;
+                    // A client that stops reading must not hold its slots and chunks forever.
+                    match tokio::time::timeout(send_timeout, tx.send(Ok(item.into()))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => {
+                            debug!("client went away mid-download");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(?send_timeout, "client stopped reading; download dropped");
+                            return;
+                        }
                     }
                 }
             }
