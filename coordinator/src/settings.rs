@@ -657,6 +657,14 @@ mod tests {
         }
         let err = load(&base(&d), vec![("FEDTUNE__SERVER__MAX_CONCURRENT_UPLOADS", "0")]).unwrap_err();
         assert!(err.to_string().contains("server.max_concurrent_uploads"), "{err}");
+        for (var, value, key) in [
+            ("FEDTUNE__SERVER__UPLOAD_IDLE_TIMEOUT", "0s", "server.upload_idle_timeout"),
+            ("FEDTUNE__SERVER__MAX_UPDATE_WEIGHT", "0", "server.max_update_weight"),
+            ("FEDTUNE__SERVER__DOWNLOAD_SEND_TIMEOUT", "0s", "server.download_send_timeout"),
+        ] {
+            let err = load(&base(&d), vec![(var, value)]).unwrap_err();
+            assert!(err.to_string().contains(key), "`{err}` should name `{key}`");
+        }
     }
 
     #[test]
