@@ -153,6 +153,41 @@ pub enum RoundError {
         /// Limit.
         limit: u64,
     },
+    /// The update claims more weight than one update may carry in this round.
+    #[error(
+        "header.num_examples = {weight} exceeds the per-update cap of {cap} in this round \
+         (server.max_update_weight, and the round's weight bound shared among its participants)"
+    )]
+    WeightOverCap {
+        /// Claimed weight.
+        weight: u64,
+        /// The cap that applied.
+        cap: u64,
+    },
+    /// A chunk that is not the payload's last is smaller than the protocol's minimum.
+    #[error(
+        "chunk at offset {offset} has {len} bytes: chunks other than the last must have at least {min} bytes"
+    )]
+    ChunkTooSmall {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: usize,
+        /// The minimum (`MIN_CHUNK_BYTES`).
+        min: usize,
+    },
+    /// An upload stream sent nothing for too long.
+    #[error("the upload sent no message for {idle:?} (server.upload_idle_timeout): stream closed")]
+    UploadIdle {
+        /// The configured idle timeout.
+        idle: Duration,
+    },
+    /// Every upload slot stayed busy until the round's deadline.
+    #[error("no upload slot became free before {round}'s deadline (server.max_concurrent_uploads are busy)")]
+    NoUploadSlot {
+        /// Round.
+        round: RoundId,
+    },
     /// The strategy refused the update.
     #[error("{0}")]
     Refused(String),

@@ -34,6 +34,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fedtune_shared::chunk::{DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
+use fedtune_shared::limits::MAX_NUM_EXAMPLES;
 use fedtune_shared::settings::{duration, optional_duration, SettingsError};
 use serde::{Deserialize, Serialize};
 
@@ -93,8 +94,21 @@ pub struct ServerSettings {
     /// whatever the number of clients. Receiving is CPU-bound (hash, checks), so more than about
     /// twice the cores buys nothing.
     pub max_concurrent_uploads: usize,
+    /// Longest an upload stream may stay silent between two messages before it is closed with
+    /// DEADLINE_EXCEEDED, so a client that sends a header and then nothing cannot hold one of the
+    /// `max_concurrent_uploads` slots until the round's deadline.
+    #[serde(with = "duration")]
+    pub upload_idle_timeout: Duration,
+    /// Largest weight (`num_examples`) one update may claim. Each round also shares the
+    /// fixed-point bound on the total weight evenly among its participants, so one update can
+    /// never leave the others no room; an update above either cap is refused at its header.
+    pub max_update_weight: u64,
     /// Chunk size of downloads unless a client asks otherwise (1–4 MiB).
     pub download_chunk_bytes: usize,
+    /// Longest a download waits for the client to take its next chunk; a client that stops
+    /// reading loses the stream then, freeing its download slot and buffered chunks.
+    #[serde(with = "duration")]
+    pub download_send_timeout: Duration,
     /// Capacity of the bounded request queue in front of the round actor.
     pub request_queue: usize,
     /// How long shutdown waits for in-flight calls before it stops anyway.
@@ -112,7 +126,10 @@ impl Default for ServerSettings {
             listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
             long_poll: Duration::from_secs(20),
             max_concurrent_uploads: 4,
+            upload_idle_timeout: Duration::from_secs(30),
+            max_update_weight: 10_000_000,
             download_chunk_bytes: DEFAULT_CHUNK_BYTES,
+            download_send_timeout: Duration::from_secs(60),
             request_queue: 256,
             drain_grace: Duration::from_secs(30),
             exit_after_finished: None,
@@ -403,10 +420,25 @@ impl CoordinatorSettings {
         if s.max_concurrent_uploads == 0 {
             return Err(SettingsError::invalid("server.max_concurrent_uploads", "must be at least 1"));
         }
+        if s.upload_idle_timeout.is_zero() || s.upload_idle_timeout > Duration::from_secs(600) {
+            return Err(SettingsError::invalid("server.upload_idle_timeout", "must be between 1ms and 10m"));
+        }
+        if !(1..=MAX_NUM_EXAMPLES).contains(&s.max_update_weight) {
+            return Err(SettingsError::invalid(
+                "server.max_update_weight",
+                format!("must be between 1 and {MAX_NUM_EXAMPLES}"),
+            ));
+        }
         if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&s.download_chunk_bytes) {
             return Err(SettingsError::invalid(
                 "server.download_chunk_bytes",
                 format!("must be between {MIN_CHUNK_BYTES} and {MAX_CHUNK_BYTES}"),
+            ));
+        }
+        if s.download_send_timeout.is_zero() || s.download_send_timeout > Duration::from_secs(600) {
+            return Err(SettingsError::invalid(
+                "server.download_send_timeout",
+                "must be between 1ms and 10m",
             ));
         }
         if s.request_queue == 0 {
@@ -643,6 +675,14 @@ mod tests {
         }
         let err = load(&base(&d), vec![("FEDTUNE__SERVER__MAX_CONCURRENT_UPLOADS", "0")]).unwrap_err();
         assert!(err.to_string().contains("server.max_concurrent_uploads"), "{err}");
+        for (var, value, key) in [
+            ("FEDTUNE__SERVER__UPLOAD_IDLE_TIMEOUT", "0s", "server.upload_idle_timeout"),
+            ("FEDTUNE__SERVER__MAX_UPDATE_WEIGHT", "0", "server.max_update_weight"),
+            ("FEDTUNE__SERVER__DOWNLOAD_SEND_TIMEOUT", "0s", "server.download_send_timeout"),
+        ] {
+            let err = load(&base(&d), vec![(var, value)]).unwrap_err();
+            assert!(err.to_string().contains(key), "`{err}` should name `{key}`");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fedtune_shared::chunk::ChunkTracker;
+use fedtune_shared::chunk::{ChunkTracker, MIN_CHUNK_BYTES};
 use fedtune_shared::ids::Sha256;
 use fedtune_shared::params::Manifest;
 
@@ -53,6 +53,12 @@ impl SpoolWriter {
     pub fn write_chunk(&mut self, offset: u64, data: &[u8]) -> Result<(), RoundError> {
         if data.len() % 4 != 0 {
             return Err(RoundError::Misaligned { offset, len: data.len() });
+        }
+        // Only the last chunk may be short: tiny chunks would cost a message, a blocking-thread
+        // hop and a check per few bytes, which a hostile sender could use to burn receive CPU.
+        let ends_payload = offset.saturating_add(data.len() as u64) >= self.tracker.total();
+        if offset == self.tracker.position() && data.len() < MIN_CHUNK_BYTES && !ends_payload {
+            return Err(RoundError::ChunkTooSmall { offset, len: data.len(), min: MIN_CHUNK_BYTES });
         }
         // Order and size first, so a value index is only computed for a well-placed chunk.
         self.tracker.accept(offset, data).map_err(|e| match e {
@@ -137,13 +143,22 @@ mod tests {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
 
+    /// A manifest one minimum chunk plus four values long, so a payload takes two chunks.
+    fn two_chunk_manifest() -> Arc<Manifest> {
+        let n = MIN_CHUNK_BYTES / 4 + 4;
+        Arc::new(Manifest::new(vec![TensorSpec { name: "w".into(), shape: vec![n] }]).unwrap())
+    }
+
     #[test]
     fn a_verified_upload_is_staged_and_its_file_removed_on_drop() {
         let dir = tempfile::tempdir().unwrap();
-        let data = bytes(&[3.0, 4.0, 0.0, 0.0]);
-        let mut w = SpoolWriter::create(dir.path(), "u1", 16, manifest()).unwrap();
-        w.write_chunk(0, &data[..8]).unwrap();
-        w.write_chunk(8, &data[8..]).unwrap();
+        let mut values = vec![0.0; MIN_CHUNK_BYTES / 4 + 4];
+        values[0] = 3.0;
+        values[1] = 4.0;
+        let data = bytes(&values);
+        let mut w = SpoolWriter::create(dir.path(), "u1", data.len() as u64, two_chunk_manifest()).unwrap();
+        w.write_chunk(0, &data[..MIN_CHUNK_BYTES]).unwrap();
+        w.write_chunk(MIN_CHUNK_BYTES as u64, &data[MIN_CHUNK_BYTES..]).unwrap();
         let staged = w.finish(&Sha256::of(&data)).unwrap();
         assert_eq!(std::fs::read(staged.path()).unwrap(), data);
         let mode =
@@ -158,8 +173,9 @@ mod tests {
     #[test]
     fn a_broken_off_upload_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
-        let mut w = SpoolWriter::create(dir.path(), "u2", 16, manifest()).unwrap();
-        w.write_chunk(0, &bytes(&[1.0])).unwrap();
+        let total = (MIN_CHUNK_BYTES + 16) as u64;
+        let mut w = SpoolWriter::create(dir.path(), "u2", total, two_chunk_manifest()).unwrap();
+        w.write_chunk(0, &vec![0u8; MIN_CHUNK_BYTES]).unwrap();
         drop(w);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
@@ -170,12 +186,30 @@ mod tests {
         let mut w = SpoolWriter::create(dir.path(), "u3", 16, manifest()).unwrap();
         assert!(matches!(w.write_chunk(0, &[0u8; 3]), Err(RoundError::Misaligned { .. })));
         assert!(matches!(w.write_chunk(4, &bytes(&[1.0])), Err(RoundError::Chunk(_))));
-        assert!(matches!(w.write_chunk(0, &bytes(&[f32::INFINITY])), Err(RoundError::Value(_))));
+        assert!(matches!(
+            w.write_chunk(0, &bytes(&[f32::INFINITY, 0.0, 0.0, 0.0])),
+            Err(RoundError::Value(_))
+        ));
         let mut w = SpoolWriter::create(dir.path(), "u3b", 16, manifest()).unwrap();
         assert!(matches!(w.write_chunk(0, &bytes(&[0.0; 5])), Err(RoundError::TooLarge { .. })));
-        let data = bytes(&[1.0; 4]);
-        let mut w = SpoolWriter::create(dir.path(), "u4", 16, manifest()).unwrap();
-        w.write_chunk(0, &data[..8]).unwrap();
+        let data = vec![0u8; MIN_CHUNK_BYTES + 16];
+        let mut w = SpoolWriter::create(dir.path(), "u4", data.len() as u64, two_chunk_manifest()).unwrap();
+        w.write_chunk(0, &data[..MIN_CHUNK_BYTES]).unwrap();
         assert!(matches!(w.finish(&Sha256::of(&data)), Err(RoundError::Chunk(_))));
+    }
+
+    #[test]
+    fn only_the_last_chunk_may_be_smaller_than_the_minimum() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![0u8; MIN_CHUNK_BYTES + 16];
+        let mut w = SpoolWriter::create(dir.path(), "u5", data.len() as u64, two_chunk_manifest()).unwrap();
+        let small = w.write_chunk(0, &data[..4]);
+        assert!(
+            matches!(small, Err(RoundError::ChunkTooSmall { offset: 0, len: 4, min: MIN_CHUNK_BYTES })),
+            "{small:?}"
+        );
+        w.write_chunk(0, &data[..MIN_CHUNK_BYTES]).unwrap();
+        w.write_chunk(MIN_CHUNK_BYTES as u64, &data[MIN_CHUNK_BYTES..]).unwrap();
+        w.finish(&Sha256::of(&data)).unwrap();
     }
 }

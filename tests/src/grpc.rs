@@ -118,6 +118,12 @@ impl TestClient {
         })
     }
 
+    /// The generated stub on this client's connection, without a session, for calls the
+    /// helpers here would not make (e.g. oversized requests).
+    pub fn raw(&self) -> CoordinatorClient<Channel> {
+        self.inner.clone()
+    }
+
     /// Connects and joins as `name`.
     pub async fn join(url: &str, name: &str, eval_examples: u64) -> Result<Self> {
         let mut c = Self::connect(url).await?;
@@ -299,6 +305,21 @@ impl TestClient {
         Ok((header.ok_or_else(|| Status::internal("no header"))?, bytes))
     }
 
+    /// Opens a download and returns its stream unread, as a client that stops reading.
+    pub async fn open_download(
+        &mut self,
+        version: ModelVersion,
+        scope: ModelScope,
+    ) -> Result<tonic::Streaming<pb::DownloadModelResponse>, Status> {
+        let r = self.req(pb::DownloadModelRequest::from(DownloadRequest {
+            version,
+            scope,
+            offset: 0,
+            max_chunk_bytes: None,
+        }));
+        Ok(self.inner.download_model(r).await?.into_inner())
+    }
+
     /// Downloads a whole scope and checks it against its header digest.
     pub async fn download_vector(
         &mut self,
@@ -374,7 +395,7 @@ impl TestClient {
         chunks: usize,
     ) {
         let header = self.header(task, num_examples, payload.len() as u64);
-        let items = upload_items(&header, payload, 1024, Sha256::of(payload));
+        let items = upload_items(&header, payload, DEFAULT_CHUNK_BYTES, Sha256::of(payload));
         let (tx, rx) = mpsc::channel(1);
         let mut inner = self.inner.clone();
         let r = self.req(ReceiverStream::new(rx));

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
+use fedtune_shared::chunk::DEFAULT_CHUNK_BYTES;
 use fedtune_shared::ids::{ModelVersion, RoundId, Sha256};
 use fedtune_shared::pb;
 use fedtune_shared::round::{Chunk, FitTask, ModelScope, UpdateHeader, UpdateTrailer, UploadItem};
@@ -76,7 +77,8 @@ async fn try_everything_bad(
     let good = f32_bytes(&update_values(6, n));
     let header = e.header(t, 17, good.len() as u64);
     let digest = Sha256::of(&good);
-    let items = |h: &UpdateHeader, payload: &[u8]| upload_items(h, payload, 1024, Sha256::of(payload));
+    let items =
+        |h: &UpdateHeader, payload: &[u8]| upload_items(h, payload, DEFAULT_CHUNK_BYTES, Sha256::of(payload));
 
     // Who is calling.
     let mut anonymous = TestClient::connect(url).await?;
@@ -146,7 +148,7 @@ async fn try_everything_bad(
     let mut truncated = items(&header, &good);
     truncated.truncate(2);
     expect_status(e.upload_raw(truncated).await, Code::DataLoss, &["truncated"]);
-    let wrong_digest = upload_items(&header, &good, 1024, Sha256::of(b"something else"));
+    let wrong_digest = upload_items(&header, &good, DEFAULT_CHUNK_BYTES, Sha256::of(b"something else"));
     expect_status(e.upload_raw(wrong_digest).await, Code::DataLoss, &["digest mismatch"]);
     let misaligned = vec![
         pb::UploadUpdateRequest::from(UploadItem::Header(header.clone())),

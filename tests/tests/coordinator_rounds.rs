@@ -186,6 +186,8 @@ async fn a_straggler_past_the_deadline_is_excluded_and_told_so() -> Result<()> {
     // Liveness far beyond the deadline: only the deadline may exclude anyone here.
     s.clients.heartbeat_interval = Duration::from_secs(1);
     s.clients.liveness_timeout = Duration::from_secs(3600);
+    // Nor may the idle timeout between upload messages.
+    s.server.upload_idle_timeout = Duration::from_secs(600);
     let coord = InProcess::start(s).await?;
     let mut clients = Vec::new();
     for name in ["a", "b", "late-start", "slow-upload"] {
@@ -199,26 +201,27 @@ async fn a_straggler_past_the_deadline_is_excluded_and_told_so() -> Result<()> {
     clients[0].upload(&tasks[0], 10, &f32_bytes(&update_values(0, n))).await?;
     clients[1].upload(&tasks[1], 10, &f32_bytes(&update_values(1, n))).await?;
 
-    // "slow-upload" starts in time but finishes after the deadline.
+    // "slow-upload" starts in time but is still streaming at the deadline: its stream ends then.
     let payload = f32_bytes(&update_values(3, n));
     let header = clients[3].header(&tasks[3], 10, payload.len() as u64);
     let (tx, rx) = mpsc::channel(4);
     let mut slow = clients[3].clone();
     tx.send(pb::UploadUpdateRequest::from(UploadItem::Header(header))).await?;
-    tx.send(UploadItem::Chunk(Chunk { offset: 0, data: payload[..64].to_vec().into() }).into()).await?;
     let call = tokio::spawn(async move { slow.upload_stream(ReceiverStream::new(rx)).await });
 
     tokio::time::sleep(Duration::from_secs(61)).await;
 
-    tx.send(UploadItem::Chunk(Chunk { offset: 64, data: payload[64..].to_vec().into() }).into()).await?;
-    tx.send(
-        UploadItem::Trailer(UpdateTrailer {
-            payload_digest: fedtune_shared::ids::Sha256::of(&payload),
-            signature: None,
-        })
-        .into(),
-    )
-    .await?;
+    // The coordinator may have closed the stream already; what is sent now must not count.
+    let _ = tx.send(UploadItem::Chunk(Chunk { offset: 0, data: payload.clone().into() }).into()).await;
+    let _ = tx
+        .send(
+            UploadItem::Trailer(UpdateTrailer {
+                payload_digest: fedtune_shared::ids::Sha256::of(&payload),
+                signature: None,
+            })
+            .into(),
+        )
+        .await;
     drop(tx);
     expect_status(call.await?, Code::FailedPrecondition, &["round 1 (attempt 0)", "deadline"]);
 

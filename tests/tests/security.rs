@@ -11,6 +11,7 @@ use anyhow::Result;
 use fedtune_coordinator::auth::Allowlist;
 use fedtune_coordinator::certs::init_dev_pki;
 use fedtune_shared::auth::{sign_upload, ChallengeGrant, JoinProof};
+use fedtune_shared::chunk::DEFAULT_CHUNK_BYTES;
 use fedtune_shared::crypto::{client_tls_config, KeyPair, SessionAuthority, SessionSecret};
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId, Sha256};
 use fedtune_shared::params::ParameterVector;
@@ -38,7 +39,7 @@ fn forged(
     payload: &[u8],
     signature: Option<fedtune_shared::round::UpdateSignature>,
 ) -> Vec<pb::UploadUpdateRequest> {
-    let mut items = upload_items(header, payload, 1024, Sha256::of(payload));
+    let mut items = upload_items(header, payload, DEFAULT_CHUNK_BYTES, Sha256::of(payload));
     items.pop();
     items.push(UploadItem::Trailer(UpdateTrailer { payload_digest: Sha256::of(payload), signature }).into());
     items
@@ -241,7 +242,12 @@ async fn a_client_revoked_mid_upload_is_refused_and_the_round_completes_without_
 
     // r's upload is streaming when the operator revokes it; its trailer arrives afterwards.
     let payload = f32_bytes(&update_values(9, n));
-    let items = upload_items(&r.header(&tr, 50, payload.len() as u64), &payload, 64, Sha256::of(&payload));
+    let items = upload_items(
+        &r.header(&tr, 50, payload.len() as u64),
+        &payload,
+        DEFAULT_CHUNK_BYTES,
+        Sha256::of(&payload),
+    );
     let (tx, rx) = tokio::sync::mpsc::channel(items.len());
     let mut r_up = r.clone();
     let upload =
@@ -408,7 +414,7 @@ async fn a_client_flooding_calls_is_throttled_while_the_others_complete_their_ro
     let mut calls = Vec::new();
     for _ in 0..60 {
         let mut c = flood.clone();
-        let items = upload_items(&stale, &payload, 1024, Sha256::of(&payload));
+        let items = upload_items(&stale, &payload, DEFAULT_CHUNK_BYTES, Sha256::of(&payload));
         calls.push(tokio::spawn(async move { c.upload_raw(items).await }));
     }
     // Meanwhile the honest clients are served.

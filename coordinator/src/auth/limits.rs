@@ -83,6 +83,8 @@ pub struct Limits {
     peers: Mutex<Buckets<Option<IpAddr>>>,
     in_flight: Arc<Mutex<HashMap<ClientId, usize>>>,
     downloads: Arc<Semaphore>,
+    /// Downloads streaming per client.
+    client_downloads: Arc<Mutex<HashMap<ClientId, usize>>>,
 }
 
 /// Holds one of a client's in-flight call slots; released on drop.
@@ -104,9 +106,16 @@ impl Drop for CallSlot {
     }
 }
 
-/// Holds one of the global download slots; released on drop.
+/// Downloads one client may stream at once: a current one and a resumption racing its broken
+/// predecessor. More only ties up global slots and memory.
+pub const MAX_DOWNLOADS_PER_CLIENT: usize = 2;
+
+/// Holds one of the global download slots and one of the client's; released on drop.
 #[derive(Debug)]
-pub struct DownloadSlot(#[allow(dead_code)] OwnedSemaphorePermit);
+pub struct DownloadSlot {
+    _global: OwnedSemaphorePermit,
+    _client: CallSlot,
+}
 
 impl Limits {
     /// Limits as configured.
@@ -116,6 +125,7 @@ impl Limits {
             peers: Mutex::new(Buckets::new(settings.anonymous_calls_per_second, settings.anonymous_burst)),
             in_flight: Arc::new(Mutex::new(HashMap::new())),
             downloads: Arc::new(Semaphore::new(settings.max_concurrent_downloads)),
+            client_downloads: Arc::new(Mutex::new(HashMap::new())),
             settings: settings.clone(),
         }
     }
@@ -152,14 +162,27 @@ impl Limits {
         }
     }
 
-    /// Takes a global download slot, if one is free.
-    pub fn download(&self) -> Result<DownloadSlot, RoundError> {
-        self.downloads.clone().try_acquire_owned().map(DownloadSlot).map_err(|_| {
+    /// Takes one of `client`'s download slots (at most [`MAX_DOWNLOADS_PER_CLIENT`]) and a
+    /// global one, if both are free.
+    pub fn download(&self, client: &ClientId) -> Result<DownloadSlot, RoundError> {
+        let mine = {
+            let mut t = self.client_downloads.lock().unwrap_or_else(|p| p.into_inner());
+            let n = t.entry(client.clone()).or_insert(0);
+            if *n >= MAX_DOWNLOADS_PER_CLIENT {
+                return Err(RoundError::Limited(format!(
+                    "client `{client}` already has {MAX_DOWNLOADS_PER_CLIENT} downloads streaming (the limit)"
+                )));
+            }
+            *n += 1;
+            CallSlot { client: client.clone(), table: self.client_downloads.clone() }
+        };
+        let global = self.downloads.clone().try_acquire_owned().map_err(|_| {
             RoundError::Limited(format!(
                 "{} downloads are already streaming; retry shortly",
                 self.settings.max_concurrent_downloads
             ))
-        })
+        })?;
+        Ok(DownloadSlot { _global: global, _client: mine })
     }
 }
 
@@ -210,14 +233,28 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn downloads_share_a_global_cap_and_anonymous_calls_a_per_address_bucket() {
         let l = limits(1.0, 1, 1);
-        let d = l.download().unwrap();
-        assert!(l.download().is_err());
+        let (a, b) = (ClientId::parse("a").unwrap(), ClientId::parse("b").unwrap());
+        let d = l.download(&a).unwrap();
+        assert!(l.download(&b).is_err());
         drop(d);
-        l.download().unwrap();
+        l.download(&b).unwrap();
         let (x, y) = (Some(IpAddr::from([10, 0, 0, 1])), Some(IpAddr::from([10, 0, 0, 2])));
         l.anonymous_call(x).unwrap();
         assert!(l.anonymous_call(x).is_err());
         l.anonymous_call(y).unwrap();
+    }
+
+    #[test]
+    fn a_client_streams_at_most_two_downloads_at_once() {
+        let l = Limits::new(&LimitSettings { max_concurrent_downloads: 64, ..LimitSettings::default() });
+        let (a, b) = (ClientId::parse("a").unwrap(), ClientId::parse("b").unwrap());
+        let first = l.download(&a).unwrap();
+        let _second = l.download(&a).unwrap();
+        let third = l.download(&a);
+        assert!(matches!(&third, Err(RoundError::Limited(m)) if m.contains("2 downloads")), "{third:?}");
+        l.download(&b).unwrap();
+        drop(first);
+        l.download(&a).unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -37,6 +37,8 @@ pub struct UploadTicket {
     pub client: ClientId,
     /// The checked header.
     pub header: UpdateHeader,
+    /// When the round closes to uploads: the stream (and any wait for an upload slot) ends then.
+    pub deadline: tokio::time::Instant,
 }
 
 /// A request to the round actor.

@@ -9,7 +9,9 @@
 //! - **Uploads** are checked at the header by the actor (which reserves the client's slot), then
 //!   streamed into a spool file on blocking threads (each chunk checked: order, size, finite,
 //!   range, digest), and handed to the actor for folding only once the trailer verified. The
-//!   number of uploads receiving at once is bounded by a semaphore. If the stream breaks off or
+//!   number of uploads receiving at once is bounded by a semaphore; waiting for it and receiving
+//!   both end at the round's deadline, a stream silent for `server.upload_idle_timeout` is
+//!   closed, and the session is re-checked at every chunk (revocation). If the stream breaks off or
 //!   anything is refused, the ticket guard tells the actor and the spool file is deleted: the
 //!   aggregate never sees a byte of it.
 
@@ -35,6 +37,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info_span, Instrument};
 
 use super::auth::bearer;
+use super::body_limit::BodyLimit;
 use crate::auth::limits::{CallSlot, Limits as CallLimits};
 use crate::auth::operator::anonymous_view;
 use crate::auth::peer::check_peer;
@@ -96,11 +99,14 @@ impl CoordinatorService {
         }
     }
 
-    /// The tonic server wrapper with explicit message limits.
-    pub fn into_server(self) -> pb::coordinator_server::CoordinatorServer<Self> {
-        pb::coordinator_server::CoordinatorServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    /// The tonic server wrapper with explicit message limits: one upload message (a chunk and
+    /// header room) for the service, a few KiB for every other call's body.
+    pub fn into_server(self) -> BodyLimit<pb::coordinator_server::CoordinatorServer<Self>> {
+        BodyLimit::new(
+            pb::coordinator_server::CoordinatorServer::new(self)
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        )
     }
 
     /// Authenticates the caller and charges the call to it; the slot is held for the call.
@@ -169,6 +175,17 @@ async fn next_upload_item(
         None => Ok(None),
         Some(m) => Ok(Some(UploadItem::try_from(m).map_err(RoundError::from)?)),
     }
+}
+
+/// The next upload message, or [`RoundError::UploadIdle`] if none arrives within `idle`: a
+/// silent stream must not hold its upload slot until the round's deadline.
+async fn next_upload_item_within(
+    stream: &mut Streaming<pb::UploadUpdateRequest>,
+    idle: Duration,
+) -> Result<Option<UploadItem>, Status> {
+    tokio::time::timeout(idle, next_upload_item(stream))
+        .await
+        .map_err(|_| Status::from(RoundError::UploadIdle { idle }))?
 }
 
 type DownloadStream = Pin<Box<dyn Stream<Item = Result<pb::DownloadModelResponse, Status>> + Send>>;
@@ -301,7 +318,8 @@ impl Coordinator for CoordinatorService {
         };
         // Two messages in flight per download: enough to keep the socket busy, small enough
         // that many slow downloads cost little memory.
-        let download_slot = self.limits.download()?;
+        let download_slot = self.limits.download(&client)?;
+        let send_timeout = self.settings.server.download_send_timeout;
         let (tx, rx) = mpsc::channel(2);
         let cancel = self.cancel.clone();
         let traffic = self.traffic.clone();
@@ -323,9 +341,17 @@ impl Coordinator for CoordinatorService {
                     view.read_into(r.start, (r.end - r.start) as usize, &mut buf);
                     traffic.add_sent(buf.len() as u64);
                     let item = DownloadItem::Chunk(Chunk { offset: r.start, data: buf.into() });
-                    if tx.send(Ok(item.into())).await.is_err() {
-                        debug!("client went away mid-download");
-                        return;
+                    // A client that stops reading must not hold its slots and chunks forever.
+                    match tokio::time::timeout(send_timeout, tx.send(Ok(item.into()))).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => {
+                            debug!("client went away mid-download");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(?send_timeout, "client stopped reading; download dropped");
+                            return;
+                        }
                     }
                 }
             }
@@ -339,8 +365,11 @@ impl Coordinator for CoordinatorService {
         req: Request<Streaming<pb::UploadUpdateRequest>>,
     ) -> Result<Response<pb::UploadUpdateResponse>, Status> {
         let (client, _slot) = self.client(&req)?;
+        // Kept to re-check the session (and so revocation) while the upload streams.
+        let token = bearer(req.metadata())?.to_string();
+        let idle = self.settings.server.upload_idle_timeout;
         let mut stream = req.into_inner();
-        let header = match next_upload_item(&mut stream).await? {
+        let header = match next_upload_item_within(&mut stream, idle).await? {
             Some(UploadItem::Header(h)) => h,
             Some(_) => return Err(RoundError::Protocol("an upload must start with its header".into()).into()),
             None => return Err(RoundError::Protocol("empty upload stream".into()).into()),
@@ -353,9 +382,21 @@ impl Coordinator for CoordinatorService {
         // so a retry from the same client cannot overtake the release.
         let mut guard = TicketGuard { handle: self.handle.clone(), ticket: Some(ticket.clone()) };
         let result = async {
+            // Waiting for a slot and receiving both end when the round closes to uploads: an
+            // update after that could not be folded anyway.
+            let deadline = ticket.deadline;
+            let late = || RoundError::RoundClosed {
+                round: ticket.round,
+                reason: "its deadline passed before the upload completed".into(),
+            };
+            // Biased: a slot freed by another stream ending at the same deadline is no use.
             let _permit = tokio::select! {
-                p = self.uploads.clone().acquire_owned() => p.map_err(|_| RoundError::ShuttingDown)?,
+                biased;
                 _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(RoundError::NoUploadSlot { round: ticket.round }.into())
+                }
+                p = self.uploads.clone().acquire_owned() => p.map_err(|_| RoundError::ShuttingDown)?,
             };
             let manifest = Arc::new(self.handle.events.model.borrow().layout.trainable.clone());
             let total = ticket.header.total_bytes;
@@ -368,11 +409,16 @@ impl Coordinator for CoordinatorService {
                     .map_err(|e| RoundError::Internal(e.to_string()))??;
             let trailer = loop {
                 let item = tokio::select! {
-                    item = next_upload_item(&mut stream) => item?,
+                    biased;
                     _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
+                    _ = tokio::time::sleep_until(deadline) => return Err(late().into()),
+                    item = next_upload_item_within(&mut stream, idle) => item?,
                 };
                 match item {
                     Some(UploadItem::Chunk(c)) => {
+                        // A client revoked (or whose session was replaced) mid-upload stops
+                        // here, not only at its next call.
+                        self.auth.authenticate(&token)?;
                         self.traffic.add_received(c.data.len() as u64);
                         let (w, r) = tokio::task::spawn_blocking(move || {
                             let r = writer.write_chunk(c.offset, &c.data);
@@ -396,7 +442,7 @@ impl Coordinator for CoordinatorService {
                     }
                 }
             };
-            if next_upload_item(&mut stream).await?.is_some() {
+            if next_upload_item_within(&mut stream, idle).await?.is_some() {
                 return Err(RoundError::Protocol("messages after the trailer".into()).into());
             }
             self.verifier.verify(&client, &ticket.header, &trailer)?;

@@ -23,6 +23,8 @@ impl From<RoundError> for Status {
             | E::Value(_)
             | E::ManifestMismatch { .. }
             | E::SizeMismatch { .. }
+            | E::WeightOverCap { .. }
+            | E::ChunkTooSmall { .. }
             | E::Chunk(ChunkError::OutOfOrder { .. }) => Status::invalid_argument(msg),
             E::Chunk(ChunkError::Truncated { .. }) | E::Chunk(ChunkError::DigestMismatch { .. }) => {
                 Status::data_loss(msg)
@@ -30,7 +32,9 @@ impl From<RoundError> for Status {
             E::Chunk(ChunkError::Oversize { .. })
             | E::TooLarge { .. }
             | E::TooManyExamples { .. }
+            | E::NoUploadSlot { .. }
             | E::Limited(_) => Status::resource_exhausted(msg),
+            E::UploadIdle { .. } => Status::deadline_exceeded(msg),
             E::StaleRound { .. }
             | E::FutureRound { .. }
             | E::RoundClosed { .. }

@@ -208,6 +208,10 @@ impl Training {
         if header.total_bytes < expected {
             return Err(RoundError::SizeMismatch { announced: header.total_bytes, expected });
         }
+        let cap = self.weight_cap(shared);
+        if header.num_examples > cap {
+            return Err(RoundError::WeightOverCap { weight: header.num_examples, cap });
+        }
         if self.committed_weight + header.num_examples > MAX_TOTAL_WEIGHT {
             return Err(RoundError::TooManyExamples { weight: header.num_examples, limit: MAX_TOTAL_WEIGHT });
         }
@@ -215,7 +219,15 @@ impl Training {
         let upload_id = shared.next_upload_id;
         self.slots.insert(client.clone(), Slot::Uploading(upload_id));
         shared.registry.touch(&client, Some(ClientActivity::Uploading), Instant::now());
-        Ok(UploadTicket { upload_id, round: id, client, header })
+        Ok(UploadTicket { upload_id, round: id, client, header, deadline: self.deadline })
+    }
+
+    /// The most weight one update may carry: the configured maximum, and an even share of the
+    /// fixed-point bound on the round's total, so that every participant's update fits however
+    /// much the others claim (n updates of at most ⌊bound / n⌋ never exceed the bound).
+    fn weight_cap(&self, shared: &Shared) -> u64 {
+        let share = MAX_TOTAL_WEIGHT / self.slots.len().max(1) as u64;
+        share.min(shared.settings.server.max_update_weight)
     }
 
     fn commit(
@@ -264,6 +276,11 @@ impl Training {
                 return refuse(reply, RoundError::Refused(e.to_string()));
             }
         };
+        let cap = self.weight_cap(shared);
+        if weighting.weight > cap {
+            self.end_slot(shared, &client, ParticipantOutcome::Refused(Refusal::TooManyExamples));
+            return refuse(reply, RoundError::WeightOverCap { weight: weighting.weight, cap });
+        }
         if self.committed_weight + weighting.weight > MAX_TOTAL_WEIGHT {
             self.end_slot(shared, &client, ParticipantOutcome::Refused(Refusal::TooManyExamples));
             return refuse(

@@ -1,0 +1,211 @@
+//! No single peer stalls or locks out the coordinator's uploads: hung uploaders lose their slot,
+//! waiting for a slot and streaming end with the round, tiny chunks and inflated weights are
+//! refused — and the honest updates of the same round are folded all the same.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+use fedtune_coordinator::CoordinatorSettings;
+use fedtune_shared::chunk::MIN_CHUNK_BYTES;
+use fedtune_shared::ids::{ModelVersion, RoundId};
+use fedtune_shared::pb;
+use fedtune_shared::round::{Chunk, FitTask, ModelScope, UploadItem, UploadReceipt};
+use fedtune_tests::fixtures::{quick_settings, write_fake_model};
+use fedtune_tests::grpc::{expect_status, f32_bytes, update_values, InProcess, TestClient};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Status};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// One round over a small model, every joined client sampled, `min_fit` updates needed.
+fn settings(dir: &Path, clients: usize, min_fit: usize) -> Result<CoordinatorSettings> {
+    let model = write_fake_model(&dir.join("model"), 2, 8)?;
+    let mut s = quick_settings(&dir.join("state"), &model, 1, clients, min_fit);
+    s.evaluation.every = 0;
+    s.rounds.min_available = clients;
+    Ok(s)
+}
+
+/// Starts an upload that sends its header and then nothing, keeping the stream open: the
+/// returned sender keeps it open until dropped.
+async fn hang_after_header(
+    client: &TestClient,
+    task: &FitTask,
+    n: usize,
+) -> Result<(mpsc::Sender<pb::UploadUpdateRequest>, JoinHandle<Result<UploadReceipt, Status>>)> {
+    let payload = f32_bytes(&update_values(99, n));
+    let header = client.header(task, 10, payload.len() as u64);
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(UploadItem::Header(header).into()).await?;
+    let mut c = client.clone();
+    Ok((tx, tokio::spawn(async move { c.upload_stream(ReceiverStream::new(rx)).await })))
+}
+
+/// `global + Σ nₖ·Δₖ / Σ nₖ` in f64, and the fixed-point tolerance (half a 2⁻²⁴ step plus f32
+/// rounding).
+fn assert_is_weighted_mean(global: &[f32], updates: &[(u64, Vec<f32>)], got: &[f32]) {
+    let total: u64 = updates.iter().map(|(n, _)| n).sum();
+    for (j, &g) in got.iter().enumerate() {
+        let s: f64 = updates.iter().map(|(n, d)| *n as f64 * f64::from(d[j])).sum();
+        let e = f64::from(global[j]) + s / total as f64;
+        let tol = 2f64.powi(-25) + e.abs() * 2f64.powi(-23);
+        assert!((f64::from(g) - e).abs() <= tol, "value {j}: got {g}, expected {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_hung_uploaders_do_not_stop_an_honest_update_from_being_folded_in_the_same_round() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    let mut s = settings(dir.path(), 5, 1)?;
+    s.server.max_concurrent_uploads = 4;
+    s.server.upload_idle_timeout = Duration::from_secs(1);
+    let coord = InProcess::start(s).await?;
+    let mut honest = TestClient::join(&coord.url, "honest", 0).await?;
+    let mut hung = Vec::new();
+    for k in 0..4 {
+        hung.push(TestClient::join(&coord.url, &format!("hung-{k}"), 0).await?);
+    }
+    let global = honest.download_vector(ModelVersion(0), ModelScope::Trainable).await?.values().to_vec();
+    let n = global.len();
+    let task = honest.wait_for_fit(WAIT).await?;
+    let mut streams = Vec::new();
+    for c in &mut hung {
+        let t = c.wait_for_fit(WAIT).await?;
+        streams.push(hang_after_header(c, &t, n).await?);
+    }
+    // Give the hung headers time to take every upload slot before the honest client arrives.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let update = update_values(1, n);
+    let receipt = tokio::time::timeout(WAIT, honest.upload(&task, 10, &f32_bytes(&update))).await??;
+    assert_eq!(receipt.id, RoundId::new(1, 0), "folded in the round it was trained for, not a retry");
+    for (tx, call) in streams {
+        let answer = tokio::time::timeout(WAIT, call).await??;
+        expect_status(answer, Code::DeadlineExceeded, &["upload_idle_timeout"]);
+        drop(tx);
+    }
+    assert_eq!(honest.wait_finished(WAIT).await?, ModelVersion(1));
+    let v1 = honest.download_vector(ModelVersion(1), ModelScope::Trainable).await?;
+    assert_is_weighted_mean(&global, &[(10, update)], v1.values());
+    coord.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_an_upload_slot_and_streaming_both_end_at_the_round_deadline() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = settings(dir.path(), 2, 1)?;
+    s.server.max_concurrent_uploads = 1;
+    s.rounds.deadline = Duration::from_secs(4);
+    // Neither the idle timeout nor liveness may end anything before the deadline here.
+    s.server.upload_idle_timeout = Duration::from_secs(600);
+    s.clients.heartbeat_interval = Duration::from_secs(1);
+    s.clients.liveness_timeout = Duration::from_secs(3600);
+    let coord = InProcess::start(s).await?;
+    let mut holder = TestClient::join(&coord.url, "holder", 0).await?;
+    let mut waiter = TestClient::join(&coord.url, "waiter", 0).await?;
+    let n = holder.trainable().numel();
+    let (th, tw) = (holder.wait_for_fit(WAIT).await?, waiter.wait_for_fit(WAIT).await?);
+    let (tx, held) = hang_after_header(&holder, &th, n).await?;
+    // Give the hung header time to take the only upload slot.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let waited = tokio::time::timeout(WAIT, waiter.upload(&tw, 10, &f32_bytes(&update_values(2, n)))).await?;
+    expect_status(waited, Code::ResourceExhausted, &["no upload slot", "round 1 (attempt 0)", "deadline"]);
+    expect_status(
+        tokio::time::timeout(WAIT, held).await??,
+        Code::FailedPrecondition,
+        &["round 1 (attempt 0)", "deadline"],
+    );
+    drop(tx);
+    coord.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_claiming_2_pow_31_minus_1_examples_is_refused_and_the_honest_ones_fold() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let coord = InProcess::start(settings(dir.path(), 3, 2)?).await?;
+    let mut a = TestClient::join(&coord.url, "a", 0).await?;
+    let mut b = TestClient::join(&coord.url, "b", 0).await?;
+    let mut inflated = TestClient::join(&coord.url, "inflated", 0).await?;
+    let global = a.download_vector(ModelVersion(0), ModelScope::Trainable).await?.values().to_vec();
+    let n = global.len();
+    let (ta, tb, ti) =
+        (a.wait_for_fit(WAIT).await?, b.wait_for_fit(WAIT).await?, inflated.wait_for_fit(WAIT).await?);
+
+    let claim = (1u64 << 31) - 1;
+    let refused = inflated.upload(&ti, claim, &f32_bytes(&update_values(9, n))).await;
+    expect_status(refused, Code::InvalidArgument, &["num_examples = 2147483647", "per-update cap"]);
+    let (ua, ub) = (update_values(1, n), update_values(2, n));
+    a.upload(&ta, 11, &f32_bytes(&ua)).await?;
+    b.upload(&tb, 13, &f32_bytes(&ub)).await?;
+
+    assert_eq!(a.wait_finished(WAIT).await?, ModelVersion(1));
+    let v1 = a.download_vector(ModelVersion(1), ModelScope::Trainable).await?;
+    assert_is_weighted_mean(&global, &[(11, ua), (13, ub)], v1.values());
+    coord.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_final_upload_chunk_below_the_minimum_is_refused_naming_its_size() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = settings(dir.path(), 1, 1)?;
+    // A model whose trainable payload spans more than one minimum-sized chunk.
+    let model = write_fake_model(&dir.path().join("big-model"), 1, 600)?;
+    s.model.init_dir = model;
+    let coord = InProcess::start(s).await?;
+    let mut c = TestClient::join(&coord.url, "tiny-chunks", 0).await?;
+    let n = c.trainable().numel();
+    assert!(n * 4 > MIN_CHUNK_BYTES, "the payload must need more than one chunk");
+    let task = c.wait_for_fit(WAIT).await?;
+    let payload = f32_bytes(&update_values(1, n));
+    let items = vec![
+        pb::UploadUpdateRequest::from(UploadItem::Header(c.header(&task, 10, payload.len() as u64))),
+        UploadItem::Chunk(Chunk { offset: 0, data: payload[..4].to_vec().into() }).into(),
+    ];
+    let refused = c.upload_raw(items).await;
+    expect_status(refused, Code::InvalidArgument, &["has 4 bytes", &MIN_CHUNK_BYTES.to_string()]);
+    // The refusal cost the client nothing: a well-chunked upload of the same update is folded.
+    c.upload(&task, 10, &payload).await?;
+    assert_eq!(c.wait_finished(WAIT).await?, ModelVersion(1));
+    coord.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_streams_at_most_two_downloads_and_one_it_never_reads_is_dropped_after_the_send_timeout(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = settings(dir.path(), 1, 1)?;
+    // A model of a dozen chunks, more than the stream's buffers and flow-control windows hold.
+    s.model.init_dir = write_fake_model(&dir.path().join("big-model"), 1, 1200)?;
+    s.server.download_send_timeout = Duration::from_secs(1);
+    let coord = InProcess::start(s).await?;
+    let mut c = TestClient::join(&coord.url, "never-reads", 0).await?;
+    let _first = c.open_download(ModelVersion(0), ModelScope::Trainable).await?;
+    let _second = c.open_download(ModelVersion(0), ModelScope::Trainable).await?;
+    let third = c.open_download(ModelVersion(0), ModelScope::Trainable).await;
+    expect_status(third, Code::ResourceExhausted, &["2 downloads"]);
+
+    // Once the send timeout dropped the unread streams, the client may download again.
+    let until = tokio::time::Instant::now() + WAIT;
+    let fresh = loop {
+        match c.download_vector(ModelVersion(0), ModelScope::Trainable).await {
+            Ok(v) => break v,
+            Err(e) if tokio::time::Instant::now() < until => {
+                assert!(e.to_string().contains("2 downloads"), "{e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e.context("the unread downloads were never dropped")),
+        }
+    };
+    assert_eq!(fresh.values().len(), c.trainable().numel());
+    coord.shutdown().await?;
+    Ok(())
+}
