@@ -1,0 +1,295 @@
+//! The DP decorator's specification: denominators, noise, accounting and refusals.
+
+use super::*;
+use crate::aggregate::FixedPointSum;
+use crate::outcome::ParticipantOutcome;
+use crate::settings::PrivacySettings;
+use crate::strategy::{FedAvg, FitSummary};
+use fedtune_shared::ids::{ClientId, RoundId};
+use fedtune_shared::params::{Manifest, TensorSpec};
+use fedtune_shared::privacy::{epsilon_for_rounds, Adjacency};
+use std::collections::BTreeMap;
+
+const DIM: usize = 100_000;
+
+fn settings(mode: DpMode, sampling: SamplingSettings, target: Option<f64>) -> CoordinatorSettings {
+    let mut s = CoordinatorSettings::with_paths("/unused", "/unused");
+    s.sampling = sampling;
+    s.privacy = PrivacySettings {
+        mode,
+        noise_multiplier: Some(1.0),
+        clip_norm: 1.0,
+        target_epsilon: target,
+        ..PrivacySettings::default()
+    };
+    s
+}
+
+fn dp(s: &CoordinatorSettings) -> DpStrategy {
+    DpStrategy::with_noise_source(
+        Box::new(FedAvg::new(1.0, 0.0)),
+        s,
+        DIM,
+        &[],
+        NoiseSource::seeded_for_tests(5),
+    )
+    .unwrap()
+}
+
+fn manifest() -> Manifest {
+    Manifest::new(vec![TensorSpec { name: "w".into(), shape: vec![DIM] }]).unwrap()
+}
+
+#[test]
+fn the_denominator_is_the_configured_bound_not_the_realised_sample_size() {
+    // Five clients asked for, three live: n̄ stays 5 (one client's presence moves `selected`).
+    let fixed = dp(&settings(DpMode::Central, SamplingSettings::Fixed { count: 5 }, None));
+    assert_eq!(fixed.rate_and_denominator(3, 3).1, 5.0);
+    assert_eq!(fixed.rate_and_denominator(10, 5).1, 5.0);
+    let poisson = dp(&settings(DpMode::Central, SamplingSettings::Poisson { rate: 0.5 }, None));
+    assert_eq!(poisson.rate_and_denominator(10, 7).1, 5.0);
+}
+
+fn base() -> FitInstructions {
+    FitInstructions {
+        epochs: 1,
+        batch_size: 8,
+        learning_rate: 1e-3,
+        proximal_mu: 0.0,
+        max_steps: None,
+        seed: 0,
+    }
+}
+
+/// `reported` clients each sent the update `value` in every coordinate, folded with weight 1.
+fn results(value: f32, reported: usize) -> FitResults {
+    let mut sum = FixedPointSum::new(DIM);
+    let update = vec![value; DIM];
+    for _ in 0..reported {
+        sum.fold_values(&update, 1, 1.0);
+    }
+    let clients = (0..reported)
+        .map(|i| FitSummary {
+            client: ClientId::parse(&format!("c{i}")).unwrap(),
+            num_examples: 1,
+            weight: 1,
+            metrics: BTreeMap::new(),
+        })
+        .collect();
+    FitResults::new(sum, manifest(), clients)
+}
+
+fn draw(round: u64, candidates: usize, selected: usize) -> Draw {
+    Draw { round: RoundId::new(round, 0), candidates, selected, max_participations: round }
+}
+
+/// Aggregates and books the round, as the actor does once the weights are accepted.
+fn aggregate_and_charge(
+    dp: &mut DpStrategy,
+    plan: &FitPlan,
+    results: FitResults,
+    failures: &[FitFailure],
+) -> (ParameterVector, LedgerRecord) {
+    let out = dp
+        .aggregate_fit(&plan.context, &ParameterVector::zeros(manifest()), results, failures)
+        .unwrap()
+        .unwrap();
+    let record = out.charge.expect("a DP round charges privacy");
+    dp.charge(&record).unwrap();
+    (out.params, record)
+}
+
+fn moments(v: &[f32], centre: f64) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().map(|x| f64::from(*x) - centre).sum::<f64>() / n;
+    let var = v.iter().map(|x| (f64::from(*x) - centre - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+#[test]
+fn central_noise_lands_on_the_sum_and_the_average_uses_the_fixed_denominator() {
+    let s = settings(DpMode::Central, SamplingSettings::Poisson { rate: 0.5 }, None);
+    let mut dp = dp(&s);
+    let plan = dp.configure_fit(&draw(1, 20, 9), &base()).unwrap();
+    assert_eq!(plan.privacy.mode, PrivacyMode::Central);
+    assert_eq!(plan.privacy.noise_stddev, 0.0, "clients add no noise under central DP");
+    // 8 of the 9 sampled reported; n̄ = q·N = 10 regardless.
+    let (next, row) = aggregate_and_charge(&mut dp, &plan, results(1e-3, 8), &[]);
+    let (mean, std) = moments(next.values(), 8.0 * 1e-3 / 10.0);
+    // σ = z·C'/n̄ with C' a hair above C = 1.
+    assert!((std / 0.1 - 1.0).abs() < 0.01, "std {std}");
+    assert!(mean.abs() < 5.0 * 0.1 / (DIM as f64).sqrt(), "mean offset {mean}");
+    let lib = epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Poisson, 0.5, 1.0, 1, 1e-5).unwrap();
+    assert_eq!(row.entry.epsilon_after, lib);
+    assert_eq!(row.entry.sampling_rate, 0.5);
+    assert_eq!(dp.privacy_monitor().unwrap().snapshot().epsilon, lib);
+}
+
+#[test]
+fn local_noise_is_announced_to_clients_and_not_added_again() {
+    let s = settings(DpMode::Local, SamplingSettings::Fraction { fraction: 1.0 }, None);
+    let mut dp = dp(&s);
+    let plan = dp.configure_fit(&draw(1, 4, 4), &base()).unwrap();
+    assert_eq!(plan.privacy.mode, PrivacyMode::Local);
+    assert!(plan.privacy.noise_stddev > 1.0 && plan.privacy.noise_stddev < 1.001);
+    assert!(plan.privacy.grid_log2.is_some());
+    let (next, _) = aggregate_and_charge(&mut dp, &plan, results(0.25, 4), &[]);
+    // Sum 4·0.25 over n̄ = 4: exactly the mean, no coordinator noise.
+    assert!(next.values().iter().all(|v| *v == 0.25));
+}
+
+#[test]
+fn an_update_beyond_the_bound_is_scaled_onto_it_under_central_noise() {
+    let s = settings(DpMode::Central, SamplingSettings::Fraction { fraction: 1.0 }, None);
+    let mut dp = dp(&s);
+    let plan = dp.configure_fit(&draw(1, 3, 3), &base()).unwrap();
+    let stats = |n: f64| UploadStats { client: ClientId::parse("a").unwrap(), num_examples: 500, l2_norm: n };
+    let weighting = |n: f64| dp.update_weighting(&plan.context, &stats(n)).unwrap();
+    assert_eq!(weighting(0.5), UpdateWeighting { weight: 1, scale: 1.0 });
+    let w = weighting(4.0);
+    assert_eq!(w.weight, 1, "user-level DP weighs every client the same");
+    assert!(f64::from(w.scale) * 4.0 <= 1.0 && f64::from(w.scale) * 4.0 > 0.999);
+}
+
+#[test]
+fn a_round_beyond_the_budget_is_refused() {
+    let one = epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Full, 1.0, 1.0, 1, 1e-5).unwrap();
+    let two = epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Full, 1.0, 1.0, 2, 1e-5).unwrap();
+    let s = settings(DpMode::Central, SamplingSettings::Fraction { fraction: 1.0 }, Some((one + two) / 2.0));
+    let mut dp = dp(&s);
+    let plan = dp.configure_fit(&draw(1, 2, 2), &base()).unwrap();
+    aggregate_and_charge(&mut dp, &plan, results(0.0, 2), &[]);
+    match dp.configure_fit(&draw(2, 2, 2), &base()) {
+        Err(StrategyError::Exhausted(reason)) => assert!(reason.contains("budget"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn fixed_size_cohorts_are_accounted_without_replacement_never_as_poisson() {
+    let s = settings(DpMode::Central, SamplingSettings::Fixed { count: 5 }, None);
+    let mut dp = dp(&s);
+    let plan = dp.configure_fit(&draw(1, 50, 5), &base()).unwrap();
+    // Two of the five dropped out: ε is the same as if all had reported.
+    let failures: Vec<FitFailure> = (0..2)
+        .map(|i| FitFailure {
+            client: ClientId::parse(&format!("d{i}")).unwrap(),
+            outcome: ParticipantOutcome::Dropped,
+        })
+        .collect();
+    let (_, row) = aggregate_and_charge(&mut dp, &plan, results(0.0, 3), &failures);
+    assert_eq!(row.entry.sampling, SamplingScheme::FixedSize);
+    assert_eq!((row.entry.sampled, row.entry.reported), (5, 3));
+    assert_eq!(row.expected_clients, 5.0);
+    let lib =
+        epsilon_for_rounds(Adjacency::ReplaceOne, SamplingScheme::FixedSize, 0.1, 1.0, 1, 1e-5).unwrap();
+    assert_eq!(row.entry.epsilon_after, lib);
+}
+
+#[test]
+fn under_local_noise_a_draw_that_would_take_the_most_sampled_client_beyond_the_budget_is_refused() {
+    // q = 0.01, z = 1: the central ε of one round is tiny, but a client already drawn into
+    // 9 attempts would reach the local ε of 10 unamplified rounds (17.86).
+    let mut s = settings(DpMode::Local, SamplingSettings::Poisson { rate: 0.01 }, Some(10.0));
+    s.privacy.noise_multiplier = Some(1.0);
+    let mut strategy = dp(&s);
+    let mut draw = draw(1, 100, 1);
+    draw.max_participations = 3;
+    strategy.configure_fit(&draw, &base()).unwrap();
+    let status = strategy.privacy_monitor().unwrap().snapshot();
+    assert_eq!(status.max_participations, 3);
+    assert_eq!(status.local_epsilon, Some(local_epsilon(1.0, 3, s.privacy.delta).unwrap()));
+    draw.max_participations = 10;
+    let err = strategy.configure_fit(&draw, &base()).unwrap_err();
+    assert!(matches!(&err, StrategyError::Exhausted(r) if r.contains("local ε")), "{err}");
+    // The same draw under central noise is judged by the published models' ε only.
+    let mut s = settings(DpMode::Central, SamplingSettings::Poisson { rate: 0.01 }, Some(10.0));
+    s.privacy.noise_multiplier = Some(1.0);
+    let mut strategy = dp(&s);
+    strategy.configure_fit(&draw, &base()).unwrap();
+    assert_eq!(strategy.privacy_monitor().unwrap().snapshot().local_epsilon, None);
+}
+
+#[test]
+fn adaptive_clipping_moves_the_bound_and_its_count_is_accounted() {
+    let mut s = settings(DpMode::Central, SamplingSettings::Fraction { fraction: 1.0 }, None);
+    s.privacy.adaptive_clipping =
+        Some(AdaptiveClipSettings { target_quantile: 0.5, learning_rate: 0.5, count_noise_std: 0.6 });
+    let mut dp = dp(&s);
+    let plan = dp.configure_fit(&draw(1, 10, 10), &base()).unwrap();
+    assert!(plan.privacy.report_clip_indicator);
+    let mut res = results(0.0, 10);
+    for c in &mut res.clients {
+        // Every update was clipped: C must grow.
+        c.metrics.insert(CLIP_INDICATOR_METRIC.into(), -0.5);
+    }
+    let out = dp.aggregate_fit(&plan.context, &ParameterVector::zeros(manifest()), res, &[]).unwrap();
+    let row = out.unwrap().charge.unwrap();
+    assert_eq!(dp.clip_norm(), 1.0, "C moves only when the round is charged");
+    dp.charge(&row).unwrap();
+    assert!(dp.clip_norm() > 1.0, "C = {}", dp.clip_norm());
+    assert_eq!(dp.clip_norm(), row.next_clip_norm);
+    // The round is accounted at the configured total z = 1 (update and count together).
+    let z = row.entry.noise_multiplier;
+    assert!((z - 1.0).abs() < 1e-9, "z = {z}");
+}
+
+#[test]
+fn a_resumed_strategy_continues_from_its_ledger() {
+    let s = settings(DpMode::Central, SamplingSettings::Poisson { rate: 0.2 }, None);
+    let mut first = dp(&s);
+    let mut history = Vec::new();
+    for round in 1..=3 {
+        let plan = first.configure_fit(&draw(round, 50, 10), &base()).unwrap();
+        let (_, row) = aggregate_and_charge(&mut first, &plan, results(0.0, 10), &[]);
+        history.push(row);
+    }
+    let resumed = DpStrategy::with_noise_source(
+        Box::new(FedAvg::new(1.0, 0.0)),
+        &s,
+        DIM,
+        &history,
+        NoiseSource::seeded_for_tests(1),
+    )
+    .unwrap();
+    assert_eq!(resumed.epsilon(), first.epsilon());
+    assert_eq!(resumed.privacy_monitor().unwrap().snapshot().rounds_charged, 3);
+}
+
+#[test]
+fn distributed_noise_is_refused_without_the_override() {
+    let mut s = settings(DpMode::Distributed, SamplingSettings::Poisson { rate: 0.5 }, None);
+    assert!(DpStrategy::new(Box::new(FedAvg::new(1.0, 0.0)), &s, DIM, &[]).is_err());
+    s.privacy.allow_distributed_without_secure_aggregation = true;
+    let mut dp = dp(&s);
+    let plan = dp.configure_fit(&draw(1, 40, 20), &base()).unwrap();
+    // n̄ = 20 shares: each carries 1/√20 of the noise.
+    assert!((plan.privacy.noise_stddev * 20f64.sqrt() - 1.0).abs() < 1e-3, "{}", plan.privacy.noise_stddev);
+}
+
+#[test]
+fn each_round_is_aggregated_from_its_own_context_whatever_was_configured_since() {
+    let s = settings(DpMode::Central, SamplingSettings::Poisson { rate: 0.5 }, None);
+    let mut dp = dp(&s);
+    let first = dp.configure_fit(&draw(1, 20, 9), &base()).unwrap();
+    // A later attempt configured in between (e.g. a retry) does not disturb round 1.
+    let other = dp.configure_fit(&draw(2, 40, 30), &base()).unwrap();
+    assert_ne!(first.context, other.context);
+    let (_, row) = aggregate_and_charge(&mut dp, &first, results(0.0, 9), &[]);
+    assert_eq!((row.entry.round, row.entry.sampled), (1, 9));
+    assert_eq!(row.expected_clients, 10.0, "n̄ = q·N of round 1's own draw");
+    // A round configured by no one cannot be aggregated with privacy.
+    let bare = RoundContext::new(draw(3, 1, 1));
+    assert!(dp.aggregate_fit(&bare, &ParameterVector::zeros(manifest()), results(0.0, 1), &[]).is_err());
+}
+
+#[test]
+fn central_noise_on_the_integer_sum_has_the_calibrated_spread_over_the_fixed_denominator() {
+    let s = settings(DpMode::Central, SamplingSettings::Fraction { fraction: 1.0 }, None);
+    let mut dp = dp(&s);
+    let plan = dp.configure_fit(&draw(1, 4, 4), &base()).unwrap();
+    let (next, _) = aggregate_and_charge(&mut dp, &plan, results(0.0, 4), &[]);
+    let (mean, std) = moments(next.values(), 0.0);
+    assert!((std / 0.25 - 1.0).abs() < 0.01, "σ = z·C'/n̄ = 0.25: std {std}");
+    assert!(mean.abs() < 5.0 * 0.25 / (DIM as f64).sqrt(), "mean offset {mean}");
+}
