@@ -55,6 +55,22 @@ pub struct StatusArgs {
 }
 
 impl StatusArgs {
+    /// Status of the plaintext coordinator at `addr`, its last `recent` rounds, read as its
+    /// operator when `state_dir` (which holds the operator token) is given (harnesses, simulate).
+    pub fn plaintext(addr: &str, recent: u32, state_dir: Option<PathBuf>) -> Self {
+        Self {
+            addr: addr.to_string(),
+            recent,
+            json: false,
+            ca: None,
+            tls_domain: None,
+            tls_cert: None,
+            tls_key: None,
+            operator_token_file: None,
+            state_dir,
+        }
+    }
+
     /// Where the operator token is read from, if the full view is asked for.
     fn operator_token_path(&self) -> Option<PathBuf> {
         self.operator_token_file

@@ -219,17 +219,11 @@ pub async fn wait_for_status(
 ) -> Result<StatusReport> {
     // The operator's full view (round records included), as `fedtune-coordinator status
     // --state-dir` reads it.
-    let query = fedtune_coordinator::operator::StatusArgs {
-        addr: url.to_string(),
-        recent: 64,
-        json: false,
-        ca: None,
-        tls_domain: None,
-        tls_cert: None,
-        tls_key: None,
-        operator_token_file: None,
-        state_dir: Some(crate::identities::state_dir_of(url)?),
-    };
+    let query = fedtune_coordinator::operator::StatusArgs::plaintext(
+        url,
+        64,
+        Some(crate::identities::state_dir_of(url)?),
+    );
     let deadline = Instant::now() + timeout;
     let mut last = None;
     loop {

@@ -21,17 +21,7 @@ fn id(s: &str) -> ClientId {
 }
 
 fn status_args(url: &str, state_dir: Option<std::path::PathBuf>) -> StatusArgs {
-    StatusArgs {
-        addr: url.to_string(),
-        recent: 10,
-        json: false,
-        ca: None,
-        tls_domain: None,
-        tls_cert: None,
-        tls_key: None,
-        operator_token_file: None,
-        state_dir,
-    }
+    StatusArgs::plaintext(url, 10, state_dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

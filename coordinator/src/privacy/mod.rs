@@ -125,6 +125,18 @@ impl PrivacyMonitor {
     }
 }
 
+/// Restates `status.guarantee` from the figures beside it, so the line never disagrees with
+/// the numbers it summarizes.
+pub fn restate_guarantee(status: &mut PrivacyStatus, mode: DpMode, epsilon: f64, delta: f64, rounds: u64) {
+    status.guarantee = guarantee_line(
+        mode,
+        epsilon,
+        delta,
+        rounds,
+        status.local_epsilon.map(|l| (l, status.max_participations)),
+    );
+}
+
 /// The one-line guarantee status shows: the central ε of the published models and, under local
 /// noise, the local ε of the most-sampled client (`local`: ε and its participations).
 pub fn guarantee_line(

@@ -38,7 +38,7 @@ use super::{
     Strategy, StrategyError, UpdateWeighting, UploadStats,
 };
 use crate::aggregate::{MAX_ABS_VALUE, SCALE_BITS};
-use crate::privacy::{guarantee_line, local_epsilon, scheme_name, PrivacyMonitor};
+use crate::privacy::{guarantee_line, local_epsilon, restate_guarantee, scheme_name, PrivacyMonitor};
 use crate::settings::{accounting_for, AdaptiveClipSettings, CoordinatorSettings, DpMode, SamplingSettings};
 use crate::storage::{self, LedgerRecord, Storage, StorageError};
 
@@ -320,13 +320,7 @@ impl DpStrategy {
                 s.max_participations = participations;
                 s.local_epsilon = local;
             }
-            s.guarantee = guarantee_line(
-                mode,
-                epsilon,
-                delta,
-                rounds,
-                s.local_epsilon.map(|l| (l, s.max_participations)),
-            );
+            restate_guarantee(s, mode, epsilon, delta, rounds);
         });
     }
 
@@ -551,13 +545,7 @@ impl Strategy for DpStrategy {
             s.rounds_charged = rounds;
             s.clip_norm = record.next_clip_norm;
             s.noise_multiplier = record.entry.noise_multiplier;
-            s.guarantee = guarantee_line(
-                mode,
-                epsilon,
-                delta,
-                rounds,
-                s.local_epsilon.map(|l| (l, s.max_participations)),
-            );
+            restate_guarantee(s, mode, epsilon, delta, rounds);
         });
         info!(
             round = record.entry.round,

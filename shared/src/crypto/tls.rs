@@ -127,6 +127,21 @@ mod tests {
         assert!(err.contains("ca.pem") && err.contains("CERTIFICATE"), "{err}");
     }
 
+    /// A PEM file that parses as a certificate block (its contents are not one), for checks
+    /// that must get past the certificate to reach the key.
+    fn placeholder_certificate(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+        let cert = dir.join(name);
+        let der = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"placeholder");
+        write_file_atomically(
+            &cert,
+            format!("-----BEGIN CERTIFICATE-----\n{der}\n-----END CERTIFICATE-----\n").as_bytes(),
+            PUBLIC_FILE_MODE,
+            Overwrite::Refuse,
+        )
+        .unwrap();
+        cert
+    }
+
     #[test]
     fn a_key_file_without_a_key_is_rejected_without_quoting_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -139,16 +154,7 @@ mod tests {
         )
         .unwrap();
         // The certificate is checked first, so give it a parseable (if meaningless) one.
-        let cert = dir.path().join("client.pem");
-        let der =
-            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"not really a certificate");
-        write_file_atomically(
-            &cert,
-            format!("-----BEGIN CERTIFICATE-----\n{der}\n-----END CERTIFICATE-----\n").as_bytes(),
-            PUBLIC_FILE_MODE,
-            Overwrite::Refuse,
-        )
-        .unwrap();
+        let cert = placeholder_certificate(dir.path(), "client.pem");
         let err = load_identity(&cert, &key).unwrap_err().to_string();
         assert!(err.contains("client.key") && !err.contains("c2VjcmV0"), "{err}");
     }
@@ -159,15 +165,7 @@ mod tests {
         let key = dir.path().join("server.key");
         write_file_atomically(&key, b"irrelevant", PRIVATE_FILE_MODE, Overwrite::Refuse).unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
-        let cert = dir.path().join("server.pem");
-        let der = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, b"placeholder");
-        write_file_atomically(
-            &cert,
-            format!("-----BEGIN CERTIFICATE-----\n{der}\n-----END CERTIFICATE-----\n").as_bytes(),
-            PUBLIC_FILE_MODE,
-            Overwrite::Refuse,
-        )
-        .unwrap();
+        let cert = placeholder_certificate(dir.path(), "server.pem");
         let err = load_identity(&cert, &key).unwrap_err();
         assert!(matches!(err, CryptoError::InsecureFileMode { mode: 0o640, .. }), "{err}");
     }
