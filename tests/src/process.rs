@@ -78,6 +78,11 @@ impl Proc {
         Ok(Self { child: Some(child), log: log.to_path_buf() })
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `kill -9`: no chance to clean up, exactly like a crash or an OOM kill.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -122,6 +127,20 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// Resident memory of a process now and at its peak (`VmRSS`, `VmHWM`), in bytes.
+pub fn resident_memory(pid: u32) -> Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib << 10)
+            .with_context(|| format!("no {name} in /proc/{pid}/status"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
 /// A `fedtune-coordinator serve` process with its configuration file, restartable on its port.
