@@ -8,8 +8,8 @@ use fedtune_shared::round::PhaseName;
 use fedtune_shared::settings::SettingsError;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
 use tracing::{info, warn};
 
@@ -21,6 +21,7 @@ use crate::round::phase::Shared;
 use crate::round::phases::idle::Idle;
 use crate::round::requests::RoundHandle;
 use crate::round::{self, ActorExit, Round};
+use crate::rpc::connections::{keepalive_interval, ConnectionLimits, Connections};
 use crate::rpc::service::CoordinatorService;
 use crate::settings::CoordinatorSettings;
 use crate::storage::{Storage, StorageError};
@@ -91,6 +92,13 @@ impl std::fmt::Debug for Seams {
 /// that an upload waiting for its turn buffers at most this much in the server.
 const STREAM_WINDOW: u32 = 1 << 20;
 const CONNECTION_WINDOW: u32 = 2 << 20;
+
+/// TCP keepalive on accepted sockets: probes after a minute without traffic, every 10 s, three
+/// times, so a peer whose host vanished (no FIN, no RST) is noticed by the kernel even below
+/// HTTP/2 (during a TLS handshake, or a write blocked on a full window).
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const TCP_KEEPALIVE_RETRIES: u32 = 3;
 
 /// Runs a coordinator on `listener` until `shutdown` is cancelled (or the federation ends and
 /// `server.exit_after_finished` elapses), with [`Seams::secure`]: allowlisted clients only,
@@ -182,13 +190,23 @@ pub async fn run_with(
         traffic,
     );
     let addr = listener.local_addr().ok();
+    let connections = Connections::new(ConnectionLimits::from_settings(&settings));
+    // tonic ignores its own `tcp_nodelay`/`tcp_keepalive` with a custom incoming stream: they
+    // are set here, on the accepted sockets, before admission.
+    let incoming = connections.incoming(
+        TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(TCP_KEEPALIVE_IDLE))
+            .with_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
+            .with_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES)),
+    );
+    let ping = keepalive_interval(settings.server.connection_idle_timeout);
     let mut builder = Server::builder()
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .max_concurrent_streams(Some(settings.security.limits.max_streams_per_connection))
-        .tcp_nodelay(true);
+        .http2_keepalive_interval(Some(ping))
+        .http2_keepalive_timeout(Some(ping.min(Duration::from_secs(20))))
+        .max_concurrent_streams(Some(settings.security.limits.max_streams_per_connection));
     if let Some(tls) = seams.tls {
         builder = builder.tls_config(tls)?;
     } else {
@@ -198,8 +216,8 @@ pub async fn run_with(
         );
     }
     let server = builder
-        .add_service(service.into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), cancel.clone().cancelled_owned());
+        .add_service(service.into_server(connections))
+        .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned());
     let mut server = tokio::spawn(server);
     info!(addr = ?addr, fresh = booted.fresh, next_round = %booted.next, "coordinator serving");
 

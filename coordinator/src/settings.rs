@@ -109,6 +109,21 @@ pub struct ServerSettings {
     /// reading loses the stream then, freeing its download slot and buffered chunks.
     #[serde(with = "duration")]
     pub download_send_timeout: Duration,
+    /// Longest a new connection may take from accept to its first request (TLS handshake,
+    /// HTTP/2 preface, first call); one that has not got there by then is closed, so sockets
+    /// that connect and send nothing, or trickle a handshake, do not pile up.
+    #[serde(with = "duration")]
+    pub handshake_timeout: Duration,
+    /// Longest a connection may go without a byte from its peer before it is closed. The
+    /// server pings every third of it (at most every 30 s), and a live peer's answer counts, so
+    /// only dead or hostile peers reach it.
+    #[serde(with = "duration")]
+    pub connection_idle_timeout: Duration,
+    /// Longest any call but `UploadUpdate` may take to be answered (DEADLINE_EXCEEDED after
+    /// it). Must exceed `long_poll`. Uploads are bounded by the round's deadline and
+    /// `upload_idle_timeout` instead; download bodies by `download_send_timeout` per chunk.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
     /// Capacity of the bounded request queue in front of the round actor.
     pub request_queue: usize,
     /// How long shutdown waits for in-flight calls before it stops anyway.
@@ -130,6 +145,9 @@ impl Default for ServerSettings {
             max_update_weight: 10_000_000,
             download_chunk_bytes: DEFAULT_CHUNK_BYTES,
             download_send_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            connection_idle_timeout: Duration::from_secs(120),
+            request_timeout: Duration::from_secs(60),
             request_queue: 256,
             drain_grace: Duration::from_secs(30),
             exit_after_finished: None,
@@ -441,6 +459,21 @@ impl CoordinatorSettings {
                 "must be between 1ms and 10m",
             ));
         }
+        if s.handshake_timeout.is_zero() || s.handshake_timeout > Duration::from_secs(300) {
+            return Err(SettingsError::invalid("server.handshake_timeout", "must be between 1ms and 5m"));
+        }
+        if s.connection_idle_timeout.is_zero() || s.connection_idle_timeout > Duration::from_secs(3600) {
+            return Err(SettingsError::invalid(
+                "server.connection_idle_timeout",
+                "must be between 1ms and 1h",
+            ));
+        }
+        if s.request_timeout <= s.long_poll || s.request_timeout > Duration::from_secs(3600) {
+            return Err(SettingsError::invalid(
+                "server.request_timeout",
+                format!("must exceed server.long_poll ({:?}) and be at most 1h", s.long_poll),
+            ));
+        }
         if s.request_queue == 0 {
             return Err(SettingsError::invalid("server.request_queue", "must be at least 1"));
         }
@@ -679,6 +712,12 @@ mod tests {
             ("FEDTUNE__SERVER__UPLOAD_IDLE_TIMEOUT", "0s", "server.upload_idle_timeout"),
             ("FEDTUNE__SERVER__MAX_UPDATE_WEIGHT", "0", "server.max_update_weight"),
             ("FEDTUNE__SERVER__DOWNLOAD_SEND_TIMEOUT", "0s", "server.download_send_timeout"),
+            ("FEDTUNE__SERVER__HANDSHAKE_TIMEOUT", "0s", "server.handshake_timeout"),
+            ("FEDTUNE__SERVER__CONNECTION_IDLE_TIMEOUT", "2h", "server.connection_idle_timeout"),
+            // No longer than the long poll it must outlast (20 s by default).
+            ("FEDTUNE__SERVER__REQUEST_TIMEOUT", "20s", "server.request_timeout"),
+            ("FEDTUNE__SECURITY__LIMITS__MAX_CONNECTIONS_PER_ADDRESS", "0", "max_connections_per_address"),
+            ("FEDTUNE__SECURITY__LIMITS__MAX_CONNECTIONS", "0", "security.limits.max_connections"),
         ] {
             let err = load(&base(&d), vec![(var, value)]).unwrap_err();
             assert!(err.to_string().contains(key), "`{err}` should name `{key}`");

@@ -102,6 +102,17 @@ impl TestClient {
     /// Connects with a TLS configuration (for `https://` coordinators).
     pub async fn connect_with(url: &str, tls: Option<tonic::transport::ClientTlsConfig>) -> Result<Self> {
         let endpoint = fedtune_shared::endpoint::endpoint(url, tls, Duration::from_secs(5))?;
+        Self::connect_endpoint(endpoint, url).await
+    }
+
+    /// Connects from the local address `from` (on Linux every `127.x.y.z` is loopback, so a
+    /// scenario can play peers at several addresses), without joining.
+    pub async fn connect_from(url: &str, from: std::net::IpAddr) -> Result<Self> {
+        let endpoint = fedtune_shared::endpoint::endpoint(url, None, Duration::from_secs(5))?;
+        Self::connect_endpoint(endpoint.local_address(Some(from)), url).await
+    }
+
+    async fn connect_endpoint(endpoint: tonic::transport::Endpoint, url: &str) -> Result<Self> {
         let channel = endpoint.connect().await.with_context(|| format!("connecting to {url}"))?;
         let inner = CoordinatorClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -1,6 +1,7 @@
 //! No single peer stalls or locks out the coordinator's uploads: hung uploaders lose their slot,
-//! waiting for a slot and streaming end with the round, tiny chunks and inflated weights are
-//! refused — and the honest updates of the same round are folded all the same.
+//! waiting for a slot and streaming end with the round (at its deadline, or when it closes
+//! earlier), tiny chunks and inflated weights are refused — and the honest updates of the same
+//! round are folded all the same.
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,7 +11,7 @@ use fedtune_coordinator::CoordinatorSettings;
 use fedtune_shared::chunk::MIN_CHUNK_BYTES;
 use fedtune_shared::ids::{ModelVersion, RoundId};
 use fedtune_shared::pb;
-use fedtune_shared::round::{Chunk, FitTask, ModelScope, UploadItem, UploadReceipt};
+use fedtune_shared::round::{Chunk, ClientActivity, FitTask, ModelScope, UploadItem, UploadReceipt};
 use fedtune_tests::fixtures::{quick_settings, write_fake_model};
 use fedtune_tests::grpc::{expect_status, f32_bytes, update_values, InProcess, TestClient};
 use tokio::sync::mpsc;
@@ -121,6 +122,44 @@ async fn waiting_for_an_upload_slot_and_streaming_both_end_at_the_round_deadline
         Code::FailedPrecondition,
         &["round 1 (attempt 0)", "deadline"],
     );
+    drop(tx);
+    coord.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_still_streaming_when_its_round_closes_is_ended() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = settings(dir.path(), 1, 1)?;
+    s.server.max_concurrent_uploads = 1;
+    // Far beyond the test's waits: only the round closing can end the stream here.
+    s.rounds.deadline = Duration::from_secs(120);
+    s.server.upload_idle_timeout = Duration::from_secs(600);
+    s.clients.heartbeat_interval = Duration::from_secs(1);
+    s.clients.liveness_timeout = Duration::from_secs(3600);
+    let coord = InProcess::start(s).await?;
+    let mut c = TestClient::join(&coord.url, "quitter", 0).await?;
+    let n = c.trainable().numel();
+    let task = c.wait_for_fit(WAIT).await?;
+    let (tx, held) = hang_after_header(&c, &task, n).await?;
+    c.wait_status(WAIT, |s| {
+        s.clients.iter().any(|x| x.client_id.as_str() == "quitter" && x.activity == ClientActivity::Uploading)
+    })
+    .await?;
+    // Its only participant gives up while its upload still streams: the round closes (too few
+    // updates) long before its deadline, and the stream must end with it.
+    c.report_fit_failure(&task, "gave up").await?;
+    expect_status(
+        tokio::time::timeout(WAIT, held).await??,
+        Code::FailedPrecondition,
+        &["round 1 (attempt 0)", "closed before the upload completed"],
+    );
+    // The only upload slot was given back: the retry attempt's upload is received and folded.
+    let retry = c.wait_for_fit(WAIT).await?;
+    assert_eq!(retry.id, RoundId::new(1, 1));
+    let receipt =
+        tokio::time::timeout(WAIT, c.upload(&retry, 10, &f32_bytes(&update_values(1, n)))).await??;
+    assert_eq!(receipt.id, RoundId::new(1, 1));
     drop(tx);
     coord.shutdown().await?;
     Ok(())

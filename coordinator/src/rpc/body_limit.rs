@@ -22,7 +22,7 @@ use tonic::Status;
 pub const MAX_UNARY_REQUEST_BYTES: usize = 16 << 10;
 
 /// The one method whose body may be large (its messages are bounded by the service's limit).
-const UPLOAD_PATH: &str = "/fedtune.v1.Coordinator/UploadUpdate";
+pub(crate) const UPLOAD_PATH: &str = "/fedtune.v1.Coordinator/UploadUpdate";
 
 /// Wraps a gRPC service so that request bodies are limited per method.
 #[derive(Debug, Clone)]

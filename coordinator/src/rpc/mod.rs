@@ -6,9 +6,14 @@
 //! - [`auth`]: the session token of a call (`authorization: Bearer …`); what checks it is the
 //!   [`Authenticator`](crate::auth::Authenticator) seam below, in `auth`.
 //! - [`body_limit`]: request bodies limited per method before they are buffered.
+//! - [`connections`]: sockets admitted per address and in all, bounded in time before their
+//!   handshake completes and while their peer is silent.
+//! - [`request_timeout`]: every call but an upload answered within `server.request_timeout`.
 //! - [`status`]: the single `impl From<RoundError> for tonic::Status`.
 
 pub mod auth;
 pub mod body_limit;
+pub mod connections;
+pub mod request_timeout;
 pub mod service;
 pub mod status;

@@ -10,10 +10,10 @@
 //!   streamed into a spool file on blocking threads (each chunk checked: order, size, finite,
 //!   range, digest), and handed to the actor for folding only once the trailer verified. The
 //!   number of uploads receiving at once is bounded by a semaphore; waiting for it and receiving
-//!   both end at the round's deadline, a stream silent for `server.upload_idle_timeout` is
-//!   closed, and the session is re-checked at every chunk (revocation). If the stream breaks off or
-//!   anything is refused, the ticket guard tells the actor and the spool file is deleted: the
-//!   aggregate never sees a byte of it.
+//!   both end at the round's deadline or when the round closes earlier, a stream silent for
+//!   `server.upload_idle_timeout` is closed, and the session is re-checked at every chunk
+//!   (revocation). If the stream breaks off or anything is refused, the ticket guard tells the
+//!   actor and the spool file is deleted: the aggregate never sees a byte of it.
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -26,7 +26,7 @@ use fedtune_shared::ids::ClientId;
 use fedtune_shared::pb::{self, coordinator_server::Coordinator};
 use fedtune_shared::round::{
     Chunk, DownloadItem, DownloadRequest, EvalReport, FailureReport, Heartbeat, JoinRequest, JoinResponse,
-    Limits, ModelHeader, Task, UploadItem,
+    Limits, ModelHeader, PhaseName, Task, UploadItem,
 };
 use futures::Stream;
 use rustls::pki_types::CertificateDer;
@@ -38,6 +38,8 @@ use tracing::{debug, info_span, Instrument};
 
 use super::auth::bearer;
 use super::body_limit::BodyLimit;
+use super::connections::{Connections, MarkServed};
+use super::request_timeout::RequestTimeout;
 use crate::auth::limits::{CallSlot, Limits as CallLimits};
 use crate::auth::operator::anonymous_view;
 use crate::auth::peer::check_peer;
@@ -99,14 +101,19 @@ impl CoordinatorService {
         }
     }
 
-    /// The tonic server wrapper with explicit message limits: one upload message (a chunk and
-    /// header room) for the service, a few KiB for every other call's body.
-    pub fn into_server(self) -> BodyLimit<pb::coordinator_server::CoordinatorServer<Self>> {
-        BodyLimit::new(
-            pb::coordinator_server::CoordinatorServer::new(self)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        )
+    /// The tonic server wrapper: explicit message limits (one upload message, a chunk and
+    /// header room, for the service; a few KiB for every other call's body), every call but an
+    /// upload answered within `server.request_timeout`, and each call marking its connection's
+    /// handshake complete in `connections`.
+    pub fn into_server(
+        self,
+        connections: Connections,
+    ) -> MarkServed<RequestTimeout<BodyLimit<pb::coordinator_server::CoordinatorServer<Self>>>> {
+        let request_timeout = self.settings.server.request_timeout;
+        let server = pb::coordinator_server::CoordinatorServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        MarkServed::new(RequestTimeout::new(BodyLimit::new(server), request_timeout), connections)
     }
 
     /// Authenticates the caller and charges the call to it; the slot is held for the call.
@@ -389,6 +396,21 @@ impl Coordinator for CoordinatorService {
                 round: ticket.round,
                 reason: "its deadline passed before the upload completed".into(),
             };
+            // The round can also close before its deadline: once every other participant has
+            // ended and this one's slot was ended while it streamed (it reported a failure, or
+            // it missed its heartbeats). The stream must not outlive it, holding an upload slot
+            // into the next round.
+            let mut state = self.handle.events.state.clone();
+            let round = ticket.round;
+            let closed = async move {
+                // An error means the actor is gone: that closes the round too.
+                let _ = state.wait_for(|s| s.round != round || s.phase != PhaseName::Training).await;
+            };
+            tokio::pin!(closed);
+            let closed_early = || RoundError::RoundClosed {
+                round: ticket.round,
+                reason: "it closed before the upload completed".into(),
+            };
             // Biased: a slot freed by another stream ending at the same deadline is no use.
             let _permit = tokio::select! {
                 biased;
@@ -396,6 +418,7 @@ impl Coordinator for CoordinatorService {
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(RoundError::NoUploadSlot { round: ticket.round }.into())
                 }
+                _ = &mut closed => return Err(closed_early().into()),
                 p = self.uploads.clone().acquire_owned() => p.map_err(|_| RoundError::ShuttingDown)?,
             };
             let manifest = Arc::new(self.handle.events.model.borrow().layout.trainable.clone());
@@ -412,6 +435,7 @@ impl Coordinator for CoordinatorService {
                     biased;
                     _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
                     _ = tokio::time::sleep_until(deadline) => return Err(late().into()),
+                    _ = &mut closed => return Err(closed_early().into()),
                     item = next_upload_item_within(&mut stream, idle) => item?,
                 };
                 match item {

@@ -87,6 +87,13 @@ pub struct LimitSettings {
     pub max_pending_challenges: usize,
     /// HTTP/2 streams one connection may have open at once.
     pub max_streams_per_connection: u32,
+    /// TCP connections open at once from one IP address; a further one is closed at once. An
+    /// agent uses one (two while it reconnects), so this admits many sites behind one NAT
+    /// address. `simulate`, whose clients all share the loopback address, raises it to fit.
+    pub max_connections_per_address: usize,
+    /// TCP connections open at once in all (keep it below the process's file descriptor
+    /// limit); a further one is closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for LimitSettings {
@@ -101,6 +108,8 @@ impl Default for LimitSettings {
             max_concurrent_downloads: 64,
             max_pending_challenges: 4096,
             max_streams_per_connection: 32,
+            max_connections_per_address: 128,
+            max_connections: 4096,
         }
     }
 }
@@ -156,10 +165,18 @@ impl SecuritySettings {
             ("security.limits.max_concurrent_downloads", l.max_concurrent_downloads),
             ("security.limits.max_pending_challenges", l.max_pending_challenges),
             ("security.limits.max_streams_per_connection", l.max_streams_per_connection as usize),
+            ("security.limits.max_connections_per_address", l.max_connections_per_address),
+            ("security.limits.max_connections", l.max_connections),
         ] {
             if v == 0 {
                 return Err(SettingsError::invalid(key, "must be at least 1"));
             }
+        }
+        if l.max_connections_per_address > l.max_connections {
+            return Err(SettingsError::invalid(
+                "security.limits.max_connections_per_address",
+                "must not exceed security.limits.max_connections",
+            ));
         }
         Ok(())
     }

@@ -496,6 +496,11 @@ fn secure(
     // Many clients join at once from one address: the per-address limit must not slow them.
     settings.security.limits.anonymous_burst =
         settings.security.limits.anonymous_burst.max(4 * args.clients as u32);
+    // Every client connects from the loopback address: one connection each, two while one
+    // reconnects, and room for the operator's status calls.
+    let l = &mut settings.security.limits;
+    l.max_connections_per_address = l.max_connections_per_address.max(2 * args.clients + 16);
+    l.max_connections = l.max_connections.max(l.max_connections_per_address);
     let keys = out.join("keys");
     if keys.exists() {
         std::fs::remove_dir_all(&keys).map_err(|e| usage(&format!("clearing {}", keys.display()), &e))?;
