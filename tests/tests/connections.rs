@@ -12,8 +12,9 @@ use fedtune_shared::round::Task;
 use fedtune_tests::fixtures::{quick_settings, write_fake_model};
 use fedtune_tests::grpc::{InProcess, TestClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -167,6 +168,59 @@ async fn a_long_poll_outlasting_the_connection_idle_timeout_is_answered() -> Res
     assert!(matches!(task, Task::None { .. }), "no round runs with one client: {task:?}");
     assert!(started.elapsed() >= Duration::from_secs(3), "the poll must have outlasted the idle bound");
     c.status().await?;
+    coord.shutdown().await?;
+    Ok(())
+}
+
+/// Forwards one connection to `to`; once `freeze` is cancelled, nothing more from the client
+/// reaches the server (the sockets stay open). Returns when the server closed its side.
+async fn freezing_proxy(listener: TcpListener, to: SocketAddr, freeze: CancellationToken) -> Result<()> {
+    let (down, _) = listener.accept().await?;
+    let up = TcpStream::connect(to).await?;
+    let (mut down_r, mut down_w) = down.into_split();
+    let (mut up_r, mut up_w) = up.into_split();
+    let client_to_server = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = tokio::select! {
+                _ = freeze.cancelled() => break,
+                n = down_r.read(&mut buf) => match n { Ok(0) | Err(_) => return, Ok(n) => n },
+            };
+            if up_w.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+        // Frozen: hold the write half (no FIN) until the test ends.
+        tokio::time::sleep(WAIT * 3).await;
+        drop(up_w);
+    });
+    // Server to client until the server closes.
+    let _ = tokio::io::copy(&mut up_r, &mut down_w).await;
+    client_to_server.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_peer_falls_silent_is_closed_after_the_idle_timeout() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = settings(dir.path())?;
+    s.server.connection_idle_timeout = Duration::from_secs(1);
+    let coord = InProcess::start(s).await?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let freeze = CancellationToken::new();
+    let proxy = tokio::spawn(freezing_proxy(listener, addr_of(&coord.url)?, freeze.clone()));
+
+    let mut c = TestClient::connect(&url).await?;
+    c.status_as(None).await?;
+    // Quiet but alive, it outlasts the bound several times over.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.status_as(None).await?;
+    assert!(!proxy.is_finished(), "a live connection was closed");
+
+    // Now the peer answers nothing, not even pings: the coordinator hangs up.
+    freeze.cancel();
+    tokio::time::timeout(WAIT, proxy).await???;
     coord.shutdown().await?;
     Ok(())
 }
