@@ -8,6 +8,7 @@
 //! | `ca.pem`, `ca.key` | self-signed CA (may sign leaves only, path length 0), valid 10 years | 0644, 0600 |
 //! | `server.pem`, `server.key` | server certificate, SANs = the server names (DNS or IP), `serverAuth`, valid 1 year | 0644, 0600 |
 //! | `client-<name>.pem`, `client-<name>.key` | one per client, CN = name, `clientAuth`, valid 1 year | 0644, 0600 |
+//! | `operator.pem`, `operator.key` | the operator's, URI SAN [`OPERATOR_CERTIFICATE_URI`] and no DNS name, `clientAuth`, valid 1 year | 0644, 0600 |
 //!
 //! Keys are ECDSA P-256 in PKCS#8 PEM. This is for development and tests: a production
 //! deployment brings certificates from its own PKI, and only [`server_tls_config`] and
@@ -25,7 +26,7 @@ use fedtune_shared::crypto::tls::{ensure_crypto_provider, load_ca_certificate, l
 use fedtune_shared::crypto::CryptoError;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-    KeyPair, KeyUsagePurpose,
+    KeyPair, KeyUsagePurpose, SanType,
 };
 use tonic::transport::ServerTlsConfig;
 
@@ -35,6 +36,22 @@ pub const DEFAULT_SERVER_NAMES: [&str; 2] = ["localhost", "127.0.0.1"];
 /// Subject common name of the development CA. [`issue_client_cert`] rebuilds the issuer from
 /// it, so it must not change between runs.
 pub const DEV_CA_COMMON_NAME: &str = "fedtune development CA";
+
+/// The subject alternative name that makes a certificate from the client CA the operator's
+/// (`GetStatus` operator view under mutual TLS, see `auth::peer`).
+///
+/// A URI rather than a reserved client-like name: clients are bound to their certificates by
+/// DNS subject alternative names, and every client name is a DNS-style name, so a URI can never
+/// be mistaken for (or wildcard-matched as) a client name, and no choice of client name can
+/// reserve or collide with it. The operator certificate carries no DNS name at all, so it names
+/// no client; and the coordinator refuses any certificate bearing this URI at `Join` and
+/// `Enroll` even if another PKI gave it DNS names too, so the two roles never meet in one
+/// certificate. Client certificates from [`init_dev_pki`] and [`issue_client_cert`] carry no URI.
+pub const OPERATOR_CERTIFICATE_URI: &str = "urn:fedtune:operator";
+
+/// Subject common name of the operator certificate (for people reading it; roles are decided
+/// by [`OPERATOR_CERTIFICATE_URI`] only).
+const OPERATOR_COMMON_NAME: &str = "fedtune operator";
 
 const CA_VALIDITY_DAYS: i64 = 3650;
 const LEAF_VALIDITY_DAYS: i64 = 365;
@@ -85,6 +102,15 @@ pub struct ClientCertPaths {
     pub key: PathBuf,
 }
 
+/// Where the operator certificate and its key were written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorCertPaths {
+    /// `operator.pem`: present it with `fedtune-coordinator status --tls-cert`.
+    pub cert: PathBuf,
+    /// `operator.key`, mode 0600.
+    pub key: PathBuf,
+}
+
 /// Where [`init_dev_pki`] wrote everything.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PkiPaths {
@@ -98,11 +124,13 @@ pub struct PkiPaths {
     pub server_key: PathBuf,
     /// One entry per requested client, in the order given.
     pub clients: Vec<ClientCertPaths>,
+    /// The operator certificate (the operator view of `GetStatus` under mutual TLS).
+    pub operator: OperatorCertPaths,
 }
 
 /// Creates a development CA, a server certificate for `server_names` (DNS names and IP
-/// addresses; [`DEFAULT_SERVER_NAMES`] when empty) and a client certificate per entry of
-/// `clients`, all in `out_dir` (created if missing). See the module docs for the files.
+/// addresses; [`DEFAULT_SERVER_NAMES`] when empty), a client certificate per entry of
+/// `clients` and the operator certificate, all in `out_dir` (created if missing). See the module docs for the files.
 /// Refuses to touch an existing PKI file unless `force`.
 pub fn init_dev_pki(
     out_dir: &Path,
@@ -131,11 +159,13 @@ pub fn init_dev_pki(
         server_cert: out_dir.join("server.pem"),
         server_key: out_dir.join("server.key"),
         clients: clients.iter().map(|name| client_paths(out_dir, name)).collect(),
+        operator: OperatorCertPaths { cert: out_dir.join("operator.pem"), key: out_dir.join("operator.key") },
     };
     let overwrite = if force { Overwrite::Replace } else { Overwrite::Refuse };
     if !force {
         let mut all = vec![&paths.ca_cert, &paths.ca_key, &paths.server_cert, &paths.server_key];
         all.extend(paths.clients.iter().flat_map(|c| [&c.cert, &c.key]));
+        all.extend([&paths.operator.cert, &paths.operator.key]);
         if let Some(existing) = all.into_iter().find(|p| p.symlink_metadata().is_ok()) {
             return Err(CertError::Exists { path: existing.clone() });
         }
@@ -167,6 +197,7 @@ pub fn init_dev_pki(
     for client in &paths.clients {
         write_client_cert(&issuer, client, overwrite)?;
     }
+    write_operator_cert(&issuer, &paths.operator, overwrite)?;
     Ok(paths)
 }
 
@@ -236,6 +267,22 @@ fn write_client_cert(
     let cert = leaf_params(&paths.name, vec![paths.name.clone()], ExtendedKeyUsagePurpose::ClientAuth)?
         .signed_by(&key, issuer)
         .map_err(|e| gen_err(&what, e))?;
+    write_file_atomically(&paths.key, key.serialize_pem().as_bytes(), PRIVATE_FILE_MODE, overwrite)?;
+    write_file_atomically(&paths.cert, cert.pem().as_bytes(), PUBLIC_FILE_MODE, overwrite)?;
+    Ok(())
+}
+
+fn write_operator_cert(
+    issuer: &Issuer<'_, KeyPair>,
+    paths: &OperatorCertPaths,
+    overwrite: Overwrite,
+) -> Result<(), CertError> {
+    let what = "operator certificate";
+    let key = generate_key(what)?;
+    let mut params = leaf_params(OPERATOR_COMMON_NAME, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)?;
+    let uri = OPERATOR_CERTIFICATE_URI.try_into().map_err(|e| gen_err(what, e))?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    let cert = params.signed_by(&key, issuer).map_err(|e| gen_err(what, e))?;
     write_file_atomically(&paths.key, key.serialize_pem().as_bytes(), PRIVATE_FILE_MODE, overwrite)?;
     write_file_atomically(&paths.cert, cert.pem().as_bytes(), PUBLIC_FILE_MODE, overwrite)?;
     Ok(())
@@ -442,14 +489,17 @@ mod tests {
     fn init_writes_every_file_with_keys_private_and_certificates_public() {
         let dir = tempfile::tempdir().unwrap();
         let paths = pki(&dir.path().join("pki"), &["site-1", "site-2"]);
-        for key in [&paths.ca_key, &paths.server_key, &paths.clients[0].key, &paths.clients[1].key] {
+        let keys = [&paths.ca_key, &paths.server_key, &paths.clients[0].key, &paths.clients[1].key];
+        for key in keys.into_iter().chain([&paths.operator.key]) {
             assert_eq!(mode_of(key), 0o600, "{}", key.display());
         }
-        for cert in [&paths.ca_cert, &paths.server_cert, &paths.clients[0].cert, &paths.clients[1].cert] {
+        let certs = [&paths.ca_cert, &paths.server_cert, &paths.clients[0].cert, &paths.clients[1].cert];
+        for cert in certs.into_iter().chain([&paths.operator.cert]) {
             assert_eq!(mode_of(cert), 0o644, "{}", cert.display());
             assert!(std::fs::read_to_string(cert).unwrap().starts_with("-----BEGIN CERTIFICATE-----"));
         }
         assert_eq!(paths.clients[1].cert, dir.path().join("pki/client-site-2.pem"));
+        assert_eq!(paths.operator.cert, dir.path().join("pki/operator.pem"));
     }
 
     #[test]
@@ -550,6 +600,13 @@ mod tests {
             client_tls_config(&paths.ca_cert, "localhost", Some((&paths.server_cert, &paths.server_key)))
                 .unwrap();
         assert_refused(ping(server.addr, server_as_client).await, "UnsupportedCertificate");
+
+        // The operator certificate is a client certificate of the same CA as far as TLS goes;
+        // its role is read by the coordinator (`auth::peer`).
+        let operator =
+            client_tls_config(&paths.ca_cert, "localhost", Some((&paths.operator.cert, &paths.operator.key)))
+                .unwrap();
+        ping(server.addr, operator).await.unwrap();
     }
 
     #[tokio::test]

@@ -92,8 +92,10 @@ pub struct CertsArgs {
 pub enum CertsCommand {
     /// Create a development PKI: ca.pem/ca.key, server.pem/server.key and, per --client,
     /// client-NAME.pem/.key (private keys 0600). Client certificates carry NAME as a DNS subject
-    /// alternative name: under mutual TLS the coordinator lets each serve only that client. For
-    /// tests and small deployments; bring your own PKI otherwise (same naming rule).
+    /// alternative name: under mutual TLS the coordinator lets each serve only that client.
+    /// operator.pem/.key is the operator's (URI SAN urn:fedtune:operator, no DNS name): `status
+    /// --tls-cert/--tls-key` with it gets the operator view; it can never join. For tests and
+    /// small deployments; bring your own PKI otherwise (same naming rules).
     Init {
         /// Output directory (created if missing).
         #[arg(long)]
@@ -222,6 +224,12 @@ pub fn certs(args: &CertsArgs, out: &mut impl Write) -> Result<(), ClientsError>
             for c in &paths.clients {
                 writeln!(out, "client `{}`: {} {}", c.name, c.cert.display(), c.key.display())?;
             }
+            writeln!(
+                out,
+                "operator (status --tls-cert/--tls-key; never a client): {} {}",
+                paths.operator.cert.display(),
+                paths.operator.key.display()
+            )?;
         }
         CertsCommand::IssueClient { pki, name, force } => {
             let c = issue_client_cert(pki, name, *force)?;

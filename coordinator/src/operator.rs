@@ -39,7 +39,9 @@ pub struct StatusArgs {
     /// Name the coordinator's certificate must carry (default: the URL's host).
     #[arg(long)]
     pub tls_domain: Option<String>,
-    /// Client certificate (PEM) when the coordinator requires mutual TLS.
+    /// Client certificate (PEM) when the coordinator requires mutual TLS. The operator
+    /// certificate (`operator.pem` from `certs init`) gets the operator view without a token;
+    /// a client's certificate gets the anonymous view.
     #[arg(long, value_name = "PEM", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// Client private key (PEM) for mutual TLS.

@@ -55,7 +55,7 @@ proptest! {
         replacement in prop::char::any(),
     ) {
         let auth = authority();
-        let token = auth.issue("site-1", Duration::from_secs(60), NOW).unwrap();
+        let token = auth.issue("site-1", None, Duration::from_secs(60), NOW).unwrap();
         let text = token.expose_secret();
         let i = position.index(text.len());
         prop_assume!(text.as_bytes()[i] as char != replacement);
@@ -98,6 +98,6 @@ fn the_generators_do_reach_the_accepting_paths() {
     let key = KeyPair::generate_ephemeral().unwrap().public_key();
     assert_eq!(key.to_string().parse::<PublicKey>().unwrap(), key);
     let auth = authority();
-    let token = auth.issue("site-1", Duration::from_secs(60), NOW).unwrap();
+    let token = auth.issue("site-1", None, Duration::from_secs(60), NOW).unwrap();
     assert!(auth.verify(token.expose_secret(), NOW).is_ok());
 }

@@ -14,8 +14,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use fedtune_shared::auth::{sign_upload, update_statement, SIGNATURE_SCHEME};
 use fedtune_shared::crypto::{
-    sign_challenge, sign_update, verify_challenge, verify_update, Challenge, EnrollmentDigest,
-    EnrollmentToken, KeyPair, PublicKey, SessionAuthority, SessionSecret, Signature, UpdateStatement,
+    sign_challenge, sign_update, verify_challenge, verify_update, CertificateDigest, Challenge,
+    EnrollmentDigest, EnrollmentToken, KeyPair, PublicKey, SessionAuthority, SessionSecret, Signature,
+    UpdateStatement,
 };
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId, Sha256};
 use fedtune_shared::params::{Manifest, ParameterVector, TensorSpec};
@@ -26,13 +27,14 @@ const DOC: &str = include_str!("../../docs/protocol.md");
 const DOC_PATH: &str = "docs/protocol.md";
 
 /// Every worked example the document must hold, once each.
-const EXPECTED: [&str; 7] = [
+const EXPECTED: [&str; 8] = [
     "ed25519-key",
     "manifest-digest",
     "payload-digest",
     "join-challenge",
     "update-statement",
     "session-token",
+    "session-token-bound",
     "enrollment-digest",
 ];
 
@@ -390,11 +392,13 @@ fn the_session_token_example_is_accepted_and_issued_by_the_session_authority() {
     assert_eq!(read.federation_id, federation_id);
     assert_eq!((read.issued_at, read.expires_at), (issued_at, expires_at));
     ex.check_bytes("nonce", &read.nonce, &nonce);
+    assert_eq!(read.certificate, None, "version 1 claims are bound to no certificate");
     assert!(authority.verify(&token, expires_at).is_err(), "refused from expires_at on");
 
     // A token the coordinator issues for the same inputs has the documented claims but for the
     // random nonce (the last 16 bytes), and the documented MAC construction.
-    let issued = authority.issue(&client_id, Duration::from_secs(expires_at - issued_at), issued_at).unwrap();
+    let issued =
+        authority.issue(&client_id, None, Duration::from_secs(expires_at - issued_at), issued_at).unwrap();
     let (claims_text, tag_text) = issued.expose_secret().split_once('.').unwrap();
     let issued_claims = URL_SAFE_NO_PAD.decode(claims_text).unwrap();
     assert_eq!(issued_claims.len(), claims.len(), "claims length");
@@ -415,6 +419,59 @@ fn the_session_token_example_is_accepted_and_issued_by_the_session_authority() {
     std::fs::write(&path, format!("{secret_text}\n")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     ex.check_bytes("secret_text", &SessionSecret::load_or_generate(&path).unwrap().to_bytes(), &secret);
+    ex.done();
+}
+
+#[test]
+fn the_bound_session_token_example_is_accepted_over_its_certificate_and_issued_alike() {
+    let ex = example("session-token-bound");
+    let secret = ex.hex32("secret");
+    let client_id = ex.string("client_id");
+    let federation_id = ex.string("federation_id");
+    let issued_at = ex.u64("issued_at");
+    let expires_at = ex.u64("expires_at");
+    let nonce = ex.hex("nonce");
+    let certificate = CertificateDigest(ex.hex32("certificate_sha256"));
+    let claims = ex.hex("claims");
+    let mac_input = ex.hex("mac_input");
+    let tag = ex.hex("hmac_sha256");
+    let token = ex.string("token");
+
+    let key = hmac::Key::new(hmac::HMAC_SHA256, &secret);
+    ex.check_bytes("hmac_sha256", hmac::sign(&key, &mac_input).as_ref(), &tag);
+    assert_eq!(format!("{}.{}", b64(&claims), b64(&tag)), token, "token is base64url(claims).base64url(tag)");
+
+    let authority = SessionAuthority::new(&SessionSecret::from_bytes(secret), federation_id.clone());
+    let read = authority
+        .verify(&token, issued_at)
+        .unwrap_or_else(|e| ex.fail("token", format!("the session authority refuses it: {e}")));
+    assert_eq!(read.client_id, client_id);
+    assert_eq!(read.federation_id, federation_id);
+    assert_eq!((read.issued_at, read.expires_at), (issued_at, expires_at));
+    ex.check_bytes("nonce", &read.nonce, &nonce);
+    assert_eq!(read.certificate, Some(certificate), "certificate_sha256");
+    read.check_certificate(Some(certificate)).unwrap();
+    assert!(read.check_certificate(None).is_err(), "refused over no certificate");
+    assert!(read.check_certificate(Some(CertificateDigest([0; 32]))).is_err(), "refused over another");
+
+    // Issued for the same inputs over the same certificate: the documented claims but for the
+    // random nonce (16 bytes before the digest), and the documented MAC construction.
+    let issued = authority
+        .issue(&client_id, Some(certificate), Duration::from_secs(expires_at - issued_at), issued_at)
+        .unwrap();
+    let (claims_text, tag_text) = issued.expose_secret().split_once('.').unwrap();
+    let issued_claims = URL_SAFE_NO_PAD.decode(claims_text).unwrap();
+    assert_eq!(issued_claims.len(), claims.len(), "claims length");
+    let nonce_at = claims.len() - 32 - 16;
+    ex.check_bytes("claims", &issued_claims[..nonce_at], &claims[..nonce_at]);
+    ex.check_bytes("claims", &issued_claims[nonce_at + 16..], &claims[nonce_at + 16..]);
+    let mut issued_mac_input = mac_input[..mac_input.len() - claims.len()].to_vec();
+    issued_mac_input.extend_from_slice(&issued_claims);
+    ex.check_bytes(
+        "hmac_sha256",
+        &URL_SAFE_NO_PAD.decode(tag_text).unwrap(),
+        hmac::sign(&key, &issued_mac_input).as_ref(),
+    );
     ex.done();
 }
 

@@ -1,17 +1,21 @@
 //! Issue #10, who may see and ask what, over real gRPC: the status view an anonymous caller gets
-//! and the operator's, join challenges under a flood, and enrollment refusals.
+//! and the operator's (by token, and by the operator certificate under mutual TLS), join
+//! challenges under a flood, enrollment refusals, and session tokens bound to the client
+//! certificate they were issued over.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use fedtune_coordinator::auth::{Allowlist, ClientAuth};
+use fedtune_coordinator::certs::{init_dev_pki, PkiPaths};
 use fedtune_coordinator::operator::{fetch_status, StatusArgs};
 use fedtune_coordinator::{run_with, Seams};
-use fedtune_shared::crypto::{EnrollmentToken, KeyPair};
+use fedtune_shared::auth::{ChallengeGrant, JoinProof};
+use fedtune_shared::crypto::{client_tls_config, EnrollmentToken, KeyPair};
 use fedtune_shared::ids::{ClientId, ModelVersion};
 use fedtune_shared::pb;
-use fedtune_shared::round::PhaseName;
+use fedtune_shared::round::{JoinRequest, PhaseName};
 use fedtune_tests::fixtures::{quick_settings, write_fake_model};
 use fedtune_tests::grpc::{expect_status, InProcess, TestClient};
 use tonic::Code;
@@ -22,6 +26,186 @@ fn id(s: &str) -> ClientId {
 
 fn status_args(url: &str, state_dir: Option<std::path::PathBuf>) -> StatusArgs {
     StatusArgs::plaintext(url, 10, state_dir)
+}
+
+/// A coordinator under mutual TLS with a development PKI for `site-1` and `site-2` (and the
+/// operator certificate `certs init` always issues); one round that waits for both sites.
+async fn mutual_tls_coordinator(dir: &std::path::Path, bind_names: bool) -> Result<(InProcess, PkiPaths)> {
+    let model = write_fake_model(&dir.join("model"), 1, 8)?;
+    let pki = init_dev_pki(&dir.join("pki"), &[], &["site-1".into(), "site-2".into()], false)?;
+    let mut s = quick_settings(&dir.join("state"), &model, 1, 2, 2);
+    s.evaluation.every = 0;
+    s.security.insecure = false;
+    s.security.tls_cert = Some(pki.server_cert.clone());
+    s.security.tls_key = Some(pki.server_key.clone());
+    s.security.client_ca = Some(pki.ca_cert.clone());
+    s.security.bind_client_certificates = bind_names;
+    Ok((InProcess::start(s).await?, pki))
+}
+
+/// A connection to `coord` presenting the certificate `cert`/`key`.
+async fn over_certificate(
+    coord: &InProcess,
+    pki: &PkiPaths,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<TestClient> {
+    let tls = client_tls_config(&pki.ca_cert, "localhost", Some((cert, key)))?;
+    TestClient::connect_with(&coord.url, Some(tls)).await
+}
+
+/// `status` as the CLI runs it, over mutual TLS with `cert`/`key` and no operator token.
+fn status_over_certificate(
+    url: &str,
+    pki: &PkiPaths,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> StatusArgs {
+    StatusArgs {
+        ca: Some(pki.ca_cert.clone()),
+        tls_cert: Some(cert.to_path_buf()),
+        tls_key: Some(key.to_path_buf()),
+        ..StatusArgs::plaintext(url, 10, None)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_token_replayed_over_another_clients_certificate_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (coord, pki) = mutual_tls_coordinator(dir.path(), true).await?;
+    let (one, two) = (&pki.clients[0], &pki.clients[1]);
+    let mut site1 = over_certificate(&coord, &pki, &one.cert, &one.key).await?;
+    site1.rejoin("site-1", 0).await?;
+    let mut site2 = over_certificate(&coord, &pki, &two.cert, &two.key).await?;
+    site2.rejoin("site-2", 0).await?;
+    let stolen = site1.token().expect("joined");
+    let own = site2.token().expect("joined");
+
+    // site-2's machine holds a valid certificate of the same CA and a session of its own, yet
+    // site-1's token is no use over it; nor over the operator certificate.
+    site2.set_token(Some(stolen.clone()));
+    let refused = expect_status(
+        site2.poll(Duration::ZERO).await,
+        Code::Unauthenticated,
+        &["bound to the client certificate it was issued over", "presents another one"],
+    );
+    assert!(!refused.message().contains(&stolen), "{}", refused.message());
+    let mut operator = over_certificate(&coord, &pki, &pki.operator.cert, &pki.operator.key).await?;
+    operator.set_token(Some(stolen.clone()));
+    expect_status(operator.poll(Duration::ZERO).await, Code::Unauthenticated, &["presents another one"]);
+
+    // The owner keeps its session over its own certificate, also on a fresh connection (the
+    // binding is to the certificate, not the TCP connection), and both sites finish the round.
+    site1.poll(Duration::ZERO).await?;
+    let mut site1_again = over_certificate(&coord, &pki, &one.cert, &one.key).await?;
+    site1_again.set_token(Some(stolen));
+    site1_again.poll(Duration::ZERO).await?;
+    site2.set_token(Some(own));
+    let (t1, t2) = (
+        site1.wait_for_fit(Duration::from_secs(20)).await?,
+        site2.wait_for_fit(Duration::from_secs(20)).await?,
+    );
+    let n = site1.trainable().numel();
+    site1.upload(&t1, 5, &fedtune_tests::grpc::f32_bytes(&vec![0.01; n])).await?;
+    site2.upload(&t2, 5, &fedtune_tests::grpc::f32_bytes(&vec![0.02; n])).await?;
+    assert_eq!(site1.wait_finished(Duration::from_secs(20)).await?, ModelVersion(1));
+    coord.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_certificate_sees_the_operator_view_and_a_client_certificate_does_not() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (coord, pki) = mutual_tls_coordinator(dir.path(), true).await?;
+    let one = &pki.clients[0];
+    let mut site1 = over_certificate(&coord, &pki, &one.cert, &one.key).await?;
+    site1.rejoin("site-1", 0).await?;
+
+    // The operator certificate alone, no token: every client, from the CLI's code path as well.
+    let mut operator = over_certificate(&coord, &pki, &pki.operator.cert, &pki.operator.key).await?;
+    let full = operator.status_as(None).await?;
+    assert_eq!(full.clients.iter().map(|c| c.client_id.to_string()).collect::<Vec<_>>(), ["site-1"]);
+    let full =
+        fetch_status(&status_over_certificate(&coord.url, &pki, &pki.operator.cert, &pki.operator.key))
+            .await?;
+    assert_eq!(full.clients.len(), 1);
+
+    // A client certificate of the same CA gets the anonymous view, from the CLI too; with its
+    // session token as the bearer it is refused, as without mutual TLS.
+    let anonymous = site1.status_as(None).await?;
+    assert!(anonymous.clients.is_empty() && anonymous.recent_rounds.is_empty(), "{anonymous:?}");
+    let anonymous = fetch_status(&status_over_certificate(&coord.url, &pki, &one.cert, &one.key)).await?;
+    assert!(anonymous.clients.is_empty() && anonymous.recent_rounds.is_empty(), "{anonymous:?}");
+    let session = site1.token().expect("joined");
+    expect_status(site1.status_as(Some(&session)).await, Code::Unauthenticated, &["not the operator token"]);
+    // The operator certificate does not make a wrong token right: still refused, not downgraded.
+    expect_status(
+        operator.status_as(Some("stale")).await,
+        Code::Unauthenticated,
+        &["not the operator token"],
+    );
+    coord.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_certificate_cannot_join_as_a_client() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // Binding names to certificates is off, so nothing but the operator marker can refuse it.
+    let (coord, pki) = mutual_tls_coordinator(dir.path(), false).await?;
+    let mut operator = over_certificate(&coord, &pki, &pki.operator.cert, &pki.operator.key).await?;
+    for name in ["site-1", "operator"] {
+        expect_status(
+            operator.try_join(name, 0).await,
+            Code::PermissionDenied,
+            &["operator certificate cannot join or enroll as a client"],
+        );
+    }
+    // Nor does a challenge fetched over site-1's own connection help: `Join` itself refuses the
+    // operator certificate, with site-1's allowlisted key and a valid answer.
+    let one = &pki.clients[0];
+    let mut site1 = over_certificate(&coord, &pki, &one.cert, &one.key).await?;
+    let grant = site1
+        .raw()
+        .join_challenge(pb::JoinChallengeRequest { client_name: "site-1".into() })
+        .await?
+        .into_inner();
+    let grant = ChallengeGrant::try_from(grant)?;
+    let key = fedtune_tests::identities::key_for(&coord.url, "site-1")?;
+    let mut join = pb::JoinRequest::from(JoinRequest {
+        protocol_version: pb::PROTOCOL_VERSION,
+        name: Some(id("site-1")),
+        public_key: None,
+        train_examples: 1,
+        eval_examples: 0,
+        agent_version: "fedtune-tests".into(),
+    });
+    JoinProof::answer(&key, &grant, &id("site-1")).attach(&mut join);
+    expect_status(
+        operator.raw().join(join).await,
+        Code::PermissionDenied,
+        &["operator certificate cannot join or enroll as a client"],
+    );
+    let state = fedtune_tests::identities::state_dir_of(&coord.url)?;
+    let token = Allowlist::open(&state)?.issue_enrollment_token(&id("new-site"), Duration::from_secs(600))?;
+    let key = KeyPair::generate_ephemeral()?;
+    let enroll = pb::EnrollRequest {
+        client_name: "new-site".into(),
+        public_key: key.public_key().as_bytes().to_vec().into(),
+        enrollment_token: token.expose_secret(),
+    };
+    expect_status(
+        operator.raw().enroll(enroll).await,
+        Code::PermissionDenied,
+        &["operator certificate cannot join or enroll"],
+    );
+    // Nothing was admitted: no client is known, and the sites still join over their own
+    // certificates.
+    assert!(operator.status_as(None).await?.clients.is_empty());
+    site1.rejoin("site-1", 0).await?;
+    assert_eq!(operator.status_as(None).await?.clients.len(), 1);
+    coord.shutdown().await?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

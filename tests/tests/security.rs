@@ -152,8 +152,12 @@ async fn try_every_attack(
         &["join again"],
     );
     let secret = SessionSecret::load_or_generate(&state.join("session.key"))?;
-    let expired =
-        SessionAuthority::new(&secret, fed.clone()).issue("e", Duration::from_secs(60), unix_now() - 3600)?;
+    let expired = SessionAuthority::new(&secret, fed.clone()).issue(
+        "e",
+        None,
+        Duration::from_secs(60),
+        unix_now() - 3600,
+    )?;
     forged_session.set_token(Some(expired.expose_secret().to_string()));
     let s = expect_status(
         forged_session.poll(Duration::from_millis(10)).await,

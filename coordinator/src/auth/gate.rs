@@ -6,7 +6,8 @@
 //! Join(name, nonce, sig) ─► tag and expiry check ─► name allowlisted? ─► sig over (nonce,
 //!                           federation, name) verifies with the allowlisted key? ─► nonce not used
 //!                           before (replay set, until its expiry) ─► HMAC session token (session_ttl)
-//! any call (Bearer token) ─► HMAC tag, federation, expiry ─► the client's current session?
+//! any call (Bearer token) ─► HMAC tag, federation, expiry ─► same client certificate as at
+//!                           join (or none on both) ─► the client's current session?
 //!                           ─► still allowlisted (read per call: revocation is immediate)
 //! upload trailer ─► still allowlisted ─► Ed25519 signature over (federation, round, attempt, client,
 //!                   manifest, payload SHA-256, examples) verifies ─► only then folded
@@ -24,8 +25,8 @@ use std::time::Duration;
 
 use fedtune_shared::auth::{verify_upload, ChallengeGrant, ChallengeRequest, EnrollRequest, JoinProof};
 use fedtune_shared::crypto::{
-    verify_challenge, CryptoError, OperatorCheck, OperatorToken, SessionAuthority, SessionSecret,
-    OPERATOR_TOKEN_FILE,
+    verify_challenge, CertificateDigest, CryptoError, OperatorCheck, OperatorToken, SessionAuthority,
+    SessionSecret, OPERATOR_TOKEN_FILE,
 };
 use fedtune_shared::ids::ClientId;
 use fedtune_shared::round::{JoinRequest, UpdateHeader, UpdateTrailer};
@@ -246,10 +247,14 @@ impl Authenticator for ClientAuth {
         Some(self.federation_id.clone())
     }
 
-    fn open_session(&self, client: &ClientId) -> Result<String, RoundError> {
+    fn open_session(
+        &self,
+        client: &ClientId,
+        certificate: Option<CertificateDigest>,
+    ) -> Result<String, RoundError> {
         let token = self
             .authority
-            .issue(client.as_str(), self.session_ttl, unix_now())
+            .issue(client.as_str(), certificate, self.session_ttl, unix_now())
             .map_err(|e| RoundError::Internal(e.to_string()))?;
         let claims = self
             .authority
@@ -259,7 +264,11 @@ impl Authenticator for ClientAuth {
         Ok(token.expose_secret().to_owned())
     }
 
-    fn authenticate(&self, token: &str) -> Result<ClientId, RoundError> {
+    fn authenticate(
+        &self,
+        token: &str,
+        certificate: Option<CertificateDigest>,
+    ) -> Result<ClientId, RoundError> {
         let claims = self.authority.verify(token, unix_now()).map_err(|e| match e {
             CryptoError::Expired { .. } => {
                 RoundError::Unauthenticated(format!("session token {e}: join again"))
@@ -268,6 +277,13 @@ impl Authenticator for ClientAuth {
         })?;
         let client = ClientId::parse(&claims.client_id).map_err(|_| {
             RoundError::Unauthenticated("invalid session token (bad client id): join again".into())
+        })?;
+        claims.check_certificate(certificate).map_err(|e| {
+            warn!(client = %client, reason = %e, "session token presented over the wrong client certificate");
+            RoundError::Unauthenticated(format!(
+                "{e}: a session token is valid only over the client certificate it was issued over; \
+                 join again over this connection"
+            ))
         })?;
         let current = self.sessions.read().unwrap_or_else(|p| p.into_inner()).get(&client).copied();
         if current != Some(claims.nonce) {
@@ -382,30 +398,49 @@ mod tests {
         let g = gate(dir.path());
         let key = KeyPair::generate_ephemeral().unwrap();
         g.allowlist().add(&id("a"), &key.public_key()).unwrap();
-        let t1 = g.open_session(&id("a")).unwrap();
-        assert_eq!(g.authenticate(&t1).unwrap(), id("a"));
-        let t2 = g.open_session(&id("a")).unwrap();
-        assert!(matches!(g.authenticate(&t1), Err(RoundError::Unauthenticated(_))));
+        let t1 = g.open_session(&id("a"), None).unwrap();
+        assert_eq!(g.authenticate(&t1, None).unwrap(), id("a"));
+        let t2 = g.open_session(&id("a"), None).unwrap();
+        assert!(matches!(g.authenticate(&t1, None), Err(RoundError::Unauthenticated(_))));
         let mut forged = t2.clone().into_bytes();
         let last = forged.len() - 1;
         forged[last] = if forged[last] == b'A' { b'B' } else { b'A' };
         assert!(matches!(
-            g.authenticate(&String::from_utf8(forged).unwrap()),
+            g.authenticate(&String::from_utf8(forged).unwrap(), None),
             Err(RoundError::Unauthenticated(_))
         ));
         // A token from another coordinator (another secret) is refused.
         let other = tempfile::tempdir().unwrap();
         let elsewhere = gate(other.path());
         elsewhere.allowlist().add(&id("a"), &key.public_key()).unwrap();
-        let foreign = elsewhere.open_session(&id("a")).unwrap();
-        assert!(matches!(g.authenticate(&foreign), Err(RoundError::Unauthenticated(_))));
+        let foreign = elsewhere.open_session(&id("a"), None).unwrap();
+        assert!(matches!(g.authenticate(&foreign, None), Err(RoundError::Unauthenticated(_))));
 
         g.allowlist().revoke(&id("a")).unwrap();
-        assert!(matches!(g.authenticate(&t2), Err(RoundError::Forbidden(_))));
+        assert!(matches!(g.authenticate(&t2, None), Err(RoundError::Forbidden(_))));
         g.allowlist().add(&id("a"), &key.public_key()).unwrap();
-        g.authenticate(&t2).unwrap();
+        g.authenticate(&t2, None).unwrap();
         g.close_session(&id("a"));
-        assert!(matches!(g.authenticate(&t2), Err(RoundError::Unauthenticated(_))));
+        assert!(matches!(g.authenticate(&t2, None), Err(RoundError::Unauthenticated(_))));
+    }
+
+    #[tokio::test]
+    async fn a_session_opened_over_a_certificate_serves_only_calls_over_that_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = gate(dir.path());
+        let key = KeyPair::generate_ephemeral().unwrap();
+        g.allowlist().add(&id("a"), &key.public_key()).unwrap();
+        let ours = CertificateDigest::of_der(b"a's certificate");
+        let token = g.open_session(&id("a"), Some(ours)).unwrap();
+        assert_eq!(g.authenticate(&token, Some(ours)).unwrap(), id("a"));
+        for presented in [Some(CertificateDigest::of_der(b"b's certificate")), None] {
+            let err = g.authenticate(&token, presented).unwrap_err();
+            assert!(matches!(err, RoundError::Unauthenticated(_)), "{err}");
+            assert!(err.to_string().contains("valid only over the client certificate"), "{err}");
+        }
+        let unbound = g.open_session(&id("a"), None).unwrap();
+        let err = g.authenticate(&unbound, Some(ours)).unwrap_err();
+        assert!(err.to_string().contains("issued without a client certificate"), "{err}");
     }
 
     #[tokio::test]
@@ -414,13 +449,13 @@ mod tests {
         let g = gate(dir.path());
         let key = KeyPair::generate_ephemeral().unwrap();
         g.allowlist().add(&id("a"), &key.public_key()).unwrap();
-        g.open_session(&id("a")).unwrap();
+        g.open_session(&id("a"), None).unwrap();
         // A genuine token for `a` issued long ago, under the persisted secret.
         let secret = SessionSecret::load_or_generate(&dir.path().join(SESSION_SECRET_FILE)).unwrap();
         let old = SessionAuthority::new(&secret, g.federation_id().unwrap())
-            .issue("a", Duration::from_secs(60), unix_now() - 3600)
+            .issue("a", None, Duration::from_secs(60), unix_now() - 3600)
             .unwrap();
-        let err = g.authenticate(old.expose_secret()).unwrap_err();
+        let err = g.authenticate(old.expose_secret(), None).unwrap_err();
         assert!(err.to_string().contains("expired"), "{err}");
         assert!(!err.to_string().contains(old.expose_secret()));
     }

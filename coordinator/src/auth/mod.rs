@@ -9,8 +9,10 @@
 //! - [`gate`]: [`ClientAuth`], the `Authenticator` + `UpdateVerifier` of `serve`: join challenge,
 //!   HMAC session tokens, per-call allowlist check, update signature check.
 //! - [`limits`]: per-client and per-address token buckets, in-flight caps, download cap.
-//! - [`operator`]: what an anonymous `GetStatus` caller sees (the operator token unlocks the rest).
-//! - [`peer`]: a mutual-TLS client certificate must be issued to the name the client joins as.
+//! - [`operator`]: what an anonymous `GetStatus` caller sees (the operator token or the operator
+//!   certificate unlocks the rest).
+//! - [`peer`]: a mutual-TLS client certificate must be issued to the name the client joins as;
+//!   the operator certificate is told apart and never joins.
 //!
 //! # What each layer stops
 //! TLS keeps a network attacker from reading or altering traffic and from stealing session

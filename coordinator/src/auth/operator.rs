@@ -6,7 +6,8 @@
 //! they reported) tell an observer who trains when. Under sampling-based DP that is exactly the
 //! secret amplification by subsampling relies on, and even without DP it is the members' business.
 //! So it leaves the coordinator only to a caller presenting the operator token
-//! (`<state_dir>/operator.token`, see [`fedtune_shared::crypto::OperatorToken`]).
+//! (`<state_dir>/operator.token`, see [`fedtune_shared::crypto::OperatorToken`]) or, under
+//! mutual TLS, the operator certificate ([`crate::auth::peer::is_operator_certificate`]).
 
 use fedtune_shared::round::StatusReport;
 

@@ -6,11 +6,31 @@
 //! `fedtune-coordinator certs init` issues them) means a site whose certificate leaked still
 //! cannot join as another site, and a site whose Ed25519 key leaked cannot be impersonated from
 //! a machine without that site's certificate.
+//!
+//! The operator certificate (`certs init` issues `operator.pem`) is the other role a certificate
+//! from the client CA can have: it unlocks `GetStatus`'s operator view like the operator token,
+//! and it can never join or enroll. Roles are told apart by [`OPERATOR_CERTIFICATE_URI`] (see
+//! there for why a URI and not a name).
 
 use fedtune_shared::ids::ClientId;
 use rustls::pki_types::{CertificateDer, ServerName};
 
+pub use crate::certs::OPERATOR_CERTIFICATE_URI;
 use crate::error::RoundError;
+
+/// Whether `leaf`, a certificate the TLS handshake already verified against the client CA, is
+/// an operator certificate: it carries [`OPERATOR_CERTIFICATE_URI`] as a URI subject
+/// alternative name. A certificate that cannot be read is not one.
+pub fn is_operator_certificate(leaf: &CertificateDer<'_>) -> bool {
+    webpki::EndEntityCert::try_from(leaf)
+        .map(|cert| cert.valid_uri_names().any(|uri| uri == OPERATOR_CERTIFICATE_URI))
+        .unwrap_or(false)
+}
+
+/// Whether the caller presented an operator certificate (the first of `peer_certs` is the leaf).
+pub fn presents_operator_certificate(peer_certs: Option<&[CertificateDer<'static>]>) -> bool {
+    peer_certs.and_then(<[_]>::first).is_some_and(is_operator_certificate)
+}
 
 /// Checks that `leaf`, the certificate the caller presented, is issued to `client`.
 ///
@@ -33,13 +53,28 @@ pub fn check_certificate_names(leaf: &CertificateDer<'_>, client: &ClientId) -> 
     })
 }
 
-/// The certificate check for one call: `None` where no client certificate was presented (no
-/// mutual TLS) or binding is off.
+/// Refuses a call made over the operator certificate: what `JoinChallenge`, `Join` and
+/// `Enroll` check first, so the operator certificate never starts a client's handshake.
+pub fn refuse_operator_certificate(peer_certs: Option<&[CertificateDer<'static>]>) -> Result<(), RoundError> {
+    if presents_operator_certificate(peer_certs) {
+        return Err(RoundError::Forbidden(
+            "the operator certificate cannot join or enroll as a client: it only reads the \
+             operator status view; a site needs a client certificate issued to its name"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The certificate check of `Join` and `Enroll`: the operator certificate is always refused
+/// (whatever else it names, and with binding off too); otherwise nothing is checked where no
+/// client certificate was presented (no mutual TLS) or binding is off.
 pub fn check_peer(
     peer_certs: Option<&[CertificateDer<'static>]>,
     bind: bool,
     client: Option<&ClientId>,
 ) -> Result<(), RoundError> {
+    refuse_operator_certificate(peer_certs)?;
     let Some(leaf) = peer_certs.and_then(<[_]>::first).filter(|_| bind) else {
         return Ok(());
     };
@@ -86,5 +121,26 @@ mod tests {
         assert!(check_peer(Some(&certs), true, Some(&id("site-2"))).is_err());
         let err = check_peer(Some(&certs), true, None).unwrap_err().to_string();
         assert!(err.contains("name its certificate is issued to"), "{err}");
+    }
+
+    #[test]
+    fn only_the_operator_certificate_is_an_operator_and_it_never_passes_as_a_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = init_dev_pki(dir.path(), &[], &["site-1".into()], false).unwrap();
+        let client = vec![CertificateDer::from_pem_file(&pki.clients[0].cert).unwrap()];
+        let server = vec![CertificateDer::from_pem_file(&pki.server_cert).unwrap()];
+        let operator = vec![CertificateDer::from_pem_file(&pki.operator.cert).unwrap()];
+        assert!(presents_operator_certificate(Some(&operator)));
+        assert!(!presents_operator_certificate(Some(&client)));
+        assert!(!presents_operator_certificate(Some(&server)));
+        assert!(!presents_operator_certificate(None));
+        // It names no client, and it is refused before names are even compared, binding or not.
+        assert!(check_certificate_names(&operator[0], &id("operator")).is_err());
+        for bind in [true, false] {
+            for name in [Some(&id("site-1")), Some(&id("operator")), None] {
+                let err = check_peer(Some(&operator), bind, name).unwrap_err().to_string();
+                assert!(err.contains("operator certificate cannot join"), "{err}");
+            }
+        }
     }
 }

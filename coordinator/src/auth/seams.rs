@@ -5,6 +5,7 @@
 //! touching the service, and so that `rpc` (above) calls `auth` (below), never the reverse.
 
 use fedtune_shared::auth::{ChallengeGrant, ChallengeRequest, EnrollRequest, JoinProof};
+use fedtune_shared::crypto::CertificateDigest;
 use fedtune_shared::ids::ClientId;
 use fedtune_shared::round::{JoinRequest, UpdateHeader, UpdateTrailer};
 
@@ -12,11 +13,21 @@ use crate::error::RoundError;
 
 /// Issues and checks session tokens.
 pub trait Authenticator: Send + Sync + 'static {
-    /// Opens a session for a client that just joined; returns the bearer token. A client has at
-    /// most one session: opening a new one revokes the old token.
-    fn open_session(&self, client: &ClientId) -> Result<String, RoundError>;
-    /// The client a token belongs to.
-    fn authenticate(&self, token: &str) -> Result<ClientId, RoundError>;
+    /// Opens a session for a client that just joined over `certificate` (the digest of its
+    /// mutual-TLS client certificate, `None` without one); returns the bearer token. A client
+    /// has at most one session: opening a new one revokes the old token.
+    fn open_session(
+        &self,
+        client: &ClientId,
+        certificate: Option<CertificateDigest>,
+    ) -> Result<String, RoundError>;
+    /// The client a token belongs to, for a call presenting `certificate` (the session must
+    /// have been opened over that same certificate, or over none if it is `None`).
+    fn authenticate(
+        &self,
+        token: &str,
+        certificate: Option<CertificateDigest>,
+    ) -> Result<ClientId, RoundError>;
     /// Revokes a client's session.
     fn close_session(&self, client: &ClientId);
     /// Issues a join challenge (first half of the join handshake). By default joins need no

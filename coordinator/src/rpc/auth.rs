@@ -1,10 +1,13 @@
-//! Who is calling: the bearer session token of every call after `Join`.
+//! Who is calling: the bearer session token of every call after `Join`, and the client
+//! certificate the call arrived over.
 //!
 //! The checks themselves are behind the [`Authenticator`](crate::auth::Authenticator) and
 //! [`UpdateVerifier`](crate::auth::UpdateVerifier) seams of [`crate::auth`]; this module only
-//! reads the token off the wire.
+//! reads the credentials off the wire.
 
+use fedtune_shared::crypto::CertificateDigest;
 use tonic::metadata::MetadataMap;
+use tonic::Request;
 
 use crate::error::RoundError;
 
@@ -19,6 +22,12 @@ pub fn bearer(metadata: &MetadataMap) -> Result<&str, RoundError> {
     text.strip_prefix("Bearer ").map(str::trim).filter(|t| !t.is_empty()).ok_or_else(|| {
         RoundError::Unauthenticated("the authorization metadata is not `Bearer <token>`".into())
     })
+}
+
+/// The SHA-256 of the client certificate this call's connection presented (the TLS leaf), or
+/// `None` without mutual TLS: what session tokens are bound to.
+pub fn presented_certificate<T>(req: &Request<T>) -> Option<CertificateDigest> {
+    req.peer_certs().and_then(|certs| certs.first().map(|leaf| CertificateDigest::of_der(leaf.as_ref())))
 }
 
 #[cfg(test)]

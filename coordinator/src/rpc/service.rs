@@ -36,13 +36,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info_span, Instrument};
 
-use super::auth::bearer;
+use super::auth::{bearer, presented_certificate};
 use super::body_limit::BodyLimit;
 use super::connections::{Connections, MarkServed};
 use super::request_timeout::RequestTimeout;
 use crate::auth::limits::{CallSlot, Limits as CallLimits};
 use crate::auth::operator::anonymous_view;
-use crate::auth::peer::check_peer;
+use crate::auth::peer::{check_peer, presents_operator_certificate, refuse_operator_certificate};
 use crate::auth::{Authenticator, UpdateVerifier};
 use crate::error::RoundError;
 use crate::round::events::Traffic;
@@ -116,15 +116,15 @@ impl CoordinatorService {
         MarkServed::new(RequestTimeout::new(BodyLimit::new(server), request_timeout), connections)
     }
 
-    /// Authenticates the caller and charges the call to it; the slot is held for the call.
-    /// A refused token is charged to the caller's address instead, so guessing tokens is
-    /// throttled like any other unauthenticated call.
+    /// Authenticates the caller (its token, over the client certificate the session was opened
+    /// over) and charges the call to it; the slot is held for the call. A refused token is
+    /// charged to the caller's address instead, so guessing tokens is throttled like any other
+    /// unauthenticated call.
     fn client<T>(&self, req: &Request<T>) -> Result<(ClientId, CallSlot), Status> {
-        let client =
-            bearer(req.metadata()).and_then(|token| self.auth.authenticate(token)).map_err(|e| match self
-                .limits
-                .anonymous_call(req.remote_addr().map(|a| a.ip()))
-            {
+        let certificate = presented_certificate(req);
+        let client = bearer(req.metadata())
+            .and_then(|token| self.auth.authenticate(token, certificate))
+            .map_err(|e| match self.limits.anonymous_call(req.remote_addr().map(|a| a.ip())) {
                 Ok(()) => Status::from(e),
                 Err(limited) => Status::from(limited),
             })?;
@@ -202,6 +202,7 @@ impl Coordinator for CoordinatorService {
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
         self.anonymous(&req)?;
         let certs = req.peer_certs();
+        let certificate = presented_certificate(&req);
         let wire = req.into_inner();
         let proof = JoinProof::from_request(&wire).map_err(RoundError::from)?;
         let mut join = JoinRequest::try_from(wire).map_err(RoundError::from)?;
@@ -213,7 +214,8 @@ impl Coordinator for CoordinatorService {
             join.public_key = None;
         }
         let joined = self.handle.join(join).await?;
-        let token = self.auth.open_session(&joined.client_id)?;
+        // Bound to the certificate this join came over: the token is no use on any other.
+        let token = self.auth.open_session(&joined.client_id, certificate)?;
         let model = self.handle.events.model.borrow().clone();
         let c = &self.settings.clients;
         let resp = JoinResponse {
@@ -237,6 +239,7 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::JoinChallengeRequest>,
     ) -> Result<Response<pb::JoinChallengeResponse>, Status> {
         self.anonymous(&req)?;
+        refuse_operator_certificate(req.peer_certs().as_deref().map(Vec::as_slice))?;
         let request = ChallengeRequest::try_from(req.into_inner()).map_err(RoundError::from)?;
         let grant = self.auth.challenge(&request)?;
         Ok(Response::new((&grant).into()))
@@ -374,6 +377,7 @@ impl Coordinator for CoordinatorService {
         let (client, _slot) = self.client(&req)?;
         // Kept to re-check the session (and so revocation) while the upload streams.
         let token = bearer(req.metadata())?.to_string();
+        let certificate = presented_certificate(&req);
         let idle = self.settings.server.upload_idle_timeout;
         let mut stream = req.into_inner();
         let header = match next_upload_item_within(&mut stream, idle).await? {
@@ -442,7 +446,7 @@ impl Coordinator for CoordinatorService {
                     Some(UploadItem::Chunk(c)) => {
                         // A client revoked (or whose session was replaced) mid-upload stops
                         // here, not only at its next call.
-                        self.auth.authenticate(&token)?;
+                        self.auth.authenticate(&token, certificate)?;
                         self.traffic.add_received(c.data.len() as u64);
                         let (w, r) = tokio::task::spawn_blocking(move || {
                             let r = writer.write_chunk(c.offset, &c.data);
@@ -516,10 +520,12 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::GetStatusRequest>,
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
-        // No credentials: the anonymous view. A credential that is not the operator token is
-        // refused rather than downgraded, so an operator with a stale token notices.
+        // No credentials: the anonymous view, unless the call came over the operator certificate
+        // (mutual TLS). A credential that is not the operator token is refused rather than
+        // downgraded, so an operator with a stale token notices.
+        let certs = req.peer_certs();
         let operator = match req.metadata().get("authorization") {
-            None => false,
+            None => presents_operator_certificate(certs.as_deref().map(Vec::as_slice)),
             Some(_) => {
                 let checked = bearer(req.metadata()).and_then(|token| self.auth.operator(token));
                 if let Err(e) = checked {

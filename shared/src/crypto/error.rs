@@ -89,6 +89,10 @@ pub enum CryptoError {
         /// The federation named in the token.
         found: String,
     },
+    /// A genuine session token presented over another client certificate than the one it was
+    /// bound to at issue, or across the line between mutual TLS and none (either way).
+    #[error("{0}")]
+    WrongCertificate(String),
     /// A presented enrollment token is not the one on record.
     #[error("enrollment token does not match")]
     TokenMismatch,

@@ -32,7 +32,7 @@ pub use enrollment::{EnrollmentDigest, EnrollmentRecord, EnrollmentToken};
 pub use error::CryptoError;
 pub use identity::{generate_keypair_file, load_keypair, KeyPair, PublicKey};
 pub use operator::{OperatorCheck, OperatorToken, OPERATOR_TOKEN_FILE};
-pub use session::{SessionAuthority, SessionClaims, SessionSecret, SessionToken};
+pub use session::{CertificateDigest, SessionAuthority, SessionClaims, SessionSecret, SessionToken};
 pub use signing::{
     sign_challenge, sign_update, verify_challenge, verify_update, Challenge, Signature, UpdateStatement,
 };

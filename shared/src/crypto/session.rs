@@ -6,11 +6,20 @@
 //!
 //! # Token format
 //! `base64url(claims) "." base64url(tag)`, both without padding, where `claims` is
-//! `version (u8 = 1) | len u16 BE | client id | len u16 BE | federation id | issued_at u64 BE |
-//! expires_at u64 BE | nonce (16 bytes)` and `tag = HMAC-SHA256(secret, len u64 BE |
-//! "fedtune/v1/session" | len u64 BE | claims)`. Times are unix seconds, passed in by the caller
-//! so that tests (and paused-time simulations) are deterministic. The claims are readable by
-//! anyone holding the token; they are not secret, only unforgeable.
+//! `version (u8) | len u16 BE | client id | len u16 BE | federation id | issued_at u64 BE |
+//! expires_at u64 BE | nonce (16 bytes)`, followed in version 2 by the SHA-256 of the client
+//! certificate (DER of the leaf) the session was opened over, and `tag = HMAC-SHA256(secret, len
+//! u64 BE | "fedtune/v1/session" | len u64 BE | claims)`. Version 1 is a session opened without
+//! a client certificate. Times are unix seconds, passed in by the caller so that tests (and
+//! paused-time simulations) are deterministic. The claims are readable by anyone holding the
+//! token; they are not secret, only unforgeable.
+//!
+//! # Why a certificate binding
+//! Under mutual TLS a bearer token alone would let whoever copies it (a log, a proxy, a
+//! compromised neighbour with its own valid certificate) act as the client from any machine the
+//! CA trusts. Binding the token to the certificate's digest means a copied token is useless
+//! without that certificate's private key. The binding is in the tagged claims, so nobody
+//! without the session secret can move a token to another certificate.
 
 use std::fmt;
 use std::path::Path;
@@ -24,7 +33,10 @@ use super::{b64_decode, b64_encode, random_bytes, Canonical, CryptoError};
 /// Context label of session-token tags.
 pub const SESSION_CONTEXT: &str = "fedtune/v1/session";
 
-const TOKEN_VERSION: u8 = 1;
+/// Claims of a session opened without a client certificate.
+const VERSION_UNBOUND: u8 = 1;
+/// Claims of a session opened over mutual TLS: version 1's fields and the certificate digest.
+const VERSION_BOUND: u8 = 2;
 /// Longest token text accepted; anything longer is rejected before decoding so a hostile
 /// header cannot make the coordinator allocate much.
 const MAX_TOKEN_LEN: usize = 2048;
@@ -114,6 +126,38 @@ impl fmt::Debug for SessionToken {
     }
 }
 
+/// SHA-256 of a client certificate's DER encoding (the TLS leaf): what a session opened over
+/// mutual TLS is bound to. Two distinct certificates (even for the same name and key) differ.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CertificateDigest(pub [u8; 32]);
+
+impl CertificateDigest {
+    /// The digest of `der`, a certificate as it travelled in the TLS handshake.
+    pub fn of_der(der: &[u8]) -> Self {
+        let d = ring::digest::digest(&ring::digest::SHA256, der);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        CertificateDigest(out)
+    }
+}
+
+impl fmt::Debug for CertificateDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CertificateDigest({})", hex_prefix(&self.0))
+    }
+}
+
+impl fmt::Display for CertificateDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sha256:{}…", hex_prefix(&self.0))
+    }
+}
+
+/// The first 8 bytes in hex: enough to tell certificates apart in a message or log.
+fn hex_prefix(bytes: &[u8; 32]) -> String {
+    bytes[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// What a verified session token asserts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionClaims {
@@ -127,12 +171,15 @@ pub struct SessionClaims {
     pub expires_at: u64,
     /// Random bytes that make every token unique (and give logs a handle on one token).
     pub nonce: [u8; 16],
+    /// The client certificate the session was opened over (version 2 claims), or `None` for a
+    /// session opened without one (version 1).
+    pub certificate: Option<CertificateDigest>,
 }
 
 impl SessionClaims {
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(1 + 4 + self.client_id.len() + self.federation_id.len() + 32);
-        out.push(TOKEN_VERSION);
+        let mut out = Vec::with_capacity(1 + 4 + self.client_id.len() + self.federation_id.len() + 64);
+        out.push(if self.certificate.is_some() { VERSION_BOUND } else { VERSION_UNBOUND });
         for id in [&self.client_id, &self.federation_id] {
             // Lengths were checked against MAX_ID_LEN at issue.
             out.extend_from_slice(&(id.len() as u16).to_be_bytes());
@@ -141,14 +188,20 @@ impl SessionClaims {
         out.extend_from_slice(&self.issued_at.to_be_bytes());
         out.extend_from_slice(&self.expires_at.to_be_bytes());
         out.extend_from_slice(&self.nonce);
+        if let Some(cert) = &self.certificate {
+            out.extend_from_slice(&cert.0);
+        }
         out
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, CryptoError> {
         let mut r = Reader(bytes);
         let version = r.take(1)?[0];
-        if version != TOKEN_VERSION {
-            return Err(CryptoError::Malformed(format!("unknown session token version {version}")));
+        if version != VERSION_UNBOUND && version != VERSION_BOUND {
+            return Err(CryptoError::Malformed(format!(
+                "unknown session token version {version} (this coordinator reads versions \
+                 {VERSION_UNBOUND} and {VERSION_BOUND})"
+            )));
         }
         let client_id = r.string()?;
         let federation_id = r.string()?;
@@ -156,10 +209,44 @@ impl SessionClaims {
         let expires_at = r.u64()?;
         let mut nonce = [0u8; 16];
         nonce.copy_from_slice(r.take(16)?);
+        let certificate = if version == VERSION_BOUND {
+            let mut digest = [0u8; 32];
+            digest.copy_from_slice(r.take(32)?);
+            Some(CertificateDigest(digest))
+        } else {
+            None
+        };
         if !r.0.is_empty() {
             return Err(CryptoError::Malformed("trailing bytes after session claims".into()));
         }
-        Ok(SessionClaims { client_id, federation_id, issued_at, expires_at, nonce })
+        Ok(SessionClaims { client_id, federation_id, issued_at, expires_at, nonce, certificate })
+    }
+}
+
+impl SessionClaims {
+    /// Whether these claims may be used on a call presenting `presented` (the SHA-256 of the
+    /// caller's client certificate, `None` without mutual TLS).
+    ///
+    /// Strict both ways: a bound token only over its own certificate, and an unbound token
+    /// (issued without a client certificate) never over a connection that presents one. The
+    /// second direction matters when a coordinator is moved to mutual TLS while tokens from
+    /// before are still alive: they would otherwise ride on whichever certificate a thief has.
+    pub fn check_certificate(&self, presented: Option<CertificateDigest>) -> Result<(), CryptoError> {
+        let refuse = |why: String| Err(CryptoError::WrongCertificate(why));
+        match (self.certificate, presented) {
+            (Some(bound), Some(presented)) if bound == presented => Ok(()),
+            (None, None) => Ok(()),
+            (Some(bound), Some(presented)) => refuse(format!(
+                "session token is bound to the client certificate it was issued over ({bound}), \
+                 but this call presents another one ({presented})"
+            )),
+            (Some(bound), None) => refuse(format!(
+                "session token is bound to a client certificate ({bound}), but this call presents none"
+            )),
+            (None, Some(_)) => refuse(
+                "session token was issued without a client certificate, but this call presents one".into(),
+            ),
+        }
     }
 }
 
@@ -219,8 +306,15 @@ impl SessionAuthority {
     }
 
     /// A token for `client_id`, valid from `now` (unix seconds) for `ttl` (whole seconds;
-    /// sub-second parts are dropped, and a TTL under one second is refused).
-    pub fn issue(&self, client_id: &str, ttl: Duration, now: u64) -> Result<SessionToken, CryptoError> {
+    /// sub-second parts are dropped, and a TTL under one second is refused), bound to
+    /// `certificate` when the session is opened over mutual TLS (version 2 claims).
+    pub fn issue(
+        &self,
+        client_id: &str,
+        certificate: Option<CertificateDigest>,
+        ttl: Duration,
+        now: u64,
+    ) -> Result<SessionToken, CryptoError> {
         check_id("client id", client_id)?;
         check_id("federation id", &self.federation_id)?;
         if ttl.as_secs() == 0 {
@@ -232,6 +326,7 @@ impl SessionAuthority {
             issued_at: now,
             expires_at: now.saturating_add(ttl.as_secs()),
             nonce: random_bytes()?,
+            certificate,
         };
         let encoded = claims.encode();
         let tag = hmac::sign(&self.key, &mac_input(&encoded));
@@ -373,7 +468,7 @@ mod tests {
     #[test]
     fn a_fresh_token_verifies_to_the_claims_it_was_issued_with() {
         let auth = authority("fed-a");
-        let token = auth.issue("site-1", HOUR, NOW).unwrap();
+        let token = auth.issue("site-1", None, HOUR, NOW).unwrap();
         let claims = auth.verify(token.expose_secret(), NOW + 10).unwrap();
         assert_eq!(claims.client_id, "site-1");
         assert_eq!(claims.federation_id, "fed-a");
@@ -383,15 +478,15 @@ mod tests {
     #[test]
     fn two_tokens_for_the_same_client_differ() {
         let auth = authority("fed-a");
-        let a = auth.issue("site-1", HOUR, NOW).unwrap();
-        let b = auth.issue("site-1", HOUR, NOW).unwrap();
+        let a = auth.issue("site-1", None, HOUR, NOW).unwrap();
+        let b = auth.issue("site-1", None, HOUR, NOW).unwrap();
         assert_ne!(a, b);
     }
 
     #[test]
     fn flipping_any_bit_of_the_claims_or_tag_gives_bad_tag() {
         let auth = authority("fed-a");
-        let token = auth.issue("site-1", HOUR, NOW).unwrap();
+        let token = auth.issue("site-1", None, HOUR, NOW).unwrap();
         let (claims_text, tag_text) = token.expose_secret().split_once('.').unwrap();
         let claims = b64_decode(claims_text).unwrap();
         let tag = b64_decode(tag_text).unwrap();
@@ -413,14 +508,14 @@ mod tests {
     fn a_token_minted_with_another_secret_gives_bad_tag() {
         let ours = authority("fed-a");
         let theirs = SessionAuthority::new(&SessionSecret::from_bytes([7; 32]), "fed-a");
-        let token = theirs.issue("site-1", HOUR, NOW).unwrap();
+        let token = theirs.issue("site-1", None, HOUR, NOW).unwrap();
         assert!(matches!(ours.verify(token.expose_secret(), NOW), Err(CryptoError::BadTag)));
     }
 
     #[test]
     fn a_token_is_refused_from_its_expiry_second_on() {
         let auth = authority("fed-a");
-        let token = auth.issue("site-1", HOUR, NOW).unwrap();
+        let token = auth.issue("site-1", None, HOUR, NOW).unwrap();
         auth.verify(token.expose_secret(), NOW + 3599).unwrap();
         let err = auth.verify(token.expose_secret(), NOW + 3600).unwrap_err();
         assert!(
@@ -430,7 +525,7 @@ mod tests {
 
     #[test]
     fn a_genuine_token_of_another_federation_is_refused_as_wrong_federation() {
-        let token = authority("fed-b").issue("site-1", HOUR, NOW).unwrap();
+        let token = authority("fed-b").issue("site-1", None, HOUR, NOW).unwrap();
         let err = authority("fed-a").verify(token.expose_secret(), NOW).unwrap_err();
         assert!(
             matches!(&err, CryptoError::WrongFederation { expected, found } if expected == "fed-a" && found == "fed-b"),
@@ -441,7 +536,7 @@ mod tests {
     #[test]
     fn structurally_broken_tokens_are_malformed() {
         let auth = authority("fed-a");
-        let token = auth.issue("site-1", HOUR, NOW).unwrap();
+        let token = auth.issue("site-1", None, HOUR, NOW).unwrap();
         let text = token.expose_secret();
         let (claims_text, tag_text) = text.split_once('.').unwrap();
         let short_tag = &tag_text[..10];
@@ -469,13 +564,17 @@ mod tests {
             issued_at: NOW,
             expires_at: NOW + 10,
             nonce: [0; 16],
+            certificate: None,
         }
         .encode();
         let mut trailing = good.clone();
         trailing.push(0);
+        // Version 2 announces a certificate digest these claims lack: truncated, not accepted.
         let mut version = good.clone();
         version[0] = 2;
-        for encoded in [good[..good.len() - 1].to_vec(), trailing, version] {
+        let mut unknown = good.clone();
+        unknown[0] = 3;
+        for encoded in [good[..good.len() - 1].to_vec(), trailing, version, unknown] {
             let tag = hmac::sign(&key, &mac_input(&encoded));
             let text = format!("{}.{}", b64_encode(&encoded), b64_encode(tag.as_ref()));
             assert!(matches!(auth.verify(&text, NOW), Err(CryptoError::Malformed(_))));
@@ -483,12 +582,89 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_claims_version_is_refused_naming_the_versions_read() {
+        let auth = authority("fed-a");
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &[42; 32]);
+        let mut encoded = SessionClaims {
+            client_id: "c".into(),
+            federation_id: "fed-a".into(),
+            issued_at: NOW,
+            expires_at: NOW + 10,
+            nonce: [0; 16],
+            certificate: None,
+        }
+        .encode();
+        encoded[0] = 7;
+        let tag = hmac::sign(&key, &mac_input(&encoded));
+        let text = format!("{}.{}", b64_encode(&encoded), b64_encode(tag.as_ref()));
+        let err = auth.verify(&text, NOW).unwrap_err().to_string();
+        assert!(err.contains("unknown session token version 7") && err.contains("versions 1 and 2"), "{err}");
+    }
+
+    #[test]
+    fn a_session_without_a_certificate_gets_version_1_claims_and_reads_back_unbound() {
+        let auth = authority("fed-a");
+        let token = auth.issue("site-1", None, HOUR, NOW).unwrap();
+        let claims = b64_decode(token.expose_secret().split_once('.').unwrap().0).unwrap();
+        assert_eq!(claims[0], 1);
+        assert_eq!(claims.len(), 1 + 2 + 6 + 2 + 5 + 8 + 8 + 16);
+        assert_eq!(auth.verify(token.expose_secret(), NOW).unwrap().certificate, None);
+    }
+
+    #[test]
+    fn a_session_over_a_certificate_gets_version_2_claims_ending_in_its_digest() {
+        let auth = authority("fed-a");
+        let digest = CertificateDigest::of_der(b"not really DER, any bytes will do");
+        let token = auth.issue("site-1", Some(digest), HOUR, NOW).unwrap();
+        let claims = b64_decode(token.expose_secret().split_once('.').unwrap().0).unwrap();
+        assert_eq!(claims[0], 2);
+        assert_eq!(claims.len(), 1 + 2 + 6 + 2 + 5 + 8 + 8 + 16 + 32);
+        assert_eq!(&claims[claims.len() - 32..], &digest.0);
+        let read = auth.verify(token.expose_secret(), NOW).unwrap();
+        assert_eq!(read.certificate, Some(digest));
+        assert_eq!(read.client_id, "site-1");
+        // Cutting the digest off (and re-tagging would need the secret) is a bad tag, not an
+        // unbound token.
+        let tag = token.expose_secret().split_once('.').unwrap().1;
+        let cut = format!("{}.{tag}", b64_encode(&claims[..claims.len() - 32]));
+        assert!(auth.verify(&cut, NOW).is_err());
+    }
+
+    #[test]
+    fn claims_serve_only_calls_presenting_the_certificate_they_were_issued_over() {
+        let auth = authority("fed-a");
+        let ours = CertificateDigest::of_der(b"site-1's certificate");
+        let theirs = CertificateDigest::of_der(b"site-2's certificate");
+        let bound = auth.issue("site-1", Some(ours), HOUR, NOW).unwrap();
+        let bound = auth.verify(bound.expose_secret(), NOW).unwrap();
+        bound.check_certificate(Some(ours)).unwrap();
+        let other = bound.check_certificate(Some(theirs)).unwrap_err().to_string();
+        assert!(other.contains("presents another one"), "{other}");
+        let none = bound.check_certificate(None).unwrap_err().to_string();
+        assert!(none.contains("presents none"), "{none}");
+        let unbound = auth.issue("site-1", None, HOUR, NOW).unwrap();
+        let unbound = auth.verify(unbound.expose_secret(), NOW).unwrap();
+        unbound.check_certificate(None).unwrap();
+        let over_tls = unbound.check_certificate(Some(ours)).unwrap_err().to_string();
+        assert!(over_tls.contains("issued without a client certificate"), "{over_tls}");
+    }
+
+    #[test]
+    fn the_certificate_digest_is_sha256_of_the_der_bytes() {
+        let d = CertificateDigest::of_der(b"abc");
+        let hex: String = d.0.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_ne!(CertificateDigest::of_der(b"abd"), d);
+        assert_eq!(d.to_string(), "sha256:ba7816bf8f01cfea…");
+    }
+
+    #[test]
     fn issuing_checks_its_inputs() {
         let auth = authority("fed-a");
-        assert!(matches!(auth.issue("", HOUR, NOW), Err(CryptoError::InvalidInput(_))));
-        assert!(matches!(auth.issue(&"x".repeat(256), HOUR, NOW), Err(CryptoError::InvalidInput(_))));
+        assert!(matches!(auth.issue("", None, HOUR, NOW), Err(CryptoError::InvalidInput(_))));
+        assert!(matches!(auth.issue(&"x".repeat(256), None, HOUR, NOW), Err(CryptoError::InvalidInput(_))));
         assert!(matches!(
-            auth.issue("c", Duration::from_millis(999), NOW),
+            auth.issue("c", None, Duration::from_millis(999), NOW),
             Err(CryptoError::InvalidInput(_))
         ));
     }
@@ -496,7 +672,7 @@ mod tests {
     #[test]
     fn secrets_and_tokens_are_redacted_in_debug_output() {
         let secret = SessionSecret::from_bytes([0xab; 32]);
-        let token = SessionAuthority::new(&secret, "fed-a").issue("site-1", HOUR, NOW).unwrap();
+        let token = SessionAuthority::new(&secret, "fed-a").issue("site-1", None, HOUR, NOW).unwrap();
         for debug in [format!("{secret:?}"), format!("{token:?}"), format!("{:?}", authority("fed-a"))] {
             assert!(debug.contains("<redacted>"), "{debug}");
             assert!(!debug.contains("abab") && !debug.contains("q6ur"), "{debug}");
