@@ -233,6 +233,8 @@ pub fn render_ledger(mode: &str, rows: &[LedgerRecord], exposures: &Exposures, a
                 e.delta,
                 rows.len() as u64,
                 local.map(|l| (l, participations)),
+                // The ledger says nothing of evaluation; status and `simulate` label it.
+                false,
             )
         }
     };

@@ -139,19 +139,22 @@ pub fn restate_guarantee(status: &mut PrivacyStatus, mode: DpMode, epsilon: f64,
         delta,
         rounds,
         status.local_epsilon.map(|l| (l, status.max_participations)),
+        status.evaluation_outside_guarantee,
     );
 }
 
 /// The one-line guarantee status shows: the central ε of the published models and, under local
-/// noise, the local ε of the worst-off client (`local`: ε and its participations).
+/// noise, the local ε of the worst-off client (`local`: ε and its participations); when
+/// evaluation runs under DP (`evaluation_outside`), that its figures are outside the guarantee.
 pub fn guarantee_line(
     mode: DpMode,
     epsilon: f64,
     delta: f64,
     rounds: u64,
     local: Option<(f64, u64)>,
+    evaluation_outside: bool,
 ) -> String {
-    match (mode, local) {
+    let line = match (mode, local) {
         (DpMode::None, _) => PrivacyStatus::NO_GUARANTEE.to_string(),
         (_, None) => format!(
             "(ε = {epsilon:.4}, δ = {delta:e}) user-level DP of the published models after {rounds} round(s), {} noise",
@@ -162,6 +165,11 @@ pub fn guarantee_line(
              noise; against the coordinator, local ε = {local:.4} for the worst-off client ({k} participation(s))",
             mode.as_str()
         ),
+    };
+    if evaluation_outside && mode != DpMode::None {
+        format!("{line}; evaluation results are {}", PrivacyStatus::EVALUATION_OUTSIDE)
+    } else {
+        line
     }
 }
 

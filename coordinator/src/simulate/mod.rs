@@ -543,7 +543,7 @@ async fn watch(
     let mut last_phase = None;
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
     let mut banner = None;
-    println!("{}", report::table_header());
+    let mut columns = report::TableColumns::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Err(SimulateError::Failed("interrupted".into())),
@@ -586,8 +586,12 @@ async fn watch(
         }
         let finished = report.phase == PhaseName::Finished;
         if banner.is_none() {
+            // The first status fixes the table's columns (local ε, evaluation outside the
+            // guarantee), so the header comes after the privacy line.
             let label = status::privacy_label(&report);
             println!("{}", report::privacy_line(&label));
+            columns = report::TableColumns::of(&report.privacy);
+            println!("{}", report::table_header(columns));
             banner = Some(label);
         }
         let rows = status::completed_rounds(&report);
@@ -596,7 +600,7 @@ async fn watch(
             // carries eval figures, a later round has started, or the federation is over.
             let settled = row.eval_accuracy.is_some() || report.round.round > row.round || finished;
             if settled && printed.insert(row.round) {
-                println!("{}", report::table_line(row));
+                println!("{}", report::table_line(row, columns));
             }
         }
         if finished {

@@ -236,6 +236,7 @@ impl DpStrategy {
                 p.delta,
                 accountant.rounds(),
                 (placement == NoisePlacement::Local).then_some((0.0, 0)),
+                settings.evaluation_outside_guarantee(),
             ),
             epsilon,
             delta: p.delta,

@@ -411,3 +411,29 @@ fn central_noise_on_the_integer_sum_has_the_calibrated_spread_over_the_fixed_den
     assert!((std / 0.25 - 1.0).abs() < 0.01, "σ = z·C'/n̄ = 0.25: std {std}");
     assert!(mean.abs() < 5.0 * 0.25 / (DIM as f64).sqrt(), "mean offset {mean}");
 }
+
+#[test]
+fn with_evaluation_under_dp_the_status_flags_it_and_the_guarantee_line_says_it_is_outside() {
+    let mut s = settings(DpMode::Central, SamplingSettings::Fraction { fraction: 1.0 }, None);
+    let plain = dp(&s).privacy_monitor().unwrap().snapshot();
+    assert!(!plain.evaluation_outside_guarantee);
+    assert!(!plain.guarantee.contains("outside"), "{}", plain.guarantee);
+    s.evaluation.enabled_under_dp = true;
+    let mut strategy = dp(&s);
+    let status = strategy.privacy_monitor().unwrap().snapshot();
+    assert!(status.evaluation_outside_guarantee);
+    assert!(
+        status.guarantee.ends_with("; evaluation results are outside the privacy guarantee"),
+        "{}",
+        status.guarantee
+    );
+    // The line restated after a charged round keeps the label.
+    let plan = strategy.configure_fit(&draw(1, 2, 2), &base()).unwrap();
+    aggregate_and_charge(&mut strategy, &plan, results(0.0, 2), &[]);
+    let status = strategy.privacy_monitor().unwrap().snapshot();
+    assert_eq!(status.rounds_charged, 1);
+    assert!(status.guarantee.contains("outside the privacy guarantee"), "{}", status.guarantee);
+    // Evaluation switched off altogether: nothing to label.
+    s.evaluation.every = 0;
+    assert!(!dp(&s).privacy_monitor().unwrap().snapshot().evaluation_outside_guarantee);
+}
