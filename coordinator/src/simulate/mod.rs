@@ -163,6 +163,10 @@ pub struct SimulateArgs {
     /// with only its share of the noise).
     #[arg(long)]
     pub allow_distributed: bool,
+    /// Evaluate after every round under --dp too (`evaluation.enabled_under_dp`): the figures
+    /// are un-noised, outside the privacy guarantee, and every output labels them so.
+    #[arg(long)]
+    pub evaluate_under_dp: bool,
     /// Test harness: clients use the deterministic fake trainer (their binary must have it too:
     /// both come from a build with the `test-support` feature, e.g. `cargo build --workspace`).
     #[cfg(feature = "test-support")]
@@ -265,6 +269,7 @@ impl SimulateArgs {
         s.evaluation.fraction = 1.0;
         s.evaluation.min_clients = 1;
         s.evaluation.deadline = self.round_deadline;
+        s.evaluation.enabled_under_dp = self.evaluate_under_dp;
         if let Some(rate) = self.sample_rate {
             s.sampling = SamplingSettings::Poisson { rate };
             // A Poisson draw may be small: a round needs only one update.
