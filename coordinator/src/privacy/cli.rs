@@ -213,11 +213,8 @@ pub fn render_ledger(mode: &str, rows: &[LedgerRecord], exposures: &Exposures, a
     let last = rows.last().map(|r| &r.entry);
     let worst = worst_local_epsilon(mode, rows, exposures);
     let (local, participations) = (worst.map(|w| w.0), worst.map_or(0, |w| w.1));
-    let participations = if worst.is_some() {
-        participations
-    } else {
-        exposures.others.iter().map(|e| e.participations).max().unwrap_or(0)
-    };
+    let most = exposures.others.iter().map(|e| e.participations).max().unwrap_or(0);
+    let participations = if worst.is_some() { participations } else { most };
     let guarantee = match (mode, last) {
         ("none", _) => PrivacyStatus::NO_GUARANTEE.to_string(),
         (_, None) => format!("{mode} noise, no round charged yet (ε = 0)"),
@@ -278,7 +275,7 @@ pub fn render_ledger(mode: &str, rows: &[LedgerRecord], exposures: &Exposures, a
     }
     let mut out = format!("privacy: {guarantee}\n");
     if mode != "none" {
-        let _ = writeln!(out, "most fit attempts any client was drawn into: {participations}");
+        let _ = writeln!(out, "most fit attempts any client was drawn into: {most}");
     }
     if rows.is_empty() {
         return out;

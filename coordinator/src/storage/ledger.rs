@@ -2,9 +2,13 @@
 //! type from the DP decorator that computes it to the `privacy_ledger` row that keeps it.
 //!
 //! The row has flat columns for humans and SQL, and a `detail` column with the whole record as
-//! JSON (`{"entry": …, "expected_clients": …, "next_clip_norm": …}`), which is what the
-//! accountant replays at start. [`insert`] runs inside the round's commit transaction
+//! JSON (`{"entry": …, "expected_clients": …, "next_clip_norm": …, "local_epsilon": …}`), which
+//! is what the accountant replays at start. [`insert`] runs inside the round's commit transaction
 //! ([`super::commit_round`]).
+//!
+//! Under local noise each client's local ε is read from the draw records instead ([`exposures`]):
+//! `samples` (who was drawn into each attempt) and `draw_noise` (the multiplier of the attempt,
+//! written with the draw by [`super::insert_sample`]).
 
 use std::collections::BTreeMap;
 

@@ -21,9 +21,10 @@
 //!
 //! # Layout
 //! Every SQL statement of the crate is in this module; other modules call its typed functions.
-//! - this file: rounds, samples, outcomes, checkpoints, evaluations, clients, meta.
+//! - this file: rounds, samples (with `draw_noise`), outcomes, checkpoints, evaluations, clients, meta.
 //! - `database`: [`open_database`], the `meta` table, the coordinator's schema.
-//! - [`ledger`]: the privacy ledger ([`LedgerRecord`]) and the recorded privacy mode.
+//! - [`ledger`]: the privacy ledger ([`LedgerRecord`]), each client's exposure from the draw
+//!   records (its local ε under local noise), and the recorded privacy mode.
 //! - [`allowlist`]: the allowlist and enrollment-token tables behind [`crate::auth::Allowlist`].
 
 use std::path::{Path, PathBuf};
