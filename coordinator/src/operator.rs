@@ -15,7 +15,7 @@ use fedtune_shared::endpoint::{self, TlsOptions};
 use fedtune_shared::ids::ModelVersion;
 use fedtune_shared::params::ParameterVector;
 use fedtune_shared::pb;
-use fedtune_shared::round::StatusReport;
+use fedtune_shared::round::{PrivacyStatus, StatusReport};
 use fedtune_shared::settings::SettingsError;
 
 use crate::model::{self, ModelError};
@@ -177,6 +177,14 @@ pub fn render_status(s: &StatusReport) -> String {
         s.phase, s.round.round, s.round.attempt, s.model_version.0, s.total_rounds, s.strategy
     );
     let _ = writeln!(out, "privacy: {}", s.privacy.guarantee);
+    if s.privacy.evaluation_outside_guarantee {
+        let _ = writeln!(
+            out,
+            "evaluation (eval_loss, eval_acc*): {}: un-noised figures on the clients' data \
+             (evaluation.enabled_under_dp = true)",
+            PrivacyStatus::EVALUATION_OUTSIDE
+        );
+    }
     if let Some(reason) = &s.finished_reason {
         let _ = writeln!(out, "finished: {reason}");
     }
@@ -201,9 +209,11 @@ pub fn render_status(s: &StatusReport) -> String {
             c.rounds_contributed
         );
     }
+    // `*`: the evaluation columns are outside the privacy guarantee (the line above says so).
+    let mark = if s.privacy.evaluation_outside_guarantee { "*" } else { " " };
     let _ = writeln!(
         out,
-        "\nround attempt status     sel acc fail  examples  train_loss  eval_loss  eval_acc  secs"
+        "\nround attempt status     sel acc fail  examples  train_loss  eval_loss{mark} eval_acc{mark} secs"
     );
     for r in &s.recent_rounds {
         let _ = writeln!(
@@ -252,6 +262,7 @@ pub fn status_json(s: &StatusReport) -> serde_json::Value {
             "central_epsilon": s.privacy.epsilon,
             "local_epsilon": s.privacy.local_epsilon,
             "max_participations": s.privacy.max_participations,
+            "evaluation_outside_guarantee": s.privacy.evaluation_outside_guarantee,
         },
         "clients": s.clients.iter().map(|c| serde_json::json!({
             "client_id": c.client_id.as_str(),
@@ -275,6 +286,7 @@ pub fn status_json(s: &StatusReport) -> serde_json::Value {
             "duration_ms": r.duration.as_millis() as u64,
             "reason": r.reason,
             "epsilon": r.epsilon,
+            "local_epsilon": r.local_epsilon,
         })).collect::<Vec<_>>(),
     })
 }
@@ -306,4 +318,75 @@ pub fn export(args: &ExportArgs) -> Result<Vec<PathBuf>, CliError> {
         })?;
     let params = ParameterVector::load_safetensors(&row.path, |_| true).map_err(ModelError::from)?;
     Ok(model::export_hf(&params, &labels, &init_dir, &args.out)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use fedtune_shared::ids::RoundId;
+    use fedtune_shared::round::{PhaseName, RoundSummary};
+
+    use super::*;
+
+    fn report(outside: bool) -> StatusReport {
+        StatusReport {
+            protocol_version: 1,
+            phase: PhaseName::Finished,
+            round: RoundId::new(1, 0),
+            model_version: ModelVersion(1),
+            total_rounds: 1,
+            strategy: "fedavg".into(),
+            deadline_in: None,
+            clients: vec![],
+            recent_rounds: vec![RoundSummary {
+                id: RoundId::new(1, 0),
+                status: "completed".into(),
+                selected: 2,
+                accepted: 2,
+                failed: 0,
+                total_examples: 2,
+                train_loss: f64::NAN,
+                eval_loss: 0.5,
+                eval_accuracy: 0.75,
+                eval_examples: 10,
+                duration: Duration::from_secs(1),
+                reason: String::new(),
+                bytes_sent: 0,
+                bytes_received: 0,
+                epsilon: Some(1.5),
+                local_epsilon: Some(4.0),
+            }],
+            accepted_updates: 0,
+            privacy: PrivacyStatus {
+                mode: "local".into(),
+                guarantee: "(ε = 1.5, δ = 1e-5) …".into(),
+                delta: 1e-5,
+                epsilon: 1.5,
+                local_epsilon: Some(4.0),
+                max_participations: 1,
+                evaluation_outside_guarantee: outside,
+                ..PrivacyStatus::none()
+            },
+            finished_reason: None,
+        }
+    }
+
+    #[test]
+    fn status_text_labels_evaluation_under_dp_outside_the_privacy_guarantee() {
+        let text = render_status(&report(true));
+        assert!(text.contains("evaluation (eval_loss, eval_acc*): outside the privacy guarantee"), "{text}");
+        assert!(text.contains("eval_loss* eval_acc*"), "{text}");
+        let plain = render_status(&report(false));
+        assert!(!plain.contains("outside the privacy guarantee") && !plain.contains("eval_acc*"), "{plain}");
+    }
+
+    #[test]
+    fn status_json_flags_evaluation_outside_the_guarantee_and_carries_both_epsilons_per_round() {
+        let v = status_json(&report(true));
+        assert_eq!(v["privacy"]["evaluation_outside_guarantee"], true);
+        assert_eq!(v["recent_rounds"][0]["epsilon"], 1.5);
+        assert_eq!(v["recent_rounds"][0]["local_epsilon"], 4.0);
+        assert_eq!(status_json(&report(false))["privacy"]["evaluation_outside_guarantee"], false);
+    }
 }

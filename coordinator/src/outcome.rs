@@ -197,6 +197,17 @@ pub enum AttemptFailure {
     NonFiniteModel(String),
     /// The strategy failed.
     AggregationFailed(String),
+    /// The strategy refused to release the round: publishing it would exceed the privacy budget
+    /// (known only once the updates are in, e.g. dropouts lowered the distributed noise). Ends
+    /// the federation cleanly.
+    BudgetExhausted(String),
+}
+
+impl AttemptFailure {
+    /// Whether this failure ends the federation (a spent budget) rather than being retried.
+    pub fn ends_federation(&self) -> bool {
+        matches!(self, AttemptFailure::BudgetExhausted(_))
+    }
 }
 
 impl fmt::Display for AttemptFailure {
@@ -215,6 +226,7 @@ impl fmt::Display for AttemptFailure {
                 write!(f, "aggregation produced a non-finite model: {cause}")
             }
             AttemptFailure::AggregationFailed(cause) => write!(f, "aggregation failed: {cause}"),
+            AttemptFailure::BudgetExhausted(reason) => f.write_str(reason),
         }
     }
 }

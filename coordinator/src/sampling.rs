@@ -111,14 +111,27 @@ pub fn sample(
     let mut rng = ChaCha20Rng::from_seed(seed);
     let n = candidates.len();
     match *s {
-        SamplingSettings::Fraction { fraction } => {
-            let k = ((fraction * n as f64).ceil() as usize).max(min_fit).min(n);
+        SamplingSettings::Fraction { .. } | SamplingSettings::Fixed { .. } => {
+            let k = cohort_size(s, min_fit, n).unwrap_or(n);
             uniform(candidates, k, &mut rng)
         }
-        SamplingSettings::Fixed { count } => uniform(candidates, count.min(n), &mut rng),
         SamplingSettings::Poisson { rate } => {
             candidates.iter().filter(|_| rng.random_bool(rate)).cloned().collect()
         }
+    }
+}
+
+/// The size of a fixed-size cohort drawn from `candidates` live clients: `⌈fraction·N⌉` but at
+/// least `min_fit`, or `count`, never more than `N`. A function of public figures only (the
+/// settings and the live count), so it is also the public bound `n̄` the DP decorator averages
+/// with. `None` for Poisson sampling, whose size is random.
+pub fn cohort_size(s: &SamplingSettings, min_fit: usize, candidates: usize) -> Option<usize> {
+    match *s {
+        SamplingSettings::Fraction { fraction } => {
+            Some(((fraction * candidates as f64).ceil() as usize).max(min_fit).min(candidates))
+        }
+        SamplingSettings::Fixed { count } => Some(count.min(candidates)),
+        SamplingSettings::Poisson { .. } => None,
     }
 }
 

@@ -417,6 +417,15 @@ impl CoordinatorSettings {
         }
     }
 
+    /// Evaluation runs under differential privacy (`evaluation.enabled_under_dp` with evaluation
+    /// on): its figures are un-noised functions of the clients' data, outside the (ε, δ)
+    /// guarantee, and every output that shows them must say so.
+    pub fn evaluation_outside_guarantee(&self) -> bool {
+        self.privacy.enabled()
+            && self.evaluation.enabled_under_dp
+            && (self.evaluation.every > 0 || self.evaluation.initial)
+    }
+
     /// Loads from an optional TOML file, `FEDTUNE__SECTION__KEY` variables of `env`, and CLI
     /// overrides (`("server.listen", value)`), then validates.
     pub fn load(

@@ -592,6 +592,9 @@ pub struct RoundSummary {
     pub bytes_received: u64,
     /// Cumulative ε after this round, if it charged privacy.
     pub epsilon: Option<f64>,
+    /// Under local noise: the worst-off client's local ε against the coordinator after this
+    /// round (see [`PrivacyStatus::local_epsilon`]); `None` otherwise.
+    pub local_epsilon: Option<f64>,
 }
 
 /// The federation's differential-privacy state, as status reports it.
@@ -615,17 +618,26 @@ pub struct PrivacyStatus {
     pub sampling: String,
     /// Rounds charged so far.
     pub rounds_charged: u64,
-    /// Under local noise: the local ε of the most-sampled client against the coordinator (which
-    /// knows who was sampled), i.e. its participations composed without amplification. `None`
+    /// Under local noise: the local ε of the worst-off client against the coordinator (which
+    /// knows who was sampled), i.e. its participations composed without amplification, each
+    /// with its recorded noise multiplier. `None`
     /// in other modes, where the published models' [`PrivacyStatus::epsilon`] is the figure.
     pub local_epsilon: Option<f64>,
-    /// The most fit attempts any one client was drawn into (failed attempts included).
+    /// The fit attempts (failed ones included) of the client whose local ε is shown; without
+    /// local noise, 0.
     pub max_participations: u64,
+    /// Evaluation runs under DP (`evaluation.enabled_under_dp`): its figures are un-noised
+    /// functions of the clients' data, outside the privacy guarantee, and every output that shows
+    /// them says so ([`PrivacyStatus::EVALUATION_OUTSIDE`]).
+    pub evaluation_outside_guarantee: bool,
 }
 
 impl PrivacyStatus {
     /// The label of a federation without differential privacy.
     pub const NO_GUARANTEE: &'static str = "no privacy guarantee";
+
+    /// The label every output puts on evaluation figures computed under DP.
+    pub const EVALUATION_OUTSIDE: &'static str = "outside the privacy guarantee";
 
     /// The status of a federation without differential privacy.
     pub fn none() -> Self {
@@ -641,6 +653,7 @@ impl PrivacyStatus {
             rounds_charged: 0,
             local_epsilon: None,
             max_participations: 0,
+            evaluation_outside_guarantee: false,
         }
     }
 }

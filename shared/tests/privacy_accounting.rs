@@ -2,8 +2,8 @@
 
 use fedtune_shared::privacy::rdp::gaussian_delta;
 use fedtune_shared::privacy::{
-    calibrate, calibrate_for, epsilon_for_rounds, Accountant, Adjacency, NoisePlacement, NoisePlan,
-    PrivacyError, PrivacyLedgerEntry, SamplingScheme,
+    calibrate, calibrate_for, epsilon_for_rounds, epsilon_unamplified, epsilon_unamplified_composed,
+    Accountant, Adjacency, NoisePlacement, NoisePlan, PrivacyError, PrivacyLedgerEntry, SamplingScheme,
 };
 use proptest::prelude::*;
 
@@ -55,6 +55,29 @@ proptest! {
         }
         prop_assert!((acc.epsilon() / poisson_eps(q, z, t) - 1.0).abs() < 1e-9);
     }
+}
+
+#[test]
+fn unamplified_rounds_with_mixed_multipliers_compose_as_the_accountant_records_them() {
+    let zs = [1.0, 0.8, 1.3, 1.0, 0.95, 2.0];
+    let mut acc = Accountant::new(1e-5, Adjacency::AddRemove).unwrap();
+    for (r, z) in zs.iter().enumerate() {
+        acc.record(entry(r as u64, SamplingScheme::Full, 1.0, *z)).unwrap();
+    }
+    let inverse_variance: f64 = zs.iter().map(|z| z.powi(-2)).sum();
+    let composed = epsilon_unamplified_composed(inverse_variance, 1e-5).unwrap();
+    assert!((composed / acc.epsilon() - 1.0).abs() < 1e-9, "{composed} vs {}", acc.epsilon());
+}
+
+#[test]
+fn unamplified_composition_of_equal_multipliers_reproduces_the_reference_17_86() {
+    // The reference: z = 1, δ = 1e-5, a client drawn into 10 rounds.
+    let composed = epsilon_unamplified_composed(10.0, 1e-5).unwrap();
+    assert_eq!(format!("{composed:.2}"), "17.86");
+    assert!((composed / epsilon_unamplified(1.0, 10, 1e-5).unwrap() - 1.0).abs() < 1e-9);
+    assert_eq!(epsilon_unamplified_composed(0.0, 1e-5).unwrap(), 0.0);
+    // A lower multiplier in one round (more of the noise spent elsewhere) raises ε.
+    assert!(epsilon_unamplified_composed(9.0 + 0.9f64.powi(-2), 1e-5).unwrap() > composed);
 }
 
 #[test]

@@ -276,6 +276,9 @@ async fn local_dp_every_client_noises_its_clipped_update_and_the_coordinator_add
     assert_eq!(o.status.privacy.max_participations, 1);
     let local = o.status.privacy.local_epsilon.context("local ε in status")?;
     assert_eq!(local, fedtune_shared::privacy::epsilon_unamplified(z, 1, DELTA)?);
+    // Both numbers per round too: the round's central ε and the worst-off client's local ε.
+    assert_eq!(o.status.recent_rounds[0].epsilon, Some(o.status.privacy.epsilon));
+    assert_eq!(o.status.recent_rounds[0].local_epsilon, Some(local));
     assert!(o.status.privacy.guarantee.contains("local ε"), "{}", o.status.privacy.guarantee);
     Ok(())
 }
@@ -372,6 +375,57 @@ async fn a_federation_with_a_small_budget_stops_cleanly_when_the_next_round_woul
     })?;
     assert!(!files.is_empty());
     coord.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropout_that_lowers_distributed_noise_past_the_budget_publishes_nothing_and_ends_the_federation(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let z = 2.0;
+    let mut p = privacy(DpMode::Distributed, z, 1.0);
+    p.allow_distributed_without_secure_aggregation = true;
+    // The budget admits a round at the nominal z (every share in the sum), not one at the
+    // ≈ z·√(2/3) that two of three shares give.
+    p.target_epsilon = Some(full_epsilon(0.9 * z, 1));
+    let mut s = full_participation(dir.path(), 3, 3, p)?;
+    s.rounds.min_fit = 2;
+    let coord = InProcess::start(s).await?;
+    let mut clients = Vec::new();
+    for k in 0..3 {
+        clients.push(TestClient::join(&coord.url, &format!("site-{k}"), 0).await?);
+    }
+    let n = clients[0].trainable().numel();
+    for (k, c) in clients.iter_mut().enumerate() {
+        let task = c.wait_for_fit(WAIT).await?;
+        if k == 2 {
+            // The third site drops out: its share of the noise never reaches the sum.
+            c.report_fit_failure(&task, "training_failed").await?;
+        } else {
+            c.upload(&task, 1, &f32_bytes(&vec![1e-4; n])).await.context("upload")?;
+        }
+    }
+    let status = clients[0].wait_status(WAIT, |s| s.phase == PhaseName::Finished).await?;
+    let reason = status.finished_reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("privacy budget exhausted") && reason.contains("nothing of it is published"),
+        "{reason}"
+    );
+    assert!(reason.contains("of the 2 updates that arrived"), "{reason}");
+    // Nothing published, nothing charged: the ledger accounts published models only.
+    assert_eq!(status.model_version, ModelVersion(0));
+    assert_eq!((status.privacy.rounds_charged, status.privacy.epsilon), (0, 0.0));
+    // The attempt is on record as failed, with the reason; it was not retried.
+    let attempts: Vec<_> =
+        status.recent_rounds.iter().map(|r| (r.id.round, r.id.attempt, r.status.as_str())).collect();
+    assert_eq!(attempts, vec![(1, 0, "failed")], "{:?}", status.recent_rounds);
+    assert!(status.recent_rounds[0].reason.contains("privacy budget exhausted"));
+    assert_eq!(status.recent_rounds[0].epsilon, None);
+    assert_eq!(clients[1].wait_finished(WAIT).await?, ModelVersion(0));
+    // A clean end: the coordinator stops without error.
+    coord.shutdown().await?;
+    let rows = ledger(&dir.path().join("state"))?;
+    assert_eq!(rows["rounds"].as_array().map(Vec::len), Some(0), "{rows}");
     Ok(())
 }
 
@@ -583,6 +637,59 @@ fn simulate_reports_epsilon_per_round_and_stops_at_the_budget() -> Result<()> {
 }
 
 /// How each client's slot of round 1 (attempt 0) ended, from the coordinator's state database.
+#[test]
+fn simulate_under_local_noise_shows_both_epsilons_and_labels_evaluation_outside_the_guarantee() -> Result<()>
+{
+    use fedtune_tests::fixtures::write_sentiment_csv;
+    let dir = tempfile::tempdir()?;
+    let model = write_fake_model(&dir.path().join("model"), 2, 16)?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 200, 5)?;
+    let out = dir.path().join("out");
+    let z = 2.0;
+    let output = Command::new(binary("fedtune-coordinator")?)
+        .args([
+            "simulate",
+            "--fake-trainer",
+            "--clients",
+            "2",
+            "--rounds",
+            "2",
+            "--sample",
+            "0",
+            "--insecure",
+        ])
+        .args(["--dp", "local", "--noise-multiplier", "2", "--clip-norm", "0.5", "--delta", "1e-5"])
+        .args(["--evaluate-under-dp", "--model", model.to_str().unwrap()])
+        .args(["--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let header = stdout.lines().find(|l| l.trim_start().starts_with("round")).context("table header")?;
+    assert!(header.contains("epsilon  local_eps") && header.contains("eval_loss*"), "{stdout}");
+    assert!(header.ends_with("(* outside the privacy guarantee)"), "{stdout}");
+    assert!(stdout.contains("evaluation (* columns) is outside the privacy guarantee"), "{stdout}");
+    assert!(stdout.contains("evaluation results are outside the privacy guarantee"), "{stdout}");
+    // Full participation: after round t every client has t unamplified rounds at z; the
+    // published models are accounted as full participation too (no amplification either).
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(out.join("metrics.json"))?)?;
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for (t, r) in rows.iter().enumerate() {
+        let local = r["local_epsilon"].as_f64().context("local ε per round")?;
+        let expected = fedtune_shared::privacy::epsilon_unamplified(z, t as u64 + 1, DELTA)?;
+        assert!((local / expected - 1.0).abs() < 1e-9, "round {}: local ε = {local}", t + 1);
+        assert!(r["epsilon"].as_f64().is_some(), "{r}");
+        assert_eq!(r["eval_outside_privacy_guarantee"], true, "{r}");
+        assert!(r["eval_accuracy"].as_f64().is_some(), "evaluation ran under DP: {r}");
+    }
+    let csv = std::fs::read_to_string(out.join("metrics.csv"))?;
+    let head = csv.lines().next().unwrap_or_default();
+    assert!(head.contains(",epsilon,local_epsilon,eval_outside_privacy_guarantee,"), "{head}");
+    let svg = std::fs::read_to_string(out.join("metrics.svg"))?;
+    assert!(svg.contains("local ε (worst-off client)") && svg.contains("central ε (published models)"));
+    assert!(svg.contains("eval (* outside the privacy guarantee)"));
+    Ok(())
+}
+
 fn round_one_outcomes(state: &Path) -> Result<Vec<(String, ParticipantOutcome)>> {
     use fedtune_coordinator::storage::{participant_outcomes, Storage};
     let storage = Storage::open_existing(state)?;
@@ -651,7 +758,9 @@ async fn a_site_refuses_a_task_below_its_privacy_floor_and_the_coordinator_recor
 
 /// One round of central DP with one agent and evaluation after every round as configured;
 /// returns how many evaluations the agent reported.
-async fn evaluations_under_dp(dir: &Path, enabled_under_dp: bool) -> Result<u64> {
+/// Runs one round with evaluation under DP on or off; returns the evaluations the site ran and
+/// the final status.
+async fn evaluations_under_dp(dir: &Path, enabled_under_dp: bool) -> Result<(u64, StatusReport)> {
     let model = write_fake_model(&dir.join("model"), 2, 8)?;
     let state = dir.join("state");
     let mut settings = quick_settings(&state, &model, 1, 1, 1);
@@ -676,15 +785,27 @@ async fn evaluations_under_dp(dir: &Path, enabled_under_dp: bool) -> Result<u64>
     let outcome = tokio::time::timeout(Duration::from_secs(60), agent).await??;
     assert!(matches!(outcome.reason, ExitReason::Finished { .. }), "{outcome:?}");
     assert_eq!(outcome.stats.updates_accepted, 1, "{outcome:?}");
+    let status = wait_for_status(&url, WAIT, |s| s.phase == PhaseName::Finished).await?;
     stop.cancel();
     server.await??;
-    Ok(outcome.stats.evaluations)
+    Ok((outcome.stats.evaluations, status))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_dp_clients_evaluate_only_when_the_operator_asks_for_it() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    assert_eq!(evaluations_under_dp(&dir.path().join("default"), false).await?, 0);
-    assert_eq!(evaluations_under_dp(&dir.path().join("asked"), true).await?, 1);
+    let (evaluations, status) = evaluations_under_dp(&dir.path().join("default"), false).await?;
+    assert_eq!(evaluations, 0);
+    assert!(!status.privacy.evaluation_outside_guarantee);
+    assert!(!status.privacy.guarantee.contains("outside"), "{}", status.privacy.guarantee);
+    // Asked for, evaluation runs, and status says its figures are outside the guarantee.
+    let (evaluations, status) = evaluations_under_dp(&dir.path().join("asked"), true).await?;
+    assert_eq!(evaluations, 1);
+    assert!(status.privacy.evaluation_outside_guarantee);
+    assert!(
+        status.privacy.guarantee.ends_with("evaluation results are outside the privacy guarantee"),
+        "{}",
+        status.privacy.guarantee
+    );
     Ok(())
 }

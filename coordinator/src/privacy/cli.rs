@@ -22,7 +22,8 @@ use fedtune_shared::privacy::{
 use fedtune_shared::round::PrivacyStatus;
 use serde_json::json;
 
-use super::{guarantee_line, local_epsilon, scheme_name, DpMode};
+use super::{guarantee_line, local_epsilon, scheme_name, worst_exposure, DpMode};
+use crate::storage::ledger::Exposures;
 use crate::storage::{ledger, LedgerRecord, Storage, StorageError};
 
 /// Sampling scheme for planning.
@@ -188,29 +189,32 @@ fn show_ledger(dir: &std::path::Path, as_json: bool) -> Result<String, PrivacyCl
     let store = Storage::open_existing(dir)?;
     let mode = store.call_sync(|c| ledger::recorded_mode(c))?.unwrap_or_else(|| "none".into());
     let rows = store.call_sync(ledger::load)?;
-    let participations = store.call_sync(|c| ledger::max_participations_with(c, &[]))?;
-    Ok(render_ledger(&mode, &rows, participations, as_json))
+    let exposures = store.call_sync(|c| ledger::exposures(c, &[]))?;
+    Ok(render_ledger(&mode, &rows, &exposures, as_json))
 }
 
-/// The local ε of the most-sampled client (drawn into `participations` fit attempts) under
-/// local noise, from the ledger: the smallest multiplier any round accounted, composed without
-/// amplification (the coordinator knows who was sampled). `None` in other modes.
-fn worst_local_epsilon(mode: &str, rows: &[LedgerRecord], participations: u64) -> Option<f64> {
+/// The local ε of the worst-off client under local noise and its fit attempts: each attempt
+/// composed with the multiplier its draw recorded, without amplification (the coordinator knows
+/// who was sampled). An attempt drawn before multipliers were recorded counts at the smallest
+/// multiplier any round accounted. `None` in other modes, or before any round set δ.
+fn worst_local_epsilon(mode: &str, rows: &[LedgerRecord], exposures: &Exposures) -> Option<(f64, u64)> {
     if mode != "local" {
         return None;
     }
-    let z = rows.iter().map(|r| r.entry.noise_multiplier).fold(f64::INFINITY, f64::min);
+    let fallback = rows.iter().map(|r| r.entry.noise_multiplier).fold(f64::INFINITY, f64::min);
     let delta = rows.first().map(|r| r.entry.delta)?;
-    // The draw records can hold an attempt after the last charged round (failed, or still
-    // running): it counts, with the smallest z seen.
-    Some(local_epsilon(z, participations, delta).unwrap_or(f64::INFINITY))
+    let (inverse_variance, participations) = worst_exposure(exposures, None, fallback);
+    Some((local_epsilon(inverse_variance, delta).unwrap_or(f64::INFINITY), participations))
 }
 
-/// Renders a ledger (`mode` as recorded at creation; `participations`: the most fit attempts any
-/// client was drawn into).
-pub fn render_ledger(mode: &str, rows: &[LedgerRecord], participations: u64, as_json: bool) -> String {
+/// Renders a ledger (`mode` as recorded at creation; `exposures`: what the draw records say the
+/// coordinator has seen of each client).
+pub fn render_ledger(mode: &str, rows: &[LedgerRecord], exposures: &Exposures, as_json: bool) -> String {
     let last = rows.last().map(|r| &r.entry);
-    let local = worst_local_epsilon(mode, rows, participations);
+    let worst = worst_local_epsilon(mode, rows, exposures);
+    let (local, participations) = (worst.map(|w| w.0), worst.map_or(0, |w| w.1));
+    let most = exposures.others.iter().map(|e| e.participations).max().unwrap_or(0);
+    let participations = if worst.is_some() { participations } else { most };
     let guarantee = match (mode, last) {
         ("none", _) => PrivacyStatus::NO_GUARANTEE.to_string(),
         (_, None) => format!("{mode} noise, no round charged yet (ε = 0)"),
@@ -226,6 +230,8 @@ pub fn render_ledger(mode: &str, rows: &[LedgerRecord], participations: u64, as_
                 e.delta,
                 rows.len() as u64,
                 local.map(|l| (l, participations)),
+                // The ledger says nothing of evaluation; status and `simulate` label it.
+                false,
             )
         }
     };
@@ -247,6 +253,7 @@ pub fn render_ledger(mode: &str, rows: &[LedgerRecord], participations: u64, as_
                     "sampled": e.sampled,
                     "reported": e.reported,
                     "epsilon": e.epsilon_after,
+                    "local_epsilon": r.local_epsilon,
                     "delta": e.delta,
                 })
             })
@@ -268,19 +275,23 @@ pub fn render_ledger(mode: &str, rows: &[LedgerRecord], participations: u64, as_
     }
     let mut out = format!("privacy: {guarantee}\n");
     if mode != "none" {
-        let _ = writeln!(out, "most fit attempts any client was drawn into: {participations}");
+        let _ = writeln!(out, "most fit attempts any client was drawn into: {most}");
     }
     if rows.is_empty() {
         return out;
     }
-    let _ = writeln!(
+    // Under local noise each round shows both numbers: the central ε of the published models and
+    // the worst-off client's local ε after the round.
+    let local_column = mode == "local";
+    let _ = write!(
         out,
         "{:>5}  {:<22} {:<10} {:>8} {:>9} {:>9} {:>7} {:>8} {:>10}",
         "round", "mechanism", "sampling", "q", "z", "C", "sampled", "reported", "epsilon"
     );
+    let _ = writeln!(out, "{}", if local_column { format!(" {:>10}", "local_eps") } else { String::new() });
     for r in rows {
         let e = &r.entry;
-        let _ = writeln!(
+        let _ = write!(
             out,
             "{:>5}  {:<22} {:<10} {:>8.4} {:>9.4} {:>9.4} {:>7} {:>8} {:>10.4}",
             e.round,
@@ -293,6 +304,8 @@ pub fn render_ledger(mode: &str, rows: &[LedgerRecord], participations: u64, as_
             e.reported,
             e.epsilon_after
         );
+        let local = r.local_epsilon.map_or_else(|| "-".to_string(), |l| format!("{l:.4}"));
+        let _ = writeln!(out, "{}", if local_column { format!(" {local:>10}") } else { String::new() });
     }
     out
 }
@@ -300,6 +313,8 @@ pub fn render_ledger(mode: &str, rows: &[LedgerRecord], participations: u64, as_
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::ledger::Exposure;
+    use fedtune_shared::privacy::epsilon_unamplified_composed;
 
     fn plan(q: f64, z: f64, t: u64) -> PrivacyArgs {
         PrivacyArgs {
@@ -403,28 +418,73 @@ mod tests {
                     .unwrap(),
                 expected_clients: 1.0,
                 next_clip_norm: 1.0,
+                local_epsilon: Some(local_epsilon(z.powi(-2) * round as f64, 1e-5).unwrap()),
             })
             .collect()
     }
 
+    fn seen(participations: u64, inverse_variance: f64, unrecorded: u64) -> Exposures {
+        Exposures {
+            drawn: vec![],
+            others: vec![
+                Exposure { participations: 1, inverse_variance: 1.0, unrecorded: 0 },
+                Exposure { participations, inverse_variance, unrecorded },
+            ],
+        }
+    }
+
     #[test]
-    fn a_local_ledger_shows_the_most_sampled_clients_unamplified_epsilon_beside_the_central_one() {
+    fn a_local_ledger_shows_the_worst_off_clients_unamplified_epsilon_beside_the_central_one() {
         let rows = local_rows(1000, 0.01, 1.0);
-        let v: serde_json::Value = serde_json::from_str(&render_ledger("local", &rows, 10, true)).unwrap();
+        let exposures = seen(10, 10.0, 0);
+        let v: serde_json::Value =
+            serde_json::from_str(&render_ledger("local", &rows, &exposures, true)).unwrap();
         assert_eq!(format!("{:.2}", v["central_epsilon"].as_f64().unwrap()), "2.10");
         assert_eq!(format!("{:.2}", v["local_epsilon"].as_f64().unwrap()), "17.86");
         assert_eq!(v["max_participations"], 10);
-        let text = render_ledger("local", &rows, 10, false);
+        let text = render_ledger("local", &rows, &exposures, false);
         assert!(text.contains("local ε = 17.8566"), "{text}");
         let central: serde_json::Value =
-            serde_json::from_str(&render_ledger("central", &rows, 10, true)).unwrap();
+            serde_json::from_str(&render_ledger("central", &rows, &exposures, true)).unwrap();
         assert!(central["local_epsilon"].is_null());
     }
 
     #[test]
+    fn a_local_ledger_table_carries_a_local_epsilon_column_per_round() {
+        let rows = local_rows(10, 0.5, 1.0);
+        let text = render_ledger("local", &rows, &seen(10, 10.0, 0), false);
+        let header = text.lines().find(|l| l.trim_start().starts_with("round")).unwrap();
+        assert!(header.ends_with("local_eps"), "{text}");
+        let last = text.lines().last().unwrap();
+        assert!(last.ends_with("17.8566"), "{text}");
+        let v: serde_json::Value =
+            serde_json::from_str(&render_ledger("local", &rows, &seen(10, 10.0, 0), true)).unwrap();
+        assert_eq!(format!("{:.2}", v["rounds"][9]["local_epsilon"].as_f64().unwrap()), "17.86");
+        let central = render_ledger("central", &rows, &seen(10, 10.0, 0), false);
+        assert!(!central.contains("local_eps"), "{central}");
+    }
+
+    #[test]
+    fn a_local_ledger_composes_each_attempt_with_its_recorded_multiplier() {
+        // Three attempts at z = 1 and two at z = 0.8 (e.g. the multiplier lowered on a restart).
+        let rows = local_rows(5, 0.5, 0.8);
+        let recorded = 3.0 + 2.0 * 0.8f64.powi(-2);
+        let v: serde_json::Value =
+            serde_json::from_str(&render_ledger("local", &rows, &seen(5, recorded, 0), true)).unwrap();
+        let expected = epsilon_unamplified_composed(recorded, 1e-5).unwrap();
+        assert_eq!(v["local_epsilon"].as_f64().unwrap(), expected);
+        assert!(expected > epsilon_unamplified(1.0, 5, 1e-5).unwrap());
+        // Attempts drawn before multipliers were recorded count at the smallest one accounted.
+        let v: serde_json::Value =
+            serde_json::from_str(&render_ledger("local", &rows, &seen(5, 3.0, 2), true)).unwrap();
+        assert_eq!(v["local_epsilon"].as_f64().unwrap(), expected);
+    }
+
+    #[test]
     fn an_empty_ledger_without_dp_says_there_is_no_guarantee() {
-        assert!(render_ledger("none", &[], 0, false).contains("no privacy guarantee"));
-        let v: serde_json::Value = serde_json::from_str(&render_ledger("none", &[], 0, true)).unwrap();
+        let none = Exposures::default();
+        assert!(render_ledger("none", &[], &none, false).contains("no privacy guarantee"));
+        let v: serde_json::Value = serde_json::from_str(&render_ledger("none", &[], &none, true)).unwrap();
         assert_eq!(v["guarantee"], "no privacy guarantee");
     }
 }

@@ -47,15 +47,19 @@
 //! drawn. The coordinator itself always knows the sample, so under `local` noise (whose point is
 //! privacy against the coordinator) each client's guarantee is its **local** ε: its
 //! participations (fit attempts it was drawn into, failed ones included,
-//! [`crate::storage::ledger::participations`]) composed without amplification
-//! ([`local_epsilon`]). Status, `privacy --state-dir` and `simulate` show the most-sampled
-//! client's.
+//! [`crate::storage::ledger::exposures`]) composed without amplification, each with the noise
+//! multiplier its draw recorded ([`local_epsilon`]: under adaptive clipping the client's update
+//! and indicator noise together, and a multiplier changed between restarts counts as it was).
+//! Gaussian rounds compose exactly through `Σ z⁻²`, so the worst-off client is the one with the
+//! largest sum ([`worst_exposure`]); with one multiplier throughout, the most-sampled one.
+//! Status (and each round of it), `privacy --state-dir` (a column per round) and `simulate`
+//! (table, `metrics.*`, chart) show the worst-off client's.
 //!
 //! # Budget
 //!
 //! With `privacy.target_epsilon`, before each round the coordinator computes ε *if* the round
 //! ran ([`Accountant::epsilon_if`](fedtune_shared::privacy::Accountant::epsilon_if)); under
-//! `local` noise also the local ε of the most-sampled client if this draw's tasks were released
+//! `local` noise also the local ε of the worst-off client if this draw's tasks were released
 //! (a client's own guarantee must not silently exceed the budget the operator announced, and the
 //! central ε is never the larger of the two). If either exceeds the budget it refuses the round, logs why, reports it in `GetStatus`
 //! (`finished_reason`, phase `FINISHED`), and ends the federation cleanly: the last published
@@ -89,10 +93,11 @@ pub mod cli;
 
 use std::sync::{Arc, Mutex};
 
-use fedtune_shared::privacy::{epsilon_unamplified, PrivacyError, SamplingScheme};
+use fedtune_shared::privacy::{epsilon_unamplified_composed, PrivacyError, SamplingScheme};
 use fedtune_shared::round::PrivacyStatus;
 
 pub use crate::settings::{AdaptiveClipSettings, DpMode, PrivacySettings};
+use crate::storage::ledger::Exposures;
 
 /// Lower-case name of a sampling scheme, as status and the ledger table show it.
 pub fn scheme_name(s: SamplingScheme) -> &'static str {
@@ -134,19 +139,22 @@ pub fn restate_guarantee(status: &mut PrivacyStatus, mode: DpMode, epsilon: f64,
         delta,
         rounds,
         status.local_epsilon.map(|l| (l, status.max_participations)),
+        status.evaluation_outside_guarantee,
     );
 }
 
 /// The one-line guarantee status shows: the central ε of the published models and, under local
-/// noise, the local ε of the most-sampled client (`local`: ε and its participations).
+/// noise, the local ε of the worst-off client (`local`: ε and its participations); when
+/// evaluation runs under DP (`evaluation_outside`), that its figures are outside the guarantee.
 pub fn guarantee_line(
     mode: DpMode,
     epsilon: f64,
     delta: f64,
     rounds: u64,
     local: Option<(f64, u64)>,
+    evaluation_outside: bool,
 ) -> String {
-    match (mode, local) {
+    let line = match (mode, local) {
         (DpMode::None, _) => PrivacyStatus::NO_GUARANTEE.to_string(),
         (_, None) => format!(
             "(ε = {epsilon:.4}, δ = {delta:e}) user-level DP of the published models after {rounds} round(s), {} noise",
@@ -154,14 +162,36 @@ pub fn guarantee_line(
         ),
         (_, Some((local, k))) => format!(
             "(ε = {epsilon:.4}, δ = {delta:e}) user-level DP of the published models after {rounds} round(s), {} \
-             noise; against the coordinator, local ε = {local:.4} for the most-sampled client ({k} participation(s))",
+             noise; against the coordinator, local ε = {local:.4} for the worst-off client ({k} participation(s))",
             mode.as_str()
         ),
+    };
+    if evaluation_outside && mode != DpMode::None {
+        format!("{line}; evaluation results are {}", PrivacyStatus::EVALUATION_OUTSIDE)
+    } else {
+        line
     }
 }
 
-/// The local ε of a client drawn into `participations` fit attempts under local noise with
-/// multiplier `z`: the coordinator knows who was sampled, so no amplification applies.
-pub fn local_epsilon(z: f64, participations: u64, delta: f64) -> Result<f64, PrivacyError> {
-    epsilon_unamplified(z, participations, delta)
+/// The local ε of a client whose fit attempts had local noise multipliers `z_i`, given as
+/// `inverse_variance = Σ z_i⁻²`: the coordinator knows who was sampled, so no amplification
+/// applies, and each attempt counts with its own `z` (under adaptive clipping, or after the
+/// multiplier changed between restarts, they differ).
+pub fn local_epsilon(inverse_variance: f64, delta: f64) -> Result<f64, PrivacyError> {
+    epsilon_unamplified_composed(inverse_variance, delta)
+}
+
+/// The worst-off client under local noise: `Σ z⁻²` (the larger, the larger its local ε) and the
+/// fit attempts behind it. `draw_z`: the drawn clients get one more attempt at this multiplier
+/// (`None`: the exposures as they stand); an attempt without a recorded multiplier counts at
+/// `fallback_z`.
+pub fn worst_exposure(exposures: &Exposures, draw_z: Option<f64>, fallback_z: f64) -> (f64, u64) {
+    let drawn = exposures.drawn.iter().map(|e| match draw_z {
+        Some(z) => e.with_attempt(z),
+        None => *e,
+    });
+    drawn
+        .chain(exposures.others.iter().copied())
+        .map(|e| (e.inverse_variance_with(fallback_z), e.participations))
+        .fold((0.0, 0), |worst, e| if e.0 > worst.0 || (e.0 == worst.0 && e.1 > worst.1) { e } else { worst })
 }

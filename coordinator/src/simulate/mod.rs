@@ -163,6 +163,10 @@ pub struct SimulateArgs {
     /// with only its share of the noise).
     #[arg(long)]
     pub allow_distributed: bool,
+    /// Evaluate after every round under --dp too (`evaluation.enabled_under_dp`): the figures
+    /// are un-noised, outside the privacy guarantee, and every output labels them so.
+    #[arg(long)]
+    pub evaluate_under_dp: bool,
     /// Test harness: clients use the deterministic fake trainer (their binary must have it too:
     /// both come from a build with the `test-support` feature, e.g. `cargo build --workspace`).
     #[cfg(feature = "test-support")]
@@ -265,6 +269,7 @@ impl SimulateArgs {
         s.evaluation.fraction = 1.0;
         s.evaluation.min_clients = 1;
         s.evaluation.deadline = self.round_deadline;
+        s.evaluation.enabled_under_dp = self.evaluate_under_dp;
         if let Some(rate) = self.sample_rate {
             s.sampling = SamplingSettings::Poisson { rate };
             // A Poisson draw may be small: a round needs only one update.
@@ -548,7 +553,7 @@ async fn watch(
     let mut last_phase = None;
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
     let mut banner = None;
-    println!("{}", report::table_header());
+    let mut columns = report::TableColumns::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Err(SimulateError::Failed("interrupted".into())),
@@ -591,8 +596,12 @@ async fn watch(
         }
         let finished = report.phase == PhaseName::Finished;
         if banner.is_none() {
+            // The first status fixes the table's columns (local ε, evaluation outside the
+            // guarantee), so the header comes after the privacy line.
             let label = status::privacy_label(&report);
             println!("{}", report::privacy_line(&label));
+            columns = report::TableColumns::of(&report.privacy);
+            println!("{}", report::table_header(columns));
             banner = Some(label);
         }
         let rows = status::completed_rounds(&report);
@@ -601,7 +610,7 @@ async fn watch(
             // carries eval figures, a later round has started, or the federation is over.
             let settled = row.eval_accuracy.is_some() || report.round.round > row.round || finished;
             if settled && printed.insert(row.round) {
-                println!("{}", report::table_line(row));
+                println!("{}", report::table_line(row, columns));
             }
         }
         if finished {

@@ -65,10 +65,42 @@ pub struct RoundRow {
     pub bytes: u64,
     /// Wall-clock seconds the round took.
     pub seconds: f64,
-    /// Cumulative differential-privacy ε after the round (`None` without DP).
+    /// Cumulative differential-privacy ε of the published models after the round (central ε;
+    /// `None` without DP).
     pub epsilon: Option<f64>,
+    /// Under local noise: the worst-off client's local ε against the coordinator after the
+    /// round (no amplification; `None` in other modes).
+    pub local_epsilon: Option<f64>,
+    /// The evaluation figures (`eval_loss`, `eval_accuracy`) were computed under DP and are
+    /// outside the privacy guarantee (`evaluation.enabled_under_dp = true`).
+    pub eval_outside_privacy_guarantee: bool,
     /// The run's privacy model, e.g. `central DP, δ = 1e-5`, or `no privacy guarantee`.
     pub privacy: String,
+}
+
+/// Which optional columns the per-round table shows (fixed for a run, known from its first
+/// status).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableColumns {
+    /// Local noise: a `local_eps` column beside the central `epsilon`.
+    pub local_epsilon: bool,
+    /// Evaluation under DP: the evaluation columns are marked `*`, outside the guarantee.
+    pub eval_outside_guarantee: bool,
+}
+
+impl TableColumns {
+    /// The columns of a run whose privacy status is `p`.
+    pub fn of(p: &fedtune_shared::round::PrivacyStatus) -> Self {
+        Self {
+            local_epsilon: p.local_epsilon.is_some(),
+            eval_outside_guarantee: p.evaluation_outside_guarantee,
+        }
+    }
+}
+
+/// The legend and footnote text of evaluation figures outside the privacy guarantee.
+fn outside_label() -> String {
+    format!("(* {})", fedtune_shared::round::PrivacyStatus::EVALUATION_OUTSIDE)
 }
 
 /// Paths of the files [`write_report`] wrote.
@@ -103,11 +135,26 @@ fn human_bytes(b: u64) -> String {
 }
 
 /// The header of the per-round table [`table_line`] continues.
-pub fn table_header() -> String {
-    format!(
-        "{:>5}  {:>12}  {:>10}  {:>9}  {:>8}  {:>10}  {:>8}  {:>9}",
-        "round", "participants", "train_loss", "eval_loss", "accuracy", "bytes", "seconds", "epsilon"
-    )
+pub fn table_header(columns: TableColumns) -> String {
+    let mark = if columns.eval_outside_guarantee { "*" } else { "" };
+    let mut header = format!(
+        "{:>5}  {:>12}  {:>10}  {:>10}  {:>9}  {:>10}  {:>8}  {:>9}",
+        "round",
+        "participants",
+        "train_loss",
+        format!("eval_loss{mark}"),
+        format!("accuracy{mark}"),
+        "bytes",
+        "seconds",
+        "epsilon"
+    );
+    if columns.local_epsilon {
+        header.push_str(&format!("  {:>9}", "local_eps"));
+    }
+    if columns.eval_outside_guarantee {
+        header.push_str(&format!("  {}", outside_label()));
+    }
+    header
 }
 
 /// The line above and below the table that states the privacy model of the run.
@@ -116,9 +163,9 @@ pub fn privacy_line(privacy: &str) -> String {
 }
 
 /// One row of the per-round table, aligned under [`table_header`].
-pub fn table_line(r: &RoundRow) -> String {
-    format!(
-        "{:>5}  {:>12}  {:>10}  {:>9}  {:>8}  {:>10}  {:>8.1}  {:>9}",
+pub fn table_line(r: &RoundRow, columns: TableColumns) -> String {
+    let mut line = format!(
+        "{:>5}  {:>12}  {:>10}  {:>10}  {:>9}  {:>10}  {:>8.1}  {:>9}",
         r.round,
         r.participants,
         cell(r.train_loss, 4),
@@ -127,7 +174,11 @@ pub fn table_line(r: &RoundRow) -> String {
         human_bytes(r.bytes),
         r.seconds,
         cell(r.epsilon, 3)
-    )
+    );
+    if columns.local_epsilon {
+        line.push_str(&format!("  {:>9}", cell(r.local_epsilon, 3)));
+    }
+    line
 }
 
 /// Writes `metrics.csv`, `metrics.json` and `metrics.svg` into `dir` (created if needed).
@@ -185,7 +236,9 @@ fn draw_chart(rows: &[RoundRow], path: &Path) -> Result<(), String> {
         .build_cartesian_2d(rounds.clone(), 0.0..max_loss)
         .map_err(|e| e.to_string())?;
     chart.configure_mesh().x_desc("round").draw().map_err(|e| e.to_string())?;
-    for (points, colour, label) in [(&train, BLUE, "train"), (&eval, RED, "eval")] {
+    let outside = rows.iter().any(|r| r.eval_outside_privacy_guarantee);
+    let eval_label = if outside { format!("eval {}", outside_label()) } else { "eval".to_string() };
+    for (points, colour, label) in [(&train, BLUE, "train".to_string()), (&eval, RED, eval_label)] {
         chart
             .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))
             .map_err(|e| e.to_string())?
@@ -202,8 +255,10 @@ fn draw_chart(rows: &[RoundRow], path: &Path) -> Result<(), String> {
         .draw()
         .map_err(|e| e.to_string())?;
 
+    let accuracy_caption =
+        if outside { format!("eval accuracy {}", outside_label()) } else { "eval accuracy".to_string() };
     let mut chart = ChartBuilder::on(&right)
-        .caption("eval accuracy", ("sans-serif", 20))
+        .caption(accuracy_caption, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(32)
         .y_label_area_size(48)
@@ -213,15 +268,27 @@ fn draw_chart(rows: &[RoundRow], path: &Path) -> Result<(), String> {
     let green = RGBColor(0, 140, 60);
     chart
         .draw_series(LineSeries::new(accuracy.iter().copied(), green.stroke_width(2)))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .label(if outside { format!("accuracy {}", outside_label()) } else { "accuracy".to_string() })
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], green.stroke_width(2)));
     chart
         .draw_series(accuracy.iter().map(|&p| Circle::new(p, 3, green.filled())))
         .map_err(|e| e.to_string())?;
+    if outside {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
 
-    // Privacy spent: cumulative ε per round, or the statement that there is no guarantee.
+    // Privacy spent: cumulative central ε per round and, under local noise, the worst-off
+    // client's local ε beside it; or the statement that there is no guarantee.
     let epsilon = series(|r| r.epsilon);
+    let local = series(|r| r.local_epsilon);
     let label = rows.first().map(|r| r.privacy.clone()).unwrap_or_default();
-    let max_eps = epsilon.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-6) * 1.1;
+    let max_eps = epsilon.iter().chain(&local).map(|p| p.1).fold(0.0f64, f64::max).max(1e-6) * 1.1;
     let mut chart = ChartBuilder::on(&privacy)
         .caption(
             if epsilon.is_empty() { format!("ε: {label}") } else { "privacy ε (cumulative)".into() },
@@ -234,12 +301,31 @@ fn draw_chart(rows: &[RoundRow], path: &Path) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     chart.configure_mesh().x_desc("round").draw().map_err(|e| e.to_string())?;
     let purple = RGBColor(120, 40, 160);
-    chart
-        .draw_series(LineSeries::new(epsilon.iter().copied(), purple.stroke_width(2)))
-        .map_err(|e| e.to_string())?;
-    chart
-        .draw_series(epsilon.iter().map(|&p| Circle::new(p, 3, purple.filled())))
-        .map_err(|e| e.to_string())?;
+    let orange = RGBColor(220, 110, 0);
+    for (points, colour, name) in
+        [(&epsilon, purple, "central ε (published models)"), (&local, orange, "local ε (worst-off client)")]
+    {
+        if points.is_empty() {
+            continue;
+        }
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+            .map_err(|e| e.to_string())?;
+    }
+    if !local.is_empty() {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| e.to_string())?;
+    }
     root.present().map_err(|e| e.to_string())
 }
 
@@ -258,6 +344,8 @@ mod tests {
                 bytes: 2_500_000,
                 seconds: 40.5,
                 epsilon: Some(0.5),
+                local_epsilon: None,
+                eval_outside_privacy_guarantee: false,
                 privacy: "central DP, δ = 1e-5".into(),
             },
             RoundRow {
@@ -269,6 +357,8 @@ mod tests {
                 bytes: 1_700_000,
                 seconds: 38.0,
                 epsilon: Some(0.75),
+                local_epsilon: None,
+                eval_outside_privacy_guarantee: false,
                 privacy: "central DP, δ = 1e-5".into(),
             },
         ]
@@ -283,10 +373,13 @@ mod tests {
         let mut lines = csv.lines();
         assert_eq!(
             lines.next(),
-            Some("round,participants,train_loss,eval_loss,eval_accuracy,bytes,seconds,epsilon,privacy")
+            Some(
+                "round,participants,train_loss,eval_loss,eval_accuracy,bytes,seconds,epsilon,local_epsilon,\
+                 eval_outside_privacy_guarantee,privacy"
+            )
         );
-        assert_eq!(lines.next(), Some("1,3,0.69,0.61,0.7,2500000,40.5,0.5,\"central DP, δ = 1e-5\""));
-        assert_eq!(lines.next(), Some("2,2,0.52,,,1700000,38.0,0.75,\"central DP, δ = 1e-5\""));
+        assert_eq!(lines.next(), Some("1,3,0.69,0.61,0.7,2500000,40.5,0.5,,false,\"central DP, δ = 1e-5\""));
+        assert_eq!(lines.next(), Some("2,2,0.52,,,1700000,38.0,0.75,,false,\"central DP, δ = 1e-5\""));
 
         let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.json).unwrap()).unwrap();
         assert_eq!(json[0]["round"], 1);
@@ -311,10 +404,83 @@ mod tests {
     #[test]
     fn table_lines_align_with_the_header_and_show_missing_metrics_as_dashes() {
         let r = rows();
-        let header = table_header();
-        let line = table_line(&r[1]);
+        let columns = TableColumns::default();
+        let header = table_header(columns);
+        let line = table_line(&r[1], columns);
         assert_eq!(header.len(), line.len(), "{header}\n{line}");
         assert!(line.contains("1.7 MB") && line.contains('-'), "{line}");
-        assert!(table_line(&r[0]).contains("70.0"));
+        assert!(table_line(&r[0], columns).contains("70.0"));
+        assert!(!header.contains("local_eps") && !header.contains('*'), "{header}");
+    }
+
+    /// A local-noise run whose evaluation ran under DP.
+    fn local_rows() -> Vec<RoundRow> {
+        rows()
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| RoundRow {
+                local_epsilon: Some(4.0 + i as f64),
+                eval_outside_privacy_guarantee: true,
+                privacy: "local DP, δ = 1e-5".into(),
+                ..r
+            })
+            .collect()
+    }
+
+    #[test]
+    fn under_local_noise_the_table_csv_json_and_chart_carry_the_local_epsilon_beside_the_central_one() {
+        let columns = TableColumns { local_epsilon: true, eval_outside_guarantee: false };
+        let header = table_header(columns);
+        let line = table_line(&local_rows()[1], columns);
+        assert!(header.ends_with("epsilon  local_eps"), "{header}");
+        assert!(line.ends_with("    0.750      5.000"), "{line}");
+        assert_eq!(header.len(), line.len(), "{header}\n{line}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_report(&local_rows(), dir.path()).unwrap();
+        let csv = std::fs::read_to_string(&files.csv).unwrap();
+        let mut reader = csv::Reader::from_reader(csv.as_bytes());
+        let headers = reader.headers().unwrap().clone();
+        let local = headers.iter().position(|h| h == "local_epsilon").unwrap();
+        let central = headers.iter().position(|h| h == "epsilon").unwrap();
+        let second = reader.records().nth(1).unwrap().unwrap();
+        assert_eq!((&second[central], &second[local]), ("0.75", "5.0"));
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.json).unwrap()).unwrap();
+        assert_eq!((json[1]["epsilon"].as_f64(), json[1]["local_epsilon"].as_f64()), (Some(0.75), Some(5.0)));
+        let svg = std::fs::read_to_string(&files.svg).unwrap();
+        assert!(svg.contains("central ε (published models)") && svg.contains("local ε (worst-off client)"));
+        // The local series is drawn (its colour), not only named in the legend.
+        assert!(svg.to_ascii_uppercase().matches("#DC6E00").count() > 2, "local ε series");
+    }
+
+    #[test]
+    fn evaluation_under_dp_is_labelled_outside_the_guarantee_in_the_table_csv_json_and_chart_legend() {
+        let columns = TableColumns { local_epsilon: true, eval_outside_guarantee: true };
+        let header = table_header(columns);
+        assert!(header.contains("eval_loss*") && header.contains("accuracy*"), "{header}");
+        assert!(header.ends_with("(* outside the privacy guarantee)"), "{header}");
+        // The marked columns stay aligned; the footnote follows the last column.
+        let line = table_line(&local_rows()[0], columns);
+        assert_eq!(
+            line.len() + "  (* outside the privacy guarantee)".len(),
+            header.len(),
+            "{header}\n{line}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_report(&local_rows(), dir.path()).unwrap();
+        let csv = std::fs::read_to_string(&files.csv).unwrap();
+        let mut reader = csv::Reader::from_reader(csv.as_bytes());
+        let flag =
+            reader.headers().unwrap().iter().position(|h| h == "eval_outside_privacy_guarantee").unwrap();
+        assert!(reader.records().all(|r| &r.unwrap()[flag] == "true"));
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.json).unwrap()).unwrap();
+        assert_eq!(json[0]["eval_outside_privacy_guarantee"], true);
+        let svg = std::fs::read_to_string(&files.svg).unwrap();
+        assert!(svg.contains("eval (* outside the privacy guarantee)"), "legend of the loss panel");
+        assert!(svg.contains("eval accuracy (* outside the privacy guarantee)"), "accuracy caption");
+        // Without the flag nothing is labelled.
+        let files = write_report(&rows(), &dir.path().join("plain")).unwrap();
+        assert!(!std::fs::read_to_string(&files.svg).unwrap().contains("outside the privacy guarantee"));
     }
 }

@@ -52,6 +52,14 @@ CREATE TABLE IF NOT EXISTS samples (
     client_id  TEXT NOT NULL,
     PRIMARY KEY (round, attempt, kind, client_id)
 );
+-- Under local noise, the noise multiplier the clients drawn into a fit attempt were told to add
+-- (each client's local ε composes these over its draws; written with the draw).
+CREATE TABLE IF NOT EXISTS draw_noise (
+    round            INTEGER NOT NULL,
+    attempt          INTEGER NOT NULL,
+    noise_multiplier REAL NOT NULL,
+    PRIMARY KEY (round, attempt)
+);
 CREATE TABLE IF NOT EXISTS round_clients (
     round        INTEGER NOT NULL,
     attempt      INTEGER NOT NULL,

@@ -2,9 +2,13 @@
 //! type from the DP decorator that computes it to the `privacy_ledger` row that keeps it.
 //!
 //! The row has flat columns for humans and SQL, and a `detail` column with the whole record as
-//! JSON (`{"entry": …, "expected_clients": …, "next_clip_norm": …}`), which is what the
-//! accountant replays at start. [`insert`] runs inside the round's commit transaction
+//! JSON (`{"entry": …, "expected_clients": …, "next_clip_norm": …, "local_epsilon": …}`), which
+//! is what the accountant replays at start. [`insert`] runs inside the round's commit transaction
 //! ([`super::commit_round`]).
+//!
+//! Under local noise each client's local ε is read from the draw records instead ([`exposures`]):
+//! `samples` (who was drawn into each attempt) and `draw_noise` (the multiplier of the attempt,
+//! written with the draw by [`super::insert_sample`]).
 
 use std::collections::BTreeMap;
 
@@ -26,6 +30,11 @@ pub struct LedgerRecord {
     /// The clip bound the next round uses (differs from `entry.clip_norm` under adaptive
     /// clipping).
     pub next_clip_norm: f64,
+    /// Under local noise: the worst-off client's local ε after this round (its draws so far,
+    /// failed attempts included, composed without amplification). Absent in other modes and in
+    /// rows written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_epsilon: Option<f64>,
 }
 
 impl LedgerRecord {
@@ -87,26 +96,78 @@ pub fn load(conn: &mut Connection) -> Result<Vec<LedgerRecord>, StorageError> {
     Ok(out)
 }
 
-/// How many fit attempts each client was drawn into, failed attempts included, from the draw
-/// records (`samples`). This is what the coordinator knows about each client's participation,
-/// so a client's local ε (no amplification: see `fedtune_shared::privacy::epsilon_unamplified`)
-/// composes over it. A draw that failed below `rounds.min_fit` before releasing any task is
-/// counted too: that can only overstate ε, never hide a participation.
-pub fn participations(conn: &Connection) -> Result<BTreeMap<String, u64>, StorageError> {
-    let mut stmt =
-        conn.prepare("SELECT client_id, COUNT(*) FROM samples WHERE kind = 'fit' GROUP BY client_id")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+/// What the coordinator has seen of one client under local noise: the fit attempts it was drawn
+/// into (failed attempts included: its noised update may have reached the coordinator) and the
+/// noise multipliers of those attempts, as the sum of `z⁻²` that its local ε composes
+/// (`crate::privacy::local_epsilon`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Exposure {
+    /// Fit attempts the client was drawn into.
+    pub participations: u64,
+    /// `Σ z⁻²` over the attempts whose multiplier is recorded (`draw_noise`).
+    pub inverse_variance: f64,
+    /// Attempts drawn before multipliers were recorded: their `z` is not known here.
+    pub unrecorded: u64,
+}
+
+impl Exposure {
+    /// `Σ z⁻²` over all its attempts, counting an unrecorded one at `fallback_z`.
+    pub fn inverse_variance_with(&self, fallback_z: f64) -> f64 {
+        self.inverse_variance + self.unrecorded as f64 * fallback_z.powi(-2)
+    }
+
+    /// This exposure after one more attempt at multiplier `z`.
+    pub fn with_attempt(self, z: f64) -> Self {
+        Self {
+            participations: self.participations + 1,
+            inverse_variance: self.inverse_variance + z.powi(-2),
+            unrecorded: self.unrecorded,
+        }
+    }
+}
+
+/// The exposures of a draw: those of the clients it drew and of everyone else with a draw
+/// record, before this draw.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Exposures {
+    /// Clients in the draw (a drawn client never drawn before has a zero exposure).
+    pub drawn: Vec<Exposure>,
+    /// Every other client that has been drawn before.
+    pub others: Vec<Exposure>,
+}
+
+/// Each client's [`Exposure`], from the draw records (`samples`, `draw_noise`). This is what the
+/// coordinator knows about each client's participation, so a client's local ε (no amplification:
+/// see `fedtune_shared::privacy::epsilon_unamplified`) composes over it. A draw that failed
+/// below `rounds.min_fit` before releasing any task is counted too: that can only overstate ε,
+/// never hide a participation.
+pub fn exposures_by_client(conn: &Connection) -> Result<BTreeMap<String, Exposure>, StorageError> {
+    let mut stmt = conn.prepare(
+        "SELECT s.client_id, COUNT(*), \
+           TOTAL(CASE WHEN n.noise_multiplier IS NULL THEN 0.0 \
+                      ELSE 1.0 / (n.noise_multiplier * n.noise_multiplier) END), \
+           SUM(n.noise_multiplier IS NULL) \
+         FROM samples s LEFT JOIN draw_noise n ON n.round = s.round AND n.attempt = s.attempt \
+         WHERE s.kind = 'fit' GROUP BY s.client_id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            Exposure {
+                participations: r.get::<_, i64>(1)? as u64,
+                inverse_variance: r.get(2)?,
+                unrecorded: r.get::<_, i64>(3)? as u64,
+            },
+        ))
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// The most participations of any client once `selected` is added to the record (the worst
-/// client's count, for its local ε and the budget check before a draw's tasks are released).
-pub fn max_participations_with(conn: &Connection, selected: &[ClientId]) -> Result<u64, StorageError> {
-    let mut counts = participations(conn)?;
-    for c in selected {
-        *counts.entry(c.as_str().to_owned()).or_default() += 1;
-    }
-    Ok(counts.into_values().max().unwrap_or(0))
+/// The [`Exposures`] of a draw of `selected` (before it is recorded).
+pub fn exposures(conn: &Connection, selected: &[ClientId]) -> Result<Exposures, StorageError> {
+    let mut all = exposures_by_client(conn)?;
+    let drawn = selected.iter().map(|c| all.remove(c.as_str()).unwrap_or_default()).collect();
+    Ok(Exposures { drawn, others: all.into_values().collect() })
 }
 
 /// Meta key recording the privacy mode a federation was created with.

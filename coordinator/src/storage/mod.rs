@@ -21,9 +21,10 @@
 //!
 //! # Layout
 //! Every SQL statement of the crate is in this module; other modules call its typed functions.
-//! - this file: rounds, samples, outcomes, checkpoints, evaluations, clients, meta.
+//! - this file: rounds, samples (with `draw_noise`), outcomes, checkpoints, evaluations, clients, meta.
 //! - `database`: [`open_database`], the `meta` table, the coordinator's schema.
-//! - [`ledger`]: the privacy ledger ([`LedgerRecord`]) and the recorded privacy mode.
+//! - [`ledger`]: the privacy ledger ([`LedgerRecord`]), each client's exposure from the draw
+//!   records (its local ε under local noise), and the recorded privacy mode.
 //! - [`allowlist`]: the allowlist and enrollment-token tables behind [`crate::auth::Allowlist`].
 
 use std::path::{Path, PathBuf};
@@ -88,7 +89,7 @@ pub struct StoredClient {
 }
 
 /// The audit record of one draw.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SampleRecord {
     /// Round and attempt.
     pub id: RoundId,
@@ -102,6 +103,9 @@ pub struct SampleRecord {
     pub candidates: usize,
     /// Drawn clients.
     pub selected: Vec<ClientId>,
+    /// Under local noise, the noise multiplier the drawn clients add in this attempt (what their
+    /// local ε composes); `None` otherwise.
+    pub local_noise_multiplier: Option<f64>,
 }
 
 /// How a sampled client's participation ended.
@@ -464,6 +468,12 @@ pub fn insert_sample(conn: &Connection, s: &SampleRecord) -> Result<(), StorageE
             c.as_str()
         ])?;
     }
+    if let Some(z) = s.local_noise_multiplier {
+        conn.execute(
+            "INSERT OR REPLACE INTO draw_noise (round, attempt, noise_multiplier) VALUES (?1, ?2, ?3)",
+            params![s.id.round as i64, s.id.attempt, z],
+        )?;
+    }
     Ok(())
 }
 
@@ -648,7 +658,7 @@ pub fn recent_rounds(conn: &Connection, n: usize) -> Result<Vec<RoundSummary>, S
     let mut stmt = conn.prepare(
         "SELECT r.round, r.attempt, r.status, r.selected, r.accepted, r.failed, r.total_examples, r.train_loss, \
            e.loss, e.accuracy, e.num_examples, r.started_ms, r.finished_ms, r.reason, \
-           r.bytes_sent, r.bytes_received, p.epsilon \
+           r.bytes_sent, r.bytes_received, p.epsilon, json_extract(p.detail, '$.local_epsilon') \
          FROM rounds r LEFT JOIN evaluations e ON e.version = r.round AND r.status = ?2 \
          LEFT JOIN privacy_ledger p ON p.version = r.round AND r.status = ?2 \
          ORDER BY r.round DESC, r.attempt DESC LIMIT ?1",
@@ -676,6 +686,7 @@ pub fn recent_rounds(conn: &Connection, n: usize) -> Result<Vec<RoundSummary>, S
             bytes_sent: r.get::<_, i64>(14)? as u64,
             bytes_received: r.get::<_, i64>(15)? as u64,
             epsilon: r.get(16)?,
+            local_epsilon: r.get(17)?,
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

@@ -53,6 +53,7 @@ fn a_completed_round_is_visible_with_its_checkpoint_and_outcomes() {
             seed: "00".into(),
             candidates: 1,
             selected: vec![id("a")],
+            local_noise_multiplier: None,
         };
         begin_round(c, RoundId::new(1, 0), ModelVersion(0), &sample)?;
         let commit = RoundCommit {
@@ -103,6 +104,7 @@ fn rounds_left_running_are_aborted_on_reopen() {
                 seed: "0".into(),
                 candidates: 0,
                 selected: vec![],
+                local_noise_multiplier: None,
             };
             begin_round(c, RoundId::new(1, 0), ModelVersion(0), &s)
         })
@@ -147,6 +149,7 @@ fn ledger_record(round: u64, epsilon: f64) -> LedgerRecord {
         },
         expected_clients: 2.0,
         next_clip_norm: 0.9,
+        local_epsilon: None,
     }
 }
 
@@ -163,6 +166,7 @@ fn a_ledger_record_reads_back_as_it_was_committed() {
             seed: "00".into(),
             candidates: 0,
             selected: vec![],
+            local_noise_multiplier: None,
         };
         begin_round(c, RoundId::new(1, 0), ModelVersion(0), &sample)?;
         let commit = RoundCommit {
@@ -208,6 +212,77 @@ fn a_ledger_row_written_by_an_earlier_coordinator_still_loads() {
         assert_eq!(rows[0].mechanism(), "gaussian/local");
         assert_eq!((rows[0].entry.sampled, rows[0].entry.reported), (4, 3));
         assert_eq!(rows[0].entry.epsilon_after, 2.5);
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn each_clients_exposure_composes_the_multiplier_recorded_with_every_draw_it_was_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = Storage::open(dir.path()).unwrap();
+    st.call_sync(|c| {
+        let draw = |round: u64, attempt: u32, who: &[&str], z: Option<f64>| SampleRecord {
+            id: RoundId::new(round, attempt),
+            kind: "fit",
+            scheme: "poisson(q=0.5)".into(),
+            seed: "00".into(),
+            candidates: 3,
+            selected: who.iter().map(|w| id(w)).collect(),
+            local_noise_multiplier: z,
+        };
+        // Round 1 attempt 0 failed after the draw; attempt 1 completed; round 2 at a lower z;
+        // a draw from before multipliers were recorded.
+        begin_round(c, RoundId::new(1, 0), ModelVersion(0), &draw(1, 0, &["a", "b"], Some(1.0)))?;
+        begin_round(c, RoundId::new(1, 1), ModelVersion(0), &draw(1, 1, &["a"], Some(1.0)))?;
+        begin_round(c, RoundId::new(2, 0), ModelVersion(1), &draw(2, 0, &["b"], Some(0.5)))?;
+        begin_round(c, RoundId::new(3, 0), ModelVersion(2), &draw(3, 0, &["a"], None))?;
+        // An evaluation draw is no fit attempt.
+        insert_sample(c, &SampleRecord { kind: "evaluate", ..draw(2, 0, &["a", "b"], None) })?;
+        let all = ledger::exposures_by_client(c)?;
+        assert_eq!(all["a"], ledger::Exposure { participations: 3, inverse_variance: 2.0, unrecorded: 1 });
+        assert_eq!(all["b"], ledger::Exposure { participations: 2, inverse_variance: 5.0, unrecorded: 0 });
+        let split = ledger::exposures(c, &[id("b"), id("new")])?;
+        assert_eq!(split.drawn, vec![all["b"], ledger::Exposure::default()]);
+        assert_eq!(split.others, vec![all["a"]]);
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_completed_rounds_summary_carries_the_local_epsilon_its_ledger_row_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = Storage::open(dir.path()).unwrap();
+    let record = LedgerRecord { local_epsilon: Some(3.25), ..ledger_record(1, 0.5) };
+    st.call_sync(|c| {
+        let sample = SampleRecord {
+            id: RoundId::new(1, 0),
+            kind: "fit",
+            scheme: "fraction(1)".into(),
+            seed: "00".into(),
+            candidates: 0,
+            selected: vec![],
+            local_noise_multiplier: Some(1.0),
+        };
+        begin_round(c, RoundId::new(1, 0), ModelVersion(0), &sample)?;
+        let commit = RoundCommit {
+            id: RoundId::new(1, 0),
+            checkpoint: "x".into(),
+            strategy_state: None,
+            full_sha256: Sha256([1; 32]),
+            outcomes: vec![],
+            accepted: 0,
+            failed: 0,
+            total_examples: 0,
+            train_loss: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+        };
+        commit_round(c, &commit, Some(&record))?;
+        let rounds = recent_rounds(c, 5)?;
+        assert_eq!((rounds[0].epsilon, rounds[0].local_epsilon), (Some(0.5), Some(3.25)));
+        assert_eq!(ledger::load(c)?, vec![record.clone()]);
         Ok(())
     })
     .unwrap();

@@ -162,11 +162,11 @@ mod tests {
         let mut sum = FixedPointSum::new(1);
         sum.fold_values(&[d], 1, 1.0);
         let r = FitResults::new(sum, manifest(1), vec![]);
-        let round = RoundContext::new(Draw {
+        let round = RoundContext::new(&Draw {
             round: RoundId::new(1, 0),
             candidates: 1,
             selected: 1,
-            max_participations: 1,
+            exposures: Default::default(),
         });
         s.aggregate_fit(&round, &pv(vec![x]), r, &[]).unwrap().unwrap().params.values()[0]
     }

@@ -38,8 +38,12 @@ use super::{
     Strategy, StrategyError, UpdateWeighting, UploadStats,
 };
 use crate::aggregate::{MAX_ABS_VALUE, SCALE_BITS};
-use crate::privacy::{guarantee_line, local_epsilon, restate_guarantee, scheme_name, PrivacyMonitor};
+use crate::privacy::{
+    guarantee_line, local_epsilon, restate_guarantee, scheme_name, worst_exposure, PrivacyMonitor,
+};
+use crate::sampling;
 use crate::settings::{accounting_for, AdaptiveClipSettings, CoordinatorSettings, DpMode, SamplingSettings};
+use crate::storage::ledger::Exposures;
 use crate::storage::{self, LedgerRecord, Storage, StorageError};
 
 pub use fedtune_shared::privacy::CLIP_INDICATOR_METRIC;
@@ -71,6 +75,11 @@ pub struct DpRound {
     client_plan: NoisePlan,
     /// Adaptive clipping as the round started (its bound moves only when the round is charged).
     adaptive: Option<AdaptiveClip>,
+    /// Under local noise: the multiplier each drawn client adds (update and indicator noise
+    /// together), recorded with the draw.
+    local_noise_multiplier: Option<f64>,
+    /// Under local noise: the worst-off client's local ε once this draw's tasks are released.
+    local_epsilon: Option<f64>,
 }
 
 impl DpRound {
@@ -82,6 +91,12 @@ impl DpRound {
     /// The fixed averaging denominator `n̄` of the round.
     pub fn expected_clients(&self) -> f64 {
         self.expected_clients
+    }
+
+    /// Under local noise, the noise multiplier each drawn client adds in this attempt (what the
+    /// draw record keeps for the clients' local ε); `None` otherwise.
+    pub fn local_noise_multiplier(&self) -> Option<f64> {
+        self.local_noise_multiplier
     }
 }
 
@@ -95,6 +110,7 @@ pub struct DpStrategy {
     per_layer: bool,
     expected_override: Option<f64>,
     sampling_settings: SamplingSettings,
+    min_fit: usize,
     sampling: SamplingScheme,
     dim: usize,
     clip_norm: f64,
@@ -220,6 +236,7 @@ impl DpStrategy {
                 p.delta,
                 accountant.rounds(),
                 (placement == NoisePlacement::Local).then_some((0.0, 0)),
+                settings.evaluation_outside_guarantee(),
             ),
             epsilon,
             delta: p.delta,
@@ -230,6 +247,7 @@ impl DpStrategy {
             rounds_charged: accountant.rounds(),
             local_epsilon: (placement == NoisePlacement::Local).then_some(0.0),
             max_participations: 0,
+            evaluation_outside_guarantee: settings.evaluation_outside_guarantee(),
         });
         info!(
             mode = p.mode.as_str(),
@@ -251,6 +269,7 @@ impl DpStrategy {
             per_layer: p.per_layer_clipping,
             expected_override: p.expected_clients,
             sampling_settings: settings.sampling.clone(),
+            min_fit: settings.rounds.min_fit,
             sampling,
             dim,
             clip_norm,
@@ -277,75 +296,91 @@ impl DpStrategy {
     /// `n̄` (the averaging denominator, and the number of noise shares under distributed noise)
     /// is a public bound: `privacy.expected_clients`, else what the configured scheme asks for
     /// of the (public) candidate count, never the realised size of the sample, which one
-    /// client's presence changes.
+    /// client's presence changes. A fixed-size cohort's size is itself public
+    /// ([`sampling::cohort_size`]: `max(min_fit, ⌈fraction·N⌉)`, at most `N`), so it is `n̄`.
     fn rate_and_denominator(&self, candidates: usize, selected: usize) -> (f64, f64) {
         let (q, n) = match (&self.sampling_settings, self.sampling) {
             (SamplingSettings::Poisson { rate }, _) => (*rate, rate * candidates as f64),
             (_, SamplingScheme::Full) => (1.0, candidates as f64),
             (configured, _) => {
                 let q = if candidates == 0 { 1.0 } else { (selected as f64 / candidates as f64).min(1.0) };
-                let n = match configured {
-                    SamplingSettings::Fixed { count } => *count as f64,
-                    SamplingSettings::Fraction { fraction } => (fraction * candidates as f64).ceil(),
-                    SamplingSettings::Poisson { rate } => rate * candidates as f64,
-                };
+                let n = sampling::cohort_size(configured, self.min_fit, candidates)
+                    .map_or(selected as f64, |m| m as f64);
                 (q, n)
             }
         };
         (q.max(f64::MIN_POSITIVE), self.expected_override.unwrap_or(n).max(1.0))
     }
 
-    /// Records that some client has already been drawn into `participations` fit attempts (at
-    /// start, from the draw records), so status shows its local ε before the next draw.
-    pub fn resume_participations(&mut self, participations: u64) -> Result<(), PrivacyError> {
-        self.observe_participations(participations, self.local_epsilon_after(participations)?);
+    /// Records what the draw records say the coordinator has seen of each client (at start), so
+    /// status shows the worst-off client's local ε before the next draw.
+    pub fn resume_exposures(&mut self, exposures: &Exposures) -> Result<(), PrivacyError> {
+        let local = self.local_epsilon_after(exposures, None)?;
+        self.observe_local(local);
         Ok(())
     }
 
-    /// The local ε of a client drawn into `participations` attempts (`None` unless local noise).
-    fn local_epsilon_after(&self, participations: u64) -> Result<Option<f64>, PrivacyError> {
+    /// Under local noise, the worst-off client's local ε and its fit attempts once the drawn
+    /// clients add an attempt at `draw_z` (`None`: as the records stand). Attempts recorded
+    /// before multipliers were kept count at the configured one.
+    fn local_epsilon_after(
+        &self,
+        exposures: &Exposures,
+        draw_z: Option<f64>,
+    ) -> Result<Option<(f64, u64)>, PrivacyError> {
         if self.placement != NoisePlacement::Local {
             return Ok(None);
         }
-        // The client adds the round's whole multiplier (update and, with adaptive clipping,
-        // its indicator), and every attempt it is drawn into releases one such output.
-        local_epsilon(self.noise_multiplier, participations, self.accountant.delta()).map(Some)
+        let (inverse_variance, participations) = worst_exposure(exposures, draw_z, self.noise_multiplier);
+        Ok(Some((local_epsilon(inverse_variance, self.accountant.delta())?, participations)))
     }
 
-    fn observe_participations(&self, participations: u64, local: Option<f64>) {
+    fn observe_local(&self, local: Option<(f64, u64)>) {
         let (mode, delta, rounds, epsilon) =
             (self.mode, self.accountant.delta(), self.accountant.rounds(), self.accountant.epsilon());
         self.monitor.update(|s| {
-            if participations >= s.max_participations {
-                s.max_participations = participations;
-                s.local_epsilon = local;
+            if let Some((local, participations)) = local {
+                // The records only grow, so the worst-off client's ε never falls; a smaller
+                // figure comes from a draw that was not counted (below min_fit).
+                if s.local_epsilon.is_none_or(|shown| local >= shown) {
+                    s.local_epsilon = Some(local);
+                    s.max_participations = participations;
+                }
             }
             restate_guarantee(s, mode, epsilon, delta, rounds);
         });
     }
 
-    /// Under local noise, refuses a draw after which the most-sampled client's local ε would
-    /// exceed the budget (see the budget section of [`crate::privacy`]).
-    fn check_local_budget(&self, draw: &Draw) -> Result<(), StrategyError> {
+    /// The multiplier a client adds under local noise: its update noise and, with adaptive
+    /// clipping, its indicator noise, composed (`None` in other modes).
+    fn local_noise_multiplier(&self, update_multiplier: f64) -> Option<f64> {
+        (self.placement == NoisePlacement::Local).then(|| match &self.adaptive {
+            Some(a) => a.combined_noise_multiplier(update_multiplier),
+            None => update_multiplier,
+        })
+    }
+
+    /// Under local noise, refuses a draw after which the worst-off client's local ε would exceed
+    /// the budget (see the budget section of [`crate::privacy`]). Returns that ε.
+    fn check_local_budget(&self, draw: &Draw, draw_z: Option<f64>) -> Result<Option<f64>, StrategyError> {
         let local = self
-            .local_epsilon_after(draw.max_participations)
+            .local_epsilon_after(&draw.exposures, draw_z)
             .map_err(|e| StrategyError::State(e.to_string()))?;
-        if let (Some(local), Some(target)) = (local, self.target_epsilon) {
+        if let (Some((local, participations)), Some(target)) = (local, self.target_epsilon) {
             if local > target {
                 let reason = format!(
-                    "privacy budget exhausted: round {} would bring the local ε of the most-sampled client \
-                     ({} participations, no amplification: the coordinator knows the sample) to {local:.4}, \
-                     above privacy.target_epsilon = {target} (δ = {:e}); the last model stays available",
+                    "privacy budget exhausted: round {} would bring the local ε of the worst-off client \
+                     ({participations} participations, no amplification: the coordinator knows the sample) to \
+                     {local:.4}, above privacy.target_epsilon = {target} (δ = {:e}); the last model stays available",
                     draw.round.round,
-                    draw.max_participations,
                     self.accountant.delta()
                 );
                 warn!(%reason, "round refused");
                 return Err(StrategyError::Exhausted(reason));
             }
         }
-        self.observe_participations(draw.max_participations, local);
-        Ok(())
+        self.observe_local(local);
+        Ok(local.map(|(l, _)| l))
     }
 
     /// The update-noise multiplier (the round's `z` minus what adaptive clipping's count spends).
@@ -381,8 +416,9 @@ impl Strategy for DpStrategy {
                 return Err(StrategyError::Exhausted(reason));
             }
         }
-        self.check_local_budget(draw)?;
         let update_multiplier = self.update_multiplier().map_err(state)?;
+        let local_noise_multiplier = self.local_noise_multiplier(update_multiplier);
+        let local_epsilon = self.check_local_budget(draw, local_noise_multiplier)?;
         let client_plan = NoisePlan::new(self.placement, update_multiplier, self.clip_norm, self.dim, n_bar)
             .map_err(state)?;
         let client_noise = client_plan.client_adds_noise();
@@ -411,6 +447,8 @@ impl Strategy for DpStrategy {
             update_multiplier,
             client_plan,
             adaptive: self.adaptive.clone(),
+            local_noise_multiplier,
+            local_epsilon,
         };
         let inner = self.inner.configure_fit(draw, base)?;
         Ok(FitPlan {
@@ -515,14 +553,20 @@ impl Strategy for DpStrategy {
         // noise lower the z recorded here, so check again with it, before anything is released.
         if let Some(target) = self.target_epsilon.filter(|t| entry.epsilon_after > *t) {
             let reason = format!(
-                "privacy budget exhausted: round {} would bring ε to {:.4} with the noise multiplier {accounted:.4}                  of the {reported} updates that arrived, above privacy.target_epsilon = {target}; nothing of it                  is published",
+                "privacy budget exhausted: round {} would bring ε to {:.4} with the noise multiplier \
+                 {accounted:.4} of the {reported} updates that arrived, above privacy.target_epsilon = {target}; \
+                 nothing of it is published and the last model stays available",
                 id.round, entry.epsilon_after
             );
             warn!(%reason, "round refused after aggregation");
             return Err(StrategyError::Exhausted(reason));
         }
-        let record =
-            LedgerRecord { entry, expected_clients: plan.expected_clients, next_clip_norm: next_clip };
+        let record = LedgerRecord {
+            entry,
+            expected_clients: plan.expected_clients,
+            next_clip_norm: next_clip,
+            local_epsilon: plan.local_epsilon,
+        };
         let next = self.inner.aggregate_fit(round, global, results, failures)?;
         Ok(next.map(|a| Aggregated { charge: Some(record), ..a }))
     }
@@ -635,9 +679,9 @@ pub fn wrap_strategy(
         return Ok(inner);
     }
     let entries = store.call_sync(storage::ledger::load)?;
-    let participations = store.call_sync(|c| storage::ledger::max_participations_with(c, &[]))?;
+    let exposures = store.call_sync(|c| storage::ledger::exposures(c, &[]))?;
     let mut strategy = DpStrategy::new(inner, settings, dim, &entries)?;
-    strategy.resume_participations(participations)?;
+    strategy.resume_exposures(&exposures)?;
     Ok(Box::new(strategy))
 }
 

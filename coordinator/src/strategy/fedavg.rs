@@ -38,7 +38,7 @@ impl Strategy for FedAvg {
         Ok(FitPlan {
             config: FitInstructions { proximal_mu: self.mu, ..base.clone() },
             privacy: PrivacyInstructions::NONE,
-            context: RoundContext::new(*draw),
+            context: RoundContext::new(draw),
         })
     }
 
@@ -93,11 +93,11 @@ mod tests {
     }
 
     fn context() -> RoundContext {
-        RoundContext::new(Draw {
+        RoundContext::new(&Draw {
             round: RoundId::new(1, 0),
             candidates: 1,
             selected: 1,
-            max_participations: 1,
+            exposures: Default::default(),
         })
     }
 
@@ -136,7 +136,8 @@ mod tests {
             max_steps: None,
             seed: 0,
         };
-        let draw = Draw { round: RoundId::new(1, 0), candidates: 2, selected: 2, max_participations: 1 };
+        let draw =
+            Draw { round: RoundId::new(1, 0), candidates: 2, selected: 2, exposures: Default::default() };
         assert_eq!(s.configure_fit(&draw, &base).unwrap().config.proximal_mu, 0.01);
         assert_eq!(s.name(), "fedprox");
     }

@@ -48,6 +48,7 @@ use fedtune_shared::round::{EvalReport, FitInstructions, PrivacyInstructions};
 use crate::aggregate::FixedPointSum;
 use crate::outcome::ParticipantOutcome;
 use crate::settings::StrategySettings;
+use crate::storage::ledger::Exposures;
 use crate::storage::LedgerRecord;
 
 pub use adaptive::{Adaptive, AdaptiveKind};
@@ -74,7 +75,7 @@ pub enum StrategyError {
 }
 
 /// How the clients of a round were drawn.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Draw {
     /// Round and attempt.
     pub round: RoundId,
@@ -82,11 +83,11 @@ pub struct Draw {
     pub candidates: usize,
     /// Clients drawn (a privacy accountant needs `selected / candidates` for fixed-size cohorts).
     pub selected: usize,
-    /// The most fit attempts any one client will have been drawn into once this draw's tasks are
-    /// released (the worst client's participations, failed attempts included; 0 when not
-    /// counted). Under local noise the coordinator knows who was sampled, so that client's
-    /// local ε composes over these participations without amplification.
-    pub max_participations: u64,
+    /// What the coordinator has seen of the drawn clients and of everyone else before this draw
+    /// (fit attempts, failed ones included, and their noise multipliers; empty when not
+    /// counted). Under local noise the coordinator knows who was sampled, so each client's local
+    /// ε composes over its attempts without amplification.
+    pub exposures: Exposures,
 }
 
 /// What a round was configured with. The actor keeps it from [`Strategy::configure_fit`] and
@@ -101,8 +102,16 @@ pub struct RoundContext {
 }
 
 impl RoundContext {
-    /// The context of a round without differential privacy.
-    pub fn new(draw: Draw) -> Self {
+    /// The context of a round without differential privacy. It keeps the draw's counts; the
+    /// exposures were for `configure_fit` alone, so a round does not carry every client's
+    /// history with it.
+    pub fn new(draw: &Draw) -> Self {
+        let draw = Draw {
+            round: draw.round,
+            candidates: draw.candidates,
+            selected: draw.selected,
+            exposures: Exposures::default(),
+        };
         Self { draw, privacy: None }
     }
 
@@ -267,7 +276,7 @@ pub trait Strategy: Send + 'static {
         Ok(FitPlan {
             config: base.clone(),
             privacy: PrivacyInstructions::NONE,
-            context: RoundContext::new(*draw),
+            context: RoundContext::new(draw),
         })
     }
 

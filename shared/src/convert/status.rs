@@ -44,6 +44,7 @@ impl From<&StatusReport> for pb::GetStatusResponse {
                     bytes_sent: r.bytes_sent,
                     bytes_received: r.bytes_received,
                     epsilon: r.epsilon,
+                    local_epsilon: r.local_epsilon,
                 })
                 .collect(),
             accepted_updates: s.accepted_updates,
@@ -59,6 +60,7 @@ impl From<&StatusReport> for pb::GetStatusResponse {
                 rounds_charged: s.privacy.rounds_charged,
                 local_epsilon: s.privacy.local_epsilon,
                 max_participations: s.privacy.max_participations,
+                evaluation_outside_guarantee: s.privacy.evaluation_outside_guarantee,
             }),
             finished_reason: s.finished_reason.clone().unwrap_or_default(),
         }
@@ -108,6 +110,7 @@ impl TryFrom<pb::GetStatusResponse> for StatusReport {
                     bytes_sent: r.bytes_sent,
                     bytes_received: r.bytes_received,
                     epsilon: r.epsilon,
+                    local_epsilon: r.local_epsilon.filter(|e| e.is_finite() && *e >= 0.0),
                 })
                 .collect(),
             accepted_updates: s.accepted_updates,
@@ -126,6 +129,7 @@ impl TryFrom<pb::GetStatusResponse> for StatusReport {
                     rounds_charged: p.rounds_charged,
                     local_epsilon: p.local_epsilon.filter(|e| e.is_finite() && *e >= 0.0),
                     max_participations: p.max_participations,
+                    evaluation_outside_guarantee: p.evaluation_outside_guarantee,
                 })
                 .unwrap_or_else(PrivacyStatus::none),
             finished_reason: (!s.finished_reason.is_empty()).then_some(s.finished_reason),

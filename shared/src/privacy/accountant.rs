@@ -282,6 +282,26 @@ pub fn epsilon_unamplified(z: f64, participations: u64, delta: f64) -> Result<f6
     epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Full, 1.0, z, participations, delta)
 }
 
+/// [`epsilon_unamplified`] over rounds with different multipliers `z_i`, given as
+/// `inverse_variance = Σ z_i⁻²` (e.g. a client's local noise under adaptive clipping, or after
+/// the noise multiplier changed between restarts).
+///
+/// Gaussian mechanisms compose exactly into one Gaussian mechanism with `z = (Σ z_i⁻²)^(−½)`:
+/// the RDP curve `α/(2z²)`, the zCDP `ρ = 1/(2z²)` and the exact Gaussian privacy curve all
+/// depend on the rounds only through this sum, so this is the accountant's composition of those
+/// rounds, not an approximation of it. `0` (no round) is `ε = 0`.
+pub fn epsilon_unamplified_composed(inverse_variance: f64, delta: f64) -> Result<f64, PrivacyError> {
+    if !(inverse_variance.is_finite() && inverse_variance >= 0.0) {
+        return Err(PrivacyError::InvalidParameter(format!(
+            "inverse variance {inverse_variance} must be finite and non-negative"
+        )));
+    }
+    if inverse_variance == 0.0 {
+        return Accountant::new(delta, Adjacency::AddRemove).map(|a| a.epsilon());
+    }
+    epsilon_unamplified(inverse_variance.powf(-0.5), 1, delta)
+}
+
 /// The smallest noise multiplier (to ~10⁻⁹ relative, rounded up) for which `rounds` Poisson
 /// rounds at rate `q` (full participation when `q = 1`) stay within `target_epsilon` at `delta`
 /// under add/remove adjacency.

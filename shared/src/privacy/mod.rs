@@ -78,8 +78,8 @@ pub mod rdp;
 mod sampler;
 
 pub use accountant::{
-    calibrate, calibrate_for, epsilon_for_rounds, epsilon_unamplified, Accountant, Adjacency,
-    PrivacyLedgerEntry, SamplingScheme,
+    calibrate, calibrate_for, epsilon_for_rounds, epsilon_unamplified, epsilon_unamplified_composed,
+    Accountant, Adjacency, PrivacyLedgerEntry, SamplingScheme,
 };
 pub use adaptive::{mechanism_metrics, AdaptiveClip, CLIP_INDICATOR_METRIC};
 pub use clip::{clip_l2, clip_per_layer, l2_norm_upper_bound, ClipReport, LayerBudget, PerLayerClipReport};

@@ -17,7 +17,7 @@ use crate::outcome::AttemptFailure;
 use crate::round::phase::{Phase, Shared};
 use crate::round::Round;
 use crate::storage::{ClientOutcome, LedgerRecord};
-use crate::strategy::{Aggregated, FitFailure, FitResults, FitSummary, RoundContext};
+use crate::strategy::{Aggregated, FitFailure, FitResults, FitSummary, RoundContext, StrategyError};
 
 /// Applying the strategy to one round's folded updates.
 #[derive(Debug)]
@@ -63,8 +63,14 @@ impl Phase for Aggregating {
             let layout = model.layout.clone();
             let global = layout.extract(&model.params);
             let mut strategy = strategy.lock().unwrap_or_else(|p| p.into_inner());
-            let next =
-                strategy.aggregate_fit(&context, &global, results, &failures).map_err(|e| failed(&e))?;
+            let next = match strategy.aggregate_fit(&context, &global, results, &failures) {
+                Ok(next) => next,
+                // Nothing computed from the round leaves the coordinator; see `Failure`.
+                Err(StrategyError::Exhausted(reason)) => {
+                    return Ok(Outcome::Kept(AttemptFailure::BudgetExhausted(reason)))
+                }
+                Err(e) => return Err(failed(&e)),
+            };
             let Some(Aggregated { params: next, charge }) = next else {
                 return Ok(Outcome::Kept(AttemptFailure::StrategyKept));
             };

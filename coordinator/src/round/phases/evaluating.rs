@@ -75,6 +75,7 @@ impl Phase for Evaluating {
             seed: hex::encode(seed),
             candidates: candidates.len(),
             selected: selected.clone(),
+            local_noise_multiplier: None,
         };
         match shared.db(move |c| storage::insert_sample(c, &record)).await {
             None => return Round::Shutdown(Shutdown::requested()),

@@ -1,5 +1,16 @@
 //! Failure: an attempt did not produce a model. Record it; retry after a backoff with the next
 //! attempt number, or halt the federation after too many failures in a row.
+//!
+//! An attempt the strategy refused to publish because it would exceed the privacy budget
+//! (`AttemptFailure::BudgetExhausted`, decided in `aggregate_fit` with the noise multiplier the
+//! round would record) is recorded as failed like any other, and the federation ends cleanly
+//! (`Finished::ended`, as when `configure_fit` refuses a round): a retry would be charged as
+//! much or more. Nothing computed from its updates was published, so the ledger, which accounts
+//! the published models, is not charged; the draw record keeps the attempt, so each client's
+//! local ε (local noise) still counts it. Under distributed noise the coordinator did see the
+//! individual updates, each with its share of the noise only: that exposure is the documented
+//! cost of running distributed noise without secure aggregation, not something the ledger can
+//! account.
 
 use fedtune_shared::ids::RoundId;
 use fedtune_shared::round::{PhaseName, TaskKind};
@@ -48,6 +59,12 @@ impl Phase for Failure {
             None => return Round::Shutdown(Shutdown::requested()),
             Some(Err(e)) => return shared.fatal("cannot record the failed round", &e),
             Some(Ok(())) => {}
+        }
+        if reason.ends_federation() {
+            return Round::Finished(Finished::ended(format!(
+                "strategy refuses round {}: {reason}",
+                id.round
+            )));
         }
         shared.consecutive_failures += 1;
         shared.next = RoundId::new(id.round, id.attempt + 1);

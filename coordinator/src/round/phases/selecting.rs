@@ -57,24 +57,19 @@ impl Phase for Selecting {
             max_steps: s.fit.max_steps,
             seed: 0,
         };
-        let max_participations = if s.privacy.enabled() && selected.len() >= sampling::min_sampled(&s) {
+        let exposures = if s.privacy.enabled() && selected.len() >= sampling::min_sampled(&s) {
             let drawn = selected.clone();
-            match shared.db(move |c| storage::ledger::max_participations_with(c, &drawn)).await {
+            match shared.db(move |c| storage::ledger::exposures(c, &drawn)).await {
                 None => return Round::Shutdown(Shutdown::requested()),
                 Some(Err(e)) => return shared.fatal("cannot count the clients' participations", &e),
-                Some(Ok(n)) => n,
+                Some(Ok(e)) => e,
             }
         } else {
-            0
+            Default::default()
         };
         let plan = {
             let mut strategy = shared.strategy.lock().unwrap_or_else(|p| p.into_inner());
-            let draw = Draw {
-                round: id,
-                candidates: candidates.len(),
-                selected: selected.len(),
-                max_participations,
-            };
+            let draw = Draw { round: id, candidates: candidates.len(), selected: selected.len(), exposures };
             strategy.configure_fit(&draw, &base)
         };
         let plan = match plan {
@@ -96,6 +91,7 @@ impl Phase for Selecting {
             seed: hex::encode(seed),
             candidates: candidates.len(),
             selected: selected.clone(),
+            local_noise_multiplier: plan.context.privacy.as_ref().and_then(|p| p.local_noise_multiplier()),
         };
         let base_version = shared.model.version;
         let stored = shared.db(move |c| storage::begin_round(c, id, base_version, &record)).await;

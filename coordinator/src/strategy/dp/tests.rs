@@ -4,6 +4,7 @@ use super::*;
 use crate::aggregate::FixedPointSum;
 use crate::outcome::ParticipantOutcome;
 use crate::settings::PrivacySettings;
+use crate::storage::ledger::Exposure;
 use crate::strategy::{FedAvg, FitSummary};
 use fedtune_shared::ids::{ClientId, RoundId};
 use fedtune_shared::params::{Manifest, TensorSpec};
@@ -41,10 +42,11 @@ fn manifest() -> Manifest {
 }
 
 #[test]
-fn the_denominator_is_the_configured_bound_not_the_realised_sample_size() {
-    // Five clients asked for, three live: n̄ stays 5 (one client's presence moves `selected`).
+fn the_denominator_is_the_public_cohort_size_not_the_realised_sample_size() {
+    // A fixed-size cohort's size is a function of the settings and the (public) live count:
+    // five asked for, ten live: 5; three live: all three.
     let fixed = dp(&settings(DpMode::Central, SamplingSettings::Fixed { count: 5 }, None));
-    assert_eq!(fixed.rate_and_denominator(3, 3).1, 5.0);
+    assert_eq!(fixed.rate_and_denominator(3, 3).1, 3.0);
     assert_eq!(fixed.rate_and_denominator(10, 5).1, 5.0);
     let poisson = dp(&settings(DpMode::Central, SamplingSettings::Poisson { rate: 0.5 }, None));
     assert_eq!(poisson.rate_and_denominator(10, 7).1, 5.0);
@@ -80,7 +82,12 @@ fn results(value: f32, reported: usize) -> FitResults {
 }
 
 fn draw(round: u64, candidates: usize, selected: usize) -> Draw {
-    Draw { round: RoundId::new(round, 0), candidates, selected, max_participations: round }
+    Draw { round: RoundId::new(round, 0), candidates, selected, exposures: Exposures::default() }
+}
+
+/// What the records show of a client drawn into `participations` attempts at multiplier `z`.
+fn seen(participations: u64, z: f64) -> Exposure {
+    Exposure { participations, inverse_variance: participations as f64 * z.powi(-2), unrecorded: 0 }
 }
 
 /// Aggregates and books the round, as the actor does once the weights are accepted.
@@ -104,6 +111,26 @@ fn moments(v: &[f32], centre: f64) -> (f64, f64) {
     let mean = v.iter().map(|x| f64::from(*x) - centre).sum::<f64>() / n;
     let var = v.iter().map(|x| (f64::from(*x) - centre - mean).powi(2)).sum::<f64>() / n;
     (mean, var.sqrt())
+}
+
+#[test]
+fn a_fraction_cohorts_denominator_counts_the_min_fit_floor_the_draw_applies() {
+    // fraction = 0.1 of 10 live clients is one, but the draw takes min_fit = 3: n̄ is the size of
+    // the cohort actually drawn, max(min_fit, ⌈fraction·N⌉), never more than N.
+    let mut s = settings(DpMode::Central, SamplingSettings::Fraction { fraction: 0.1 }, None);
+    s.rounds.min_fit = 3;
+    let strategy = dp(&s);
+    let candidates: Vec<ClientId> = (0..10).map(|i| ClientId::parse(&format!("c{i}")).unwrap()).collect();
+    let drawn = crate::sampling::sample(&s.sampling, s.rounds.min_fit, &candidates, [7; 32]).len();
+    assert_eq!(drawn, 3);
+    assert_eq!(strategy.rate_and_denominator(10, drawn), (0.3, 3.0));
+    // Above the floor, ⌈fraction·N⌉; and never more than the live clients.
+    assert_eq!(strategy.rate_and_denominator(45, 5).1, 5.0);
+    assert_eq!(strategy.rate_and_denominator(2, 2).1, 2.0);
+    // The round's plan carries it to the aggregation.
+    let mut strategy = strategy;
+    let plan = strategy.configure_fit(&draw(1, 10, 3), &base()).unwrap();
+    assert_eq!(plan.context.privacy.as_ref().unwrap().expected_clients(), 3.0);
 }
 
 #[test]
@@ -187,27 +214,76 @@ fn fixed_size_cohorts_are_accounted_without_replacement_never_as_poisson() {
 }
 
 #[test]
-fn under_local_noise_a_draw_that_would_take_the_most_sampled_client_beyond_the_budget_is_refused() {
+fn under_local_noise_a_draw_that_would_take_the_worst_off_client_beyond_the_budget_is_refused() {
     // q = 0.01, z = 1: the central ε of one round is tiny, but a client already drawn into
     // 9 attempts would reach the local ε of 10 unamplified rounds (17.86).
     let mut s = settings(DpMode::Local, SamplingSettings::Poisson { rate: 0.01 }, Some(10.0));
     s.privacy.noise_multiplier = Some(1.0);
     let mut strategy = dp(&s);
     let mut draw = draw(1, 100, 1);
-    draw.max_participations = 3;
-    strategy.configure_fit(&draw, &base()).unwrap();
+    draw.exposures = Exposures { drawn: vec![seen(2, 1.0)], others: vec![seen(1, 1.0)] };
+    let plan = strategy.configure_fit(&draw, &base()).unwrap();
     let status = strategy.privacy_monitor().unwrap().snapshot();
     assert_eq!(status.max_participations, 3);
-    assert_eq!(status.local_epsilon, Some(local_epsilon(1.0, 3, s.privacy.delta).unwrap()));
-    draw.max_participations = 10;
+    assert_eq!(status.local_epsilon, Some(local_epsilon(3.0, s.privacy.delta).unwrap()));
+    assert_eq!(plan.context.privacy.as_ref().unwrap().local_noise_multiplier(), Some(1.0));
+    draw.exposures.drawn = vec![seen(9, 1.0)];
     let err = strategy.configure_fit(&draw, &base()).unwrap_err();
     assert!(matches!(&err, StrategyError::Exhausted(r) if r.contains("local ε")), "{err}");
     // The same draw under central noise is judged by the published models' ε only.
     let mut s = settings(DpMode::Central, SamplingSettings::Poisson { rate: 0.01 }, Some(10.0));
     s.privacy.noise_multiplier = Some(1.0);
     let mut strategy = dp(&s);
-    strategy.configure_fit(&draw, &base()).unwrap();
+    let plan = strategy.configure_fit(&draw, &base()).unwrap();
     assert_eq!(strategy.privacy_monitor().unwrap().snapshot().local_epsilon, None);
+    assert_eq!(plan.context.privacy.as_ref().unwrap().local_noise_multiplier(), None);
+}
+
+#[test]
+fn the_local_epsilon_composes_each_attempt_with_its_recorded_multiplier_not_the_configured_one() {
+    // Client a: 4 attempts at z = 1. Client b: 3 attempts at z = 0.7 (e.g. before a restart
+    // lowered the configured multiplier... or raised it): b is worse off with fewer attempts.
+    let s = settings(DpMode::Local, SamplingSettings::Fraction { fraction: 1.0 }, None);
+    let mut strategy = dp(&s);
+    let b = seen(3, 0.7);
+    let mut draw = draw(1, 2, 1);
+    draw.exposures = Exposures { drawn: vec![seen(4, 1.0)], others: vec![b] };
+    strategy.configure_fit(&draw, &base()).unwrap();
+    let status = strategy.privacy_monitor().unwrap().snapshot();
+    let b_epsilon = local_epsilon(b.inverse_variance, s.privacy.delta).unwrap();
+    assert!(b_epsilon > local_epsilon(5.0, s.privacy.delta).unwrap());
+    assert_eq!(status.local_epsilon, Some(b_epsilon));
+    assert_eq!(status.max_participations, 3);
+    assert!(status.guarantee.contains("worst-off client (3 participation(s))"), "{}", status.guarantee);
+    // Attempts drawn before multipliers were recorded count at the configured one.
+    let mut strategy = dp(&s);
+    draw.exposures = Exposures {
+        drawn: vec![Exposure { participations: 4, inverse_variance: 2.0, unrecorded: 2 }],
+        others: vec![],
+    };
+    let plan = strategy.configure_fit(&draw, &base()).unwrap();
+    let expected = local_epsilon(2.0 + 2.0 + 1.0, s.privacy.delta).unwrap();
+    assert_eq!(strategy.privacy_monitor().unwrap().snapshot().local_epsilon, Some(expected));
+    // The round's ledger record carries the worst-off client's local ε after it.
+    let (_, row) = aggregate_and_charge(&mut strategy, &plan, results(0.0, 1), &[]);
+    assert_eq!(row.local_epsilon, Some(expected));
+}
+
+#[test]
+fn under_local_noise_with_adaptive_clipping_the_draw_records_update_and_indicator_noise_together() {
+    let mut s = settings(DpMode::Local, SamplingSettings::Fraction { fraction: 1.0 }, None);
+    s.privacy.adaptive_clipping =
+        Some(AdaptiveClipSettings { target_quantile: 0.5, learning_rate: 0.5, count_noise_std: 2.0 });
+    let mut strategy = dp(&s);
+    let plan = strategy.configure_fit(&draw(1, 4, 4), &base()).unwrap();
+    let dp_round = plan.context.privacy.as_ref().unwrap();
+    // Part of z goes to the indicator: the update alone has a larger multiplier, and what the
+    // client releases is accounted as the two composed.
+    assert!(dp_round.update_multiplier > 1.0);
+    let recorded = dp_round.local_noise_multiplier().unwrap();
+    let composed = (dp_round.update_multiplier.powi(-2) + 4f64.powi(-2)).powf(-0.5);
+    assert!((recorded - composed).abs() < 1e-12, "{recorded} vs {composed}");
+    assert!((recorded - 1.0).abs() < 1e-9);
 }
 
 #[test]
@@ -257,6 +333,48 @@ fn a_resumed_strategy_continues_from_its_ledger() {
 }
 
 #[test]
+fn under_distributed_noise_dropouts_that_lower_the_recorded_z_past_the_budget_refuse_the_round_before_release(
+) {
+    let mut s = settings(DpMode::Distributed, SamplingSettings::Fraction { fraction: 1.0 }, None);
+    s.privacy.allow_distributed_without_secure_aggregation = true;
+    // The budget admits one round at (about) the nominal z = 1, not one at z·√(4/10).
+    let nominal = epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Full, 1.0, 1.0, 1, 1e-5).unwrap();
+    let lowered = epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Full, 1.0, 0.9, 1, 1e-5).unwrap();
+    s.privacy.target_epsilon = Some((nominal + lowered) / 2.0);
+    let mut strategy = dp(&s);
+    let plan = strategy.configure_fit(&draw(1, 10, 10), &base()).unwrap();
+    // Six of the ten dropped out: their noise shares are missing from the sum.
+    let failures: Vec<FitFailure> = (0..6)
+        .map(|i| FitFailure {
+            client: ClientId::parse(&format!("d{i}")).unwrap(),
+            outcome: ParticipantOutcome::Dropped,
+        })
+        .collect();
+    let out = strategy.aggregate_fit(
+        &plan.context,
+        &ParameterVector::zeros(manifest()),
+        results(0.0, 4),
+        &failures,
+    );
+    match out {
+        Err(StrategyError::Exhausted(reason)) => {
+            assert!(
+                reason.contains("privacy budget exhausted") && reason.contains("nothing of it is published"),
+                "{reason}"
+            );
+            assert!(reason.contains("of the 4 updates that arrived"), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Nothing was charged: the published models' ε is unchanged.
+    let status = strategy.privacy_monitor().unwrap().snapshot();
+    assert_eq!((status.epsilon, status.rounds_charged), (0.0, 0));
+    // With everyone reporting the same round is within the budget.
+    let (_, row) = aggregate_and_charge(&mut strategy, &plan, results(0.0, 10), &[]);
+    assert!(row.entry.epsilon_after <= s.privacy.target_epsilon.unwrap());
+}
+
+#[test]
 fn distributed_noise_is_refused_without_the_override() {
     let mut s = settings(DpMode::Distributed, SamplingSettings::Poisson { rate: 0.5 }, None);
     assert!(DpStrategy::new(Box::new(FedAvg::new(1.0, 0.0)), &s, DIM, &[]).is_err());
@@ -279,7 +397,7 @@ fn each_round_is_aggregated_from_its_own_context_whatever_was_configured_since()
     assert_eq!((row.entry.round, row.entry.sampled), (1, 9));
     assert_eq!(row.expected_clients, 10.0, "n̄ = q·N of round 1's own draw");
     // A round configured by no one cannot be aggregated with privacy.
-    let bare = RoundContext::new(draw(3, 1, 1));
+    let bare = RoundContext::new(&draw(3, 1, 1));
     assert!(dp.aggregate_fit(&bare, &ParameterVector::zeros(manifest()), results(0.0, 1), &[]).is_err());
 }
 
@@ -292,4 +410,30 @@ fn central_noise_on_the_integer_sum_has_the_calibrated_spread_over_the_fixed_den
     let (mean, std) = moments(next.values(), 0.0);
     assert!((std / 0.25 - 1.0).abs() < 0.01, "σ = z·C'/n̄ = 0.25: std {std}");
     assert!(mean.abs() < 5.0 * 0.25 / (DIM as f64).sqrt(), "mean offset {mean}");
+}
+
+#[test]
+fn with_evaluation_under_dp_the_status_flags_it_and_the_guarantee_line_says_it_is_outside() {
+    let mut s = settings(DpMode::Central, SamplingSettings::Fraction { fraction: 1.0 }, None);
+    let plain = dp(&s).privacy_monitor().unwrap().snapshot();
+    assert!(!plain.evaluation_outside_guarantee);
+    assert!(!plain.guarantee.contains("outside"), "{}", plain.guarantee);
+    s.evaluation.enabled_under_dp = true;
+    let mut strategy = dp(&s);
+    let status = strategy.privacy_monitor().unwrap().snapshot();
+    assert!(status.evaluation_outside_guarantee);
+    assert!(
+        status.guarantee.ends_with("; evaluation results are outside the privacy guarantee"),
+        "{}",
+        status.guarantee
+    );
+    // The line restated after a charged round keeps the label.
+    let plan = strategy.configure_fit(&draw(1, 2, 2), &base()).unwrap();
+    aggregate_and_charge(&mut strategy, &plan, results(0.0, 2), &[]);
+    let status = strategy.privacy_monitor().unwrap().snapshot();
+    assert_eq!(status.rounds_charged, 1);
+    assert!(status.guarantee.contains("outside the privacy guarantee"), "{}", status.guarantee);
+    // Evaluation switched off altogether: nothing to label.
+    s.evaluation.every = 0;
+    assert!(!dp(&s).privacy_monitor().unwrap().snapshot().evaluation_outside_guarantee);
 }
