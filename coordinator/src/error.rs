@@ -182,6 +182,15 @@ pub enum RoundError {
         /// The configured idle timeout.
         idle: Duration,
     },
+    /// A download's client took no chunk for too long.
+    #[error(
+        "the client took no chunk for {timeout:?} (server.download_send_timeout): download dropped; \
+         reset this stream to free its download slot"
+    )]
+    DownloadStalled {
+        /// The configured send timeout.
+        timeout: Duration,
+    },
     /// Every upload slot stayed busy until the round's deadline.
     #[error("no upload slot became free before {round}'s deadline (server.max_concurrent_uploads are busy)")]
     NoUploadSlot {

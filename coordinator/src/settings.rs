@@ -106,7 +106,10 @@ pub struct ServerSettings {
     /// Chunk size of downloads unless a client asks otherwise (1–4 MiB).
     pub download_chunk_bytes: usize,
     /// Longest a download waits for the client to take its next chunk; a client that stops
-    /// reading loses the stream then, freeing its download slot and buffered chunks.
+    /// reading loses the stream then (it ends with DEADLINE_EXCEEDED, nothing more is produced).
+    /// The chunks already produced stay buffered until the client resets the stream or closes
+    /// its connection, and so does its download slot, so never reading costs a client its own
+    /// two downloads, not the coordinator's memory.
     #[serde(with = "duration")]
     pub download_send_timeout: Duration,
     /// Longest a new connection may take from accept to its first request (TLS handshake,

@@ -18,9 +18,9 @@ use fedtune_shared::ids::{ClientId, ModelVersion, Sha256};
 use fedtune_shared::params::{Manifest, ParameterVector};
 use fedtune_shared::pb::{self, coordinator_client::CoordinatorClient};
 use fedtune_shared::round::{
-    Chunk, DownloadItem, DownloadRequest, EvalReport, FailureReport, FitTask, JoinRequest, JoinResponse,
-    ModelHeader, ModelScope, StatusReport, Task, TaskKind, UpdateHeader, UpdateTrailer, UploadItem,
-    UploadReceipt,
+    Chunk, ClientActivity, DownloadItem, DownloadRequest, EvalReport, FailureReport, FitTask, Heartbeat,
+    JoinRequest, JoinResponse, ModelHeader, ModelScope, StatusReport, Task, TaskKind, UpdateHeader,
+    UpdateTrailer, UploadItem, UploadReceipt,
 };
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -250,6 +250,14 @@ impl TestClient {
         let r = self.req(pb::WaitForTaskRequest { max_wait_ms: max_wait.as_millis() as u64 });
         let resp = self.inner.wait_for_task(r).await?.into_inner();
         Task::try_from(resp).map_err(|e| Status::internal(e.to_string()))
+    }
+
+    /// One heartbeat, as an agent sends while it trains or transfers (a download does not
+    /// count as being alive, so a long one without heartbeats ends in a dropout).
+    pub async fn heartbeat(&mut self, activity: ClientActivity, round: Option<u64>) -> Result<(), Status> {
+        let r = self.req(pb::HeartbeatRequest::from(Heartbeat { activity, round }));
+        self.inner.heartbeat(r).await?;
+        Ok(())
     }
 
     /// Polls until a fit task arrives (or `within` passes).

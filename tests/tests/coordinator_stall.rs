@@ -218,7 +218,7 @@ async fn a_non_final_upload_chunk_below_the_minimum_is_refused_naming_its_size()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_streams_at_most_two_downloads_and_one_it_never_reads_is_dropped_after_the_send_timeout(
+async fn a_client_streams_at_most_two_downloads_and_one_it_never_reads_ends_after_the_send_timeout_but_keeps_its_slot(
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut s = settings(dir.path(), 1, 1)?;
@@ -227,21 +227,54 @@ async fn a_client_streams_at_most_two_downloads_and_one_it_never_reads_is_droppe
     s.server.download_send_timeout = Duration::from_secs(1);
     let coord = InProcess::start(s).await?;
     let mut c = TestClient::join(&coord.url, "never-reads", 0).await?;
-    let _first = c.open_download(ModelVersion(0), ModelScope::Trainable).await?;
-    let _second = c.open_download(ModelVersion(0), ModelScope::Trainable).await?;
+    let mut first = c.open_download(ModelVersion(0), ModelScope::Trainable).await?;
+    let second = c.open_download(ModelVersion(0), ModelScope::Trainable).await?;
     let third = c.open_download(ModelVersion(0), ModelScope::Trainable).await;
     expect_status(third, Code::ResourceExhausted, &["2 downloads"]);
 
-    // Once the send timeout dropped the unread streams, the client may download again.
+    // Past the send timeout the coordinator stops producing: read late, the stream ends with
+    // DEADLINE_EXCEEDED instead of looking complete.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ended = async {
+        while first.message().await?.is_some() {}
+        Ok::<_, Status>(())
+    };
+    expect_status(
+        tokio::time::timeout(WAIT, ended).await?,
+        Code::DeadlineExceeded,
+        &["download_send_timeout"],
+    );
+    // The chunks it had produced for the unread stream stay buffered until the client lets go of
+    // it, and so does its slot: holding `second`, the client still may not open two more.
+    drop(first);
+    let reopen = async {
+        loop {
+            match c.open_download(ModelVersion(0), ModelScope::Trainable).await {
+                Ok(stream) => return Ok(stream),
+                // The slot of the stream read to its end is freed as the coordinator finishes
+                // it, which may trail the client's reading of its last message by a moment.
+                Err(e) if e.message().contains("2 downloads") => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let _again = tokio::time::timeout(WAIT, reopen).await??;
+    let over = c.open_download(ModelVersion(0), ModelScope::Trainable).await;
+    expect_status(over, Code::ResourceExhausted, &["2 downloads"]);
+    drop((second, _again));
+
+    // Once it let go of them, the client may download again.
     let until = tokio::time::Instant::now() + WAIT;
     let fresh = loop {
         match c.download_vector(ModelVersion(0), ModelScope::Trainable).await {
             Ok(v) => break v,
             Err(e) if tokio::time::Instant::now() < until => {
                 assert!(e.to_string().contains("2 downloads"), "{e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => return Err(e.context("the unread downloads were never dropped")),
+            Err(e) => return Err(e.context("the released downloads never freed their slots")),
         }
     };
     assert_eq!(fresh.values().len(), c.trainable().numel());

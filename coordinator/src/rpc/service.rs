@@ -5,7 +5,8 @@
 //! bulk data and are handled here, off the actor:
 //!
 //! - **Downloads** read the published model from a `watch` channel and stream it from a spawned
-//!   producer through a small bounded channel, so a slow client holds at most a few chunks.
+//!   producer through a small bounded channel, so a slow client holds at most a few chunks, and
+//!   the client's download slot lives as long as the stream itself (`HeldDownload`).
 //! - **Uploads** are checked at the header by the actor (which reserves the client's slot), then
 //!   streamed into a spool file on blocking threads (each chunk checked: order, size, finite,
 //!   range, digest), and handed to the actor for folding only once the trailer verified. The
@@ -17,7 +18,9 @@
 
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{ready, Context as TaskContext, Poll};
 use std::time::Duration;
 
 use fedtune_shared::auth::{ChallengeRequest, EnrollRequest, JoinProof};
@@ -40,7 +43,7 @@ use super::auth::{bearer, presented_certificate};
 use super::body_limit::BodyLimit;
 use super::connections::{Connections, MarkServed};
 use super::request_timeout::RequestTimeout;
-use crate::auth::limits::{CallSlot, Limits as CallLimits};
+use crate::auth::limits::{CallSlot, DownloadSlot, Limits as CallLimits};
 use crate::auth::operator::anonymous_view;
 use crate::auth::peer::{check_peer, presents_operator_certificate, refuse_operator_certificate};
 use crate::auth::{Authenticator, UpdateVerifier};
@@ -197,6 +200,35 @@ async fn next_upload_item_within(
 
 type DownloadStream = Pin<Box<dyn Stream<Item = Result<pb::DownloadModelResponse, Status>> + Send>>;
 
+/// A download's response stream, holding the client's download and call slots for as long as
+/// the stream exists. hyper drops it only once the client is done with it too (read to the end,
+/// reset, or its connection closed), not when the producer gives up on a client that stopped
+/// reading: the chunks already produced (in the channel and in HTTP/2's send buffer) stay in
+/// memory until then, so the slots must stay taken, or a client that never reads could open
+/// download after download and pile up a few chunks each without bound.
+struct HeldDownload {
+    chunks: ReceiverStream<Result<pb::DownloadModelResponse, Status>>,
+    /// Set by the producer when it gave up on the client: the stream then ends with
+    /// DEADLINE_EXCEEDED rather than looking complete.
+    stalled: Arc<AtomicBool>,
+    send_timeout: Duration,
+    _slots: (DownloadSlot, CallSlot),
+}
+
+impl Stream for HeldDownload {
+    type Item = Result<pb::DownloadModelResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let me = self.get_mut();
+        match ready!(Pin::new(&mut me.chunks).poll_next(cx)) {
+            None if me.stalled.swap(false, Ordering::AcqRel) => {
+                Poll::Ready(Some(Err(RoundError::DownloadStalled { timeout: me.send_timeout }.into())))
+            }
+            item => Poll::Ready(item),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
@@ -331,13 +363,18 @@ impl Coordinator for CoordinatorService {
         let download_slot = self.limits.download(&client)?;
         let send_timeout = self.settings.server.download_send_timeout;
         let (tx, rx) = mpsc::channel(2);
+        let stalled = Arc::new(AtomicBool::new(false));
+        let held = HeldDownload {
+            chunks: ReceiverStream::new(rx),
+            stalled: stalled.clone(),
+            send_timeout,
+            _slots: (download_slot, _slot),
+        };
         let cancel = self.cancel.clone();
         let traffic = self.traffic.clone();
         let span = info_span!("download", client = %client, version = %model.version, scope = ?dl.scope);
         tokio::spawn(
             async move {
-                // Both slots are held until the stream ends, not just until this handler returns.
-                let _slots = (download_slot, _slot);
                 if tx.send(Ok(DownloadItem::Header(header).into())).await.is_err() {
                     return;
                 }
@@ -360,6 +397,7 @@ impl Coordinator for CoordinatorService {
                         }
                         Err(_) => {
                             debug!(?send_timeout, "client stopped reading; download dropped");
+                            stalled.store(true, Ordering::Release);
                             return;
                         }
                     }
@@ -367,7 +405,7 @@ impl Coordinator for CoordinatorService {
             }
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(held)))
     }
 
     async fn upload_update(

@@ -34,7 +34,7 @@ impl From<RoundError> for Status {
             | E::TooManyExamples { .. }
             | E::NoUploadSlot { .. }
             | E::Limited(_) => Status::resource_exhausted(msg),
-            E::UploadIdle { .. } => Status::deadline_exceeded(msg),
+            E::UploadIdle { .. } | E::DownloadStalled { .. } => Status::deadline_exceeded(msg),
             E::StaleRound { .. }
             | E::FutureRound { .. }
             | E::RoundClosed { .. }
