@@ -19,11 +19,17 @@ use rand_chacha::ChaCha20Rng;
 /// When a client leaves the round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
+    /// Sees the round through.
     Stays,
+    /// Never sends its keys.
     BeforeAdvertising,
+    /// Sends keys, never its share bundles.
     BeforeSharing,
+    /// Sends its bundles, never its masked input (its pairwise masks must be recovered).
     AfterSharing,
+    /// Sends its masked input, then is gone before the unmasking request.
     AfterMaskedUpload,
+    /// Computes its unmasking answer, which never reaches the coordinator.
     DuringUnmasking,
 }
 
