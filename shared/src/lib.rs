@@ -20,6 +20,8 @@
 //! - [`params`]: parameter vectors, manifests, digests, safetensors in and out.
 //! - [`privacy`]: user-level DP-FedAvg: clipping, exact discrete Gaussian noise on a fixed-point
 //!   grid (OS-seeded ChaCha20), adaptive clipping, RDP accountant and calibration.
+//! - [`secagg`]: secure aggregation (SecAgg+) protocol core: signed per-neighbour X25519 keys,
+//!   Shamir sharing, ChaCha20 masks in Z_2^32, the client and coordinator state machines.
 //! - [`bert`]: BERT tensor names, the train scope (which tensors a federation trains), and the
 //!   Hugging Face export both binaries write.
 //! - [`files`]: crash-safe writes (temporary, fsync, rename) of files and directories.
@@ -48,6 +50,7 @@ pub mod params;
 pub mod pb;
 pub mod privacy;
 pub mod round;
+pub mod secagg;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;

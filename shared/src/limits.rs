@@ -15,6 +15,12 @@
 /// and is refused, never clamped.
 pub const MAX_ABS_UPDATE_VALUE: f32 = 256.0;
 
+/// Most coordinates a securely aggregated vector may have: 2^28 (1 GiB of `u32`s, over ten times
+/// the 22.7M-parameter models fedtune trains). Every client expands one mask per neighbour over
+/// the whole vector and the coordinator holds the masked sum in memory, so the bound keeps a
+/// hostile round set-up from asking either side for unbounded work or memory.
+pub const MAX_SECAGG_VECTOR_LEN: usize = 1 << 28;
+
 /// Smallest chunk a sender uses (except for the last chunk of a payload). Smaller chunks waste
 /// per-message overhead on 100+ MB payloads.
 pub const MIN_CHUNK_BYTES: usize = 1 << 20;

@@ -58,7 +58,8 @@ impl KeyPair {
         PublicKey(bytes)
     }
 
-    /// Signs an already domain-separated message; only [`super::signing`] builds those.
+    /// Signs an already domain-separated message; only [`super::signing`] and
+    /// [`crate::secagg::keys`] (agreement keys) build those.
     pub(crate) fn sign_raw(&self, message: &[u8]) -> [u8; 64] {
         let mut out = [0u8; 64];
         out.copy_from_slice(self.inner.sign(message).as_ref());
