@@ -1,4 +1,5 @@
-//! The one error type of [`crate::secagg`].
+//! The error type of the protocol steps of [`crate::secagg`]. The encoding has its own,
+//! [`super::encoding::EncodingError`], because it reports real-valued parameters (this one is `Eq`).
 //!
 //! Errors name slots, stages and counts, never secret values: they end up in logs and, mapped
 //! to a status, on the wire.

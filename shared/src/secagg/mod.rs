@@ -42,11 +42,14 @@
 //! - [`graph`]: who is whose neighbour (complete, or a random Harary graph from a public seed).
 //! - [`keys`]: signed agreement keys, HKDF derivation of pair keys and seeds, sealed bundles.
 //! - [`shamir`]: t-of-n sharing of 32-byte secrets over GF(2^61 − 1).
+//! - [`encoding`]: clipped `f32` update → rounded, noised grid integers → Z_{2^32}, and back;
+//!   the grid and the stated wrap-around probability.
 //! - [`masking`]: seed → ChaCha20 mask, wrapping arithmetic in Z_{2^32}.
 //! - [`messages`]: masked inputs, the unmasking request and answers.
 //! - [`client`], [`server`]: the two sides' state machines.
 
 pub mod client;
+pub mod encoding;
 mod error;
 pub mod graph;
 pub mod keys;
@@ -59,6 +62,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 pub use client::{InputMasked, KeysAdvertised, SharesSent};
+pub use encoding::{Encoding, EncodingError, EncodingLimits};
 pub use error::SecAggError;
 pub use graph::NeighbourGraph;
 pub use keys::{EncryptedShares, SignedAgreementKey};
