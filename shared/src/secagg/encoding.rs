@@ -6,7 +6,7 @@
 //! grid `2^k·ℤ`, and this client's noise share `σ` (grid units; 0 when clients add no noise).
 //! 1. **Scale**: `y = x·2^(−k)`, exact in `f64` (an `f32` widens exactly, a power of two scales
 //!    exactly).
-//! 2. **Randomized rounding** (Kairouz, Liu & Steinke 2021, "KLS21", Alg. 1 step 4): each
+//! 2. **Randomized rounding** (Kairouz, Liu & Steinke 2021, "KLS21"): each
 //!    coordinate goes to `⌊y_j⌋ + Bernoulli(y_j − ⌊y_j⌋)`, so `E[ỹ] = y` and `|ỹ_j − y_j| < 1`.
 //! 3. **Norm-bound check** (KLS21's conditional rounding): accept `ỹ` only if
 //!    `‖ỹ‖₂² ≤ D²`, checked exactly in integers, else round again (at most
@@ -35,7 +35,7 @@
 //! coordinate `S_j = Σ_i ỹ_ij + Σ_i ξ_ij` where
 //! - `|Σ_i ỹ_ij| ≤ n·D` *deterministically*: `|ỹ_ij| ≤ ‖ỹ_i‖₂ ≤ D` (checked in step 3);
 //! - `Σ_i ξ_ij` is `nσ²`-sub-Gaussian: `N_ℤ(0, σ²)` is `σ²`-sub-Gaussian (Canonne, Kamath &
-//!   Steinke 2020, Cor. 9; the sampler's truncation to `|x| < M` only lightens the tail of a
+//!   Steinke 2020; the sampler's truncation to `|x| < M` only lightens the tail of a
 //!   symmetric law), and independent sub-Gaussians add their variance proxies;
 //!
 //! so `P[|S_j| ≥ 2^31] ≤ P[|Σ_i ξ_ij| ≥ 2^31 − nD] ≤ 2·exp(−(2^31 − nD)² / (2nσ²))`, and over
