@@ -7,7 +7,8 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
-    let protos = ["fedtune/v1/model.proto", "fedtune/v1/coordinator.proto"];
+    let protos =
+        ["fedtune/v1/model.proto", "fedtune/v1/coordinator.proto", "fedtune/v1/secure_aggregation.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={}", root.join(p).display());
     }

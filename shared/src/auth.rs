@@ -20,7 +20,7 @@ use crate::crypto::{
 };
 use crate::ids::{ClientId, Sha256};
 use crate::pb;
-use crate::round::{UpdateHeader, UpdateSignature};
+use crate::round::{MaskedUpdateHeader, UpdateHeader, UpdateSignature};
 
 /// The only signature scheme of update trailers.
 pub const SIGNATURE_SCHEME: &str = "ed25519";
@@ -223,6 +223,21 @@ pub fn update_statement(
         manifest_digest: header.manifest_digest.0,
         payload_sha256: payload_digest.0,
         num_examples: header.num_examples,
+        secagg_context: None,
+    }
+}
+
+/// What a masked upload's signature covers: everything [`update_statement`] covers, plus the
+/// secure round's context digest, under its own label.
+pub fn masked_update_statement(
+    federation_id: &str,
+    client: &ClientId,
+    header: &MaskedUpdateHeader,
+    payload_digest: &Sha256,
+) -> UpdateStatement {
+    UpdateStatement {
+        secagg_context: Some(header.secagg_context),
+        ..update_statement(federation_id, client, &header.header, payload_digest)
     }
 }
 
@@ -238,6 +253,18 @@ pub fn sign_upload(
     UpdateSignature { scheme: SIGNATURE_SCHEME.to_owned(), bytes: sig.as_bytes().to_vec().into() }
 }
 
+/// Signs a masked upload (for the trailer).
+pub fn sign_masked_upload(
+    key: &KeyPair,
+    federation_id: &str,
+    client: &ClientId,
+    header: &MaskedUpdateHeader,
+    payload_digest: &Sha256,
+) -> UpdateSignature {
+    let sig = sign_update(key, &masked_update_statement(federation_id, client, header, payload_digest));
+    UpdateSignature { scheme: SIGNATURE_SCHEME.to_owned(), bytes: sig.as_bytes().to_vec().into() }
+}
+
 /// Checks an upload's trailer signature against `key`: scheme, length, then the signature.
 pub fn verify_upload(
     key: &PublicKey,
@@ -245,6 +272,26 @@ pub fn verify_upload(
     client: &ClientId,
     header: &UpdateHeader,
     payload_digest: &Sha256,
+    signature: Option<&UpdateSignature>,
+) -> Result<(), CryptoError> {
+    verify_statement(key, &update_statement(federation_id, client, header, payload_digest), signature)
+}
+
+/// Checks a masked upload's trailer signature against `key`, like [`verify_upload`].
+pub fn verify_masked_upload(
+    key: &PublicKey,
+    federation_id: &str,
+    client: &ClientId,
+    header: &MaskedUpdateHeader,
+    payload_digest: &Sha256,
+    signature: Option<&UpdateSignature>,
+) -> Result<(), CryptoError> {
+    verify_statement(key, &masked_update_statement(federation_id, client, header, payload_digest), signature)
+}
+
+fn verify_statement(
+    key: &PublicKey,
+    statement: &UpdateStatement,
     signature: Option<&UpdateSignature>,
 ) -> Result<(), CryptoError> {
     let sig =
@@ -256,7 +303,7 @@ pub fn verify_upload(
         )));
     }
     let signature = Signature::from_slice(&sig.bytes)?;
-    verify_update(key, &update_statement(federation_id, client, header, payload_digest), &signature)
+    verify_update(key, statement, &signature)
 }
 
 #[cfg(test)]
@@ -275,6 +322,25 @@ mod tests {
             manifest_digest: Sha256([7; 32]),
             total_bytes: 8,
         }
+    }
+
+    #[test]
+    fn a_masked_upload_signature_covers_the_secure_round_and_is_no_plain_upload_signature() {
+        let key = KeyPair::generate_ephemeral().unwrap();
+        let pk = key.public_key();
+        let me = ClientId::parse("site-1").unwrap();
+        let digest = Sha256([9; 32]);
+        let masked = MaskedUpdateHeader { header: header(), secagg_context: [5; 32] };
+        let sig = sign_masked_upload(&key, "fed", &me, &masked, &digest);
+        verify_masked_upload(&pk, "fed", &me, &masked, &digest, Some(&sig)).unwrap();
+        let other_round = MaskedUpdateHeader { secagg_context: [6; 32], ..masked.clone() };
+        assert!(verify_masked_upload(&pk, "fed", &me, &other_round, &digest, Some(&sig)).is_err());
+        let heavier =
+            MaskedUpdateHeader { header: UpdateHeader { num_examples: 18, ..header() }, ..masked.clone() };
+        assert!(verify_masked_upload(&pk, "fed", &me, &heavier, &digest, Some(&sig)).is_err());
+        assert!(verify_upload(&pk, "fed", &me, &header(), &digest, Some(&sig)).is_err(), "not plain");
+        let plain = sign_upload(&key, "fed", &me, &header(), &digest);
+        assert!(verify_masked_upload(&pk, "fed", &me, &masked, &digest, Some(&plain)).is_err());
     }
 
     #[test]

@@ -21,6 +21,27 @@ pub const MAX_ABS_UPDATE_VALUE: f32 = 256.0;
 /// hostile round set-up from asking either side for unbounded work or memory.
 pub const MAX_SECAGG_VECTOR_LEN: usize = 1 << 28;
 
+/// Most clients in one secure round's roster. Every client receives the whole roster (ids and
+/// identity keys, about 100 bytes each) to compute the round-context digest, and the unmasking
+/// request lists every sharer: 10,000 keeps both at about a megabyte and 20 KB, within
+/// [`MAX_MESSAGE_BYTES`].
+pub const MAX_SECAGG_CLIENTS: usize = 10_000;
+
+/// Most neighbours one client of a secure round may have (the graph degree k). The largest
+/// secure-aggregation messages grow as k² (a share bundle holds k pairwise shares and a client
+/// sends k bundles): at k = 128 a client's share upload is about 750 KB. The suggested degree
+/// ([`crate::secagg::graph::suggested_degree`]) stays below it up to 2^42 clients; a round of
+/// more than 129 clients must therefore use a sparse graph, not the complete one.
+pub const MAX_SECAGG_DEGREE: usize = 128;
+
+/// Largest request a client sends in a secure round: its share upload (k sealed bundles of up
+/// to k shares each) or its unmasking answer (up to k dropped neighbours' k pairwise shares
+/// each), both about 750 KB at [`MAX_SECAGG_DEGREE`] (`shared/tests/secagg_wire.rs` measures
+/// them). Far above the coordinator's cap on other unary calls (16 KiB, which the share upload
+/// already exceeds at 1,000 clients and the suggested degree 30), so the calls that carry them
+/// need this cap of their own.
+pub const MAX_SECAGG_REQUEST_BYTES: usize = 1 << 20;
+
 /// Smallest chunk a sender uses (except for the last chunk of a payload). Smaller chunks waste
 /// per-message overhead on 100+ MB payloads.
 pub const MIN_CHUNK_BYTES: usize = 1 << 20;
@@ -84,5 +105,8 @@ mod tests {
     fn the_chunk_limits_fit_in_a_message() {
         const { assert!(MIN_CHUNK_BYTES <= DEFAULT_CHUNK_BYTES && DEFAULT_CHUNK_BYTES <= MAX_CHUNK_BYTES) };
         const { assert!(MAX_CHUNK_BYTES < MAX_MESSAGE_BYTES) };
+        const { assert!(MAX_SECAGG_REQUEST_BYTES < MAX_MESSAGE_BYTES) };
+        // Sparse graphs round an odd degree up: an even bound is never overshot by rounding.
+        const { assert!(MAX_SECAGG_DEGREE % 2 == 0) };
     }
 }

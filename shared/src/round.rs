@@ -394,6 +394,18 @@ pub struct UpdateHeader {
     pub total_bytes: u64,
 }
 
+/// First message of a masked upload (`UPDATE_ENCODING_MASKED_U32`): the header of a plain
+/// upload, whose `total_bytes` is then 4 × the secure round's vector length, and the round
+/// context the masked vector belongs to. The upload's signature covers the context too
+/// ([`crate::auth::masked_update_statement`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MaskedUpdateHeader {
+    /// Round, version, weight, metrics, manifest and payload length, as in a plain upload.
+    pub header: UpdateHeader,
+    /// The round-context digest of the secure round ([`crate::secagg::RoundContext::digest`]).
+    pub secagg_context: [u8; 32],
+}
+
 /// A detached signature over an update digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpdateSignature {

@@ -3,18 +3,108 @@
 //! allocation. Inputs are random bytes and mutations (flips, truncations, insertions) of valid
 //! encodings, so the validation paths behind a successful decode are reached too.
 //!
+//! The secure-aggregation messages are checked against one fixed round's context (their slots
+//! only mean something within a roster), seeded with the messages of a real run of that round.
+//!
 //! Bounded: 4096 cases per property by default (about a second in total) so every test run
 //! includes it; `.ci/run` runs it again with `FEDTUNE_FUZZ_CASES` set for a longer (about a
 //! minute) bounded search on every change.
 
+use std::sync::{Arc, OnceLock};
+
 use fedtune_shared::auth::{ChallengeGrant, ChallengeRequest, EnrollRequest, JoinProof};
+use fedtune_shared::crypto::KeyPair;
+use fedtune_shared::ids::ClientId;
 use fedtune_shared::pb;
 use fedtune_shared::round::{
     DownloadItem, DownloadRequest, EvalReport, FailureReport, Heartbeat, HeartbeatReply, JoinRequest,
-    JoinResponse, StatusReport, Task, UploadItem, UploadReceipt,
+    JoinResponse, MaskedUpdateHeader, StatusReport, Task, UpdateHeader, UploadItem, UploadReceipt,
+};
+use fedtune_shared::secagg::{
+    Aggregator, KeyAdvertisement, KeysAdvertised, PeerKeys, RoundContext, RoundRef, RoundSetup,
+    RoundUnmaskAnswer, RoundUnmaskRequest, ShareDelivery, ShareUpload, Slot,
 };
 use proptest::prelude::*;
 use prost::Message;
+
+/// A secure round of 4 clients (slot 3 drops after sharing) whose context the secure-aggregation
+/// messages are checked against, and valid encodings of each of its messages, for mutation.
+struct SecureRound {
+    ctx: Arc<RoundContext>,
+    seeds: Vec<Vec<u8>>,
+}
+
+fn secure_round() -> &'static SecureRound {
+    static ROUND: OnceLock<SecureRound> = OnceLock::new();
+    ROUND.get_or_init(|| {
+        let ids: Vec<KeyPair> = (0..4).map(|_| KeyPair::generate_ephemeral().unwrap()).collect();
+        let ctx = Arc::new(
+            RoundContext::new(RoundSetup {
+                federation_id: "fed-1".into(),
+                round: 2,
+                attempt: 0,
+                members: ids
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| (ClientId::parse(&format!("site-{i}")).unwrap(), k.public_key()))
+                    .collect(),
+                threshold: 3,
+                degree: 3,
+                graph_seed: [1; 32],
+                vector_len: 4,
+            })
+            .unwrap(),
+        );
+        let here = RoundRef::of(&ctx);
+        let mut seeds = vec![pb::SecAggSetup::from(ctx.as_ref()).encode_to_vec()];
+        let mut agg = Aggregator::new(ctx.clone());
+        let mut states = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let (state, keys) = KeysAdvertised::start(ctx.clone(), Slot(i as u32), id).unwrap();
+            seeds.push(
+                pb::AdvertiseKeysRequest::from(&KeyAdvertisement { round: here, keys: keys.clone() })
+                    .encode_to_vec(),
+            );
+            agg.accept_keys(Slot(i as u32), keys).unwrap();
+            states.push(state);
+        }
+        agg.close_advertising().unwrap();
+        let mut shared = Vec::new();
+        for (i, state) in states.into_iter().enumerate() {
+            let keys = agg.keys_for(Slot(i as u32));
+            seeds.push(pb::PeerKeys::from(&PeerKeys { round: here, keys: keys.clone() }).encode_to_vec());
+            let (next, bundles) = state.share(&keys).unwrap();
+            seeds.push(
+                pb::SendSharesRequest::from(&ShareUpload { round: here, bundles: bundles.clone() })
+                    .encode_to_vec(),
+            );
+            agg.accept_shares(Slot(i as u32), bundles).unwrap();
+            shared.push(next);
+        }
+        let sharers = agg.close_sharing().unwrap();
+        let mut masked = Vec::new();
+        for (i, state) in shared.into_iter().enumerate() {
+            let bundles = agg.shares_for(Slot(i as u32));
+            let delivery = ShareDelivery { round: here, bundles, sharers: sharers.clone() };
+            seeds.push(pb::DeliveredShares::from(&delivery).encode_to_vec());
+            let (next, input) = state.mask(&delivery.bundles, &sharers, &[1, 2, 3, 4]).unwrap();
+            if i < 3 {
+                agg.accept_masked_input(input).unwrap();
+                masked.push(next);
+            }
+        }
+        let request = agg.close_masking().unwrap();
+        seeds.push(
+            pb::UnmaskRequest::from(&RoundUnmaskRequest { round: here, request: request.clone() })
+                .encode_to_vec(),
+        );
+        for state in masked {
+            let answer = state.unmask(&request).unwrap();
+            seeds.push(pb::UnmaskAnswer::from(&RoundUnmaskAnswer { round: here, answer }).encode_to_vec());
+        }
+        SecureRound { ctx, seeds }
+    })
+}
 
 /// Decodes `bytes` as `$pb` and, if that works, converts it with every validation that applies.
 macro_rules! check {
@@ -40,6 +130,11 @@ fn check_all(bytes: &[u8]) {
     check!(bytes, pb::ReportFailureRequest, FailureReport::try_from);
     check!(bytes, pb::LeaveRequest);
     check!(bytes, pb::GetStatusRequest);
+    check!(bytes, pb::UpdateHeader, UpdateHeader::try_from, MaskedUpdateHeader::try_from);
+    let ctx = secure_round().ctx.as_ref();
+    check!(bytes, pb::AdvertiseKeysRequest, |m| KeyAdvertisement::from_pb(m, ctx));
+    check!(bytes, pb::SendSharesRequest, |m| ShareUpload::from_pb(m, ctx));
+    check!(bytes, pb::UnmaskAnswer, |m| RoundUnmaskAnswer::from_pb(m, ctx));
     // Client side: responses.
     check!(bytes, pb::JoinResponse, JoinResponse::try_from);
     check!(bytes, pb::JoinChallengeResponse, ChallengeGrant::try_from);
@@ -49,6 +144,10 @@ fn check_all(bytes: &[u8]) {
     check!(bytes, pb::DownloadModelResponse, DownloadItem::try_from);
     check!(bytes, pb::UploadUpdateResponse, UploadReceipt::from);
     check!(bytes, pb::GetStatusResponse, StatusReport::try_from);
+    check!(bytes, pb::SecAggSetup, |m| RoundSetup::try_from(m).map(RoundContext::new));
+    check!(bytes, pb::PeerKeys, |m| PeerKeys::from_pb(m, ctx));
+    check!(bytes, pb::DeliveredShares, |m| ShareDelivery::from_pb(m, ctx));
+    check!(bytes, pb::UnmaskRequest, |m| RoundUnmaskRequest::from_pb(m, ctx));
 }
 
 /// Valid encodings of realistic messages, for mutation.
@@ -69,9 +168,17 @@ fn seeds() -> Vec<Vec<u8>> {
         manifest_sha256: vec![7; 32].into(),
         total_bytes: 64,
         encoding: pb::UpdateEncoding::F32Delta as i32,
+        secagg_context_sha256: Default::default(),
     };
     let upload = |item| pb::UploadUpdateRequest { item: Some(item) };
-    vec![
+    let masked_header = pb::UpdateHeader {
+        encoding: pb::UpdateEncoding::MaskedU32 as i32,
+        secagg_context_sha256: secure_round().ctx.digest().to_vec().into(),
+        ..header.clone()
+    };
+    let mut seeds = secure_round().seeds.clone();
+    seeds.push(masked_header.encode_to_vec());
+    seeds.extend([
         pb::JoinRequest {
             protocol_version: 1,
             client_name: "site-1".into(),
@@ -130,7 +237,8 @@ fn seeds() -> Vec<Vec<u8>> {
             metrics: [("macro_f1".to_string(), 0.8)].into_iter().collect(),
         }
         .encode_to_vec(),
-    ]
+    ]);
+    seeds
 }
 
 /// A mutation of a seed: flip bytes, cut, or splice random bytes in.
@@ -183,6 +291,7 @@ proptest! {
             round, attempt, base_model_version: round, num_examples: examples,
             metrics: [(name.clone(), metric)].into_iter().collect(),
             manifest_sha256: digest.clone().into(), total_bytes: total, encoding: attempt as i32,
+            secagg_context_sha256: key.clone().into(),
         };
         let _ = UploadItem::try_from(pb::UploadUpdateRequest { item: Some(pb::upload_update_request::Item::Header(header)) });
         let chunk = pb::Chunk { offset, data: data.into() };

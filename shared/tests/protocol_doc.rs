@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use fedtune_shared::auth::{sign_upload, update_statement, SIGNATURE_SCHEME};
+use fedtune_shared::auth::{
+    masked_update_statement, sign_masked_upload, sign_upload, update_statement, SIGNATURE_SCHEME,
+};
 use fedtune_shared::crypto::{
     sign_challenge, sign_update, verify_challenge, verify_update, CertificateDigest, Challenge,
     EnrollmentDigest, EnrollmentToken, KeyPair, PublicKey, SessionAuthority, SessionSecret, Signature,
@@ -20,14 +22,16 @@ use fedtune_shared::crypto::{
 };
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId, Sha256};
 use fedtune_shared::params::{Manifest, ParameterVector, TensorSpec};
-use fedtune_shared::round::UpdateHeader;
+use fedtune_shared::round::{MaskedUpdateHeader, UpdateHeader};
+use fedtune_shared::secagg::keys::bundle_associated_data;
+use fedtune_shared::secagg::{RoundContext, RoundSetup, SignedAgreementKey, Slot};
 use ring::{digest, hmac};
 
 const DOC: &str = include_str!("../../docs/protocol.md");
 const DOC_PATH: &str = "docs/protocol.md";
 
 /// Every worked example the document must hold, once each.
-const EXPECTED: [&str; 8] = [
+const EXPECTED: [&str; 12] = [
     "ed25519-key",
     "manifest-digest",
     "payload-digest",
@@ -36,6 +40,10 @@ const EXPECTED: [&str; 8] = [
     "session-token",
     "session-token-bound",
     "enrollment-digest",
+    "secagg-round-context",
+    "secagg-agreement-key",
+    "secagg-bundle-aad",
+    "masked-update-statement",
 ];
 
 /// One `wire-example` block.
@@ -339,6 +347,7 @@ fn the_update_statement_example_matches_update_signing() {
         manifest_digest: manifest_sha256,
         payload_sha256,
         num_examples,
+        secagg_context: None,
     };
     ex.check_bytes("message", &statement.canonical_bytes(), &message);
     ex.check_bytes("signature", sign_update(&key, &statement).as_bytes(), &signature);
@@ -497,5 +506,133 @@ fn the_example_parser_reads_continuations_comments_and_strings() {
     let ex = &parse_examples(doc)[0];
     assert_eq!(ex.string("a"), "x # y");
     assert_eq!(ex.hex("b"), vec![1, 2, 3]);
+    ex.done();
+}
+
+/// The round context of the `secagg-round-context` example: two clients, the first with the key
+/// of the ed25519-key example.
+fn documented_round_context() -> RoundContext {
+    let ex = example("secagg-round-context");
+    let (_, public) = documented_key();
+    let attempt =
+        u32::try_from(ex.u64("attempt")).unwrap_or_else(|_| ex.fail("attempt", "is a u32 on the wire"));
+    let member = |key: &str| ClientId::parse(&ex.string(key)).unwrap_or_else(|e| ex.fail(key, e));
+    RoundContext::new(RoundSetup {
+        federation_id: ex.string("federation_id"),
+        round: ex.u64("round"),
+        attempt,
+        members: vec![
+            (member("member_1"), PublicKey::from_bytes(ex.hex32("member_1_key"))),
+            (member("member_0"), PublicKey::from_bytes(public)),
+        ],
+        threshold: ex.u64("threshold") as usize,
+        degree: ex.u64("degree") as usize,
+        graph_seed: ex.hex32("graph_seed"),
+        vector_len: ex.u64("vector_len") as usize,
+    })
+    .unwrap_or_else(|e| ex.fail("threshold", e))
+}
+
+#[test]
+fn the_secagg_round_context_example_matches_the_round_context_digest() {
+    let ctx = documented_round_context();
+    let ex = example("secagg-round-context");
+    ex.check_bytes("message", &ctx.canonical_bytes(), &ex.hex("message"));
+    ex.check_bytes("sha256", ctx.digest(), &ex.hex32("sha256"));
+    ex.check_bytes("sha256", &sha256(&ex.hex("message")), &ex.hex32("sha256"));
+    // Slots follow client-id order whatever order the set-up lists them in.
+    assert_eq!(ctx.client_id(Slot(0)).unwrap().as_str(), ex.string("member_0"));
+    // The inputs were read and used by documented_round_context(), from its own parse of the
+    // block: mark them read in this one too.
+    for key in [
+        "federation_id",
+        "round",
+        "attempt",
+        "member_0",
+        "member_1",
+        "member_1_key",
+        "threshold",
+        "degree",
+        "graph_seed",
+        "vector_len",
+    ] {
+        ex.raw(key);
+    }
+    ex.done();
+}
+
+#[test]
+fn the_secagg_agreement_key_example_matches_agreement_key_signing() {
+    let ctx = documented_round_context();
+    let ex = example("secagg-agreement-key");
+    let (_, public) = documented_key();
+    let slot =
+        |key: &str| Slot(u32::try_from(ex.u64(key)).unwrap_or_else(|_| ex.fail(key, "is a u32 on the wire")));
+    ex.check_bytes("round_context", ctx.digest(), &ex.hex32("round_context"));
+    let key = SignedAgreementKey {
+        owner: slot("owner"),
+        peer: slot("peer"),
+        public_key: ex.hex32("x25519_public_key"),
+        signature: Signature::from_slice(&ex.hex("signature")).unwrap_or_else(|e| ex.fail("signature", e)),
+    };
+    let message = ex.hex("message");
+    ex.check_bytes("message", &key.signed_bytes(&ctx), &message);
+    let seed = example("ed25519-key").hex32("seed");
+    let signer = ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed).unwrap();
+    ex.check_bytes("signature", signer.sign(&message).as_ref(), key.signature.as_bytes());
+    assert_eq!(
+        ctx.identity(key.owner),
+        Some(&PublicKey::from_bytes(public)),
+        "the owner signs with its identity"
+    );
+    key.verify(&ctx).unwrap_or_else(|e| ex.fail("signature", e));
+    ex.done();
+}
+
+#[test]
+fn the_secagg_bundle_aad_example_matches_the_sealing_associated_data() {
+    let ctx = documented_round_context();
+    let ex = example("secagg-bundle-aad");
+    let slot =
+        |key: &str| Slot(u32::try_from(ex.u64(key)).unwrap_or_else(|_| ex.fail(key, "is a u32 on the wire")));
+    ex.check_bytes("round_context", ctx.digest(), &ex.hex32("round_context"));
+    let aad = bundle_associated_data(&ctx, slot("sender"), slot("recipient"));
+    ex.check_bytes("associated_data", &aad, &ex.hex("associated_data"));
+    ex.done();
+}
+
+#[test]
+fn the_masked_update_statement_example_matches_masked_upload_signing() {
+    let ex = example("masked-update-statement");
+    let plain = example("update-statement");
+    let (key, public) = documented_key();
+    let federation_id = plain.string("federation_id");
+    let client = ClientId::parse(&plain.string("client_id")).unwrap();
+    let round = plain.u64("round");
+    let attempt = u32::try_from(plain.u64("attempt")).unwrap();
+    let header = MaskedUpdateHeader {
+        header: UpdateHeader {
+            id: RoundId::new(round, attempt),
+            base_version: ModelVersion(round - 1),
+            num_examples: plain.u64("num_examples"),
+            metrics: Default::default(),
+            manifest_digest: Sha256(plain.hex32("manifest_sha256")),
+            total_bytes: 32,
+        },
+        secagg_context: ex.hex32("secagg_context_sha256"),
+    };
+    ex.check_bytes("secagg_context_sha256", documented_round_context().digest(), &header.secagg_context);
+    let payload = Sha256(plain.hex32("payload_sha256"));
+    let statement = masked_update_statement(&federation_id, &client, &header, &payload);
+    ex.check_bytes("message", &statement.canonical_bytes(), &ex.hex("message"));
+    let signature = ex.hex("signature");
+    ex.check_bytes("signature", sign_update(&key, &statement).as_bytes(), &signature);
+    ex.check_bytes(
+        "signature",
+        &sign_masked_upload(&key, &federation_id, &client, &header, &payload).bytes,
+        &signature,
+    );
+    verify_update(&PublicKey::from_bytes(public), &statement, &Signature::from_slice(&signature).unwrap())
+        .unwrap();
     ex.done();
 }

@@ -8,13 +8,15 @@
 //! conversions are infallible `From<domain> for pb::X`.
 //!
 //! One file per part of the protocol: `model` (manifests, downloads), `join`, `tasks`,
-//! `heartbeat`, `upload`, `reports` (evaluation, failures), `status`; the error type and the
-//! small validators they share live here.
+//! `heartbeat`, `upload`, `reports` (evaluation, failures), `status`, `secagg` (secure
+//! aggregation; its step messages convert with the round's context, `X::from_pb(msg, &ctx)`);
+//! the error type and the small validators they share live here.
 
 mod heartbeat;
 mod join;
 mod model;
 mod reports;
+mod secagg;
 mod status;
 mod tasks;
 #[cfg(test)]

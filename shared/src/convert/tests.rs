@@ -10,6 +10,7 @@ fn header() -> pb::UpdateHeader {
         manifest_sha256: vec![1; 32].into(),
         total_bytes: 16,
         encoding: pb::UpdateEncoding::F32Delta as i32,
+        secagg_context_sha256: Default::default(),
     }
 }
 
@@ -30,11 +31,47 @@ fn update_headers_with_bad_fields_are_refused_naming_the_field() {
         (|h| h.round = 0, "round"),
         (|h| h.total_bytes = 15, "total_bytes"),
         (|h| _ = h.metrics.insert("x".into(), f64::NAN), "metrics"),
+        (|h| h.encoding = pb::UpdateEncoding::MaskedU32 as i32, "encoding"),
+        (|h| h.secagg_context_sha256 = vec![1; 32].into(), "secagg_context_sha256"),
     ];
     for (mutate, field) in cases {
         let mut h = header();
         mutate(&mut h);
         let err = UpdateHeader::try_from(h).unwrap_err().to_string();
+        assert!(err.contains(field), "{err} should name {field}");
+    }
+}
+
+fn masked_header() -> pb::UpdateHeader {
+    pb::UpdateHeader {
+        encoding: pb::UpdateEncoding::MaskedU32 as i32,
+        secagg_context_sha256: vec![9; 32].into(),
+        ..header()
+    }
+}
+
+#[test]
+fn a_valid_masked_update_header_round_trips_with_its_round_context() {
+    let domain = MaskedUpdateHeader::try_from(masked_header()).unwrap();
+    assert_eq!(domain.secagg_context, [9; 32]);
+    assert_eq!(domain.header, UpdateHeader::try_from(header()).unwrap());
+    assert_eq!(pb::UpdateHeader::from(&domain), masked_header());
+}
+
+#[test]
+fn masked_update_headers_with_bad_fields_are_refused_naming_the_field() {
+    type Mutation = fn(&mut pb::UpdateHeader);
+    let cases: Vec<(Mutation, &str)> = vec![
+        (|h| h.encoding = pb::UpdateEncoding::F32Delta as i32, "encoding"),
+        (|h| h.secagg_context_sha256 = Default::default(), "secagg_context_sha256"),
+        (|h| h.secagg_context_sha256 = vec![9; 33].into(), "secagg_context_sha256"),
+        (|h| h.total_bytes = 15, "total_bytes"),
+        (|h| h.num_examples = 0, "num_examples"),
+    ];
+    for (mutate, field) in cases {
+        let mut h = masked_header();
+        mutate(&mut h);
+        let err = MaskedUpdateHeader::try_from(h).unwrap_err().to_string();
         assert!(err.contains(field), "{err} should name {field}");
     }
 }

@@ -6,31 +6,68 @@ pub use crate::limits::MAX_NUM_EXAMPLES;
 
 impl TryFrom<pb::UpdateHeader> for UpdateHeader {
     type Error = ConvertError;
+    /// A plain upload's header; a masked one is refused here (see [`MaskedUpdateHeader`]), so
+    /// a coordinator that does not run a secure round never takes masked values for a delta.
     fn try_from(h: pb::UpdateHeader) -> Result<Self, ConvertError> {
+        if h.encoding == pb::UpdateEncoding::MaskedU32 as i32 {
+            return Err(invalid("header.encoding", "masked_u32 uploads belong to secure rounds only"));
+        }
         if h.encoding != pb::UpdateEncoding::F32Delta as i32 {
             return Err(invalid("header.encoding", format!("unsupported update encoding {}", h.encoding)));
         }
-        if h.num_examples == 0 || h.num_examples > MAX_NUM_EXAMPLES {
+        if !h.secagg_context_sha256.is_empty() {
             return Err(invalid(
-                "header.num_examples",
-                format!("{} is outside 1..={MAX_NUM_EXAMPLES}", h.num_examples),
+                "header.secagg_context_sha256",
+                "only masked_u32 uploads name a secure round",
             ));
         }
-        if h.round == 0 {
-            return Err(invalid("header.round", "rounds start at 1"));
-        }
-        if h.total_bytes % 4 != 0 {
-            return Err(invalid("header.total_bytes", "not a multiple of 4"));
-        }
-        Ok(UpdateHeader {
-            id: RoundId::new(h.round, h.attempt),
-            base_version: ModelVersion(h.base_model_version),
-            num_examples: h.num_examples,
-            metrics: finite_metrics("header.metrics", h.metrics)?,
-            manifest_digest: digest("header.manifest_sha256", &h.manifest_sha256)?,
-            total_bytes: h.total_bytes,
-        })
+        common_header(h)
     }
+}
+
+impl TryFrom<pb::UpdateHeader> for MaskedUpdateHeader {
+    type Error = ConvertError;
+    /// A masked upload's header: encoding `masked_u32` and a 32-byte round-context digest.
+    fn try_from(mut h: pb::UpdateHeader) -> Result<Self, ConvertError> {
+        if h.encoding != pb::UpdateEncoding::MaskedU32 as i32 {
+            return Err(invalid(
+                "header.encoding",
+                format!("a secure round takes masked_u32 uploads, not encoding {}", h.encoding),
+            ));
+        }
+        let context = std::mem::take(&mut h.secagg_context_sha256);
+        let secagg_context = <[u8; 32]>::try_from(context.as_ref()).map_err(|_| {
+            invalid(
+                "header.secagg_context_sha256",
+                format!("{} bytes, a round-context digest has 32", context.len()),
+            )
+        })?;
+        Ok(MaskedUpdateHeader { header: common_header(h)?, secagg_context })
+    }
+}
+
+/// The checks and fields a plain and a masked header share (both are 4-byte values).
+fn common_header(h: pb::UpdateHeader) -> Result<UpdateHeader, ConvertError> {
+    if h.num_examples == 0 || h.num_examples > MAX_NUM_EXAMPLES {
+        return Err(invalid(
+            "header.num_examples",
+            format!("{} is outside 1..={MAX_NUM_EXAMPLES}", h.num_examples),
+        ));
+    }
+    if h.round == 0 {
+        return Err(invalid("header.round", "rounds start at 1"));
+    }
+    if h.total_bytes % 4 != 0 {
+        return Err(invalid("header.total_bytes", "not a multiple of 4"));
+    }
+    Ok(UpdateHeader {
+        id: RoundId::new(h.round, h.attempt),
+        base_version: ModelVersion(h.base_model_version),
+        num_examples: h.num_examples,
+        metrics: finite_metrics("header.metrics", h.metrics)?,
+        manifest_digest: digest("header.manifest_sha256", &h.manifest_sha256)?,
+        total_bytes: h.total_bytes,
+    })
 }
 
 impl From<&UpdateHeader> for pb::UpdateHeader {
@@ -44,6 +81,17 @@ impl From<&UpdateHeader> for pb::UpdateHeader {
             manifest_sha256: h.manifest_digest.0.to_vec().into(),
             total_bytes: h.total_bytes,
             encoding: pb::UpdateEncoding::F32Delta as i32,
+            secagg_context_sha256: Default::default(),
+        }
+    }
+}
+
+impl From<&MaskedUpdateHeader> for pb::UpdateHeader {
+    fn from(h: &MaskedUpdateHeader) -> Self {
+        pb::UpdateHeader {
+            encoding: pb::UpdateEncoding::MaskedU32 as i32,
+            secagg_context_sha256: h.secagg_context.to_vec().into(),
+            ..(&h.header).into()
         }
     }
 }

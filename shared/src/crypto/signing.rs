@@ -16,6 +16,11 @@ use super::{b64_decode, b64_encode, random_bytes, Canonical, CryptoError};
 /// Context label of update statements. Bump the version when the field list changes.
 pub const UPDATE_CONTEXT: &str = "fedtune/v1/update";
 
+/// Context label of the statements of masked uploads (`UPDATE_ENCODING_MASKED_U32`): the update
+/// statement's fields, then the secure round's context digest. A label of its own, so a
+/// signature over a plain update never verifies as one over a masked upload or the reverse.
+pub const MASKED_UPDATE_CONTEXT: &str = "fedtune/v1/update/masked-u32";
+
 /// Context label of join-challenge responses.
 pub const CHALLENGE_CONTEXT: &str = "fedtune/v1/join-challenge";
 
@@ -38,20 +43,28 @@ pub struct UpdateStatement {
     pub payload_sha256: [u8; 32],
     /// Number of local training examples (weights the update in FedAvg).
     pub num_examples: u64,
+    /// For a masked upload, the round-context digest of its secure round (see
+    /// [`MASKED_UPDATE_CONTEXT`]); `None` for a plain `f32` delta.
+    pub secagg_context: Option<[u8; 32]>,
 }
 
 impl UpdateStatement {
-    /// The exact bytes that are signed.
+    /// The exact bytes that are signed. A plain update's bytes are those of protocol v1 before
+    /// secure aggregation existed, so its signatures are unchanged.
     pub fn canonical_bytes(&self) -> Vec<u8> {
-        Canonical::new(UPDATE_CONTEXT)
-            .str(&self.federation_id)
+        let label = if self.secagg_context.is_some() { MASKED_UPDATE_CONTEXT } else { UPDATE_CONTEXT };
+        let mut c = Canonical::new(label);
+        c.str(&self.federation_id)
             .u64(self.round)
             .u64(u64::from(self.attempt))
             .str(&self.client_id)
             .fixed(&self.manifest_digest)
             .fixed(&self.payload_sha256)
-            .u64(self.num_examples)
-            .finish()
+            .u64(self.num_examples);
+        if let Some(digest) = &self.secagg_context {
+            c.fixed(digest);
+        }
+        c.finish()
     }
 }
 
@@ -179,6 +192,7 @@ mod tests {
             manifest_digest: [1; 32],
             payload_sha256: [2; 32],
             num_examples: 1200,
+            secagg_context: None,
         }
     }
 
@@ -216,6 +230,23 @@ mod tests {
     }
 
     #[test]
+    fn a_plain_update_signature_does_not_verify_as_a_masked_one_or_for_another_secure_round() {
+        let key = KeyPair::generate_ephemeral().unwrap();
+        let public = key.public_key();
+        let plain = sign_update(&key, &statement());
+        let masked = UpdateStatement { secagg_context: Some([3; 32]), ..statement() };
+        assert_rejected(&public, &masked, &plain);
+        let masked_sig = sign_update(&key, &masked);
+        verify_update(&public, &masked, &masked_sig).unwrap();
+        assert_rejected(&public, &statement(), &masked_sig);
+        assert_rejected(
+            &public,
+            &UpdateStatement { secagg_context: Some([4; 32]), ..statement() },
+            &masked_sig,
+        );
+    }
+
+    #[test]
     fn moving_a_field_boundary_invalidates_the_signature() {
         let key = KeyPair::generate_ephemeral().unwrap();
         let s = UpdateStatement { federation_id: "fed".into(), client_id: "a-site".into(), ..statement() };
@@ -250,6 +281,7 @@ mod tests {
             manifest_digest: challenge.nonce,
             payload_sha256: challenge.nonce,
             num_examples: 0,
+            secagg_context: None,
         };
         assert_rejected(&key.public_key(), &mimic, &answer);
         assert_ne!(challenge.canonical_bytes()[..40], mimic.canonical_bytes()[..40]);

@@ -90,6 +90,15 @@ pub enum SecAggError {
     /// client both surviving and dropped, a share of the wrong kind, ...).
     #[error("inconsistent unmasking: {0}")]
     Inconsistent(String),
+    /// A message names another round, attempt or round context than the one in progress: late,
+    /// replayed, or from a party that computed another set-up.
+    #[error("the message is for round {round} attempt {attempt} with another round context")]
+    WrongRound {
+        /// The round the message names.
+        round: u64,
+        /// The attempt it names.
+        attempt: u32,
+    },
     /// The step was called out of order on the coordinator's side.
     #[error("{0} is not possible at this step")]
     WrongStep(&'static str),

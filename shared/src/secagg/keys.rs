@@ -73,6 +73,11 @@ impl SignedAgreementKey {
             .verify_raw(&bytes, self.signature.as_bytes())
             .map_err(|_| SecAggError::BadKeySignature { owner: self.owner, peer: self.peer })
     }
+
+    /// The exact bytes the signature covers (layout in `docs/protocol.md`).
+    pub fn signed_bytes(&self, ctx: &RoundContext) -> Vec<u8> {
+        statement(ctx, self.owner, self.peer, &self.public_key)
+    }
 }
 
 /// The bytes an agreement key's signature covers.
@@ -198,14 +203,29 @@ impl fmt::Debug for EncryptedShares {
     }
 }
 
+/// AEAD tag length of a sealed bundle (ChaCha20-Poly1305).
+const TAG_BYTES: usize = 16;
+
+/// The exact length of a sealed bundle carrying `pairwise` pairwise-seed shares: the self-mask
+/// share, a `u32` count, per pairwise share a `u32` peer and its values, and the tag. A bundle
+/// carries one pairwise share per neighbour the sender agreed with, the recipient included, so
+/// at most the graph degree.
+pub const fn sealed_bundle_len(pairwise: usize) -> usize {
+    SHARE_VALUE_BYTES + 4 + pairwise * (4 + SHARE_VALUE_BYTES) + TAG_BYTES
+}
+
+/// The associated data a bundle from `sender` to `recipient` is sealed with (layout in
+/// `docs/protocol.md`): it binds the bundle to the round context and to the pair's direction.
+pub fn bundle_associated_data(ctx: &RoundContext, sender: Slot, recipient: Slot) -> Vec<u8> {
+    Canonical::new(BUNDLE_AAD_LABEL)
+        .fixed(ctx.digest())
+        .u64(u64::from(sender.0))
+        .u64(u64::from(recipient.0))
+        .finish()
+}
+
 fn bundle_aad(ctx: &RoundContext, sender: Slot, recipient: Slot) -> aead::Aad<Vec<u8>> {
-    aead::Aad::from(
-        Canonical::new(BUNDLE_AAD_LABEL)
-            .fixed(ctx.digest())
-            .u64(u64::from(sender.0))
-            .u64(u64::from(recipient.0))
-            .finish(),
-    )
+    aead::Aad::from(bundle_associated_data(ctx, sender, recipient))
 }
 
 impl PairSecrets {
@@ -345,6 +365,7 @@ mod tests {
             )]),
         };
         let sealed = sa.seal(&ctx, a, b, &bundle).unwrap();
+        assert_eq!(sealed.ciphertext.len(), sealed_bundle_len(1));
         assert_eq!(sb.open(&ctx, b, &sealed).unwrap(), bundle);
         assert!(matches!(sb.open(&ctx, b, &sealed), Err(SecAggError::Duplicate { .. })), "opened once");
         assert!(matches!(sa.seal(&ctx, a, b, &bundle), Err(SecAggError::Duplicate { .. })), "sealed once");

@@ -45,7 +45,7 @@
 //! - [`encoding`]: clipped `f32` update → rounded, noised grid integers → Z_{2^32}, and back;
 //!   the grid and the stated wrap-around probability.
 //! - [`masking`]: seed → ChaCha20 mask, wrapping arithmetic in Z_{2^32}.
-//! - [`messages`]: masked inputs, the unmasking request and answers.
+//! - [`messages`]: masked inputs, the unmasking request and answers, the wire envelopes.
 //! - [`client`], [`server`]: the two sides' state machines.
 
 pub mod client;
@@ -66,12 +66,15 @@ pub use encoding::{Encoding, EncodingError, EncodingLimits};
 pub use error::SecAggError;
 pub use graph::NeighbourGraph;
 pub use keys::{EncryptedShares, SignedAgreementKey};
-pub use messages::{MaskedInput, RevealedShares, UnmaskAnswer, UnmaskRequest};
+pub use messages::{
+    KeyAdvertisement, MaskedInput, PeerKeys, RevealedShares, RoundRef, RoundUnmaskAnswer, RoundUnmaskRequest,
+    ShareDelivery, ShareUpload, UnmaskAnswer, UnmaskRequest,
+};
 pub use server::Aggregator;
 
 use crate::crypto::{Canonical, PublicKey};
 use crate::ids::ClientId;
-use crate::limits::MAX_SECAGG_VECTOR_LEN;
+use crate::limits::{MAX_SECAGG_CLIENTS, MAX_SECAGG_DEGREE, MAX_SECAGG_VECTOR_LEN};
 
 /// Context label of the round-context digest.
 pub const ROUND_CONTEXT_LABEL: &str = "fedtune/v1/secagg/round";
@@ -137,13 +140,15 @@ pub struct RoundContext {
     threshold: usize,
     vector_len: usize,
     graph: NeighbourGraph,
+    graph_seed: [u8; 32],
     digest: [u8; 32],
 }
 
 impl RoundContext {
-    /// Validates the set-up: distinct ids and identities, 2 ≤ t ≤ k + 1 (a secret is shared to
-    /// a client's k neighbours and itself; t = 1 would hand each neighbour the secret outright),
-    /// and 1 ≤ vector length ≤ [`MAX_SECAGG_VECTOR_LEN`].
+    /// Validates the set-up: distinct ids and identities, at most [`MAX_SECAGG_CLIENTS`] clients
+    /// and [`MAX_SECAGG_DEGREE`] neighbours each (what the wire carries), 2 ≤ t ≤ k + 1 (a secret
+    /// is shared to a client's k neighbours and itself; t = 1 would hand each neighbour the secret
+    /// outright), and 1 ≤ vector length ≤ [`MAX_SECAGG_VECTOR_LEN`].
     pub fn new(setup: RoundSetup) -> Result<Self, SecAggError> {
         let RoundSetup {
             federation_id,
@@ -163,6 +168,20 @@ impl RoundContext {
         if identities.len() != members.len() {
             return Err(SecAggError::InvalidParameters("two clients share one identity key".into()));
         }
+        if members.len() > MAX_SECAGG_CLIENTS {
+            return Err(SecAggError::InvalidParameters(format!(
+                "{} clients, a secure round has at most {MAX_SECAGG_CLIENTS}",
+                members.len()
+            )));
+        }
+        // Checked before the graph is built: a complete graph of many clients is large.
+        // (The graph rounds an odd degree up to even; MAX_SECAGG_DEGREE is even.)
+        let neighbours = degree.min(members.len().saturating_sub(1));
+        if neighbours > MAX_SECAGG_DEGREE {
+            return Err(SecAggError::InvalidParameters(format!(
+                "{neighbours} neighbours per client, a secure round has at most {MAX_SECAGG_DEGREE}"
+            )));
+        }
         let graph = NeighbourGraph::new(members.len(), degree, &graph_seed)?;
         let holders = graph.degree() + 1;
         if threshold < 2 || threshold > holders {
@@ -175,15 +194,37 @@ impl RoundContext {
                 "vector length {vector_len} is outside 1..={MAX_SECAGG_VECTOR_LEN}"
             )));
         }
+        let mut ctx = RoundContext {
+            federation_id,
+            round,
+            attempt,
+            members,
+            threshold,
+            vector_len,
+            graph,
+            graph_seed,
+            digest: [0; 32],
+        };
+        let digest = ring::digest::digest(&ring::digest::SHA256, &ctx.canonical_bytes());
+        ctx.digest.copy_from_slice(digest.as_ref());
+        Ok(ctx)
+    }
+
+    /// The bytes the round-context digest is the SHA-256 of (layout in `docs/protocol.md`).
+    pub fn canonical_bytes(&self) -> Vec<u8> {
         let mut c = Canonical::new(ROUND_CONTEXT_LABEL);
-        c.str(&federation_id).u64(round).u64(u64::from(attempt)).u64(members.len() as u64);
-        for (id, key) in &members {
+        c.str(&self.federation_id)
+            .u64(self.round)
+            .u64(u64::from(self.attempt))
+            .u64(self.members.len() as u64);
+        for (id, key) in &self.members {
             c.str(id.as_str()).fixed(key.as_bytes());
         }
-        c.u64(threshold as u64).u64(graph.degree() as u64).fixed(&graph_seed).u64(vector_len as u64);
-        let mut digest = [0u8; 32];
-        digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &c.finish()).as_ref());
-        Ok(RoundContext { federation_id, round, attempt, members, threshold, vector_len, graph, digest })
+        c.u64(self.threshold as u64)
+            .u64(self.graph.degree() as u64)
+            .fixed(&self.graph_seed)
+            .u64(self.vector_len as u64);
+        c.finish()
     }
 
     /// The federation.
@@ -219,6 +260,16 @@ impl RoundContext {
     /// Coordinates of every input vector.
     pub fn vector_len(&self) -> usize {
         self.vector_len
+    }
+
+    /// The public seed the neighbour graph was drawn from.
+    pub fn graph_seed(&self) -> &[u8; 32] {
+        &self.graph_seed
+    }
+
+    /// The roster in slot order: client ids and their identity keys.
+    pub fn members(&self) -> &[(ClientId, PublicKey)] {
+        &self.members
     }
 
     /// The neighbour graph.
@@ -330,6 +381,15 @@ mod tests {
             mutate(&mut s);
             assert!(matches!(RoundContext::new(s), Err(SecAggError::InvalidParameters(_))), "{what}");
         }
+    }
+
+    #[test]
+    fn a_graph_denser_than_the_wire_carries_is_refused() {
+        let n = MAX_SECAGG_DEGREE + 2;
+        let complete = RoundContext::new(setup(n, 2));
+        assert!(matches!(complete, Err(SecAggError::InvalidParameters(m)) if m.contains("neighbours")));
+        let sparse = RoundContext::new(RoundSetup { degree: MAX_SECAGG_DEGREE, ..setup(n, 2) }).unwrap();
+        assert_eq!(sparse.graph().degree(), MAX_SECAGG_DEGREE);
     }
 
     #[test]
