@@ -1,8 +1,10 @@
 //! Labelled text from CSV or JSON Lines files.
 //!
 //! Columns are configurable ([`DataOptions`]). Labels are read as text and mapped to class ids
-//! by a [`LabelSet`]: sorted (numerically when every label is an integer), so the same data gives
-//! the same ids on every client. An optional `split` column assigns rows to training
+//! by a [`LabelSet`]: the model's names, or the data's labels sorted (numerically when every
+//! label is an integer), so the same data gives the same ids on every client. A file may give
+//! its labels as class names or as class ids (`0`, `1`) of a model that names its classes, one
+//! or the other for the whole file ([`fedtune_shared::labels`] holds the rule). An optional `split` column assigns rows to training
 //! (`train`) or held-out evaluation (`test`, also `eval`/`validation`/`valid`/`dev`); without it
 //! the trainer draws a seeded held-out fraction. Every problem is reported with the file, the
 //! line and what is wrong with it, because a data error found after an hour of training is a
@@ -194,21 +196,20 @@ impl Dataset {
         self.examples.iter().any(|e| e.split.is_some())
     }
 
-    /// Class ids of every row under `labels`; a row without label or with an unknown one is an
-    /// error naming its line.
+    /// Class ids of every row under `labels`, reading the file's labels as class names or as
+    /// class ids by [`fedtune_shared::labels::class_ids`] (decided once for the whole file; names
+    /// win when the model's names are numbers). A row without label, with an unknown label, an
+    /// id out of range or the other form than the first row is an error naming its line.
     pub fn label_ids(&self, labels: &LabelSet) -> Result<Vec<usize>, DataError> {
-        self.examples
+        let written = self
+            .examples
             .iter()
-            .map(|e| {
-                let name = e.label.as_deref().ok_or_else(|| self.bad(e.line, "row has no label".into()))?;
-                labels.id(name).ok_or_else(|| {
-                    self.bad(
-                        e.line,
-                        format!("label `{name}` is not one of the model's labels {:?}", labels.names()),
-                    )
-                })
-            })
-            .collect()
+            .map(|e| e.label.as_deref().ok_or_else(|| self.bad(e.line, "row has no label".into())))
+            .collect::<Result<Vec<&str>, DataError>>()?;
+        fedtune_shared::labels::class_ids(labels.names(), written).map_err(|e| {
+            let line = self.examples.get(e.row()).map_or(0, |ex| ex.line);
+            self.bad(line, e.to_string())
+        })
     }
 
     /// Indices of training and held-out rows: the split column when the file has one,

@@ -149,3 +149,56 @@ fn unlabelled_input_needs_no_label_column() {
     let options = DataOptions { label_column: None, ..DataOptions::default() };
     assert_eq!(Dataset::load(&path, &options).unwrap().examples[0].label, None);
 }
+
+fn named(names: &[&str]) -> LabelSet {
+    LabelSet::new(names.iter().map(|s| s.to_string()).collect())
+}
+
+fn label_ids_of(content: &str, labels: &LabelSet) -> Result<Vec<usize>, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "d.csv", content);
+    let d = Dataset::load(&path, &DataOptions::default()).unwrap();
+    d.label_ids(labels).map_err(|e| {
+        let e = e.to_string();
+        assert!(e.contains(&path.display().to_string()), "error does not name the file: {e}");
+        e
+    })
+}
+
+#[test]
+fn a_file_of_class_ids_maps_them_to_the_model_s_named_classes() {
+    let model = named(&["neg", "pos"]);
+    assert_eq!(label_ids_of("text,label\na,1\nb,0\nc,1\n", &model), Ok(vec![1, 0, 1]));
+    assert_eq!(label_ids_of("text,label\na,pos\nb,neg\n", &model), Ok(vec![1, 0]), "names still work");
+    // JSON Lines numbers are ids too.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "d.jsonl", "{\"text\":\"a\",\"label\":1}\n{\"text\":\"b\",\"label\":0}\n");
+    let d = Dataset::load(&path, &DataOptions::default()).unwrap();
+    assert_eq!(d.label_ids(&model).unwrap(), [1, 0]);
+}
+
+#[test]
+fn a_file_mixing_names_and_ids_is_refused_naming_the_row() {
+    let model = named(&["neg", "pos"]);
+    let err = label_ids_of("text,label\na,0\nb,1\nc,pos\n", &model).unwrap_err();
+    assert!(err.contains(":4:") && err.contains("`pos`") && err.contains("first labelled row"), "{err}");
+    let err = label_ids_of("text,label\na,neg\nb,1\n", &model).unwrap_err();
+    assert!(err.contains(":3:") && err.contains("`1` is a class id"), "{err}");
+}
+
+#[test]
+fn an_id_out_of_range_is_refused_naming_the_row() {
+    let err = label_ids_of("text,label\na,0\nb,2\n", &named(&["neg", "pos"])).unwrap_err();
+    assert!(err.contains(":3:") && err.contains("class id `2` is out of range"), "{err}");
+    let err = label_ids_of("text,label\na,-1\n", &named(&["neg", "pos"])).unwrap_err();
+    assert!(err.contains(":2:") && err.contains("out of range"), "{err}");
+}
+
+#[test]
+fn digit_label_names_are_matched_as_names() {
+    // The model's class with id 0 is named "1": names win, so `1` in the file is that class.
+    let model = named(&["1", "0"]);
+    assert_eq!(label_ids_of("text,label\na,1\nb,0\n", &model), Ok(vec![0, 1]));
+    let err = label_ids_of("text,label\na,1\nb,2\n", &model).unwrap_err();
+    assert!(err.contains(":3:") && err.contains("not one of the model's labels"), "{err}");
+}

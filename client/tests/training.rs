@@ -45,6 +45,41 @@ fn a_tiny_model_learns_keyword_sentiment_and_beats_the_majority_baseline() {
 }
 
 #[test]
+fn a_file_of_class_ids_trains_against_named_labels() {
+    // The same rows with each class name replaced by its id in the model's `id2label`.
+    let named = sentiment_dataset(64, 1, None);
+    let mut ids = named.clone();
+    for e in &mut ids.examples {
+        let id = match e.label.as_deref() {
+            Some("negative") => "0",
+            Some("positive") => "2",
+            other => panic!("unexpected label {other:?}"),
+        };
+        e.label = Some(id.into());
+    }
+    let train = |data| {
+        let mut t = BertTrainer::new(&tiny_bert(), data, cpu_options()).unwrap();
+        t.train(&fit(1, Some(3))).unwrap();
+        let eval = t.evaluate_current().unwrap();
+        (t.summary().labels.clone(), eval.loss, eval.accuracy)
+    };
+    let (by_id, by_name) = (train(ids), train(named));
+    assert_eq!(by_id.0, ["negative", "neutral", "positive"], "the model keeps its class names");
+    assert_eq!(by_id, by_name, "ids train exactly like the names they stand for");
+}
+
+#[test]
+fn a_file_mixing_names_and_ids_is_refused_naming_the_row() {
+    let mut data = sentiment_dataset(8, 1, None);
+    data.examples[5].label = Some("1".into());
+    let line = data.examples[5].line;
+    let Err(TrainerError::Failed(msg)) = BertTrainer::new(&tiny_bert(), data, cpu_options()) else {
+        panic!("a mixed file trained");
+    };
+    assert!(msg.contains(&format!("synthetic:{line}:")) && msg.contains("`1` is a class id"), "{msg}");
+}
+
+#[test]
 fn training_is_deterministic_for_a_seed_on_the_cpu() {
     let run = || trainer(cpu_options()).train(&fit(1, Some(6))).unwrap().weights;
     let (a, b) = (run(), run());

@@ -214,12 +214,17 @@ fn label_names(table: &Table, column: usize) -> Vec<String> {
     fedtune_shared::labels::class_order(table.rows.iter().filter_map(|r| r.get(column)))
 }
 
-/// The label set to configure: the model's own (`id2label`) when it names every label in the
-/// data (a checkpoint with a trained head keeps its class ids), else the data's.
+/// The label set to configure: the model's own (`id2label`) when the data's labels are its
+/// class names or its class ids, as clients read them ([`fedtune_shared::labels::class_ids`]; a
+/// checkpoint with a trained head keeps its class ids), else the data's.
 fn model_labels(model: &Path, data_labels: Vec<String>) -> Result<Vec<String>, SimulateError> {
     let config = crate::model::HfConfig::read(model).map_err(|e| SimulateError::Usage(e.to_string()))?;
     Ok(match config.labels() {
-        Some(own) if data_labels.iter().all(|l| own.contains(l)) => own,
+        Some(own)
+            if fedtune_shared::labels::class_ids(&own, data_labels.iter().map(String::as_str)).is_ok() =>
+        {
+            own
+        }
         _ => data_labels,
     })
 }
@@ -623,5 +628,31 @@ async fn watch(
         if fleet.running() == 0 {
             return Err(SimulateError::Failed("every client exited before the federation finished".into()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model_naming(id2label: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let config = format!(r#"{{"hidden_size": 4, "num_hidden_layers": 1, "id2label": {id2label}}}"#);
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+        dir
+    }
+
+    fn strings(xs: &[&str]) -> Vec<String> {
+        xs.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn data_of_class_ids_or_names_keeps_the_model_s_names_and_other_data_its_own() {
+        let model = model_naming(r#"{"0": "no", "1": "yes"}"#);
+        let keep = |data: &[&str]| model_labels(model.path(), strings(data)).unwrap();
+        assert_eq!(keep(&["0", "1"]), ["no", "yes"], "class ids");
+        assert_eq!(keep(&["yes"]), ["no", "yes"], "names");
+        assert_eq!(keep(&["0", "1", "2"]), ["0", "1", "2"], "an id out of range: the data's own");
+        assert_eq!(keep(&["maybe", "no"]), ["maybe", "no"], "unknown names: the data's own");
     }
 }
