@@ -34,8 +34,8 @@ pub enum CliError {
     /// The arguments do not make sense together.
     #[error("{0}")]
     Usage(String),
-    /// Reading input or writing output failed.
-    #[error("{context}: {source}")]
+    /// Reading input or writing output failed (the cause is the source, printed by the chain).
+    #[error("cannot use {context}")]
     Io {
         /// What was being read or written.
         context: String,

@@ -18,8 +18,8 @@ use rand::SeedableRng;
 /// A problem with a data file.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    /// The file could not be opened or read.
-    #[error("{path}: {source}")]
+    /// The file could not be opened or read (the cause is the source, printed by the chain).
+    #[error("cannot read {path}")]
     Io {
         /// File involved.
         path: String,

@@ -36,7 +36,7 @@ pub enum RunError {
     #[error("{0}")]
     Usage(String),
     /// The async runtime could not be started.
-    #[error("cannot start the async runtime: {0}")]
+    #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
     /// The agent stopped with an error.
     #[error(transparent)]
@@ -237,5 +237,28 @@ mod tests {
         );
         let err = connect_options(&https).unwrap_err();
         assert!(matches!(&err, RunError::Usage(m) if m.contains("ca.pem")), "{err}");
+    }
+
+    /// How `main` prints an error: the anyhow chain, each layer's message joined by `: `.
+    fn printed(err: RunError) -> String {
+        format!("{:#}", anyhow::Error::from(err))
+    }
+
+    #[test]
+    fn a_trainer_failure_prints_its_cause_once() {
+        let cause = "d.csv:3: label `meh` is not one of the model's labels";
+        let err = RunError::Agent(AgentError::Trainer(TrainerError::Failed(cause.into())));
+        let shown = printed(err);
+        assert_eq!(shown.matches(cause).count(), 1, "{shown}");
+        assert_eq!(shown, format!("building the trainer failed: trainer failed: {cause}"));
+    }
+
+    #[test]
+    fn a_missing_data_file_prints_its_io_cause_once() {
+        let err = Dataset::load(Path::new("/nonexistent/d.csv"), &DataOptions::default()).unwrap_err();
+        let cause = std::error::Error::source(&err).expect("the I/O error is the source").to_string();
+        let shown = printed(RunError::Data(err));
+        assert_eq!(shown.matches(&cause).count(), 1, "{shown}");
+        assert!(shown.contains("/nonexistent/d.csv"), "{shown}");
     }
 }

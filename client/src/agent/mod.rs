@@ -182,8 +182,9 @@ pub enum AgentError {
     /// The coordinator refuses this client's identity; retrying cannot help.
     #[error("the coordinator refuses this client: {0}")]
     Denied(String),
-    /// The trainer could not be built.
-    #[error("building the trainer failed: {0}")]
+    /// The trainer could not be built. The cause is the error's source, not part of this
+    /// message, so a printed chain (`{:#}`) names it once.
+    #[error("building the trainer failed")]
     Trainer(#[source] TrainerError),
     /// The local model does not train what the coordinator expects.
     #[error("local model does not match the federation: {0}")]
