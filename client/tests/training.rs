@@ -7,6 +7,7 @@ mod common;
 use std::process::Command;
 
 use common::{cpu_options, max_abs_diff, python, sentiment_dataset, tiny_bert};
+use fedtune_client::data::LabelSet;
 use fedtune_client::local_trainer::{FitConfig, LocalTrainer, TrainerError};
 use fedtune_client::model::{BertClassifier, ModelInput};
 use fedtune_client::tokenize::TextTokenizer;
@@ -57,15 +58,19 @@ fn a_file_of_class_ids_trains_against_named_labels() {
         };
         e.label = Some(id.into());
     }
-    let train = |data| {
-        let mut t = BertTrainer::new(&tiny_bert(), data, cpu_options()).unwrap();
-        t.train(&fit(1, Some(3))).unwrap();
-        let eval = t.evaluate_current().unwrap();
-        (t.summary().labels.clone(), eval.loss, eval.accuracy)
-    };
-    let (by_id, by_name) = (train(ids), train(named));
-    assert_eq!(by_id.0, ["negative", "neutral", "positive"], "the model keeps its class names");
-    assert_eq!(by_id, by_name, "ids train exactly like the names they stand for");
+    let model_labels = LabelSet::new(vec!["negative".into(), "neutral".into(), "positive".into()]);
+    assert_eq!(
+        ids.label_ids(&model_labels).unwrap(),
+        named.label_ids(&model_labels).unwrap(),
+        "ids give the training targets of the names they stand for"
+    );
+    // Losses are not compared between two runs: dropout draws from libtorch's process-wide
+    // generator, which other tests in this binary share.
+    let mut t = BertTrainer::new(&tiny_bert(), ids, cpu_options()).unwrap();
+    t.train(&fit(1, Some(3))).unwrap();
+    let eval = t.evaluate_current().unwrap();
+    assert_eq!(t.summary().labels, ["negative", "neutral", "positive"], "the model keeps its class names");
+    assert!(eval.loss.is_finite() && eval.accuracy > 0.0, "{eval:?}");
 }
 
 #[test]
