@@ -17,8 +17,8 @@ use fedtune_shared::auth::{
 };
 use fedtune_shared::crypto::{
     sign_challenge, sign_update, verify_challenge, verify_update, CertificateDigest, Challenge,
-    EnrollmentDigest, EnrollmentToken, KeyPair, PublicKey, SessionAuthority, SessionSecret, Signature,
-    UpdateStatement,
+    EnrollmentDigest, EnrollmentToken, KeyPair, PublicKey, SessionAuthority, SessionClaims, SessionSecret,
+    Signature, UpdateStatement,
 };
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId, Sha256};
 use fedtune_shared::params::{Manifest, ParameterVector, TensorSpec};
@@ -372,9 +372,23 @@ fn the_update_statement_example_matches_update_signing() {
     ex.done();
 }
 
-#[test]
-fn the_session_token_example_is_accepted_and_issued_by_the_session_authority() {
-    let ex = example("session-token");
+/// What both session-token examples document, read and checked alike: the tag is HMAC-SHA256 of
+/// the documented MAC input, the token is `base64url(claims).base64url(tag)`, and the coordinator
+/// accepts it and reads back the documented inputs.
+struct TokenExample {
+    secret: [u8; 32],
+    client_id: String,
+    issued_at: u64,
+    expires_at: u64,
+    token: String,
+    claims: Vec<u8>,
+    mac_input: Vec<u8>,
+    key: hmac::Key,
+    authority: SessionAuthority,
+    read: SessionClaims,
+}
+
+fn token_example(ex: &Example) -> TokenExample {
     let secret = ex.hex32("secret");
     let client_id = ex.string("client_id");
     let federation_id = ex.string("federation_id");
@@ -386,7 +400,6 @@ fn the_session_token_example_is_accepted_and_issued_by_the_session_authority() {
     let tag = ex.hex("hmac_sha256");
     let token = ex.string("token");
 
-    // The tag is HMAC-SHA256 of the documented MAC input, and the token is claims.tag.
     let key = hmac::Key::new(hmac::HMAC_SHA256, &secret);
     ex.check_bytes("hmac_sha256", hmac::sign(&key, &mac_input).as_ref(), &tag);
     assert_eq!(format!("{}.{}", b64(&claims), b64(&tag)), token, "token is base64url(claims).base64url(tag)");
@@ -401,86 +414,66 @@ fn the_session_token_example_is_accepted_and_issued_by_the_session_authority() {
     assert_eq!(read.federation_id, federation_id);
     assert_eq!((read.issued_at, read.expires_at), (issued_at, expires_at));
     ex.check_bytes("nonce", &read.nonce, &nonce);
-    assert_eq!(read.certificate, None, "version 1 claims are bound to no certificate");
-    assert!(authority.verify(&token, expires_at).is_err(), "refused from expires_at on");
+    TokenExample { secret, client_id, issued_at, expires_at, token, claims, mac_input, key, authority, read }
+}
 
-    // A token the coordinator issues for the same inputs has the documented claims but for the
-    // random nonce (the last 16 bytes), and the documented MAC construction.
-    let issued =
-        authority.issue(&client_id, None, Duration::from_secs(expires_at - issued_at), issued_at).unwrap();
-    let (claims_text, tag_text) = issued.expose_secret().split_once('.').unwrap();
-    let issued_claims = URL_SAFE_NO_PAD.decode(claims_text).unwrap();
-    assert_eq!(issued_claims.len(), claims.len(), "claims length");
-    ex.check_bytes("claims", &issued_claims[..claims.len() - 16], &claims[..claims.len() - 16]);
-    let mut issued_mac_input = mac_input[..mac_input.len() - claims.len()].to_vec();
-    issued_mac_input.extend_from_slice(&issued_claims);
-    ex.check_bytes(
-        "hmac_sha256",
-        &URL_SAFE_NO_PAD.decode(tag_text).unwrap(),
-        hmac::sign(&key, &issued_mac_input).as_ref(),
-    );
+impl TokenExample {
+    /// A token the coordinator issued for the same inputs has the documented claims but for the
+    /// random nonce (16 bytes at `nonce_at`), and the documented MAC construction.
+    fn check_issued_alike(&self, ex: &Example, issued: &str, nonce_at: usize) {
+        let (claims_text, tag_text) = issued.split_once('.').unwrap();
+        let issued_claims = URL_SAFE_NO_PAD.decode(claims_text).unwrap();
+        assert_eq!(issued_claims.len(), self.claims.len(), "claims length");
+        ex.check_bytes("claims", &issued_claims[..nonce_at], &self.claims[..nonce_at]);
+        ex.check_bytes("claims", &issued_claims[nonce_at + 16..], &self.claims[nonce_at + 16..]);
+        let mut issued_mac_input = self.mac_input[..self.mac_input.len() - self.claims.len()].to_vec();
+        issued_mac_input.extend_from_slice(&issued_claims);
+        ex.check_bytes(
+            "hmac_sha256",
+            &URL_SAFE_NO_PAD.decode(tag_text).unwrap(),
+            hmac::sign(&self.key, &issued_mac_input).as_ref(),
+        );
+    }
+
+    fn lifetime(&self) -> Duration {
+        Duration::from_secs(self.expires_at - self.issued_at)
+    }
+}
+
+#[test]
+fn the_session_token_example_is_accepted_and_issued_by_the_session_authority() {
+    let ex = example("session-token");
+    let t = token_example(&ex);
+    assert_eq!(t.read.certificate, None, "version 1 claims are bound to no certificate");
+    assert!(t.authority.verify(&t.token, t.expires_at).is_err(), "refused from expires_at on");
+
+    let issued = t.authority.issue(&t.client_id, None, t.lifetime(), t.issued_at).unwrap();
+    t.check_issued_alike(&ex, issued.expose_secret(), t.claims.len() - 16);
 
     // session.key holds the secret as base64url text.
     let secret_text = ex.string("secret_text");
-    assert_eq!(b64(&secret), secret_text, "secret_text");
+    assert_eq!(b64(&t.secret), secret_text, "secret_text");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("session.key");
     std::fs::write(&path, format!("{secret_text}\n")).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    ex.check_bytes("secret_text", &SessionSecret::load_or_generate(&path).unwrap().to_bytes(), &secret);
+    ex.check_bytes("secret_text", &SessionSecret::load_or_generate(&path).unwrap().to_bytes(), &t.secret);
     ex.done();
 }
 
 #[test]
 fn the_bound_session_token_example_is_accepted_over_its_certificate_and_issued_alike() {
     let ex = example("session-token-bound");
-    let secret = ex.hex32("secret");
-    let client_id = ex.string("client_id");
-    let federation_id = ex.string("federation_id");
-    let issued_at = ex.u64("issued_at");
-    let expires_at = ex.u64("expires_at");
-    let nonce = ex.hex("nonce");
+    let t = token_example(&ex);
     let certificate = CertificateDigest(ex.hex32("certificate_sha256"));
-    let claims = ex.hex("claims");
-    let mac_input = ex.hex("mac_input");
-    let tag = ex.hex("hmac_sha256");
-    let token = ex.string("token");
+    assert_eq!(t.read.certificate, Some(certificate), "certificate_sha256");
+    t.read.check_certificate(Some(certificate)).unwrap();
+    assert!(t.read.check_certificate(None).is_err(), "refused over no certificate");
+    assert!(t.read.check_certificate(Some(CertificateDigest([0; 32]))).is_err(), "refused over another");
 
-    let key = hmac::Key::new(hmac::HMAC_SHA256, &secret);
-    ex.check_bytes("hmac_sha256", hmac::sign(&key, &mac_input).as_ref(), &tag);
-    assert_eq!(format!("{}.{}", b64(&claims), b64(&tag)), token, "token is base64url(claims).base64url(tag)");
-
-    let authority = SessionAuthority::new(&SessionSecret::from_bytes(secret), federation_id.clone());
-    let read = authority
-        .verify(&token, issued_at)
-        .unwrap_or_else(|e| ex.fail("token", format!("the session authority refuses it: {e}")));
-    assert_eq!(read.client_id, client_id);
-    assert_eq!(read.federation_id, federation_id);
-    assert_eq!((read.issued_at, read.expires_at), (issued_at, expires_at));
-    ex.check_bytes("nonce", &read.nonce, &nonce);
-    assert_eq!(read.certificate, Some(certificate), "certificate_sha256");
-    read.check_certificate(Some(certificate)).unwrap();
-    assert!(read.check_certificate(None).is_err(), "refused over no certificate");
-    assert!(read.check_certificate(Some(CertificateDigest([0; 32]))).is_err(), "refused over another");
-
-    // Issued for the same inputs over the same certificate: the documented claims but for the
-    // random nonce (16 bytes before the digest), and the documented MAC construction.
-    let issued = authority
-        .issue(&client_id, Some(certificate), Duration::from_secs(expires_at - issued_at), issued_at)
-        .unwrap();
-    let (claims_text, tag_text) = issued.expose_secret().split_once('.').unwrap();
-    let issued_claims = URL_SAFE_NO_PAD.decode(claims_text).unwrap();
-    assert_eq!(issued_claims.len(), claims.len(), "claims length");
-    let nonce_at = claims.len() - 32 - 16;
-    ex.check_bytes("claims", &issued_claims[..nonce_at], &claims[..nonce_at]);
-    ex.check_bytes("claims", &issued_claims[nonce_at + 16..], &claims[nonce_at + 16..]);
-    let mut issued_mac_input = mac_input[..mac_input.len() - claims.len()].to_vec();
-    issued_mac_input.extend_from_slice(&issued_claims);
-    ex.check_bytes(
-        "hmac_sha256",
-        &URL_SAFE_NO_PAD.decode(tag_text).unwrap(),
-        hmac::sign(&key, &issued_mac_input).as_ref(),
-    );
+    // Over the same certificate the nonce sits 16 bytes before the 32-byte digest.
+    let issued = t.authority.issue(&t.client_id, Some(certificate), t.lifetime(), t.issued_at).unwrap();
+    t.check_issued_alike(&ex, issued.expose_secret(), t.claims.len() - 32 - 16);
     ex.done();
 }
 

@@ -212,6 +212,24 @@ pub fn write_report(rows: &[RoundRow], dir: &Path) -> Result<ReportFiles, Report
 }
 
 /// Two panels side by side: losses (train, eval) and eval accuracy, against the round.
+/// One series: a line with a dot per round, and its legend entry.
+fn draw_line<DB: DrawingBackend, X: Ranged<ValueType = u64>>(
+    chart: &mut ChartContext<'_, DB, Cartesian2d<X, plotters::coord::types::RangedCoordf64>>,
+    points: &[(u64, f64)],
+    colour: RGBColor,
+    label: impl Into<String>,
+) -> Result<(), String> {
+    chart
+        .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))
+        .map_err(|e| e.to_string())?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
+    chart
+        .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
 fn draw_chart(rows: &[RoundRow], path: &Path) -> Result<(), String> {
     let root = SVGBackend::new(path, (1500, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
@@ -239,14 +257,7 @@ fn draw_chart(rows: &[RoundRow], path: &Path) -> Result<(), String> {
     let outside = rows.iter().any(|r| r.eval_outside_privacy_guarantee);
     let eval_label = if outside { format!("eval {}", outside_label()) } else { "eval".to_string() };
     for (points, colour, label) in [(&train, BLUE, "train".to_string()), (&eval, RED, eval_label)] {
-        chart
-            .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))
-            .map_err(|e| e.to_string())?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
-        chart
-            .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
-            .map_err(|e| e.to_string())?;
+        draw_line(&mut chart, points, colour, label)?;
     }
     chart
         .configure_series_labels()
@@ -305,17 +316,9 @@ fn draw_chart(rows: &[RoundRow], path: &Path) -> Result<(), String> {
     for (points, colour, name) in
         [(&epsilon, purple, "central ε (published models)"), (&local, orange, "local ε (worst-off client)")]
     {
-        if points.is_empty() {
-            continue;
+        if !points.is_empty() {
+            draw_line(&mut chart, points, colour, name)?;
         }
-        chart
-            .draw_series(LineSeries::new(points.iter().copied(), colour.stroke_width(2)))
-            .map_err(|e| e.to_string())?
-            .label(name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour.stroke_width(2)));
-        chart
-            .draw_series(points.iter().map(|&p| Circle::new(p, 3, colour.filled())))
-            .map_err(|e| e.to_string())?;
     }
     if !local.is_empty() {
         chart

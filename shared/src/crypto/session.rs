@@ -328,9 +328,13 @@ impl SessionAuthority {
             nonce: random_bytes()?,
             certificate,
         };
-        let encoded = claims.encode();
-        let tag = hmac::sign(&self.key, &mac_input(&encoded));
-        Ok(SessionToken(format!("{}.{}", b64_encode(&encoded), b64_encode(tag.as_ref()))))
+        Ok(SessionToken(self.seal(&claims.encode())))
+    }
+
+    /// `base64url(claims).base64url(tag)`: the token text for encoded claims.
+    fn seal(&self, encoded: &[u8]) -> String {
+        let tag = hmac::sign(&self.key, &mac_input(encoded));
+        format!("{}.{}", b64_encode(encoded), b64_encode(tag.as_ref()))
     }
 
     /// Checks `token` at time `now` (unix seconds). In order: structure
@@ -442,6 +446,18 @@ mod tests {
 
     fn authority(fed: &str) -> SessionAuthority {
         SessionAuthority::new(&SessionSecret::from_bytes([42; 32]), fed)
+    }
+
+    /// Claims of client `c`, valid for ten seconds from [`NOW`], bound to no certificate.
+    fn unbound_claims(fed: &str) -> SessionClaims {
+        SessionClaims {
+            client_id: "c".into(),
+            federation_id: fed.into(),
+            issued_at: NOW,
+            expires_at: NOW + 10,
+            nonce: [0; 16],
+            certificate: None,
+        }
     }
 
     #[test]
@@ -557,16 +573,7 @@ mod tests {
     fn correctly_tagged_but_unparseable_claims_are_malformed_not_accepted() {
         // Only someone holding the secret could produce these; decoding must still be strict.
         let auth = authority("fed-a");
-        let key = hmac::Key::new(hmac::HMAC_SHA256, &[42; 32]);
-        let good = SessionClaims {
-            client_id: "c".into(),
-            federation_id: "fed-a".into(),
-            issued_at: NOW,
-            expires_at: NOW + 10,
-            nonce: [0; 16],
-            certificate: None,
-        }
-        .encode();
+        let good = unbound_claims("fed-a").encode();
         let mut trailing = good.clone();
         trailing.push(0);
         // Version 2 announces a certificate digest these claims lack: truncated, not accepted.
@@ -575,29 +582,16 @@ mod tests {
         let mut unknown = good.clone();
         unknown[0] = 3;
         for encoded in [good[..good.len() - 1].to_vec(), trailing, version, unknown] {
-            let tag = hmac::sign(&key, &mac_input(&encoded));
-            let text = format!("{}.{}", b64_encode(&encoded), b64_encode(tag.as_ref()));
-            assert!(matches!(auth.verify(&text, NOW), Err(CryptoError::Malformed(_))));
+            assert!(matches!(auth.verify(&auth.seal(&encoded), NOW), Err(CryptoError::Malformed(_))));
         }
     }
 
     #[test]
     fn an_unknown_claims_version_is_refused_naming_the_versions_read() {
         let auth = authority("fed-a");
-        let key = hmac::Key::new(hmac::HMAC_SHA256, &[42; 32]);
-        let mut encoded = SessionClaims {
-            client_id: "c".into(),
-            federation_id: "fed-a".into(),
-            issued_at: NOW,
-            expires_at: NOW + 10,
-            nonce: [0; 16],
-            certificate: None,
-        }
-        .encode();
+        let mut encoded = unbound_claims("fed-a").encode();
         encoded[0] = 7;
-        let tag = hmac::sign(&key, &mac_input(&encoded));
-        let text = format!("{}.{}", b64_encode(&encoded), b64_encode(tag.as_ref()));
-        let err = auth.verify(&text, NOW).unwrap_err().to_string();
+        let err = auth.verify(&auth.seal(&encoded), NOW).unwrap_err().to_string();
         assert!(err.contains("unknown session token version 7") && err.contains("versions 1 and 2"), "{err}");
     }
 
