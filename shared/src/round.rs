@@ -237,6 +237,8 @@ pub struct FitTask {
     pub deadline_unix_ms: u64,
     /// Privacy instructions.
     pub privacy: PrivacyInstructions,
+    /// Set when the round runs under secure aggregation (the SecAgg+ steps and a masked upload).
+    pub secure_aggregation: Option<crate::secagg::SecureTask>,
 }
 
 /// Evaluate a published model and report.

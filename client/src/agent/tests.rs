@@ -53,6 +53,7 @@ fn fit_task(round: u64, model: ModelRef) -> Task {
         deadline_in: Duration::from_secs(600),
         deadline_unix_ms: 0,
         privacy: PrivacyInstructions::NONE,
+        secure_aggregation: None,
     })
 }
 

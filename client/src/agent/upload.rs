@@ -165,6 +165,7 @@ mod tests {
             deadline_in: Duration::from_secs(60),
             deadline_unix_ms: 0,
             privacy: PrivacyInstructions::NONE,
+            secure_aggregation: None,
         }
     }
 

@@ -290,6 +290,40 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(pb::EnrollResponse { client_id: client.into() }))
     }
 
+    // Secure aggregation is not wired into the round actor yet (issue 11): no round is ever
+    // secure, so every SecAgg call is a call for a round that does not exist.
+    async fn advertise_keys(
+        &self,
+        req: Request<pb::AdvertiseKeysRequest>,
+    ) -> Result<Response<pb::AdvertiseKeysResponse>, Status> {
+        self.client(&req)?;
+        Err(no_secure_round())
+    }
+
+    async fn send_shares(
+        &self,
+        req: Request<pb::SendSharesRequest>,
+    ) -> Result<Response<pb::SendSharesResponse>, Status> {
+        self.client(&req)?;
+        Err(no_secure_round())
+    }
+
+    async fn await_sec_agg_step(
+        &self,
+        req: Request<pb::AwaitSecAggStepRequest>,
+    ) -> Result<Response<pb::AwaitSecAggStepResponse>, Status> {
+        self.client(&req)?;
+        Err(no_secure_round())
+    }
+
+    async fn answer_unmask(
+        &self,
+        req: Request<pb::UnmaskAnswer>,
+    ) -> Result<Response<pb::AnswerUnmaskResponse>, Status> {
+        self.client(&req)?;
+        Err(no_secure_round())
+    }
+
     async fn wait_for_task(
         &self,
         req: Request<pb::WaitForTaskRequest>,
@@ -584,4 +618,10 @@ impl Coordinator for CoordinatorService {
         let report = if operator { report } else { anonymous_view(report) };
         Ok(Response::new((&report).into()))
     }
+}
+
+fn no_secure_round() -> Status {
+    Status::failed_precondition(
+        "no secure-aggregation round is in progress: this federation does not run secure aggregation",
+    )
 }

@@ -24,6 +24,7 @@ mod tests;
 mod upload;
 
 pub use heartbeat::activity_to_pb;
+pub use secagg::{awaited_step_from_pb, awaited_step_to_pb};
 pub use tasks::phase_to_pb;
 pub use upload::MAX_NUM_EXAMPLES;
 // Enum decoders shared by several messages.

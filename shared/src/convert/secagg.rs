@@ -18,8 +18,9 @@ use crate::secagg::keys::sealed_bundle_len;
 use crate::secagg::messages::{RoundUnmaskAnswer, RoundUnmaskRequest};
 use crate::secagg::shamir::{Share, SHARE_VALUE_BYTES};
 use crate::secagg::{
-    EncryptedShares, KeyAdvertisement, PeerKeys, RevealedShares, RoundContext, RoundRef, RoundSetup,
-    ShareDelivery, ShareUpload, SignedAgreementKey, Slot, UnmaskAnswer, UnmaskRequest,
+    AwaitedStep, EncryptedShares, KeyAdvertisement, PeerKeys, RevealedShares, RoundContext, RoundRef,
+    RoundSetup, SecureTask, ShareDelivery, ShareUpload, SignedAgreementKey, Slot, StepInput, UnmaskAnswer,
+    UnmaskRequest,
 };
 
 fn fixed<const N: usize>(field: &'static str, bytes: &[u8]) -> Result<[u8; N], ConvertError> {
@@ -435,5 +436,116 @@ impl From<&RoundUnmaskAnswer> for pb::UnmaskAnswer {
             })
             .collect();
         pb::UnmaskAnswer { round: Some((&a.round).into()), sender: a.answer.sender.0, revealed }
+    }
+}
+
+impl From<&RoundSetup> for pb::SecAggSetup {
+    fn from(s: &RoundSetup) -> Self {
+        pb::SecAggSetup {
+            federation_id: s.federation_id.clone(),
+            round: s.round,
+            attempt: s.attempt,
+            members: s
+                .members
+                .iter()
+                .map(|(id, key)| pb::SecAggMember {
+                    client_id: id.as_str().to_owned(),
+                    public_key: key.as_bytes().to_vec().into(),
+                })
+                .collect(),
+            threshold: s.threshold as u32,
+            degree: s.degree as u32,
+            graph_seed: s.graph_seed.to_vec().into(),
+            vector_len: s.vector_len as u64,
+        }
+    }
+}
+
+impl TryFrom<pb::SecureAggregationTask> for SecureTask {
+    type Error = ConvertError;
+    /// The secure part of a fit task. The encoding parameters are checked for range here; whether
+    /// they admit an encoding at all ([`SecureTask::encoding`]) is the client's first step.
+    fn try_from(t: pb::SecureAggregationTask) -> Result<Self, ConvertError> {
+        let setup = t.setup.ok_or(ConvertError::Missing("secure_aggregation.setup"))?.try_into()?;
+        if !(-200..=200).contains(&t.grid_log2) {
+            return Err(invalid(
+                "secure_aggregation.grid_log2",
+                format!("{} is outside [-200, 200]", t.grid_log2),
+            ));
+        }
+        if !(t.clip_norm.is_finite() && t.clip_norm > 0.0) {
+            return Err(invalid("secure_aggregation.clip_norm", "must be finite and positive"));
+        }
+        if !(t.noise_sigma_grid.is_finite() && t.noise_sigma_grid >= 0.0) {
+            return Err(invalid("secure_aggregation.noise_sigma_grid", "must be finite and non-negative"));
+        }
+        let beta = t.max_wrap_probability;
+        if !(beta.is_finite() && beta > 0.0 && beta <= 1.0) {
+            return Err(invalid("secure_aggregation.max_wrap_probability", "must be in (0, 1]"));
+        }
+        Ok(SecureTask {
+            setup,
+            grid_log2: t.grid_log2,
+            clip_norm: t.clip_norm,
+            noise_sigma_grid: t.noise_sigma_grid,
+            max_wrap_probability: beta,
+        })
+    }
+}
+
+impl From<&SecureTask> for pb::SecureAggregationTask {
+    fn from(t: &SecureTask) -> Self {
+        pb::SecureAggregationTask {
+            setup: Some((&t.setup).into()),
+            grid_log2: t.grid_log2,
+            clip_norm: t.clip_norm,
+            noise_sigma_grid: t.noise_sigma_grid,
+            max_wrap_probability: t.max_wrap_probability,
+        }
+    }
+}
+
+/// Wire value of a step.
+pub fn awaited_step_to_pb(s: AwaitedStep) -> pb::SecAggStep {
+    match s {
+        AwaitedStep::PeerKeys => pb::SecAggStep::PeerKeys,
+        AwaitedStep::Shares => pb::SecAggStep::Shares,
+        AwaitedStep::Unmask => pb::SecAggStep::Unmask,
+    }
+}
+
+/// The step a wire value names; unspecified or unknown values are refused naming `step`.
+pub fn awaited_step_from_pb(v: i32) -> Result<AwaitedStep, ConvertError> {
+    match pb::SecAggStep::try_from(v) {
+        Ok(pb::SecAggStep::PeerKeys) => Ok(AwaitedStep::PeerKeys),
+        Ok(pb::SecAggStep::Shares) => Ok(AwaitedStep::Shares),
+        Ok(pb::SecAggStep::Unmask) => Ok(AwaitedStep::Unmask),
+        _ => Err(invalid("step", format!("unknown or unspecified step {v}"))),
+    }
+}
+
+impl StepInput {
+    /// The coordinator's answer to a wait for a step of the round `ctx`.
+    pub fn from_pb(m: pb::AwaitSecAggStepResponse, ctx: &RoundContext) -> Result<Self, ConvertError> {
+        use pb::await_sec_agg_step_response::Outcome;
+        Ok(match m.outcome.ok_or(ConvertError::Missing("outcome"))? {
+            Outcome::PeerKeys(k) => StepInput::PeerKeys(PeerKeys::from_pb(k, ctx)?),
+            Outcome::Shares(s) => StepInput::Shares(ShareDelivery::from_pb(s, ctx)?),
+            Outcome::Unmask(u) => StepInput::Unmask(RoundUnmaskRequest::from_pb(u, ctx)?),
+            Outcome::Pending(_) => StepInput::Pending,
+        })
+    }
+}
+
+impl From<&StepInput> for pb::AwaitSecAggStepResponse {
+    fn from(i: &StepInput) -> Self {
+        use pb::await_sec_agg_step_response::Outcome;
+        let outcome = match i {
+            StepInput::PeerKeys(k) => Outcome::PeerKeys(k.into()),
+            StepInput::Shares(s) => Outcome::Shares(s.into()),
+            StepInput::Unmask(u) => Outcome::Unmask(u.into()),
+            StepInput::Pending => Outcome::Pending(pb::SecAggPending {}),
+        };
+        pb::AwaitSecAggStepResponse { outcome: Some(outcome) }
     }
 }

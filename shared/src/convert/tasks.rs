@@ -140,6 +140,7 @@ impl TryFrom<pb::WaitForTaskResponse> for Task {
                 deadline_in: Duration::from_millis(f.deadline_in_ms),
                 deadline_unix_ms: f.deadline_unix_ms,
                 privacy: f.privacy.ok_or(ConvertError::Missing("fit.privacy"))?.try_into()?,
+                secure_aggregation: f.secure_aggregation.map(TryInto::try_into).transpose()?,
             }),
             T::Evaluate(e) => {
                 if e.batch_size == 0 {
@@ -177,6 +178,7 @@ impl From<Task> for pb::WaitForTaskResponse {
                 deadline_in_ms: ms(f.deadline_in),
                 deadline_unix_ms: f.deadline_unix_ms,
                 privacy: Some(f.privacy.into()),
+                secure_aggregation: f.secure_aggregation.as_ref().map(Into::into),
             }),
             Task::Evaluate(e) => T::Evaluate(pb::EvaluateTask {
                 round: e.round,

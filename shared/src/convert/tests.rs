@@ -116,9 +116,96 @@ fn a_fit_task_round_trips() {
         deadline_in: Duration::from_secs(60),
         deadline_unix_ms: 1,
         privacy: PrivacyInstructions::NONE,
+        secure_aggregation: None,
     });
     let back = Task::try_from(pb::WaitForTaskResponse::from(task.clone())).unwrap();
     assert_eq!(back, task);
+}
+
+fn secure_fit_task() -> Task {
+    use crate::crypto::KeyPair;
+    use crate::secagg::{RoundSetup, SecureTask};
+    let members = (0..3)
+        .map(|i| {
+            (
+                ClientId::parse(&format!("site-{i}")).unwrap(),
+                KeyPair::generate_ephemeral().unwrap().public_key(),
+            )
+        })
+        .collect();
+    let Task::Fit(mut fit) = fit_task() else { unreachable!() };
+    fit.secure_aggregation = Some(SecureTask {
+        setup: RoundSetup {
+            federation_id: "fed".into(),
+            round: 4,
+            attempt: 1,
+            members,
+            threshold: 2,
+            degree: 2,
+            graph_seed: [8; 32],
+            vector_len: 1000,
+        },
+        grid_log2: -20,
+        clip_norm: 1.0,
+        noise_sigma_grid: 300.5,
+        max_wrap_probability: 1e-9,
+    });
+    Task::Fit(fit)
+}
+
+fn fit_task() -> Task {
+    let d = Sha256([3; 32]);
+    Task::Fit(FitTask {
+        id: RoundId::new(4, 1),
+        model: ModelRef {
+            version: ModelVersion(3),
+            full_manifest: d,
+            full_payload: d,
+            trainable_manifest: d,
+            trainable_payload: d,
+        },
+        config: FitInstructions {
+            epochs: 1,
+            batch_size: 8,
+            learning_rate: 1e-4,
+            proximal_mu: 0.01,
+            max_steps: None,
+            seed: 9,
+        },
+        deadline_in: Duration::from_secs(60),
+        deadline_unix_ms: 1,
+        privacy: PrivacyInstructions::NONE,
+        secure_aggregation: None,
+    })
+}
+
+#[test]
+fn a_secure_fit_task_round_trips_and_its_encoding_is_the_same_on_both_sides() {
+    let task = secure_fit_task();
+    let back = Task::try_from(pb::WaitForTaskResponse::from(task.clone())).unwrap();
+    assert_eq!(back, task);
+    let (Task::Fit(a), Task::Fit(b)) = (task, back) else { unreachable!() };
+    let (a, b) = (a.secure_aggregation.unwrap(), b.secure_aggregation.unwrap());
+    assert_eq!(a.encoding().unwrap(), b.encoding().unwrap());
+}
+
+#[test]
+fn a_secure_fit_task_with_bad_encoding_parameters_is_refused_naming_the_field() {
+    type Edit = fn(&mut pb::SecureAggregationTask);
+    let cases: [(Edit, &str); 5] = [
+        (|t| t.setup = None, "secure_aggregation.setup"),
+        (|t| t.grid_log2 = 300, "secure_aggregation.grid_log2"),
+        (|t| t.clip_norm = f64::NAN, "secure_aggregation.clip_norm"),
+        (|t| t.noise_sigma_grid = -1.0, "secure_aggregation.noise_sigma_grid"),
+        (|t| t.max_wrap_probability = 0.0, "secure_aggregation.max_wrap_probability"),
+    ];
+    for (edit, field) in cases {
+        let mut wire = pb::WaitForTaskResponse::from(secure_fit_task());
+        let Some(pb::wait_for_task_response::Task::Fit(f)) = wire.task.as_mut() else { unreachable!() };
+        edit(f.secure_aggregation.as_mut().unwrap());
+        let err = Task::try_from(wire).unwrap_err().to_string();
+        assert!(err.contains(field), "{field}: {err}");
+    }
 }
 
 fn join_response() -> JoinResponse {

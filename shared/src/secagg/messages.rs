@@ -4,9 +4,11 @@
 //! ([`crate::convert`] maps them to `fedtune.v1` messages).
 
 use std::collections::BTreeMap;
+use std::fmt;
 
+use super::encoding::{Encoding, EncodingError};
 use super::shamir::Share;
-use super::{EncryptedShares, RoundContext, SecAggError, SignedAgreementKey, Slot};
+use super::{EncryptedShares, RoundContext, RoundSetup, SecAggError, SignedAgreementKey, Slot};
 
 /// The round a wire message names: round, attempt and round-context digest. A message is only
 /// used in the round it names ([`RoundRef::check`]).
@@ -144,4 +146,82 @@ pub struct UnmaskRequest {
     pub survivors: Vec<Slot>,
     /// Clients that shared but sent no masked input, ascending.
     pub dropped: Vec<Slot>,
+}
+
+/// What a client waits for between its steps ([`StepInput`] is the answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AwaitedStep {
+    /// The keys neighbours made for it (advertising closed).
+    PeerKeys,
+    /// The bundles addressed to it and the sharers (sharing closed).
+    Shares,
+    /// The unmasking request (masked inputs closed).
+    Unmask,
+}
+
+impl fmt::Display for AwaitedStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AwaitedStep::PeerKeys => "peer keys",
+            AwaitedStep::Shares => "delivered shares",
+            AwaitedStep::Unmask => "unmasking request",
+        })
+    }
+}
+
+/// The coordinator's answer to a client waiting for a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepInput {
+    /// [`AwaitedStep::PeerKeys`] is ready.
+    PeerKeys(PeerKeys),
+    /// [`AwaitedStep::Shares`] is ready.
+    Shares(ShareDelivery),
+    /// [`AwaitedStep::Unmask`] is ready.
+    Unmask(RoundUnmaskRequest),
+    /// Not ready before the wait ran out: ask again.
+    Pending,
+}
+
+impl StepInput {
+    /// Which step this input is for (`None` for [`StepInput::Pending`]).
+    pub fn step(&self) -> Option<AwaitedStep> {
+        match self {
+            StepInput::PeerKeys(_) => Some(AwaitedStep::PeerKeys),
+            StepInput::Shares(_) => Some(AwaitedStep::Shares),
+            StepInput::Unmask(_) => Some(AwaitedStep::Unmask),
+            StepInput::Pending => None,
+        }
+    }
+}
+
+/// The secure-aggregation part of a fit task: the round set-up and the encoding parameters every
+/// party derives the same [`Encoding`] from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SecureTask {
+    /// The round set-up (its digest binds every message of the round).
+    pub setup: RoundSetup,
+    /// Grid exponent k.
+    pub grid_log2: i32,
+    /// Clip bound C of each update.
+    pub clip_norm: f64,
+    /// Each client's noise share, in grid steps (0 unless distributed noise).
+    pub noise_sigma_grid: f64,
+    /// The wrap-around probability β the encoding is held to.
+    pub max_wrap_probability: f64,
+}
+
+impl SecureTask {
+    /// The round's encoding: the vector length from the set-up, the bound covering every member.
+    /// The coordinator and each client call this with the same task, so they agree on the grid,
+    /// the norm check and the decoding band.
+    pub fn encoding(&self) -> Result<Encoding, EncodingError> {
+        Encoding::new(
+            self.clip_norm,
+            self.grid_log2,
+            self.setup.vector_len,
+            self.setup.members.len(),
+            self.noise_sigma_grid,
+            self.max_wrap_probability,
+        )
+    }
 }

@@ -67,8 +67,8 @@ pub use error::SecAggError;
 pub use graph::NeighbourGraph;
 pub use keys::{EncryptedShares, SignedAgreementKey};
 pub use messages::{
-    KeyAdvertisement, MaskedInput, PeerKeys, RevealedShares, RoundRef, RoundUnmaskAnswer, RoundUnmaskRequest,
-    ShareDelivery, ShareUpload, UnmaskAnswer, UnmaskRequest,
+    AwaitedStep, KeyAdvertisement, MaskedInput, PeerKeys, RevealedShares, RoundRef, RoundUnmaskAnswer,
+    RoundUnmaskRequest, SecureTask, ShareDelivery, ShareUpload, StepInput, UnmaskAnswer, UnmaskRequest,
 };
 pub use server::Aggregator;
 
@@ -109,7 +109,7 @@ impl fmt::Debug for Slot {
 }
 
 /// What the coordinator decides before a secure round starts; the same for every party.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RoundSetup {
     /// The federation.
     pub federation_id: String,

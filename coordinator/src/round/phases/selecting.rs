@@ -128,6 +128,7 @@ impl Phase for Selecting {
                 deadline_in: s.rounds.deadline,
                 deadline_unix_ms: 0,
                 privacy: plan.privacy,
+                secure_aggregation: None,
             });
             shared.tasks.insert(client.clone(), Assigned { task, deadline });
             slots.insert(client.clone(), ());
