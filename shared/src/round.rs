@@ -238,7 +238,7 @@ pub struct FitTask {
     /// Privacy instructions.
     pub privacy: PrivacyInstructions,
     /// Set when the round runs under secure aggregation (the SecAgg+ steps and a masked upload).
-    pub secure_aggregation: Option<crate::secagg::SecureTask>,
+    pub secure_aggregation: Option<std::sync::Arc<crate::secagg::SecureTask>>,
 }
 
 /// Evaluate a published model and report.

@@ -1,6 +1,9 @@
 //! Tasks: phases, fit configuration, privacy instructions, the long-poll answer.
 
+use std::sync::Arc;
+
 use super::*;
+use crate::secagg::SecureTask;
 
 pub(super) fn phase_from(v: i32) -> Result<PhaseName, ConvertError> {
     use pb::Phase as P;
@@ -140,7 +143,7 @@ impl TryFrom<pb::WaitForTaskResponse> for Task {
                 deadline_in: Duration::from_millis(f.deadline_in_ms),
                 deadline_unix_ms: f.deadline_unix_ms,
                 privacy: f.privacy.ok_or(ConvertError::Missing("fit.privacy"))?.try_into()?,
-                secure_aggregation: f.secure_aggregation.map(TryInto::try_into).transpose()?,
+                secure_aggregation: f.secure_aggregation.map(SecureTask::try_from).transpose()?.map(Arc::new),
             }),
             T::Evaluate(e) => {
                 if e.batch_size == 0 {
@@ -178,7 +181,7 @@ impl From<Task> for pb::WaitForTaskResponse {
                 deadline_in_ms: ms(f.deadline_in),
                 deadline_unix_ms: f.deadline_unix_ms,
                 privacy: Some(f.privacy.into()),
-                secure_aggregation: f.secure_aggregation.as_ref().map(Into::into),
+                secure_aggregation: f.secure_aggregation.as_deref().map(Into::into),
             }),
             Task::Evaluate(e) => T::Evaluate(pb::EvaluateTask {
                 round: e.round,

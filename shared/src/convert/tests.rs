@@ -134,7 +134,7 @@ fn secure_fit_task() -> Task {
         })
         .collect();
     let Task::Fit(mut fit) = fit_task() else { unreachable!() };
-    fit.secure_aggregation = Some(SecureTask {
+    fit.secure_aggregation = Some(std::sync::Arc::new(SecureTask {
         setup: RoundSetup {
             federation_id: "fed".into(),
             round: 4,
@@ -149,7 +149,7 @@ fn secure_fit_task() -> Task {
         clip_norm: 1.0,
         noise_sigma_grid: 300.5,
         max_wrap_probability: 1e-9,
-    });
+    }));
     Task::Fit(fit)
 }
 
