@@ -35,8 +35,8 @@
 //! # Run time
 //! A round costs about survivors × (k + 1) mask expansions to mask plus survivors + Σ_dropped
 //! (surviving neighbours) expansions to unmask; one expansion over 22.7M coordinates is ~60 ms on
-//! a 2-core machine, so the default run is roughly 10 minutes. Use `--d` for a quick run and
-//! `--n`, `--dropouts` to pick rows.
+//! a 2-core machine, so the default run takes about 10 minutes of CPU (14 minutes of wall time
+//! on a loaded 2-core machine). Use `--d` for a quick run and `--n`, `--dropouts` to pick rows.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
