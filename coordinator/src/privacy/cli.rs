@@ -418,6 +418,7 @@ mod tests {
                     .unwrap(),
                 expected_clients: 1.0,
                 next_clip_norm: 1.0,
+                charged_at_release: false,
                 local_epsilon: Some(local_epsilon(z.powi(-2) * round as f64, 1e-5).unwrap()),
             })
             .collect()

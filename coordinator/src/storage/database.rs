@@ -109,6 +109,16 @@ CREATE TABLE IF NOT EXISTS privacy_ledger (
     delta            REAL NOT NULL,
     detail           TEXT NOT NULL
 );
+-- Charges taken when a secure round's sum was released for unmasking (distributed noise): one
+-- row per attempt, written before the unmasking request goes out. The commit of the published
+-- attempt moves its charge into privacy_ledger; rows of attempts that failed after their release
+-- stay here and count towards ε.
+CREATE TABLE IF NOT EXISTS privacy_releases (
+    round   INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    detail  TEXT NOT NULL,
+    PRIMARY KEY (round, attempt)
+);
 "#;
 
 /// How long a connection waits for another connection's write lock. The coordinator and the

@@ -6,15 +6,20 @@
 //! is what the accountant replays at start. [`insert`] runs inside the round's commit transaction
 //! ([`super::commit_round`]).
 //!
+//! Under distributed noise with secure aggregation a round is charged when its sum is released
+//! for unmasking ([`record_release`], table `privacy_releases`); the published attempt's charge
+//! moves to its ledger row in the commit, and [`load`] returns both kinds, so an attempt that
+//! was unmasked and then failed still counts.
+//!
 //! Under local noise each client's local ε is read from the draw records instead ([`exposures`]):
 //! `samples` (who was drawn into each attempt) and `draw_noise` (the multiplier of the attempt,
 //! written with the draw by [`super::insert_sample`]).
 
 use std::collections::BTreeMap;
 
-use fedtune_shared::ids::{ClientId, ModelVersion};
+use fedtune_shared::ids::{ClientId, ModelVersion, RoundId};
 use fedtune_shared::privacy::{NoisePlacement, PrivacyLedgerEntry};
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
 use super::{meta_get, meta_set, StorageError};
@@ -35,6 +40,12 @@ pub struct LedgerRecord {
     /// rows written before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local_epsilon: Option<f64>,
+    /// Composed when the round's sum was released for unmasking (distributed noise under secure
+    /// aggregation), not when it was published: the coordinator could learn the sum from then
+    /// on. Such a record is first kept in `privacy_releases` and moves to the ledger row of its
+    /// round when that attempt is published.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub charged_at_release: bool,
 }
 
 impl LedgerRecord {
@@ -56,10 +67,7 @@ impl LedgerRecord {
 
 /// Writes the ledger row of the round that produced `version` (inside its commit transaction).
 pub(super) fn insert(conn: &Connection, version: ModelVersion, r: &LedgerRecord) -> Result<(), StorageError> {
-    let detail = serde_json::to_string(r).map_err(|e| StorageError::Mismatch {
-        dir: Default::default(),
-        reason: format!("privacy ledger row for version {version} cannot be encoded: {e}"),
-    })?;
+    let detail = encode(&format!("ledger row for version {version}"), r)?;
     conn.execute(
         "INSERT OR REPLACE INTO privacy_ledger \
          (version, round, mechanism, sampling_rate, noise_multiplier, clip_norm, epsilon, delta, detail) \
@@ -79,21 +87,68 @@ pub(super) fn insert(conn: &Connection, version: ModelVersion, r: &LedgerRecord)
     Ok(())
 }
 
-/// Every ledger record, oldest first. A row whose detail cannot be read is an error: silently
-/// skipping it would under-report ε.
+fn decode(what: &str, detail: &str) -> Result<LedgerRecord, StorageError> {
+    serde_json::from_str(detail).map_err(|e| StorageError::Mismatch {
+        dir: Default::default(),
+        reason: format!("privacy {what} is unreadable: {e}"),
+    })
+}
+
+fn encode(what: &str, r: &LedgerRecord) -> Result<String, StorageError> {
+    serde_json::to_string(r).map_err(|e| StorageError::Mismatch {
+        dir: Default::default(),
+        reason: format!("privacy {what} cannot be encoded: {e}"),
+    })
+}
+
+/// Keeps the charge of a secure attempt whose sum is about to be released for unmasking, in its
+/// own transaction, before the request goes out: a crash from then on cannot lose it.
+pub fn record_release(conn: &mut Connection, id: RoundId, r: &LedgerRecord) -> Result<(), StorageError> {
+    let what = format!("release of round {} attempt {}", id.round, id.attempt);
+    let detail = encode(&what, r)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute(
+        "INSERT OR REPLACE INTO privacy_releases (round, attempt, detail) VALUES (?1, ?2, ?3)",
+        params![id.round as i64, id.attempt, detail],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Inside the commit of attempt `id`: its release row (if any) is now the ledger row.
+pub(super) fn settle_release(conn: &Connection, id: RoundId) -> Result<(), StorageError> {
+    conn.execute(
+        "DELETE FROM privacy_releases WHERE round = ?1 AND attempt = ?2",
+        params![id.round as i64, id.attempt],
+    )?;
+    Ok(())
+}
+
+/// Every charge, oldest first: the ledger rows of published rounds and the releases of secure
+/// attempts that were unmasked but never published (each released before its round's
+/// publication). A row whose detail cannot be read is an error: silently skipping it would
+/// under-report ε.
 pub fn load(conn: &mut Connection) -> Result<Vec<LedgerRecord>, StorageError> {
+    // (round, 0 = release before the round's publication / 1 = publication, attempt)
+    let mut keyed: Vec<((u64, u8, u32), LedgerRecord)> = Vec::new();
     let mut stmt = conn.prepare("SELECT version, detail FROM privacy_ledger ORDER BY version")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?)))?;
-    let mut out = Vec::new();
     for row in rows {
         let (version, detail) = row?;
-        let record: LedgerRecord = serde_json::from_str(&detail).map_err(|e| StorageError::Mismatch {
-            dir: Default::default(),
-            reason: format!("privacy ledger row for version {version} is unreadable: {e}"),
-        })?;
-        out.push(record);
+        let record = decode(&format!("ledger row for version {version}"), &detail)?;
+        keyed.push(((record.entry.round, 1, 0), record));
     }
-    Ok(out)
+    let mut stmt =
+        conn.prepare("SELECT round, attempt, detail FROM privacy_releases ORDER BY round, attempt")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, u32>(1)?, r.get::<_, String>(2)?)))?;
+    for row in rows {
+        let (round, attempt, detail) = row?;
+        let record = decode(&format!("release of round {round} attempt {attempt}"), &detail)?;
+        keyed.push(((round, 0, attempt), record));
+    }
+    keyed.sort_by_key(|(k, _)| *k);
+    Ok(keyed.into_iter().map(|(_, r)| r).collect())
 }
 
 /// What the coordinator has seen of one client under local noise: the fit attempts it was drawn

@@ -611,6 +611,7 @@ pub fn commit_round(
     )?;
     if let Some(l) = ledger {
         ledger::insert(&tx, version, l)?;
+        ledger::settle_release(&tx, c.id)?;
     }
     tx.commit()?;
     Ok(())

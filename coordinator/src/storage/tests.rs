@@ -150,6 +150,7 @@ fn ledger_record(round: u64, epsilon: f64) -> LedgerRecord {
         expected_clients: 2.0,
         next_clip_norm: 0.9,
         local_epsilon: None,
+        charged_at_release: false,
     }
 }
 
@@ -283,6 +284,63 @@ fn a_completed_rounds_summary_carries_the_local_epsilon_its_ledger_row_recorded(
         let rounds = recent_rounds(c, 5)?;
         assert_eq!((rounds[0].epsilon, rounds[0].local_epsilon), (Some(0.5), Some(3.25)));
         assert_eq!(ledger::load(c)?, vec![record.clone()]);
+        Ok(())
+    })
+    .unwrap();
+}
+
+fn commit_attempt(
+    c: &mut rusqlite::Connection,
+    id: RoundId,
+    record: &LedgerRecord,
+) -> Result<(), StorageError> {
+    let sample = SampleRecord {
+        id,
+        kind: "fit",
+        scheme: "fraction(1)".into(),
+        seed: "00".into(),
+        candidates: 0,
+        selected: vec![],
+        local_noise_multiplier: None,
+    };
+    begin_round(c, id, ModelVersion(id.round - 1), &sample)?;
+    let commit = RoundCommit {
+        id,
+        checkpoint: "x".into(),
+        strategy_state: None,
+        full_sha256: Sha256([1; 32]),
+        outcomes: vec![],
+        accepted: 0,
+        failed: 0,
+        total_examples: 0,
+        train_loss: None,
+        bytes_sent: 0,
+        bytes_received: 0,
+    };
+    commit_round(c, &commit, Some(record))
+}
+
+#[test]
+fn a_release_counts_from_the_moment_it_is_recorded_and_moves_to_the_ledger_when_its_attempt_publishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = Storage::open(dir.path()).unwrap();
+    st.call_sync(|c| {
+        // Round 1, attempt 0: released for unmasking, then failed (e.g. a sum that decoded out
+        // of range). Attempt 1: released and published.
+        let failed = LedgerRecord { charged_at_release: true, ..ledger_record(1, 0.5) };
+        ledger::record_release(c, RoundId::new(1, 0), &failed)?;
+        assert_eq!(ledger::load(c)?, vec![failed.clone()], "a crash here must not lose the charge");
+        let published = LedgerRecord { charged_at_release: true, ..ledger_record(1, 0.9) };
+        ledger::record_release(c, RoundId::new(1, 1), &published)?;
+        commit_attempt(c, RoundId::new(1, 1), &published)?;
+        // Both charges, the failed attempt's first, and the published one only once.
+        assert_eq!(ledger::load(c)?, vec![failed.clone(), published.clone()]);
+        let releases: i64 = c.query_row("SELECT COUNT(*) FROM privacy_releases", [], |r| r.get(0))?;
+        assert_eq!(releases, 1, "the published attempt's release became its ledger row");
+        // Round 2 is charged after both of round 1's.
+        let next = ledger_record(2, 1.2);
+        commit_attempt(c, RoundId::new(2, 0), &next)?;
+        assert_eq!(ledger::load(c)?, vec![failed, published, next]);
         Ok(())
     })
     .unwrap();

@@ -167,6 +167,7 @@ mod tests {
             candidates: 1,
             selected: 1,
             exposures: Default::default(),
+            secure: None,
         });
         s.aggregate_fit(&round, &pv(vec![x]), r, &[]).unwrap().unwrap().params.values()[0]
     }

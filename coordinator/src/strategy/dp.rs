@@ -22,6 +22,25 @@
 //!    composes the round and the next round starts from its clip bound. The coordinator writes
 //!    the same record in the round's commit transaction (before the version is published).
 //!
+//! # Under secure aggregation
+//!
+//! The [`Draw`] then carries the round's threshold t ([`super::SecureDraw`]), and:
+//! - **Distributed noise is sized for t**, not n̄: each client adds `N_ℤ(0, z²C'²/t)`, so any
+//!   sum the coordinator may unmask (at least t inputs) carries at least the target noise; the
+//!   budget check before the round is therefore the worst case the threshold allows, and the
+//!   ledger records what the survivors actually carried (never more than z).
+//! - **No amplification by sampling** under distributed noise: the guarantee is stated against
+//!   the coordinator, which knows who was drawn, so the round is accounted with q = 1.
+//! - **The grid is the encoding's** ([`Encoding::choose`]): the finest on which the drawn count
+//!   of inputs cannot wrap around 2³² except with the stated probability; the sensitivity
+//!   `C' = C + 2^k√d` the accountant charges is on that grid.
+//! - **Charged on release** ([`Strategy::release`]): under distributed noise the coordinator may
+//!   learn the sum as soon as it asks the survivors to unmask it, so the round is charged then
+//!   (and written to storage before the request goes out), published or not. `aggregate_fit`
+//!   and `charge` then reuse that record and compose nothing twice.
+//! - Adaptive clipping is refused: its per-client indicator is a plaintext metric, which the
+//!   coordinator would see with only a share of the noise.
+//!
 //! [`wrap_strategy`] builds the decorator at start-up, its accountant rebuilt from the ledger.
 
 use fedtune_shared::ids::ModelVersion;
@@ -31,6 +50,7 @@ use fedtune_shared::privacy::{
     PrivacyError, PrivacyLedgerEntry, SamplingScheme, MAX_SIGMA_GRID,
 };
 use fedtune_shared::round::{FitInstructions, PrivacyInstructions, PrivacyMode, PrivacyStatus};
+use fedtune_shared::secagg::Encoding;
 use tracing::{info, warn};
 
 use super::{
@@ -80,6 +100,10 @@ pub struct DpRound {
     local_noise_multiplier: Option<f64>,
     /// Under local noise: the worst-off client's local ε once this draw's tasks are released.
     local_epsilon: Option<f64>,
+    /// Whether the round runs under secure aggregation (its grid is the encoding's).
+    secure: bool,
+    /// The charge taken when the round's sum was released for unmasking ([`Strategy::release`]).
+    released: Option<LedgerRecord>,
 }
 
 impl DpRound {
@@ -97,6 +121,20 @@ impl DpRound {
     /// draw record keeps for the clients' local ε); `None` otherwise.
     pub fn local_noise_multiplier(&self) -> Option<f64> {
         self.local_noise_multiplier
+    }
+
+    /// The grid exponent the clients round to (under secure aggregation, the encoding's grid).
+    pub fn grid_log2(&self) -> i32 {
+        self.client_plan.grid_log2
+    }
+
+    /// Each client's noise share in grid steps (0 unless distributed noise).
+    pub fn client_sigma_grid(&self) -> f64 {
+        if self.client_plan.client_adds_noise() {
+            self.client_plan.party_sigma() * 2f64.powi(-self.client_plan.grid_log2)
+        } else {
+            0.0
+        }
     }
 }
 
@@ -291,6 +329,71 @@ impl DpStrategy {
         self.clip_norm
     }
 
+    /// The ledger record of a round accounted at multiplier `accounted` with `reported` of
+    /// `sampled` contributions, ε computed on a copy of the accountant (composing it is the
+    /// caller's business); refused when ε would exceed the target.
+    fn round_record(
+        &self,
+        round: u64,
+        plan: &DpRound,
+        accounted: f64,
+        sampled: u64,
+        reported: u64,
+        next_clip_norm: f64,
+    ) -> Result<LedgerRecord, StrategyError> {
+        let entry = PrivacyLedgerEntry {
+            round,
+            sampling: self.sampling,
+            placement: self.placement,
+            sampling_rate: plan.sampling_rate,
+            noise_multiplier: accounted,
+            clip_norm: plan.clip_norm,
+            sampled,
+            reported,
+            delta: self.accountant.delta(),
+            epsilon_after: 0.0,
+        };
+        let entry = self.accountant.clone().record(entry).map_err(|e| StrategyError::State(e.to_string()))?;
+        if let Some(target) = self.target_epsilon.filter(|t| entry.epsilon_after > *t) {
+            let reason = format!(
+                "privacy budget exhausted: round {round} would bring ε to {:.4} with the noise multiplier \
+                 {accounted:.4} of the {reported} updates that arrived, above privacy.target_epsilon = {target}; \
+                 nothing of it is published and the last model stays available",
+                entry.epsilon_after
+            );
+            warn!(%reason, "round refused after aggregation");
+            return Err(StrategyError::Exhausted(reason));
+        }
+        Ok(LedgerRecord {
+            entry,
+            expected_clients: plan.expected_clients,
+            next_clip_norm,
+            local_epsilon: plan.local_epsilon,
+            charged_at_release: false,
+        })
+    }
+
+    /// Status and logs after a round was composed into the accountant.
+    fn observe_charge(&self, record: &LedgerRecord) {
+        let epsilon = record.entry.epsilon_after;
+        let rounds = self.accountant.rounds();
+        let (mode, delta) = (self.mode, self.accountant.delta());
+        self.monitor.update(|s| {
+            s.epsilon = epsilon;
+            s.rounds_charged = rounds;
+            s.clip_norm = record.next_clip_norm;
+            s.noise_multiplier = record.entry.noise_multiplier;
+            restate_guarantee(s, mode, epsilon, delta, rounds);
+        });
+        info!(
+            round = record.entry.round,
+            epsilon,
+            delta,
+            clip_norm = record.entry.clip_norm,
+            "privacy charged"
+        );
+    }
+
     /// `q` and `n̄` of a draw of `selected` out of `candidates`.
     ///
     /// `n̄` (the averaging denominator, and the number of noise shares under distributed noise)
@@ -402,6 +505,16 @@ impl Strategy for DpStrategy {
         let round = draw.round;
         let (q, n_bar) = self.rate_and_denominator(draw.candidates, draw.selected);
         let state = |e: PrivacyError| StrategyError::State(e.to_string());
+        let distributed = self.placement == NoisePlacement::Distributed;
+        if draw.secure.is_some() && self.adaptive.is_some() {
+            return Err(StrategyError::Refused(
+                "adaptive clipping reports each client's clipping indicator in the clear, which secure \
+                 aggregation would expose with only a share of its noise; turn one of them off"
+                    .into(),
+            ));
+        }
+        // Against the coordinator (which knows the draw) sampling does not amplify.
+        let q = if distributed && draw.secure.is_some() { 1.0 } else { q };
         let next = self.accountant.epsilon_if(self.sampling, q, self.noise_multiplier).map_err(state)?;
         if let Some(target) = self.target_epsilon {
             if next > target {
@@ -419,8 +532,20 @@ impl Strategy for DpStrategy {
         let update_multiplier = self.update_multiplier().map_err(state)?;
         let local_noise_multiplier = self.local_noise_multiplier(update_multiplier);
         let local_epsilon = self.check_local_budget(draw, local_noise_multiplier)?;
-        let client_plan = NoisePlan::new(self.placement, update_multiplier, self.clip_norm, self.dim, n_bar)
-            .map_err(state)?;
+        // Noise shares: n̄ expected clients, or under secure aggregation the threshold t, the
+        // fewest inputs any unmasked sum holds.
+        let shares = match draw.secure {
+            Some(secure) if distributed => secure.threshold.max(1) as f64,
+            _ => n_bar,
+        };
+        let mut client_plan =
+            NoisePlan::new(self.placement, update_multiplier, self.clip_norm, self.dim, shares)
+                .map_err(state)?;
+        if let Some(secure) = draw.secure {
+            client_plan = Encoding::choose(&client_plan, draw.selected.max(1), &secure.limits)
+                .map_err(|e| StrategyError::Refused(format!("no encoding fits this secure round: {e}")))?
+                .0;
+        }
         let client_noise = client_plan.client_adds_noise();
         let privacy = PrivacyInstructions {
             mode: match self.placement {
@@ -433,7 +558,7 @@ impl Strategy for DpStrategy {
             grid_log2: Some(client_plan.grid_log2),
             report_clip_indicator: self.adaptive.is_some(),
             indicator_noise_stddev: match (&self.adaptive, client_noise) {
-                (Some(a), true) => a.count_party_sigma(self.placement, n_bar),
+                (Some(a), true) => a.count_party_sigma(self.placement, shares),
                 _ => 0.0,
             },
             per_layer_clipping: self.per_layer,
@@ -449,6 +574,8 @@ impl Strategy for DpStrategy {
             adaptive: self.adaptive.clone(),
             local_noise_multiplier,
             local_epsilon,
+            secure: draw.secure.is_some(),
+            released: None,
         };
         let inner = self.inner.configure_fit(draw, base)?;
         Ok(FitPlan {
@@ -502,102 +629,110 @@ impl Strategy for DpStrategy {
         let sampled = reported + failures.len() as u64;
         if self.placement == NoisePlacement::Central {
             // On the sum's own grid: the integer sum is exact, so the only rounding to account
-            // for is each update's own quantization (in `central_sensitivity`).
-            let sigma_grid =
+            // for is each update's own quantization (in `central_sensitivity`), or under secure
+            // aggregation the encoding's rounding, if that is the wider.
+            let mut sigma_grid =
                 central_sigma_grid(plan.update_multiplier, plan.clip_norm, self.dim).map_err(state)?;
+            if plan.secure {
+                let central = central_sensitivity(plan.clip_norm, self.dim).map_err(state)?;
+                sigma_grid *= (plan.client_plan.sensitivity() / central).max(1.0);
+            }
             add_noise_to_grid(results.sum.grid_mut(), sigma_grid, &self.noise).map_err(state)?;
         }
         // Fixed denominator: dividing by the public n̄ is post-processing; dividing by the
         // reported count would make one client's presence change every coordinate.
         results.denominator = Denominator::Fixed(plan.expected_clients);
-        // Adaptive clipping: the noised count of unclipped updates moves C for the next round
-        // (on the round's copy: the bound only moves once the round is charged).
-        let mut next_adaptive = plan.adaptive.clone();
-        let mut accounted = plan.client_plan.effective_noise_multiplier(reported);
-        if let Some(adaptive) = &mut next_adaptive {
-            let central = self.placement == NoisePlacement::Central;
-            let sum: f64 = results
-                .clients
-                .iter()
-                .map(|c| indicator_value(c.metrics.get(CLIP_INDICATOR_METRIC).copied(), central))
-                .sum();
-            let noised = if central {
-                adaptive.noise_indicator_sum(sum, adaptive.count_noise_std(), &self.noise).map_err(state)?
-            } else {
-                sum
-            };
-            let mut count_multiplier = adaptive.count_noise_multiplier();
-            if self.placement == NoisePlacement::Distributed && reported > 0 {
-                // Only the reported shares of the count noise are in the sum.
-                count_multiplier *= (reported as f64 / plan.expected_clients).sqrt().min(1.0);
+        let record = match &plan.released {
+            // Charged when the sum was released for unmasking; the same survivors are here.
+            Some(released) => released.clone(),
+            None => {
+                // Adaptive clipping: the noised count of unclipped updates moves C for the next
+                // round (on the round's copy: the bound only moves once the round is charged).
+                let mut next_adaptive = plan.adaptive.clone();
+                let mut accounted = plan.client_plan.effective_noise_multiplier(reported);
+                if let Some(adaptive) = &mut next_adaptive {
+                    let central = self.placement == NoisePlacement::Central;
+                    let sum: f64 = results
+                        .clients
+                        .iter()
+                        .map(|c| indicator_value(c.metrics.get(CLIP_INDICATOR_METRIC).copied(), central))
+                        .sum();
+                    let noised = if central {
+                        adaptive
+                            .noise_indicator_sum(sum, adaptive.count_noise_std(), &self.noise)
+                            .map_err(state)?
+                    } else {
+                        sum
+                    };
+                    let mut count_multiplier = adaptive.count_noise_multiplier();
+                    if self.placement == NoisePlacement::Distributed && reported > 0 {
+                        // Only the reported shares of the count noise are in the sum.
+                        count_multiplier *= (reported as f64 / plan.expected_clients).sqrt().min(1.0);
+                    }
+                    accounted = (accounted.powi(-2) + count_multiplier.powi(-2)).powf(-0.5);
+                    adaptive.update(noised, plan.expected_clients).map_err(state)?;
+                }
+                let next_clip = next_adaptive.as_ref().map(|a| a.clip_norm()).unwrap_or(plan.clip_norm);
+                // `configure_fit` checked the budget with the nominal z; dropouts under
+                // distributed noise lower the z recorded here, so check again with it, before
+                // anything is released.
+                self.round_record(id.round, plan, accounted, sampled, reported, next_clip)?
             }
-            accounted = (accounted.powi(-2) + count_multiplier.powi(-2)).powf(-0.5);
-            adaptive.update(noised, plan.expected_clients).map_err(state)?;
-        }
-        let next_clip = next_adaptive.as_ref().map(|a| a.clip_norm()).unwrap_or(plan.clip_norm);
-        let entry = PrivacyLedgerEntry {
-            round: id.round,
-            sampling: self.sampling,
-            placement: self.placement,
-            sampling_rate: plan.sampling_rate,
-            noise_multiplier: accounted,
-            clip_norm: plan.clip_norm,
-            sampled,
-            reported,
-            delta: self.accountant.delta(),
-            epsilon_after: 0.0,
-        };
-        // ε after this round, on a copy: the accountant itself composes the round in `charge`.
-        let entry = self.accountant.clone().record(entry).map_err(state)?;
-        // `configure_fit` checked the budget with the nominal z; dropouts under distributed
-        // noise lower the z recorded here, so check again with it, before anything is released.
-        if let Some(target) = self.target_epsilon.filter(|t| entry.epsilon_after > *t) {
-            let reason = format!(
-                "privacy budget exhausted: round {} would bring ε to {:.4} with the noise multiplier \
-                 {accounted:.4} of the {reported} updates that arrived, above privacy.target_epsilon = {target}; \
-                 nothing of it is published and the last model stays available",
-                id.round, entry.epsilon_after
-            );
-            warn!(%reason, "round refused after aggregation");
-            return Err(StrategyError::Exhausted(reason));
-        }
-        let record = LedgerRecord {
-            entry,
-            expected_clients: plan.expected_clients,
-            next_clip_norm: next_clip,
-            local_epsilon: plan.local_epsilon,
         };
         let next = self.inner.aggregate_fit(round, global, results, failures)?;
         Ok(next.map(|a| Aggregated { charge: Some(record), ..a }))
     }
 
-    fn charge(&mut self, record: &LedgerRecord) -> Result<(), StrategyError> {
+    fn release(
+        &mut self,
+        round: &mut RoundContext,
+        survivors: u64,
+    ) -> Result<Option<LedgerRecord>, StrategyError> {
+        let id = round.round();
+        let selected = round.draw.selected as u64;
+        let Some(plan) = &mut round.privacy else {
+            return Err(StrategyError::State(format!("round {id} was not configured for privacy")));
+        };
+        // Central noise is added by the coordinator after unmasking: the release of the sum to
+        // the coordinator is what central DP trusts it with, charged when published.
+        if self.placement != NoisePlacement::Distributed || !plan.secure {
+            return Ok(None);
+        }
+        if let Some(done) = &plan.released {
+            return Ok(Some(done.clone()));
+        }
+        let accounted = plan.client_plan.effective_noise_multiplier(survivors);
+        let mut record = self.round_record(id.round, plan, accounted, selected, survivors, plan.clip_norm)?;
+        record.charged_at_release = true;
         let recorded =
             self.accountant.record(record.entry.clone()).map_err(|e| StrategyError::State(e.to_string()))?;
         debug_assert_eq!(recorded.epsilon_after, record.entry.epsilon_after);
+        self.observe_charge(&record);
+        plan.released = Some(record.clone());
+        info!(
+            round = id.round,
+            survivors,
+            epsilon = record.entry.epsilon_after,
+            "privacy charged on release for unmasking"
+        );
+        Ok(Some(record))
+    }
+
+    fn charge(&mut self, record: &LedgerRecord) -> Result<(), StrategyError> {
+        if !record.charged_at_release {
+            let recorded = self
+                .accountant
+                .record(record.entry.clone())
+                .map_err(|e| StrategyError::State(e.to_string()))?;
+            debug_assert_eq!(recorded.epsilon_after, record.entry.epsilon_after);
+        }
         if let Some(a) = &self.adaptive_settings {
             self.adaptive = Some(
                 adaptive_clip(a, record.next_clip_norm).map_err(|e| StrategyError::State(e.to_string()))?,
             );
         }
         self.clip_norm = record.next_clip_norm;
-        let epsilon = record.entry.epsilon_after;
-        let rounds = self.accountant.rounds();
-        let (mode, delta) = (self.mode, self.accountant.delta());
-        self.monitor.update(|s| {
-            s.epsilon = epsilon;
-            s.rounds_charged = rounds;
-            s.clip_norm = record.next_clip_norm;
-            s.noise_multiplier = record.entry.noise_multiplier;
-            restate_guarantee(s, mode, epsilon, delta, rounds);
-        });
-        info!(
-            round = record.entry.round,
-            epsilon,
-            delta,
-            clip_norm = record.entry.clip_norm,
-            "privacy charged"
-        );
+        self.observe_charge(record);
         Ok(())
     }
 

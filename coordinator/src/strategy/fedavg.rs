@@ -98,6 +98,7 @@ mod tests {
             candidates: 1,
             selected: 1,
             exposures: Default::default(),
+            secure: None,
         })
     }
 
@@ -136,8 +137,13 @@ mod tests {
             max_steps: None,
             seed: 0,
         };
-        let draw =
-            Draw { round: RoundId::new(1, 0), candidates: 2, selected: 2, exposures: Default::default() };
+        let draw = Draw {
+            round: RoundId::new(1, 0),
+            candidates: 2,
+            selected: 2,
+            exposures: Default::default(),
+            secure: None,
+        };
         assert_eq!(s.configure_fit(&draw, &base).unwrap().config.proximal_mu, 0.01);
         assert_eq!(s.name(), "fedprox");
     }

@@ -88,6 +88,18 @@ pub struct Draw {
     /// counted). Under local noise the coordinator knows who was sampled, so each client's local
     /// ε composes over its attempts without amplification.
     pub exposures: Exposures,
+    /// Set when the round runs under secure aggregation.
+    pub secure: Option<SecureDraw>,
+}
+
+/// What a secure round fixes before it is configured: the threshold and the encoding limits.
+/// Distributed noise is sized for the threshold, and the grid is chosen for the drawn count.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SecureDraw {
+    /// t: the fewest clients whose masked inputs the coordinator may unmask.
+    pub threshold: usize,
+    /// What the round's encoding may accept (wrap-around probability, grid widening).
+    pub limits: fedtune_shared::secagg::EncodingLimits,
 }
 
 /// What a round was configured with. The actor keeps it from [`Strategy::configure_fit`] and
@@ -111,6 +123,7 @@ impl RoundContext {
             candidates: draw.candidates,
             selected: draw.selected,
             exposures: Exposures::default(),
+            secure: draw.secure,
         };
         Self { draw, privacy: None }
     }
@@ -299,6 +312,22 @@ pub trait Strategy: Send + 'static {
         results: FitResults,
         failures: &[FitFailure],
     ) -> Result<Option<Aggregated>, StrategyError>;
+
+    /// A secure round is about to ask its survivors for the shares that unmask the sum of their
+    /// `survivors` inputs: from then on the coordinator can learn that sum. A strategy whose
+    /// guarantee covers the coordinator (distributed noise) charges the round here, whether or
+    /// not it is published later, and may refuse (the round then fails before anything is
+    /// unmasked). The record it returns is written to storage before the request goes out, and
+    /// the round's context remembers it so `aggregate_fit` charges nothing twice. Default:
+    /// nothing to charge.
+    fn release(
+        &mut self,
+        round: &mut RoundContext,
+        survivors: u64,
+    ) -> Result<Option<LedgerRecord>, StrategyError> {
+        let _ = (round, survivors);
+        Ok(None)
+    }
 
     /// Books the privacy charge of a round whose weights were accepted (the record
     /// `aggregate_fit` returned, written in the round's commit transaction). Default: nothing to

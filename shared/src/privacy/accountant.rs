@@ -224,10 +224,12 @@ impl Accountant {
     }
 
     /// Composes the round `entry` describes and returns it with `delta` and `epsilon_after` set.
+    /// Rounds come in order; one round may be charged more than once (a secure attempt whose sum
+    /// was released for unmasking and that then failed, and the attempt that published).
     pub fn record(&mut self, mut entry: PrivacyLedgerEntry) -> Result<PrivacyLedgerEntry, PrivacyError> {
         let err = |reason: String| PrivacyError::Ledger { round: entry.round, reason };
-        if self.last_round.is_some_and(|last| entry.round <= last) {
-            return Err(err(format!("round {} does not follow round {:?}", entry.round, self.last_round)));
+        if self.last_round.is_some_and(|last| entry.round < last) {
+            return Err(err(format!("round {} comes after round {:?}", entry.round, self.last_round)));
         }
         check_round(self.adjacency, entry.sampling, entry.sampling_rate, entry.noise_multiplier)
             .map_err(|e| err(e.to_string()))?;

@@ -69,7 +69,13 @@ impl Phase for Selecting {
         };
         let plan = {
             let mut strategy = shared.strategy.lock().unwrap_or_else(|p| p.into_inner());
-            let draw = Draw { round: id, candidates: candidates.len(), selected: selected.len(), exposures };
+            let draw = Draw {
+                round: id,
+                candidates: candidates.len(),
+                selected: selected.len(),
+                exposures,
+                secure: None,
+            };
             strategy.configure_fit(&draw, &base)
         };
         let plan = match plan {

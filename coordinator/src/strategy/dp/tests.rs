@@ -82,7 +82,13 @@ fn results(value: f32, reported: usize) -> FitResults {
 }
 
 fn draw(round: u64, candidates: usize, selected: usize) -> Draw {
-    Draw { round: RoundId::new(round, 0), candidates, selected, exposures: Exposures::default() }
+    Draw {
+        round: RoundId::new(round, 0),
+        candidates,
+        selected,
+        exposures: Exposures::default(),
+        secure: None,
+    }
 }
 
 /// What the records show of a client drawn into `participations` attempts at multiplier `z`.
@@ -436,4 +442,119 @@ fn with_evaluation_under_dp_the_status_flags_it_and_the_guarantee_line_says_it_i
     // Evaluation switched off altogether: nothing to label.
     s.evaluation.every = 0;
     assert!(!dp(&s).privacy_monitor().unwrap().snapshot().evaluation_outside_guarantee);
+}
+
+fn secure_draw(round: u64, candidates: usize, selected: usize, threshold: usize) -> Draw {
+    Draw {
+        secure: Some(crate::strategy::SecureDraw {
+            threshold,
+            limits: fedtune_shared::secagg::EncodingLimits::default(),
+        }),
+        ..draw(round, candidates, selected)
+    }
+}
+
+fn distributed_secure(target: Option<f64>) -> CoordinatorSettings {
+    let mut s = settings(DpMode::Distributed, SamplingSettings::Poisson { rate: 0.5 }, target);
+    s.privacy.allow_distributed_without_secure_aggregation = true;
+    s
+}
+
+#[test]
+fn under_secure_aggregation_distributed_noise_is_sized_for_the_threshold_and_accounted_without_amplification()
+{
+    let mut strategy = dp(&distributed_secure(None));
+    let plan = strategy.configure_fit(&secure_draw(1, 40, 20, 8), &base()).unwrap();
+    let round = plan.context.privacy.as_ref().unwrap();
+    // t = 8 shares, not n̄ = 20: any unmasked sum of at least t inputs carries the full noise.
+    let sensitivity = widened_sensitivity(1.0, round.grid_log2(), DIM).unwrap();
+    let expected = sensitivity / 8f64.sqrt();
+    assert!((plan.privacy.noise_stddev / expected - 1.0).abs() < 1e-12, "{}", plan.privacy.noise_stddev);
+    assert_eq!(plan.privacy.grid_log2, Some(round.grid_log2()));
+    let sigma_grid = round.client_sigma_grid();
+    assert!((sigma_grid - expected * 2f64.powi(-round.grid_log2())).abs() < 1e-6 * sigma_grid);
+    // The coordinator knows the draw: the round is accounted at q = 1, not the Poisson rate.
+    let mut context = plan.context.clone();
+    let record =
+        strategy.release(&mut context, 12).unwrap().expect("distributed noise is charged on release");
+    assert_eq!(record.entry.sampling_rate, 1.0);
+    assert_eq!((record.entry.sampled, record.entry.reported), (20, 12));
+    // 12 survivors of shares sized for 8 carry more than z = 1; the record claims no more than z.
+    assert_eq!(record.entry.noise_multiplier, 1.0);
+    let unamplified =
+        epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Poisson, 1.0, 1.0, 1, 1e-5).unwrap();
+    assert!((record.entry.epsilon_after - unamplified).abs() < 1e-9 * unamplified);
+}
+
+#[test]
+fn a_secure_distributed_round_is_charged_once_when_released_for_unmasking_published_or_not() {
+    let mut strategy = dp(&distributed_secure(None));
+    let plan = strategy.configure_fit(&secure_draw(1, 10, 10, 6), &base()).unwrap();
+    let mut context = plan.context.clone();
+    let released = strategy.release(&mut context, 9).unwrap().unwrap();
+    assert!(released.charged_at_release);
+    let status = strategy.privacy_monitor().unwrap().snapshot();
+    assert_eq!(status.rounds_charged, 1, "charged as soon as the sum can be unmasked");
+    assert_eq!(status.epsilon, released.entry.epsilon_after);
+    // Asking again (a retried request in the same attempt) charges nothing more.
+    assert_eq!(strategy.release(&mut context, 9).unwrap().unwrap(), released);
+    // Publication reuses the release's record and books nothing twice.
+    let out = strategy
+        .aggregate_fit(&context, &ParameterVector::zeros(manifest()), results(0.0, 9), &[])
+        .unwrap()
+        .unwrap();
+    let charge = out.charge.unwrap();
+    assert_eq!(charge, released);
+    strategy.charge(&charge).unwrap();
+    let status = strategy.privacy_monitor().unwrap().snapshot();
+    assert_eq!((status.rounds_charged, status.epsilon), (1, released.entry.epsilon_after));
+    // A second attempt of the same round that is released is a second charge.
+    let retry = strategy.configure_fit(&secure_draw(1, 10, 10, 6), &base()).unwrap();
+    let mut retry = retry.context;
+    retry.draw.round = RoundId::new(1, 1);
+    let again = strategy.release(&mut retry, 10).unwrap().unwrap();
+    assert!(again.entry.epsilon_after > released.entry.epsilon_after);
+    assert_eq!(strategy.privacy_monitor().unwrap().snapshot().rounds_charged, 2);
+}
+
+#[test]
+fn a_release_beyond_the_budget_is_refused_before_anything_is_unmasked() {
+    let one = epsilon_for_rounds(Adjacency::AddRemove, SamplingScheme::Poisson, 1.0, 1.0, 1, 1e-5).unwrap();
+    let mut strategy = dp(&distributed_secure(Some(one * 1.5)));
+    let first = strategy.configure_fit(&secure_draw(1, 10, 10, 6), &base()).unwrap();
+    let mut first = first.context;
+    strategy.release(&mut first, 10).unwrap().unwrap();
+    // The second round is refused when it is configured: its worst case (t survivors) is z.
+    assert!(matches!(
+        strategy.configure_fit(&secure_draw(2, 10, 10, 6), &base()),
+        Err(StrategyError::Exhausted(_))
+    ));
+    assert_eq!(strategy.privacy_monitor().unwrap().snapshot().rounds_charged, 1);
+}
+
+#[test]
+fn central_noise_under_secure_aggregation_is_not_charged_on_release_and_covers_the_encodings_rounding() {
+    let s = settings(DpMode::Central, SamplingSettings::Fraction { fraction: 1.0 }, None);
+    let mut strategy = dp(&s);
+    let plan = strategy.configure_fit(&secure_draw(1, 10, 10, 6), &base()).unwrap();
+    let mut context = plan.context.clone();
+    // Central DP trusts the coordinator with the sum: it is charged when published.
+    assert_eq!(strategy.release(&mut context, 10).unwrap(), None);
+    assert_eq!(strategy.privacy_monitor().unwrap().snapshot().rounds_charged, 0);
+    assert_eq!(plan.privacy.noise_stddev, 0.0, "clients add no noise under central DP");
+    let round = context.privacy.as_ref().unwrap();
+    // The encoding's grid is the finest admissible for 10 inputs, at most the default grid.
+    assert!(round.grid_log2() <= fedtune_shared::privacy::default_grid_log2(1.0, DIM).unwrap());
+}
+
+#[test]
+fn adaptive_clipping_is_refused_under_secure_aggregation() {
+    let mut s = settings(DpMode::Central, SamplingSettings::Fraction { fraction: 1.0 }, None);
+    s.privacy.adaptive_clipping =
+        Some(AdaptiveClipSettings { target_quantile: 0.5, learning_rate: 0.2, count_noise_std: 1.0 });
+    let mut strategy = dp(&s);
+    match strategy.configure_fit(&secure_draw(1, 10, 10, 6), &base()) {
+        Err(StrategyError::Refused(reason)) => assert!(reason.contains("adaptive clipping"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
 }
