@@ -7,7 +7,7 @@
 use fedtune_shared::auth::{ChallengeGrant, ChallengeRequest, EnrollRequest, JoinProof};
 use fedtune_shared::crypto::CertificateDigest;
 use fedtune_shared::ids::ClientId;
-use fedtune_shared::round::{JoinRequest, UpdateHeader, UpdateTrailer};
+use fedtune_shared::round::{JoinRequest, MaskedUpdateHeader, UpdateHeader, UpdateTrailer};
 
 use crate::error::RoundError;
 
@@ -66,6 +66,14 @@ pub trait UpdateVerifier: Send + Sync + 'static {
         &self,
         client: &ClientId,
         header: &UpdateHeader,
+        trailer: &UpdateTrailer,
+    ) -> Result<(), RoundError>;
+    /// Accepts or refuses a masked upload (secure aggregation) whose payload digest verified:
+    /// its signature also covers the secure round's context, under its own label.
+    fn verify_masked(
+        &self,
+        client: &ClientId,
+        header: &MaskedUpdateHeader,
         trailer: &UpdateTrailer,
     ) -> Result<(), RoundError>;
 }

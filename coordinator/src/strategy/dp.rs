@@ -88,6 +88,18 @@ impl DpRound {
         self.clip_norm
     }
 
+    /// The plan the clients follow (grid and per-party σ).
+    pub fn client_plan(&self) -> &NoisePlan {
+        &self.client_plan
+    }
+
+    /// Moves the clients' plan onto the grid a secure round's encoding chose (the same
+    /// placement, multiplier and clip bound, so the same charge).
+    pub(crate) fn move_client_plan(&mut self, plan: NoisePlan) {
+        debug_assert_eq!(plan.noise_multiplier, self.client_plan.noise_multiplier);
+        self.client_plan = plan;
+    }
+
     /// The fixed averaging denominator `n̄` of the round.
     pub fn expected_clients(&self) -> f64 {
         self.expected_clients
@@ -187,7 +199,10 @@ impl DpStrategy {
         if dim == 0 {
             return Err(invalid("the model has no trainable value"));
         }
-        if p.mode == DpMode::Distributed && !p.allow_distributed_without_secure_aggregation {
+        if p.mode == DpMode::Distributed
+            && !settings.secure_aggregation.enabled
+            && !p.allow_distributed_without_secure_aggregation
+        {
             return Err(invalid("distributed noise needs secure aggregation (see privacy.mode)"));
         }
         let noise_multiplier = p.resolved_noise_multiplier(settings).map_err(invalid)?;
