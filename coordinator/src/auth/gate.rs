@@ -144,6 +144,14 @@ impl ClientAuth {
 }
 
 impl Authenticator for ClientAuth {
+    fn identity(&self, client: &ClientId) -> Option<fedtune_shared::crypto::PublicKey> {
+        // Read at selection: a client revoked since it joined is left out of the roster.
+        match self.allowlist.standing(client) {
+            Ok(Standing::Allowed(key)) => Some(key),
+            _ => None,
+        }
+    }
+
     fn challenge(&self, request: &ChallengeRequest) -> Result<ChallengeGrant, RoundError> {
         let name = &request.name;
         let may_join = matches!(self.allowlist.standing(name).map_err(internal)?, Standing::Allowed(_))

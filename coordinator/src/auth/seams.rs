@@ -57,6 +57,12 @@ pub trait Authenticator: Send + Sync + 'static {
     fn federation_id(&self) -> Option<String> {
         None
     }
+    /// The registered identity (Ed25519) key of an admitted client, which a secure round's
+    /// roster lists. `None` by default: without a registry of keys there is no secure round.
+    fn identity(&self, client: &ClientId) -> Option<fedtune_shared::crypto::PublicKey> {
+        let _ = client;
+        None
+    }
 }
 
 /// Checks the signature in an upload's trailer.

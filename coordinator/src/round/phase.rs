@@ -117,6 +117,8 @@ pub(crate) struct Shared {
     /// The federation id update signatures and secure rounds are bound to (empty under seams
     /// that have none).
     pub(crate) federation_id: String,
+    /// Where a secure round's roster finds the clients' registered identity keys.
+    pub(crate) identities: Arc<dyn crate::auth::Authenticator>,
 }
 
 impl std::fmt::Debug for Shared {

@@ -180,10 +180,14 @@ fn build_secure_round(
     let setup_failed = |e: &dyn std::fmt::Display| AttemptFailure::SecureSetup(e.to_string());
     let mut members = Vec::with_capacity(selected.len());
     for c in selected {
-        let key = shared.registry.get(c).and_then(|e| e.public_key).ok_or_else(|| {
-            AttemptFailure::SecureSetup(format!("client `{c}` has no registered identity key"))
-        })?;
-        members.push((c.clone(), PublicKey::from_bytes(key)));
+        let key = shared
+            .identities
+            .identity(c)
+            .or_else(|| shared.registry.get(c).and_then(|e| e.public_key).map(PublicKey::from_bytes))
+            .ok_or_else(|| {
+                AttemptFailure::SecureSetup(format!("client `{c}` has no registered identity key"))
+            })?;
+        members.push((c.clone(), key));
     }
     let n = members.len();
     let degree = sa.degree_for(n);

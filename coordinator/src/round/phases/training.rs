@@ -673,6 +673,8 @@ impl Phase for Training {
                 },
                 _ = tick.tick() => self.check_liveness(shared),
             }
+            // A step also closes early when the last client it waited for left the round.
+            self.maybe_close_secure_step(shared);
         }
         if self.secure.is_some() && self.poisoned.is_none() {
             // Survivors keep their task through unmasking: their agents stop a task the
