@@ -389,4 +389,22 @@ mod tests {
             Err(ValueError::OutOfRange { tensor: "a".into(), index: 3, value: 300.0 })
         );
     }
+
+    #[test]
+    fn grid_integers_become_the_same_fixed_point_sum_exactly_on_grids_no_finer_than_2_pow_minus_24() {
+        let ints = [3i64, -7, 0, 1 << 20];
+        let sum = FixedPointSum::from_grid_integers(&ints, -20, 2).unwrap();
+        assert_eq!(sum.raw(), &[3 << 4, -7 << 4, 0, 1 << 24]);
+        assert_eq!((sum.total_weight(), sum.updates()), (2, 2));
+        let same = FixedPointSum::from_grid_integers(&ints, -24, 1).unwrap();
+        assert_eq!(same.raw(), &ints);
+    }
+
+    #[test]
+    fn finer_grids_round_once_to_nearest_even_and_overflow_is_refused() {
+        // Grid 2^-26: four grid steps per unit; 2 → 0.5 → 0 (even), 6 → 1.5 → 2, -6 → -1.5 → -2.
+        let sum = FixedPointSum::from_grid_integers(&[2, 6, -6, 5], -26, 1).unwrap();
+        assert_eq!(sum.raw(), &[0, 2, -2, 1]);
+        assert!(FixedPointSum::from_grid_integers(&[1 << 40], 10, 1).is_err());
+    }
 }

@@ -384,3 +384,34 @@ async fn bad_secure_inputs_are_refused_with_precise_statuses_and_leave_the_sum_a
     coord.shutdown().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn share_bundles_may_exceed_16_kib_but_not_the_secagg_request_limit() -> Result<()> {
+    use fedtune_shared::limits::MAX_SECAGG_REQUEST_BYTES;
+    let dir = tempfile::tempdir()?;
+    let coord = InProcess::start(settings(dir.path(), 3, 3)?).await?;
+    let c = TestClient::join(&coord.url, "site-0", 0).await?;
+    let bundle = |len: usize| pb::SendSharesRequest {
+        round: Some(pb::SecAggRoundRef { round: 1, attempt: 0, context_sha256: vec![0; 32].into() }),
+        bundles: vec![pb::SealedShares { sender: 0, recipient: 1, ciphertext: vec![0; len].into() }],
+    };
+    // Above 16 KiB and below the SecAgg limit: past the body limit, refused for what it says.
+    let sized = c.raw().send_shares(c.authed(bundle(64 << 10))).await;
+    let status = sized.expect_err("no secure round takes it");
+    assert_ne!(status.code(), Code::ResourceExhausted, "{}", status.message());
+    let over = c.raw().send_shares(c.authed(bundle(MAX_SECAGG_REQUEST_BYTES + 1))).await;
+    expect_status(over, Code::ResourceExhausted, &["SendShares", "exceeds its limit"]);
+    let advert = pb::AdvertiseKeysRequest {
+        round: Some(pb::SecAggRoundRef { round: 1, attempt: 0, context_sha256: vec![0; 32].into() }),
+        keys: vec![pb::AgreementKey {
+            owner: 0,
+            peer: 1,
+            public_key: vec![0; 64 << 10].into(),
+            signature: vec![].into(),
+        }],
+    };
+    let over = c.raw().advertise_keys(c.authed(advert)).await;
+    expect_status(over, Code::ResourceExhausted, &["AdvertiseKeys", "exceeds its limit"]);
+    coord.shutdown().await?;
+    Ok(())
+}
