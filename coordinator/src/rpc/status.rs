@@ -18,7 +18,7 @@ impl From<RoundError> for Status {
         use RoundError as E;
         let msg = err.to_string();
         match err {
-            E::SecAgg(e) => return secagg_status(&e, msg),
+            E::SecAgg(e) => secagg_status(&e, msg),
             E::AttemptEnded { .. } => Status::aborted(msg),
             E::NoSecureRound(_) | E::SecureStep { .. } => Status::failed_precondition(msg),
             E::WrongEncoding(_) => Status::invalid_argument(msg),
