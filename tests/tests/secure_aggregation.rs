@@ -100,6 +100,16 @@ impl Party {
     /// Encodes update `k` on the round's grid, masks it and uploads it; returns the encoded
     /// integers (what the unmasked sum must add up to).
     async fn mask_and_upload(&mut self, state: SharesSent, k: usize) -> Result<(InputMasked, Vec<i64>)> {
+        let (state, ints, _) = self.mask_and_upload_keeping(state, k).await?;
+        Ok((state, ints))
+    }
+
+    /// [`Self::mask_and_upload`], also returning the uploaded masked payload.
+    async fn mask_and_upload_keeping(
+        &mut self,
+        state: SharesSent,
+        k: usize,
+    ) -> Result<(InputMasked, Vec<i64>, Vec<u8>)> {
         let StepInput::Shares(delivery) = self.await_step(AwaitedStep::Shares).await? else {
             bail!("expected shares")
         };
@@ -110,7 +120,7 @@ impl Party {
         let ring = fedtune_shared::secagg::encoding::to_ring(&ints);
         let (state, masked) = state.mask(&delivery.bundles, &delivery.sharers, &ring)?;
         self.upload_masked(&masked, *self.ctx.digest()).await?;
-        Ok((state, ints))
+        Ok((state, ints, masked.payload()))
     }
 
     async fn upload_masked(&mut self, masked: &MaskedInput, context: [u8; 32]) -> Result<(), Status> {
@@ -190,11 +200,12 @@ async fn the_unmasked_sum_is_the_exact_sum_of_the_encoded_updates_and_nothing_in
     for (p, s) in parties.iter_mut().zip(states) {
         shared.push(p.share(s).await?);
     }
-    let (mut masked, mut contributions) = (Vec::new(), Vec::new());
+    let (mut masked, mut contributions, mut payloads) = (Vec::new(), Vec::new(), Vec::new());
     for (k, (p, s)) in parties.iter_mut().zip(shared).enumerate() {
-        let (state, ints) = p.mask_and_upload(s, k).await?;
+        let (state, ints, payload) = p.mask_and_upload_keeping(s, k).await?;
         masked.push(state);
         contributions.push(ints);
+        payloads.push(payload);
     }
     let spool = dir.path().join("state").join("spool");
     for (p, s) in parties.iter_mut().zip(masked) {
@@ -211,6 +222,17 @@ async fn the_unmasked_sum_is_the_exact_sum_of_the_encoded_updates_and_nothing_in
     // No staged masked vector is left, and no stored byte sequence is any client's vector.
     assert!(files_in(&spool).is_empty(), "spool holds {:?}", files_in(&spool));
     coord.shutdown().await?;
+    for file in walk(&dir.path().join("state")) {
+        let bytes = std::fs::read(&file)?;
+        for (k, p) in payloads.iter().enumerate() {
+            let probe = &p[..64.min(p.len())];
+            assert!(
+                !bytes.windows(probe.len()).any(|w| w == probe),
+                "{} holds client {k}'s masked vector",
+                file.display()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -414,4 +436,18 @@ async fn share_bundles_may_exceed_16_kib_but_not_the_secagg_request_limit() -> R
     expect_status(over, Code::ResourceExhausted, &["AdvertiseKeys", "exceeds its limit"]);
     coord.shutdown().await?;
     Ok(())
+}
+
+/// Every file under `dir`, recursively.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }
