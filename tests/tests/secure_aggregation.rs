@@ -451,3 +451,43 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_never_resumes_a_secure_attempt() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let coord = InProcess::start(settings(dir.path(), 3, 3)?).await?;
+    let clients = join_all(&coord.url, 3).await?;
+    let mut parties = Vec::new();
+    for c in clients {
+        parties.push(Party::new(c).await?);
+    }
+    let old = parties[0].round;
+    assert_eq!((old.round, old.attempt), (1, 0));
+    let _advertised = parties[0].advertise().await?;
+    coord.shutdown().await?;
+
+    // Its secure state was in memory only: the attempt is over, the next one has fresh keys.
+    let coord = InProcess::start(settings(dir.path(), 3, 3)?).await?;
+    let mut again = Vec::new();
+    for k in 0..3 {
+        let c = TestClient::join(&coord.url, &format!("site-{k}"), 0).await?;
+        again.push(c);
+    }
+    let mut parties = Vec::new();
+    for c in again {
+        parties.push(Party::new(c).await?);
+    }
+    let new = parties[0].round;
+    assert_eq!((new.round, new.attempt), (1, 1));
+    assert_ne!(new.context_digest, old.context_digest);
+    let s = parties[0].c.status().await?;
+    let aborted = s.recent_rounds.iter().find(|r| r.id == RoundId::new(1, 0)).context("attempt 0")?;
+    assert_eq!(aborted.status, "aborted");
+    let me = parties[0].ctx.slot_of(parties[0].c.id.as_ref().unwrap()).unwrap();
+    let (_, keys) = KeysAdvertised::start(parties[0].ctx.clone(), me, &parties[0].key())?;
+    let replay = pb::AdvertiseKeysRequest::from(&KeyAdvertisement { round: old, keys });
+    let refused = parties[0].c.raw().advertise_keys(parties[0].c.authed(replay)).await;
+    expect_status(refused, Code::Aborted, &["round 1 (attempt 0)"]);
+    coord.shutdown().await?;
+    Ok(())
+}
