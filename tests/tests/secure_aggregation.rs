@@ -18,7 +18,9 @@ use fedtune_shared::crypto::KeyPair;
 use fedtune_shared::ids::{ModelVersion, RoundId, Sha256};
 use fedtune_shared::pb;
 use fedtune_shared::privacy::NoiseSource;
-use fedtune_shared::round::{Chunk, FitTask, MaskedUpdateHeader, ModelScope, UpdateTrailer, UploadItem};
+use fedtune_shared::round::{
+    Chunk, FitTask, MaskedUpdateHeader, ModelScope, StatusReport, UpdateTrailer, UploadItem,
+};
 use fedtune_shared::secagg::{
     AwaitedStep, InputMasked, KeyAdvertisement, KeysAdvertised, MaskedInput, RoundContext, RoundRef,
     RoundUnmaskAnswer, RoundUnmaskRequest, ShareUpload, SharesSent, StepInput,
@@ -488,6 +490,66 @@ async fn a_restarted_coordinator_never_resumes_a_secure_attempt() -> Result<()> 
     let replay = pb::AdvertiseKeysRequest::from(&KeyAdvertisement { round: old, keys });
     let refused = parties[0].c.raw().advertise_keys(parties[0].c.authed(replay)).await;
     expect_status(refused, Code::Aborted, &["round 1 (attempt 0)"]);
+    coord.shutdown().await?;
+    Ok(())
+}
+
+/// Runs a round of three in which only the first `answering` survivors answer the unmasking
+/// request; returns the contributions and the status after the unmasking timeout.
+async fn round_with_silent_survivors(
+    dir: &Path,
+    threshold: usize,
+    answering: usize,
+) -> Result<(Vec<Vec<i64>>, InProcess, Vec<Party>)> {
+    let mut s = settings(dir, 3, 3)?;
+    s.secure_aggregation.threshold = Some(threshold);
+    s.secure_aggregation.unmask_timeout = Duration::from_millis(500);
+    let coord = InProcess::start(s).await?;
+    let clients = join_all(&coord.url, 3).await?;
+    let mut parties = Vec::new();
+    for c in clients {
+        parties.push(Party::new(c).await?);
+    }
+    let mut states = Vec::new();
+    for p in &mut parties {
+        states.push(p.advertise().await?);
+    }
+    let mut shared = Vec::new();
+    for (p, s) in parties.iter_mut().zip(states) {
+        shared.push(p.share(s).await?);
+    }
+    let (mut masked, mut contributions) = (Vec::new(), Vec::new());
+    for (k, (p, s)) in parties.iter_mut().zip(shared).enumerate() {
+        let (state, ints) = p.mask_and_upload(s, k).await?;
+        masked.push(state);
+        contributions.push(ints);
+    }
+    for (p, s) in parties.iter_mut().zip(masked).take(answering) {
+        p.unmask(s).await?;
+    }
+    Ok((contributions, coord, parties))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_unmasking_timeout_t_answers_suffice_and_fewer_fail_the_attempt_cleanly() -> Result<()> {
+    let a = tempfile::tempdir()?;
+    let (contributions, coord, mut parties) = round_with_silent_survivors(a.path(), 2, 2).await?;
+    let v0 = parties[0].c.download_vector(ModelVersion(0), ModelScope::Trainable).await?;
+    let grid = parties[0].task.secure_aggregation.as_ref().unwrap().grid_log2;
+    parties[0].c.wait_status(WAIT, |s| s.model_version == ModelVersion(1)).await?;
+    let v1 = parties[0].c.download_vector(ModelVersion(1), ModelScope::Trainable).await?;
+    let got: Vec<u32> = v1.values().iter().map(|v| v.to_bits()).collect();
+    assert_eq!(got, expected_model(v0.values(), &contributions, grid), "all three inputs, two answers");
+    coord.shutdown().await?;
+
+    let b = tempfile::tempdir()?;
+    let (_, coord, mut parties) = round_with_silent_survivors(b.path(), 3, 2).await?;
+    let attempt_failed =
+        |s: &StatusReport| s.recent_rounds.iter().any(|r| r.id == RoundId::new(1, 0) && r.status == "failed");
+    let s = parties[0].c.wait_status(WAIT, attempt_failed).await?;
+    assert_eq!(s.model_version, ModelVersion(0), "nothing published");
+    let failed = s.recent_rounds.iter().find(|r| r.id == RoundId::new(1, 0)).context("attempt 0")?;
+    assert!(failed.reason.contains("shares"), "{}", failed.reason);
     coord.shutdown().await?;
     Ok(())
 }
