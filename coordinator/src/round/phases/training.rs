@@ -7,6 +7,10 @@
 //! blocking thread, one fold at a time (the sum has one owner), while this loop keeps serving
 //! requests. The phase ends at the deadline, or earlier once every slot is final, after the
 //! folds already committed have finished.
+//!
+//! In a secure round ([`super::secure`]) the phase first runs advertising and sharing, takes only
+//! masked uploads from sharers once sharing closed, folds them into the protocol core's ring sum
+//! (each weighing 1), and hands over to unmasking instead of aggregating.
 
 use std::collections::{BTreeMap, VecDeque};
 
