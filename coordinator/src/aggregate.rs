@@ -211,6 +211,37 @@ impl FixedPointSum {
         self.updates += 1;
     }
 
+    /// The sum of a secure round: the unmasked, decoded sum of `updates` contributions given as
+    /// integers on the grid `2^grid_log2`, each contribution weighing 1 (the ring sum carries no
+    /// per-client weights).
+    ///
+    /// Exactness: a grid integer `v` is the value `v·2^k`, which is `v·2^(k+24)` units of this
+    /// sum. For `k ≥ −24` that is an exact integer shift (refused if it would leave `i64`); for a
+    /// finer grid each coordinate is rounded once, to nearest with ties to even, to the 2⁻²⁴
+    /// units every plain round is kept in: the same resolution as a plain round's per-update
+    /// quantization, applied once to the sum instead of to each update.
+    pub fn from_grid_integers(values: &[i64], grid_log2: i32, updates: u32) -> Result<Self, ValueError> {
+        let shift = grid_log2 + SCALE_BITS;
+        let sum = if shift >= 0 {
+            let factor = 1i64.checked_shl(shift as u32).filter(|_| shift < 63);
+            values
+                .iter()
+                .enumerate()
+                .map(|(index, v)| {
+                    factor.and_then(|f| v.checked_mul(f)).ok_or(ValueError::OutOfRange {
+                        tensor: "(secure sum)".into(),
+                        index,
+                        value: (*v as f64 * 2f64.powi(grid_log2)) as f32,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            let down = (-shift).min(63) as u32;
+            values.iter().map(|&v| round_shift_even(v, down)).collect()
+        };
+        Ok(Self { sum, total_weight: u64::from(updates), updates })
+    }
+
     /// The weighted mean `Σ w·q / Σ w · 2⁻²⁴` as f32, or `None` before any update.
     pub fn mean(&self) -> Option<Vec<f32>> {
         if self.total_weight == 0 {
@@ -230,6 +261,19 @@ impl FixedPointSum {
     pub fn grid_mut(&mut self) -> &mut [i64] {
         &mut self.sum
     }
+}
+
+/// `v / 2^shift` rounded to nearest, ties to even, in integers.
+fn round_shift_even(v: i64, shift: u32) -> i64 {
+    if shift == 0 {
+        return v;
+    }
+    let v = i128::from(v);
+    let q = v >> shift; // floor
+    let rem = v - (q << shift);
+    let half = 1i128 << (shift - 1);
+    let up = rem > half || (rem == half && q & 1 == 1);
+    (q + i128::from(up)) as i64
 }
 
 /// `sum[i] += w · quantize(x[i])` for little-endian f32 `bytes`.
@@ -344,5 +388,23 @@ mod tests {
             check_values(&m, 2, &bytes[24..32]),
             Err(ValueError::OutOfRange { tensor: "a".into(), index: 3, value: 300.0 })
         );
+    }
+
+    #[test]
+    fn grid_integers_become_the_same_fixed_point_sum_exactly_on_grids_no_finer_than_2_pow_minus_24() {
+        let ints = [3i64, -7, 0, 1 << 20];
+        let sum = FixedPointSum::from_grid_integers(&ints, -20, 2).unwrap();
+        assert_eq!(sum.raw(), &[3 << 4, -7 << 4, 0, 1 << 24]);
+        assert_eq!((sum.total_weight(), sum.updates()), (2, 2));
+        let same = FixedPointSum::from_grid_integers(&ints, -24, 1).unwrap();
+        assert_eq!(same.raw(), &ints);
+    }
+
+    #[test]
+    fn finer_grids_round_once_to_nearest_even_and_overflow_is_refused() {
+        // Grid 2^-26: four grid steps per unit; 2 → 0.5 → 0 (even), 6 → 1.5 → 2, -6 → -1.5 → -2.
+        let sum = FixedPointSum::from_grid_integers(&[2, 6, -6, 5], -26, 1).unwrap();
+        assert_eq!(sum.raw(), &[0, 2, -2, 1]);
+        assert!(FixedPointSum::from_grid_integers(&[1 << 40], 10, 1).is_err());
     }
 }

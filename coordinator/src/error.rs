@@ -8,6 +8,7 @@ use fedtune_shared::chunk::ChunkError;
 use fedtune_shared::convert::ConvertError;
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId, Sha256};
 use fedtune_shared::round::PhaseName;
+use fedtune_shared::secagg::SecAggError;
 
 use crate::aggregate::ValueError;
 use crate::registry::RegistryError;
@@ -16,6 +17,35 @@ use crate::storage::StorageError;
 /// Why a request was refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RoundError {
+    /// A secure-aggregation message was refused by the protocol core.
+    #[error(transparent)]
+    SecAgg(#[from] SecAggError),
+    /// No secure-aggregation round is in progress.
+    #[error("no secure-aggregation round is in progress{0}")]
+    NoSecureRound(String),
+    /// The secure attempt the message or wait belongs to has ended (or the client is not part of
+    /// it any more): stop the task.
+    #[error("{round} has ended for `{client}`: {reason}")]
+    AttemptEnded {
+        /// The attempt named.
+        round: RoundId,
+        /// The caller.
+        client: ClientId,
+        /// Why.
+        reason: String,
+    },
+    /// An upload's encoding does not fit the round (plain in a secure round, masked in a plain
+    /// one, or a masked upload for another round context).
+    #[error("header.encoding: {0}")]
+    WrongEncoding(String),
+    /// A secure step is not open for this message yet (or any more).
+    #[error("{round}: {reason}")]
+    SecureStep {
+        /// The round.
+        round: RoundId,
+        /// What is not possible now and why.
+        reason: String,
+    },
     /// A wire message is malformed.
     #[error(transparent)]
     Convert(#[from] ConvertError),

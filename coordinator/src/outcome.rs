@@ -201,6 +201,12 @@ pub enum AttemptFailure {
     /// (known only once the updates are in, e.g. dropouts lowered the distributed noise). Ends
     /// the federation cleanly.
     BudgetExhausted(String),
+    /// The secure round could not be set up (a client without an identity key, parameters or
+    /// an encoding refused); the next attempt draws again.
+    SecureSetup(String),
+    /// The secure round failed mid-way (fewer than the threshold remained at a step, too few
+    /// shares to unmask, an implausible sum); the next attempt starts over with fresh keys.
+    SecureAggregation(String),
 }
 
 impl AttemptFailure {
@@ -227,6 +233,8 @@ impl fmt::Display for AttemptFailure {
             }
             AttemptFailure::AggregationFailed(cause) => write!(f, "aggregation failed: {cause}"),
             AttemptFailure::BudgetExhausted(reason) => f.write_str(reason),
+            AttemptFailure::SecureSetup(cause) => write!(f, "secure aggregation set-up failed: {cause}"),
+            AttemptFailure::SecureAggregation(cause) => write!(f, "secure aggregation failed: {cause}"),
         }
     }
 }

@@ -174,6 +174,8 @@ pub async fn run_with(
         traffic: traffic.clone(),
         traffic_mark: (0, 0),
         privacy,
+        federation_id: seams.authenticator.federation_id().unwrap_or_default(),
+        identities: seams.authenticator.clone(),
     };
     let mut actor = tokio::spawn(round::run(shared, Round::Idle(Idle)));
     let handle = RoundHandle::new(tx, subscriber);

@@ -27,6 +27,7 @@
 //! ```
 
 pub mod privacy;
+pub mod secure_aggregation;
 pub mod security;
 
 use std::net::SocketAddr;
@@ -39,6 +40,7 @@ use fedtune_shared::settings::{duration, optional_duration, SettingsError};
 use serde::{Deserialize, Serialize};
 
 pub use privacy::{accounting_for, AdaptiveClipSettings, DpMode, PrivacySettings};
+pub use secure_aggregation::SecureAggregationSettings;
 pub use security::{LimitSettings, SecuritySettings};
 
 /// Everything the coordinator is configured with.
@@ -73,6 +75,9 @@ pub struct CoordinatorSettings {
     /// Differential privacy (mode, noise, clipping, budget); off by default.
     #[serde(default)]
     pub privacy: PrivacySettings,
+    /// Secure aggregation (SecAgg+) of fit rounds; off by default.
+    #[serde(default)]
+    pub secure_aggregation: SecureAggregationSettings,
     /// TLS, client authentication lifetimes, call limits (`serve` refuses plaintext unless
     /// `security.insecure`).
     #[serde(default)]
@@ -627,6 +632,7 @@ impl CoordinatorSettings {
             ));
         }
         self.privacy.validate(self)?;
+        self.secure_aggregation.validate(self)?;
         self.security.validate()?;
         Ok(())
     }
@@ -651,6 +657,7 @@ impl CoordinatorSettings {
             strategy: StrategySettings::default(),
             clients: ClientSettings::default(),
             privacy: PrivacySettings::default(),
+            secure_aggregation: SecureAggregationSettings::default(),
             security: SecuritySettings::default(),
         }
     }
@@ -734,6 +741,67 @@ mod tests {
             let err = load(&base(&d), vec![(var, value)]).unwrap_err();
             assert!(err.to_string().contains(key), "`{err}` should name `{key}`");
         }
+        for (var, value, key) in [
+            ("FEDTUNE__SECURE_AGGREGATION__THRESHOLD", "1", "secure_aggregation.threshold"),
+            ("FEDTUNE__SECURE_AGGREGATION__STEP_TIMEOUT", "0s", "secure_aggregation.step_timeout"),
+            ("FEDTUNE__SECURE_AGGREGATION__UNMASK_TIMEOUT", "0s", "secure_aggregation.unmask_timeout"),
+            ("FEDTUNE__SECURE_AGGREGATION__CLIP_NORM", "0", "secure_aggregation.clip_norm"),
+            (
+                "FEDTUNE__SECURE_AGGREGATION__MAX_WRAP_PROBABILITY",
+                "1",
+                "secure_aggregation.max_wrap_probability",
+            ),
+        ] {
+            let vars = vec![("FEDTUNE__SECURE_AGGREGATION__ENABLED", "true"), (var, value)];
+            let err = load(&base(&d), vars).unwrap_err();
+            assert!(err.to_string().contains(key), "`{err}` should name `{key}`");
+        }
+        let local = [("FEDTUNE__PRIVACY__MODE", "local"), ("FEDTUNE__PRIVACY__NOISE_MULTIPLIER", "1.0")];
+        let one = [("FEDTUNE__ROUNDS__MIN_FIT", "1"), ("FEDTUNE__ROUNDS__MIN_AVAILABLE", "1")];
+        for (vars, key) in [(&local[..], "secure_aggregation.enabled"), (&one[..], "rounds.min_fit")] {
+            let mut vars = vars.to_vec();
+            vars.push(("FEDTUNE__SECURE_AGGREGATION__ENABLED", "true"));
+            let err = load(&base(&d), vars).unwrap_err();
+            assert!(err.to_string().contains(key), "`{err}` should name `{key}`");
+        }
+        // Adaptive clipping's indicator is a per-client metric in the clear.
+        let adaptive = vec![
+            ("FEDTUNE__PRIVACY__MODE", "central"),
+            ("FEDTUNE__PRIVACY__NOISE_MULTIPLIER", "1.0"),
+            ("FEDTUNE__PRIVACY__ADAPTIVE_CLIPPING__COUNT_NOISE_STD", "5.0"),
+        ];
+        load(&base(&d), adaptive.clone()).expect("adaptive clipping alone is fine");
+        let mut vars = adaptive;
+        vars.push(("FEDTUNE__SECURE_AGGREGATION__ENABLED", "true"));
+        let err = load(&base(&d), vars).unwrap_err();
+        assert!(err.to_string().contains("privacy.adaptive_clipping"), "{err}");
+    }
+
+    #[test]
+    fn distributed_noise_is_accepted_with_secure_aggregation_and_refused_without() {
+        let d = model_dir();
+        let dp =
+            vec![("FEDTUNE__PRIVACY__MODE", "distributed"), ("FEDTUNE__PRIVACY__NOISE_MULTIPLIER", "1.0")];
+        let err = load(&base(&d), dp.clone()).unwrap_err();
+        assert!(err.to_string().contains("privacy.mode"), "{err}");
+        let mut with = dp;
+        with.push(("FEDTUNE__SECURE_AGGREGATION__ENABLED", "true"));
+        let s = load(&base(&d), with).unwrap();
+        assert!(s.secure_aggregation.enabled);
+    }
+
+    #[test]
+    fn the_default_threshold_is_two_thirds_of_a_secrets_holders_within_bounds() {
+        use super::secure_aggregation::default_threshold;
+        // k = n - 1 (complete graph): holders = n.
+        assert_eq!(default_threshold(2, 1), 2);
+        assert_eq!(default_threshold(3, 2), 2);
+        assert_eq!(default_threshold(4, 3), 3);
+        assert_eq!(default_threshold(10, 9), 7);
+        // A sparse graph: holders = k + 1 whatever n.
+        assert_eq!(default_threshold(100, 8), 6);
+        let s = SecureAggregationSettings { threshold: Some(50), ..Default::default() };
+        assert_eq!(s.threshold_for(4, 3), 4, "capped at the holders");
     }
 
     #[test]

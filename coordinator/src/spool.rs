@@ -30,13 +30,24 @@ pub struct SpoolWriter {
     /// Unbuffered: chunks are 1–4 MiB already, and a buffer per upload would only add churn.
     file: Option<std::fs::File>,
     tracker: ChunkTracker,
-    manifest: Arc<Manifest>,
+    /// The layout every value is checked against; `None` for a masked input, whose values are
+    /// uniform in Z_{2^32} and have nothing to check (only order, size and digest).
+    manifest: Option<Arc<Manifest>>,
     sumsq: f64,
 }
 
 impl SpoolWriter {
     /// Creates `dir/name.upload` for a payload of `total` bytes following `manifest`.
     pub fn create(dir: &Path, name: &str, total: u64, manifest: Arc<Manifest>) -> Result<Self, RoundError> {
+        Self::open(dir, name, total, Some(manifest))
+    }
+
+    /// Creates `dir/name.upload` for a masked input of `total` bytes (secure aggregation).
+    pub fn create_masked(dir: &Path, name: &str, total: u64) -> Result<Self, RoundError> {
+        Self::open(dir, name, total, None)
+    }
+
+    fn open(dir: &Path, name: &str, total: u64, manifest: Option<Arc<Manifest>>) -> Result<Self, RoundError> {
         let path = dir.join(format!("{name}.upload"));
         // 0600: a staged update is a client's contribution before any noise the server adds.
         let file = std::os::unix::fs::OpenOptionsExt::mode(
@@ -67,7 +78,9 @@ impl SpoolWriter {
             }
             other => RoundError::Chunk(other),
         })?;
-        self.sumsq += check_values(&self.manifest, (offset / 4) as usize, data)?;
+        if let Some(manifest) = &self.manifest {
+            self.sumsq += check_values(manifest, (offset / 4) as usize, data)?;
+        }
         let file = self.file.as_mut().expect("open until finished");
         file.write_all(data)
             .map_err(|e| RoundError::Internal(format!("spool write {}: {e}", self.path.display())))?;

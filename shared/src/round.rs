@@ -29,6 +29,8 @@ pub enum PhaseName {
     Aggregating,
     /// Committing and publishing.
     Publishing,
+    /// A secure round's survivors reveal the shares that remove the masks from the sum.
+    Unmasking,
     /// Federated evaluation of the new model.
     Evaluating,
     /// A round failed; retry or halt.
@@ -51,6 +53,7 @@ impl fmt::Display for PhaseName {
             PhaseName::Failure => "failure",
             PhaseName::Finished => "finished",
             PhaseName::Shutdown => "shutdown",
+            PhaseName::Unmasking => "unmasking",
         })
     }
 }

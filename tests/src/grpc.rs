@@ -237,6 +237,11 @@ impl TestClient {
         &self.joined.as_ref().expect("joined").trainable_manifest
     }
 
+    /// A request carrying this client's session token, for calls made on [`Self::raw`].
+    pub fn authed<T>(&self, msg: T) -> Request<T> {
+        self.req(msg)
+    }
+
     fn req<T>(&self, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
         if let Some(t) = &self.token {

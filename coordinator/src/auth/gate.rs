@@ -23,13 +23,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use fedtune_shared::auth::{verify_upload, ChallengeGrant, ChallengeRequest, EnrollRequest, JoinProof};
+use fedtune_shared::auth::{
+    verify_masked_upload, verify_upload, ChallengeGrant, ChallengeRequest, EnrollRequest, JoinProof,
+};
 use fedtune_shared::crypto::{
     verify_challenge, CertificateDigest, CryptoError, OperatorCheck, OperatorToken, SessionAuthority,
     SessionSecret, OPERATOR_TOKEN_FILE,
 };
 use fedtune_shared::ids::ClientId;
-use fedtune_shared::round::{JoinRequest, UpdateHeader, UpdateTrailer};
+use fedtune_shared::round::{JoinRequest, MaskedUpdateHeader, UpdateHeader, UpdateTrailer};
 use tracing::{info, warn};
 
 use super::allowlist::{unix_now, Allowlist, AllowlistError, Standing};
@@ -142,6 +144,14 @@ impl ClientAuth {
 }
 
 impl Authenticator for ClientAuth {
+    fn identity(&self, client: &ClientId) -> Option<fedtune_shared::crypto::PublicKey> {
+        // Read at selection: a client revoked since it joined is left out of the roster.
+        match self.allowlist.standing(client) {
+            Ok(Standing::Allowed(key)) => Some(key),
+            _ => None,
+        }
+    }
+
     fn challenge(&self, request: &ChallengeRequest) -> Result<ChallengeGrant, RoundError> {
         let name = &request.name;
         let may_join = matches!(self.allowlist.standing(name).map_err(internal)?, Standing::Allowed(_))
@@ -320,6 +330,27 @@ impl UpdateVerifier for ClientAuth {
         )
         .map_err(|e| {
             warn!(client = %client, round = header.id.round, reason = %e, "update signature refused");
+            RoundError::BadSignature(e.to_string())
+        })
+    }
+
+    fn verify_masked(
+        &self,
+        client: &ClientId,
+        header: &MaskedUpdateHeader,
+        trailer: &UpdateTrailer,
+    ) -> Result<(), RoundError> {
+        let key = self.allowed_key(client)?;
+        verify_masked_upload(
+            &key,
+            &self.federation_id,
+            client,
+            header,
+            &trailer.payload_digest,
+            trailer.signature.as_ref(),
+        )
+        .map_err(|e| {
+            warn!(client = %client, round = header.header.id.round, reason = %e, "masked update signature refused");
             RoundError::BadSignature(e.to_string())
         })
     }

@@ -7,7 +7,7 @@
 use fedtune_shared::auth::{ChallengeGrant, ChallengeRequest, EnrollRequest, JoinProof};
 use fedtune_shared::crypto::CertificateDigest;
 use fedtune_shared::ids::ClientId;
-use fedtune_shared::round::{JoinRequest, UpdateHeader, UpdateTrailer};
+use fedtune_shared::round::{JoinRequest, MaskedUpdateHeader, UpdateHeader, UpdateTrailer};
 
 use crate::error::RoundError;
 
@@ -57,6 +57,12 @@ pub trait Authenticator: Send + Sync + 'static {
     fn federation_id(&self) -> Option<String> {
         None
     }
+    /// The registered identity (Ed25519) key of an admitted client, which a secure round's
+    /// roster lists. `None` by default: without a registry of keys there is no secure round.
+    fn identity(&self, client: &ClientId) -> Option<fedtune_shared::crypto::PublicKey> {
+        let _ = client;
+        None
+    }
 }
 
 /// Checks the signature in an upload's trailer.
@@ -66,6 +72,14 @@ pub trait UpdateVerifier: Send + Sync + 'static {
         &self,
         client: &ClientId,
         header: &UpdateHeader,
+        trailer: &UpdateTrailer,
+    ) -> Result<(), RoundError>;
+    /// Accepts or refuses a masked upload (secure aggregation) whose payload digest verified:
+    /// its signature also covers the secure round's context, under its own label.
+    fn verify_masked(
+        &self,
+        client: &ClientId,
+        header: &MaskedUpdateHeader,
         trailer: &UpdateTrailer,
     ) -> Result<(), RoundError>;
 }

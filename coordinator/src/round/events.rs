@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use fedtune_shared::ids::{ModelVersion, RoundId};
 use fedtune_shared::round::PhaseName;
+use fedtune_shared::secagg::RoundContext;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -32,6 +33,8 @@ pub struct EventPublisher {
     /// Bumped whenever tasks are assigned or withdrawn, or the federation finishes: long-polls
     /// wait on it instead of spinning.
     tasks: watch::Sender<u64>,
+    /// The secure round in progress, if any.
+    secure: watch::Sender<Option<Arc<RoundContext>>>,
 }
 
 /// Reading side, cloned into every RPC handler.
@@ -43,6 +46,10 @@ pub struct EventSubscriber {
     pub model: watch::Receiver<Arc<GlobalModel>>,
     /// Task epoch (see [`EventPublisher`]).
     pub tasks: watch::Receiver<u64>,
+    /// The context of the secure-aggregation attempt in progress (`None` when none is): RPC
+    /// handlers convert SecAgg messages against it at the edge, and secure-step long-polls wait
+    /// on `tasks`, which is bumped whenever a secure step closes or the attempt ends.
+    pub secure: watch::Receiver<Option<Arc<RoundContext>>>,
 }
 
 impl EventPublisher {
@@ -51,9 +58,10 @@ impl EventPublisher {
         let (s_tx, s_rx) = watch::channel(state);
         let (m_tx, m_rx) = watch::channel(model);
         let (t_tx, t_rx) = watch::channel(0);
+        let (sec_tx, sec_rx) = watch::channel(None);
         (
-            Self { state: s_tx, model: m_tx, tasks: t_tx },
-            EventSubscriber { state: s_rx, model: m_rx, tasks: t_rx },
+            Self { state: s_tx, model: m_tx, tasks: t_tx, secure: sec_tx },
+            EventSubscriber { state: s_rx, model: m_rx, tasks: t_rx, secure: sec_rx },
         )
     }
 
@@ -80,6 +88,19 @@ impl EventPublisher {
     /// Wakes long-polls.
     pub fn tasks_changed(&self) {
         self.tasks.send_modify(|n| *n += 1);
+    }
+
+    /// Withdraws the secure attempt's context if one is published.
+    pub fn clear_secure(&self) {
+        if self.secure.borrow().is_some() {
+            self.set_secure(None);
+        }
+    }
+
+    /// Publishes the secure attempt in progress (or its end) and wakes long-polls.
+    pub fn set_secure(&self, ctx: Option<Arc<RoundContext>>) {
+        self.secure.send_replace(ctx);
+        self.tasks_changed();
     }
 }
 

@@ -11,7 +11,10 @@
 //!     Selecting --> Training: sample recorded, tasks assigned
 //!     Selecting --> Failure: sample < min_fit
 //!     Training --> Aggregating: deadline or all reported, ≥ min_fit folded
-//!     Training --> Failure: < min_fit folded by the deadline
+//!     Training --> Unmasking: secure round, ≥ min_fit and ≥ t masked inputs folded
+//!     Unmasking --> Aggregating: masks removed, sum decoded
+//!     Unmasking --> Failure: too few answers or shares, implausible sum
+//!     Training --> Failure: < min_fit folded by the deadline (secure: a step below t)
 //!     Aggregating --> Publishing: strategy produced new weights
 //!     Aggregating --> Failure: strategy kept the old model
 //!     Publishing --> Evaluating: evaluation due
@@ -35,6 +38,10 @@
 //!   checked, and folded into the fixed-point sum only after its digest verified (off the
 //!   reactor, one fold at a time, while requests keep being served). It ends at the deadline or
 //!   when every drawn client has either delivered or failed.
+//!   Under secure aggregation training runs the sub-steps advertising → sharing → masking
+//!   first ([`phases::secure`]): masked inputs are folded into the ring sum instead.
+//! - **Unmasking** (secure rounds) collects the survivors' shares, removes the masks and
+//!   decodes the sum, then goes on like a plain round.
 //! - **Aggregating** hands the exact weighted sum to the strategy, which chooses its
 //!   denominator and steps; a privacy charge that comes back is booked with the strategy.
 //! - **Publishing** writes checkpoint and strategy state, commits round record, outcomes and
@@ -62,6 +69,7 @@ use self::phase::{Phase, Shared};
 use self::phases::{
     aggregating::Aggregating, evaluating::Evaluating, failure::Failure, finished::Finished, idle::Idle,
     publishing::Publishing, selecting::Selecting, shutdown::Shutdown, training::Training,
+    unmasking::Unmasking,
 };
 
 /// The state machine: one variant per phase, each holding that phase's private state, so
@@ -71,6 +79,7 @@ pub(crate) enum Round {
     Idle(Idle),
     Selecting(Selecting),
     Training(Training),
+    Unmasking(Unmasking),
     Aggregating(Aggregating),
     Publishing(Publishing),
     Evaluating(Evaluating),
@@ -99,6 +108,7 @@ pub(crate) async fn run(mut shared: Shared, start: Round) -> ActorExit {
             Round::Idle(p) => step(p, &mut shared).instrument(span).await,
             Round::Selecting(p) => step(p, &mut shared).instrument(span).await,
             Round::Training(p) => step(p, &mut shared).instrument(span).await,
+            Round::Unmasking(p) => step(p, &mut shared).instrument(span).await,
             Round::Aggregating(p) => step(p, &mut shared).instrument(span).await,
             Round::Publishing(p) => step(p, &mut shared).instrument(span).await,
             Round::Evaluating(p) => step(p, &mut shared).instrument(span).await,
@@ -106,9 +116,15 @@ pub(crate) async fn run(mut shared: Shared, start: Round) -> ActorExit {
             Round::Finished(p) => step(p, &mut shared).instrument(span).await,
             Round::Shutdown(p) => {
                 shared.enter(Shutdown::NAME, None);
+                shared.events.set_secure(None);
                 return p.finish(&mut shared).instrument(span).await;
             }
         };
+        // A secure attempt lives only in training and unmasking: once the actor is elsewhere
+        // its context is withdrawn, so its messages are refused at the edge.
+        if !matches!(state, Round::Training(_) | Round::Unmasking(_)) {
+            shared.events.clear_secure();
+        }
     }
 }
 

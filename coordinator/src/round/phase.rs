@@ -114,6 +114,11 @@ pub(crate) struct Shared {
     /// The strategy's differential-privacy state, if it has one (read by status without
     /// locking the strategy, which aggregation may hold for a while).
     pub(crate) privacy: Option<crate::privacy::PrivacyMonitor>,
+    /// The federation id update signatures and secure rounds are bound to (empty under seams
+    /// that have none).
+    pub(crate) federation_id: String,
+    /// Where a secure round's roster finds the clients' registered identity keys.
+    pub(crate) identities: Arc<dyn crate::auth::Authenticator>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -267,7 +272,7 @@ impl Shared {
                 let out = self.status(recent, now).await;
                 let _ = reply.send(out);
             }
-            Request::BeginUpload(client, header, reply) => {
+            Request::BeginUpload(client, header, _, reply) => {
                 self.registry.touch(&client, None, now);
                 let _ = reply.send(Err(self.refuse_upload(header.id)));
             }
@@ -286,6 +291,20 @@ impl Shared {
             Request::ReportEvaluation(client, report, reply) => {
                 self.registry.touch(&client, Some(ClientActivity::Idle), now);
                 let _ = reply.send(Err(RoundError::NoEvaluationTask { client, round: report.round }));
+            }
+            // No secure step is open in this phase: the attempt a SecAgg message names is over
+            // (or never was); the client stops its task.
+            Request::AdvertiseKeys(client, msg, reply) => {
+                let _ = reply.send(Err(self.secure_attempt_over(client, msg.round)));
+            }
+            Request::SendShares(client, msg, reply) => {
+                let _ = reply.send(Err(self.secure_attempt_over(client, msg.round)));
+            }
+            Request::AwaitSecAggStep(client, round, _, reply) => {
+                let _ = reply.send(Err(self.secure_attempt_over(client, round)));
+            }
+            Request::AnswerUnmask(client, msg, reply) => {
+                let _ = reply.send(Err(self.secure_attempt_over(client, msg.round)));
             }
         }
     }
@@ -346,6 +365,23 @@ impl Shared {
                 }
             }
             None => Task::None { retry_after: Duration::ZERO, phase: self.phase, round: self.round.round },
+        }
+    }
+
+    /// The refusal of a secure-aggregation message when no secure step is open.
+    pub(crate) fn secure_attempt_over(
+        &self,
+        client: ClientId,
+        round: fedtune_shared::secagg::RoundRef,
+    ) -> RoundError {
+        let id = RoundId::new(round.round, round.attempt);
+        RoundError::AttemptEnded {
+            round: id,
+            client,
+            reason: format!(
+                "no secure step is open (the coordinator is at {}, phase {})",
+                self.round, self.phase
+            ),
         }
     }
 

@@ -9,6 +9,9 @@ use fedtune_shared::round::{
     EvalReport, FailureReport, Heartbeat, HeartbeatReply, JoinRequest, StatusReport, Task, UpdateHeader,
     UploadReceipt,
 };
+use fedtune_shared::secagg::{
+    AwaitedStep, KeyAdvertisement, RoundRef, RoundUnmaskAnswer, ShareUpload, StepInput,
+};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Span;
 
@@ -37,6 +40,9 @@ pub struct UploadTicket {
     pub client: ClientId,
     /// The checked header.
     pub header: UpdateHeader,
+    /// For a masked upload, the secure round's context digest it names (`None`: a plain
+    /// `f32` delta).
+    pub masked: Option<[u8; 32]>,
     /// When the round closes to uploads: the stream (and any wait for an upload slot) ends then.
     pub deadline: tokio::time::Instant,
 }
@@ -50,8 +56,9 @@ pub enum Request {
     Poll(ClientId, Reply<Task>),
     /// Liveness.
     Heartbeat(ClientId, Heartbeat, Reply<HeartbeatReply>),
-    /// Start an upload: check its header, reserve the client's slot.
-    BeginUpload(ClientId, UpdateHeader, Reply<UploadTicket>),
+    /// Start an upload: check its header (and, for a masked upload, the round context it names),
+    /// reserve the client's slot.
+    BeginUpload(ClientId, UpdateHeader, Option<[u8; 32]>, Reply<UploadTicket>),
     /// A verified upload: fold it (the reply comes once it is folded).
     CommitUpload(UploadTicket, StagedUpdate, Reply<UploadReceipt>),
     /// An upload ended without a commit (error or disconnect): free the slot.
@@ -64,6 +71,16 @@ pub enum Request {
     Leave(ClientId, Reply<()>),
     /// Operator view.
     Status(usize, Reply<StatusReport>),
+    /// Secure aggregation, step 1: a client's signed agreement keys (converted against the
+    /// round's context at the edge).
+    AdvertiseKeys(ClientId, KeyAdvertisement, Reply<()>),
+    /// Secure aggregation, step 2: a client's sealed share bundles.
+    SendShares(ClientId, ShareUpload, Reply<()>),
+    /// Secure aggregation: what a client waits for, answered at once (`Pending` when not ready;
+    /// the handler waits on the task epoch between asks, like `Poll`).
+    AwaitSecAggStep(ClientId, RoundRef, AwaitedStep, Reply<StepInput>),
+    /// Secure aggregation, step 4: a survivor's unmasking answer.
+    AnswerUnmask(ClientId, RoundUnmaskAnswer, Reply<()>),
 }
 
 /// A request with the span of the call that made it.
@@ -109,8 +126,34 @@ impl RoundHandle {
         &self,
         client: ClientId,
         header: UpdateHeader,
+        masked: Option<[u8; 32]>,
     ) -> Result<UploadTicket, RoundError> {
-        self.ask(|r| Request::BeginUpload(client, header, r)).await
+        self.ask(|r| Request::BeginUpload(client, header, masked, r)).await
+    }
+
+    /// See [`Request::AdvertiseKeys`].
+    pub async fn advertise_keys(&self, client: ClientId, msg: KeyAdvertisement) -> Result<(), RoundError> {
+        self.ask(|r| Request::AdvertiseKeys(client, msg, r)).await
+    }
+
+    /// See [`Request::SendShares`].
+    pub async fn send_shares(&self, client: ClientId, msg: ShareUpload) -> Result<(), RoundError> {
+        self.ask(|r| Request::SendShares(client, msg, r)).await
+    }
+
+    /// See [`Request::AwaitSecAggStep`].
+    pub async fn await_secagg_step(
+        &self,
+        client: ClientId,
+        round: RoundRef,
+        step: AwaitedStep,
+    ) -> Result<StepInput, RoundError> {
+        self.ask(|r| Request::AwaitSecAggStep(client, round, step, r)).await
+    }
+
+    /// See [`Request::AnswerUnmask`].
+    pub async fn answer_unmask(&self, client: ClientId, msg: RoundUnmaskAnswer) -> Result<(), RoundError> {
+        self.ask(|r| Request::AnswerUnmask(client, msg, r)).await
     }
 
     /// See [`Request::CommitUpload`].

@@ -6,10 +6,13 @@
 //! per stream before any check ran. [`BodyLimit`] wraps the service and cuts the body of every
 //! call but `UploadUpdate` off at [`MAX_UNARY_REQUEST_BYTES`], answering RESOURCE_EXHAUSTED;
 //! upload messages stay bounded by the service's message limit (one chunk plus header room).
+//! The two secure-aggregation calls that carry a share bundle per neighbour (`SendShares`,
+//! `AnswerUnmask`) get [`MAX_SECAGG_REQUEST_BYTES`] instead.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use fedtune_shared::limits::MAX_SECAGG_REQUEST_BYTES;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tonic::body::Body;
 use tonic::codegen::{http, Bytes, Service};
@@ -23,6 +26,20 @@ pub const MAX_UNARY_REQUEST_BYTES: usize = 16 << 10;
 
 /// The one method whose body may be large (its messages are bounded by the service's limit).
 pub(crate) const UPLOAD_PATH: &str = "/fedtune.v1.Coordinator/UploadUpdate";
+
+/// The calls whose body may reach [`MAX_SECAGG_REQUEST_BYTES`]: their size grows with the
+/// secure round's graph degree.
+const SECAGG_PATHS: [&str; 2] =
+    ["/fedtune.v1.Coordinator/SendShares", "/fedtune.v1.Coordinator/AnswerUnmask"];
+
+/// The body limit of a call other than `UploadUpdate`.
+fn limit_of(path: &str) -> usize {
+    if SECAGG_PATHS.contains(&path) {
+        MAX_SECAGG_REQUEST_BYTES
+    } else {
+        MAX_UNARY_REQUEST_BYTES
+    }
+}
 
 /// Wraps a gRPC service so that request bodies are limited per method.
 #[derive(Debug, Clone)]
@@ -58,8 +75,8 @@ where
             return self.inner.call(req);
         }
         let method = req.uri().path().to_string();
-        self.inner
-            .call(req.map(|body| Body::new(Limited { inner: body, left: MAX_UNARY_REQUEST_BYTES, method })))
+        let limit = limit_of(&method);
+        self.inner.call(req.map(|body| Body::new(Limited { inner: body, left: limit, limit, method })))
     }
 }
 
@@ -68,6 +85,7 @@ where
 struct Limited {
     inner: Body,
     left: usize,
+    limit: usize,
     method: String,
 }
 
@@ -87,8 +105,8 @@ impl HttpBody for Limited {
         let len = frame.data_ref().map_or(0, Bytes::len);
         if len > this.left {
             return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
-                "request body of {} exceeds its limit of {MAX_UNARY_REQUEST_BYTES} bytes",
-                this.method
+                "request body of {} exceeds its limit of {} bytes",
+                this.method, this.limit
             )))));
         }
         this.left -= len;
@@ -101,5 +119,18 @@ impl HttpBody for Limited {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn share_bundles_and_unmask_answers_get_the_secagg_limit_and_every_other_call_16_kib() {
+        assert_eq!(limit_of("/fedtune.v1.Coordinator/SendShares"), MAX_SECAGG_REQUEST_BYTES);
+        assert_eq!(limit_of("/fedtune.v1.Coordinator/AnswerUnmask"), MAX_SECAGG_REQUEST_BYTES);
+        assert_eq!(limit_of("/fedtune.v1.Coordinator/AdvertiseKeys"), MAX_UNARY_REQUEST_BYTES);
+        assert_eq!(limit_of("/fedtune.v1.Coordinator/JoinChallenge"), MAX_UNARY_REQUEST_BYTES);
     }
 }

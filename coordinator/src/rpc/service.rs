@@ -25,11 +25,15 @@ use std::time::Duration;
 
 use fedtune_shared::auth::{ChallengeRequest, EnrollRequest, JoinProof};
 use fedtune_shared::chunk::{chunk_ranges, ChunkError, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, MIN_CHUNK_BYTES};
+use fedtune_shared::convert::awaited_step_from_pb;
 use fedtune_shared::ids::ClientId;
 use fedtune_shared::pb::{self, coordinator_server::Coordinator};
 use fedtune_shared::round::{
     Chunk, DownloadItem, DownloadRequest, EvalReport, FailureReport, Heartbeat, JoinRequest, JoinResponse,
-    Limits, ModelHeader, PhaseName, Task, UploadItem,
+    Limits, MaskedUpdateHeader, ModelHeader, PhaseName, Task, UpdateHeader, UploadItem,
+};
+use fedtune_shared::secagg::{
+    KeyAdvertisement, RoundContext, RoundRef, RoundUnmaskAnswer, ShareUpload, StepInput,
 };
 use futures::Stream;
 use rustls::pki_types::CertificateDer;
@@ -290,38 +294,66 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(pb::EnrollResponse { client_id: client.into() }))
     }
 
-    // Secure aggregation is not wired into the round actor yet (issue 11): no round is ever
-    // secure, so every SecAgg call is a call for a round that does not exist.
+    // Secure aggregation: each message is converted against the secure attempt's context
+    // published by the actor (slots and sizes are checked at the edge), then the actor checks
+    // the round it names and hands it to the protocol core.
     async fn advertise_keys(
         &self,
         req: Request<pb::AdvertiseKeysRequest>,
     ) -> Result<Response<pb::AdvertiseKeysResponse>, Status> {
-        self.client(&req)?;
-        Err(no_secure_round())
+        let (client, _slot) = self.client(&req)?;
+        let ctx = self.secure_context()?;
+        let msg = KeyAdvertisement::from_pb(req.into_inner(), &ctx).map_err(RoundError::from)?;
+        self.handle.advertise_keys(client, msg).await?;
+        Ok(Response::new(pb::AdvertiseKeysResponse {}))
     }
 
     async fn send_shares(
         &self,
         req: Request<pb::SendSharesRequest>,
     ) -> Result<Response<pb::SendSharesResponse>, Status> {
-        self.client(&req)?;
-        Err(no_secure_round())
+        let (client, _slot) = self.client(&req)?;
+        let ctx = self.secure_context()?;
+        let msg = ShareUpload::from_pb(req.into_inner(), &ctx).map_err(RoundError::from)?;
+        self.handle.send_shares(client, msg).await?;
+        Ok(Response::new(pb::SendSharesResponse {}))
     }
 
     async fn await_sec_agg_step(
         &self,
         req: Request<pb::AwaitSecAggStepRequest>,
     ) -> Result<Response<pb::AwaitSecAggStepResponse>, Status> {
-        self.client(&req)?;
-        Err(no_secure_round())
+        let (client, _slot) = self.client(&req)?;
+        let req = req.into_inner();
+        let round = RoundRef::from_pb(req.round).map_err(RoundError::from)?;
+        let step = awaited_step_from_pb(req.step).map_err(RoundError::from)?;
+        let wait = Duration::from_millis(req.max_wait_ms).min(self.settings.server.long_poll);
+        let until = tokio::time::Instant::now() + wait;
+        let mut epoch = self.handle.events.tasks.clone();
+        loop {
+            // Seen before asking, so a step closing between the answer and the wait wakes us.
+            epoch.borrow_and_update();
+            let input = self.handle.await_secagg_step(client.clone(), round, step).await?;
+            if !matches!(input, StepInput::Pending) || tokio::time::Instant::now() >= until {
+                return Ok(Response::new((&input).into()));
+            }
+            tokio::select! {
+                changed = epoch.changed() => if changed.is_err() { return Err(RoundError::ShuttingDown.into()) },
+                _ = tokio::time::sleep_until(until) => {}
+                _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
+            }
+        }
     }
 
     async fn answer_unmask(
         &self,
         req: Request<pb::UnmaskAnswer>,
     ) -> Result<Response<pb::AnswerUnmaskResponse>, Status> {
-        self.client(&req)?;
-        Err(no_secure_round())
+        let (client, _slot) = self.client(&req)?;
+        let ctx = self.secure_context()?;
+        let msg = RoundUnmaskAnswer::from_pb(req.into_inner(), &ctx).map_err(RoundError::from)?;
+        self.handle.answer_unmask(client, msg).await?;
+        Ok(Response::new(pb::AnswerUnmaskResponse {}))
     }
 
     async fn wait_for_task(
@@ -452,14 +484,15 @@ impl Coordinator for CoordinatorService {
         let certificate = presented_certificate(&req);
         let idle = self.settings.server.upload_idle_timeout;
         let mut stream = req.into_inner();
-        let header = match next_upload_item_within(&mut stream, idle).await? {
-            Some(UploadItem::Header(h)) => h,
-            Some(_) => return Err(RoundError::Protocol("an upload must start with its header".into()).into()),
-            None => return Err(RoundError::Protocol("empty upload stream".into()).into()),
+        let (header, masked) = match first_upload_item(&mut stream, idle).await? {
+            FirstItem::Plain(h) => (h, None),
+            FirstItem::Masked(m) => (m.header.clone(), Some(m)),
         };
         let span =
             info_span!("upload", client = %client, round = header.id.round, attempt = header.id.attempt);
-        let ticket = self.handle.begin_upload(client.clone(), header).instrument(span.clone()).await?;
+        let context = masked.as_ref().map(|m| m.secagg_context);
+        let ticket =
+            self.handle.begin_upload(client.clone(), header, context).instrument(span.clone()).await?;
         // If this call is dropped (the client reset the stream), the guard frees the slot from
         // `Drop`; on every other exit the slot is freed below, before the status is returned,
         // so a retry from the same client cannot overtake the release.
@@ -502,10 +535,16 @@ impl Coordinator for CoordinatorService {
             let dir = self.spool_dir.clone();
             let name =
                 format!("{}-{}-{}-{}", ticket.round.round, ticket.round.attempt, client, ticket.upload_id);
-            let mut writer =
-                tokio::task::spawn_blocking(move || SpoolWriter::create(&dir, &name, total, manifest))
-                    .await
-                    .map_err(|e| RoundError::Internal(e.to_string()))??;
+            let is_masked = masked.is_some();
+            let mut writer = tokio::task::spawn_blocking(move || {
+                if is_masked {
+                    SpoolWriter::create_masked(&dir, &name, total)
+                } else {
+                    SpoolWriter::create(&dir, &name, total, manifest)
+                }
+            })
+            .await
+            .map_err(|e| RoundError::Internal(e.to_string()))??;
             let trailer = loop {
                 let item = tokio::select! {
                     biased;
@@ -545,7 +584,10 @@ impl Coordinator for CoordinatorService {
             if next_upload_item_within(&mut stream, idle).await?.is_some() {
                 return Err(RoundError::Protocol("messages after the trailer".into()).into());
             }
-            self.verifier.verify(&client, &ticket.header, &trailer)?;
+            match &masked {
+                Some(m) => self.verifier.verify_masked(&client, m, &trailer)?,
+                None => self.verifier.verify(&client, &ticket.header, &trailer)?,
+            }
             let digest = trailer.payload_digest;
             let staged = tokio::task::spawn_blocking(move || writer.finish(&digest))
                 .await
@@ -620,8 +662,51 @@ impl Coordinator for CoordinatorService {
     }
 }
 
-fn no_secure_round() -> Status {
-    Status::failed_precondition(
-        "no secure-aggregation round is in progress: this federation does not run secure aggregation",
-    )
+impl CoordinatorService {
+    /// The context of the secure attempt in progress, to convert its messages against.
+    fn secure_context(&self) -> Result<Arc<RoundContext>, RoundError> {
+        self.handle.events.secure.borrow().clone().ok_or_else(|| {
+            RoundError::NoSecureRound(if self.settings.secure_aggregation.enabled {
+                String::new()
+            } else {
+                ": this federation does not run secure aggregation".into()
+            })
+        })
+    }
+}
+
+/// The first message of an upload: a plain header, or a masked one (secure aggregation).
+enum FirstItem {
+    Plain(UpdateHeader),
+    Masked(MaskedUpdateHeader),
+}
+
+/// Reads an upload's first message, which must be its header; a `masked_u32` header is read as
+/// a [`MaskedUpdateHeader`], any other through the plain conversion.
+async fn first_upload_item(
+    stream: &mut Streaming<pb::UploadUpdateRequest>,
+    idle: Duration,
+) -> Result<FirstItem, Status> {
+    use pb::upload_update_request::Item;
+    let msg = tokio::time::timeout(idle, stream.message())
+        .await
+        .map_err(|_| Status::from(RoundError::UploadIdle { idle }))?
+        .map_err(|s| {
+            if s.code() == tonic::Code::OutOfRange {
+                Status::resource_exhausted(s.message().to_string())
+            } else {
+                s
+            }
+        })?;
+    let Some(msg) = msg else {
+        return Err(RoundError::Protocol("empty upload stream".into()).into());
+    };
+    match msg.item {
+        Some(Item::Header(h)) if h.encoding == pb::UpdateEncoding::MaskedU32 as i32 => {
+            Ok(FirstItem::Masked(MaskedUpdateHeader::try_from(h).map_err(RoundError::from)?))
+        }
+        Some(Item::Header(h)) => Ok(FirstItem::Plain(UpdateHeader::try_from(h).map_err(RoundError::from)?)),
+        Some(_) => Err(RoundError::Protocol("an upload must start with its header".into()).into()),
+        None => Err(RoundError::from(fedtune_shared::convert::ConvertError::Missing("item")).into()),
+    }
 }

@@ -7,6 +7,7 @@
 //! internal failures are logged here and reach the client only as "internal error".
 
 use fedtune_shared::chunk::ChunkError;
+use fedtune_shared::secagg::SecAggError;
 use tonic::Status;
 use tracing::error;
 
@@ -17,6 +18,10 @@ impl From<RoundError> for Status {
         use RoundError as E;
         let msg = err.to_string();
         match err {
+            E::SecAgg(e) => secagg_status(&e, msg),
+            E::AttemptEnded { .. } => Status::aborted(msg),
+            E::NoSecureRound(_) | E::SecureStep { .. } => Status::failed_precondition(msg),
+            E::WrongEncoding(_) => Status::invalid_argument(msg),
             E::Convert(_)
             | E::Protocol(_)
             | E::Misaligned { .. }
@@ -57,6 +62,23 @@ impl From<RoundError> for Status {
                 Status::internal("internal error")
             }
         }
+    }
+}
+
+/// A refusal of the secure-aggregation core: a repeat is ALREADY_EXISTS, a message at the wrong
+/// step or for another attempt FAILED_PRECONDITION, a malformed or forged one INVALID_ARGUMENT.
+fn secagg_status(err: &SecAggError, msg: String) -> Status {
+    use SecAggError as S;
+    match err {
+        S::Duplicate { .. } => Status::already_exists(msg),
+        S::WrongStep(_) | S::WrongRound { .. } | S::BelowThreshold { .. } | S::NotEnoughShares { .. } => {
+            Status::failed_precondition(msg)
+        }
+        S::Rng => {
+            error!(cause = %msg, "internal error while serving a request");
+            Status::internal("internal error")
+        }
+        _ => Status::invalid_argument(msg),
     }
 }
 

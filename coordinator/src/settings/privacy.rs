@@ -96,7 +96,9 @@ pub struct PrivacySettings {
     /// The fixed averaging denominator `n̄`. Absent: `q·N` (Poisson, `N` live clients at the
     /// round's draw, treated as public) or the cohort size (fixed-size and full participation).
     pub expected_clients: Option<f64>,
-    /// Run `distributed` although secure aggregation does not exist yet (see [`crate::privacy`]).
+    /// Run `distributed` without secure aggregation (the coordinator then sees each update with
+    /// only its share of the noise; see [`crate::privacy`]). Irrelevant with
+    /// `secure_aggregation.enabled`.
     pub allow_distributed_without_secure_aggregation: bool,
     /// Adaptive clipping; absent: fixed `clip_norm`.
     pub adaptive_clipping: Option<AdaptiveClipSettings>,
@@ -165,13 +167,16 @@ impl PrivacySettings {
         if self.expected_clients.is_some_and(|n| !(n.is_finite() && n >= 1.0)) {
             return Err(SettingsError::invalid("privacy.expected_clients", "must be at least 1"));
         }
-        if self.mode == DpMode::Distributed && !self.allow_distributed_without_secure_aggregation {
+        if self.mode == DpMode::Distributed
+            && !all.secure_aggregation.enabled
+            && !self.allow_distributed_without_secure_aggregation
+        {
             return Err(SettingsError::invalid(
                 "privacy.mode",
                 "`distributed` splits the noise among clients so that only the SUM is private, which needs \
-                 secure aggregation; fedtune has none yet, so the coordinator would see every update with \
-                 only a fraction of the noise. Use `central` or `local`, or set \
-                 privacy.allow_distributed_without_secure_aggregation = true to run it anyway",
+                 secure aggregation; without it the coordinator would see every update with only a \
+                 fraction of the noise. Set secure_aggregation.enabled = true, use `central` or `local`, \
+                 or set privacy.allow_distributed_without_secure_aggregation = true to run it anyway",
             ));
         }
         let z = self

@@ -141,7 +141,7 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub insecure: bool,
     /// Differential privacy: none, central (the coordinator adds the noise), local (every client
-    /// adds it) or distributed (needs --allow-distributed: there is no secure aggregation yet).
+    /// adds it) or distributed (needs --secure-aggregation, or --allow-distributed).
     #[arg(long, value_enum, default_value_t = SimulateDp::None)]
     pub dp: SimulateDp,
     /// Noise multiplier z (default with --dp: calibrated from --target-epsilon, else 1.0).
@@ -163,6 +163,15 @@ pub struct SimulateArgs {
     /// with only its share of the noise).
     #[arg(long)]
     pub allow_distributed: bool,
+    /// Run every round under secure aggregation (SecAgg+): the coordinator sees only the sum.
+    #[arg(long)]
+    pub secure_aggregation: bool,
+    /// Secure aggregation's threshold t (default: two thirds of a secret's holders).
+    #[arg(long, requires = "secure_aggregation")]
+    pub secagg_threshold: Option<usize>,
+    /// Secure aggregation's graph degree k (default: grows with the number of clients).
+    #[arg(long, requires = "secure_aggregation")]
+    pub secagg_degree: Option<usize>,
     /// Evaluate after every round under --dp too (`evaluation.enabled_under_dp`): the figures
     /// are un-noised, outside the privacy guarantee, and every output labels them so.
     #[arg(long)]
@@ -299,6 +308,9 @@ impl SimulateArgs {
             allow_distributed_without_secure_aggregation: self.allow_distributed,
             ..crate::settings::PrivacySettings::default()
         };
+        s.secure_aggregation.enabled = self.secure_aggregation;
+        s.secure_aggregation.threshold = self.secagg_threshold;
+        s.secure_aggregation.degree = self.secagg_degree;
         s
     }
 

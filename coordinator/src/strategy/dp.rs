@@ -225,7 +225,10 @@ impl DpStrategy {
         if dim == 0 {
             return Err(invalid("the model has no trainable value"));
         }
-        if p.mode == DpMode::Distributed && !p.allow_distributed_without_secure_aggregation {
+        if p.mode == DpMode::Distributed
+            && !settings.secure_aggregation.enabled
+            && !p.allow_distributed_without_secure_aggregation
+        {
             return Err(invalid("distributed noise needs secure aggregation (see privacy.mode)"));
         }
         let noise_multiplier = p.resolved_noise_multiplier(settings).map_err(invalid)?;

@@ -17,6 +17,7 @@ pub(super) fn phase_from(v: i32) -> Result<PhaseName, ConvertError> {
         P::Failure => PhaseName::Failure,
         P::Finished => PhaseName::Finished,
         P::Shutdown => PhaseName::Shutdown,
+        P::Unmasking => PhaseName::Unmasking,
         P::Unspecified => return Err(invalid("phase", "unspecified")),
     })
 }
@@ -33,6 +34,7 @@ pub fn phase_to_pb(p: PhaseName) -> pb::Phase {
         PhaseName::Failure => pb::Phase::Failure,
         PhaseName::Finished => pb::Phase::Finished,
         PhaseName::Shutdown => pb::Phase::Shutdown,
+        PhaseName::Unmasking => pb::Phase::Unmasking,
     }
 }
 

@@ -6,6 +6,8 @@ pub(crate) mod failure;
 pub(crate) mod finished;
 pub(crate) mod idle;
 pub(crate) mod publishing;
+pub(crate) mod secure;
 pub(crate) mod selecting;
 pub(crate) mod shutdown;
 pub(crate) mod training;
+pub(crate) mod unmasking;

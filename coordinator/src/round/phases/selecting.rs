@@ -2,6 +2,11 @@
 //! configuration, assign the tasks.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use fedtune_shared::crypto::PublicKey;
+use fedtune_shared::privacy::{NoisePlacement, NoisePlan};
+use fedtune_shared::secagg::{Encoding, EncodingLimits, RoundContext, RoundSetup, SecureTask};
 
 use fedtune_shared::ids::{ClientId, RoundId};
 use fedtune_shared::round::{FitInstructions, FitTask, PhaseName, Task};
@@ -10,6 +15,7 @@ use tracing::{info, warn};
 
 use super::failure::Failure;
 use super::finished::Finished;
+use super::secure::SecureRound;
 use super::shutdown::Shutdown;
 use super::training::Training;
 use crate::outcome::AttemptFailure;
@@ -17,7 +23,7 @@ use crate::round::phase::{Assigned, Phase, Shared};
 use crate::round::Round;
 use crate::sampling;
 use crate::storage::{self, SampleRecord};
-use crate::strategy::{Draw, StrategyError};
+use crate::strategy::{Draw, SecureDraw, StrategyError};
 
 /// Drawing the clients of `id`.
 #[derive(Debug)]
@@ -67,6 +73,16 @@ impl Phase for Selecting {
         } else {
             Default::default()
         };
+        // A secure round's threshold is fixed before the strategy configures it: distributed
+        // noise is sized for it, and the grid is chosen for the drawn count.
+        let secure_draw = s.secure_aggregation.enabled.then(|| {
+            let sa = &s.secure_aggregation;
+            let n = selected.len();
+            SecureDraw {
+                threshold: sa.threshold_for(n, sa.degree_for(n)),
+                limits: EncodingLimits { max_wrap_probability: sa.max_wrap_probability, ..EncodingLimits::default() },
+            }
+        });
         let plan = {
             let mut strategy = shared.strategy.lock().unwrap_or_else(|p| p.into_inner());
             let draw = Draw {
@@ -74,7 +90,7 @@ impl Phase for Selecting {
                 candidates: candidates.len(),
                 selected: selected.len(),
                 exposures,
-                secure: None,
+                secure: secure_draw,
             };
             strategy.configure_fit(&draw, &base)
         };
@@ -87,6 +103,11 @@ impl Phase for Selecting {
                     "strategy refuses round {}: {reason}",
                     id.round
                 )));
+            }
+            Err(StrategyError::Refused(reason)) if secure_draw.is_some() => {
+                // E.g. no encoding fits this draw: this attempt cannot run, a later draw may.
+                warn!(%reason, "strategy refuses the secure round");
+                return Round::Failure(Failure::new(id, AttemptFailure::SecureSetup(reason), Vec::new(), 0));
             }
             Err(e) => return shared.fatal("strategy failed to configure the round", &e),
         };
@@ -122,6 +143,17 @@ impl Phase for Selecting {
             };
             return Round::Failure(Failure::new(id, reason, Vec::new(), 0));
         }
+        let secure = if s.secure_aggregation.enabled {
+            match build_secure_round(shared, id, &selected, &plan) {
+                Ok(secure) => Some(secure),
+                Err(reason) => {
+                    warn!(%reason, "secure round cannot be set up");
+                    return Round::Failure(Failure::new(id, reason, Vec::new(), 0));
+                }
+            }
+        } else {
+            None
+        };
         let deadline = Instant::now() + s.rounds.deadline;
         let mut slots = BTreeMap::new();
         for client in &selected {
@@ -134,13 +166,96 @@ impl Phase for Selecting {
                 deadline_in: s.rounds.deadline,
                 deadline_unix_ms: 0,
                 privacy: plan.privacy,
-                secure_aggregation: None,
+                secure_aggregation: secure.as_ref().map(|r| r.task().clone()),
             });
             shared.tasks.insert(client.clone(), Assigned { task, deadline });
             slots.insert(client.clone(), ());
         }
         shared.events.tasks_changed();
         let selected: Vec<ClientId> = slots.into_keys().collect();
-        Round::Training(Training::new(plan.context, selected, deadline))
+        if let Some(r) = &secure {
+            shared.events.set_secure(Some(r.context().clone()));
+        }
+        Round::Training(Training::new(plan.context, selected, deadline, secure))
     }
+}
+
+/// The secure part of a round: roster (the drawn clients and their identity keys), threshold
+/// and degree for this draw, a fresh graph seed, and the grid.
+///
+/// The grid: under DP, [`Encoding::choose`] picks the finest grid on which the clients' noise
+/// summed over the drawn clients stays within `max_wrap_probability`, and the round's plan
+/// moves onto it (the clients noise on it: σ per party under distributed noise, none under
+/// central noise, which the coordinator adds to the decoded sum). Without DP the same choice is
+/// made for a central plan (which puts no noise in the ring) with `secure_aggregation.clip_norm`,
+/// only to pick the grid.
+fn build_secure_round(
+    shared: &Shared,
+    id: RoundId,
+    selected: &[ClientId],
+    plan: &crate::strategy::FitPlan,
+) -> Result<SecureRound, AttemptFailure> {
+    let s = &shared.settings;
+    let sa = &s.secure_aggregation;
+    let setup_failed = |e: &dyn std::fmt::Display| AttemptFailure::SecureSetup(e.to_string());
+    let mut members = Vec::with_capacity(selected.len());
+    for c in selected {
+        let key = shared
+            .identities
+            .identity(c)
+            .or_else(|| shared.registry.get(c).and_then(|e| e.public_key).map(PublicKey::from_bytes))
+            .ok_or_else(|| {
+                AttemptFailure::SecureSetup(format!("client `{c}` has no registered identity key"))
+            })?;
+        members.push((c.clone(), key));
+    }
+    let n = members.len();
+    let degree = sa.degree_for(n);
+    let threshold = sa.threshold_for(n, degree);
+    let mut graph_seed = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut graph_seed)
+        .map_err(|_| AttemptFailure::SecureSetup("the system random generator failed".into()))?;
+    let dim = shared.model.layout.trainable.numel();
+    let (grid_log2, clip_norm, noise_sigma_grid) = match plan.context.privacy.as_ref() {
+        // The DP strategy chose the grid for this draw (`Draw::secure`) and accounts on it.
+        Some(dp) => (dp.grid_log2(), dp.clip_norm(), dp.client_sigma_grid()),
+        None => {
+            // Without DP the grid only has to carry n clipped inputs: a central plan (no noise
+            // in the ring) picks it.
+            let limits =
+                EncodingLimits { max_wrap_probability: sa.max_wrap_probability, ..EncodingLimits::default() };
+            let grid_plan = NoisePlan::new(NoisePlacement::Central, 1.0, sa.clip_norm, dim, n as f64)
+                .map_err(|e| setup_failed(&e))?;
+            let (_, encoding) = Encoding::choose(&grid_plan, n, &limits).map_err(|e| setup_failed(&e))?;
+            (encoding.grid_log2(), sa.clip_norm, 0.0)
+        }
+    };
+    let setup = RoundSetup {
+        federation_id: shared.federation_id.clone(),
+        round: id.round,
+        attempt: id.attempt,
+        members,
+        threshold,
+        degree,
+        graph_seed,
+        vector_len: dim,
+    };
+    let task = SecureTask {
+        setup: setup.clone(),
+        grid_log2,
+        clip_norm,
+        noise_sigma_grid,
+        max_wrap_probability: sa.max_wrap_probability,
+    };
+    // Both sides derive the encoding from the task: check that this one is the chosen one.
+    let encoding = task.encoding().map_err(|e| setup_failed(&e))?;
+    let ctx = RoundContext::new(setup).map_err(|e| setup_failed(&e))?;
+    info!(
+        clients = n,
+        threshold,
+        degree = ctx.graph().degree(),
+        grid_log2 = encoding.grid_log2(),
+        "secure round set up"
+    );
+    Ok(SecureRound::new(Arc::new(task), Arc::new(ctx), encoding, sa.step_timeout))
 }

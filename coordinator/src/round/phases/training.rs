@@ -7,6 +7,10 @@
 //! blocking thread, one fold at a time (the sum has one owner), while this loop keeps serving
 //! requests. The phase ends at the deadline, or earlier once every slot is final, after the
 //! folds already committed have finished.
+//!
+//! In a secure round ([`super::secure`]) the phase first runs advertising and sharing, takes only
+//! masked uploads from sharers once sharing closed, folds them into the protocol core's ring sum
+//! (each weighing 1), and hands over to unmasking instead of aggregating.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -18,7 +22,9 @@ use tracing::{debug, info, warn};
 
 use super::aggregating::Aggregating;
 use super::failure::Failure;
+use super::secure::{SecureRound, SecureStep};
 use super::shutdown::Shutdown;
+use super::unmasking::Unmasking;
 use crate::aggregate::{FixedPointSum, MAX_TOTAL_WEIGHT};
 use crate::error::RoundError;
 use crate::outcome::{AttemptFailure, Lateness, ParticipantOutcome, Refusal};
@@ -28,6 +34,7 @@ use crate::round::Round;
 use crate::spool::StagedUpdate;
 use crate::storage::ClientOutcome;
 use crate::strategy::{FitFailure, FitSummary, RoundContext, UpdateWeighting, UploadStats};
+use fedtune_shared::secagg::{Aggregator, MaskedInput};
 
 /// Where a drawn client stands.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,6 +79,9 @@ struct PendingFold {
 /// The fold running on a blocking thread; it hands the sum back when done.
 type FoldJoin = JoinHandle<(FixedPointSum, PendingFold, std::io::Result<()>)>;
 
+/// A masked input's fold into the ring sum on a blocking thread; it hands the aggregator back.
+type SecureFoldJoin = JoinHandle<(Aggregator, PendingFold, Result<(), RoundError>)>;
+
 /// Collecting and folding the updates of one round.
 #[derive(Debug)]
 pub(crate) struct Training {
@@ -91,12 +101,22 @@ pub(crate) struct Training {
     deadline_passed: bool,
     /// Set if a fold failed: the sum can no longer be trusted and the attempt fails.
     poisoned: Option<AttemptFailure>,
+    /// The secure part of a secure round (`None`: a plain round).
+    secure: Option<SecureRound>,
+    secure_folding: Option<SecureFoldJoin>,
+    /// A secure step closed below the threshold: the attempt ends now.
+    secure_failed: bool,
 }
 
 impl Training {
     /// Training for the round configured as `context` with the drawn clients, ending at
     /// `deadline`.
-    pub(crate) fn new(context: RoundContext, selected: Vec<ClientId>, deadline: Instant) -> Self {
+    pub(crate) fn new(
+        context: RoundContext,
+        selected: Vec<ClientId>,
+        deadline: Instant,
+        secure: Option<SecureRound>,
+    ) -> Self {
         Self {
             id: context.round(),
             context,
@@ -109,12 +129,15 @@ impl Training {
             accepted: Vec::new(),
             deadline_passed: false,
             poisoned: None,
+            secure,
+            secure_folding: None,
+            secure_failed: false,
         }
     }
 
     fn done(&self) -> bool {
-        let settled = self.deadline_passed || self.slots.values().all(Slot::is_final);
-        settled && self.folding.is_none() && self.queue.is_empty()
+        let settled = self.deadline_passed || self.secure_failed || self.slots.values().all(Slot::is_final);
+        settled && self.folding.is_none() && self.secure_folding.is_none() && self.queue.is_empty()
     }
 
     fn end_slot(&mut self, shared: &mut Shared, client: &ClientId, outcome: ParticipantOutcome) {
@@ -167,8 +190,22 @@ impl Training {
         shared: &mut Shared,
         client: ClientId,
         header: UpdateHeader,
+        masked: Option<[u8; 32]>,
     ) -> Result<UploadTicket, RoundError> {
         let id = self.id;
+        match (&self.secure, &masked) {
+            (Some(_), None) => {
+                return Err(RoundError::WrongEncoding(
+                    "this round runs secure aggregation: it takes masked_u32 uploads only".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(RoundError::WrongEncoding(
+                    "masked_u32 uploads belong to secure rounds; this round is plain".into(),
+                ))
+            }
+            _ => {}
+        }
         let slot = self
             .slots
             .get(&client)
@@ -208,6 +245,9 @@ impl Training {
         if header.total_bytes < expected {
             return Err(RoundError::SizeMismatch { announced: header.total_bytes, expected });
         }
+        if let (Some(secure), Some(context)) = (&self.secure, &masked) {
+            secure.check_masked_upload(&client, context)?;
+        }
         let cap = self.weight_cap(shared);
         if header.num_examples > cap {
             return Err(RoundError::WeightOverCap { weight: header.num_examples, cap });
@@ -219,7 +259,7 @@ impl Training {
         let upload_id = shared.next_upload_id;
         self.slots.insert(client.clone(), Slot::Uploading(upload_id));
         shared.registry.touch(&client, Some(ClientActivity::Uploading), Instant::now());
-        Ok(UploadTicket { upload_id, round: id, client, header, deadline: self.deadline })
+        Ok(UploadTicket { upload_id, round: id, client, header, masked, deadline: self.deadline })
     }
 
     /// The most weight one update may carry: the configured maximum, and an even share of the
@@ -260,7 +300,12 @@ impl Training {
             num_examples: ticket.header.num_examples,
             l2_norm: staged.l2_norm(),
         };
-        let weighting = {
+        // A secure round is unweighted: the ring sum carries no per-client weights (a weight
+        // would have to be applied by the client, unverifiable under the masks), and under DP
+        // the denominator is the fixed n̄ anyway. Every survivor counts once.
+        let weighting = if self.secure.is_some() {
+            Ok(UpdateWeighting { weight: 1, scale: 1.0 })
+        } else {
             let strategy = shared.strategy.lock().unwrap_or_else(|p| p.into_inner());
             strategy.update_weighting(&self.context, &stats)
         };
@@ -295,6 +340,9 @@ impl Training {
     }
 
     fn start_next_fold(&mut self) {
+        if self.secure.is_some() {
+            return self.start_next_secure_fold();
+        }
         if self.folding.is_some() {
             return;
         }
@@ -367,12 +415,192 @@ impl Training {
         self.start_next_fold();
     }
 
+    /// Folds the next masked input into the ring sum on a blocking thread. The payload is read
+    /// whole (4·d bytes, the size of one plain chunked update) and handed to the core, which
+    /// refuses it without changing the sum if it is not acceptable; the staged file is deleted
+    /// when the fold ends (dropping `StagedUpdate`), so no individual masked vector outlives it.
+    fn start_next_secure_fold(&mut self) {
+        if self.secure_folding.is_some() {
+            return;
+        }
+        let Some(secure) = self.secure.as_mut() else { return };
+        if self.queue.is_empty() {
+            return;
+        }
+        let Some(mut agg) = secure.take_aggregator() else { return };
+        let pending = self.queue.pop_front().expect("checked non-empty");
+        let Some(sender) = secure.context().slot_of(&pending.ticket.client) else {
+            secure.put_aggregator(agg);
+            let _ = pending.reply.send(Err(RoundError::Internal("sender left the roster".into())));
+            return;
+        };
+        self.secure_folding = Some(tokio::task::spawn_blocking(move || {
+            let r = std::fs::read(pending.staged.path())
+                .map_err(|e| RoundError::Internal(format!("reading a staged masked input: {e}")))
+                .and_then(|bytes| {
+                    MaskedInput::from_payload(sender, &bytes).ok_or_else(|| {
+                        RoundError::Protocol("a masked payload is a whole number of u32".into())
+                    })
+                })
+                .and_then(|input| agg.accept_masked_input(input).map_err(RoundError::from));
+            (agg, pending, r)
+        }));
+    }
+
+    fn secure_fold_done(
+        &mut self,
+        shared: &mut Shared,
+        res: Result<(Aggregator, PendingFold, Result<(), RoundError>), tokio::task::JoinError>,
+    ) {
+        self.secure_folding = None;
+        match res {
+            Ok((agg, pending, r)) => {
+                if let Some(secure) = self.secure.as_mut() {
+                    secure.put_aggregator(agg);
+                }
+                let client = pending.ticket.client.clone();
+                let bytes = pending.staged.bytes();
+                // The staged masked vector is deleted here, whatever the outcome.
+                drop(pending.staged);
+                match r {
+                    Ok(()) => {
+                        self.slots.insert(client.clone(), Slot::Ended(ParticipantOutcome::Accepted));
+                        shared.accepted_updates += 1;
+                        self.accepted.push(FitSummary {
+                            client: client.clone(),
+                            num_examples: pending.ticket.header.num_examples,
+                            weight: 1,
+                            // Metrics travel in the clear beside the masked vector: under DP only
+                            // what the mechanism noises is kept, as in a plain round.
+                            metrics: if shared.settings.privacy.enabled() {
+                                fedtune_shared::privacy::mechanism_metrics(&pending.ticket.header.metrics)
+                            } else {
+                                pending.ticket.header.metrics.clone()
+                            },
+                        });
+                        info!(client = %client, "masked input folded");
+                        let _ = pending.reply.send(Ok(UploadReceipt { id: self.id, received_bytes: bytes }));
+                    }
+                    Err(e) => {
+                        // The core refused it and left the sum as it was.
+                        warn!(client = %client, cause = %e, "masked input refused");
+                        self.end_slot(shared, &client, ParticipantOutcome::FoldFailed);
+                        let _ = pending.reply.send(Err(e));
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(cause = %e, "secure fold task died; the attempt will fail");
+                self.poisoned = Some(AttemptFailure::FoldTaskDied(e.to_string()));
+                self.secure_failed = true;
+                for p in self.queue.drain(..) {
+                    let _ = p.reply.send(Err(RoundError::Internal("aggregation failed".into())));
+                }
+            }
+        }
+        self.start_next_fold();
+    }
+
+    /// Closes the open advertising or sharing step; the clients that missed it leave the round.
+    fn close_secure_step(&mut self, shared: &mut Shared) {
+        let Some(secure) = self.secure.as_mut() else { return };
+        let before = secure.step();
+        match secure.close_step() {
+            Ok(()) => {
+                let missed: Vec<ClientId> = self
+                    .slots
+                    .iter()
+                    .filter(|(c, s)| !s.is_final() && !secure.still_in(c))
+                    .map(|(c, _)| c.clone())
+                    .collect();
+                let what = match before {
+                    SecureStep::Advertising { .. } => "advertise its keys",
+                    _ => "share",
+                };
+                info!(step = what, left_out = missed.len(), "secure step closed");
+                for c in missed {
+                    self.end_slot(shared, &c, ParticipantOutcome::Failed(format!("did not {what} in time")));
+                }
+            }
+            Err(e) => {
+                warn!(cause = %e, "secure step closed below the threshold; the attempt fails");
+                self.poisoned = Some(AttemptFailure::SecureAggregation(e.to_string()));
+                self.secure_failed = true;
+            }
+        }
+        // Waiters learn the step's outcome (or the attempt's end) at once.
+        shared.events.tasks_changed();
+    }
+
+    /// Closes the open step early once every client still in the round has done it.
+    fn maybe_close_secure_step(&mut self, shared: &mut Shared) {
+        let complete = match &self.secure {
+            Some(secure) if secure.step_deadline().is_some() => {
+                secure.step_complete(self.slots.iter().filter(|(_, s)| !s.is_final()).map(|(c, _)| c))
+            }
+            _ => false,
+        };
+        if complete {
+            self.close_secure_step(shared);
+        }
+    }
+
+    fn on_secure_request(&mut self, shared: &mut Shared, req: Request) -> Option<Request> {
+        let Some(secure) = self.secure.as_mut() else { return Some(req) };
+        match req {
+            Request::AdvertiseKeys(client, msg, reply) => {
+                shared.registry.touch(&client, None, Instant::now());
+                let out = secure.advertise(&client, msg);
+                let _ = reply.send(out);
+                self.maybe_close_secure_step(shared);
+            }
+            Request::SendShares(client, msg, reply) => {
+                shared.registry.touch(&client, None, Instant::now());
+                let out = secure.share(&client, msg);
+                let _ = reply.send(out);
+                self.maybe_close_secure_step(shared);
+            }
+            Request::AwaitSecAggStep(client, round, step, reply) => {
+                shared.registry.touch(&client, None, Instant::now());
+                let ended = self
+                    .slots
+                    .get(&client)
+                    .is_some_and(|s| s.is_final() && !matches!(s, Slot::Ended(ParticipantOutcome::Accepted)));
+                let out = if ended && secure.check_round(&client, round).is_ok() {
+                    let reason = self.slots[&client].outcome().to_string();
+                    Err(RoundError::AttemptEnded { round: self.id, client, reason })
+                } else {
+                    secure.step_input(&client, round, step)
+                };
+                let _ = reply.send(out);
+            }
+            Request::AnswerUnmask(client, msg, reply) => {
+                let out = secure.check_round(&client, msg.round).and_then(|()| {
+                    Err(RoundError::SecureStep {
+                        round: self.id,
+                        reason: "unmasking has not started: masked uploads are still being taken".into(),
+                    })
+                });
+                let _ = reply.send(out);
+            }
+            other => return Some(other),
+        }
+        None
+    }
+
     async fn on_request(&mut self, shared: &mut Shared, env: Envelope) {
         let (req, span) = env;
+        let req = {
+            let _g = span.enter();
+            match self.on_secure_request(shared, req) {
+                Some(req) => req,
+                None => return,
+            }
+        };
         match req {
-            Request::BeginUpload(client, header, reply) if header.id == self.id => {
+            Request::BeginUpload(client, header, masked, reply) if header.id == self.id => {
                 let _g = span.enter();
-                let out = self.begin(shared, client, header);
+                let out = self.begin(shared, client, header, masked);
                 if let Err(e) = &out {
                     debug!(cause = %e, "upload refused at its header");
                 }
@@ -420,6 +648,13 @@ impl Phase for Training {
                     None => std::future::pending().await,
                 }
             };
+            let secure_folding = async {
+                match self.secure_folding.as_mut() {
+                    Some(h) => h.await,
+                    None => std::future::pending().await,
+                }
+            };
+            let step_deadline = self.secure.as_ref().and_then(SecureRound::step_deadline);
             let deadline = self.deadline;
             tokio::select! {
                 biased;
@@ -428,6 +663,10 @@ impl Phase for Training {
                     return Round::Shutdown(Shutdown::requested());
                 }
                 res = folding => self.fold_done(shared, res),
+                res = secure_folding => self.secure_fold_done(shared, res),
+                _ = tokio::time::sleep_until(step_deadline.unwrap_or(deadline)), if step_deadline.is_some() => {
+                    self.close_secure_step(shared)
+                }
                 _ = tokio::time::sleep_until(deadline), if !self.deadline_passed => self.on_deadline(shared),
                 env = shared.requests.recv() => match env {
                     Some(env) => self.on_request(shared, env).await,
@@ -438,8 +677,21 @@ impl Phase for Training {
                 },
                 _ = tick.tick() => self.check_liveness(shared),
             }
+            // A step also closes early when the last client it waited for left the round.
+            self.maybe_close_secure_step(shared);
         }
-        shared.withdraw_tasks(TaskKind::Fit);
+        if self.secure.is_some() && self.poisoned.is_none() {
+            // Survivors keep their task through unmasking: their agents stop a task the
+            // coordinator no longer lists (heartbeats), and they still have to answer.
+            let survivors: Vec<&ClientId> = self.accepted.iter().map(|a| &a.client).collect();
+            let before = shared.tasks.len();
+            shared.tasks.retain(|c, _| survivors.contains(&c));
+            if shared.tasks.len() != before {
+                shared.events.tasks_changed();
+            }
+        } else {
+            shared.withdraw_tasks(TaskKind::Fit);
+        }
         let reason = if self.deadline_passed {
             format!("its deadline passed ({:?} after sampling)", shared.settings.rounds.deadline)
         } else {
@@ -461,6 +713,24 @@ impl Phase for Training {
         if accepted < min_fit {
             let reason = AttemptFailure::TooFewAccepted { accepted, min_fit };
             return Round::Failure(Failure::new(self.id, reason, outcomes, accepted as u32));
+        }
+        if let Some(secure) = self.secure.take() {
+            return match secure.close_masking() {
+                // The unmasking request is released here: the ledger hook for distributed noise.
+                Ok((parts, request)) => Round::Unmasking(Unmasking::new(
+                    shared,
+                    self.context,
+                    parts,
+                    request,
+                    self.accepted,
+                    failures,
+                    outcomes,
+                )),
+                Err(e) => {
+                    let reason = AttemptFailure::SecureAggregation(e.to_string());
+                    Round::Failure(Failure::new(self.id, reason, outcomes, accepted as u32))
+                }
+            };
         }
         let sum = self.sum.take().expect("no fold is running once training is done");
         Round::Aggregating(Aggregating::new(self.context, sum, self.accepted, failures, outcomes))
