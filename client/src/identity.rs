@@ -11,10 +11,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fedtune_shared::auth::sign_upload;
+use fedtune_shared::auth::{sign_masked_upload, sign_upload};
 use fedtune_shared::crypto::{generate_keypair_file, load_keypair, CryptoError, KeyPair};
 use fedtune_shared::ids::ClientId;
-use fedtune_shared::round::{UpdateHeader, UploadItem};
+use fedtune_shared::round::{MaskedUpdateHeader, UpdateHeader, UploadItem};
 use futures::stream::{BoxStream, StreamExt};
 
 /// `fedtune-client keygen`.
@@ -40,12 +40,15 @@ pub fn load(path: &Path) -> Result<Arc<KeyPair>, CryptoError> {
 }
 
 /// Signs an upload stream: passes items through, remembering the header, and fills the trailer's
-/// signature over the statement for `federation_id` and `client`.
+/// signature over the statement for `federation_id` and `client`. With `secagg_context` the
+/// upload is a secure round's masked one, signed under the masked label over that round too, so
+/// the signature cannot be replayed as a plain upload or into another round.
 pub fn sign_upload_stream(
     items: BoxStream<'static, UploadItem>,
     key: Arc<KeyPair>,
     federation_id: String,
     client: ClientId,
+    secagg_context: Option<[u8; 32]>,
 ) -> BoxStream<'static, UploadItem> {
     items
         .scan(None::<UpdateHeader>, move |header, item| {
@@ -58,7 +61,14 @@ pub fn sign_upload_stream(
                     // A trailer without a header is a protocol error the coordinator reports;
                     // there is nothing meaningful to sign then.
                     if let Some(h) = header.as_ref() {
-                        t.signature = Some(sign_upload(&key, &federation_id, &client, h, &t.payload_digest));
+                        t.signature = Some(match secagg_context {
+                            None => sign_upload(&key, &federation_id, &client, h, &t.payload_digest),
+                            Some(context) => {
+                                let masked =
+                                    MaskedUpdateHeader { header: h.clone(), secagg_context: context };
+                                sign_masked_upload(&key, &federation_id, &client, &masked, &t.payload_digest)
+                            }
+                        });
                     }
                     UploadItem::Trailer(t)
                 }
@@ -116,7 +126,8 @@ mod tests {
             UploadItem::Trailer(UpdateTrailer { payload_digest: digest, signature: None }),
         ])
         .boxed();
-        let out: Vec<_> = sign_upload_stream(items, key.clone(), "fed-x".into(), me.clone()).collect().await;
+        let out: Vec<_> =
+            sign_upload_stream(items, key.clone(), "fed-x".into(), me.clone(), None).collect().await;
         assert_eq!(out.len(), 3);
         let UploadItem::Trailer(t) = &out[2] else { panic!("trailer last") };
         verify_upload(&key.public_key(), "fed-x", &me, &header, &digest, t.signature.as_ref()).unwrap();

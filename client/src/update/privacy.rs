@@ -10,6 +10,21 @@
 //! | `Local`       | clip → noise (full σ) → range check  |
 //! | `Distributed` | clip → noise (share σ) → range check |
 //!
+//! Under secure aggregation (the task has a secure round) the f32 noise stage never runs; the
+//! update is clipped to the round's `C` and encoded for the ring ([`RingEncoder`]), which adds the
+//! client's discrete Gaussian share σ_grid there, on the integers the coordinator only ever sees
+//! summed:
+//!
+//! | mode          | stages (secure round)                         |
+//! |---------------|-----------------------------------------------|
+//! | `None`        | clip → ring (σ_grid as the task says)          |
+//! | `Central`     | clip → ring (σ_grid as the task says)          |
+//! | `Local`       | refused: local noise is not summed securely   |
+//! | `Distributed` | clip → ring (σ_grid > 0 required)             |
+//!
+//! A secure update reports no clipping indicator: it would leave the client alone, unsummed,
+//! while its noise is only a share.
+//!
 //! The range check comes last under DP: whether it passes is visible to the coordinator (a
 //! failure report, a missing update), so it must see only what the mechanism protects. A raw
 //! delta with one huge coordinate is clipped like any other; the check then only catches what
@@ -35,9 +50,11 @@ use fedtune_shared::privacy::{
     add_noise, clip_l2, clip_per_layer, default_grid_log2, AdaptiveClip, LayerBudget, NoiseSource,
 };
 use fedtune_shared::round::{PrivacyInstructions, PrivacyMode};
+use fedtune_shared::secagg::SecureTask;
 
 use super::{
-    CheckRange, PipelineFactory, PreparedUpdate, TaskContext, UpdateError, UpdatePipeline, UpdateStage,
+    CheckRange, PipelineFactory, PreparedUpdate, RingEncoder, TaskContext, UpdateError, UpdatePipeline,
+    UpdateStage,
 };
 
 pub use fedtune_shared::privacy::CLIP_INDICATOR_METRIC;
@@ -189,8 +206,49 @@ impl DpPipelines {
     }
 }
 
+impl DpPipelines {
+    /// The stages of a secure round's update (see the module docs): clip to the round's `C`,
+    /// then the ring encoding with the task's σ_grid; never the f32 noise stage.
+    pub fn secure_stages(
+        privacy: &PrivacyInstructions,
+        secure: &SecureTask,
+        source: Arc<NoiseSource>,
+    ) -> Result<UpdatePipeline, UpdateError> {
+        let encoding = secure
+            .encoding()
+            .map_err(|e| UpdateError::Unsupported(format!("the secure round's encoding: {e}")))?;
+        match privacy.mode {
+            PrivacyMode::Local => {
+                return Err(UpdateError::Unsupported(
+                    "local noise under secure aggregation: the task asks for the full σ per client \
+                     and a masked sum at once"
+                        .into(),
+                ))
+            }
+            PrivacyMode::Distributed if !(encoding.sigma_grid().is_finite() && encoding.sigma_grid() > 0.0) => {
+                return Err(UpdateError::Unsupported(format!(
+                    "distributed noise with a noise share of σ_grid = {}: each client's share must be positive",
+                    encoding.sigma_grid()
+                )))
+            }
+            _ => {}
+        }
+        let per_layer = privacy.mode != PrivacyMode::None && privacy.per_layer_clipping;
+        let clip = ClipStage::new(encoding.clip_norm(), per_layer)?;
+        Ok(UpdatePipeline::new(vec![])
+            .with_stage(clip)
+            .with_ring_encoding(RingEncoder::new(encoding, source)))
+    }
+}
+
 impl PipelineFactory for DpPipelines {
     fn build(&self, task: &TaskContext) -> Result<UpdatePipeline, UpdateError> {
+        if let Some(secure) = &task.secure {
+            // Fresh per task even without DP: randomized rounding draws from it too.
+            let source =
+                NoiseSource::from_os_entropy().map_err(|e| UpdateError::Unsupported(e.to_string()))?;
+            return Self::secure_stages(&task.privacy, secure, Arc::new(source));
+        }
         if task.privacy.mode == PrivacyMode::None {
             return Ok(UpdatePipeline::checked(task.max_abs_update_value));
         }
@@ -226,6 +284,7 @@ mod tests {
             round: RoundId::new(1, 0),
             privacy,
             max_abs_update_value: MAX_ABS_UPDATE_VALUE,
+            secure: None,
         }
     }
 
