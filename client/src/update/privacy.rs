@@ -380,4 +380,89 @@ mod tests {
         assert!(values.iter().any(|v| *v != 0.5), "the indicator is noised under local noise");
         assert!(values.iter().all(|v| (v * 2.0).fract() == 0.0), "noise stays on the grid ½ℤ");
     }
+
+    fn secure_task(n: usize, sigma_grid: f64) -> Arc<SecureTask> {
+        use fedtune_shared::crypto::KeyPair;
+        use fedtune_shared::secagg::RoundSetup;
+        let members = (0..3)
+            .map(|i| {
+                let id = ClientId::parse(&format!("site-{i}")).unwrap();
+                (id, KeyPair::generate_ephemeral().unwrap().public_key())
+            })
+            .collect();
+        Arc::new(SecureTask {
+            setup: RoundSetup {
+                federation_id: "fed".into(),
+                round: 1,
+                attempt: 0,
+                members,
+                threshold: 2,
+                degree: 2,
+                graph_seed: [0; 32],
+                vector_len: n,
+            },
+            grid_log2: -10,
+            clip_norm: 1.0,
+            noise_sigma_grid: sigma_grid,
+            max_wrap_probability: 1e-9,
+        })
+    }
+
+    fn secure_context(mode: PrivacyMode, secure: Arc<SecureTask>) -> TaskContext {
+        TaskContext { secure: Some(secure), ..context(instructions(mode, 0.1)) }
+    }
+
+    #[test]
+    fn under_secure_aggregation_distributed_noise_is_added_in_the_ring_and_never_to_the_f32_delta() {
+        let n = 100_000;
+        let sigma_grid = 8.0;
+        let secure = secure_task(n, sigma_grid);
+        let names =
+            DpPipelines.build(&secure_context(PrivacyMode::Distributed, Arc::clone(&secure))).unwrap();
+        assert_eq!(names.stage_names(), vec!["clip", "ring"]);
+        let mut pipeline = DpPipelines::secure_stages(
+            &instructions(PrivacyMode::Distributed, 0.1),
+            &secure,
+            Arc::new(NoiseSource::seeded_for_tests(3)),
+        )
+        .unwrap();
+        // A zero update: what reaches the ring is the noise alone, σ_grid grid steps wide.
+        let (global, local) = vectors(n, 0.0);
+        let prepared = pipeline.prepare(1, &global, &local, 5).unwrap();
+        assert!(prepared.delta.values().iter().all(|v| *v == 0.0), "no f32 noise before the ring");
+        let ring = pipeline.encode_for_ring(prepared).unwrap();
+        assert_eq!((ring.words.len(), ring.num_examples), (n, 1));
+        let ints = fedtune_shared::secagg::encoding::from_ring(&ring.words);
+        let var = ints.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / n as f64;
+        assert!((var.sqrt() / sigma_grid - 1.0).abs() < 0.02, "std {} vs σ_grid {sigma_grid}", var.sqrt());
+    }
+
+    #[test]
+    fn under_secure_aggregation_without_noise_the_ring_holds_the_rounded_clipped_update() {
+        let n = 1000;
+        let secure = secure_task(n, 0.0);
+        for mode in [PrivacyMode::None, PrivacyMode::Central] {
+            let mut pipeline = DpPipelines.build(&secure_context(mode, Arc::clone(&secure))).unwrap();
+            let (global, local) = vectors(n, 0.5);
+            let prepared = pipeline.prepare(1, &global, &local, 7).unwrap();
+            let ring = pipeline.encode_for_ring(prepared).unwrap();
+            // Clipped to C = 1 (each value 1/√n), then rounded to the grid 2^-10 one way or the other.
+            let want = 1.0 / (n as f64).sqrt() * 1024.0;
+            let ints = fedtune_shared::secagg::encoding::from_ring(&ring.words);
+            assert!(ints.iter().all(|v| (*v as f64 - want).abs() < 1.0), "{mode:?}: {:?}", &ints[..4]);
+        }
+    }
+
+    #[test]
+    fn secure_aggregation_refuses_local_noise_and_a_distributed_task_without_a_noise_share() {
+        let secure = secure_task(10, 0.0);
+        let local = DpPipelines.build(&secure_context(PrivacyMode::Local, Arc::clone(&secure))).unwrap_err();
+        assert!(local.to_string().contains("local noise under secure aggregation"), "{local}");
+        let silent = DpPipelines.build(&secure_context(PrivacyMode::Distributed, secure)).unwrap_err();
+        assert!(silent.to_string().contains("σ_grid = 0"), "{silent}");
+        // An agent without the ring encoding refuses a secure task rather than sending it plain.
+        let plain =
+            crate::update::PlainPipelines.build(&secure_context(PrivacyMode::None, secure_task(10, 0.0)));
+        assert!(plain.is_err());
+    }
 }
