@@ -84,7 +84,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::os::unix::fs::PermissionsExt as _;
 
-    use fedtune_shared::auth::verify_upload;
+    use fedtune_shared::auth::{verify_masked_upload, verify_upload};
     use fedtune_shared::ids::{ModelVersion, RoundId, Sha256};
     use fedtune_shared::round::{Chunk, UpdateTrailer};
 
@@ -108,7 +108,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_signed_trailer_verifies_for_the_header_it_follows() {
+    async fn the_signed_trailer_verifies_for_the_header_it_follows_and_a_masked_one_only_for_its_round() {
         let key = Arc::new(KeyPair::generate_ephemeral().unwrap());
         let me = ClientId::parse("site-1").unwrap();
         let header = UpdateHeader {
@@ -120,16 +120,28 @@ mod tests {
             total_bytes: 4,
         };
         let digest = Sha256::of(&[0, 0, 128, 63]);
-        let items = futures::stream::iter(vec![
+        let items = vec![
             UploadItem::Header(header.clone()),
             UploadItem::Chunk(Chunk { offset: 0, data: vec![0, 0, 128, 63].into() }),
             UploadItem::Trailer(UpdateTrailer { payload_digest: digest, signature: None }),
-        ])
-        .boxed();
-        let out: Vec<_> =
-            sign_upload_stream(items, key.clone(), "fed-x".into(), me.clone(), None).collect().await;
+        ];
+        let signed = |context| {
+            let items = futures::stream::iter(items.clone()).boxed();
+            sign_upload_stream(items, key.clone(), "fed-x".into(), me.clone(), context).collect::<Vec<_>>()
+        };
+        let out = signed(None).await;
         assert_eq!(out.len(), 3);
         let UploadItem::Trailer(t) = &out[2] else { panic!("trailer last") };
         verify_upload(&key.public_key(), "fed-x", &me, &header, &digest, t.signature.as_ref()).unwrap();
+
+        // A masked upload is signed over its secure round, under a label of its own.
+        let out = signed(Some([5; 32])).await;
+        let UploadItem::Trailer(t) = &out[2] else { panic!("trailer last") };
+        let masked = MaskedUpdateHeader { header: header.clone(), secagg_context: [5; 32] };
+        let pk = key.public_key();
+        verify_masked_upload(&pk, "fed-x", &me, &masked, &digest, t.signature.as_ref()).unwrap();
+        assert!(verify_upload(&pk, "fed-x", &me, &header, &digest, t.signature.as_ref()).is_err());
+        let other_round = MaskedUpdateHeader { secagg_context: [6; 32], ..masked };
+        assert!(verify_masked_upload(&pk, "fed-x", &me, &other_round, &digest, t.signature.as_ref()).is_err());
     }
 }

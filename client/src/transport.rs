@@ -385,7 +385,13 @@ impl GrpcCoordinator {
         });
         let mut client = self.client.clone();
         let request = self.request(tokio_stream::wrappers::ReceiverStream::new(rx), None);
-        async move { Ok(UploadReceipt::from(client.upload_update(request?).await?.into_inner())) }
+        async move {
+            let reply = client.upload_update(request?).await;
+            // A masked upload belongs to a secure round attempt: ABORTED there means it ended.
+            let reply =
+                reply.map_err(|s| if secagg_context.is_some() { secagg_status(s) } else { s.into() })?;
+            Ok(UploadReceipt::from(reply.into_inner()))
+        }
     }
 
     fn token(&self) -> Option<String> {

@@ -71,6 +71,7 @@ struct Hub {
     script: Script,
     /// How many clients take part (the rest of the roster never shows up).
     participants: usize,
+    privacy: PrivacyInstructions,
     handed_out: Mutex<BTreeSet<ClientId>>,
     round: Mutex<Round>,
     log: Mutex<Vec<String>>,
@@ -109,6 +110,7 @@ impl Hub {
             ctx,
             script,
             participants,
+            privacy: PrivacyInstructions::NONE,
             handed_out: Mutex::default(),
             round: Mutex::new(round),
             log: Mutex::default(),
@@ -135,7 +137,7 @@ impl Hub {
             },
             deadline_in: Duration::from_secs(120),
             deadline_unix_ms: 0,
-            privacy: PrivacyInstructions::NONE,
+            privacy: self.privacy,
             secure_aggregation: Some(Arc::clone(&self.secure)),
         }
     }
@@ -372,8 +374,13 @@ fn seed(i: usize) -> u64 {
 }
 
 fn agent(hub: &Arc<Hub>, i: usize, key: Arc<KeyPair>) -> Agent<Link> {
+    slow_agent(hub, i, key, Duration::ZERO)
+}
+
+/// An agent whose training takes `fit_delay`.
+fn slow_agent(hub: &Arc<Hub>, i: usize, key: Arc<KeyPair>, fit_delay: Duration) -> Agent<Link> {
     let factory: TrainerFactory = Box::new(move |spec: &TrainerSpec| {
-        let config = FakeTrainerConfig { seed: seed(i), ..Default::default() };
+        let config = FakeTrainerConfig { seed: seed(i), fit_delay, ..Default::default() };
         Ok(Box::new(FakeTrainer::new(spec.trainable.clone(), config)) as Box<dyn LocalTrainer>)
     });
     let config = AgentConfig {
@@ -407,7 +414,9 @@ fn clipped_delta(hub: &Hub, i: usize) -> Vec<f32> {
 async fn three_agents_complete_a_secure_round_and_the_unmasked_sum_is_the_sum_of_their_clipped_updates() {
     let keys = keys(3);
     let hub = Hub::new(roster(&keys), 3, 0.0, Script::Aggregate);
-    let runs = (0..3).map(|i| agent(&hub, i, Arc::clone(&keys[i])).run());
+    // The third client trains slowly: the others wait for the delivered shares meanwhile.
+    let delay = |i| if i == 2 { Duration::from_millis(1500) } else { Duration::ZERO };
+    let runs = (0..3).map(|i| slow_agent(&hub, i, Arc::clone(&keys[i]), delay(i)).run());
     let outcomes = futures::future::join_all(runs).await;
     for outcome in outcomes {
         let outcome = outcome.unwrap();
@@ -419,6 +428,8 @@ async fn three_agents_complete_a_secure_round_and_the_unmasked_sum_is_the_sum_of
     let first_download = log.iter().position(|l| l.starts_with("download")).unwrap();
     let first_wait = log.iter().position(|l| l.starts_with("await")).unwrap();
     assert!(first_wait < first_download, "{log:?}");
+    // Waiting for a step is work in progress: the coordinator keeps hearing from the client.
+    assert!(log.iter().any(|l| l == "heartbeat site-0 uploading"), "{log:?}");
 
     let round = hub.round.lock().unwrap();
     let sum = round.sum.as_ref().expect("the round was unmasked");
@@ -436,6 +447,39 @@ async fn three_agents_complete_a_secure_round_and_the_unmasked_sum_is_the_sum_of
     for (slot, masked) in &round.masked_uploads {
         assert!(encoding.decode_integers(masked, 1).is_err(), "upload of {slot} is readable");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_distributed_noise_each_client_adds_its_share_in_the_ring_and_no_f32_noise() {
+    let keys = keys(3);
+    let sigma_grid = 40.0;
+    let mut hub = Hub::new(roster(&keys), 3, sigma_grid, Script::Aggregate);
+    // An f32 noise stage would add σ = 0.5 per client: thousands of grid steps, unmissable.
+    Arc::get_mut(&mut hub).unwrap().privacy = PrivacyInstructions {
+        mode: PrivacyMode::Distributed,
+        clip_norm: CLIP_NORM,
+        noise_stddev: 0.5,
+        ..PrivacyInstructions::NONE
+    };
+    let runs = (0..3).map(|i| agent(&hub, i, Arc::clone(&keys[i])).run());
+    for outcome in futures::future::join_all(runs).await {
+        assert_eq!(outcome.unwrap().stats.updates_accepted, 1);
+    }
+    assert!(hub.failures().is_empty(), "{:?}", hub.failures());
+    let round = hub.round.lock().unwrap();
+    let encoding = hub.secure.encoding().unwrap();
+    let sum = encoding.decode_integers(round.sum.as_ref().unwrap(), 3).unwrap();
+    let deltas: Vec<Vec<f32>> = (0..3).map(|i| clipped_delta(&hub, i)).collect();
+    let scale = 2f64.powi(-GRID_LOG2);
+    // Residual in grid steps: three noise shares (σ_grid each) plus rounding (< 1 step each).
+    let residual: Vec<f64> = sum
+        .iter()
+        .enumerate()
+        .map(|(j, s)| *s as f64 - deltas.iter().map(|d| f64::from(d[j]) * scale).sum::<f64>())
+        .collect();
+    let std = (residual.iter().map(|r| r * r).sum::<f64>() / residual.len() as f64).sqrt();
+    let want = 3f64.sqrt() * sigma_grid;
+    assert!((std / want - 1.0).abs() < 0.1, "residual std {std} grid steps, three shares give {want}");
 }
 
 #[tokio::test]

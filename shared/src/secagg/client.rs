@@ -130,9 +130,6 @@ impl SharesSent {
         sharers: &[Slot],
         input: &[u32],
     ) -> Result<(InputMasked, MaskedInput), SecAggError> {
-        if input.len() != self.ctx.vector_len() {
-            return Err(SecAggError::WrongLength { expected: self.ctx.vector_len(), got: input.len() });
-        }
         self.mask_in_place(incoming, sharers, input.to_vec())
     }
 
