@@ -11,10 +11,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fedtune_shared::auth::sign_upload;
+use fedtune_shared::auth::{sign_masked_upload, sign_upload};
 use fedtune_shared::crypto::{generate_keypair_file, load_keypair, CryptoError, KeyPair};
 use fedtune_shared::ids::ClientId;
-use fedtune_shared::round::{UpdateHeader, UploadItem};
+use fedtune_shared::round::{MaskedUpdateHeader, UpdateHeader, UploadItem};
 use futures::stream::{BoxStream, StreamExt};
 
 /// `fedtune-client keygen`.
@@ -40,12 +40,15 @@ pub fn load(path: &Path) -> Result<Arc<KeyPair>, CryptoError> {
 }
 
 /// Signs an upload stream: passes items through, remembering the header, and fills the trailer's
-/// signature over the statement for `federation_id` and `client`.
+/// signature over the statement for `federation_id` and `client`. With `secagg_context` the
+/// upload is a secure round's masked one, signed under the masked label over that round too, so
+/// the signature cannot be replayed as a plain upload or into another round.
 pub fn sign_upload_stream(
     items: BoxStream<'static, UploadItem>,
     key: Arc<KeyPair>,
     federation_id: String,
     client: ClientId,
+    secagg_context: Option<[u8; 32]>,
 ) -> BoxStream<'static, UploadItem> {
     items
         .scan(None::<UpdateHeader>, move |header, item| {
@@ -58,7 +61,14 @@ pub fn sign_upload_stream(
                     // A trailer without a header is a protocol error the coordinator reports;
                     // there is nothing meaningful to sign then.
                     if let Some(h) = header.as_ref() {
-                        t.signature = Some(sign_upload(&key, &federation_id, &client, h, &t.payload_digest));
+                        t.signature = Some(match secagg_context {
+                            None => sign_upload(&key, &federation_id, &client, h, &t.payload_digest),
+                            Some(context) => {
+                                let masked =
+                                    MaskedUpdateHeader { header: h.clone(), secagg_context: context };
+                                sign_masked_upload(&key, &federation_id, &client, &masked, &t.payload_digest)
+                            }
+                        });
                     }
                     UploadItem::Trailer(t)
                 }
@@ -74,7 +84,7 @@ mod tests {
     use std::collections::BTreeMap;
     use std::os::unix::fs::PermissionsExt as _;
 
-    use fedtune_shared::auth::verify_upload;
+    use fedtune_shared::auth::{verify_masked_upload, verify_upload};
     use fedtune_shared::ids::{ModelVersion, RoundId, Sha256};
     use fedtune_shared::round::{Chunk, UpdateTrailer};
 
@@ -98,7 +108,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_signed_trailer_verifies_for_the_header_it_follows() {
+    async fn the_signed_trailer_verifies_for_the_header_it_follows_and_a_masked_one_only_for_its_round() {
         let key = Arc::new(KeyPair::generate_ephemeral().unwrap());
         let me = ClientId::parse("site-1").unwrap();
         let header = UpdateHeader {
@@ -110,15 +120,28 @@ mod tests {
             total_bytes: 4,
         };
         let digest = Sha256::of(&[0, 0, 128, 63]);
-        let items = futures::stream::iter(vec![
+        let items = vec![
             UploadItem::Header(header.clone()),
             UploadItem::Chunk(Chunk { offset: 0, data: vec![0, 0, 128, 63].into() }),
             UploadItem::Trailer(UpdateTrailer { payload_digest: digest, signature: None }),
-        ])
-        .boxed();
-        let out: Vec<_> = sign_upload_stream(items, key.clone(), "fed-x".into(), me.clone()).collect().await;
+        ];
+        let signed = |context| {
+            let items = futures::stream::iter(items.clone()).boxed();
+            sign_upload_stream(items, key.clone(), "fed-x".into(), me.clone(), context).collect::<Vec<_>>()
+        };
+        let out = signed(None).await;
         assert_eq!(out.len(), 3);
         let UploadItem::Trailer(t) = &out[2] else { panic!("trailer last") };
         verify_upload(&key.public_key(), "fed-x", &me, &header, &digest, t.signature.as_ref()).unwrap();
+
+        // A masked upload is signed over its secure round, under a label of its own.
+        let out = signed(Some([5; 32])).await;
+        let UploadItem::Trailer(t) = &out[2] else { panic!("trailer last") };
+        let masked = MaskedUpdateHeader { header: header.clone(), secagg_context: [5; 32] };
+        let pk = key.public_key();
+        verify_masked_upload(&pk, "fed-x", &me, &masked, &digest, t.signature.as_ref()).unwrap();
+        assert!(verify_upload(&pk, "fed-x", &me, &header, &digest, t.signature.as_ref()).is_err());
+        let other_round = MaskedUpdateHeader { secagg_context: [6; 32], ..masked };
+        assert!(verify_masked_upload(&pk, "fed-x", &me, &other_round, &digest, t.signature.as_ref()).is_err());
     }
 }

@@ -9,6 +9,7 @@
 //! layered into them by the caller), so it knows nothing of flags.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fedtune_shared::crypto::EnrollmentToken;
@@ -163,7 +164,7 @@ pub async fn run(
         .map_err(|e| RunError::Usage(format!("identity.key ({}): {e}", key_file.display())))?;
     let api = GrpcCoordinator::connect_lazy(&connect_options(settings)?)
         .map_err(|e| RunError::Usage(e.to_string()))?
-        .with_identity(key, enroll_token);
+        .with_identity(Arc::clone(&key), enroll_token);
     let agent = &settings.agent;
     if settings.privacy.floor().expects_privacy() {
         tracing::info!(
@@ -181,6 +182,7 @@ pub async fn run(
         backoff: BackoffPolicy { max: agent.max_backoff, ..BackoffPolicy::default() },
         give_up_after: agent.give_up_after,
         upload_rate_limit: agent.upload_rate_limit,
+        identity: Some(key),
         ..AgentConfig::default()
     };
     Ok(Agent::new(api, config, factory, shutdown).run().await?)

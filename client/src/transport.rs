@@ -26,7 +26,10 @@ use fedtune_shared::pb;
 use fedtune_shared::pb::coordinator_client::CoordinatorClient;
 use fedtune_shared::round::{
     DownloadItem, DownloadRequest, EvalReport, FailureReport, Heartbeat, HeartbeatReply, JoinRequest,
-    JoinResponse, StatusReport, Task, UploadItem, UploadReceipt,
+    JoinResponse, MaskedUpdateHeader, StatusReport, Task, UploadItem, UploadReceipt,
+};
+use fedtune_shared::secagg::{
+    AwaitedStep, KeyAdvertisement, RoundContext, RoundRef, RoundUnmaskAnswer, ShareUpload, StepInput,
 };
 use futures::stream::{BoxStream, StreamExt};
 use tonic::transport::{Channel, ClientTlsConfig};
@@ -68,6 +71,10 @@ pub enum ApiError {
     /// A local configuration problem (bad URL, TLS files).
     #[error("client configuration: {0}")]
     Config(String),
+    /// The secure round attempt this call belongs to has ended (the coordinator answered a
+    /// secure-aggregation call with `ABORTED`): the task is over, nothing is to be reported.
+    #[error("the secure round attempt is over: {0}")]
+    AttemptOver(String),
 }
 
 impl ApiError {
@@ -101,6 +108,15 @@ impl From<tonic::Status> for ApiError {
     }
 }
 
+/// A secure-aggregation call's status: `ABORTED` there means the round attempt ended (see
+/// `AwaitSecAggStep` in the protocol), not a passing hiccup as for the other calls.
+fn secagg_status(s: tonic::Status) -> ApiError {
+    match s.code() {
+        Code::Aborted => ApiError::AttemptOver(s.message().to_string()),
+        _ => ApiError::from(s),
+    }
+}
+
 impl From<ConvertError> for ApiError {
     fn from(e: ConvertError) -> Self {
         ApiError::Protocol(e.to_string())
@@ -130,6 +146,28 @@ pub trait CoordinatorApi: Send + Sync {
         &self,
         items: BoxStream<'static, UploadItem>,
     ) -> impl Future<Output = Result<UploadReceipt, ApiError>> + Send;
+    /// Uploads a secure round's masked vector: `items` as for [`CoordinatorApi::upload`], the
+    /// header sent as a masked one (`MASKED_U32`) naming the round context `secagg_context`.
+    fn upload_masked(
+        &self,
+        secagg_context: [u8; 32],
+        items: BoxStream<'static, UploadItem>,
+    ) -> impl Future<Output = Result<UploadReceipt, ApiError>> + Send;
+    /// Secure step 1: this client's agreement keys.
+    fn advertise_keys(&self, keys: KeyAdvertisement) -> impl Future<Output = Result<(), ApiError>> + Send;
+    /// Secure step 2: this client's sealed share bundles.
+    fn send_shares(&self, shares: ShareUpload) -> impl Future<Output = Result<(), ApiError>> + Send;
+    /// Long-polls (at most `max_wait`) for what `step` of the round `ctx` needs;
+    /// [`StepInput::Pending`] when it was not ready in time, [`ApiError::AttemptOver`] once the
+    /// attempt ended.
+    fn await_secagg_step(
+        &self,
+        ctx: &RoundContext,
+        step: AwaitedStep,
+        max_wait: Duration,
+    ) -> impl Future<Output = Result<StepInput, ApiError>> + Send;
+    /// Secure step 4: this client's answer to the unmasking request.
+    fn answer_unmask(&self, answer: RoundUnmaskAnswer) -> impl Future<Output = Result<(), ApiError>> + Send;
     /// Reports an evaluation result.
     fn report_evaluation(&self, report: EvalReport) -> impl Future<Output = Result<(), ApiError>> + Send;
     /// Gives up on a task so the round need not wait for us.
@@ -303,6 +341,59 @@ impl GrpcCoordinator {
         Ok(session)
     }
 
+    /// Streams an upload, signing its trailer when this client has an identity; with
+    /// `secagg_context` the header goes out as a masked one and the signature covers that round.
+    fn upload_stream(
+        &self,
+        items: BoxStream<'static, UploadItem>,
+        secagg_context: Option<[u8; 32]>,
+    ) -> impl Future<Output = Result<UploadReceipt, ApiError>> + Send {
+        // The items are forwarded through a small bounded channel: tonic's client-streaming call
+        // then holds a plain `ReceiverStream`, for which the compiler can prove the `Send`
+        // future this trait promises (with a boxed `dyn Stream` it cannot: a known
+        // higher-ranked-lifetime limitation). The bound keeps backpressure end to end.
+        let items = match &self.identity {
+            Some(id) => match lock(&id.session).clone() {
+                Some((federation_id, client_id)) => crate::identity::sign_upload_stream(
+                    items,
+                    id.key.clone(),
+                    federation_id,
+                    client_id,
+                    secagg_context,
+                ),
+                None => items,
+            },
+            None => items,
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            let mut items = items;
+            while let Some(item) = items.next().await {
+                let message = match (item, secagg_context) {
+                    (UploadItem::Header(header), Some(context)) => {
+                        let masked = MaskedUpdateHeader { header, secagg_context: context };
+                        pb::UploadUpdateRequest {
+                            item: Some(pb::upload_update_request::Item::Header((&masked).into())),
+                        }
+                    }
+                    (item, _) => pb::UploadUpdateRequest::from(item),
+                };
+                if tx.send(message).await.is_err() {
+                    break; // the call ended; nobody reads any more
+                }
+            }
+        });
+        let mut client = self.client.clone();
+        let request = self.request(tokio_stream::wrappers::ReceiverStream::new(rx), None);
+        async move {
+            let reply = client.upload_update(request?).await;
+            // A masked upload belongs to a secure round attempt: ABORTED there means it ended.
+            let reply =
+                reply.map_err(|s| if secagg_context.is_some() { secagg_status(s) } else { s.into() })?;
+            Ok(UploadReceipt::from(reply.into_inner()))
+        }
+    }
+
     fn token(&self) -> Option<String> {
         self.token.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -369,31 +460,54 @@ impl CoordinatorApi for GrpcCoordinator {
         &self,
         items: BoxStream<'static, UploadItem>,
     ) -> impl Future<Output = Result<UploadReceipt, ApiError>> + Send {
-        // The items are forwarded through a small bounded channel: tonic's client-streaming call
-        // then holds a plain `ReceiverStream`, for which the compiler can prove the `Send`
-        // future this trait promises (with a boxed `dyn Stream` it cannot: a known
-        // higher-ranked-lifetime limitation). The bound keeps backpressure end to end.
-        let items = match &self.identity {
-            Some(id) => match lock(&id.session).clone() {
-                Some((federation_id, client_id)) => {
-                    crate::identity::sign_upload_stream(items, id.key.clone(), federation_id, client_id)
-                }
-                None => items,
-            },
-            None => items,
-        };
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
-        tokio::spawn(async move {
-            let mut items = items;
-            while let Some(item) = items.next().await {
-                if tx.send(pb::UploadUpdateRequest::from(item)).await.is_err() {
-                    break; // the call ended; nobody reads any more
-                }
-            }
-        });
+        self.upload_stream(items, None)
+    }
+
+    fn upload_masked(
+        &self,
+        secagg_context: [u8; 32],
+        items: BoxStream<'static, UploadItem>,
+    ) -> impl Future<Output = Result<UploadReceipt, ApiError>> + Send {
+        self.upload_stream(items, Some(secagg_context))
+    }
+
+    async fn advertise_keys(&self, keys: KeyAdvertisement) -> Result<(), ApiError> {
         let mut client = self.client.clone();
-        let request = self.request(tokio_stream::wrappers::ReceiverStream::new(rx), None);
-        async move { Ok(UploadReceipt::from(client.upload_update(request?).await?.into_inner())) }
+        let req = self.request(pb::AdvertiseKeysRequest::from(&keys), Some(self.request_timeout))?;
+        client.advertise_keys(req).await.map_err(secagg_status)?;
+        Ok(())
+    }
+
+    async fn send_shares(&self, shares: ShareUpload) -> Result<(), ApiError> {
+        let mut client = self.client.clone();
+        let req = self.request(pb::SendSharesRequest::from(&shares), Some(self.request_timeout))?;
+        client.send_shares(req).await.map_err(secagg_status)?;
+        Ok(())
+    }
+
+    async fn await_secagg_step(
+        &self,
+        ctx: &RoundContext,
+        step: AwaitedStep,
+        max_wait: Duration,
+    ) -> Result<StepInput, ApiError> {
+        let mut client = self.client.clone();
+        let message = pb::AwaitSecAggStepRequest {
+            round: Some((&RoundRef::of(ctx)).into()),
+            step: fedtune_shared::convert::awaited_step_to_pb(step) as i32,
+            max_wait_ms: u64::try_from(max_wait.as_millis()).unwrap_or(u64::MAX),
+        };
+        // Like the task long-poll: the server answers by `max_wait`, the margin covers the trip.
+        let req = self.request(message, Some(max_wait + self.request_timeout))?;
+        let reply = client.await_sec_agg_step(req).await.map_err(secagg_status)?.into_inner();
+        Ok(StepInput::from_pb(reply, ctx)?)
+    }
+
+    async fn answer_unmask(&self, answer: RoundUnmaskAnswer) -> Result<(), ApiError> {
+        let mut client = self.client.clone();
+        let req = self.request(pb::UnmaskAnswer::from(&answer), Some(self.request_timeout))?;
+        client.answer_unmask(req).await.map_err(secagg_status)?;
+        Ok(())
     }
 
     async fn report_evaluation(&self, report: EvalReport) -> Result<(), ApiError> {
@@ -447,6 +561,16 @@ mod tests {
             let e = ApiError::from(tonic::Status::new(code, "x"));
             assert!(format!("{e:?}").starts_with(kind), "{code:?} became {e:?}, expected {kind}");
         }
+    }
+
+    #[test]
+    fn aborted_ends_a_secure_round_attempt_but_is_a_passing_hiccup_elsewhere() {
+        let aborted = || tonic::Status::aborted("attempt 0 of round 3 failed");
+        assert!(matches!(secagg_status(aborted()), ApiError::AttemptOver(_)));
+        assert!(matches!(ApiError::from(aborted()), ApiError::Unavailable(_)));
+        assert!(!secagg_status(aborted()).is_transient());
+        // Other statuses of a secure call keep their usual meaning.
+        assert!(matches!(secagg_status(tonic::Status::unavailable("x")), ApiError::Unavailable(_)));
     }
 
     #[test]

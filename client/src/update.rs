@@ -22,16 +22,25 @@
 //!
 //! [`privacy::DpPipelines`] serves every privacy mode (clip, then noise; see [`privacy`]).
 //!
+//! In a secure round ([`TaskContext::secure`]) the pipeline ends in a [`RingEncoder`] instead:
+//! [`UpdatePipeline::encode_for_ring`] turns the clipped f32 delta into the round's `u32` ring
+//! vector (randomized rounding, exact norm check, the client's share of discrete Gaussian noise)
+//! and drops the f32 values; the agent then masks that vector in place. Which of the two a task
+//! gets is decided in one place, [`privacy::DpPipelines`].
+//!
 //! The pipeline runs on the agent's trainer thread: noising or hashing 10⁸ values is CPU work
 //! that must stay off the async reactor.
 
 pub mod privacy;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use fedtune_shared::ids::{ClientId, RoundId};
-use fedtune_shared::params::{ParameterVector, ParamsError};
+use fedtune_shared::params::{Manifest, ParameterVector, ParamsError};
+use fedtune_shared::privacy::NoiseSource;
 use fedtune_shared::round::{FailureCode, PrivacyInstructions, PrivacyMode};
+use fedtune_shared::secagg::{Encoding, SecureTask};
 
 /// Why an update could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +83,41 @@ pub struct PreparedUpdate {
     /// Figures stages record for logs and the coordinator's metrics, e.g. `l2_norm` before
     /// clipping; keyed by a stable name so adding a stage never changes the struct.
     pub metrics: BTreeMap<&'static str, f64>,
+}
+
+/// A secure round's update: the clipped delta encoded into the ring, one `u32` per coordinate,
+/// ready to be masked in place. The f32 delta is gone by then.
+#[derive(Debug)]
+pub struct RingUpdate {
+    /// Federated round the update belongs to.
+    pub round: u64,
+    /// The tensors the words cover, in order (the upload header names its digest).
+    pub manifest: Manifest,
+    /// The encoded (later: masked) vector.
+    pub words: Vec<u32>,
+    /// The update's weight as the stages left it (1: a secure sum is unweighted).
+    pub num_examples: u64,
+    /// Figures the stages recorded.
+    pub metrics: BTreeMap<&'static str, f64>,
+}
+
+/// The last step of a secure round's pipeline: [`Encoding::encode`] with noise from `source`.
+#[derive(Debug)]
+pub struct RingEncoder {
+    encoding: Encoding,
+    source: Arc<NoiseSource>,
+}
+
+impl RingEncoder {
+    /// Encodes with `encoding` (whose σ_grid is this client's noise share) drawing from `source`.
+    pub fn new(encoding: Encoding, source: Arc<NoiseSource>) -> Self {
+        Self { encoding, source }
+    }
+
+    /// The encoding this encoder applies.
+    pub fn encoding(&self) -> &Encoding {
+        &self.encoding
+    }
 }
 
 /// One transformation or check of an outgoing update.
@@ -146,17 +190,29 @@ impl UpdateStage for CheckRange {
 #[derive(Debug)]
 pub struct UpdatePipeline {
     stages: Vec<Box<dyn UpdateStage>>,
+    ring: Option<RingEncoder>,
 }
 
 impl UpdatePipeline {
     /// The pipeline without privacy: only [`CheckRange`] against ±`max_abs`.
     pub fn checked(max_abs: f32) -> Self {
-        Self { stages: vec![Box::new(CheckRange::new(max_abs))] }
+        Self { stages: vec![Box::new(CheckRange::new(max_abs))], ring: None }
     }
 
     /// A pipeline with exactly `stages`, in order.
     pub fn new(stages: Vec<Box<dyn UpdateStage>>) -> Self {
-        Self { stages }
+        Self { stages, ring: None }
+    }
+
+    /// Ends the pipeline in the ring encoding of a secure round (see the module docs).
+    pub fn with_ring_encoding(mut self, encoder: RingEncoder) -> Self {
+        self.ring = Some(encoder);
+        self
+    }
+
+    /// The ring encoder, if this pipeline serves a secure round.
+    pub fn ring_encoder(&self) -> Option<&RingEncoder> {
+        self.ring.as_ref()
     }
 
     /// Appends a stage (e.g. clip, then noise).
@@ -167,7 +223,26 @@ impl UpdatePipeline {
 
     /// Names of the stages in order, for the start-up log.
     pub fn stage_names(&self) -> Vec<&'static str> {
-        self.stages.iter().map(|s| s.name()).collect()
+        let ring = self.ring.as_ref().map(|_| "ring");
+        self.stages.iter().map(|s| s.name()).chain(ring).collect()
+    }
+
+    /// A secure round's last step: encodes `update` (which [`UpdatePipeline::prepare`] made)
+    /// for the ring and drops its f32 values. Refused with [`UpdateError::Refused`] (stage
+    /// `ring`) when the encoding refuses it (wrong length, non-finite value, norm bound), and
+    /// with [`UpdateError::Unsupported`] by a pipeline that does not serve a secure round.
+    pub fn encode_for_ring(&self, update: PreparedUpdate) -> Result<RingUpdate, UpdateError> {
+        let Some(ring) = &self.ring else {
+            return Err(UpdateError::Unsupported("this pipeline does not encode for a secure round".into()));
+        };
+        let PreparedUpdate { round, delta, num_examples, metrics } = update;
+        let (manifest, values) = delta.into_parts();
+        let words = ring
+            .encoding
+            .encode(&values, &ring.source)
+            .map_err(|e| UpdateError::Refused { stage: "ring", reason: e.to_string() })?;
+        drop(values);
+        Ok(RingUpdate { round, manifest, words, num_examples, metrics })
     }
 
     /// Computes `local − global` and runs every stage over it.
@@ -201,6 +276,8 @@ pub struct TaskContext {
     pub privacy: PrivacyInstructions,
     /// Largest `|value|` the coordinator accepts in an update (advertised at join).
     pub max_abs_update_value: f32,
+    /// The task's secure round, if its update is summed under secure aggregation.
+    pub secure: Option<Arc<SecureTask>>,
 }
 
 /// Builds the pipeline one fit task needs (clip and noise per its privacy instructions).
@@ -217,6 +294,11 @@ pub struct PlainPipelines;
 
 impl PipelineFactory for PlainPipelines {
     fn build(&self, task: &TaskContext) -> Result<UpdatePipeline, UpdateError> {
+        if task.secure.is_some() {
+            return Err(UpdateError::Unsupported(
+                "secure aggregation needs the ring encoding this agent was not built with".into(),
+            ));
+        }
         match task.privacy.mode {
             PrivacyMode::None => Ok(UpdatePipeline::checked(task.max_abs_update_value)),
             mode => Err(UpdateError::Unsupported(format!(
@@ -317,6 +399,7 @@ mod tests {
             round: RoundId::new(1, 0),
             privacy: PrivacyInstructions::NONE,
             max_abs_update_value: MAX_ABS_UPDATE_VALUE,
+            secure: None,
         };
         assert_eq!(PlainPipelines.build(&task).unwrap().stage_names(), vec!["range"]);
         task.privacy = PrivacyInstructions {

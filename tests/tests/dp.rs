@@ -27,6 +27,9 @@ use fedtune_shared::round::{
     DownloadRequest, EvalReport, FailureCode, FailureReport, Heartbeat, HeartbeatReply, JoinRequest,
     JoinResponse, PhaseName, StatusReport, Task, UploadItem, UploadReceipt,
 };
+use fedtune_shared::secagg::{
+    AwaitedStep, KeyAdvertisement, RoundContext, RoundUnmaskAnswer, ShareUpload, StepInput,
+};
 use fedtune_tests::fixtures::{quick_settings, write_fake_model};
 use fedtune_tests::grpc::{f32_bytes, InProcess, TestClient};
 use fedtune_tests::process::{binary, wait_for_status, CoordinatorProc};
@@ -108,6 +111,30 @@ impl CoordinatorApi for Recording {
         let receipt = self.inner.upload(items).await?;
         self.sent.lock().unwrap().push(slot.lock().unwrap().clone());
         Ok(receipt)
+    }
+    async fn upload_masked(
+        &self,
+        secagg_context: [u8; 32],
+        items: BoxStream<'static, UploadItem>,
+    ) -> Result<UploadReceipt, ApiError> {
+        self.inner.upload_masked(secagg_context, items).await
+    }
+    async fn advertise_keys(&self, keys: KeyAdvertisement) -> Result<(), ApiError> {
+        self.inner.advertise_keys(keys).await
+    }
+    async fn send_shares(&self, shares: ShareUpload) -> Result<(), ApiError> {
+        self.inner.send_shares(shares).await
+    }
+    async fn await_secagg_step(
+        &self,
+        ctx: &RoundContext,
+        step: AwaitedStep,
+        max_wait: Duration,
+    ) -> Result<StepInput, ApiError> {
+        self.inner.await_secagg_step(ctx, step, max_wait).await
+    }
+    async fn answer_unmask(&self, answer: RoundUnmaskAnswer) -> Result<(), ApiError> {
+        self.inner.answer_unmask(answer).await
     }
     async fn report_evaluation(&self, report: EvalReport) -> Result<(), ApiError> {
         self.inner.report_evaluation(report).await

@@ -35,6 +35,9 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
         deadline: Instant,
         global: Arc<ParameterVector>,
     ) -> Result<State, AgentError> {
+        if task.secure_aggregation.is_some() {
+            return self.secure_fit(task, deadline, global).await;
+        }
         let Some((client_id, limits)) = self.session.as_ref().map(|s| (s.client_id.clone(), s.limits)) else {
             return Ok(State::Connecting);
         };
@@ -45,6 +48,7 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
             round: task.id,
             privacy: task.privacy,
             max_abs_update_value: limits.max_abs_update_value,
+            secure: None,
         };
         let pipeline = match self.pipelines.build(&context) {
             Ok(p) => p,

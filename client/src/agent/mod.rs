@@ -29,6 +29,7 @@ mod evaluate;
 mod fit;
 mod heartbeat;
 mod poll;
+mod secure;
 mod session;
 mod upload;
 mod worker;
@@ -37,6 +38,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedtune_shared::crypto::KeyPair;
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId};
 use fedtune_shared::params::{Manifest, ParameterVector};
 use fedtune_shared::round::{EvaluateTask, FailureCode, FailureReport, FitTask, PrivacyMode, TaskKind};
@@ -102,6 +104,9 @@ pub struct AgentConfig {
     pub upload_rate_limit: Option<u64>,
     /// Identifies this build in the coordinator's logs.
     pub agent_version: String,
+    /// The client's identity key (the one the transport authenticates with): a secure round's
+    /// agreement keys are signed with it. `None`: this client cannot take part in one.
+    pub identity: Option<Arc<KeyPair>>,
 }
 
 impl AgentConfig {
@@ -130,6 +135,7 @@ impl Default for AgentConfig {
             shutdown_grace: Duration::from_secs(10),
             upload_rate_limit: None,
             agent_version: concat!("fedtune-client/", env!("CARGO_PKG_VERSION")).to_string(),
+            identity: None,
         }
     }
 }
@@ -260,6 +266,8 @@ struct Pending {
 enum State {
     /// Joining (or re-joining) the federation.
     Connecting,
+    /// A secure round's first steps (keys, shares), before the model is fetched.
+    Securing(Work),
     /// Long-polling for work.
     Idle,
     /// Fetching the model a task needs.
@@ -280,6 +288,7 @@ impl State {
     fn name(&self) -> &'static str {
         match self {
             State::Connecting => "connecting",
+            State::Securing(_) => "securing",
             State::Idle => "idle",
             State::Downloading(_) => "downloading",
             State::Training { .. } => "training",
@@ -295,7 +304,7 @@ impl State {
     /// The task this state works on, if any (looking through a backoff).
     fn work(&self) -> Option<Work> {
         match self {
-            State::Downloading(work) => Some(work.clone()),
+            State::Downloading(work) | State::Securing(work) => Some(work.clone()),
             State::Training { task, deadline, .. } => {
                 Some(Work::Fit { task: task.clone(), deadline: *deadline })
             }
@@ -331,6 +340,8 @@ pub struct Agent<C: CoordinatorApi + 'static> {
     cache: ModelCache,
     /// An update trained but not yet accepted (kept across coordinator restarts).
     pending: Option<Pending>,
+    /// The secure round whose shares are sent, waiting for the model and training.
+    secure: Option<secure::SecureRound>,
     /// Last time any call to the coordinator succeeded (for `give_up_after`).
     last_contact: Instant,
     stats: AgentStats,
@@ -364,6 +375,7 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
             worker: None,
             cache: ModelCache::default(),
             pending: None,
+            secure: None,
             last_contact: Instant::now(),
             stats: AgentStats::default(),
         }
@@ -386,6 +398,7 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
             tracing::debug!(state = %state, "agent step");
             state = match state {
                 State::Connecting => self.connect().await?,
+                State::Securing(work) => self.secure_setup(work).await?,
                 State::Idle => self.poll().await?,
                 State::Downloading(work) => self.download(work).await?,
                 State::Training { task, deadline, global } => self.fit(task, deadline, global).await?,
@@ -445,7 +458,7 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
             }
             ApiError::Denied(why) => Err(AgentError::Denied(why)),
             ApiError::Config(why) => Err(AgentError::Config(why)),
-            ApiError::Stale(why) | ApiError::AlreadyAccepted(why) => {
+            ApiError::Stale(why) | ApiError::AlreadyAccepted(why) | ApiError::AttemptOver(why) => {
                 tracing::info!(%why, "task is over; polling for the next one");
                 self.stats.tasks_dropped += 1;
                 Ok(State::Idle)
@@ -498,3 +511,6 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod secure_tests;

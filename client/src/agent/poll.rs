@@ -46,6 +46,11 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
                 }
                 // The same task handed out again (after a lost reply or a coordinator restart):
                 // the update we already prepared is still the right answer.
+                if task.secure_aggregation.is_some() {
+                    // Keys and shares before anything is fetched; a masked update is never
+                    // re-sent from `pending` (its masks belong to one run of the protocol).
+                    return Ok(State::Securing(Work::Fit { task, deadline }));
+                }
                 match self.pending.take() {
                     Some(p)
                         if p.task.id.round == task.id.round

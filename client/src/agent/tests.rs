@@ -13,6 +13,9 @@ use fedtune_shared::chunk::payload_digest;
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId, Sha256};
 use fedtune_shared::params::TensorSpec;
 use fedtune_shared::round::*;
+use fedtune_shared::secagg::{
+    AwaitedStep, KeyAdvertisement, RoundContext, RoundUnmaskAnswer, ShareUpload, StepInput,
+};
 use futures::stream::{self, BoxStream, StreamExt};
 
 use super::*;
@@ -205,6 +208,35 @@ impl CoordinatorApi for Arc<Scripted> {
         let delta = ParameterVector::from_le_bytes(manifest(), &payload).unwrap();
         self.uploads.lock().unwrap().push((h.id, delta));
         Ok(UploadReceipt { id: h.id, received_bytes: payload.len() as u64 })
+    }
+
+    async fn upload_masked(
+        &self,
+        _secagg_context: [u8; 32],
+        _items: BoxStream<'static, UploadItem>,
+    ) -> Result<UploadReceipt, ApiError> {
+        Err(ApiError::Invalid("this script runs no secure round (see secure_tests)".into()))
+    }
+
+    async fn advertise_keys(&self, _keys: KeyAdvertisement) -> Result<(), ApiError> {
+        Err(ApiError::Invalid("this script runs no secure round (see secure_tests)".into()))
+    }
+
+    async fn send_shares(&self, _shares: ShareUpload) -> Result<(), ApiError> {
+        Err(ApiError::Invalid("this script runs no secure round (see secure_tests)".into()))
+    }
+
+    async fn await_secagg_step(
+        &self,
+        _ctx: &RoundContext,
+        _step: AwaitedStep,
+        _max_wait: Duration,
+    ) -> Result<StepInput, ApiError> {
+        Err(ApiError::Invalid("this script runs no secure round (see secure_tests)".into()))
+    }
+
+    async fn answer_unmask(&self, _answer: RoundUnmaskAnswer) -> Result<(), ApiError> {
+        Err(ApiError::Invalid("this script runs no secure round (see secure_tests)".into()))
     }
 
     async fn report_evaluation(&self, report: EvalReport) -> Result<(), ApiError> {

@@ -5,11 +5,12 @@
 //! broken upload whole, so a retry sends everything again, as long as the task's deadline allows.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fedtune_shared::chunk::{chunk_ranges, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
+use fedtune_shared::chunk::{chunk_ranges, Sha256Stream, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 use fedtune_shared::ids::Sha256;
 use fedtune_shared::round::{
     Chunk, ClientActivity, FailureCode, FitTask, PrivacyMode, UpdateHeader, UpdateTrailer, UploadItem,
@@ -22,6 +23,68 @@ use super::worker::FitResult;
 use super::{Agent, AgentError, Pending, State, Work};
 use crate::transport::{ApiError, CoordinatorApi};
 
+/// Values an upload streams, 4 little-endian bytes each, read where they lie (no second copy of
+/// the whole payload).
+pub(super) trait UploadPayload: Send + Sync + 'static {
+    /// Appends the bytes of values `range` to `out`.
+    fn write_le(&self, range: Range<usize>, out: &mut Vec<u8>);
+}
+
+impl UploadPayload for FitResult {
+    fn write_le(&self, range: Range<usize>, out: &mut Vec<u8>) {
+        for v in &self.update.delta.values()[range] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+}
+
+/// A secure round's masked vector.
+#[derive(Debug)]
+pub(super) struct MaskedPayload(pub(super) Vec<u32>);
+
+impl MaskedPayload {
+    /// SHA-256 of the bytes [`UploadPayload::write_le`] streams, hashed in slices.
+    pub(super) fn digest(&self) -> Sha256 {
+        let mut hasher = Sha256Stream::default();
+        let mut buf = Vec::with_capacity(1 << 16);
+        for words in self.0.chunks(1 << 14) {
+            buf.clear();
+            buf.extend(words.iter().flat_map(|w| w.to_le_bytes()));
+            hasher.update(&buf);
+        }
+        hasher.finish()
+    }
+}
+
+impl UploadPayload for MaskedPayload {
+    fn write_le(&self, range: Range<usize>, out: &mut Vec<u8>) {
+        for w in &self.0[range] {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+    }
+}
+
+/// The metrics an upload's header carries: what the pipeline recorded, plus the training
+/// figures when the task is not private.
+pub(super) fn header_metrics(
+    task: &FitTask,
+    recorded: &BTreeMap<&'static str, f64>,
+    train_loss: f64,
+    samples_per_second: f64,
+    seconds: f64,
+) -> BTreeMap<String, f64> {
+    let mut metrics: BTreeMap<String, f64> = recorded.iter().map(|(k, v)| ((*k).to_string(), *v)).collect();
+    // Training figures depend on the client's data and are not covered by the DP noise: a
+    // private update carries only what its pipeline put in (the noised clipping indicator).
+    if task.privacy.mode == PrivacyMode::None {
+        metrics.insert("train_loss".into(), train_loss);
+        metrics.insert("samples_per_second".into(), samples_per_second);
+        metrics.insert("train_seconds".into(), seconds);
+    }
+    metrics.retain(|_, v| v.is_finite());
+    metrics
+}
+
 /// The upload stream of `result` for `task`: header, chunks of `chunk_bytes`, trailer.
 /// With `rate` (bytes per second), chunks are released no faster than that.
 pub(super) fn upload_items(
@@ -31,46 +94,50 @@ pub(super) fn upload_items(
     rate: Option<u64>,
 ) -> BoxStream<'static, UploadItem> {
     let update = &result.update;
-    let mut metrics: BTreeMap<String, f64> =
-        update.metrics.iter().map(|(k, v)| ((*k).to_string(), *v)).collect();
-    // Training figures depend on the client's data and are not covered by the DP noise: a
-    // private update carries only what its pipeline put in (the noised clipping indicator).
-    if task.privacy.mode == PrivacyMode::None {
-        metrics.insert("train_loss".into(), result.train_loss);
-        metrics.insert("samples_per_second".into(), result.samples_per_second);
-        metrics.insert("train_seconds".into(), result.seconds);
-    }
-    metrics.retain(|_, v| v.is_finite());
-    let total = update.delta.manifest().byte_len() as u64;
-    let header = UploadItem::Header(UpdateHeader {
+    let metrics =
+        header_metrics(task, &update.metrics, result.train_loss, result.samples_per_second, result.seconds);
+    let header = UpdateHeader {
         id: task.id,
         base_version: task.model.version,
         num_examples: update.num_examples,
         metrics,
         manifest_digest: Sha256(update.delta.manifest().digest()),
-        total_bytes: total,
-    });
+        total_bytes: update.delta.manifest().byte_len() as u64,
+    };
+    let digest = result.payload_digest;
+    framed(header, digest, result, chunk_bytes, rate)
+}
+
+/// Header, the payload cut into chunks of `chunk_bytes` (paced to `rate` bytes per second if
+/// given), trailer with `payload_digest`.
+pub(super) fn framed<P: UploadPayload>(
+    header: UpdateHeader,
+    payload_digest: Sha256,
+    payload: Arc<P>,
+    chunk_bytes: usize,
+    rate: Option<u64>,
+) -> BoxStream<'static, UploadItem> {
+    let total = header.total_bytes;
     let trailer = UploadItem::Trailer(UpdateTrailer {
-        payload_digest: result.payload_digest,
+        payload_digest,
         // Filled in by the transport, which alone knows the session the signature covers.
         signature: None,
     });
+    let header = UploadItem::Header(header);
     let chunk_bytes = chunk_bytes.clamp(MIN_CHUNK_BYTES, MAX_CHUNK_BYTES) / 4 * 4;
     let ranges: Vec<_> = chunk_ranges(0, total, chunk_bytes).collect();
     let started = Instant::now();
     let chunks = stream::iter(ranges).then(move |range| {
-        let result = Arc::clone(&result);
+        let payload = Arc::clone(&payload);
         async move {
             if let Some(rate) = rate.filter(|r| *r > 0) {
                 // Release this chunk when the bytes before it have had their share of time.
                 let due = started + Duration::from_secs_f64(range.start as f64 / rate as f64);
                 tokio::time::sleep_until(due).await;
             }
-            let values = &result.update.delta.values()[(range.start / 4) as usize..(range.end / 4) as usize];
+            let values = (range.start / 4) as usize..(range.end / 4) as usize;
             let mut data = Vec::with_capacity(values.len() * 4);
-            for v in values {
-                data.extend_from_slice(&v.to_le_bytes());
-            }
+            payload.write_le(values, &mut data);
             UploadItem::Chunk(Chunk { offset: range.start, data: Bytes::from(data) })
         }
     });

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use super::{AgentError, TrainerFactory, TrainerSpec};
 use crate::local_trainer::{EvalOutcome, FitConfig, LocalTrainer, TrainerError};
-use crate::update::{PreparedUpdate, UpdateError, UpdatePipeline};
+use crate::update::{PreparedUpdate, RingUpdate, UpdateError, UpdatePipeline};
 
 /// A finished fit: the update ready to upload, and what to tell the coordinator about it.
 #[derive(Debug, Clone)]
@@ -35,6 +35,19 @@ pub struct FitResult {
     pub samples_per_second: f64,
     /// Wall time of training plus the pipeline, seconds.
     pub seconds: f64,
+}
+
+/// A finished fit of a secure round: the update encoded for the ring (not yet masked).
+#[derive(Debug)]
+pub(super) struct RingFitResult {
+    /// The encoded update.
+    pub(super) update: RingUpdate,
+    /// Mean training loss.
+    pub(super) train_loss: f64,
+    /// Training throughput.
+    pub(super) samples_per_second: f64,
+    /// Wall time of training, the pipeline and the encoding, seconds.
+    pub(super) seconds: f64,
 }
 
 /// Why a job failed on the trainer thread.
@@ -53,6 +66,13 @@ enum Job {
         pipeline: UpdatePipeline,
         reply: oneshot::Sender<Result<FitResult, JobError>>,
     },
+    /// A fit whose pipeline ends in the ring encoding of a secure round.
+    RingFit {
+        global: Arc<ParameterVector>,
+        config: FitConfig,
+        pipeline: UpdatePipeline,
+        reply: oneshot::Sender<Result<RingFitResult, JobError>>,
+    },
     Evaluate {
         global: Arc<ParameterVector>,
         reply: oneshot::Sender<Result<EvalOutcome, JobError>>,
@@ -69,6 +89,7 @@ impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Job::Fit { .. } => "Job::Fit",
+            Job::RingFit { .. } => "Job::RingFit",
             Job::Evaluate { .. } => "Job::Evaluate",
         })
     }
@@ -117,6 +138,21 @@ impl Worker {
         rx.await.map_err(|_| AgentError::WorkerGone)
     }
 
+    /// Trains from `global`, prepares the update and encodes it for the ring of a secure round
+    /// (the pipeline must end in a ring encoder); resolves when done.
+    pub(super) async fn ring_fit(
+        &self,
+        global: Arc<ParameterVector>,
+        config: FitConfig,
+        pipeline: UpdatePipeline,
+    ) -> Result<Result<RingFitResult, JobError>, AgentError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::RingFit { global, config, pipeline, reply })
+            .map_err(|_| AgentError::WorkerGone)?;
+        rx.await.map_err(|_| AgentError::WorkerGone)
+    }
+
     /// Evaluates `global` on the held-out split; resolves when done.
     pub(super) async fn evaluate(
         &self,
@@ -142,6 +178,27 @@ fn run(trainer: &mut dyn LocalTrainer, job: Job) {
                 Ok(FitResult {
                     update,
                     payload_digest: digest,
+                    train_loss: outcome.train_loss,
+                    samples_per_second: outcome.samples_per_second,
+                    seconds: started.elapsed().as_secs_f64(),
+                })
+            });
+            let _ = reply.send(result);
+        }
+        Job::RingFit { global, config, mut pipeline, reply } => {
+            if reply.is_closed() {
+                return;
+            }
+            let started = Instant::now();
+            let result = trainer.fit(&global, &config).map_err(JobError::from).and_then(|outcome| {
+                let update =
+                    pipeline.prepare(config.round, &global, &outcome.weights, outcome.num_examples)?;
+                // The trained weights are not needed past the delta: free them before the
+                // encoding allocates its vectors.
+                drop(outcome.weights);
+                let update = pipeline.encode_for_ring(update)?;
+                Ok(RingFitResult {
+                    update,
                     train_loss: outcome.train_loss,
                     samples_per_second: outcome.samples_per_second,
                     seconds: started.elapsed().as_secs_f64(),

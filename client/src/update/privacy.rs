@@ -10,6 +10,21 @@
 //! | `Local`       | clip → noise (full σ) → range check  |
 //! | `Distributed` | clip → noise (share σ) → range check |
 //!
+//! Under secure aggregation (the task has a secure round) the f32 noise stage never runs; the
+//! update is clipped to the round's `C` and encoded for the ring ([`RingEncoder`]), which adds the
+//! client's discrete Gaussian share σ_grid there, on the integers the coordinator only ever sees
+//! summed:
+//!
+//! | mode          | stages (secure round)                         |
+//! |---------------|-----------------------------------------------|
+//! | `None`        | clip → ring (σ_grid as the task says)          |
+//! | `Central`     | clip → ring (σ_grid as the task says)          |
+//! | `Local`       | refused: local noise is not summed securely   |
+//! | `Distributed` | clip → ring (σ_grid > 0 required)             |
+//!
+//! A secure update reports no clipping indicator: it would leave the client alone, unsummed,
+//! while its noise is only a share.
+//!
 //! The range check comes last under DP: whether it passes is visible to the coordinator (a
 //! failure report, a missing update), so it must see only what the mechanism protects. A raw
 //! delta with one huge coordinate is clipped like any other; the check then only catches what
@@ -35,9 +50,11 @@ use fedtune_shared::privacy::{
     add_noise, clip_l2, clip_per_layer, default_grid_log2, AdaptiveClip, LayerBudget, NoiseSource,
 };
 use fedtune_shared::round::{PrivacyInstructions, PrivacyMode};
+use fedtune_shared::secagg::SecureTask;
 
 use super::{
-    CheckRange, PipelineFactory, PreparedUpdate, TaskContext, UpdateError, UpdatePipeline, UpdateStage,
+    CheckRange, PipelineFactory, PreparedUpdate, RingEncoder, TaskContext, UpdateError, UpdatePipeline,
+    UpdateStage,
 };
 
 pub use fedtune_shared::privacy::CLIP_INDICATOR_METRIC;
@@ -189,8 +206,49 @@ impl DpPipelines {
     }
 }
 
+impl DpPipelines {
+    /// The stages of a secure round's update (see the module docs): clip to the round's `C`,
+    /// then the ring encoding with the task's σ_grid; never the f32 noise stage.
+    pub fn secure_stages(
+        privacy: &PrivacyInstructions,
+        secure: &SecureTask,
+        source: Arc<NoiseSource>,
+    ) -> Result<UpdatePipeline, UpdateError> {
+        let encoding = secure
+            .encoding()
+            .map_err(|e| UpdateError::Unsupported(format!("the secure round's encoding: {e}")))?;
+        match privacy.mode {
+            PrivacyMode::Local => {
+                return Err(UpdateError::Unsupported(
+                    "local noise under secure aggregation: the task asks for the full σ per client \
+                     and a masked sum at once"
+                        .into(),
+                ))
+            }
+            PrivacyMode::Distributed if !(encoding.sigma_grid().is_finite() && encoding.sigma_grid() > 0.0) => {
+                return Err(UpdateError::Unsupported(format!(
+                    "distributed noise with a noise share of σ_grid = {}: each client's share must be positive",
+                    encoding.sigma_grid()
+                )))
+            }
+            _ => {}
+        }
+        let per_layer = privacy.mode != PrivacyMode::None && privacy.per_layer_clipping;
+        let clip = ClipStage::new(encoding.clip_norm(), per_layer)?;
+        Ok(UpdatePipeline::new(vec![])
+            .with_stage(clip)
+            .with_ring_encoding(RingEncoder::new(encoding, source)))
+    }
+}
+
 impl PipelineFactory for DpPipelines {
     fn build(&self, task: &TaskContext) -> Result<UpdatePipeline, UpdateError> {
+        if let Some(secure) = &task.secure {
+            // Fresh per task even without DP: randomized rounding draws from it too.
+            let source =
+                NoiseSource::from_os_entropy().map_err(|e| UpdateError::Unsupported(e.to_string()))?;
+            return Self::secure_stages(&task.privacy, secure, Arc::new(source));
+        }
         if task.privacy.mode == PrivacyMode::None {
             return Ok(UpdatePipeline::checked(task.max_abs_update_value));
         }
@@ -226,6 +284,7 @@ mod tests {
             round: RoundId::new(1, 0),
             privacy,
             max_abs_update_value: MAX_ABS_UPDATE_VALUE,
+            secure: None,
         }
     }
 
@@ -320,5 +379,90 @@ mod tests {
             .collect();
         assert!(values.iter().any(|v| *v != 0.5), "the indicator is noised under local noise");
         assert!(values.iter().all(|v| (v * 2.0).fract() == 0.0), "noise stays on the grid ½ℤ");
+    }
+
+    fn secure_task(n: usize, sigma_grid: f64) -> Arc<SecureTask> {
+        use fedtune_shared::crypto::KeyPair;
+        use fedtune_shared::secagg::RoundSetup;
+        let members = (0..3)
+            .map(|i| {
+                let id = ClientId::parse(&format!("site-{i}")).unwrap();
+                (id, KeyPair::generate_ephemeral().unwrap().public_key())
+            })
+            .collect();
+        Arc::new(SecureTask {
+            setup: RoundSetup {
+                federation_id: "fed".into(),
+                round: 1,
+                attempt: 0,
+                members,
+                threshold: 2,
+                degree: 2,
+                graph_seed: [0; 32],
+                vector_len: n,
+            },
+            grid_log2: -10,
+            clip_norm: 1.0,
+            noise_sigma_grid: sigma_grid,
+            max_wrap_probability: 1e-9,
+        })
+    }
+
+    fn secure_context(mode: PrivacyMode, secure: Arc<SecureTask>) -> TaskContext {
+        TaskContext { secure: Some(secure), ..context(instructions(mode, 0.1)) }
+    }
+
+    #[test]
+    fn under_secure_aggregation_distributed_noise_is_added_in_the_ring_and_never_to_the_f32_delta() {
+        let n = 100_000;
+        let sigma_grid = 8.0;
+        let secure = secure_task(n, sigma_grid);
+        let names =
+            DpPipelines.build(&secure_context(PrivacyMode::Distributed, Arc::clone(&secure))).unwrap();
+        assert_eq!(names.stage_names(), vec!["clip", "ring"]);
+        let mut pipeline = DpPipelines::secure_stages(
+            &instructions(PrivacyMode::Distributed, 0.1),
+            &secure,
+            Arc::new(NoiseSource::seeded_for_tests(3)),
+        )
+        .unwrap();
+        // A zero update: what reaches the ring is the noise alone, σ_grid grid steps wide.
+        let (global, local) = vectors(n, 0.0);
+        let prepared = pipeline.prepare(1, &global, &local, 5).unwrap();
+        assert!(prepared.delta.values().iter().all(|v| *v == 0.0), "no f32 noise before the ring");
+        let ring = pipeline.encode_for_ring(prepared).unwrap();
+        assert_eq!((ring.words.len(), ring.num_examples), (n, 1));
+        let ints = fedtune_shared::secagg::encoding::from_ring(&ring.words);
+        let var = ints.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / n as f64;
+        assert!((var.sqrt() / sigma_grid - 1.0).abs() < 0.02, "std {} vs σ_grid {sigma_grid}", var.sqrt());
+    }
+
+    #[test]
+    fn under_secure_aggregation_without_noise_the_ring_holds_the_rounded_clipped_update() {
+        let n = 1000;
+        let secure = secure_task(n, 0.0);
+        for mode in [PrivacyMode::None, PrivacyMode::Central] {
+            let mut pipeline = DpPipelines.build(&secure_context(mode, Arc::clone(&secure))).unwrap();
+            let (global, local) = vectors(n, 0.5);
+            let prepared = pipeline.prepare(1, &global, &local, 7).unwrap();
+            let ring = pipeline.encode_for_ring(prepared).unwrap();
+            // Clipped to C = 1 (each value 1/√n), then rounded to the grid 2^-10 one way or the other.
+            let want = 1.0 / (n as f64).sqrt() * 1024.0;
+            let ints = fedtune_shared::secagg::encoding::from_ring(&ring.words);
+            assert!(ints.iter().all(|v| (*v as f64 - want).abs() < 1.0), "{mode:?}: {:?}", &ints[..4]);
+        }
+    }
+
+    #[test]
+    fn secure_aggregation_refuses_local_noise_and_a_distributed_task_without_a_noise_share() {
+        let secure = secure_task(10, 0.0);
+        let local = DpPipelines.build(&secure_context(PrivacyMode::Local, Arc::clone(&secure))).unwrap_err();
+        assert!(local.to_string().contains("local noise under secure aggregation"), "{local}");
+        let silent = DpPipelines.build(&secure_context(PrivacyMode::Distributed, secure)).unwrap_err();
+        assert!(silent.to_string().contains("σ_grid = 0"), "{silent}");
+        // An agent without the ring encoding refuses a secure task rather than sending it plain.
+        let plain =
+            crate::update::PlainPipelines.build(&secure_context(PrivacyMode::None, secure_task(10, 0.0)));
+        assert!(plain.is_err());
     }
 }

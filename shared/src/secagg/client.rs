@@ -130,6 +130,17 @@ impl SharesSent {
         sharers: &[Slot],
         input: &[u32],
     ) -> Result<(InputMasked, MaskedInput), SecAggError> {
+        self.mask_in_place(incoming, sharers, input.to_vec())
+    }
+
+    /// [`SharesSent::mask`] over an owned input, masked where it lies: a client whose vector has
+    /// tens of millions of coordinates keeps one copy of it, not two.
+    pub fn mask_in_place(
+        self,
+        incoming: &[EncryptedShares],
+        sharers: &[Slot],
+        input: Vec<u32>,
+    ) -> Result<(InputMasked, MaskedInput), SecAggError> {
         let SharesSent { ctx, me, self_seed, mut pairs, mut held } = self;
         if input.len() != ctx.vector_len() {
             return Err(SecAggError::WrongLength { expected: ctx.vector_len(), got: input.len() });
@@ -183,7 +194,7 @@ impl SharesSent {
         if partners.len() + 1 < t {
             return Err(SecAggError::BelowThreshold { stage: "masking", have: partners.len() + 1, need: t });
         }
-        let mut values = input.to_vec();
+        let mut values = input;
         apply_mask(&mut values, &self_seed, MaskSign::Add);
         for v in &partners {
             let seed = &pairs[v].mask_seed;
