@@ -735,7 +735,10 @@ impl Strategy for DpStrategy {
             );
         }
         self.clip_norm = record.next_clip_norm;
-        self.observe_charge(record);
+        if !record.charged_at_release {
+            // A release charge was observed (status, logs) when it was taken.
+            self.observe_charge(record);
+        }
         Ok(())
     }
 

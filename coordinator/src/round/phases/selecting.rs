@@ -80,7 +80,10 @@ impl Phase for Selecting {
             let n = selected.len();
             SecureDraw {
                 threshold: sa.threshold_for(n, sa.degree_for(n)),
-                limits: EncodingLimits { max_wrap_probability: sa.max_wrap_probability, ..EncodingLimits::default() },
+                limits: EncodingLimits {
+                    max_wrap_probability: sa.max_wrap_probability,
+                    ..EncodingLimits::default()
+                },
             }
         });
         let plan = {
