@@ -100,6 +100,29 @@ const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const TCP_KEEPALIVE_RETRIES: u32 = 3;
 
+/// The standard gRPC health service (`grpc.health.v1.Health`), which Kubernetes' `grpc:`
+/// probes and load balancers ask: SERVING, for the whole server ("") and for
+/// `fedtune.v1.Coordinator`, while the round actor runs; NOT_SERVING from the moment shutdown
+/// begins (the actor ended, or a signal), so nothing routes new work into the drain grace.
+async fn serve_health(
+    cancel: &CancellationToken,
+) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    const NAMES: [&str; 2] = ["", fedtune_shared::pb::coordinator_server::SERVICE_NAME];
+    let (reporter, service) = tonic_health::server::health_reporter();
+    for name in NAMES {
+        reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+    }
+    let cancel = cancel.clone();
+    // Ends with the cancellation it waits for, which every exit path of `run_with` triggers.
+    tokio::spawn(async move {
+        cancel.cancelled().await;
+        for name in NAMES {
+            reporter.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
+        }
+    });
+    service
+}
+
 /// Runs a coordinator on `listener` until `shutdown` is cancelled (or the federation ends and
 /// `server.exit_after_finished` elapses), with [`Seams::secure`]: allowlisted clients only,
 /// signed updates, TLS unless `security.insecure`.
@@ -215,7 +238,9 @@ pub async fn run_with(
              updates and steal session tokens; use only for tests or on one trusted machine"
         );
     }
+    let health = serve_health(&cancel).await;
     let server = builder
+        .add_service(health)
         .add_service(service.into_server(connections))
         .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned());
     let mut server = tokio::spawn(server);

@@ -136,3 +136,49 @@ async fn status_reports_a_running_coordinator_and_export_writes_a_loadable_hf_di
     stop.cancel();
     server.await.unwrap().unwrap();
 }
+
+/// What a Kubernetes `grpc:` probe sees: the standard health service on the coordinator's own
+/// port answers SERVING for the server and for the coordinator service while it runs, and a
+/// watcher hears NOT_SERVING as soon as shutdown begins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_health_service_answers_serving_while_running_and_not_serving_on_shutdown() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    write_model(&dir.path().join("model"));
+    let mut settings = CoordinatorSettings::with_paths(dir.path().join("state"), dir.path().join("model"));
+    settings.security.insecure = true;
+    settings.server.drain_grace = Duration::from_secs(2);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(fedtune_coordinator::run(settings, listener, stop.clone()));
+
+    let mut health = None;
+    for _ in 0..100 {
+        if let Ok(c) = tonic::transport::Endpoint::from_shared(url.clone()).unwrap().connect().await {
+            health = Some(HealthClient::new(c));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut health = health.expect("the coordinator accepted a connection");
+    let ask = |service: &str| HealthCheckRequest { service: service.into() };
+    for service in ["", "fedtune.v1.Coordinator"] {
+        let status = health.check(ask(service)).await.unwrap().into_inner().status;
+        assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+    }
+    let unknown = health.check(ask("no.such.Service")).await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    let mut watch = health.watch(ask("")).await.unwrap().into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.unwrap().unwrap();
+    assert_eq!(first.map(|r| r.status), Some(ServingStatus::Serving as i32));
+    stop.cancel();
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.unwrap().unwrap();
+    assert_eq!(next.map(|r| r.status), Some(ServingStatus::NotServing as i32));
+    drop(watch);
+    tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();
+}
