@@ -182,3 +182,77 @@ async fn the_grpc_health_service_answers_serving_while_running_and_not_serving_o
     drop(watch);
     tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();
 }
+
+/// Starts `serve` with `--log-format FORMAT` and stderr on a pipe (not a terminal), waits until
+/// it serves, stops it with SIGTERM and returns everything it wrote to stderr.
+fn serve_log(dir: &Path, format: &str) -> String {
+    use std::io::BufRead;
+    use std::process::Stdio;
+
+    let config = dir.join(format!("{format}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nstate_dir = \"{}\"\n[model]\ninit_dir = \"{}\"\n[security]\ninsecure = true\n",
+            dir.join(format!("state-{format}")).display(),
+            dir.join("model").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--log-format", format, "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("serve logs that it is serving");
+        let serving = line.contains("coordinator serving");
+        lines.push(line);
+        if serving {
+            break;
+        }
+    }
+    assert!(Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "serve did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    reader.join().unwrap();
+    lines.extend(rx.try_iter());
+    lines.join("\n")
+}
+
+#[test]
+fn logs_on_a_pipe_have_no_colour_codes_and_json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(&dir.path().join("model"));
+
+    let text = serve_log(dir.path(), "text");
+    assert!(text.contains("coordinator serving"), "{text}");
+    assert!(!text.contains("\u{1b}["), "{text:?}");
+
+    let json = serve_log(dir.path(), "json");
+    assert!(!json.contains("\u{1b}["), "{json:?}");
+    let events: Vec<serde_json::Value> =
+        json.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    assert!(events.len() >= 2, "{json}");
+    for e in &events {
+        assert!(e["timestamp"].is_string() && e["level"].is_string(), "{e}");
+        assert!(e["fields"]["message"].is_string(), "{e}");
+    }
+    assert!(events.iter().any(|e| e["fields"]["message"] == "coordinator serving"), "{json}");
+    assert!(events.iter().any(|e| e["fields"]["message"] == "coordinator stopped"), "{json}");
+}
