@@ -137,11 +137,12 @@ async fn status_reports_a_running_coordinator_and_export_writes_a_loadable_hf_di
     server.await.unwrap().unwrap();
 }
 
-/// What a Kubernetes `grpc:` probe sees: the standard health service on the coordinator's own
-/// port answers SERVING for the server and for the coordinator service while it runs, and a
-/// watcher hears NOT_SERVING as soon as shutdown begins.
+/// What a Kubernetes `grpc:` probe sees: the standard health service, on the coordinator's own
+/// port and on the plaintext `server.health_listen` port (which serves nothing else), answers
+/// SERVING for the server and for the coordinator service while it runs, and a watcher hears
+/// NOT_SERVING as soon as shutdown begins.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_grpc_health_service_answers_serving_while_running_and_not_serving_on_shutdown() {
+async fn the_grpc_health_service_answers_serving_on_both_ports_while_running_and_not_serving_on_shutdown() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
@@ -151,27 +152,41 @@ async fn the_grpc_health_service_answers_serving_while_running_and_not_serving_o
     let mut settings = CoordinatorSettings::with_paths(dir.path().join("state"), dir.path().join("model"));
     settings.security.insecure = true;
     settings.server.drain_grace = Duration::from_secs(2);
+    // The plaintext health-only listener, on a port that was free a moment ago.
+    let health_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    settings.server.health_listen = Some(([127, 0, 0, 1], health_port).into());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
     let server = tokio::spawn(fedtune_coordinator::run(settings, listener, stop.clone()));
 
-    let mut health = None;
-    for _ in 0..100 {
-        if let Ok(c) = tonic::transport::Endpoint::from_shared(url.clone()).unwrap().connect().await {
-            health = Some(HealthClient::new(c));
-            break;
+    let connect = |url: String| async move {
+        for _ in 0..100 {
+            if let Ok(c) = tonic::transport::Endpoint::from_shared(url.clone()).unwrap().connect().await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let mut health = health.expect("the coordinator accepted a connection");
+        panic!("nothing accepts connections at {url}");
+    };
     let ask = |service: &str| HealthCheckRequest { service: service.into() };
-    for service in ["", "fedtune.v1.Coordinator"] {
-        let status = health.check(ask(service)).await.unwrap().into_inner().status;
-        assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+    let health_url = format!("http://127.0.0.1:{health_port}");
+    for url in [&url, &health_url] {
+        let mut health = HealthClient::new(connect(url.clone()).await);
+        for service in ["", "fedtune.v1.Coordinator"] {
+            let status = health.check(ask(service)).await.unwrap().into_inner().status;
+            assert_eq!(status, ServingStatus::Serving as i32, "service {service:?} at {url}");
+        }
+        let unknown = health.check(ask("no.such.Service")).await.unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::NotFound);
     }
-    let unknown = health.check(ask("no.such.Service")).await.unwrap_err();
-    assert_eq!(unknown.code(), tonic::Code::NotFound);
+    // The health port serves health and nothing else.
+    let mut coordinator =
+        fedtune_shared::pb::coordinator_client::CoordinatorClient::new(connect(health_url).await);
+    let refused = coordinator.get_status(fedtune_shared::pb::GetStatusRequest::default()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented);
+
+    let mut health = HealthClient::new(connect(url.clone()).await);
 
     let mut watch = health.watch(ask("")).await.unwrap().into_inner();
     let first = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.unwrap().unwrap();
