@@ -232,7 +232,8 @@ mod tests {
 
     #[test]
     fn the_final_line_is_a_sentence_naming_why_the_client_stopped_and_what_it_did() {
-        let stats = AgentStats { fits: 3, updates_accepted: 2, evaluations: 4, joins: 1, ..AgentStats::default() };
+        let stats =
+            AgentStats { fits: 3, updates_accepted: 2, evaluations: 4, joins: 1, ..AgentStats::default() };
         let finished = summary(&AgentOutcome {
             reason: ExitReason::Finished { final_version: ModelVersion(5), reason: "all rounds done".into() },
             stats: stats.clone(),
@@ -246,7 +247,10 @@ mod tests {
         let stopped = summary(&AgentOutcome { reason: ExitReason::Shutdown, stats });
         assert!(stopped.starts_with("fedtune-client: stopped on request (SIGINT or SIGTERM); "), "{stopped}");
         for line in [finished, stopped] {
-            assert!(!line.contains('{') && !line.contains("Finished") && !line.contains("Shutdown"), "{line}");
+            assert!(
+                !line.contains('{') && !line.contains("Finished") && !line.contains("Shutdown"),
+                "{line}"
+            );
         }
     }
 

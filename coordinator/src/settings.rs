@@ -497,7 +497,8 @@ impl CoordinatorSettings {
             return Err(SettingsError::invalid("server.request_queue", "must be at least 1"));
         }
         if let Some(h) = s.health_listen {
-            let overlaps = h.ip() == s.listen.ip() || h.ip().is_unspecified() || s.listen.ip().is_unspecified();
+            let overlaps =
+                h.ip() == s.listen.ip() || h.ip().is_unspecified() || s.listen.ip().is_unspecified();
             if h.port() != 0 && h.port() == s.listen.port() && overlaps {
                 return Err(SettingsError::invalid(
                     "server.health_listen",
