@@ -52,6 +52,9 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Log format on stderr: text (coloured only on a terminal) or json (one object per line).
+    #[arg(long, global = true, default_value = "text", value_name = "text|json")]
+    pub log_format: fedtune_shared::telemetry::LogFormat,
 }
 
 /// The subcommands.

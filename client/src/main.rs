@@ -8,7 +8,7 @@ use clap::Parser;
 use fedtune_client::cli::{self, Cli, CliError, Command};
 use fedtune_client::run_cmd::RunError;
 use fedtune_shared::settings::SettingsError;
-use fedtune_shared::telemetry::{init_tracing, LogFormat};
+use fedtune_shared::telemetry::init_tracing;
 
 /// EX_USAGE from sysexits.h: the command was used incorrectly (bad flag or configuration).
 const EX_USAGE: u8 = 64;
@@ -22,7 +22,7 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(EX_USAGE) } else { ExitCode::SUCCESS };
         }
     };
-    init_tracing(LogFormat::Pretty, "info");
+    init_tracing(args.log_format, "info");
     let mut stdout = std::io::stdout().lock();
     let result: anyhow::Result<()> = match &args.command {
         Command::Train(a) => cli::train(a, &mut stdout).map_err(Into::into),

@@ -17,7 +17,7 @@ use fedtune_shared::endpoint::TlsOptions;
 use fedtune_shared::ids::ClientId;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{Agent, AgentConfig, AgentError, AgentOutcome, TrainerFactory, TrainerSpec};
+use crate::agent::{Agent, AgentConfig, AgentError, AgentOutcome, ExitReason, TrainerFactory, TrainerSpec};
 use crate::backoff::BackoffPolicy;
 use crate::data::{DataError, DataOptions, Dataset};
 use crate::local_trainer::{LocalTrainer, TrainerError};
@@ -205,18 +205,56 @@ pub fn run_blocking(
     });
     // The trainer thread may still be busy with a step the agent abandoned: do not wait for it.
     runtime.shutdown_timeout(Duration::from_secs(1));
-    let outcome = result?;
-    let s = &outcome.stats;
-    eprintln!(
-        "fedtune-client: {:?}; {} rounds trained, {} updates accepted, {} evaluations, {} joins, {} B down, {} B up",
-        outcome.reason, s.fits, s.updates_accepted, s.evaluations, s.joins, s.bytes_downloaded, s.bytes_uploaded
-    );
+    eprintln!("{}", summary(&result?));
     Ok(())
+}
+
+/// The last line a `run` prints: a sentence an operator reads in a journal, on either log
+/// format (why it stopped, then what it did).
+fn summary(outcome: &AgentOutcome) -> String {
+    let why = match &outcome.reason {
+        ExitReason::Finished { final_version, reason } => {
+            format!("the federation finished with model {final_version} ({reason})")
+        }
+        ExitReason::Shutdown => "stopped on request (SIGINT or SIGTERM)".to_string(),
+    };
+    let s = &outcome.stats;
+    format!(
+        "fedtune-client: {why}; this client trained {} round(s), had {} update(s) accepted, reported \
+         {} evaluation(s), joined {} time(s), downloaded {} B and uploaded {} B.",
+        s.fits, s.updates_accepted, s.evaluations, s.joins, s.bytes_downloaded, s.bytes_uploaded
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::AgentStats;
+    use fedtune_shared::ids::ModelVersion;
+
+    #[test]
+    fn the_final_line_is_a_sentence_naming_why_the_client_stopped_and_what_it_did() {
+        let stats =
+            AgentStats { fits: 3, updates_accepted: 2, evaluations: 4, joins: 1, ..AgentStats::default() };
+        let finished = summary(&AgentOutcome {
+            reason: ExitReason::Finished { final_version: ModelVersion(5), reason: "all rounds done".into() },
+            stats: stats.clone(),
+        });
+        assert_eq!(
+            finished,
+            "fedtune-client: the federation finished with model v5 (all rounds done); this client trained \
+             3 round(s), had 2 update(s) accepted, reported 4 evaluation(s), joined 1 time(s), downloaded \
+             0 B and uploaded 0 B."
+        );
+        let stopped = summary(&AgentOutcome { reason: ExitReason::Shutdown, stats });
+        assert!(stopped.starts_with("fedtune-client: stopped on request (SIGINT or SIGTERM); "), "{stopped}");
+        for line in [finished, stopped] {
+            assert!(
+                !line.contains('{') && !line.contains("Finished") && !line.contains("Shutdown"),
+                "{line}"
+            );
+        }
+    }
 
     fn settings(url: &str, extra: &[(&str, &str)]) -> ClientSettings {
         let mut env = vec![

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use fedtune_shared::settings::SettingsError;
+use fedtune_shared::telemetry::LogFormat;
 
 pub use crate::operator::{
     export, fetch_status, render_status, status_json, CliError, ExportArgs, StatusArgs,
@@ -22,18 +23,9 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
-    /// Log format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormatArg::Pretty)]
-    pub log_format: LogFormatArg,
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormatArg {
-    /// Human-readable lines.
-    Pretty,
-    /// One JSON object per line.
-    Json,
+    /// Log format on stderr: text (coloured only on a terminal) or json (one object per line).
+    #[arg(long, global = true, default_value = "text", value_name = "text|json")]
+    pub log_format: LogFormat,
 }
 
 /// Subcommands.

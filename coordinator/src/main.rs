@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use fedtune_coordinator::cli::{self, Cli, Command, LogFormatArg};
-use fedtune_shared::telemetry::{init_tracing, LogFormat};
+use fedtune_coordinator::cli::{self, Cli, Command};
+use fedtune_shared::telemetry::init_tracing;
 
 /// Not glibc's malloc: after a large block is freed it raises its mmap threshold, so the
 /// model-sized buffers of every round (upload chunks, the fixed-point sum, the next model, its
@@ -24,13 +24,7 @@ const EX_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(
-        match cli.log_format {
-            LogFormatArg::Pretty => LogFormat::Pretty,
-            LogFormatArg::Json => LogFormat::Json,
-        },
-        "info",
-    );
+    init_tracing(cli.log_format, "info");
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

@@ -53,6 +53,14 @@ pub enum RunError {
     /// The TLS certificate, key or client CA cannot be used.
     #[error("TLS: {0}")]
     Tls(#[from] crate::certs::CertError),
+    /// `server.health_listen` cannot be bound.
+    #[error("cannot listen for health checks on {addr}: {source}")]
+    HealthListen {
+        /// `server.health_listen`.
+        addr: std::net::SocketAddr,
+        /// Why binding failed.
+        source: std::io::Error,
+    },
 }
 
 /// Replaceable parts: where authentication, signature checks and TLS plug in. (Server-side DP
@@ -99,6 +107,53 @@ const CONNECTION_WINDOW: u32 = 2 << 20;
 const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const TCP_KEEPALIVE_RETRIES: u32 = 3;
+
+/// The standard gRPC health service (`grpc.health.v1.Health`), which Kubernetes' `grpc:`
+/// probes and load balancers ask: SERVING, for the whole server ("") and for
+/// `fedtune.v1.Coordinator`, while the round actor runs; NOT_SERVING from the moment shutdown
+/// begins (the actor ended, or a signal), so nothing routes new work into the drain grace.
+async fn serve_health(
+    cancel: &CancellationToken,
+) -> tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health> {
+    const NAMES: [&str; 2] = ["", fedtune_shared::pb::coordinator_server::SERVICE_NAME];
+    let (reporter, service) = tonic_health::server::health_reporter();
+    for name in NAMES {
+        reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+    }
+    let cancel = cancel.clone();
+    // Ends with the cancellation it waits for, which every exit path of `run_with` triggers.
+    tokio::spawn(async move {
+        cancel.cancelled().await;
+        for name in NAMES {
+            reporter.set_service_status(name, tonic_health::ServingStatus::NotServing).await;
+        }
+    });
+    service
+}
+
+/// Serves only `health` on `addr`, in plaintext (`server.health_listen`), until `cancel`: what
+/// a Kubernetes `grpc:` probe can reach, as it speaks no TLS. Each call is short and a probe
+/// needs one stream, so calls and streams are capped instead of admitted like clients.
+async fn serve_plaintext_health(
+    addr: std::net::SocketAddr,
+    health: tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    cancel: &CancellationToken,
+) -> Result<(), RunError> {
+    let listener = TcpListener::bind(addr).await.map_err(|source| RunError::HealthListen { addr, source })?;
+    info!(addr = ?listener.local_addr().ok(), "health service listening (plaintext)");
+    let server = Server::builder()
+        .timeout(Duration::from_secs(10))
+        .max_concurrent_streams(Some(4))
+        .add_service(health)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), cancel.clone().cancelled_owned());
+    // Ends with the cancellation every exit path of `run_with` triggers.
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            warn!(error = %e, "the health listener failed");
+        }
+    });
+    Ok(())
+}
 
 /// Runs a coordinator on `listener` until `shutdown` is cancelled (or the federation ends and
 /// `server.exit_after_finished` elapses), with [`Seams::secure`]: allowlisted clients only,
@@ -217,7 +272,12 @@ pub async fn run_with(
              updates and steal session tokens; use only for tests or on one trusted machine"
         );
     }
+    let health = serve_health(&cancel).await;
+    if let Some(addr) = settings.server.health_listen {
+        serve_plaintext_health(addr, health.clone(), &cancel).await?;
+    }
     let server = builder
+        .add_service(health)
         .add_service(service.into_server(connections))
         .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned());
     let mut server = tokio::spawn(server);

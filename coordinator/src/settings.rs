@@ -90,6 +90,12 @@ pub struct CoordinatorSettings {
 pub struct ServerSettings {
     /// Address `serve` binds.
     pub listen: SocketAddr,
+    /// A second, plaintext listener serving only the standard gRPC health service
+    /// (`grpc.health.v1.Health`: SERVING or NOT_SERVING, nothing else), for probes that cannot
+    /// speak TLS, such as Kubernetes' `grpc:` probes. Absent: health is answered on `listen`
+    /// only, behind its TLS.
+    #[serde(default)]
+    pub health_listen: Option<SocketAddr>,
     /// Longest a `WaitForTask` long-poll blocks.
     #[serde(with = "duration")]
     pub long_poll: Duration,
@@ -147,6 +153,7 @@ impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
+            health_listen: None,
             long_poll: Duration::from_secs(20),
             max_concurrent_uploads: 4,
             upload_idle_timeout: Duration::from_secs(30),
@@ -494,6 +501,16 @@ impl CoordinatorSettings {
         if s.request_queue == 0 {
             return Err(SettingsError::invalid("server.request_queue", "must be at least 1"));
         }
+        if let Some(h) = s.health_listen {
+            let overlaps =
+                h.ip() == s.listen.ip() || h.ip().is_unspecified() || s.listen.ip().is_unspecified();
+            if h.port() != 0 && h.port() == s.listen.port() && overlaps {
+                return Err(SettingsError::invalid(
+                    "server.health_listen",
+                    format!("must not be server.listen's port ({})", s.listen),
+                ));
+            }
+        }
         if self.storage.state_dir.as_os_str().is_empty() {
             return Err(SettingsError::invalid("storage.state_dir", "must not be empty"));
         }
@@ -735,6 +752,8 @@ mod tests {
             ("FEDTUNE__SERVER__CONNECTION_IDLE_TIMEOUT", "2h", "server.connection_idle_timeout"),
             // No longer than the long poll it must outlast (20 s by default).
             ("FEDTUNE__SERVER__REQUEST_TIMEOUT", "20s", "server.request_timeout"),
+            // The default listen address is 0.0.0.0:50051.
+            ("FEDTUNE__SERVER__HEALTH_LISTEN", "127.0.0.1:50051", "server.health_listen"),
             ("FEDTUNE__SECURITY__LIMITS__MAX_CONNECTIONS_PER_ADDRESS", "0", "max_connections_per_address"),
             ("FEDTUNE__SECURITY__LIMITS__MAX_CONNECTIONS", "0", "security.limits.max_connections"),
         ] {

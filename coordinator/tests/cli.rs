@@ -136,3 +136,141 @@ async fn status_reports_a_running_coordinator_and_export_writes_a_loadable_hf_di
     stop.cancel();
     server.await.unwrap().unwrap();
 }
+
+/// What a Kubernetes `grpc:` probe sees: the standard health service, on the coordinator's own
+/// port and on the plaintext `server.health_listen` port (which serves nothing else), answers
+/// SERVING for the server and for the coordinator service while it runs, and a watcher hears
+/// NOT_SERVING as soon as shutdown begins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grpc_health_service_answers_serving_on_both_ports_while_running_and_not_serving_on_shutdown() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    write_model(&dir.path().join("model"));
+    let mut settings = CoordinatorSettings::with_paths(dir.path().join("state"), dir.path().join("model"));
+    settings.security.insecure = true;
+    settings.server.drain_grace = Duration::from_secs(2);
+    // The plaintext health-only listener, on a port that was free a moment ago.
+    let health_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    settings.server.health_listen = Some(([127, 0, 0, 1], health_port).into());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(fedtune_coordinator::run(settings, listener, stop.clone()));
+
+    let connect = |url: String| async move {
+        for _ in 0..100 {
+            if let Ok(c) = tonic::transport::Endpoint::from_shared(url.clone()).unwrap().connect().await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("nothing accepts connections at {url}");
+    };
+    let ask = |service: &str| HealthCheckRequest { service: service.into() };
+    let health_url = format!("http://127.0.0.1:{health_port}");
+    for url in [&url, &health_url] {
+        let mut health = HealthClient::new(connect(url.clone()).await);
+        for service in ["", "fedtune.v1.Coordinator"] {
+            let status = health.check(ask(service)).await.unwrap().into_inner().status;
+            assert_eq!(status, ServingStatus::Serving as i32, "service {service:?} at {url}");
+        }
+        let unknown = health.check(ask("no.such.Service")).await.unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::NotFound);
+    }
+    // The health port serves health and nothing else.
+    let mut coordinator =
+        fedtune_shared::pb::coordinator_client::CoordinatorClient::new(connect(health_url).await);
+    let refused = coordinator.get_status(fedtune_shared::pb::GetStatusRequest::default()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented);
+
+    let mut health = HealthClient::new(connect(url.clone()).await);
+
+    let mut watch = health.watch(ask("")).await.unwrap().into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.unwrap().unwrap();
+    assert_eq!(first.map(|r| r.status), Some(ServingStatus::Serving as i32));
+    stop.cancel();
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message()).await.unwrap().unwrap();
+    assert_eq!(next.map(|r| r.status), Some(ServingStatus::NotServing as i32));
+    drop(watch);
+    tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();
+}
+
+/// Starts `serve` with `--log-format FORMAT` and stderr on a pipe (not a terminal), waits until
+/// it serves, stops it with SIGTERM and returns everything it wrote to stderr.
+fn serve_log(dir: &Path, format: &str) -> String {
+    use std::io::BufRead;
+    use std::process::Stdio;
+
+    let config = dir.join(format!("{format}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nstate_dir = \"{}\"\n[model]\ninit_dir = \"{}\"\n[security]\ninsecure = true\n",
+            dir.join(format!("state-{format}")).display(),
+            dir.join("model").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--log-format", format, "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut lines = Vec::new();
+    loop {
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("serve logs that it is serving");
+        let serving = line.contains("coordinator serving");
+        lines.push(line);
+        if serving {
+            break;
+        }
+    }
+    assert!(Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success());
+    // At most 30 s in steps of 20 ms.
+    for step in 0.. {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(step < 1500, "serve did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    reader.join().unwrap();
+    lines.extend(rx.try_iter());
+    lines.join("\n")
+}
+
+#[test]
+fn logs_on_a_pipe_have_no_colour_codes_and_json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(&dir.path().join("model"));
+
+    let text = serve_log(dir.path(), "text");
+    assert!(text.contains("coordinator serving"), "{text}");
+    assert!(!text.contains("\u{1b}["), "{text:?}");
+
+    let json = serve_log(dir.path(), "json");
+    assert!(!json.contains("\u{1b}["), "{json:?}");
+    let events: Vec<serde_json::Value> =
+        json.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    assert!(events.len() >= 2, "{json}");
+    for e in &events {
+        assert!(e["timestamp"].is_string() && e["level"].is_string(), "{e}");
+        assert!(e["fields"]["message"].is_string(), "{e}");
+    }
+    assert!(events.iter().any(|e| e["fields"]["message"] == "coordinator serving"), "{json}");
+    assert!(events.iter().any(|e| e["fields"]["message"] == "coordinator stopped"), "{json}");
+}
