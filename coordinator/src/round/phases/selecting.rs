@@ -62,6 +62,8 @@ impl Phase for Selecting {
             proximal_mu: 0.0,
             max_steps: s.fit.max_steps,
             seed: 0,
+            lr_schedule: s.fit.lr_schedule,
+            warmup_steps: s.fit.warmup_steps,
         };
         let exposures = if s.privacy.enabled() && selected.len() >= sampling::min_sampled(&s) {
             let drawn = selected.clone();
@@ -80,7 +82,10 @@ impl Phase for Selecting {
             let n = selected.len();
             SecureDraw {
                 threshold: sa.threshold_for(n, sa.degree_for(n)),
-                limits: EncodingLimits { max_wrap_probability: sa.max_wrap_probability, ..EncodingLimits::default() },
+                limits: EncodingLimits {
+                    max_wrap_probability: sa.max_wrap_probability,
+                    ..EncodingLimits::default()
+                },
             }
         });
         let plan = {
