@@ -22,7 +22,8 @@ use anyhow::{bail, Context};
 use fedtune_client::device::{DeviceChoice, PrecisionChoice};
 use fedtune_client::model::{BertClassifier, BertConfig, ModelInput};
 use fedtune_client::trainer::engine::train_step;
-use fedtune_client::trainer::optim::{AdamW, AdamWConfig, LinearSchedule};
+use fedtune_client::trainer::optim::{AdamW, AdamWConfig};
+use fedtune_shared::schedule::{LrSchedule, StepSchedule, Warmup};
 use tch::{Kind, Tensor};
 use tokio::time::Instant;
 
@@ -103,7 +104,7 @@ struct TchBench {
     model: BertClassifier,
     opt: AdamW,
     batches: Vec<(ModelInput, Tensor)>,
-    schedule: LinearSchedule,
+    schedule: StepSchedule,
     step: usize,
 }
 
@@ -135,7 +136,7 @@ impl TchBench {
             })
             .collect();
         let total = (s.warmup_steps + s.steps * s.rounds) as u64;
-        let schedule = LinearSchedule::with_warmup_ratio(total, 0.1);
+        let schedule = StepSchedule::new(LrSchedule::Linear, Warmup::Ratio(0.1), total);
         let mut bench = Self { model, opt, batches, schedule, step: 0 };
         for _ in 0..s.warmup_steps {
             let _ = bench.step()?;

@@ -14,6 +14,7 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
+use fedtune_shared::schedule::{LrSchedule, Warmup};
 
 use crate::data::{DataError, DataOptions, Dataset};
 use crate::device::{DeviceChoice, PrecisionChoice};
@@ -143,9 +144,16 @@ pub struct TrainArgs {
     /// Decoupled weight decay (not applied to biases and LayerNorm weights).
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
-    /// Fraction of steps warming the learning rate up.
-    #[arg(long, default_value_t = 0.1)]
+    /// Shape of the learning rate after warm-up: linear (decays to 0 at the last step, as
+    /// transformers' `Trainer`), constant or cosine.
+    #[arg(long, default_value_t = LrSchedule::Linear)]
+    pub lr_schedule: LrSchedule,
+    /// Fraction of steps warming the learning rate up (rounded up to whole steps).
+    #[arg(long, default_value_t = 0.1, value_parser = parse_warmup_ratio)]
     pub warmup_ratio: f64,
+    /// Warm up over this many steps instead of a fraction of them.
+    #[arg(long, conflicts_with = "warmup_ratio")]
+    pub warmup_steps: Option<u64>,
     /// Gradient-norm clipping limit (0: off).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
@@ -222,6 +230,13 @@ pub struct PredictArgs {
     pub runtime: RuntimeArgs,
 }
 
+fn parse_warmup_ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("`{text}` is not a fraction in [0, 1]")),
+    }
+}
+
 fn base_options(runtime: &RuntimeArgs, max_len: usize) -> TrainerOptions {
     TrainerOptions {
         max_len,
@@ -268,7 +283,6 @@ pub fn train(args: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
             freeze_embeddings: args.freeze_embeddings,
         },
         adamw: AdamWConfig { weight_decay: args.weight_decay, ..AdamWConfig::default() },
-        warmup_ratio: args.warmup_ratio,
         max_grad_norm: args.max_grad_norm,
         ..base_options(&args.runtime, args.max_len)
     };
@@ -283,6 +297,8 @@ pub fn train(args: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
         proximal_mu: 0.0,
         max_steps: args.max_steps,
         seed: args.seed,
+        lr_schedule: args.lr_schedule,
+        warmup: args.warmup_steps.map_or(Warmup::Ratio(args.warmup_ratio), Warmup::Steps),
     };
     let outcome = trainer.train(&fit)?;
     writeln!(

@@ -6,6 +6,7 @@
 //! partial fine-tuning that is what clients send, so frozen tensors never travel).
 
 use fedtune_shared::params::{Manifest, ParameterVector};
+use fedtune_shared::schedule::{LrSchedule, Warmup};
 
 /// What one round of local training should do. Sent by the coordinator, converted by the agent.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,6 +25,10 @@ pub struct FitConfig {
     pub max_steps: Option<u64>,
     /// Seed for shuffling and dropout, so a round is reproducible on CPU.
     pub seed: u64,
+    /// Shape of the rate over the fit's steps after warm-up (the federation's `fit.lr_schedule`).
+    pub lr_schedule: LrSchedule,
+    /// Warm-up at the start of the fit (the federation sends steps; `train` may give a ratio).
+    pub warmup: Warmup,
 }
 
 impl Default for FitConfig {
@@ -36,6 +41,8 @@ impl Default for FitConfig {
             proximal_mu: 0.0,
             max_steps: None,
             seed: 0,
+            lr_schedule: LrSchedule::Constant,
+            warmup: Warmup::Steps(0),
         }
     }
 }

@@ -82,7 +82,6 @@ fn bert_factory(settings: &ClientSettings, dataset: Dataset) -> TrainerFactory {
         eval_fraction: settings.data.eval_fraction,
         seed: settings.data.seed,
         adamw: AdamWConfig { weight_decay: t.weight_decay, ..AdamWConfig::default() },
-        warmup_ratio: t.warmup_ratio,
         max_grad_norm: t.max_grad_norm,
         device: r.device,
         precision: r.precision,

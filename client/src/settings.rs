@@ -140,21 +140,20 @@ impl Default for ModelSettings {
     }
 }
 
-/// `[training]`: what stays local (the coordinator sends epochs, batch size, learning rate).
+/// `[training]`: what stays local (the coordinator sends epochs, batch size, learning rate and its
+/// schedule, warm-up included).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainingSettings {
     /// AdamW decoupled weight decay (not applied to biases and LayerNorm weights).
     pub weight_decay: f64,
-    /// Fraction of each round's steps spent warming the learning rate up, in [0, 1].
-    pub warmup_ratio: f64,
     /// Gradient L2-norm limit (0 disables clipping).
     pub max_grad_norm: f64,
 }
 
 impl Default for TrainingSettings {
     fn default() -> Self {
-        Self { weight_decay: 0.01, warmup_ratio: 0.1, max_grad_norm: 1.0 }
+        Self { weight_decay: 0.01, max_grad_norm: 1.0 }
     }
 }
 
@@ -347,9 +346,6 @@ impl ClientSettings {
         if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
             return Err(SettingsError::invalid("training.weight_decay", "must be a finite number ≥ 0"));
         }
-        if !(0.0..=1.0).contains(&t.warmup_ratio) {
-            return Err(SettingsError::invalid("training.warmup_ratio", "must be in [0, 1]"));
-        }
         if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {
             return Err(SettingsError::invalid(
                 "training.max_grad_norm",
@@ -455,7 +451,9 @@ mod tests {
             (("FEDTUNE_CLIENT__RUNTIME__DEVICE", "tpu"), "device"),
             (("FEDTUNE_CLIENT__RUNTIME__THREADS", "0"), "runtime.threads"),
             (("FEDTUNE_CLIENT__IDENTITY__NAME", "no spaces please"), "identity.name"),
-            (("FEDTUNE_CLIENT__TRAINING__WARMUP_RATIO", "2.5"), "training.warmup_ratio"),
+            (("FEDTUNE_CLIENT__TRAINING__MAX_GRAD_NORM", "-1.0"), "training.max_grad_norm"),
+            // The federation sets the warm-up now (`fit.warmup_steps`): a site's old key is refused.
+            (("FEDTUNE_CLIENT__TRAINING__WARMUP_RATIO", "0.1"), "warmup_ratio"),
             (("FEDTUNE_CLIENT__AGENT__UPLOAD_RATE_LIMIT", "0"), "agent.upload_rate_limit"),
             (("FEDTUNE_CLIENT__AGENT__TYPO", "1"), "typo"),
         ] {

@@ -13,10 +13,21 @@ use fedtune_client::model::{BertClassifier, ModelInput};
 use fedtune_client::tokenize::TextTokenizer;
 use fedtune_client::trainer::{BertTrainer, TrainScope, TrainerOptions};
 use fedtune_shared::params::ParameterVector;
+use fedtune_shared::schedule::{LrSchedule, Warmup};
 use tch::{Device, Tensor};
 
+/// `fedtune-client train`'s recipe: linear decay after a 10 % warm-up.
 fn fit(epochs: u32, max_steps: Option<u64>) -> FitConfig {
-    FitConfig { epochs, batch_size: 16, learning_rate: 2e-3, max_steps, seed: 3, ..FitConfig::default() }
+    FitConfig {
+        epochs,
+        batch_size: 16,
+        learning_rate: 2e-3,
+        max_steps,
+        seed: 3,
+        lr_schedule: LrSchedule::Linear,
+        warmup: Warmup::Ratio(0.1),
+        ..FitConfig::default()
+    }
 }
 
 fn trainer(options: TrainerOptions) -> BertTrainer {
@@ -91,6 +102,19 @@ fn training_is_deterministic_for_a_seed_on_the_cpu() {
     assert_eq!(a, b);
     let other = trainer(cpu_options()).train(&FitConfig { seed: 4, ..fit(1, Some(6)) }).unwrap().weights;
     assert_ne!(a, other, "another seed shuffles and drops out differently");
+}
+
+#[test]
+fn the_fit_configs_schedule_sets_the_rate_of_each_step() {
+    // A one-step fit inside its warm-up runs at rate 0, where AdamW moves nothing (its decay is
+    // lr·wd too); the same step without warm-up, at the constant peak rate, moves the weights.
+    let mut t = trainer(cpu_options());
+    let before = t.trainable_weights().unwrap();
+    let warming =
+        FitConfig { lr_schedule: LrSchedule::Constant, warmup: Warmup::Steps(1), ..fit(1, Some(1)) };
+    assert_eq!(t.train(&warming).unwrap().weights, before, "a step at rate 0 changed the weights");
+    let constant = FitConfig { warmup: Warmup::Steps(0), ..warming };
+    assert_ne!(t.train(&constant).unwrap().weights, before, "a step at the peak rate changed nothing");
 }
 
 #[test]

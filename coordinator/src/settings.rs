@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use fedtune_shared::chunk::{DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 use fedtune_shared::limits::MAX_NUM_EXAMPLES;
+use fedtune_shared::schedule::LrSchedule;
 use fedtune_shared::settings::{duration, optional_duration, SettingsError};
 use serde::{Deserialize, Serialize};
 
@@ -292,11 +293,23 @@ pub struct FitSettings {
     pub learning_rate: f64,
     /// Optimizer step cap per round.
     pub max_steps: Option<u64>,
+    /// Shape of the clients' local rate within each round after warm-up: `constant` (Flower's
+    /// and most papers' clients), `linear` or `cosine` (decay to 0 at the round's last step).
+    pub lr_schedule: LrSchedule,
+    /// Steps at the start of each round over which the local rate rises from 0 to the peak.
+    pub warmup_steps: u64,
 }
 
 impl Default for FitSettings {
     fn default() -> Self {
-        Self { epochs: 1, batch_size: 16, learning_rate: 5e-5, max_steps: None }
+        Self {
+            epochs: 1,
+            batch_size: 16,
+            learning_rate: 5e-5,
+            max_steps: None,
+            lr_schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+        }
     }
 }
 
@@ -590,6 +603,15 @@ impl CoordinatorSettings {
         if f.max_steps == Some(0) {
             return Err(SettingsError::invalid("fit.max_steps", "must be at least 1 (omit it for no cap)"));
         }
+        if let Some(max) = f.max_steps.filter(|&max| f.warmup_steps >= max) {
+            return Err(SettingsError::invalid(
+                "fit.warmup_steps",
+                format!(
+                    "({}) must be below fit.max_steps ({max}): the rate would never reach its peak",
+                    f.warmup_steps
+                ),
+            ));
+        }
         let e = &self.evaluation;
         if !(e.fraction > 0.0 && e.fraction <= 1.0) {
             return Err(SettingsError::invalid("evaluation.fraction", "must be in (0, 1]"));
@@ -736,6 +758,9 @@ mod tests {
                 "clients.liveness_timeout",
             ),
             ("[rounds]\nmin_fitt = 3\n", "min_fitt"),
+            ("[fit]\nlr_schedule = \"step\"\n", "lr_schedule"),
+            ("[fit]\nmax_steps = 10\nwarmup_steps = 10\n", "fit.warmup_steps"),
+            ("[fit]\nwarmup_steps = -1\n", "warmup_steps"),
             ("[strategy]\nname = \"fedsgd\"\n", "fedsgd"),
         ];
         for (extra, key) in cases {
@@ -824,6 +849,16 @@ mod tests {
     }
 
     #[test]
+    fn rounds_train_at_a_constant_local_rate_unless_a_schedule_is_set() {
+        let d = model_dir();
+        let s = load(&base(&d), vec![]).unwrap();
+        assert_eq!((s.fit.lr_schedule, s.fit.warmup_steps), (LrSchedule::Constant, 0));
+        let text = format!("{}[fit]\nlr_schedule = \"cosine\"\nwarmup_steps = 4\n", base(&d));
+        let s = load(&text, vec![("FEDTUNE__FIT__LR_SCHEDULE", "linear")]).unwrap();
+        assert_eq!((s.fit.lr_schedule, s.fit.warmup_steps), (LrSchedule::Linear, 4));
+    }
+
+    #[test]
     fn the_example_config_in_deploy_is_valid() {
         let d = model_dir();
         let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -833,6 +868,7 @@ mod tests {
         assert_eq!(s.model.labels, ["negative", "positive"]);
         assert_eq!(s.server, ServerSettings::default());
         assert_eq!(s.rounds, RoundSettings::default());
+        assert_eq!(s.fit, FitSettings::default(), "the example shows the defaults");
     }
 
     #[test]

@@ -15,6 +15,8 @@
 //!   enrollment tokens, TLS configuration; all on ring.
 //! - [`ids`]: `ClientId`, `RoundId`, `ModelVersion`, `Sha256`.
 //! - [`round`]: domain messages of the round protocol (tasks, uploads, reports, status).
+//! - [`schedule`]: the local learning-rate schedule (constant, linear, cosine; warm-up), the
+//!   factor of every optimizer step.
 //! - [`convert`]: `TryFrom<pb::…>` (validation) and `From<domain>` for the wire types.
 //! - [`chunk`]: chunk limits, incremental SHA-256, checked reassembly, payload views.
 //! - [`params`]: parameter vectors, manifests, digests, safetensors in and out.
@@ -50,6 +52,7 @@ pub mod params;
 pub mod pb;
 pub mod privacy;
 pub mod round;
+pub mod schedule;
 pub mod secagg;
 pub mod settings;
 pub mod shutdown;

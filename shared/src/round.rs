@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{ClientId, ModelVersion, RoundId, Sha256};
 use crate::params::Manifest;
+use crate::schedule::LrSchedule;
 
 /// Phase of the coordinator's round state machine. Its `Display` name is what logs, spans and
 /// the status RPC show.
@@ -171,6 +172,10 @@ pub struct FitInstructions {
     pub max_steps: Option<u64>,
     /// Seed for shuffling and dropout.
     pub seed: u64,
+    /// Shape of the local rate after warm-up.
+    pub lr_schedule: LrSchedule,
+    /// Steps over which the local rate rises from 0 to `learning_rate`.
+    pub warmup_steps: u64,
 }
 
 /// How a client privatizes its update.

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use fedtune_shared::params::ParameterVector;
 use fedtune_shared::round::{ClientActivity, FailureCode, FitTask};
+use fedtune_shared::schedule::Warmup;
 use tokio::time::Instant;
 
 use super::heartbeat::supervise;
@@ -24,6 +25,8 @@ pub(super) fn fit_config(task: &FitTask) -> FitConfig {
         proximal_mu: task.config.proximal_mu,
         max_steps: task.config.max_steps,
         seed: task.config.seed,
+        lr_schedule: task.config.lr_schedule,
+        warmup: Warmup::Steps(task.config.warmup_steps),
     }
 }
 

@@ -134,6 +134,8 @@ impl Hub {
                 proximal_mu: 0.0,
                 max_steps: None,
                 seed: 1,
+                lr_schedule: fedtune_shared::schedule::LrSchedule::Constant,
+                warmup_steps: 0,
             },
             deadline_in: Duration::from_secs(120),
             deadline_unix_ms: 0,

@@ -13,6 +13,7 @@ use fedtune_shared::chunk::payload_digest;
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId, Sha256};
 use fedtune_shared::params::TensorSpec;
 use fedtune_shared::round::*;
+use fedtune_shared::schedule::{LrSchedule, Warmup};
 use fedtune_shared::secagg::{
     AwaitedStep, KeyAdvertisement, RoundContext, RoundUnmaskAnswer, ShareUpload, StepInput,
 };
@@ -20,6 +21,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 
 use super::*;
 use crate::fake_trainer::{FakeTrainer, FakeTrainerConfig};
+use crate::local_trainer::{EvalOutcome, FitConfig, FitOutcome};
 use crate::privacy_floor::RequiredPrivacy;
 use crate::transport::DownloadStream;
 
@@ -52,6 +54,8 @@ fn fit_task(round: u64, model: ModelRef) -> Task {
             proximal_mu: 0.0,
             max_steps: None,
             seed: round,
+            lr_schedule: LrSchedule::Constant,
+            warmup_steps: 0,
         },
         deadline_in: Duration::from_secs(600),
         deadline_unix_ms: 0,
@@ -301,7 +305,7 @@ async fn an_agent_trains_uploads_the_delta_and_stops_when_the_federation_finishe
 
     // The upload is exactly local − global, with local what the trainer computes.
     let mut trainer = FakeTrainer::new(manifest(), FakeTrainerConfig { seed: 1, ..Default::default() });
-    let local = trainer.fit(&c.weights, &crate::local_trainer::FitConfig::default()).unwrap().weights;
+    let local = trainer.fit(&c.weights, &FitConfig::default()).unwrap().weights;
     let expected = crate::update::delta(&c.weights, &local).unwrap();
     let uploads = c.uploads.lock().unwrap();
     assert_eq!(uploads.len(), 1);
@@ -357,6 +361,51 @@ async fn a_model_whose_bytes_do_not_match_the_task_digest_is_never_trained_on() 
     assert_eq!(outcome.stats.fits, 0);
     assert!(c.uploads.lock().unwrap().is_empty());
     assert!(c.calls("failure") >= 1, "the task is reported failed: {:?}", c.log.lock().unwrap());
+}
+
+/// The fake trainer, keeping every configuration a fit was asked to train with.
+#[derive(Debug)]
+struct Recording {
+    inner: FakeTrainer,
+    fits: Arc<Mutex<Vec<FitConfig>>>,
+}
+
+impl LocalTrainer for Recording {
+    fn trainable_manifest(&self) -> Manifest {
+        self.inner.trainable_manifest()
+    }
+
+    fn fit(&mut self, global: &ParameterVector, config: &FitConfig) -> Result<FitOutcome, TrainerError> {
+        self.fits.lock().unwrap().push(config.clone());
+        self.inner.fit(global, config)
+    }
+
+    fn evaluate(&mut self, global: &ParameterVector) -> Result<EvalOutcome, TrainerError> {
+        self.inner.evaluate(global)
+    }
+}
+
+#[tokio::test]
+async fn the_fit_tasks_learning_rate_schedule_reaches_the_trainer() {
+    let c = Arc::new(Scripted::new(vec![], Faults::default()));
+    let mut task = fit_task(1, model_ref(0, &c.weights));
+    if let Task::Fit(fit) = &mut task {
+        (fit.config.lr_schedule, fit.config.warmup_steps) = (LrSchedule::Cosine, 5);
+    }
+    c.tasks.lock().unwrap().push_back(task);
+    let fits = Arc::new(Mutex::new(Vec::new()));
+    let recorder = Arc::clone(&fits);
+    let factory: TrainerFactory = Box::new(move |spec: &TrainerSpec| {
+        let inner = FakeTrainer::new(spec.trainable.clone(), FakeTrainerConfig::default());
+        Ok(Box::new(Recording { inner, fits: recorder }) as Box<dyn LocalTrainer>)
+    });
+    let outcome =
+        Agent::new(Arc::clone(&c), config(), factory, CancellationToken::new()).run().await.unwrap();
+    assert_eq!(outcome.stats.fits, 1);
+    let fits = fits.lock().unwrap();
+    assert_eq!(fits.len(), 1);
+    assert_eq!((fits[0].lr_schedule, fits[0].warmup), (LrSchedule::Cosine, Warmup::Steps(5)));
+    assert_eq!((fits[0].learning_rate, fits[0].round), (0.1, 1), "the rest of the task came along");
 }
 
 #[tokio::test]

@@ -63,9 +63,6 @@ pub struct RunArgs {
     /// AdamW weight decay [training.weight_decay].
     #[arg(long)]
     pub weight_decay: Option<f64>,
-    /// Fraction of each round's steps spent warming the learning rate up [training.warmup_ratio].
-    #[arg(long)]
-    pub warmup_ratio: Option<f64>,
     /// Gradient L2-norm limit, 0 disables [training.max_grad_norm].
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
@@ -192,7 +189,6 @@ impl RunArgs {
             ("model.dir", "--model", self.model.as_ref().map(path)),
             ("model.max_len", "--max-len", self.max_len.map(|n| int(n as u64))),
             ("training.weight_decay", "--weight-decay", self.weight_decay.map(Value::Float)),
-            ("training.warmup_ratio", "--warmup-ratio", self.warmup_ratio.map(Value::Float)),
             ("training.max_grad_norm", "--max-grad-norm", self.max_grad_norm.map(Value::Float)),
             ("runtime.device", "--device", self.device.map(|d| text(&d.to_string()))),
             ("runtime.precision", "--precision", self.precision.map(|p| text(&p.to_string()))),

@@ -6,13 +6,14 @@
 use std::path::{Path, PathBuf};
 
 use fedtune_shared::params::ParameterVector;
+use fedtune_shared::schedule::StepSchedule;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 use tokio::time::Instant;
 
 use super::metrics::{accuracy, macro_f1, majority_baseline};
-use super::optim::{AdamW, LinearSchedule};
+use super::optim::AdamW;
 use super::params::{load_parameter_vector, manifest_of, to_parameter_vector};
 use super::progress::Progress;
 use super::{Prediction, TrainerOptions, TrainerSummary};
@@ -174,7 +175,7 @@ impl Engine {
         if let Some(max) = cfg.max_steps {
             total = total.min(max);
         }
-        let schedule = LinearSchedule::with_warmup_ratio(total, self.options.warmup_ratio);
+        let schedule = StepSchedule::new(cfg.lr_schedule, cfg.warmup, total);
         let mut opt = AdamW::new(&self.trainable, self.options.adamw)
             .map_err(|e| TrainerError::Failed(e.to_string()))?;
         // FedProx anchors the local weights to the ones training started from.

@@ -7,12 +7,13 @@
 //! second thread behind the trainer, so a fit neither hops threads again nor copies the global
 //! weights to reach the model.
 //!
-//! Training is AdamW (no decay on biases and LayerNorm weights) with linear warm-up and decay,
+//! Training is AdamW (no decay on biases and LayerNorm weights) at the rate schedule the
+//! [`FitConfig`] names (`fedtune_shared::schedule`: warm-up, then constant, linear or cosine),
 //! gradient-norm clipping, optional FedProx, optional partial fine-tuning ([`TrainScope`]), and
 //! bf16 matrix products on CUDA. On the CPU a fit is deterministic for a given seed.
 //!
 //! - [`engine`]: the thread-owned state and loops; [`engine::train_step`] is one optimizer step.
-//! - [`optim`]: AdamW, schedule, clipping.
+//! - [`optim`]: AdamW and clipping.
 //! - [`params`]: variables ⇄ [`ParameterVector`].
 //! - [`metrics`]: accuracy, macro-F1, majority baseline.
 //! - [`progress`]: the progress bar.
@@ -52,8 +53,6 @@ pub struct TrainerOptions {
     pub scope: TrainScope,
     /// Optimizer hyper-parameters.
     pub adamw: AdamWConfig,
-    /// Fraction of a fit's steps spent warming the learning rate up.
-    pub warmup_ratio: f64,
     /// Gradient L2-norm limit (0 disables clipping).
     pub max_grad_norm: f64,
     /// Batch size for evaluation and prediction.
@@ -78,7 +77,6 @@ impl Default for TrainerOptions {
             seed: 42,
             scope: TrainScope::default(),
             adamw: AdamWConfig::default(),
-            warmup_ratio: 0.1,
             max_grad_norm: 1.0,
             eval_batch_size: 64,
             device: DeviceChoice::Auto,

@@ -1,4 +1,5 @@
-//! AdamW with transformers' parameter grouping, linear warm-up/decay and gradient clipping.
+//! AdamW with transformers' parameter grouping, and gradient clipping. The learning-rate schedule
+//! the caller passes each step is `fedtune_shared::schedule`'s (one home for both binaries' rule).
 //!
 //! The update is `torch.optim.AdamW`'s (decoupled weight decay; weights decay, biases and
 //! LayerNorm weights do not, transformers' `Trainer` default), but applied to all trainable
@@ -148,47 +149,10 @@ impl AdamW {
     }
 }
 
-/// transformers' `get_linear_schedule_with_warmup`: the factor rises linearly from 0 to 1 over
-/// `warmup` steps, then falls linearly to 0 at `total`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LinearSchedule {
-    /// Warm-up steps.
-    pub warmup: u64,
-    /// Total optimizer steps.
-    pub total: u64,
-}
-
-impl LinearSchedule {
-    /// Warm-up over `ratio` of `total` steps (rounded up, as transformers does).
-    pub fn with_warmup_ratio(total: u64, ratio: f64) -> Self {
-        Self { warmup: (total as f64 * ratio.clamp(0.0, 1.0)).ceil() as u64, total }
-    }
-
-    /// Learning-rate factor for optimizer step `step` (0-based).
-    pub fn factor(&self, step: u64) -> f64 {
-        if step < self.warmup {
-            return step as f64 / self.warmup.max(1) as f64;
-        }
-        let remaining = self.total.saturating_sub(step) as f64;
-        (remaining / self.total.saturating_sub(self.warmup).max(1) as f64).max(0.0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tch::{Device, Kind};
-
-    #[test]
-    fn the_schedule_warms_up_then_decays_to_zero() {
-        let s = LinearSchedule::with_warmup_ratio(10, 0.2);
-        assert_eq!(s.warmup, 2);
-        let f: Vec<f64> = (0..=10).map(|i| s.factor(i)).collect();
-        assert_eq!(&f[..3], &[0.0, 0.5, 1.0]);
-        assert!((f[6] - 0.5).abs() < 1e-12);
-        assert_eq!(f[10], 0.0);
-        assert_eq!(LinearSchedule::with_warmup_ratio(10, 0.0).factor(0), 1.0);
-    }
 
     #[test]
     fn biases_and_layer_norms_are_exempt_from_decay() {

@@ -136,6 +136,8 @@ mod tests {
             proximal_mu: 0.0,
             max_steps: None,
             seed: 0,
+            lr_schedule: fedtune_shared::schedule::LrSchedule::Constant,
+            warmup_steps: 0,
         };
         let draw = Draw {
             round: RoundId::new(1, 0),

@@ -2,8 +2,9 @@
 //! [`crate::ids`], [`crate::params`]).
 //!
 //! Inbound conversions are `TryFrom<pb::X>` and do all structural validation: required
-//! submessages present, enums known (never `UNSPECIFIED`), digests 32 bytes, numbers finite and in
-//! range, chunk sizes within [`MAX_CHUNK_BYTES`]. Rules that need coordinator state (is this the
+//! submessages present, enums known (never `UNSPECIFIED`, except `FitConfig.lr_schedule`, where
+//! a coordinator that predates the field means the default, constant), digests 32 bytes, numbers
+//! finite and in range, chunk sizes within [`MAX_CHUNK_BYTES`]. Rules that need coordinator state (is this the
 //! current round? the expected manifest?) are checked later by the coordinator. Outbound
 //! conversions are infallible `From<domain> for pb::X`.
 //!

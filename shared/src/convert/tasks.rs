@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::schedule::LrSchedule;
 use crate::secagg::SecureTask;
 
 pub(super) fn phase_from(v: i32) -> Result<PhaseName, ConvertError> {
@@ -57,7 +58,27 @@ impl TryFrom<pb::FitConfig> for FitInstructions {
             proximal_mu: c.proximal_mu,
             max_steps: (c.max_steps != 0).then_some(c.max_steps),
             seed: c.seed,
+            lr_schedule: lr_schedule_from(c.lr_schedule)?,
+            warmup_steps: c.warmup_steps,
         })
+    }
+}
+
+fn lr_schedule_from(v: i32) -> Result<LrSchedule, ConvertError> {
+    use pb::LrSchedule as P;
+    Ok(match P::try_from(v).map_err(|_| invalid("config.lr_schedule", format!("unknown schedule {v}")))? {
+        // A coordinator that predates the field sends nothing: the federation default.
+        P::Unspecified | P::Constant => LrSchedule::Constant,
+        P::Linear => LrSchedule::Linear,
+        P::Cosine => LrSchedule::Cosine,
+    })
+}
+
+fn lr_schedule_to_pb(s: LrSchedule) -> pb::LrSchedule {
+    match s {
+        LrSchedule::Constant => pb::LrSchedule::Constant,
+        LrSchedule::Linear => pb::LrSchedule::Linear,
+        LrSchedule::Cosine => pb::LrSchedule::Cosine,
     }
 }
 
@@ -70,6 +91,8 @@ impl From<&FitInstructions> for pb::FitConfig {
             proximal_mu: c.proximal_mu,
             max_steps: c.max_steps.unwrap_or(0),
             seed: c.seed,
+            lr_schedule: lr_schedule_to_pb(c.lr_schedule) as i32,
+            warmup_steps: c.warmup_steps,
         }
     }
 }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::schedule::LrSchedule;
 
 fn header() -> pb::UpdateHeader {
     pb::UpdateHeader {
@@ -112,6 +113,8 @@ fn a_fit_task_round_trips() {
             proximal_mu: 0.01,
             max_steps: Some(20),
             seed: 9,
+            lr_schedule: LrSchedule::Cosine,
+            warmup_steps: 3,
         },
         deadline_in: Duration::from_secs(60),
         deadline_unix_ms: 1,
@@ -171,6 +174,8 @@ fn fit_task() -> Task {
             proximal_mu: 0.01,
             max_steps: None,
             seed: 9,
+            lr_schedule: LrSchedule::Constant,
+            warmup_steps: 0,
         },
         deadline_in: Duration::from_secs(60),
         deadline_unix_ms: 1,
@@ -206,6 +211,46 @@ fn a_secure_fit_task_with_bad_encoding_parameters_is_refused_naming_the_field() 
         let err = Task::try_from(wire).unwrap_err().to_string();
         assert!(err.contains(field), "{field}: {err}");
     }
+}
+
+fn fit_config(lr_schedule: LrSchedule, warmup_steps: u64) -> FitInstructions {
+    FitInstructions {
+        epochs: 2,
+        batch_size: 16,
+        learning_rate: 5e-5,
+        proximal_mu: 0.0,
+        max_steps: None,
+        seed: 1,
+        lr_schedule,
+        warmup_steps,
+    }
+}
+
+#[test]
+fn every_learning_rate_schedule_and_its_warmup_round_trip() {
+    for shape in LrSchedule::ALL {
+        let config = fit_config(shape, 7);
+        let wire = pb::FitConfig::from(&config);
+        assert_eq!(wire.warmup_steps, 7);
+        assert_ne!(wire.lr_schedule, pb::LrSchedule::Unspecified as i32, "{shape} is sent explicitly");
+        assert_eq!(FitInstructions::try_from(wire).unwrap(), config);
+    }
+}
+
+#[test]
+fn an_unspecified_learning_rate_schedule_reads_as_constant() {
+    let wire = pb::FitConfig {
+        lr_schedule: pb::LrSchedule::Unspecified as i32,
+        ..(&fit_config(LrSchedule::Linear, 0)).into()
+    };
+    assert_eq!(FitInstructions::try_from(wire).unwrap().lr_schedule, LrSchedule::Constant);
+}
+
+#[test]
+fn an_unknown_learning_rate_schedule_is_refused_naming_the_field() {
+    let wire = pb::FitConfig { lr_schedule: 42, ..(&fit_config(LrSchedule::Linear, 0)).into() };
+    let err = FitInstructions::try_from(wire).unwrap_err().to_string();
+    assert!(err.contains("config.lr_schedule") && err.contains("42"), "{err}");
 }
 
 fn join_response() -> JoinResponse {

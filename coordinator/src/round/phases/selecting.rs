@@ -62,6 +62,8 @@ impl Phase for Selecting {
             proximal_mu: 0.0,
             max_steps: s.fit.max_steps,
             seed: 0,
+            lr_schedule: s.fit.lr_schedule,
+            warmup_steps: s.fit.warmup_steps,
         };
         let exposures = if s.privacy.enabled() && selected.len() >= sampling::min_sampled(&s) {
             let drawn = selected.clone();

@@ -60,6 +60,8 @@ fn base() -> FitInstructions {
         proximal_mu: 0.0,
         max_steps: None,
         seed: 0,
+        lr_schedule: fedtune_shared::schedule::LrSchedule::Constant,
+        warmup_steps: 0,
     }
 }
 
