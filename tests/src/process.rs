@@ -157,7 +157,17 @@ pub struct CoordinatorProc {
 impl CoordinatorProc {
     /// Writes `settings` (with `server.listen` on a free loopback port) to `dir/coordinator.toml`
     /// and starts `fedtune-coordinator serve` on it.
-    pub fn start(mut settings: CoordinatorSettings, dir: &Path) -> Result<Self> {
+    pub fn start(settings: CoordinatorSettings, dir: &Path) -> Result<Self> {
+        Self::start_with_env(settings, dir, &[])
+    }
+
+    /// [`Self::start`] with extra environment variables for this first incarnation only (a
+    /// [`Self::restart`] runs without them), e.g. a test pause point.
+    pub fn start_with_env(
+        mut settings: CoordinatorSettings,
+        dir: &Path,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let port = free_port()?;
         settings.server.listen = ([127, 0, 0, 1], port).into();
         let config = dir.join("coordinator.toml");
@@ -169,15 +179,37 @@ impl CoordinatorProc {
             log: dir.join("coordinator.log"),
         };
         crate::identities::register(&me.url, &settings.storage.state_dir);
-        me.restart()?;
+        me.spawn(env)?;
         Ok(me)
     }
 
     /// Starts the process (again) on the same configuration and state directory.
     pub fn restart(&mut self) -> Result<()> {
+        self.spawn(&[])
+    }
+
+    fn spawn(&mut self, env: &[(&str, &str)]) -> Result<()> {
         let mut command = Command::new(binary("fedtune-coordinator")?);
         command.arg("serve").arg("--config").arg(&self.config);
+        command.envs(env.iter().copied());
         self.proc = Some(Proc::spawn(command, &self.log)?);
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for `needle` to appear in the log (all incarnations).
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.log_text().contains(needle) {
+            if Instant::now() > deadline {
+                let log = self.log_text();
+                let lines: Vec<&str> = log.lines().collect();
+                bail!(
+                    "`{needle}` not in the coordinator log within {timeout:?}; last 40 lines:\n{}",
+                    lines[lines.len().saturating_sub(40)..].join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         Ok(())
     }
 

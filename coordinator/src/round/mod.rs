@@ -62,6 +62,8 @@ pub mod events;
 pub(crate) mod phase;
 pub(crate) mod phases;
 pub mod requests;
+#[cfg(feature = "test-support")]
+pub(crate) mod test_pause;
 
 use tracing::{info, Instrument};
 

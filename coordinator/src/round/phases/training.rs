@@ -641,6 +641,8 @@ impl Phase for Training {
         let len = shared.model.layout.trainable.numel();
         self.sum = Some(FixedPointSum::new(len));
         let mut tick = shared.tick_interval();
+        #[cfg(feature = "test-support")]
+        self.test_pause().await;
         while !self.done() {
             let folding = async {
                 match self.folding.as_mut() {
@@ -679,6 +681,8 @@ impl Phase for Training {
             }
             // A step also closes early when the last client it waited for left the round.
             self.maybe_close_secure_step(shared);
+            #[cfg(feature = "test-support")]
+            self.test_pause().await;
         }
         if self.secure.is_some() && self.poisoned.is_none() {
             // Survivors keep their task through unmasking: their agents stop a task the
@@ -738,6 +742,20 @@ impl Phase for Training {
 }
 
 impl Training {
+    /// Stops here for good if the configured test pause is this secure step of this round.
+    #[cfg(feature = "test-support")]
+    async fn test_pause(&self) {
+        use crate::round::test_pause::{at, PausePoint};
+        let Some(secure) = &self.secure else { return };
+        let point = match secure.step() {
+            SecureStep::Advertising { .. } => PausePoint::Advertising,
+            SecureStep::Sharing { .. } => PausePoint::Sharing,
+            SecureStep::Masking if !self.accepted.is_empty() => PausePoint::Masking,
+            SecureStep::Masking => return,
+        };
+        at(point, self.id.round).await;
+    }
+
     /// Shutdown mid-round: refuse queued folds (their clients get UNAVAILABLE).
     fn abandon(&mut self) {
         for p in self.queue.drain(..) {

@@ -224,6 +224,8 @@ impl Phase for Unmasking {
             shared.withdraw_tasks(fedtune_shared::round::TaskKind::Fit);
             return next;
         }
+        #[cfg(feature = "test-support")]
+        crate::round::test_pause::at(crate::round::test_pause::PausePoint::Unmasking, self.id.round).await;
         // Waiters for the unmasking step wake now.
         shared.events.tasks_changed();
         let mut tick = shared.tick_interval();
@@ -271,6 +273,8 @@ impl Phase for Unmasking {
                 return fail(format!("unmasking task died: {e}"));
             }
         };
+        #[cfg(feature = "test-support")]
+        crate::round::test_pause::at(crate::round::test_pause::PausePoint::Unmasked, self.id.round).await;
         shared.withdraw_tasks(fedtune_shared::round::TaskKind::Fit);
         Round::Aggregating(Aggregating::new(self.context, sum, self.accepted, self.failures, self.outcomes))
     }
