@@ -35,8 +35,8 @@ use crate::outcome::AttemptFailure;
 use crate::round::phase::{Phase, Shared, Wake};
 use crate::round::requests::{Envelope, Request};
 use crate::round::Round;
-use crate::storage::ClientOutcome;
 use crate::storage;
+use crate::storage::ClientOutcome;
 use crate::strategy::{FitFailure, FitSummary, RoundContext, StrategyError};
 
 /// Collecting the survivors' unmasking answers.
@@ -192,7 +192,8 @@ impl Unmasking {
             }
             Err(e) => {
                 let accepted = self.accepted.len() as u32;
-                let reason = AttemptFailure::SecureAggregation(format!("the strategy refused the release: {e}"));
+                let reason =
+                    AttemptFailure::SecureAggregation(format!("the strategy refused the release: {e}"));
                 return Some(Round::Failure(Failure::new(self.id, reason, self.outcomes.clone(), accepted)));
             }
         };
