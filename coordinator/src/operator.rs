@@ -15,7 +15,7 @@ use fedtune_shared::endpoint::{self, TlsOptions};
 use fedtune_shared::ids::ModelVersion;
 use fedtune_shared::params::ParameterVector;
 use fedtune_shared::pb;
-use fedtune_shared::round::{PrivacyStatus, StatusReport};
+use fedtune_shared::round::{PrivacyStatus, RoundSummary, StatusReport};
 use fedtune_shared::settings::SettingsError;
 
 use crate::model::{self, ModelError};
@@ -218,7 +218,7 @@ pub fn render_status(s: &StatusReport) -> String {
     for r in &s.recent_rounds {
         let _ = writeln!(
             out,
-            "{:>5} {:>7} {:<10} {:>3} {:>3} {:>4} {:>9} {:>11} {:>10} {:>9} {:>5.1}{}",
+            "{:>5} {:>7} {:<10} {:>3} {:>3} {:>4} {:>9} {:>11} {:>10} {:>9} {:>5.1}{}{}",
             r.id.round,
             r.id.attempt,
             r.status,
@@ -230,10 +230,19 @@ pub fn render_status(s: &StatusReport) -> String {
             fmt_f(r.eval_loss),
             fmt_f(r.eval_accuracy),
             r.duration.as_secs_f64(),
+            secure_cell(r),
             if r.reason.is_empty() { String::new() } else { format!("  ({})", r.reason) }
         );
     }
     out
+}
+
+/// A secure attempt's figures after its row: `SecAgg+ t=3 k=4 survivors 4/5` (its survivors are
+/// its accepted updates); nothing for a plain round.
+fn secure_cell(r: &RoundSummary) -> String {
+    r.secure.map_or_else(String::new, |f| {
+        format!("  SecAgg+ t={} k={} survivors {}/{}", f.threshold, f.degree, r.accepted, f.clients)
+    })
 }
 
 /// JSON status (for scripts).
@@ -287,6 +296,12 @@ pub fn status_json(s: &StatusReport) -> serde_json::Value {
             "reason": r.reason,
             "epsilon": r.epsilon,
             "local_epsilon": r.local_epsilon,
+            "secure_aggregation": r.secure.map(|f| serde_json::json!({
+                "clients": f.clients,
+                "threshold": f.threshold,
+                "degree": f.degree,
+                "survivors": r.accepted,
+            })),
         })).collect::<Vec<_>>(),
     })
 }
@@ -325,7 +340,7 @@ mod tests {
     use std::time::Duration;
 
     use fedtune_shared::ids::RoundId;
-    use fedtune_shared::round::{PhaseName, RoundSummary};
+    use fedtune_shared::round::PhaseName;
 
     use super::*;
 
@@ -356,6 +371,7 @@ mod tests {
                 bytes_received: 0,
                 epsilon: Some(1.5),
                 local_epsilon: Some(4.0),
+                secure: None,
             }],
             accepted_updates: 0,
             privacy: PrivacyStatus {
@@ -388,5 +404,20 @@ mod tests {
         assert_eq!(v["recent_rounds"][0]["epsilon"], 1.5);
         assert_eq!(v["recent_rounds"][0]["local_epsilon"], 4.0);
         assert_eq!(status_json(&report(false))["privacy"]["evaluation_outside_guarantee"], false);
+    }
+
+    #[test]
+    fn status_text_and_json_show_a_secure_rounds_threshold_degree_and_survivors_and_nothing_for_plain_ones() {
+        let mut secure = report(false);
+        secure.recent_rounds[0].secure =
+            Some(fedtune_shared::round::SecureRoundFigures { clients: 3, threshold: 2, degree: 2 });
+        let text = render_status(&secure);
+        assert!(text.contains("SecAgg+ t=2 k=2 survivors 2/3"), "{text}");
+        assert!(!render_status(&report(false)).contains("SecAgg+"));
+        let v = status_json(&secure);
+        let figures = &v["recent_rounds"][0]["secure_aggregation"];
+        assert_eq!((figures["threshold"].as_u64(), figures["degree"].as_u64()), (Some(2), Some(2)));
+        assert_eq!((figures["survivors"].as_u64(), figures["clients"].as_u64()), (Some(2), Some(3)));
+        assert!(status_json(&report(false))["recent_rounds"][0]["secure_aggregation"].is_null());
     }
 }

@@ -617,6 +617,21 @@ pub struct RoundSummary {
     /// Under local noise: the worst-off client's local ε against the coordinator after this
     /// round (see [`PrivacyStatus::local_epsilon`]); `None` otherwise.
     pub local_epsilon: Option<f64>,
+    /// Under secure aggregation: the attempt's roster size, threshold and graph degree; `None`
+    /// for a plain round. Its survivors (the masked inputs in the unmasked sum) are `accepted`.
+    pub secure: Option<SecureRoundFigures>,
+}
+
+/// The figures of one secure-aggregation (SecAgg+) attempt, fixed when it was set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecureRoundFigures {
+    /// n: the clients in the roster (the drawn clients).
+    pub clients: u32,
+    /// t: how many of a secret's holders must answer to rebuild it; fewer survivors than t at
+    /// any step fail the attempt.
+    pub threshold: u32,
+    /// k: each client's number of neighbours in the masking graph (n − 1: complete).
+    pub degree: u32,
 }
 
 /// The federation's differential-privacy state, as status reports it.

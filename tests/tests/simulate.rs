@@ -11,6 +11,11 @@ use fedtune_tests::process::binary;
 
 /// Runs `simulate ARGS --out OUT` to completion and returns its per-round rows.
 fn simulate(args: &[&str], out: &Path) -> Result<Vec<RoundRow>> {
+    Ok(simulate_printing(args, out)?.0)
+}
+
+/// [`simulate`], with what it printed on stdout.
+fn simulate_printing(args: &[&str], out: &Path) -> Result<(Vec<RoundRow>, String)> {
     let output = Command::new(binary("fedtune-coordinator")?)
         .arg("simulate")
         .args(args)
@@ -22,7 +27,7 @@ fn simulate(args: &[&str], out: &Path) -> Result<Vec<RoundRow>> {
     ensure!(output.status.success(), "simulate failed ({}):\n{stdout}\n{stderr}", output.status);
     ensure!(stdout.contains("round") && stdout.contains("accuracy"), "no table on stdout:\n{stdout}");
     let json = std::fs::read(out.join("metrics.json")).context("metrics.json")?;
-    Ok(serde_json::from_slice(&json)?)
+    Ok((serde_json::from_slice(&json)?, stdout.into_owned()))
 }
 
 #[test]
@@ -113,5 +118,58 @@ fn three_bert_clients_learn_a_sentiment_task_together_in_two_rounds() -> Result<
     assert!(acc(last) > acc(first), "accuracy {} → {}", acc(first), acc(last));
     // About 60 % of the rows are positive: well above always guessing that.
     assert!(acc(last) >= 0.8, "final accuracy {}", acc(last));
+    Ok(())
+}
+
+#[test]
+fn a_secure_simulation_under_distributed_noise_reports_t_k_survivors_and_epsilon_per_round() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = write_fake_model(&dir.path().join("model"), 2, 16)?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 120, 4)?;
+    let out = dir.path().join("out");
+    let (rows, stdout) = simulate_printing(
+        &[
+            "--fake-trainer",
+            "--insecure",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--clients",
+            "4",
+            "--rounds",
+            "2",
+            "--sample",
+            "0",
+            "--dp",
+            "distributed",
+            "--noise-multiplier",
+            "1.0",
+            "--secure-aggregation",
+            "--secagg-threshold",
+            "2",
+            "--secagg-degree",
+            "2",
+        ],
+        &out,
+    )?;
+    println!("{stdout}");
+    assert_eq!(rows.iter().map(|r| r.round).collect::<Vec<_>>(), vec![1, 2]);
+    for r in &rows {
+        // Every client survived: all 4 masked inputs are in each round's sum.
+        let figures = (r.secagg_threshold, r.secagg_degree, r.secagg_survivors, r.secagg_clients);
+        assert_eq!(figures, (Some(2), Some(2), Some(4), Some(4)), "{r:?}");
+        assert_eq!(r.secagg_survivors, Some(r.participants), "{r:?}");
+    }
+    let eps: Vec<f64> = rows.iter().map(|r| r.epsilon.expect("ε charged every round")).collect();
+    assert!(eps[0] > 0.0 && eps[1] > eps[0], "cumulative ε {eps:?}");
+    assert!(stdout.contains("t/k  survivors/n"), "{stdout}");
+    assert!(stdout.contains("2/2          4/4"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "secure aggregation (SecAgg+): t = 2 of n = 4, k = 2 neighbours, survivors 4; privacy: distributed DP"
+        ),
+        "{stdout}"
+    );
     Ok(())
 }

@@ -626,7 +626,7 @@ async fn watch(
             // guarantee), so the header comes after the privacy line.
             let label = status::privacy_label(&report);
             println!("{}", report::privacy_line(&label));
-            columns = report::TableColumns::of(&report.privacy);
+            columns = report::TableColumns::of(&report.privacy, args.secure_aggregation);
             println!("{}", report::table_header(columns));
             banner = Some(label);
         }
@@ -641,6 +641,9 @@ async fn watch(
         }
         if finished {
             println!("{}", report::privacy_line(&report.privacy.guarantee));
+            if args.secure_aggregation {
+                println!("{}", report::secure_line(&rows, &report.privacy.mode));
+            }
             if let Some(reason) = &report.finished_reason {
                 println!("finished: {reason}");
             }

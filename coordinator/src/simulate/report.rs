@@ -1,5 +1,7 @@
 //! What a simulation reports: a per-round table on stdout, and `metrics.csv`, `metrics.json`
-//! and `metrics.svg` (loss and accuracy per round) in the output folder.
+//! and `metrics.svg` (loss, accuracy and privacy ε per round) in the output folder. Under
+//! secure aggregation every output also carries each round's threshold t, graph degree k,
+//! roster size n and survivors.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -76,6 +78,15 @@ pub struct RoundRow {
     pub eval_outside_privacy_guarantee: bool,
     /// The run's privacy model, e.g. `central DP, δ = 1e-5`, or `no privacy guarantee`.
     pub privacy: String,
+    /// Under secure aggregation (SecAgg+): n, the clients in the round's roster (`None` for a
+    /// plain round, as are the other `secagg_` fields).
+    pub secagg_clients: Option<u32>,
+    /// t: how many of a secret's holders had to answer; fewer survivors fail the attempt.
+    pub secagg_threshold: Option<u32>,
+    /// k: each client's number of neighbours in the masking graph (n − 1: complete).
+    pub secagg_degree: Option<u32>,
+    /// The survivors: clients whose masked input is in the unmasked sum (the participants).
+    pub secagg_survivors: Option<u32>,
 }
 
 /// Which optional columns the per-round table shows (fixed for a run, known from its first
@@ -86,16 +97,54 @@ pub struct TableColumns {
     pub local_epsilon: bool,
     /// Evaluation under DP: the evaluation columns are marked `*`, outside the guarantee.
     pub eval_outside_guarantee: bool,
+    /// Secure aggregation: `t/k` and `survivors/n` columns.
+    pub secure: bool,
 }
 
 impl TableColumns {
-    /// The columns of a run whose privacy status is `p`.
-    pub fn of(p: &fedtune_shared::round::PrivacyStatus) -> Self {
+    /// The columns of a run whose privacy status is `p`, with secure aggregation or not.
+    pub fn of(p: &fedtune_shared::round::PrivacyStatus, secure: bool) -> Self {
         Self {
             local_epsilon: p.local_epsilon.is_some(),
             eval_outside_guarantee: p.evaluation_outside_guarantee,
+            secure,
         }
     }
+}
+
+/// `3` when every value is 3, `3–4` when they range; `-` for none.
+fn span(values: impl Iterator<Item = u32>) -> String {
+    let (min, max) = values.fold((u32::MAX, 0), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    match (min, max) {
+        (u32::MAX, _) => "-".to_string(),
+        (lo, hi) if lo == hi => lo.to_string(),
+        (lo, hi) => format!("{lo}–{hi}"),
+    }
+}
+
+/// A secure run's figures over its rounds, e.g. `t = 3 of n = 5, k = 4 neighbours, survivors
+/// 4–5` (each a range where rounds differed); `None` when no row ran under secure aggregation.
+pub fn secure_figures(rows: &[RoundRow]) -> Option<String> {
+    let secure: Vec<&RoundRow> = rows.iter().filter(|r| r.secagg_clients.is_some()).collect();
+    if secure.is_empty() {
+        return None;
+    }
+    let of = |f: fn(&RoundRow) -> Option<u32>| span(secure.iter().filter_map(|r| f(r)));
+    Some(format!(
+        "t = {} of n = {}, k = {} neighbours, survivors {}",
+        of(|r| r.secagg_threshold),
+        of(|r| r.secagg_clients),
+        of(|r| r.secagg_degree),
+        of(|r| r.secagg_survivors)
+    ))
+}
+
+/// The footer line of a secure run: what secure aggregation ran with, and the privacy mode
+/// (`none`, `central`, `local` or `distributed`) beside it.
+pub fn secure_line(rows: &[RoundRow], mode: &str) -> String {
+    let figures = secure_figures(rows).unwrap_or_else(|| "no round completed".to_string());
+    let privacy = if mode == "none" { "no DP".to_string() } else { format!("{mode} DP") };
+    format!("secure aggregation (SecAgg+): {figures}; privacy: {privacy}")
 }
 
 /// The legend and footnote text of evaluation figures outside the privacy guarantee.
@@ -151,6 +200,9 @@ pub fn table_header(columns: TableColumns) -> String {
     if columns.local_epsilon {
         header.push_str(&format!("  {:>9}", "local_eps"));
     }
+    if columns.secure {
+        header.push_str(&format!("  {:>7}  {:>11}", "t/k", "survivors/n"));
+    }
     if columns.eval_outside_guarantee {
         header.push_str(&format!("  {}", outside_label()));
     }
@@ -177,6 +229,17 @@ pub fn table_line(r: &RoundRow, columns: TableColumns) -> String {
     );
     if columns.local_epsilon {
         line.push_str(&format!("  {:>9}", cell(r.local_epsilon, 3)));
+    }
+    if columns.secure {
+        let pair = |a: Option<u32>, b: Option<u32>| match (a, b) {
+            (Some(a), Some(b)) => format!("{a}/{b}"),
+            _ => "-".to_string(),
+        };
+        line.push_str(&format!(
+            "  {:>7}  {:>11}",
+            pair(r.secagg_threshold, r.secagg_degree),
+            pair(r.secagg_survivors, r.secagg_clients)
+        ));
     }
     line
 }
@@ -310,7 +373,10 @@ fn draw_chart(rows: &[RoundRow], path: &Path) -> Result<(), String> {
         .y_label_area_size(48)
         .build_cartesian_2d(0u64..last_round + 1, 0.0..max_eps)
         .map_err(|e| e.to_string())?;
-    chart.configure_mesh().x_desc("round").draw().map_err(|e| e.to_string())?;
+    // A secure run names what the sum was protected with under the rounds it covers.
+    let x_desc =
+        secure_figures(rows).map_or_else(|| "round".to_string(), |f| format!("round  (SecAgg+ {f})"));
+    chart.configure_mesh().x_desc(x_desc).draw().map_err(|e| e.to_string())?;
     let purple = RGBColor(120, 40, 160);
     let orange = RGBColor(220, 110, 0);
     for (points, colour, name) in
@@ -350,6 +416,10 @@ mod tests {
                 local_epsilon: None,
                 eval_outside_privacy_guarantee: false,
                 privacy: "central DP, δ = 1e-5".into(),
+                secagg_clients: None,
+                secagg_threshold: None,
+                secagg_degree: None,
+                secagg_survivors: None,
             },
             RoundRow {
                 round: 2,
@@ -363,6 +433,10 @@ mod tests {
                 local_epsilon: None,
                 eval_outside_privacy_guarantee: false,
                 privacy: "central DP, δ = 1e-5".into(),
+                secagg_clients: None,
+                secagg_threshold: None,
+                secagg_degree: None,
+                secagg_survivors: None,
             },
         ]
     }
@@ -378,11 +452,15 @@ mod tests {
             lines.next(),
             Some(
                 "round,participants,train_loss,eval_loss,eval_accuracy,bytes,seconds,epsilon,local_epsilon,\
-                 eval_outside_privacy_guarantee,privacy"
+                 eval_outside_privacy_guarantee,privacy,secagg_clients,secagg_threshold,secagg_degree,\
+                 secagg_survivors"
             )
         );
-        assert_eq!(lines.next(), Some("1,3,0.69,0.61,0.7,2500000,40.5,0.5,,false,\"central DP, δ = 1e-5\""));
-        assert_eq!(lines.next(), Some("2,2,0.52,,,1700000,38.0,0.75,,false,\"central DP, δ = 1e-5\""));
+        assert_eq!(
+            lines.next(),
+            Some("1,3,0.69,0.61,0.7,2500000,40.5,0.5,,false,\"central DP, δ = 1e-5\",,,,")
+        );
+        assert_eq!(lines.next(), Some("2,2,0.52,,,1700000,38.0,0.75,,false,\"central DP, δ = 1e-5\",,,,"));
 
         let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.json).unwrap()).unwrap();
         assert_eq!(json[0]["round"], 1);
@@ -432,7 +510,7 @@ mod tests {
 
     #[test]
     fn under_local_noise_the_table_csv_json_and_chart_carry_the_local_epsilon_beside_the_central_one() {
-        let columns = TableColumns { local_epsilon: true, eval_outside_guarantee: false };
+        let columns = TableColumns { local_epsilon: true, eval_outside_guarantee: false, secure: false };
         let header = table_header(columns);
         let line = table_line(&local_rows()[1], columns);
         assert!(header.ends_with("epsilon  local_eps"), "{header}");
@@ -458,7 +536,7 @@ mod tests {
 
     #[test]
     fn evaluation_under_dp_is_labelled_outside_the_guarantee_in_the_table_csv_json_and_chart_legend() {
-        let columns = TableColumns { local_epsilon: true, eval_outside_guarantee: true };
+        let columns = TableColumns { local_epsilon: true, eval_outside_guarantee: true, secure: false };
         let header = table_header(columns);
         assert!(header.contains("eval_loss*") && header.contains("accuracy*"), "{header}");
         assert!(header.ends_with("(* outside the privacy guarantee)"), "{header}");
@@ -485,5 +563,79 @@ mod tests {
         // Without the flag nothing is labelled.
         let files = write_report(&rows(), &dir.path().join("plain")).unwrap();
         assert!(!std::fs::read_to_string(&files.svg).unwrap().contains("outside the privacy guarantee"));
+    }
+
+    /// A secure run under distributed noise: round 2 lost a client after masking.
+    fn secure_rows() -> Vec<RoundRow> {
+        rows()
+            .into_iter()
+            .map(|r| RoundRow {
+                secagg_clients: Some(3),
+                secagg_threshold: Some(2),
+                secagg_degree: Some(2),
+                secagg_survivors: Some(r.participants),
+                privacy: "distributed DP, δ = 1e-5".into(),
+                ..r
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_secure_runs_table_shows_t_k_and_survivors_of_n_per_round_and_a_plain_runs_does_not() {
+        let columns = TableColumns { secure: true, ..TableColumns::default() };
+        let header = table_header(columns);
+        assert!(header.ends_with("epsilon      t/k  survivors/n"), "{header}");
+        let lines: Vec<String> = secure_rows().iter().map(|r| table_line(r, columns)).collect();
+        assert!(lines[0].ends_with("    0.500      2/2          3/3"), "{}", lines[0]);
+        assert!(lines[1].ends_with("    0.750      2/2          2/3"), "{}", lines[1]);
+        assert!(lines.iter().all(|l| l.len() == header.len()), "{header}\n{lines:?}");
+
+        let plain = table_header(TableColumns::default());
+        assert!(!plain.contains("t/k") && !plain.contains("survivors"), "{plain}");
+        assert!(!table_line(&rows()[0], TableColumns::default()).contains('/'));
+
+        assert_eq!(
+            secure_line(&secure_rows(), "distributed"),
+            "secure aggregation (SecAgg+): t = 2 of n = 3, k = 2 neighbours, survivors 2–3; privacy: distributed DP"
+        );
+        assert_eq!(secure_figures(&rows()), None);
+    }
+
+    #[test]
+    fn a_secure_runs_csv_json_and_chart_carry_its_figures_and_a_plain_runs_leave_them_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_report(&secure_rows(), dir.path()).unwrap();
+        let csv = std::fs::read_to_string(&files.csv).unwrap();
+        let mut reader = csv::Reader::from_reader(csv.as_bytes());
+        let headers = reader.headers().unwrap().clone();
+        let at = |name: &str| headers.iter().position(|h| h == name).unwrap();
+        let second = reader.records().nth(1).unwrap().unwrap();
+        let figures = |r: &csv::StringRecord| {
+            [at("secagg_threshold"), at("secagg_degree"), at("secagg_survivors"), at("secagg_clients")]
+                .map(|i| r[i].to_string())
+        };
+        assert_eq!(figures(&second), ["2", "2", "2", "3"]);
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.json).unwrap()).unwrap();
+        assert_eq!(json[1]["secagg_threshold"], 2);
+        assert_eq!(json[1]["secagg_survivors"], 2);
+        assert_eq!(json[1]["epsilon"], 0.75);
+        let back: Vec<RoundRow> = serde_json::from_value(json).unwrap();
+        assert_eq!(back, secure_rows());
+        let svg = std::fs::read_to_string(&files.svg).unwrap();
+        assert!(svg.contains("SecAgg+ t = 2 of n = 3, k = 2 neighbours, survivors 2–3"), "chart annotation");
+
+        let files = write_report(&rows(), &dir.path().join("plain")).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&files.json).unwrap()).unwrap();
+        assert!(json[0]["secagg_threshold"].is_null() && json[0]["secagg_survivors"].is_null());
+        assert!(!std::fs::read_to_string(&files.svg).unwrap().contains("SecAgg+"));
+    }
+
+    #[test]
+    fn metrics_json_from_before_secure_aggregation_still_reads() {
+        let old = r#"[{"round":1,"participants":3,"train_loss":null,"eval_loss":null,"eval_accuracy":null,
+            "bytes":1,"seconds":1.0,"epsilon":null,"local_epsilon":null,
+            "eval_outside_privacy_guarantee":false,"privacy":"no privacy guarantee"}]"#;
+        let rows: Vec<RoundRow> = serde_json::from_str(old).unwrap();
+        assert_eq!((rows[0].secagg_clients, rows[0].secagg_survivors), (None, None));
     }
 }

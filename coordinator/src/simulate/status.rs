@@ -65,6 +65,11 @@ fn row(r: &RoundSummary, privacy: &str, eval_outside_privacy_guarantee: bool) ->
         local_epsilon: r.local_epsilon,
         eval_outside_privacy_guarantee,
         privacy: privacy.to_string(),
+        secagg_clients: r.secure.map(|f| f.clients),
+        secagg_threshold: r.secure.map(|f| f.threshold),
+        secagg_degree: r.secure.map(|f| f.degree),
+        // The masked inputs in the unmasked sum are the accepted updates.
+        secagg_survivors: r.secure.map(|_| r.accepted),
     }
 }
 
@@ -125,6 +130,7 @@ mod tests {
                 bytes_received: 0,
                 epsilon: Some(1.0),
                 local_epsilon: Some(3.0),
+                secure: None,
             }],
             accepted_updates: 0,
             privacy,

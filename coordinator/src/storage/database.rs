@@ -60,6 +60,17 @@ CREATE TABLE IF NOT EXISTS draw_noise (
     noise_multiplier REAL NOT NULL,
     PRIMARY KEY (round, attempt)
 );
+-- Under secure aggregation, what each fit attempt was set up with: the roster size n, the
+-- threshold t and the masking graph's degree k (written with the draw; the attempt's survivors are
+-- its `rounds.accepted`).
+CREATE TABLE IF NOT EXISTS secure_rounds (
+    round     INTEGER NOT NULL,
+    attempt   INTEGER NOT NULL,
+    clients   INTEGER NOT NULL,
+    threshold INTEGER NOT NULL,
+    degree    INTEGER NOT NULL,
+    PRIMARY KEY (round, attempt)
+);
 CREATE TABLE IF NOT EXISTS round_clients (
     round        INTEGER NOT NULL,
     attempt      INTEGER NOT NULL,

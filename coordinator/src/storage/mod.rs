@@ -21,7 +21,7 @@
 //!
 //! # Layout
 //! Every SQL statement of the crate is in this module; other modules call its typed functions.
-//! - this file: rounds, samples (with `draw_noise`), outcomes, checkpoints, evaluations, clients, meta.
+//! - this file: rounds, samples (with `draw_noise` and `secure_rounds`), outcomes, checkpoints, evaluations, clients, meta.
 //! - `database`: [`open_database`], the `meta` table, the coordinator's schema.
 //! - [`ledger`]: the privacy ledger ([`LedgerRecord`]), each client's exposure from the draw
 //!   records (its local ε under local noise), and the recorded privacy mode.
@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId, Sha256};
-use fedtune_shared::round::RoundSummary;
+use fedtune_shared::round::{RoundSummary, SecureRoundFigures};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 use crate::outcome::{AttemptFailure, AttemptStatus, ParticipantOutcome};
@@ -106,6 +106,9 @@ pub struct SampleRecord {
     /// Under local noise, the noise multiplier the drawn clients add in this attempt (what their
     /// local ε composes); `None` otherwise.
     pub local_noise_multiplier: Option<f64>,
+    /// Under secure aggregation, the fit attempt's roster size, threshold and graph degree;
+    /// `None` otherwise.
+    pub secure: Option<SecureRoundFigures>,
 }
 
 /// How a sampled client's participation ended.
@@ -474,6 +477,13 @@ pub fn insert_sample(conn: &Connection, s: &SampleRecord) -> Result<(), StorageE
             params![s.id.round as i64, s.id.attempt, z],
         )?;
     }
+    if let Some(f) = s.secure {
+        conn.execute(
+            "INSERT OR REPLACE INTO secure_rounds (round, attempt, clients, threshold, degree) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![s.id.round as i64, s.id.attempt, f.clients, f.threshold, f.degree],
+        )?;
+    }
     Ok(())
 }
 
@@ -654,14 +664,16 @@ pub fn evaluated(conn: &Connection, version: ModelVersion) -> Result<bool, Stora
 }
 
 /// The `n` most recent round attempts, newest first, with evaluation figures of the versions
-/// they produced.
+/// they produced and, for secure attempts, their secure-aggregation figures.
 pub fn recent_rounds(conn: &Connection, n: usize) -> Result<Vec<RoundSummary>, StorageError> {
     let mut stmt = conn.prepare(
         "SELECT r.round, r.attempt, r.status, r.selected, r.accepted, r.failed, r.total_examples, r.train_loss, \
            e.loss, e.accuracy, e.num_examples, r.started_ms, r.finished_ms, r.reason, \
-           r.bytes_sent, r.bytes_received, p.epsilon, json_extract(p.detail, '$.local_epsilon') \
+           r.bytes_sent, r.bytes_received, p.epsilon, json_extract(p.detail, '$.local_epsilon'), \
+           s.clients, s.threshold, s.degree \
          FROM rounds r LEFT JOIN evaluations e ON e.version = r.round AND r.status = ?2 \
          LEFT JOIN privacy_ledger p ON p.version = r.round AND r.status = ?2 \
+         LEFT JOIN secure_rounds s ON s.round = r.round AND s.attempt = r.attempt \
          ORDER BY r.round DESC, r.attempt DESC LIMIT ?1",
     )?;
     let rows = stmt.query_map(params![n as i64, AttemptStatus::Completed.as_str()], |r| {
@@ -688,6 +700,12 @@ pub fn recent_rounds(conn: &Connection, n: usize) -> Result<Vec<RoundSummary>, S
             bytes_received: r.get::<_, i64>(15)? as u64,
             epsilon: r.get(16)?,
             local_epsilon: r.get(17)?,
+            secure: match (r.get::<_, Option<u32>>(18)?, r.get(19)?, r.get(20)?) {
+                (Some(clients), Some(threshold), Some(degree)) => {
+                    Some(SecureRoundFigures { clients, threshold, degree })
+                }
+                _ => None,
+            },
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)

@@ -54,6 +54,7 @@ fn a_completed_round_is_visible_with_its_checkpoint_and_outcomes() {
             candidates: 1,
             selected: vec![id("a")],
             local_noise_multiplier: None,
+            secure: None,
         };
         begin_round(c, RoundId::new(1, 0), ModelVersion(0), &sample)?;
         let commit = RoundCommit {
@@ -105,6 +106,7 @@ fn rounds_left_running_are_aborted_on_reopen() {
                 candidates: 0,
                 selected: vec![],
                 local_noise_multiplier: None,
+                secure: None,
             };
             begin_round(c, RoundId::new(1, 0), ModelVersion(0), &s)
         })
@@ -168,6 +170,7 @@ fn a_ledger_record_reads_back_as_it_was_committed() {
             candidates: 0,
             selected: vec![],
             local_noise_multiplier: None,
+            secure: None,
         };
         begin_round(c, RoundId::new(1, 0), ModelVersion(0), &sample)?;
         let commit = RoundCommit {
@@ -231,6 +234,7 @@ fn each_clients_exposure_composes_the_multiplier_recorded_with_every_draw_it_was
             candidates: 3,
             selected: who.iter().map(|w| id(w)).collect(),
             local_noise_multiplier: z,
+            secure: None,
         };
         // Round 1 attempt 0 failed after the draw; attempt 1 completed; round 2 at a lower z;
         // a draw from before multipliers were recorded.
@@ -265,6 +269,7 @@ fn a_completed_rounds_summary_carries_the_local_epsilon_its_ledger_row_recorded(
             candidates: 0,
             selected: vec![],
             local_noise_multiplier: Some(1.0),
+            secure: None,
         };
         begin_round(c, RoundId::new(1, 0), ModelVersion(0), &sample)?;
         let commit = RoundCommit {
@@ -302,6 +307,7 @@ fn commit_attempt(
         candidates: 0,
         selected: vec![],
         local_noise_multiplier: None,
+        secure: None,
     };
     begin_round(c, id, ModelVersion(id.round - 1), &sample)?;
     let commit = RoundCommit {
@@ -341,6 +347,71 @@ fn a_release_counts_from_the_moment_it_is_recorded_and_moves_to_the_ledger_when_
         let next = ledger_record(2, 1.2);
         commit_attempt(c, RoundId::new(2, 0), &next)?;
         assert_eq!(ledger::load(c)?, vec![failed, published, next]);
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_secure_attempts_roster_threshold_and_degree_read_back_with_its_summary_and_plain_ones_have_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = Storage::open(dir.path()).unwrap();
+    let figures = SecureRoundFigures { clients: 5, threshold: 3, degree: 4 };
+    st.call_sync(|c| {
+        let draw = |round: u64, attempt: u32, secure: Option<SecureRoundFigures>| SampleRecord {
+            id: RoundId::new(round, attempt),
+            kind: "fit",
+            scheme: "fraction(1)".into(),
+            seed: "00".into(),
+            candidates: 5,
+            selected: ["a", "b", "c", "d", "e"].iter().map(|w| id(w)).collect(),
+            local_noise_multiplier: None,
+            secure,
+        };
+        // Attempt 0 of round 1 fell below the threshold; attempt 1 completed with 4 survivors;
+        // round 2 ran plain.
+        begin_round(c, RoundId::new(1, 0), ModelVersion(0), &draw(1, 0, Some(figures)))?;
+        let below = AttemptFailure::SecureAggregation("2 of 5 answered, below t = 3".into());
+        fail_round(c, RoundId::new(1, 0), &below, &[], 2, (0, 0))?;
+        let retry = SecureRoundFigures { clients: 5, threshold: 4, degree: 4 };
+        begin_round(c, RoundId::new(1, 1), ModelVersion(0), &draw(1, 1, Some(retry)))?;
+        let commit = RoundCommit {
+            id: RoundId::new(1, 1),
+            checkpoint: "x".into(),
+            strategy_state: None,
+            full_sha256: Sha256([1; 32]),
+            outcomes: vec![],
+            accepted: 4,
+            failed: 1,
+            total_examples: 4,
+            train_loss: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+        };
+        commit_round(c, &commit, None)?;
+        begin_round(c, RoundId::new(2, 0), ModelVersion(1), &draw(2, 0, None))?;
+        let rounds = recent_rounds(c, 5)?;
+        let by_id = |round, attempt| rounds.iter().find(|r| r.id == RoundId::new(round, attempt)).unwrap();
+        assert_eq!((by_id(1, 0).secure, by_id(1, 0).accepted), (Some(figures), 2));
+        assert_eq!((by_id(1, 1).secure, by_id(1, 1).accepted), (Some(retry), 4), "4 survivors of 5");
+        assert_eq!(by_id(2, 0).secure, None);
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_state_directory_from_before_secure_rounds_were_recorded_gains_their_table_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    Storage::open(dir.path()).unwrap();
+    {
+        let c = rusqlite::Connection::open(dir.path().join("state.sqlite")).unwrap();
+        c.execute_batch("DROP TABLE secure_rounds").unwrap();
+    }
+    let st = Storage::open(dir.path()).unwrap();
+    st.call_sync(|c| {
+        let n: i64 = c.query_row("SELECT COUNT(*) FROM secure_rounds", [], |r| r.get(0))?;
+        assert_eq!(n, 0);
         Ok(())
     })
     .unwrap();

@@ -45,6 +45,9 @@ impl From<&StatusReport> for pb::GetStatusResponse {
                     bytes_received: r.bytes_received,
                     epsilon: r.epsilon,
                     local_epsilon: r.local_epsilon,
+                    secagg_clients: r.secure.map(|f| f.clients),
+                    secagg_threshold: r.secure.map(|f| f.threshold),
+                    secagg_degree: r.secure.map(|f| f.degree),
                 })
                 .collect(),
             accepted_updates: s.accepted_updates,
@@ -111,6 +114,13 @@ impl TryFrom<pb::GetStatusResponse> for StatusReport {
                     bytes_received: r.bytes_received,
                     epsilon: r.epsilon,
                     local_epsilon: r.local_epsilon.filter(|e| e.is_finite() && *e >= 0.0),
+                    // A partial triple is no secure round anyone can read.
+                    secure: match (r.secagg_clients, r.secagg_threshold, r.secagg_degree) {
+                        (Some(clients), Some(threshold), Some(degree)) => {
+                            Some(SecureRoundFigures { clients, threshold, degree })
+                        }
+                        _ => None,
+                    },
                 })
                 .collect(),
             accepted_updates: s.accepted_updates,

@@ -304,3 +304,65 @@ fn a_join_response_without_a_usable_value_bound_is_a_protocol_error() {
         assert!(err.contains("limits.max_abs_update_value"), "{bound}: {err}");
     }
 }
+
+fn round_summary(secure: Option<SecureRoundFigures>) -> RoundSummary {
+    RoundSummary {
+        id: RoundId::new(3, 1),
+        status: "completed".into(),
+        selected: 5,
+        accepted: 4,
+        failed: 1,
+        total_examples: 4,
+        train_loss: f64::NAN,
+        eval_loss: 0.5,
+        eval_accuracy: 0.75,
+        eval_examples: 10,
+        duration: Duration::from_millis(1500),
+        reason: String::new(),
+        bytes_sent: 10,
+        bytes_received: 20,
+        epsilon: Some(1.25),
+        local_epsilon: None,
+        secure,
+    }
+}
+
+fn status_with(rounds: Vec<RoundSummary>) -> StatusReport {
+    StatusReport {
+        protocol_version: 1,
+        phase: PhaseName::Finished,
+        round: RoundId::new(3, 1),
+        model_version: ModelVersion(3),
+        total_rounds: 3,
+        strategy: "fedavg".into(),
+        deadline_in: None,
+        clients: vec![],
+        recent_rounds: rounds,
+        accepted_updates: 0,
+        privacy: PrivacyStatus::none(),
+        finished_reason: None,
+    }
+}
+
+#[test]
+fn round_summaries_carry_the_secure_figures_of_secure_rounds_and_none_for_plain_ones() {
+    let secure = Some(SecureRoundFigures { clients: 5, threshold: 3, degree: 4 });
+    let sent = status_with(vec![round_summary(secure), round_summary(None)]);
+    let wire = pb::GetStatusResponse::from(&sent);
+    let r = &wire.recent_rounds;
+    assert_eq!((r[0].secagg_clients, r[0].secagg_threshold, r[0].secagg_degree), (Some(5), Some(3), Some(4)));
+    assert_eq!((r[1].secagg_clients, r[1].secagg_threshold, r[1].secagg_degree), (None, None, None));
+    let back = StatusReport::try_from(wire).unwrap();
+    assert_eq!(back.recent_rounds[0].secure, secure);
+    assert_eq!(back.recent_rounds[1].secure, None);
+    assert_eq!(back.recent_rounds[0].accepted, 4, "the survivors");
+}
+
+#[test]
+fn a_round_summary_with_part_of_the_secure_figures_reads_as_a_plain_round() {
+    let mut wire = pb::GetStatusResponse::from(&status_with(vec![round_summary(None)]));
+    wire.recent_rounds[0].secagg_threshold = Some(3);
+    wire.recent_rounds[0].secagg_clients = Some(5);
+    let back = StatusReport::try_from(wire).unwrap();
+    assert_eq!(back.recent_rounds[0].secure, None);
+}

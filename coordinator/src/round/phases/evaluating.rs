@@ -76,6 +76,7 @@ impl Phase for Evaluating {
             candidates: candidates.len(),
             selected: selected.clone(),
             local_noise_multiplier: None,
+            secure: None,
         };
         match shared.db(move |c| storage::insert_sample(c, &record)).await {
             None => return Round::Shutdown(Shutdown::requested()),

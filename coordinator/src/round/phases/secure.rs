@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedtune_shared::ids::{ClientId, RoundId};
+use fedtune_shared::round::SecureRoundFigures;
 use fedtune_shared::secagg::{
     Aggregator, AwaitedStep, Encoding, KeyAdvertisement, PeerKeys, RoundContext, RoundRef, SecAggError,
     SecureTask, ShareDelivery, ShareUpload, Slot, StepInput, UnmaskRequest,
@@ -81,6 +82,16 @@ impl SecureRound {
     /// The round's context (roster, threshold, digest).
     pub(crate) fn context(&self) -> &Arc<RoundContext> {
         &self.ctx
+    }
+
+    /// What the attempt was set up with, as recorded and reported: n, t and the graph's actual
+    /// degree k.
+    pub(crate) fn figures(&self) -> SecureRoundFigures {
+        SecureRoundFigures {
+            clients: self.ctx.len() as u32,
+            threshold: self.ctx.threshold() as u32,
+            degree: self.ctx.graph().degree() as u32,
+        }
     }
 
     /// The fit tasks' secure part.

@@ -116,6 +116,10 @@ impl Phase for Selecting {
             }
             Err(e) => return shared.fatal("strategy failed to configure the round", &e),
         };
+        // A secure round is set up before the draw is recorded, so that the record carries its
+        // n, t and k (a draw too small to run sets nothing up).
+        let secure = (s.secure_aggregation.enabled && selected.len() >= sampling::min_sampled(&s))
+            .then(|| build_secure_round(shared, id, &selected, &plan));
         let record = SampleRecord {
             id,
             kind: "fit",
@@ -124,6 +128,7 @@ impl Phase for Selecting {
             candidates: candidates.len(),
             selected: selected.clone(),
             local_noise_multiplier: plan.context.privacy.as_ref().and_then(|p| p.local_noise_multiplier()),
+            secure: secure.as_ref().and_then(|r| r.as_ref().ok()).map(SecureRound::figures),
         };
         let base_version = shared.model.version;
         let stored = shared.db(move |c| storage::begin_round(c, id, base_version, &record)).await;
@@ -148,16 +153,13 @@ impl Phase for Selecting {
             };
             return Round::Failure(Failure::new(id, reason, Vec::new(), 0));
         }
-        let secure = if s.secure_aggregation.enabled {
-            match build_secure_round(shared, id, &selected, &plan) {
-                Ok(secure) => Some(secure),
-                Err(reason) => {
-                    warn!(%reason, "secure round cannot be set up");
-                    return Round::Failure(Failure::new(id, reason, Vec::new(), 0));
-                }
+        let secure = match secure {
+            None => None,
+            Some(Ok(secure)) => Some(secure),
+            Some(Err(reason)) => {
+                warn!(%reason, "secure round cannot be set up");
+                return Round::Failure(Failure::new(id, reason, Vec::new(), 0));
             }
-        } else {
-            None
         };
         let deadline = Instant::now() + s.rounds.deadline;
         let mut slots = BTreeMap::new();
