@@ -311,6 +311,24 @@ impl Authenticator for ClientAuth {
     }
 }
 
+impl ClientAuth {
+    /// Checks an upload's signature with `check` against the client's allowlisted key, read
+    /// again at the trailer: a client revoked while its upload streamed is refused here.
+    fn check_upload<E: std::fmt::Display>(
+        &self,
+        client: &ClientId,
+        round: u64,
+        what: &str,
+        check: impl FnOnce(&fedtune_shared::crypto::PublicKey) -> Result<(), E>,
+    ) -> Result<(), RoundError> {
+        let key = self.allowed_key(client)?;
+        check(&key).map_err(|e| {
+            warn!(client = %client, round, reason = %e, "{what} signature refused");
+            RoundError::BadSignature(e.to_string())
+        })
+    }
+}
+
 impl UpdateVerifier for ClientAuth {
     fn verify(
         &self,
@@ -318,19 +336,15 @@ impl UpdateVerifier for ClientAuth {
         header: &UpdateHeader,
         trailer: &UpdateTrailer,
     ) -> Result<(), RoundError> {
-        // Read again at the trailer: a client revoked while its upload streamed is refused here.
-        let key = self.allowed_key(client)?;
-        verify_upload(
-            &key,
-            &self.federation_id,
-            client,
-            header,
-            &trailer.payload_digest,
-            trailer.signature.as_ref(),
-        )
-        .map_err(|e| {
-            warn!(client = %client, round = header.id.round, reason = %e, "update signature refused");
-            RoundError::BadSignature(e.to_string())
+        self.check_upload(client, header.id.round, "update", |key| {
+            verify_upload(
+                key,
+                &self.federation_id,
+                client,
+                header,
+                &trailer.payload_digest,
+                trailer.signature.as_ref(),
+            )
         })
     }
 
@@ -340,18 +354,15 @@ impl UpdateVerifier for ClientAuth {
         header: &MaskedUpdateHeader,
         trailer: &UpdateTrailer,
     ) -> Result<(), RoundError> {
-        let key = self.allowed_key(client)?;
-        verify_masked_upload(
-            &key,
-            &self.federation_id,
-            client,
-            header,
-            &trailer.payload_digest,
-            trailer.signature.as_ref(),
-        )
-        .map_err(|e| {
-            warn!(client = %client, round = header.header.id.round, reason = %e, "masked update signature refused");
-            RoundError::BadSignature(e.to_string())
+        self.check_upload(client, header.header.id.round, "masked update", |key| {
+            verify_masked_upload(
+                key,
+                &self.federation_id,
+                client,
+                header,
+                &trailer.payload_digest,
+                trailer.signature.as_ref(),
+            )
         })
     }
 }

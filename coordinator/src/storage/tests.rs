@@ -162,31 +162,7 @@ fn a_ledger_record_reads_back_as_it_was_committed() {
     let st = Storage::open(dir.path()).unwrap();
     let record = ledger_record(1, 0.5);
     st.call_sync(|c| {
-        let sample = SampleRecord {
-            id: RoundId::new(1, 0),
-            kind: "fit",
-            scheme: "fraction(1)".into(),
-            seed: "00".into(),
-            candidates: 0,
-            selected: vec![],
-            local_noise_multiplier: None,
-            secure: None,
-        };
-        begin_round(c, RoundId::new(1, 0), ModelVersion(0), &sample)?;
-        let commit = RoundCommit {
-            id: RoundId::new(1, 0),
-            checkpoint: "x".into(),
-            strategy_state: None,
-            full_sha256: Sha256([1; 32]),
-            outcomes: vec![],
-            accepted: 0,
-            failed: 0,
-            total_examples: 0,
-            train_loss: None,
-            bytes_sent: 0,
-            bytes_received: 0,
-        };
-        commit_round(c, &commit, Some(&record))?;
+        commit_sampled(c, &empty_draw(RoundId::new(1, 0)), &record)?;
         assert_eq!(ledger::load(c)?, std::slice::from_ref(&record));
         assert_eq!(completed_rounds(c)?, 1);
         let mechanism: String =
@@ -261,31 +237,8 @@ fn a_completed_rounds_summary_carries_the_local_epsilon_its_ledger_row_recorded(
     let st = Storage::open(dir.path()).unwrap();
     let record = LedgerRecord { local_epsilon: Some(3.25), ..ledger_record(1, 0.5) };
     st.call_sync(|c| {
-        let sample = SampleRecord {
-            id: RoundId::new(1, 0),
-            kind: "fit",
-            scheme: "fraction(1)".into(),
-            seed: "00".into(),
-            candidates: 0,
-            selected: vec![],
-            local_noise_multiplier: Some(1.0),
-            secure: None,
-        };
-        begin_round(c, RoundId::new(1, 0), ModelVersion(0), &sample)?;
-        let commit = RoundCommit {
-            id: RoundId::new(1, 0),
-            checkpoint: "x".into(),
-            strategy_state: None,
-            full_sha256: Sha256([1; 32]),
-            outcomes: vec![],
-            accepted: 0,
-            failed: 0,
-            total_examples: 0,
-            train_loss: None,
-            bytes_sent: 0,
-            bytes_received: 0,
-        };
-        commit_round(c, &commit, Some(&record))?;
+        let sample = SampleRecord { local_noise_multiplier: Some(1.0), ..empty_draw(RoundId::new(1, 0)) };
+        commit_sampled(c, &sample, &record)?;
         let rounds = recent_rounds(c, 5)?;
         assert_eq!((rounds[0].epsilon, rounds[0].local_epsilon), (Some(0.5), Some(3.25)));
         assert_eq!(ledger::load(c)?, vec![record.clone()]);
@@ -294,12 +247,9 @@ fn a_completed_rounds_summary_carries_the_local_epsilon_its_ledger_row_recorded(
     .unwrap();
 }
 
-fn commit_attempt(
-    c: &mut rusqlite::Connection,
-    id: RoundId,
-    record: &LedgerRecord,
-) -> Result<(), StorageError> {
-    let sample = SampleRecord {
+/// A draw of nobody into attempt `id`.
+fn empty_draw(id: RoundId) -> SampleRecord {
+    SampleRecord {
         id,
         kind: "fit",
         scheme: "fraction(1)".into(),
@@ -308,8 +258,17 @@ fn commit_attempt(
         selected: vec![],
         local_noise_multiplier: None,
         secure: None,
-    };
-    begin_round(c, id, ModelVersion(id.round - 1), &sample)?;
+    }
+}
+
+/// Records the draw `sample` and commits its attempt with the ledger record `record`.
+fn commit_sampled(
+    c: &mut rusqlite::Connection,
+    sample: &SampleRecord,
+    record: &LedgerRecord,
+) -> Result<(), StorageError> {
+    let id = sample.id;
+    begin_round(c, id, ModelVersion(id.round - 1), sample)?;
     let commit = RoundCommit {
         id,
         checkpoint: "x".into(),
@@ -324,6 +283,14 @@ fn commit_attempt(
         bytes_received: 0,
     };
     commit_round(c, &commit, Some(record))
+}
+
+fn commit_attempt(
+    c: &mut rusqlite::Connection,
+    id: RoundId,
+    record: &LedgerRecord,
+) -> Result<(), StorageError> {
+    commit_sampled(c, &empty_draw(id), record)
 }
 
 #[test]

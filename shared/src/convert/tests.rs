@@ -96,31 +96,11 @@ fn manifests_round_trip_and_refuse_zero_dimensions() {
 
 #[test]
 fn a_fit_task_round_trips() {
-    let d = Sha256([3; 32]);
-    let task = Task::Fit(FitTask {
-        id: RoundId::new(4, 1),
-        model: ModelRef {
-            version: ModelVersion(3),
-            full_manifest: d,
-            full_payload: d,
-            trainable_manifest: d,
-            trainable_payload: d,
-        },
-        config: FitInstructions {
-            epochs: 1,
-            batch_size: 8,
-            learning_rate: 1e-4,
-            proximal_mu: 0.01,
-            max_steps: Some(20),
-            seed: 9,
-            lr_schedule: LrSchedule::Cosine,
-            warmup_steps: 3,
-        },
-        deadline_in: Duration::from_secs(60),
-        deadline_unix_ms: 1,
-        privacy: PrivacyInstructions::NONE,
-        secure_aggregation: None,
-    });
+    let Task::Fit(mut fit) = fit_task() else { unreachable!() };
+    fit.config.max_steps = Some(20);
+    fit.config.lr_schedule = LrSchedule::Cosine;
+    fit.config.warmup_steps = 3;
+    let task = Task::Fit(fit);
     let back = Task::try_from(pb::WaitForTaskResponse::from(task.clone())).unwrap();
     assert_eq!(back, task);
 }
