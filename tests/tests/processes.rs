@@ -168,3 +168,46 @@ async fn sigterm_stops_a_waiting_client_promptly_and_cleanly() -> Result<()> {
     assert!(last.starts_with("fedtune-client: stopped on request (SIGINT or SIGTERM); "), "{log}");
     Ok(())
 }
+
+/// Whether a JSON log line was written inside the span of `client`'s fit task of `round`.
+fn in_fit_span(line: &serde_json::Value, client: &str, round: u64) -> bool {
+    line["spans"].as_array().is_some_and(|spans| {
+        spans.iter().any(|s| {
+            s["name"] == "task"
+                && s["client"] == client
+                && s["kind"] == "fit"
+                && s["round"] == round
+                && s["attempt"].is_u64()
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_json_log_puts_everything_it_did_for_a_round_under_one_task_span() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = write_fake_model(&dir.path().join("model"), 2, 8)?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 60, 4)?;
+    let coordinator =
+        CoordinatorProc::start(quick_settings(&dir.path().join("state"), &model, 2, 2, 2), dir.path())?;
+    let mut args = client_args("100");
+    args.extend(["--log-format", "json"]);
+    let mut clients = (0..2)
+        .map(|k| start_client(&coordinator.url, &format!("site-{k}"), &data, &args, dir.path()))
+        .collect::<Result<Vec<_>>>()?;
+    coordinator.wait_for(Duration::from_secs(60), |s| s.phase == PhaseName::Finished).await?;
+    let logs = all_exit_cleanly(&mut clients).await?;
+    // Every line but the closing sentence is one JSON object.
+    let lines: Vec<serde_json::Value> =
+        logs[0].lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(lines.len() + 1 >= logs[0].lines().count(), "{}", logs[0]);
+    for round in [1, 2] {
+        let steps = lines.iter().filter(|l| in_fit_span(l, "site-0", round)).count();
+        assert!(steps >= 2, "round {round}: {steps} lines in site-0's fit span:\n{}", logs[0]);
+        assert!(
+            !lines.iter().any(|l| in_fit_span(l, "site-1", round)),
+            "site-1's span in site-0's log:\n{}",
+            logs[0]
+        );
+    }
+    Ok(())
+}

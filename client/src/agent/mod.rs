@@ -44,6 +44,7 @@ use fedtune_shared::params::{Manifest, ParameterVector};
 use fedtune_shared::round::{EvaluateTask, FailureCode, FailureReport, FitTask, PrivacyMode, TaskKind};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::backoff::{Backoff, BackoffPolicy};
 use crate::local_trainer::{LocalTrainer, TrainerError};
@@ -395,22 +396,45 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
             if self.shutdown.is_cancelled() && !matches!(state, State::Uploading(_) | State::Shutdown(_)) {
                 state = self.abandon(state, "client shutting down").await;
             }
-            tracing::debug!(state = %state, "agent step");
-            state = match state {
-                State::Connecting => self.connect().await?,
-                State::Securing(work) => self.secure_setup(work).await?,
-                State::Idle => self.poll().await?,
-                State::Downloading(work) => self.download(work).await?,
-                State::Training { task, deadline, global } => self.fit(task, deadline, global).await?,
-                State::Evaluating { task, deadline, global } => self.evaluate(task, deadline, global).await?,
-                State::Uploading(pending) => self.upload(pending).await?,
-                State::Backoff { then, cause } => self.back_off(*then, cause).await?,
-                State::Shutdown(reason) => {
-                    self.leave().await;
-                    tracing::info!(?reason, stats = ?self.stats, "agent stopped");
-                    return Ok(AgentOutcome { reason, stats: self.stats });
-                }
-            };
+            if let State::Shutdown(reason) = state {
+                self.leave().await;
+                tracing::info!(?reason, stats = ?self.stats, "agent stopped");
+                return Ok(AgentOutcome { reason, stats: self.stats });
+            }
+            let span = self.step_span(&state);
+            state = self.step(state).instrument(span).await?;
+        }
+    }
+
+    /// The span of one step: the client, and the task it works on, so that a log search for a
+    /// client and a round finds everything the client did in it.
+    fn step_span(&self, state: &State) -> tracing::Span {
+        let client = self.session.as_ref().map(|s| &s.client_id).or(self.config.name.as_ref());
+        let client = tracing::field::display(client.map_or("-", |c| c.as_str()));
+        match state.work() {
+            Some(Work::Fit { task, .. }) => {
+                tracing::info_span!("task", %client, kind = "fit", round = task.id.round, attempt = task.id.attempt)
+            }
+            Some(Work::Evaluate { task, .. }) => {
+                tracing::info_span!("task", %client, kind = "evaluate", round = task.round)
+            }
+            None => tracing::info_span!("agent", %client),
+        }
+    }
+
+    async fn step(&mut self, state: State) -> Result<State, AgentError> {
+        tracing::debug!(state = %state, "agent step");
+        match state {
+            State::Connecting => self.connect().await,
+            State::Securing(work) => self.secure_setup(work).await,
+            State::Idle => self.poll().await,
+            State::Downloading(work) => self.download(work).await,
+            State::Training { task, deadline, global } => self.fit(task, deadline, global).await,
+            State::Evaluating { task, deadline, global } => self.evaluate(task, deadline, global).await,
+            State::Uploading(pending) => self.upload(pending).await,
+            State::Backoff { then, cause } => self.back_off(*then, cause).await,
+            // `run` ends on it before asking for a step.
+            State::Shutdown(reason) => Ok(State::Shutdown(reason)),
         }
     }
 
