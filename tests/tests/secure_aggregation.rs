@@ -173,6 +173,28 @@ async fn join_all(url: &str, n: usize) -> Result<Vec<TestClient>> {
     Ok(out)
 }
 
+/// `n` clients joined, each holding the round's secure fit task.
+async fn parties(url: &str, n: usize) -> Result<Vec<Party>> {
+    let mut out = Vec::new();
+    for c in join_all(url, n).await? {
+        out.push(Party::new(c).await?);
+    }
+    Ok(out)
+}
+
+/// Every party advertises its keys, then every party shares: the states ready to mask.
+async fn advertise_and_share(parties: &mut [Party]) -> Result<Vec<SharesSent>> {
+    let mut states = Vec::new();
+    for p in parties.iter_mut() {
+        states.push(p.advertise().await?);
+    }
+    let mut shared = Vec::new();
+    for (p, s) in parties.iter_mut().zip(states) {
+        shared.push(p.share(s).await?);
+    }
+    Ok(shared)
+}
+
 /// The model a plain round would publish from these encoded contributions: the fixed-point
 /// mean of their exact sum, added to the old model.
 fn expected_model(v0: &[f32], contributions: &[Vec<i64>], grid_log2: i32) -> Vec<u32> {
@@ -187,21 +209,10 @@ async fn the_unmasked_sum_is_the_exact_sum_of_the_encoded_updates_and_nothing_in
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let coord = InProcess::start(settings(dir.path(), 3, 3)?).await?;
-    let mut clients = join_all(&coord.url, 3).await?;
-    let v0 = clients[0].download_vector(ModelVersion(0), ModelScope::Trainable).await?;
-    let mut parties = Vec::new();
-    for c in clients {
-        parties.push(Party::new(c).await?);
-    }
+    let mut parties = parties(&coord.url, 3).await?;
+    let v0 = parties[0].c.download_vector(ModelVersion(0), ModelScope::Trainable).await?;
     let grid = parties[0].task.secure_aggregation.as_ref().unwrap().grid_log2;
-    let mut states = Vec::new();
-    for p in &mut parties {
-        states.push(p.advertise().await?);
-    }
-    let mut shared = Vec::new();
-    for (p, s) in parties.iter_mut().zip(states) {
-        shared.push(p.share(s).await?);
-    }
+    let shared = advertise_and_share(&mut parties).await?;
     let (mut masked, mut contributions, mut payloads) = (Vec::new(), Vec::new(), Vec::new());
     for (k, (p, s)) in parties.iter_mut().zip(shared).enumerate() {
         let (state, ints, payload) = p.mask_and_upload_keeping(s, k).await?;
@@ -243,21 +254,10 @@ async fn a_client_dropping_after_sharing_leaves_a_round_of_the_survivors() -> Re
     let dir = tempfile::tempdir()?;
     // n = 3: default t = 2, so two survivors still unmask.
     let coord = InProcess::start(settings(dir.path(), 3, 2)?).await?;
-    let mut clients = join_all(&coord.url, 3).await?;
-    let v0 = clients[0].download_vector(ModelVersion(0), ModelScope::Trainable).await?;
-    let mut parties = Vec::new();
-    for c in clients {
-        parties.push(Party::new(c).await?);
-    }
+    let mut parties = parties(&coord.url, 3).await?;
+    let v0 = parties[0].c.download_vector(ModelVersion(0), ModelScope::Trainable).await?;
     let grid = parties[0].task.secure_aggregation.as_ref().unwrap().grid_log2;
-    let mut states = Vec::new();
-    for p in &mut parties {
-        states.push(p.advertise().await?);
-    }
-    let mut shared = Vec::new();
-    for (p, s) in parties.iter_mut().zip(states) {
-        shared.push(p.share(s).await?);
-    }
+    let mut shared = advertise_and_share(&mut parties).await?;
     let dropped = shared.pop().unwrap();
     drop(dropped);
     let task = parties[2].task.clone();
@@ -284,11 +284,7 @@ async fn a_client_dropping_after_sharing_leaves_a_round_of_the_survivors() -> Re
 async fn below_the_threshold_the_attempt_fails_and_the_retry_starts_over_with_fresh_keys() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let coord = InProcess::start(settings(dir.path(), 3, 2)?).await?;
-    let clients = join_all(&coord.url, 3).await?;
-    let mut parties = Vec::new();
-    for c in clients {
-        parties.push(Party::new(c).await?);
-    }
+    let mut parties = parties(&coord.url, 3).await?;
     // Two of three give up before advertising: one advertiser is below t = 2.
     for p in parties.iter_mut().skip(1) {
         let task = p.task.clone();
@@ -332,12 +328,8 @@ async fn below_the_threshold_the_attempt_fails_and_the_retry_starts_over_with_fr
 async fn bad_secure_inputs_are_refused_with_precise_statuses_and_leave_the_sum_alone() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let coord = InProcess::start(settings(dir.path(), 3, 3)?).await?;
-    let mut clients = join_all(&coord.url, 3).await?;
-    let v0 = clients[0].download_vector(ModelVersion(0), ModelScope::Trainable).await?;
-    let mut parties = Vec::new();
-    for c in clients {
-        parties.push(Party::new(c).await?);
-    }
+    let mut parties = parties(&coord.url, 3).await?;
+    let v0 = parties[0].c.download_vector(ModelVersion(0), ModelScope::Trainable).await?;
     let grid = parties[0].task.secure_aggregation.as_ref().unwrap().grid_log2;
 
     // A forged key: signed with an identity that is not the roster's for this slot.
@@ -359,14 +351,7 @@ async fn bad_secure_inputs_are_refused_with_precise_statuses_and_leave_the_sum_a
     let plain = parties[0].c.upload(&task, 10, &f32_bytes(&update_values(0, n))).await;
     expect_status(plain, Code::InvalidArgument, &["header.encoding"]);
 
-    let mut states = Vec::new();
-    for p in &mut parties {
-        states.push(p.advertise().await?);
-    }
-    let mut shared = Vec::new();
-    for (p, s) in parties.iter_mut().zip(states) {
-        shared.push(p.share(s).await?);
-    }
+    let shared = advertise_and_share(&mut parties).await?;
     // A masked vector of the wrong length is refused at its header.
     let short = MaskedInput { sender: me, values: vec![7; n - 1] };
     let digest = *parties[0].ctx.digest();
@@ -458,11 +443,7 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 async fn a_restarted_coordinator_never_resumes_a_secure_attempt() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let coord = InProcess::start(settings(dir.path(), 3, 3)?).await?;
-    let clients = join_all(&coord.url, 3).await?;
-    let mut parties = Vec::new();
-    for c in clients {
-        parties.push(Party::new(c).await?);
-    }
+    let mut parties = parties(&coord.url, 3).await?;
     let old = parties[0].round;
     assert_eq!((old.round, old.attempt), (1, 0));
     let _advertised = parties[0].advertise().await?;
@@ -505,19 +486,8 @@ async fn round_with_silent_survivors(
     s.secure_aggregation.threshold = Some(threshold);
     s.secure_aggregation.unmask_timeout = Duration::from_millis(500);
     let coord = InProcess::start(s).await?;
-    let clients = join_all(&coord.url, 3).await?;
-    let mut parties = Vec::new();
-    for c in clients {
-        parties.push(Party::new(c).await?);
-    }
-    let mut states = Vec::new();
-    for p in &mut parties {
-        states.push(p.advertise().await?);
-    }
-    let mut shared = Vec::new();
-    for (p, s) in parties.iter_mut().zip(states) {
-        shared.push(p.share(s).await?);
-    }
+    let mut parties = parties(&coord.url, 3).await?;
+    let shared = advertise_and_share(&mut parties).await?;
     let (mut masked, mut contributions) = (Vec::new(), Vec::new());
     for (k, (p, s)) in parties.iter_mut().zip(shared).enumerate() {
         let (state, ints) = p.mask_and_upload(s, k).await?;
