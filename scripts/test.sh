@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/env.sh
 ./scripts/fetch-assets.sh model
+./scripts/system-deps.sh
 export FEDTUNE_MINILM_DIR="$FEDTUNE_HOME/assets/all-MiniLM-L6-v2"
 cargo build --workspace --all-targets --locked
 cargo test --workspace --locked -- --test-threads=2
