@@ -152,6 +152,8 @@ pub struct CoordinatorProc {
     pub url: String,
     config: PathBuf,
     log: PathBuf,
+    /// Global flags passed before `serve` on every start (e.g. `--log-format json`).
+    flags: Vec<String>,
 }
 
 impl CoordinatorProc {
@@ -163,10 +165,20 @@ impl CoordinatorProc {
 
     /// [`Self::start`] with extra environment variables for this first incarnation only (a
     /// [`Self::restart`] runs without them), e.g. a test pause point.
-    pub fn start_with_env(
+    pub fn start_with_env(settings: CoordinatorSettings, dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_with(settings, dir, env, &[])
+    }
+
+    /// [`Self::start`] with global command-line flags, kept for every restart.
+    pub fn start_with_flags(settings: CoordinatorSettings, dir: &Path, flags: &[&str]) -> Result<Self> {
+        Self::start_with(settings, dir, &[], flags)
+    }
+
+    fn start_with(
         mut settings: CoordinatorSettings,
         dir: &Path,
         env: &[(&str, &str)],
+        flags: &[&str],
     ) -> Result<Self> {
         let port = free_port()?;
         settings.server.listen = ([127, 0, 0, 1], port).into();
@@ -177,6 +189,7 @@ impl CoordinatorProc {
             url: format!("http://127.0.0.1:{port}"),
             config,
             log: dir.join("coordinator.log"),
+            flags: flags.iter().map(|f| f.to_string()).collect(),
         };
         crate::identities::register(&me.url, &settings.storage.state_dir);
         me.spawn(env)?;
@@ -190,7 +203,7 @@ impl CoordinatorProc {
 
     fn spawn(&mut self, env: &[(&str, &str)]) -> Result<()> {
         let mut command = Command::new(binary("fedtune-coordinator")?);
-        command.arg("serve").arg("--config").arg(&self.config);
+        command.args(&self.flags).arg("serve").arg("--config").arg(&self.config);
         command.envs(env.iter().copied());
         self.proc = Some(Proc::spawn(command, &self.log)?);
         Ok(())

@@ -5,9 +5,12 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use fedtune_shared::pb;
 use fedtune_shared::round::{ClientActivity, PhaseName, RoundSummary, StatusReport};
 use fedtune_tests::fixtures::{quick_settings, write_fake_model, write_sentiment_csv};
+use fedtune_tests::grpc::{expect_status, TestClient};
 use fedtune_tests::process::{completed_rounds, start_client, CoordinatorProc, Proc};
+use tonic::Code;
 
 /// Client flags for fast scenarios: fake training taking `fit_ms`, quick retries.
 fn client_args(fit_ms: &str) -> Vec<&str> {
@@ -209,5 +212,30 @@ async fn a_clients_json_log_puts_everything_it_did_for_a_round_under_one_task_sp
             logs[0]
         );
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_call_is_logged_in_a_span_naming_the_client_and_the_call() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = write_fake_model(&dir.path().join("model"), 2, 8)?;
+    let settings = quick_settings(&dir.path().join("state"), &model, 1, 3, 3);
+    let coordinator = CoordinatorProc::start_with_flags(settings, dir.path(), &["--log-format", "json"])?;
+    coordinator.wait_for(Duration::from_secs(30), |_| true).await?;
+    let client = TestClient::join(&coordinator.url, "curious", 0).await?;
+    // A plain federation has no secure attempt to advertise keys to.
+    let refused = client.raw().advertise_keys(client.authed(pb::AdvertiseKeysRequest::default())).await;
+    let status = expect_status(refused, Code::FailedPrecondition, &[]);
+    coordinator.wait_for_log("call refused", Duration::from_secs(10)).await?;
+    let log = coordinator.log_text();
+    let line = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "call refused")
+        .expect("waited for it above");
+    assert_eq!(line["span"]["name"], "call", "{line}");
+    assert_eq!(line["span"]["method"], "advertise_keys", "{line}");
+    assert_eq!(line["span"]["client"], "curious", "{line}");
+    assert_eq!(line["fields"]["reason"], status.message(), "{line}");
     Ok(())
 }

@@ -40,8 +40,8 @@ use rustls::pki_types::CertificateDer;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info_span, Instrument};
+use tonic::{Code, Request, Response, Status, Streaming};
+use tracing::{debug, info, info_span, Instrument};
 
 use super::auth::{bearer, presented_certificate};
 use super::body_limit::BodyLimit;
@@ -152,6 +152,34 @@ impl CoordinatorService {
     ) -> Result<(), Status> {
         Ok(check_peer(certs, self.settings.security.bind_client_certificates, client)?)
     }
+}
+
+/// The span an authenticated call runs in. Downloads and uploads open their own (with the
+/// version or the round); every other client call opens this one, so a log search for a client
+/// finds what the coordinator did for it between its polls, not only the round actor's events.
+fn client_call_span(method: &'static str, client: &ClientId) -> tracing::Span {
+    info_span!("call", method, client = %client)
+}
+
+/// Runs a client call in its span and logs a refusal there, with its status, so "why did this
+/// client fail in round r" has an answer in the coordinator's log. The answers a healthy
+/// federation gives every round (an attempt over, shutting down, a poll's deadline) stay at
+/// debug.
+async fn in_call_span<T>(
+    span: tracing::Span,
+    call: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let result = call.instrument(span.clone()).await;
+    if let Err(status) = &result {
+        let _in = span.enter();
+        match status.code() {
+            Code::Aborted | Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded => {
+                debug!(code = ?status.code(), reason = status.message(), "call refused")
+            }
+            _ => info!(code = ?status.code(), reason = status.message(), "call refused"),
+        }
+    }
+    result
 }
 
 /// Tells the actor when an upload ends without a commit.
@@ -302,10 +330,14 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::AdvertiseKeysRequest>,
     ) -> Result<Response<pb::AdvertiseKeysResponse>, Status> {
         let (client, _slot) = self.client(&req)?;
-        let ctx = self.secure_context()?;
-        let msg = KeyAdvertisement::from_pb(req.into_inner(), &ctx).map_err(RoundError::from)?;
-        self.handle.advertise_keys(client, msg).await?;
-        Ok(Response::new(pb::AdvertiseKeysResponse {}))
+        let span = client_call_span("advertise_keys", &client);
+        in_call_span(span, async {
+            let ctx = self.secure_context()?;
+            let msg = KeyAdvertisement::from_pb(req.into_inner(), &ctx).map_err(RoundError::from)?;
+            self.handle.advertise_keys(client, msg).await?;
+            Ok(Response::new(pb::AdvertiseKeysResponse {}))
+        })
+        .await
     }
 
     async fn send_shares(
@@ -313,10 +345,14 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::SendSharesRequest>,
     ) -> Result<Response<pb::SendSharesResponse>, Status> {
         let (client, _slot) = self.client(&req)?;
-        let ctx = self.secure_context()?;
-        let msg = ShareUpload::from_pb(req.into_inner(), &ctx).map_err(RoundError::from)?;
-        self.handle.send_shares(client, msg).await?;
-        Ok(Response::new(pb::SendSharesResponse {}))
+        let span = client_call_span("send_shares", &client);
+        in_call_span(span, async {
+            let ctx = self.secure_context()?;
+            let msg = ShareUpload::from_pb(req.into_inner(), &ctx).map_err(RoundError::from)?;
+            self.handle.send_shares(client, msg).await?;
+            Ok(Response::new(pb::SendSharesResponse {}))
+        })
+        .await
     }
 
     async fn await_sec_agg_step(
@@ -324,25 +360,29 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::AwaitSecAggStepRequest>,
     ) -> Result<Response<pb::AwaitSecAggStepResponse>, Status> {
         let (client, _slot) = self.client(&req)?;
-        let req = req.into_inner();
-        let round = RoundRef::from_pb(req.round).map_err(RoundError::from)?;
-        let step = awaited_step_from_pb(req.step).map_err(RoundError::from)?;
-        let wait = Duration::from_millis(req.max_wait_ms).min(self.settings.server.long_poll);
-        let until = tokio::time::Instant::now() + wait;
-        let mut epoch = self.handle.events.tasks.clone();
-        loop {
-            // Seen before asking, so a step closing between the answer and the wait wakes us.
-            epoch.borrow_and_update();
-            let input = self.handle.await_secagg_step(client.clone(), round, step).await?;
-            if !matches!(input, StepInput::Pending) || tokio::time::Instant::now() >= until {
-                return Ok(Response::new((&input).into()));
+        let span = client_call_span("await_sec_agg_step", &client);
+        in_call_span(span, async {
+            let req = req.into_inner();
+            let round = RoundRef::from_pb(req.round).map_err(RoundError::from)?;
+            let step = awaited_step_from_pb(req.step).map_err(RoundError::from)?;
+            let wait = Duration::from_millis(req.max_wait_ms).min(self.settings.server.long_poll);
+            let until = tokio::time::Instant::now() + wait;
+            let mut epoch = self.handle.events.tasks.clone();
+            loop {
+                // Seen before asking, so a step closing between the answer and the wait wakes us.
+                epoch.borrow_and_update();
+                let input = self.handle.await_secagg_step(client.clone(), round, step).await?;
+                if !matches!(input, StepInput::Pending) || tokio::time::Instant::now() >= until {
+                    return Ok(Response::new((&input).into()));
+                }
+                tokio::select! {
+                    changed = epoch.changed() => if changed.is_err() { return Err(RoundError::ShuttingDown.into()) },
+                    _ = tokio::time::sleep_until(until) => {}
+                    _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
+                }
             }
-            tokio::select! {
-                changed = epoch.changed() => if changed.is_err() { return Err(RoundError::ShuttingDown.into()) },
-                _ = tokio::time::sleep_until(until) => {}
-                _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
-            }
-        }
+        })
+        .await
     }
 
     async fn answer_unmask(
@@ -350,10 +390,14 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::UnmaskAnswer>,
     ) -> Result<Response<pb::AnswerUnmaskResponse>, Status> {
         let (client, _slot) = self.client(&req)?;
-        let ctx = self.secure_context()?;
-        let msg = RoundUnmaskAnswer::from_pb(req.into_inner(), &ctx).map_err(RoundError::from)?;
-        self.handle.answer_unmask(client, msg).await?;
-        Ok(Response::new(pb::AnswerUnmaskResponse {}))
+        let span = client_call_span("answer_unmask", &client);
+        in_call_span(span, async {
+            let ctx = self.secure_context()?;
+            let msg = RoundUnmaskAnswer::from_pb(req.into_inner(), &ctx).map_err(RoundError::from)?;
+            self.handle.answer_unmask(client, msg).await?;
+            Ok(Response::new(pb::AnswerUnmaskResponse {}))
+        })
+        .await
     }
 
     async fn wait_for_task(
@@ -361,23 +405,27 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::WaitForTaskRequest>,
     ) -> Result<Response<pb::WaitForTaskResponse>, Status> {
         let (client, _slot) = self.client(&req)?;
-        let wait = Duration::from_millis(req.get_ref().max_wait_ms).min(self.settings.server.long_poll);
-        let until = tokio::time::Instant::now() + wait;
-        let mut epoch = self.handle.events.tasks.clone();
-        loop {
-            // Mark the epoch seen *before* asking, so an assignment between the answer and the
-            // wait below still wakes us.
-            epoch.borrow_and_update();
-            let task = self.handle.poll(client.clone()).await?;
-            if !matches!(task, Task::None { .. }) || tokio::time::Instant::now() >= until {
-                return Ok(Response::new(task.into()));
+        let span = client_call_span("wait_for_task", &client);
+        in_call_span(span, async {
+            let wait = Duration::from_millis(req.get_ref().max_wait_ms).min(self.settings.server.long_poll);
+            let until = tokio::time::Instant::now() + wait;
+            let mut epoch = self.handle.events.tasks.clone();
+            loop {
+                // Mark the epoch seen *before* asking, so an assignment between the answer and the
+                // wait below still wakes us.
+                epoch.borrow_and_update();
+                let task = self.handle.poll(client.clone()).await?;
+                if !matches!(task, Task::None { .. }) || tokio::time::Instant::now() >= until {
+                    return Ok(Response::new(task.into()));
+                }
+                tokio::select! {
+                    changed = epoch.changed() => if changed.is_err() { return Err(RoundError::ShuttingDown.into()) },
+                    _ = tokio::time::sleep_until(until) => {}
+                    _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
+                }
             }
-            tokio::select! {
-                changed = epoch.changed() => if changed.is_err() { return Err(RoundError::ShuttingDown.into()) },
-                _ = tokio::time::sleep_until(until) => {}
-                _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
-            }
-        }
+        })
+        .await
     }
 
     async fn heartbeat(
@@ -385,8 +433,12 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let (client, _slot) = self.client(&req)?;
-        let hb = Heartbeat::try_from(req.into_inner()).map_err(RoundError::from)?;
-        Ok(Response::new(self.handle.heartbeat(client, hb).await?.into()))
+        let span = client_call_span("heartbeat", &client);
+        in_call_span(span, async {
+            let hb = Heartbeat::try_from(req.into_inner()).map_err(RoundError::from)?;
+            Ok(Response::new(self.handle.heartbeat(client, hb).await?.into()))
+        })
+        .await
     }
 
     type DownloadModelStream = DownloadStream;
@@ -608,9 +660,13 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::ReportEvaluationRequest>,
     ) -> Result<Response<pb::ReportEvaluationResponse>, Status> {
         let (client, _slot) = self.client(&req)?;
-        let report = EvalReport::try_from(req.into_inner()).map_err(RoundError::from)?;
-        self.handle.report_evaluation(client, report).await?;
-        Ok(Response::new(pb::ReportEvaluationResponse {}))
+        let span = client_call_span("report_evaluation", &client);
+        in_call_span(span, async {
+            let report = EvalReport::try_from(req.into_inner()).map_err(RoundError::from)?;
+            self.handle.report_evaluation(client, report).await?;
+            Ok(Response::new(pb::ReportEvaluationResponse {}))
+        })
+        .await
     }
 
     async fn report_failure(
@@ -618,16 +674,24 @@ impl Coordinator for CoordinatorService {
         req: Request<pb::ReportFailureRequest>,
     ) -> Result<Response<pb::ReportFailureResponse>, Status> {
         let (client, _slot) = self.client(&req)?;
-        let report = FailureReport::try_from(req.into_inner()).map_err(RoundError::from)?;
-        self.handle.report_failure(client, report).await?;
-        Ok(Response::new(pb::ReportFailureResponse {}))
+        let span = client_call_span("report_failure", &client);
+        in_call_span(span, async {
+            let report = FailureReport::try_from(req.into_inner()).map_err(RoundError::from)?;
+            self.handle.report_failure(client, report).await?;
+            Ok(Response::new(pb::ReportFailureResponse {}))
+        })
+        .await
     }
 
     async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
         let (client, _slot) = self.client(&req)?;
-        self.handle.leave(client.clone()).await?;
-        self.auth.close_session(&client);
-        Ok(Response::new(pb::LeaveResponse {}))
+        let span = client_call_span("leave", &client);
+        in_call_span(span, async {
+            self.handle.leave(client.clone()).await?;
+            self.auth.close_session(&client);
+            Ok(Response::new(pb::LeaveResponse {}))
+        })
+        .await
     }
 
     async fn get_status(
