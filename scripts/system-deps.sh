@@ -6,6 +6,8 @@ set -euo pipefail
 
 # command   package     what needs it
 wanted=(
+  ip iproute2          # tests/tests/netns_faults.rs: namespaces, veth pairs, the bridge
+  iptables iptables    # tests/tests/netns_faults.rs: NFQUEUE and loss rules on client links
 )
 
 missing=()

@@ -6,6 +6,7 @@
 //!   exact statuses).
 //! - [`fixtures`]: tiny models, synthetic data and quick coordinator settings.
 //! - [`identities`]: per-name client keys, allowlisted in the coordinator's state directory.
+//! - [`netns`]: hosts as Linux network namespaces on a bridge, with links to cut and shape.
 
 // Every public item says what it is for (ARCHITECTURE principle 14); CI denies warnings.
 #![warn(missing_docs)]
@@ -13,4 +14,5 @@
 pub mod fixtures;
 pub mod grpc;
 pub mod identities;
+pub mod netns;
 pub mod process;

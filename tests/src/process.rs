@@ -67,7 +67,8 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(mut command: Command, log: &Path) -> Result<Self> {
+    /// Starts `command` with stdin closed and stdout and stderr appended to `log`.
+    pub fn spawn(mut command: Command, log: &Path) -> Result<Self> {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
         let child = command
             .stdin(Stdio::null())
