@@ -6,6 +6,8 @@ set -euo pipefail
 
 # command   package     what needs it
 wanted=(
+  prometheus prometheus  # tests/tests/observability.rs: a real Prometheus scrapes /metrics (promtool too)
+  chromium chromium  # tests/tests/observability.rs: headless browser loads the status page
 )
 
 missing=()
