@@ -808,6 +808,13 @@ mod tests {
             let err = load(&base(&d), vec![(var, value)]).unwrap_err();
             assert!(err.to_string().contains(key), "`{err}` should name `{key}`");
         }
+        // The operator port may share neither the clients' port nor the health port.
+        let both = vec![
+            ("FEDTUNE__SERVER__HEALTH_LISTEN", "127.0.0.1:9464"),
+            ("FEDTUNE__SERVER__OPERATOR_LISTEN", "0.0.0.0:9464"),
+        ];
+        let err = load(&base(&d), both).unwrap_err().to_string();
+        assert!(err.contains("server.operator_listen") && err.contains("server.health_listen"), "{err}");
         for (var, value, key) in [
             ("FEDTUNE__SECURE_AGGREGATION__THRESHOLD", "1", "secure_aggregation.threshold"),
             ("FEDTUNE__SECURE_AGGREGATION__STEP_TIMEOUT", "0s", "secure_aggregation.step_timeout"),

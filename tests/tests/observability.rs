@@ -3,7 +3,8 @@
 //! `prometheus` scrapes it and the test asks Prometheus's query API for what the coordinator's
 //! operator status says, `promtool check metrics` lints the exposition, the status page's
 //! authentication is checked over HTTP, and headless Chromium signs in through the page's form
-//! and renders it (a screenshot is kept in `target/test-artifacts/status-page.png`).
+//! and renders it. `target/test-artifacts/` keeps what CI uploads: `status-page.png` (the
+//! screenshot), `status-page.html` (the rendered DOM) and `metrics.txt` (the exposition).
 //!
 //! One federation for every check, in one test: the `metrics` recorder is process-wide, so a
 //! second coordinator in this binary would add to the same counters.
@@ -227,11 +228,11 @@ async fn prometheus_reports_what_the_status_reports(f: &Federation, dir: &Path) 
 }
 
 /// `promtool check metrics` accepts the exposition.
-async fn promtool_accepts_the_exposition(f: &Federation, dir: &Path) -> Result<()> {
+async fn promtool_accepts_the_exposition(f: &Federation) -> Result<()> {
     let a = http::get(&f.operator, "/metrics", &[]).await?;
     ensure!(a.status == 200, "{a:?}");
     ensure!(a.header("content-type").is_some_and(|t| t.starts_with("text/plain")), "{a:?}");
-    std::fs::write(dir.join("metrics.txt"), &a.body)?;
+    std::fs::write(artifacts()?.join("metrics.txt"), &a.body)?;
     let mut child = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -311,7 +312,7 @@ fn chromium_renders_the_status_page(f: &Federation, dir: &Path) -> Result<()> {
         Duration::from_secs(30),
     )?;
     let dom = browser.dom()?;
-    std::fs::write(dir.join("status-page.html"), &dom)?;
+    std::fs::write(artifacts()?.join("status-page.html"), &dom)?;
     let png = browser.screenshot()?;
     ensure!(png.starts_with(b"\x89PNG"), "not a PNG screenshot");
     std::fs::write(artifacts()?.join("status-page.png"), &png)?;
@@ -351,7 +352,7 @@ async fn a_running_federation_is_observed_by_prometheus_promtool_and_a_headless_
     let dir = tempfile::tempdir()?;
     let f = run_federation(dir.path()).await?;
     the_status_page_is_the_operators_alone(&f).await?;
-    promtool_accepts_the_exposition(&f, dir.path()).await?;
+    promtool_accepts_the_exposition(&f).await?;
     prometheus_reports_what_the_status_reports(&f, &dir.path().join("prometheus")).await?;
     let browser_dir = dir.path().join("chromium");
     let operator = &f;
