@@ -8,6 +8,8 @@ set -euo pipefail
 wanted=(
   ip iproute2          # tests/tests/netns_faults.rs: namespaces, veth pairs, the bridge
   iptables iptables    # tests/tests/netns_faults.rs: NFQUEUE and loss rules on client links
+  prometheus prometheus  # tests/tests/observability.rs: a real Prometheus scrapes /metrics (promtool too)
+  chromium chromium  # tests/tests/observability.rs: headless browser loads the status page
 )
 
 missing=()

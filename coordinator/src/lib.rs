@@ -37,6 +37,10 @@
 //! - [`cli_clients`]: the `clients` (allowlist, enrollment tokens) and `certs` subcommands.
 //! - [`certs`]: development PKI (CA, server and client certificates via rcgen) and the server's
 //!   tonic TLS / mutual-TLS configuration.
+//! - [`telemetry`]: every Prometheus metric's name, kind and help, and the functions that
+//!   record them where their events happen (phases, RPC layer, upload handler, fold).
+//! - [`operator_http`]: the operator's HTTP port (`server.operator_listen`): `/metrics` and the
+//!   token-protected status page, both from the operator `StatusReport`.
 //! - [`simulate`]: `simulate`: a local federation (coordinator + client processes), sharded data, per-round report.
 
 // Every public item says what it is for (ARCHITECTURE principle 14); CI denies warnings.
@@ -51,6 +55,7 @@ pub mod cli_clients;
 pub mod error;
 pub mod model;
 pub mod operator;
+pub mod operator_http;
 pub mod outcome;
 pub mod privacy;
 pub mod registry;
@@ -63,6 +68,7 @@ pub mod simulate;
 pub mod spool;
 pub mod storage;
 pub mod strategy;
+pub mod telemetry;
 
 pub use server::{run, run_with, RunError, Seams};
 pub use settings::CoordinatorSettings;

@@ -53,6 +53,9 @@ pub enum RunError {
     /// The TLS certificate, key or client CA cannot be used.
     #[error("TLS: {0}")]
     Tls(#[from] crate::certs::CertError),
+    /// The operator port (`server.operator_listen`) cannot start.
+    #[error(transparent)]
+    OperatorHttp(#[from] crate::operator_http::OperatorHttpError),
     /// `server.health_listen` cannot be bound.
     #[error("cannot listen for health checks on {addr}: {source}")]
     HealthListen {
@@ -227,13 +230,25 @@ pub async fn run_with(
         next_upload_id: 0,
         cancel: cancel.clone(),
         traffic: traffic.clone(),
+        attempt_started: None,
         traffic_mark: (0, 0),
         privacy,
         federation_id: seams.authenticator.federation_id().unwrap_or_default(),
         identities: seams.authenticator.clone(),
     };
+    // The recorder is installed before the actor's first phase, and only when someone can
+    // scrape it: without the operator port every metric call is a no-op.
+    let metrics = settings.server.operator_listen.map(|_| crate::telemetry::install());
     let mut actor = tokio::spawn(round::run(shared, Round::Idle(Idle)));
     let handle = RoundHandle::new(tx, subscriber);
+    if let (Some(addr), Some(metrics)) = (settings.server.operator_listen, metrics) {
+        let auth = seams.authenticator.clone();
+        if let Err(e) = crate::operator_http::serve(addr, handle.clone(), auth, metrics, &cancel).await {
+            // The actor already runs: stop it with everything else.
+            cancel.cancel();
+            return Err(e.into());
+        }
+    }
     let limits = Arc::new(crate::auth::Limits::new(&settings.security.limits));
     let service = CoordinatorService::new(
         handle,

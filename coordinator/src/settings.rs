@@ -97,6 +97,12 @@ pub struct ServerSettings {
     /// only, behind its TLS.
     #[serde(default)]
     pub health_listen: Option<SocketAddr>,
+    /// The operator's plaintext HTTP port: Prometheus metrics at `/metrics` (unauthenticated)
+    /// and the status page at `/status` (operator token). Meant for a private operator network,
+    /// never the clients' side. Absent (the default): not served, so nothing listens that the
+    /// deployment did not ask for.
+    #[serde(default)]
+    pub operator_listen: Option<SocketAddr>,
     /// Longest a `WaitForTask` long-poll blocks.
     #[serde(with = "duration")]
     pub long_poll: Duration,
@@ -155,6 +161,7 @@ impl Default for ServerSettings {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
             health_listen: None,
+            operator_listen: None,
             long_poll: Duration::from_secs(20),
             max_concurrent_uploads: 4,
             upload_idle_timeout: Duration::from_secs(30),
@@ -514,14 +521,29 @@ impl CoordinatorSettings {
         if s.request_queue == 0 {
             return Err(SettingsError::invalid("server.request_queue", "must be at least 1"));
         }
+        // Two listeners on one port would fail to bind at start-up, or (one on 0.0.0.0) take
+        // each other's connections: refused here, naming the key.
+        let clash = |a: SocketAddr, b: SocketAddr| {
+            let overlaps = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+            a.port() != 0 && a.port() == b.port() && overlaps
+        };
         if let Some(h) = s.health_listen {
-            let overlaps =
-                h.ip() == s.listen.ip() || h.ip().is_unspecified() || s.listen.ip().is_unspecified();
-            if h.port() != 0 && h.port() == s.listen.port() && overlaps {
+            if clash(h, s.listen) {
                 return Err(SettingsError::invalid(
                     "server.health_listen",
                     format!("must not be server.listen's port ({})", s.listen),
                 ));
+            }
+        }
+        if let Some(o) = s.operator_listen {
+            for (other, key) in [(Some(s.listen), "server.listen"), (s.health_listen, "server.health_listen")]
+            {
+                if let Some(other) = other.filter(|&other| clash(o, other)) {
+                    return Err(SettingsError::invalid(
+                        "server.operator_listen",
+                        format!("must not be {key}'s port ({other})"),
+                    ));
+                }
             }
         }
         if self.storage.state_dir.as_os_str().is_empty() {
@@ -779,12 +801,20 @@ mod tests {
             ("FEDTUNE__SERVER__REQUEST_TIMEOUT", "20s", "server.request_timeout"),
             // The default listen address is 0.0.0.0:50051.
             ("FEDTUNE__SERVER__HEALTH_LISTEN", "127.0.0.1:50051", "server.health_listen"),
+            ("FEDTUNE__SERVER__OPERATOR_LISTEN", "0.0.0.0:50051", "server.operator_listen"),
             ("FEDTUNE__SECURITY__LIMITS__MAX_CONNECTIONS_PER_ADDRESS", "0", "max_connections_per_address"),
             ("FEDTUNE__SECURITY__LIMITS__MAX_CONNECTIONS", "0", "security.limits.max_connections"),
         ] {
             let err = load(&base(&d), vec![(var, value)]).unwrap_err();
             assert!(err.to_string().contains(key), "`{err}` should name `{key}`");
         }
+        // The operator port may share neither the clients' port nor the health port.
+        let both = vec![
+            ("FEDTUNE__SERVER__HEALTH_LISTEN", "127.0.0.1:9464"),
+            ("FEDTUNE__SERVER__OPERATOR_LISTEN", "0.0.0.0:9464"),
+        ];
+        let err = load(&base(&d), both).unwrap_err().to_string();
+        assert!(err.contains("server.operator_listen") && err.contains("server.health_listen"), "{err}");
         for (var, value, key) in [
             ("FEDTUNE__SECURE_AGGREGATION__THRESHOLD", "1", "secure_aggregation.threshold"),
             ("FEDTUNE__SECURE_AGGREGATION__STEP_TIMEOUT", "0s", "secure_aggregation.step_timeout"),

@@ -116,11 +116,13 @@ impl Traffic {
     /// Counts model bytes streamed to a client.
     pub fn add_sent(&self, n: u64) {
         self.sent.fetch_add(n, Ordering::Relaxed);
+        crate::telemetry::bytes_sent(n);
     }
 
     /// Counts update bytes received from a client.
     pub fn add_received(&self, n: u64) {
         self.received.fetch_add(n, Ordering::Relaxed);
+        crate::telemetry::bytes_received(n);
     }
 
     /// `(sent, received)` totals since start.

@@ -133,5 +133,8 @@ pub(crate) async fn run(mut shared: Shared, start: Round) -> ActorExit {
 async fn step<P: Phase>(phase: P, shared: &mut Shared) -> Round {
     shared.enter(P::NAME, None);
     info!(phase = %P::NAME, "entering phase");
-    phase.run(shared).await
+    let started = tokio::time::Instant::now();
+    let next = phase.run(shared).await;
+    crate::telemetry::phase_left(P::NAME, started.elapsed());
+    next
 }

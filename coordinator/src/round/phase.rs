@@ -109,6 +109,8 @@ pub(crate) struct Shared {
     pub(crate) cancel: CancellationToken,
     /// Bytes moved by the RPC layer.
     pub(crate) traffic: Arc<Traffic>,
+    /// When this process drew the attempt in progress (for its duration histogram).
+    pub(crate) attempt_started: Option<Instant>,
     /// Traffic totals when the previous round closed.
     pub(crate) traffic_mark: (u64, u64),
     /// The strategy's differential-privacy state, if it has one (read by status without
@@ -149,6 +151,7 @@ pub(crate) enum Wake {
 impl Shared {
     /// Publishes the phase (and current round/version/deadline).
     pub(crate) fn enter(&mut self, phase: PhaseName, deadline: Option<Instant>) {
+        crate::telemetry::phase_entered(phase);
         self.phase = phase;
         self.deadline = deadline;
         self.publish_state();

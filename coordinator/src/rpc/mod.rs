@@ -8,12 +8,14 @@
 //! - [`body_limit`]: request bodies limited per method before they are buffered.
 //! - [`connections`]: sockets admitted per address and in all, bounded in time before their
 //!   handshake completes and while their peer is silent.
+//! - [`latency`]: every call's latency by method and gRPC status (`fedtune_rpc_duration_seconds`).
 //! - [`request_timeout`]: every call but an upload answered within `server.request_timeout`.
 //! - [`status`]: the single `impl From<RoundError> for tonic::Status`.
 
 pub mod auth;
 pub mod body_limit;
 pub mod connections;
+pub mod latency;
 pub mod request_timeout;
 pub mod service;
 pub mod status;

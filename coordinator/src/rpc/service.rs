@@ -46,6 +46,7 @@ use tracing::{debug, info, info_span, Instrument};
 use super::auth::{bearer, presented_certificate};
 use super::body_limit::BodyLimit;
 use super::connections::{Connections, MarkServed};
+use super::latency::RpcLatency;
 use super::request_timeout::RequestTimeout;
 use crate::auth::limits::{CallSlot, DownloadSlot, Limits as CallLimits};
 use crate::auth::operator::anonymous_view;
@@ -111,16 +112,21 @@ impl CoordinatorService {
     /// The tonic server wrapper: explicit message limits (one upload message, a chunk and
     /// header room, for the service; a few KiB for every other call's body), every call but an
     /// upload answered within `server.request_timeout`, and each call marking its connection's
-    /// handshake complete in `connections`.
+    /// handshake complete in `connections`, each call's latency and status recorded (timeouts
+    /// included).
     pub fn into_server(
         self,
         connections: Connections,
-    ) -> MarkServed<RequestTimeout<BodyLimit<pb::coordinator_server::CoordinatorServer<Self>>>> {
+    ) -> MarkServed<RpcLatency<RequestTimeout<BodyLimit<pb::coordinator_server::CoordinatorServer<Self>>>>>
+    {
         let request_timeout = self.settings.server.request_timeout;
         let server = pb::coordinator_server::CoordinatorServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        MarkServed::new(RequestTimeout::new(BodyLimit::new(server), request_timeout), connections)
+        MarkServed::new(
+            RpcLatency::new(RequestTimeout::new(BodyLimit::new(server), request_timeout)),
+            connections,
+        )
     }
 
     /// Authenticates the caller (its token, over the client certificate the session was opened
@@ -530,6 +536,89 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<Streaming<pb::UploadUpdateRequest>>,
     ) -> Result<Response<pb::UploadUpdateResponse>, Status> {
+        let result = self.receive_upload(req).await;
+        crate::telemetry::upload_ended(result.as_ref().err().map(Status::code));
+        result
+    }
+
+    async fn report_evaluation(
+        &self,
+        req: Request<pb::ReportEvaluationRequest>,
+    ) -> Result<Response<pb::ReportEvaluationResponse>, Status> {
+        let (client, _slot) = self.client(&req)?;
+        let span = client_call_span("report_evaluation", &client);
+        in_call_span(span, async {
+            let report = EvalReport::try_from(req.into_inner()).map_err(RoundError::from)?;
+            self.handle.report_evaluation(client, report).await?;
+            Ok(Response::new(pb::ReportEvaluationResponse {}))
+        })
+        .await
+    }
+
+    async fn report_failure(
+        &self,
+        req: Request<pb::ReportFailureRequest>,
+    ) -> Result<Response<pb::ReportFailureResponse>, Status> {
+        let (client, _slot) = self.client(&req)?;
+        let span = client_call_span("report_failure", &client);
+        in_call_span(span, async {
+            let report = FailureReport::try_from(req.into_inner()).map_err(RoundError::from)?;
+            self.handle.report_failure(client, report).await?;
+            Ok(Response::new(pb::ReportFailureResponse {}))
+        })
+        .await
+    }
+
+    async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
+        let (client, _slot) = self.client(&req)?;
+        let span = client_call_span("leave", &client);
+        in_call_span(span, async {
+            self.handle.leave(client.clone()).await?;
+            self.auth.close_session(&client);
+            Ok(Response::new(pb::LeaveResponse {}))
+        })
+        .await
+    }
+
+    async fn get_status(
+        &self,
+        req: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        // No credentials: the anonymous view, unless the call came over the operator certificate
+        // (mutual TLS). A credential that is not the operator token is refused rather than
+        // downgraded, so an operator with a stale token notices.
+        let certs = req.peer_certs();
+        let operator = match req.metadata().get("authorization") {
+            None => presents_operator_certificate(certs.as_deref().map(Vec::as_slice)),
+            Some(_) => {
+                let checked = bearer(req.metadata()).and_then(|token| self.auth.operator(token));
+                if let Err(e) = checked {
+                    self.anonymous(&req)?;
+                    return Err(e.into());
+                }
+                true
+            }
+        };
+        if !operator {
+            self.anonymous(&req)?;
+        }
+        let recent = match req.get_ref().recent_rounds {
+            0 => 10,
+            n => n as usize,
+        };
+        let report = self.handle.status(if operator { recent } else { 0 }).await?;
+        let report = if operator { report } else { anonymous_view(report) };
+        Ok(Response::new((&report).into()))
+    }
+}
+
+impl CoordinatorService {
+    /// `UploadUpdate`: header checked by the actor, stream spooled and checked, signature
+    /// verified, then folded by the actor.
+    async fn receive_upload(
+        &self,
+        req: Request<Streaming<pb::UploadUpdateRequest>>,
+    ) -> Result<Response<pb::UploadUpdateResponse>, Status> {
         let (client, _slot) = self.client(&req)?;
         // Kept to re-check the session (and so revocation) while the upload streams.
         let token = bearer(req.metadata())?.to_string();
@@ -655,78 +744,6 @@ impl Coordinator for CoordinatorService {
         result
     }
 
-    async fn report_evaluation(
-        &self,
-        req: Request<pb::ReportEvaluationRequest>,
-    ) -> Result<Response<pb::ReportEvaluationResponse>, Status> {
-        let (client, _slot) = self.client(&req)?;
-        let span = client_call_span("report_evaluation", &client);
-        in_call_span(span, async {
-            let report = EvalReport::try_from(req.into_inner()).map_err(RoundError::from)?;
-            self.handle.report_evaluation(client, report).await?;
-            Ok(Response::new(pb::ReportEvaluationResponse {}))
-        })
-        .await
-    }
-
-    async fn report_failure(
-        &self,
-        req: Request<pb::ReportFailureRequest>,
-    ) -> Result<Response<pb::ReportFailureResponse>, Status> {
-        let (client, _slot) = self.client(&req)?;
-        let span = client_call_span("report_failure", &client);
-        in_call_span(span, async {
-            let report = FailureReport::try_from(req.into_inner()).map_err(RoundError::from)?;
-            self.handle.report_failure(client, report).await?;
-            Ok(Response::new(pb::ReportFailureResponse {}))
-        })
-        .await
-    }
-
-    async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
-        let (client, _slot) = self.client(&req)?;
-        let span = client_call_span("leave", &client);
-        in_call_span(span, async {
-            self.handle.leave(client.clone()).await?;
-            self.auth.close_session(&client);
-            Ok(Response::new(pb::LeaveResponse {}))
-        })
-        .await
-    }
-
-    async fn get_status(
-        &self,
-        req: Request<pb::GetStatusRequest>,
-    ) -> Result<Response<pb::GetStatusResponse>, Status> {
-        // No credentials: the anonymous view, unless the call came over the operator certificate
-        // (mutual TLS). A credential that is not the operator token is refused rather than
-        // downgraded, so an operator with a stale token notices.
-        let certs = req.peer_certs();
-        let operator = match req.metadata().get("authorization") {
-            None => presents_operator_certificate(certs.as_deref().map(Vec::as_slice)),
-            Some(_) => {
-                let checked = bearer(req.metadata()).and_then(|token| self.auth.operator(token));
-                if let Err(e) = checked {
-                    self.anonymous(&req)?;
-                    return Err(e.into());
-                }
-                true
-            }
-        };
-        if !operator {
-            self.anonymous(&req)?;
-        }
-        let recent = match req.get_ref().recent_rounds {
-            0 => 10,
-            n => n as usize,
-        };
-        let report = self.handle.status(if operator { recent } else { 0 }).await?;
-        let report = if operator { report } else { anonymous_view(report) };
-        Ok(Response::new((&report).into()))
-    }
-}
-
-impl CoordinatorService {
     /// The context of the secure attempt in progress, to convert its messages against.
     fn secure_context(&self) -> Result<Arc<RoundContext>, RoundError> {
         self.handle.events.secure.borrow().clone().ok_or_else(|| {

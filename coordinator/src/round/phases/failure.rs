@@ -19,7 +19,7 @@ use tracing::warn;
 use super::finished::Finished;
 use super::idle::Idle;
 use super::shutdown::Shutdown;
-use crate::outcome::AttemptFailure;
+use crate::outcome::{AttemptFailure, AttemptStatus};
 use crate::round::phase::{Closed, Phase, Shared};
 use crate::round::Round;
 use crate::storage::{self, ClientOutcome};
@@ -60,6 +60,8 @@ impl Phase for Failure {
             Some(Err(e)) => return shared.fatal("cannot record the failed round", &e),
             Some(Ok(())) => {}
         }
+        let elapsed = shared.attempt_started.take().map(|t| t.elapsed());
+        crate::telemetry::attempt_ended(AttemptStatus::Failed, elapsed);
         if reason.ends_federation() {
             return Round::Finished(Finished::ended(format!(
                 "strategy refuses round {}: {reason}",

@@ -16,6 +16,7 @@ use super::finished::Finished;
 use super::idle::Idle;
 use super::shutdown::Shutdown;
 use crate::model::GlobalModel;
+use crate::outcome::AttemptStatus;
 use crate::round::phase::{Closed, Phase, Shared};
 use crate::round::Round;
 use crate::storage::{self, ClientOutcome, LedgerRecord, RoundCommit};
@@ -93,6 +94,8 @@ impl Phase for Publishing {
             Some(Err(e)) => return shared.fatal("cannot commit the round", &e),
             Some(Ok(())) => {}
         }
+        let elapsed = shared.attempt_started.take().map(|t| t.elapsed());
+        crate::telemetry::attempt_ended(AttemptStatus::Completed, elapsed);
         // Durable: now, and only now, the new version becomes visible.
         shared.model = model.clone();
         shared.events.publish_model(model);

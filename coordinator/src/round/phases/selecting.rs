@@ -55,6 +55,8 @@ impl Phase for Selecting {
             Err(e) => return shared.fatal("cannot draw the round's clients", &e),
         };
         let selected = sampling::sample(&s.sampling, s.rounds.min_fit, &candidates, seed);
+        shared.attempt_started = Some(now);
+        crate::telemetry::clients_selected(selected.len());
         let base = FitInstructions {
             epochs: s.fit.epochs,
             batch_size: s.fit.batch_size,

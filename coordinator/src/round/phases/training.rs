@@ -355,7 +355,11 @@ impl Training {
         self.folding = Some(tokio::task::spawn_blocking(move || {
             let mut sum = sum;
             let w = pending.weighting;
+            let started = tokio::time::Instant::now();
             let r = sum.fold_file(pending.staged.path(), w.weight, w.scale, threads);
+            if r.is_ok() {
+                crate::telemetry::folded(pending.staged.bytes(), started.elapsed());
+            }
             (sum, pending, r)
         }));
     }
@@ -435,6 +439,7 @@ impl Training {
             return;
         };
         self.secure_folding = Some(tokio::task::spawn_blocking(move || {
+            let started = tokio::time::Instant::now();
             let r = std::fs::read(pending.staged.path())
                 .map_err(|e| RoundError::Internal(format!("reading a staged masked input: {e}")))
                 .and_then(|bytes| {
@@ -443,6 +448,9 @@ impl Training {
                     })
                 })
                 .and_then(|input| agg.accept_masked_input(input).map_err(RoundError::from));
+            if r.is_ok() {
+                crate::telemetry::folded(pending.staged.bytes(), started.elapsed());
+            }
             (agg, pending, r)
         }));
     }
