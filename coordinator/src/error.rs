@@ -227,6 +227,17 @@ pub enum RoundError {
         /// Round.
         round: RoundId,
     },
+    /// Every upload slot is busy and the queue of uploads waiting for one is full.
+    #[error(
+        "all {slots} upload slots are busy and {queue} uploads already wait for one \
+         (server.max_concurrent_uploads, server.upload_queue): retry after a pause"
+    )]
+    UploadQueueFull {
+        /// `server.max_concurrent_uploads`.
+        slots: usize,
+        /// `server.upload_queue`.
+        queue: usize,
+    },
     /// The strategy refused the update.
     #[error("{0}")]
     Refused(String),

@@ -112,6 +112,12 @@ pub struct ServerSettings {
     /// whatever the number of clients. Receiving is CPU-bound (hash, checks), so more than about
     /// twice the cores buys nothing.
     pub max_concurrent_uploads: usize,
+    /// Uploads that may wait for one of the `max_concurrent_uploads` slots; one more is refused
+    /// at once with RESOURCE_EXHAUSTED, and its client retries after a backoff (before the
+    /// round's deadline). A waiting upload is not read, but HTTP/2 has already let its client
+    /// send one stream window (1 MiB) into the coordinator's memory, so without this bound
+    /// memory grew by 1 MiB per uploading client: 0 refuses whenever every slot is busy.
+    pub upload_queue: usize,
     /// Longest an upload stream may stay silent between two messages before it is closed with
     /// DEADLINE_EXCEEDED, so a client that sends a header and then nothing cannot hold one of the
     /// `max_concurrent_uploads` slots until the round's deadline.
@@ -164,6 +170,7 @@ impl Default for ServerSettings {
             operator_listen: None,
             long_poll: Duration::from_secs(20),
             max_concurrent_uploads: 4,
+            upload_queue: 16,
             upload_idle_timeout: Duration::from_secs(30),
             max_update_weight: 10_000_000,
             download_chunk_bytes: DEFAULT_CHUNK_BYTES,

@@ -128,6 +128,47 @@ async fn waiting_for_an_upload_slot_and_streaming_both_end_at_the_round_deadline
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_beyond_the_busy_slots_and_the_full_upload_queue_is_refused_at_once_and_folded_on_retry(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = settings(dir.path(), 3, 1)?;
+    s.server.max_concurrent_uploads = 1;
+    s.server.upload_queue = 1;
+    // Far beyond the test's waits: only the refusal can answer the third upload in time.
+    s.rounds.deadline = Duration::from_secs(120);
+    s.server.upload_idle_timeout = Duration::from_secs(600);
+    s.clients.heartbeat_interval = Duration::from_secs(1);
+    s.clients.liveness_timeout = Duration::from_secs(3600);
+    let coord = InProcess::start(s).await?;
+    let mut holder = TestClient::join(&coord.url, "holder", 0).await?;
+    let mut waiter = TestClient::join(&coord.url, "waiter", 0).await?;
+    let mut late = TestClient::join(&coord.url, "late", 0).await?;
+    let n = holder.trainable().numel();
+    let th = holder.wait_for_fit(WAIT).await?;
+    let tw = waiter.wait_for_fit(WAIT).await?;
+    let tl = late.wait_for_fit(WAIT).await?;
+    // The holder takes the only slot, the waiter the only place in the queue.
+    let (holder_tx, held) = hang_after_header(&holder, &th, n).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (waiter_tx, waiting) = hang_after_header(&waiter, &tw, n).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let payload = f32_bytes(&update_values(3, n));
+    let refused = tokio::time::timeout(WAIT, late.upload(&tl, 10, &payload)).await?;
+    expect_status(refused, Code::ResourceExhausted, &["server.upload_queue", "retry"]);
+
+    // Both hung streams end (their clients went away), which frees the slot and the place.
+    drop((holder_tx, waiter_tx));
+    for call in [held, waiting] {
+        assert!(tokio::time::timeout(WAIT, call).await??.is_err(), "a truncated upload is not accepted");
+    }
+    let receipt = tokio::time::timeout(WAIT, late.upload(&tl, 10, &payload)).await??;
+    assert_eq!(receipt.id, RoundId::new(1, 0), "the retry is folded in the round it was trained for");
+    coord.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_still_streaming_when_its_round_closes_is_ended() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut s = settings(dir.path(), 1, 1)?;

@@ -23,11 +23,30 @@ use tonic::Request;
 /// Writes `model.safetensors` + `config.json` of a 6-layer, 384-wide BERT (vocabulary 30522):
 /// 22.7M parameters with pooler and a 2-label classifier.
 pub fn write_minilm_like(dir: &Path) -> PathBuf {
+    write_bert_like(
+        dir,
+        BertShape { hidden: 384, intermediate: 1536, layers: 6, vocab: 30522, positions: 512 },
+    )
+}
+
+/// The sizes of a generated BERT-shaped checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct BertShape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub vocab: usize,
+    pub positions: usize,
+}
+
+/// Writes `model.safetensors` + `config.json` of a BERT of `shape` with pooler and a 2-label
+/// classifier (deterministic small weights: no training happens in the benchmarks).
+pub fn write_bert_like(dir: &Path, shape: BertShape) -> PathBuf {
     std::fs::create_dir_all(dir).expect("model dir");
-    let (h, inter, layers, vocab) = (384usize, 1536usize, 6usize, 30522usize);
+    let BertShape { hidden: h, intermediate: inter, layers, vocab, positions } = shape;
     let mut specs = vec![
         TensorSpec { name: "bert.embeddings.word_embeddings.weight".into(), shape: vec![vocab, h] },
-        TensorSpec { name: "bert.embeddings.position_embeddings.weight".into(), shape: vec![512, h] },
+        TensorSpec { name: "bert.embeddings.position_embeddings.weight".into(), shape: vec![positions, h] },
         TensorSpec { name: "bert.embeddings.token_type_embeddings.weight".into(), shape: vec![2, h] },
         TensorSpec { name: "bert.embeddings.LayerNorm.weight".into(), shape: vec![h] },
         TensorSpec { name: "bert.embeddings.LayerNorm.bias".into(), shape: vec![h] },
@@ -62,7 +81,7 @@ pub fn write_minilm_like(dir: &Path) -> PathBuf {
         .expect("save");
     std::fs::write(
         dir.join("config.json"),
-        format!(r#"{{"model_type": "bert", "hidden_size": {h}, "num_hidden_layers": {layers}, "id2label": {{"0": "neg", "1": "pos"}}}}"#),
+        format!(r#"{{"model_type": "bert", "hidden_size": {h}, "num_hidden_layers": {layers}, "intermediate_size": {inter}, "vocab_size": {vocab}, "max_position_embeddings": {positions}, "id2label": {{"0": "neg", "1": "pos"}}}}"#),
     )
     .expect("config");
     dir.to_path_buf()

@@ -37,7 +37,7 @@ use fedtune_shared::secagg::{
 };
 use futures::Stream;
 use rustls::pki_types::CertificateDer;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Semaphore, TryAcquireError};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -69,6 +69,9 @@ pub struct CoordinatorService {
     labels: Arc<Vec<String>>,
     /// Bounds uploads receiving at once (each holds a spool file and a chunk).
     uploads: Arc<Semaphore>,
+    /// Places for uploads waiting for one of `uploads` (each holds up to a stream window of
+    /// bytes HTTP/2 already accepted); with none free an upload is refused at once.
+    upload_queue: Arc<Semaphore>,
     spool_dir: PathBuf,
     cancel: CancellationToken,
     traffic: Arc<Traffic>,
@@ -95,6 +98,7 @@ impl CoordinatorService {
         traffic: Arc<Traffic>,
     ) -> Self {
         let uploads = Arc::new(Semaphore::new(settings.server.max_concurrent_uploads));
+        let upload_queue = Arc::new(Semaphore::new(settings.server.upload_queue));
         Self {
             handle,
             auth,
@@ -103,6 +107,7 @@ impl CoordinatorService {
             settings,
             labels: Arc::new(labels),
             uploads,
+            upload_queue,
             spool_dir,
             cancel,
             traffic,
@@ -661,15 +666,30 @@ impl CoordinatorService {
                 round: ticket.round,
                 reason: "it closed before the upload completed".into(),
             };
-            // Biased: a slot freed by another stream ending at the same deadline is no use.
-            let _permit = tokio::select! {
-                biased;
-                _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Err(RoundError::NoUploadSlot { round: ticket.round }.into())
+            let _permit = match self.uploads.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(TryAcquireError::Closed) => return Err(RoundError::ShuttingDown.into()),
+                Err(TryAcquireError::NoPermits) => {
+                    // Waiting is bounded in number, not only in time: every waiting upload
+                    // holds the bytes HTTP/2 let its client send before anyone reads them.
+                    let Ok(_place) = self.upload_queue.clone().try_acquire_owned() else {
+                        return Err(RoundError::UploadQueueFull {
+                            slots: self.settings.server.max_concurrent_uploads,
+                            queue: self.settings.server.upload_queue,
+                        }
+                        .into());
+                    };
+                    // Biased: a slot freed by another stream ending at the same deadline is no use.
+                    tokio::select! {
+                        biased;
+                        _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
+                        _ = tokio::time::sleep_until(deadline) => {
+                            return Err(RoundError::NoUploadSlot { round: ticket.round }.into())
+                        }
+                        _ = &mut closed => return Err(closed_early().into()),
+                        p = self.uploads.clone().acquire_owned() => p.map_err(|_| RoundError::ShuttingDown)?,
+                    }
                 }
-                _ = &mut closed => return Err(closed_early().into()),
-                p = self.uploads.clone().acquire_owned() => p.map_err(|_| RoundError::ShuttingDown)?,
             };
             let manifest = Arc::new(self.handle.events.model.borrow().layout.trainable.clone());
             let total = ticket.header.total_bytes;

@@ -38,6 +38,7 @@ impl From<RoundError> for Status {
             | E::TooLarge { .. }
             | E::TooManyExamples { .. }
             | E::NoUploadSlot { .. }
+            | E::UploadQueueFull { .. }
             | E::Limited(_) => Status::resource_exhausted(msg),
             E::UploadIdle { .. } | E::DownloadStalled { .. } => Status::deadline_exceeded(msg),
             E::StaleRound { .. }
