@@ -348,6 +348,7 @@ fn the_update_statement_example_matches_update_signing() {
         payload_sha256,
         num_examples,
         secagg_context: None,
+        int8_block: false,
     };
     ex.check_bytes("message", &statement.canonical_bytes(), &message);
     ex.check_bytes("signature", sign_update(&key, &statement).as_bytes(), &signature);
@@ -362,6 +363,7 @@ fn the_update_statement_example_matches_update_signing() {
         metrics: Default::default(),
         manifest_digest: Sha256(manifest_sha256),
         total_bytes: 32,
+        encoding: Default::default(),
     };
     let payload = Sha256(payload_sha256);
     assert_eq!(update_statement(&federation_id, &client, &header, &payload), statement);
@@ -611,6 +613,7 @@ fn the_masked_update_statement_example_matches_masked_upload_signing() {
             metrics: Default::default(),
             manifest_digest: Sha256(plain.hex32("manifest_sha256")),
             total_bytes: 32,
+            encoding: Default::default(),
         },
         secagg_context: ex.hex32("secagg_context_sha256"),
     };
