@@ -418,7 +418,7 @@ mod tests {
         let mut encoder = Int8Encoder::seeded_for_tests(4);
         let n = 4000;
         let mut mean = vec![0f64; x.len()];
-        let mut scales = vec![0f32; 2];
+        let mut scales = [0f32; 2];
         for _ in 0..n {
             let bytes = encoder.encode(&x, BOUND).unwrap();
             for (b, block) in bytes.chunks_exact(BLOCK_BYTES).enumerate() {
