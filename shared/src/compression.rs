@@ -35,10 +35,11 @@
 //! rounding of the decode product (relative 2⁻²⁴), and averaging many clients' updates
 //! averages the rounding noise away instead of accumulating a bias as round-to-nearest would.
 //! The per-value error is below one step, `scale`. The randomness comes from a ChaCha20
-//! generator keyed from the operating system's CSPRNG ([`Int8Encoder::from_os_entropy`]): under
-//! differential privacy the encoding is post-processing of the noised update, and a predictable
-//! rounding would still be post-processing, but an unpredictable one keeps the decoded update
-//! from being a function of the noised one that a peer could replay.
+//! generator keyed from the operating system's CSPRNG ([`Int8Encoder::from_os_entropy`]), one
+//! key per pipeline: the errors average out over clients and rounds only if they are
+//! independent, which generators seeded alike (say from the round number) would not give.
+//! Under differential privacy the encoding is post-processing of the noised update whatever
+//! its randomness.
 //!
 //! Encoding is the client's last pipeline step (after clipping, noise and the range check);
 //! the coordinator checks every block while it spools the upload ([`Int8StreamCheck`]) and
