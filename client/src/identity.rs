@@ -118,6 +118,7 @@ mod tests {
             metrics: BTreeMap::new(),
             manifest_digest: Sha256([3; 32]),
             total_bytes: 4,
+            encoding: Default::default(),
         };
         let digest = Sha256::of(&[0, 0, 128, 63]);
         let items = vec![

@@ -22,6 +22,12 @@
 //!
 //! [`privacy::DpPipelines`] serves every privacy mode (clip, then noise; see [`privacy`]).
 //!
+//! When the task asks for 8-bit updates (`FitInstructions::update_encoding`, the federation's
+//! `fit.update_encoding = "int8"`), the pipeline ends in [`Int8Encoding`]
+//! ([`UpdatePipeline::with_update_encoding`]): after every stage, so after the range check and,
+//! under DP, after clip and noise (post-processing), the delta is encoded into the
+//! `INT8_BLOCK` payload that is uploaded instead of the f32 values.
+//!
 //! In a secure round ([`TaskContext::secure`]) the pipeline ends in a [`RingEncoder`] instead:
 //! [`UpdatePipeline::encode_for_ring`] turns the clipped f32 delta into the round's `u32` ring
 //! vector (randomized rounding, exact norm check, the client's share of discrete Gaussian noise)
@@ -36,7 +42,8 @@ pub mod privacy;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use fedtune_shared::ids::{ClientId, RoundId};
+use fedtune_shared::compression::{Int8Encoder, UpdateEncoding};
+use fedtune_shared::ids::{ClientId, RoundId, Sha256};
 use fedtune_shared::params::{Manifest, ParameterVector, ParamsError};
 use fedtune_shared::privacy::NoiseSource;
 use fedtune_shared::round::{FailureCode, PrivacyInstructions, PrivacyMode};
@@ -83,6 +90,64 @@ pub struct PreparedUpdate {
     /// Figures stages record for logs and the coordinator's metrics, e.g. `l2_norm` before
     /// clipping; keyed by a stable name so adding a stage never changes the struct.
     pub metrics: BTreeMap<&'static str, f64>,
+    /// The `INT8_BLOCK` payload, when the task asked for 8-bit updates: made from `delta` by
+    /// the pipeline's last step ([`UpdatePipeline::with_update_encoding`]); `None`: the payload
+    /// is `delta` as little-endian f32.
+    pub int8: Option<Arc<Vec<u8>>>,
+}
+
+impl PreparedUpdate {
+    /// The payload's encoding.
+    pub fn encoding(&self) -> UpdateEncoding {
+        if self.int8.is_some() {
+            UpdateEncoding::Int8
+        } else {
+            UpdateEncoding::F32
+        }
+    }
+
+    /// Bytes of the payload as uploaded.
+    pub fn payload_len(&self) -> u64 {
+        self.encoding().payload_bytes(self.delta.manifest().numel())
+    }
+
+    /// SHA-256 of the payload as uploaded (the trailer's digest).
+    pub fn payload_digest(&self) -> Sha256 {
+        match &self.int8 {
+            Some(bytes) => Sha256::of(bytes),
+            None => fedtune_shared::chunk::payload_digest(&self.delta),
+        }
+    }
+}
+
+/// The 8-bit encoding step (`fedtune_shared::compression`): the last of a pipeline, after
+/// clipping, noise and the range check, so under DP it is post-processing of the privatized
+/// update. Its rounding draws from a ChaCha20 generator keyed from the OS, one per pipeline.
+#[derive(Debug)]
+pub struct Int8Encoding {
+    encoder: Int8Encoder,
+    max_abs: f32,
+}
+
+impl Int8Encoding {
+    /// The step's name in logs.
+    pub const NAME: &'static str = "int8";
+
+    /// Encodes with an OS-seeded generator under the coordinator's value bound `max_abs`.
+    pub fn new(max_abs: f32) -> Result<Self, UpdateError> {
+        let encoder = Int8Encoder::from_os_entropy()
+            .map_err(|e| UpdateError::Refused { stage: Self::NAME, reason: e.to_string() })?;
+        Ok(Self { encoder, max_abs })
+    }
+
+    fn apply(&mut self, update: &mut PreparedUpdate) -> Result<(), UpdateError> {
+        let bytes = self
+            .encoder
+            .encode(update.delta.values(), self.max_abs)
+            .map_err(|e| UpdateError::Refused { stage: Self::NAME, reason: e.to_string() })?;
+        update.int8 = Some(Arc::new(bytes));
+        Ok(())
+    }
 }
 
 /// A secure round's update: the clipped delta encoded into the ring, one `u32` per coordinate,
@@ -191,17 +256,38 @@ impl UpdateStage for CheckRange {
 pub struct UpdatePipeline {
     stages: Vec<Box<dyn UpdateStage>>,
     ring: Option<RingEncoder>,
+    int8: Option<Int8Encoding>,
 }
 
 impl UpdatePipeline {
     /// The pipeline without privacy: only [`CheckRange`] against ±`max_abs`.
     pub fn checked(max_abs: f32) -> Self {
-        Self { stages: vec![Box::new(CheckRange::new(max_abs))], ring: None }
+        Self { stages: vec![Box::new(CheckRange::new(max_abs))], ring: None, int8: None }
     }
 
     /// A pipeline with exactly `stages`, in order.
     pub fn new(stages: Vec<Box<dyn UpdateStage>>) -> Self {
-        Self { stages, ring: None }
+        Self { stages, ring: None, int8: None }
+    }
+
+    /// Ends the pipeline in the upload encoding the task asked for: nothing more for `f32`,
+    /// the 8-bit encoding under the value bound `max_abs` for `int8`. Refused on a secure
+    /// round's pipeline, whose upload is its ring encoding.
+    pub fn with_update_encoding(
+        mut self,
+        encoding: UpdateEncoding,
+        max_abs: f32,
+    ) -> Result<Self, UpdateError> {
+        match encoding {
+            UpdateEncoding::F32 => self.int8 = None,
+            UpdateEncoding::Int8 if self.ring.is_some() => {
+                return Err(UpdateError::Unsupported(
+                    "int8 updates cannot be used in a secure round (its upload is the ring encoding)".into(),
+                ))
+            }
+            UpdateEncoding::Int8 => self.int8 = Some(Int8Encoding::new(max_abs)?),
+        }
+        Ok(self)
     }
 
     /// Ends the pipeline in the ring encoding of a secure round (see the module docs).
@@ -224,7 +310,8 @@ impl UpdatePipeline {
     /// Names of the stages in order, for the start-up log.
     pub fn stage_names(&self) -> Vec<&'static str> {
         let ring = self.ring.as_ref().map(|_| "ring");
-        self.stages.iter().map(|s| s.name()).chain(ring).collect()
+        let int8 = self.int8.as_ref().map(|_| Int8Encoding::NAME);
+        self.stages.iter().map(|s| s.name()).chain(ring).chain(int8).collect()
     }
 
     /// A secure round's last step: encodes `update` (which [`UpdatePipeline::prepare`] made)
@@ -235,7 +322,7 @@ impl UpdatePipeline {
         let Some(ring) = &self.ring else {
             return Err(UpdateError::Unsupported("this pipeline does not encode for a secure round".into()));
         };
-        let PreparedUpdate { round, delta, num_examples, metrics } = update;
+        let PreparedUpdate { round, delta, num_examples, metrics, .. } = update;
         let (manifest, values) = delta.into_parts();
         let words = ring
             .encoding
@@ -257,9 +344,12 @@ impl UpdatePipeline {
         num_examples: u64,
     ) -> Result<PreparedUpdate, UpdateError> {
         let delta = delta(global, local)?;
-        let mut update = PreparedUpdate { round, delta, num_examples, metrics: BTreeMap::new() };
+        let mut update = PreparedUpdate { round, delta, num_examples, metrics: BTreeMap::new(), int8: None };
         for stage in &mut self.stages {
             stage.apply(&mut update)?;
+        }
+        if let Some(int8) = &mut self.int8 {
+            int8.apply(&mut update)?;
         }
         Ok(update)
     }
@@ -422,6 +512,31 @@ mod tests {
             update.delta.values_mut().iter_mut().for_each(|v| *v *= self.0);
             Ok(())
         }
+    }
+
+    #[test]
+    fn an_int8_pipeline_encodes_after_every_stage_what_the_range_check_passed() {
+        let m = Manifest::new(vec![spec("w", 300)]).unwrap();
+        let global = ParameterVector::zeros(m.clone());
+        let local = ParameterVector::new(m, (0..300).map(|i| i as f32 * 1e-3).collect()).unwrap();
+        let mut pipeline = UpdatePipeline::new(vec![])
+            .with_stage(Scale(2.0))
+            .with_stage(CheckRange::new(MAX_ABS_UPDATE_VALUE))
+            .with_update_encoding(UpdateEncoding::Int8, MAX_ABS_UPDATE_VALUE)
+            .unwrap();
+        assert_eq!(pipeline.stage_names(), vec!["scale", "range", "int8"]);
+        let out = pipeline.prepare(1, &global, &local, 1).unwrap();
+        assert_eq!(out.encoding(), UpdateEncoding::Int8);
+        assert_eq!(out.payload_len(), 520);
+        let bytes = out.int8.as_ref().unwrap();
+        assert_eq!(out.payload_digest(), Sha256::of(bytes));
+        // The encoded update is the scaled delta (the stage before it), within one step.
+        let decoded = fedtune_shared::compression::decode(bytes, 300, MAX_ABS_UPDATE_VALUE).unwrap();
+        let step = 2.0 * 0.299 / 127.0 * 1.001;
+        assert!(decoded.iter().zip(out.delta.values()).all(|(d, x)| (d - x).abs() <= step));
+        // The range check still refuses what it refused: nothing is encoded.
+        let huge = ParameterVector::new(global.manifest().clone(), vec![300.0; 300]).unwrap();
+        assert!(pipeline.prepare(1, &global, &huge, 1).is_err());
     }
 
     #[test]

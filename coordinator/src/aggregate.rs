@@ -24,6 +24,7 @@
 use std::ops::Range;
 use std::path::Path;
 
+use fedtune_shared::compression::{decode_value, split_block, UpdateEncoding, BLOCK_BYTES, BLOCK_VALUES};
 use fedtune_shared::params::Manifest;
 
 /// Bits of fraction of the fixed-point grid.
@@ -169,34 +170,79 @@ impl FixedPointSum {
     /// it on a blocking thread. On an I/O error the sum may be partially updated, so callers fold
     /// into a copy or treat the error as fatal; spool files are local and already verified.
     pub fn fold_file(&mut self, path: &Path, weight: u64, scale: f32, threads: usize) -> std::io::Result<()> {
+        self.fold_encoded(path, UpdateEncoding::F32, weight, threads, |sum, bytes, w| {
+            fold_le(sum, bytes, w, scale)
+        })
+    }
+
+    /// Folds a whole `INT8_BLOCK` update stored in `path` (a spool file whose every block
+    /// [`fedtune_shared::compression::Int8StreamCheck`] accepted), decoding block by block
+    /// while reading, like [`FixedPointSum::fold_file`]: each value is decoded by the format's
+    /// one rule ([`decode_value`]) and then quantized exactly as an f32 upload's value is, so
+    /// the sum equals folding the decoded f32 vector, which is never materialised.
+    pub fn fold_int8_file(
+        &mut self,
+        path: &Path,
+        weight: u64,
+        scale: f32,
+        threads: usize,
+    ) -> std::io::Result<()> {
+        self.fold_encoded(path, UpdateEncoding::Int8, weight, threads, |sum, bytes, w| {
+            for (part, block) in sum.chunks_mut(BLOCK_VALUES).zip(bytes.chunks_exact(BLOCK_BYTES)) {
+                let (block_scale, codes) = split_block(block);
+                for (s, &c) in part.iter_mut().zip(codes) {
+                    *s += w * quantize(decode_value(c as i8, block_scale), scale);
+                }
+            }
+        })
+    }
+
+    /// The threaded, blocked read of both encodings: the sum is cut into slices of whole
+    /// int8 blocks, each thread reads the bytes of its slice's values in pieces and hands each
+    /// piece to `kernel` with the matching part of the sum.
+    fn fold_encoded(
+        &mut self,
+        path: &Path,
+        encoding: UpdateEncoding,
+        weight: u64,
+        threads: usize,
+        kernel: impl Fn(&mut [i64], &[u8], i64) + Sync,
+    ) -> std::io::Result<()> {
         use std::os::unix::fs::FileExt;
         let file = std::fs::File::open(path)?;
         let len = file.metadata()?.len();
-        if len != self.sum.len() as u64 * 4 {
+        let expected = encoding.payload_bytes(self.sum.len());
+        if len != expected {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                format!("spool file has {len} bytes, expected {}", self.sum.len() * 4),
+                format!("spool file has {len} bytes, expected {expected} ({encoding})"),
             ));
         }
         self.admit(weight);
         let w = weight as i64;
         let threads = threads.clamp(1, 16);
-        let per = self.sum.len().div_ceil(threads).max(1 << 16);
-        // Values per read: 64 KiB blocks stay below glibc's mmap threshold, so folding does not
-        // raise it (a raised threshold makes every later MiB-sized buffer come from, and fragment,
-        // the heap arenas).
+        // Values per read: 64 KiB blocks of f32 stay below glibc's mmap threshold, so folding does
+        // not raise it (a raised threshold makes every later MiB-sized buffer come from, and
+        // fragment, the heap arenas). A multiple of the int8 block, so every piece but the last
+        // is whole int8 blocks.
         const BLOCK: usize = 1 << 14;
+        const _: () = assert!(BLOCK % BLOCK_VALUES == 0);
+        let per = self.sum.len().div_ceil(threads).max(1 << 16).next_multiple_of(BLOCK);
+        // Byte offset of (and, for a piece's length, bytes spanned by) a count of values that
+        // is a multiple of the int8 block, or the update's end.
+        let bytes_of = |values: usize| encoding.payload_bytes(values) as usize;
+        let kernel = &kernel;
         std::thread::scope(|scope| {
             let mut handles = Vec::new();
             for (t, part) in self.sum.chunks_mut(per).enumerate() {
                 let file = &file;
                 handles.push(scope.spawn(move || -> std::io::Result<()> {
                     let base = t * per;
-                    let mut buf = vec![0u8; BLOCK.min(part.len()) * 4];
+                    let mut buf = vec![0u8; bytes_of(BLOCK.min(part.len()))];
                     for (b, block) in part.chunks_mut(BLOCK).enumerate() {
-                        let bytes = &mut buf[..block.len() * 4];
-                        file.read_exact_at(bytes, ((base + b * BLOCK) * 4) as u64)?;
-                        fold_le(block, bytes, w, scale);
+                        let bytes = &mut buf[..bytes_of(block.len())];
+                        file.read_exact_at(bytes, bytes_of(base + b * BLOCK) as u64)?;
+                        kernel(block, bytes, w);
                     }
                     Ok(())
                 }));
@@ -361,6 +407,27 @@ mod tests {
         let mut from_values = FixedPointSum::new(n);
         from_values.fold_values(&values, 7, 1.0);
         assert_eq!(from_file, from_values);
+    }
+
+    #[test]
+    fn folding_an_int8_file_equals_folding_its_decoded_values() {
+        use fedtune_shared::compression::{decode, Int8Encoder};
+        // Several threads' slices and a padded last block.
+        let n = 300_001;
+        let values: Vec<f32> = (0..n).map(|i| ((i % 1013) as f32 - 500.0) * 1e-4).collect();
+        let bytes = Int8Encoder::seeded_for_tests(5).encode(&values, MAX_ABS_VALUE).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.bin");
+        std::fs::write(&path, &bytes).unwrap();
+        let mut from_file = FixedPointSum::new(n);
+        from_file.fold_int8_file(&path, 7, 0.5, 3).unwrap();
+        let mut from_values = FixedPointSum::new(n);
+        from_values.fold_values(&decode(&bytes, n, MAX_ABS_VALUE).unwrap(), 7, 0.5);
+        assert_eq!(from_file, from_values);
+        // The same file read as f32 has the wrong length and changes nothing.
+        let mut untouched = FixedPointSum::new(n);
+        assert!(untouched.fold_file(&path, 1, 1.0, 2).is_err());
+        assert_eq!(untouched, FixedPointSum::new(n));
     }
 
     #[test]

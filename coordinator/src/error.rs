@@ -156,6 +156,9 @@ pub enum RoundError {
     /// A value is NaN, infinite or out of range.
     #[error(transparent)]
     Value(#[from] ValueError),
+    /// An `INT8_BLOCK` payload breaks the format (a bad scale, code or padding, a wrong length).
+    #[error("int8_block payload: {0}")]
+    Int8(#[from] fedtune_shared::compression::CompressionError),
     /// The signature is missing, malformed or wrong.
     #[error("update signature rejected: {0}")]
     BadSignature(String),

@@ -35,6 +35,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fedtune_shared::chunk::{DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
+use fedtune_shared::compression::UpdateEncoding;
 use fedtune_shared::limits::MAX_NUM_EXAMPLES;
 use fedtune_shared::schedule::LrSchedule;
 use fedtune_shared::settings::{duration, optional_duration, SettingsError};
@@ -312,6 +313,11 @@ pub struct FitSettings {
     pub lr_schedule: LrSchedule,
     /// Steps at the start of each round over which the local rate rises from 0 to the peak.
     pub warmup_steps: u64,
+    /// The encoding clients upload their updates in: `f32` (4 bytes per value) or `int8`
+    /// (blocks of 256 one-byte codes under an f32 scale, unbiased stochastic rounding:
+    /// about a quarter of the bytes; `fedtune_shared::compression`). Not with secure aggregation,
+    /// whose uploads are its own ring encoding.
+    pub update_encoding: UpdateEncoding,
 }
 
 impl Default for FitSettings {
@@ -323,6 +329,7 @@ impl Default for FitSettings {
             max_steps: None,
             lr_schedule: LrSchedule::Constant,
             warmup_steps: 0,
+            update_encoding: UpdateEncoding::F32,
         }
     }
 }
@@ -641,6 +648,16 @@ impl CoordinatorSettings {
                 ),
             ));
         }
+        if f.update_encoding != UpdateEncoding::F32 && self.secure_aggregation.enabled {
+            return Err(SettingsError::invalid(
+                "fit.update_encoding",
+                format!(
+                    "`{}` cannot be used with secure_aggregation.enabled = true: a secure round's uploads are \
+                     its own ring encoding (4 bytes per value, masked); use `f32` or disable secure aggregation",
+                    f.update_encoding
+                ),
+            ));
+        }
         let e = &self.evaluation;
         if !(e.fraction > 0.0 && e.fraction <= 1.0) {
             return Err(SettingsError::invalid("evaluation.fraction", "must be in (0, 1]"));
@@ -790,6 +807,7 @@ mod tests {
             ("[fit]\nlr_schedule = \"step\"\n", "lr_schedule"),
             ("[fit]\nmax_steps = 10\nwarmup_steps = 10\n", "fit.warmup_steps"),
             ("[fit]\nwarmup_steps = -1\n", "warmup_steps"),
+            ("[fit]\nupdate_encoding = \"int4\"\n", "update_encoding"),
             ("[strategy]\nname = \"fedsgd\"\n", "fedsgd"),
         ];
         for (extra, key) in cases {
@@ -893,6 +911,17 @@ mod tests {
         let text = format!("{}[fit]\nlr_schedule = \"cosine\"\nwarmup_steps = 4\n", base(&d));
         let s = load(&text, vec![("FEDTUNE__FIT__LR_SCHEDULE", "linear")]).unwrap();
         assert_eq!((s.fit.lr_schedule, s.fit.warmup_steps), (LrSchedule::Linear, 4));
+    }
+
+    #[test]
+    fn updates_travel_as_f32_unless_int8_is_set_and_int8_is_refused_with_secure_aggregation() {
+        let d = model_dir();
+        assert_eq!(load(&base(&d), vec![]).unwrap().fit.update_encoding, UpdateEncoding::F32);
+        let int8 = ("FEDTUNE__FIT__UPDATE_ENCODING", "int8");
+        assert_eq!(load(&base(&d), vec![int8]).unwrap().fit.update_encoding, UpdateEncoding::Int8);
+        let err = load(&base(&d), vec![int8, ("FEDTUNE__SECURE_AGGREGATION__ENABLED", "true")]).unwrap_err();
+        let err = err.to_string();
+        assert!(err.contains("fit.update_encoding") && err.contains("secure_aggregation"), "{err}");
     }
 
     #[test]

@@ -20,7 +20,9 @@ use fedtune_shared::chunk::{ChunkTracker, MIN_CHUNK_BYTES};
 use fedtune_shared::ids::Sha256;
 use fedtune_shared::params::Manifest;
 
-use crate::aggregate::check_values;
+use fedtune_shared::compression::{Int8StreamCheck, UpdateEncoding};
+
+use crate::aggregate::{check_values, MAX_ABS_VALUE};
 use crate::error::RoundError;
 
 /// An upload being received into a spool file. Dropping it deletes the file.
@@ -30,24 +32,52 @@ pub struct SpoolWriter {
     /// Unbuffered: chunks are 1–4 MiB already, and a buffer per upload would only add churn.
     file: Option<std::fs::File>,
     tracker: ChunkTracker,
-    /// The layout every value is checked against; `None` for a masked input, whose values are
-    /// uniform in Z_{2^32} and have nothing to check (only order, size and digest).
-    manifest: Option<Arc<Manifest>>,
+    /// What every byte is checked against.
+    check: Check,
     sumsq: f64,
 }
 
+/// How a spooled payload's values are checked as they arrive.
+#[derive(Debug)]
+enum Check {
+    /// f32 values against the layout (finite, within the value bound).
+    F32(Arc<Manifest>),
+    /// `INT8_BLOCK` blocks (scales, codes, padding), across chunk boundaries.
+    Int8(Box<Int8StreamCheck>),
+    /// A masked input: its values are uniform in Z_{2^32} and have nothing to check (only
+    /// order, size and digest).
+    Masked,
+}
+
 impl SpoolWriter {
-    /// Creates `dir/name.upload` for a payload of `total` bytes following `manifest`.
+    /// Creates `dir/name.upload` for an f32 payload of `total` bytes following `manifest`.
     pub fn create(dir: &Path, name: &str, total: u64, manifest: Arc<Manifest>) -> Result<Self, RoundError> {
-        Self::open(dir, name, total, Some(manifest))
+        Self::open(dir, name, total, Check::F32(manifest))
+    }
+
+    /// Creates `dir/name.upload` for a payload of `total` bytes in `encoding` over `manifest`.
+    pub fn create_encoded(
+        dir: &Path,
+        name: &str,
+        total: u64,
+        manifest: Arc<Manifest>,
+        encoding: UpdateEncoding,
+    ) -> Result<Self, RoundError> {
+        let check = match encoding {
+            UpdateEncoding::F32 => Check::F32(manifest),
+            UpdateEncoding::Int8 => {
+                Check::Int8(Box::new(Int8StreamCheck::new(manifest.numel(), MAX_ABS_VALUE)?))
+            }
+        };
+        Self::open(dir, name, total, check)
     }
 
     /// Creates `dir/name.upload` for a masked input of `total` bytes (secure aggregation).
     pub fn create_masked(dir: &Path, name: &str, total: u64) -> Result<Self, RoundError> {
-        Self::open(dir, name, total, None)
+        Self::open(dir, name, total, Check::Masked)
     }
 
-    fn open(dir: &Path, name: &str, total: u64, manifest: Option<Arc<Manifest>>) -> Result<Self, RoundError> {
+    fn open(dir: &Path, name: &str, total: u64, check: Check) -> Result<Self, RoundError> {
         let path = dir.join(format!("{name}.upload"));
         // 0600: a staged update is a client's contribution before any noise the server adds.
         let file = std::os::unix::fs::OpenOptionsExt::mode(
@@ -56,11 +86,12 @@ impl SpoolWriter {
         )
         .open(&path)
         .map_err(|e| RoundError::Internal(format!("cannot create spool file {}: {e}", path.display())))?;
-        Ok(Self { path, file: Some(file), tracker: ChunkTracker::new(total, 0), manifest, sumsq: 0.0 })
+        Ok(Self { path, file: Some(file), tracker: ChunkTracker::new(total, 0), check, sumsq: 0.0 })
     }
 
-    /// Checks and stores the next chunk: order and size bound, whole f32 values, every value
-    /// finite and within range; feeds the digest and the norm.
+    /// Checks and stores the next chunk: order and size bound, whole 4-byte words, every value
+    /// finite and within range (for int8 blocks: every scale and code); feeds the digest and
+    /// the norm.
     pub fn write_chunk(&mut self, offset: u64, data: &[u8]) -> Result<(), RoundError> {
         if data.len() % 4 != 0 {
             return Err(RoundError::Misaligned { offset, len: data.len() });
@@ -78,8 +109,13 @@ impl SpoolWriter {
             }
             other => RoundError::Chunk(other),
         })?;
-        if let Some(manifest) = &self.manifest {
-            self.sumsq += check_values(manifest, (offset / 4) as usize, data)?;
+        match &mut self.check {
+            Check::F32(manifest) => self.sumsq += check_values(manifest, (offset / 4) as usize, data)?,
+            Check::Int8(check) => {
+                check.feed(data)?;
+                self.sumsq = check.sum_of_squares();
+            }
+            Check::Masked => {}
         }
         let file = self.file.as_mut().expect("open until finished");
         file.write_all(data)
@@ -97,6 +133,9 @@ impl SpoolWriter {
         let received = self.tracker.position();
         let tracker = std::mem::replace(&mut self.tracker, ChunkTracker::new(0, 0));
         tracker.finish(digest)?;
+        if let Check::Int8(check) = &self.check {
+            check.finish()?;
+        }
         // Nothing to flush (unbuffered); the file is only read back by this process, so no fsync.
         drop(self.file.take());
         let path = std::mem::take(&mut self.path);
@@ -224,5 +263,42 @@ mod tests {
         w.write_chunk(0, &data[..MIN_CHUNK_BYTES]).unwrap();
         w.write_chunk(MIN_CHUNK_BYTES as u64, &data[MIN_CHUNK_BYTES..]).unwrap();
         w.finish(&Sha256::of(&data)).unwrap();
+    }
+
+    #[test]
+    fn an_int8_payload_is_checked_across_chunks_and_a_nan_scale_is_refused() {
+        use fedtune_shared::compression::{Int8Encoder, BLOCK_BYTES};
+        let dir = tempfile::tempdir().unwrap();
+        // At one byte per value, a million values make a payload of two chunks.
+        let n = MIN_CHUNK_BYTES + 1000;
+        let manifest =
+            Arc::new(Manifest::new(vec![TensorSpec { name: "w".into(), shape: vec![n] }]).unwrap());
+        let values: Vec<f32> = (0..manifest.numel()).map(|i| (i % 7) as f32 * 1e-3).collect();
+        let data = Int8Encoder::seeded_for_tests(1).encode(&values, MAX_ABS_VALUE).unwrap();
+        let open = |name: &str| {
+            SpoolWriter::create_encoded(
+                dir.path(),
+                name,
+                data.len() as u64,
+                manifest.clone(),
+                UpdateEncoding::Int8,
+            )
+            .unwrap()
+        };
+        // A minimum-sized first chunk ends inside a block: the block is checked across the cut.
+        let mut w = open("i1");
+        w.write_chunk(0, &data[..MIN_CHUNK_BYTES]).unwrap();
+        w.write_chunk(MIN_CHUNK_BYTES as u64, &data[MIN_CHUNK_BYTES..]).unwrap();
+        let staged = w.finish(&Sha256::of(&data)).unwrap();
+        assert_eq!(std::fs::read(staged.path()).unwrap(), data);
+        // The scale of the first block that starts in the second chunk.
+        let at = MIN_CHUNK_BYTES.next_multiple_of(BLOCK_BYTES);
+        let mut bad = data.clone();
+        bad[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        let mut w = open("i2");
+        w.write_chunk(0, &bad[..MIN_CHUNK_BYTES]).unwrap();
+        let err = w.write_chunk(MIN_CHUNK_BYTES as u64, &bad[MIN_CHUNK_BYTES..]).unwrap_err();
+        assert!(matches!(err, RoundError::Int8(_)), "{err}");
+        assert!(err.to_string().contains("scale NaN"), "{err}");
     }
 }

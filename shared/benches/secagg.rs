@@ -170,6 +170,7 @@ fn masked_header_extra(ctx: &RoundContext) -> usize {
         metrics: Default::default(),
         manifest_digest: Sha256([1; 32]),
         total_bytes: 4 * ctx.vector_len() as u64,
+        encoding: Default::default(),
     };
     let plain = pb::UpdateHeader::from(&header).encoded_len();
     let masked = pb::UpdateHeader::from(&MaskedUpdateHeader { header, secagg_context: *ctx.digest() });

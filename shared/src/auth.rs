@@ -207,8 +207,8 @@ impl From<&EnrollRequest> for pb::EnrollRequest {
 }
 
 /// What an upload's signature covers: the federation, the round and attempt, the sender, the tensor layout,
-/// the exact payload and the example count (its FedAvg weight), all from the upload's header and
-/// trailer. Both sides build it with this function.
+/// the exact payload, the example count (its FedAvg weight) and the payload's encoding (by the
+/// statement's label), all from the upload's header and trailer. Both sides build it with this function.
 pub fn update_statement(
     federation_id: &str,
     client: &ClientId,
@@ -224,6 +224,7 @@ pub fn update_statement(
         payload_sha256: payload_digest.0,
         num_examples: header.num_examples,
         secagg_context: None,
+        int8_block: header.encoding == crate::compression::UpdateEncoding::Int8,
     }
 }
 
@@ -237,6 +238,7 @@ pub fn masked_update_statement(
 ) -> UpdateStatement {
     UpdateStatement {
         secagg_context: Some(header.secagg_context),
+        int8_block: false,
         ..update_statement(federation_id, client, &header.header, payload_digest)
     }
 }
@@ -321,6 +323,7 @@ mod tests {
             metrics: BTreeMap::new(),
             manifest_digest: Sha256([7; 32]),
             total_bytes: 8,
+            encoding: crate::compression::UpdateEncoding::F32,
         }
     }
 
@@ -362,6 +365,12 @@ mod tests {
         // An update made for a failed attempt cannot be re-filed under the round's retry.
         let retry = UpdateHeader { id: RoundId::new(3, 1), ..header() };
         assert!(verify_upload(&pk, "fed", &me, &retry, &digest, Some(&sig)).is_err());
+        // The declared encoding is signed: the same bytes cannot be re-read as int8 blocks.
+        let int8 = UpdateHeader { encoding: crate::compression::UpdateEncoding::Int8, ..header() };
+        assert!(verify_upload(&pk, "fed", &me, &int8, &digest, Some(&sig)).is_err());
+        let int8_sig = sign_upload(&key, "fed", &me, &int8, &digest);
+        verify_upload(&pk, "fed", &me, &int8, &digest, Some(&int8_sig)).unwrap();
+        assert!(verify_upload(&pk, "fed", &me, &header(), &digest, Some(&int8_sig)).is_err());
         assert!(verify_upload(&pk, "fed", &me, &header(), &digest, None).is_err());
         let wrong_scheme = UpdateSignature { scheme: "rsa".into(), ..sig };
         assert!(verify_upload(&pk, "fed", &me, &header(), &digest, Some(&wrong_scheme)).is_err());

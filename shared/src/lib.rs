@@ -19,6 +19,8 @@
 //!   factor of every optimizer step.
 //! - [`convert`]: `TryFrom<pb::…>` (validation) and `From<domain>` for the wire types.
 //! - [`chunk`]: chunk limits, incremental SHA-256, checked reassembly, payload views.
+//! - [`compression`]: the `INT8_BLOCK` update encoding (blocks of 256 i8 codes under an f32
+//!   scale, unbiased stochastic rounding): encoder, streaming check, decode rule.
 //! - [`params`]: parameter vectors, manifests, digests, safetensors in and out.
 //! - [`privacy`]: user-level DP-FedAvg: clipping, exact discrete Gaussian noise on a fixed-point
 //!   grid (OS-seeded ChaCha20), adaptive clipping, RDP accountant and calibration.
@@ -41,6 +43,7 @@ pub mod auth;
 pub mod bert;
 pub mod chunk;
 pub mod clock;
+pub mod compression;
 pub mod convert;
 pub mod crypto;
 pub mod endpoint;

@@ -176,6 +176,9 @@ pub struct FitInstructions {
     pub lr_schedule: LrSchedule,
     /// Steps over which the local rate rises from 0 to `learning_rate`.
     pub warmup_steps: u64,
+    /// The payload encoding the update must be uploaded in (the federation's
+    /// `fit.update_encoding`; a secure round's masked upload ignores it).
+    pub update_encoding: crate::compression::UpdateEncoding,
 }
 
 /// How a client privatizes its update.
@@ -402,6 +405,9 @@ pub struct UpdateHeader {
     pub manifest_digest: Sha256,
     /// Payload bytes that follow.
     pub total_bytes: u64,
+    /// How the payload encodes the update (a masked upload's is always f32-sized words and is
+    /// told apart by its header type, [`MaskedUpdateHeader`]).
+    pub encoding: crate::compression::UpdateEncoding,
 }
 
 /// First message of a masked upload (`UPDATE_ENCODING_MASKED_U32`): the header of a plain

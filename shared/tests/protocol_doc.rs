@@ -31,7 +31,7 @@ const DOC: &str = include_str!("../../docs/protocol.md");
 const DOC_PATH: &str = "docs/protocol.md";
 
 /// Every worked example the document must hold, once each.
-const EXPECTED: [&str; 12] = [
+const EXPECTED: [&str; 14] = [
     "ed25519-key",
     "manifest-digest",
     "payload-digest",
@@ -44,6 +44,8 @@ const EXPECTED: [&str; 12] = [
     "secagg-agreement-key",
     "secagg-bundle-aad",
     "masked-update-statement",
+    "int8-block",
+    "int8-update-statement",
 ];
 
 /// One `wire-example` block.
@@ -348,6 +350,7 @@ fn the_update_statement_example_matches_update_signing() {
         payload_sha256,
         num_examples,
         secagg_context: None,
+        int8_block: false,
     };
     ex.check_bytes("message", &statement.canonical_bytes(), &message);
     ex.check_bytes("signature", sign_update(&key, &statement).as_bytes(), &signature);
@@ -362,6 +365,7 @@ fn the_update_statement_example_matches_update_signing() {
         metrics: Default::default(),
         manifest_digest: Sha256(manifest_sha256),
         total_bytes: 32,
+        encoding: Default::default(),
     };
     let payload = Sha256(payload_sha256);
     assert_eq!(update_statement(&federation_id, &client, &header, &payload), statement);
@@ -611,6 +615,7 @@ fn the_masked_update_statement_example_matches_masked_upload_signing() {
             metrics: Default::default(),
             manifest_digest: Sha256(plain.hex32("manifest_sha256")),
             total_bytes: 32,
+            encoding: Default::default(),
         },
         secagg_context: ex.hex32("secagg_context_sha256"),
     };
@@ -627,5 +632,54 @@ fn the_masked_update_statement_example_matches_masked_upload_signing() {
     );
     verify_update(&PublicKey::from_bytes(public), &statement, &Signature::from_slice(&signature).unwrap())
         .unwrap();
+    ex.done();
+}
+
+#[test]
+fn the_int8_block_example_decodes_as_the_compression_module_decodes() {
+    use fedtune_shared::compression::{decode, BLOCK_BYTES};
+    let ex = example("int8-block");
+    let values = ex.u64("values") as usize;
+    let mut block = ex.hex("block");
+    block.resize(block.len() + ex.u64("padding") as usize, 0);
+    assert_eq!(block.len(), BLOCK_BYTES, "{DOC_PATH}: example `int8-block` is one whole block");
+    let decoded = decode(&block, values, fedtune_shared::limits::MAX_ABS_UPDATE_VALUE).unwrap();
+    assert_eq!(decoded, ex.list::<f32>("decoded"));
+    ex.done();
+}
+
+#[test]
+fn the_int8_update_statement_example_matches_int8_upload_signing() {
+    use fedtune_shared::compression::UpdateEncoding;
+    let ex = example("int8-update-statement");
+    let plain = example("update-statement");
+    let (key, public) = documented_key();
+    let federation_id = plain.string("federation_id");
+    let client = ClientId::parse(&plain.string("client_id")).unwrap();
+    let round = plain.u64("round");
+    let header = UpdateHeader {
+        id: RoundId::new(round, u32::try_from(plain.u64("attempt")).unwrap()),
+        base_version: ModelVersion(round - 1),
+        num_examples: plain.u64("num_examples"),
+        metrics: Default::default(),
+        manifest_digest: Sha256(plain.hex32("manifest_sha256")),
+        total_bytes: 260,
+        encoding: UpdateEncoding::Int8,
+    };
+    let payload = Sha256(plain.hex32("payload_sha256"));
+    let statement = update_statement(&federation_id, &client, &header, &payload);
+    ex.check_bytes("message", &statement.canonical_bytes(), &ex.hex("message"));
+    let signature = ex.hex("signature");
+    ex.check_bytes(
+        "signature",
+        &sign_upload(&key, &federation_id, &client, &header, &payload).bytes,
+        &signature,
+    );
+    verify_update(&PublicKey::from_bytes(public), &statement, &Signature::from_slice(&signature).unwrap())
+        .unwrap();
+    // Not the f32 upload's signature.
+    let f32_header = UpdateHeader { encoding: UpdateEncoding::F32, ..header };
+    let f32_statement = update_statement(&federation_id, &client, &f32_header, &payload);
+    assert_ne!(f32_statement.canonical_bytes(), statement.canonical_bytes());
     ex.done();
 }

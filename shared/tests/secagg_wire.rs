@@ -357,6 +357,7 @@ fn a_masked_upload_header_keeps_the_plain_header_and_names_the_round_context() {
             metrics: BTreeMap::new(),
             manifest_digest: Sha256([1; 32]),
             total_bytes: 4 * ctx.vector_len() as u64,
+            encoding: Default::default(),
         },
         secagg_context: *ctx.digest(),
     };

@@ -397,7 +397,7 @@ impl TestClient {
         self.wait_finished(within).await
     }
 
-    /// The header a correct upload for `task` carries.
+    /// The header a correct upload for `task` carries (in the encoding the task asks for).
     pub fn header(&self, task: &FitTask, num_examples: u64, total_bytes: u64) -> UpdateHeader {
         UpdateHeader {
             id: task.id,
@@ -406,6 +406,7 @@ impl TestClient {
             metrics: [("train_loss".to_string(), 0.5)].into_iter().collect(),
             manifest_digest: Sha256(self.trainable().digest()),
             total_bytes,
+            encoding: task.config.update_encoding,
         }
     }
 

@@ -173,3 +173,23 @@ fn a_secure_simulation_under_distributed_noise_reports_t_k_survivors_and_epsilon
     );
     Ok(())
 }
+
+#[test]
+fn simulate_update_encoding_int8_sends_fewer_bytes_than_f32_for_the_same_rounds() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = write_fake_model(&dir.path().join("model"), 2, 16)?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 60, 5)?;
+    let run = |encoding: &str| {
+        let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+        let args = ["--fake-trainer", "--model", model, "--data", data, "--clients", "2", "--rounds", "1"];
+        let mut args = args.to_vec();
+        args.extend(["--sample", "0", "--update-encoding", encoding]);
+        simulate(&args, &dir.path().join(encoding))
+    };
+    let (f32_rows, int8_rows) = (run("f32")?, run("int8")?);
+    assert_eq!((f32_rows.len(), int8_rows.len()), (1, 1));
+    assert_eq!((f32_rows[0].participants, int8_rows[0].participants), (2, 2));
+    // Downloads are the same f32 model; only the uploads shrink.
+    assert!(int8_rows[0].bytes < f32_rows[0].bytes, "int8 {:?} vs f32 {:?}", int8_rows[0], f32_rows[0]);
+    Ok(())
+}

@@ -53,7 +53,12 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
             max_abs_update_value: limits.max_abs_update_value,
             secure: None,
         };
-        let pipeline = match self.pipelines.build(&context) {
+        let encoding = task.config.update_encoding;
+        let built = self
+            .pipelines
+            .build(&context)
+            .and_then(|p| p.with_update_encoding(encoding, limits.max_abs_update_value));
+        let pipeline = match built {
             Ok(p) => p,
             Err(e) => {
                 self.report_failure(&work, e.failure_code(), &e.to_string()).await;

@@ -196,6 +196,8 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
             metrics: header_metrics(task, &update.metrics, train_loss, samples_per_second, seconds),
             manifest_digest: Sha256(update.manifest.digest()),
             total_bytes: (update.words.len() * fedtune_shared::secagg::encoding::BYTES_PER_COORDINATE) as u64,
+            // Told apart by the masked header it travels in; the field is the plain header's.
+            encoding: fedtune_shared::compression::UpdateEncoding::F32,
         };
         // Masking expands one ChaCha stream per neighbour over the whole vector: CPU work, kept
         // off the reactor; the encoded words are masked where they lie.

@@ -136,6 +136,7 @@ impl Hub {
                 seed: 1,
                 lr_schedule: fedtune_shared::schedule::LrSchedule::Constant,
                 warmup_steps: 0,
+                update_encoding: Default::default(),
             },
             deadline_in: Duration::from_secs(120),
             deadline_unix_ms: 0,

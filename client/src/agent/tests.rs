@@ -56,6 +56,7 @@ fn fit_task(round: u64, model: ModelRef) -> Task {
             seed: round,
             lr_schedule: LrSchedule::Constant,
             warmup_steps: 0,
+            update_encoding: Default::default(),
         },
         deadline_in: Duration::from_secs(600),
         deadline_unix_ms: 0,

@@ -23,17 +23,22 @@ use super::worker::FitResult;
 use super::{Agent, AgentError, Pending, State, Work};
 use crate::transport::{ApiError, CoordinatorApi};
 
-/// Values an upload streams, 4 little-endian bytes each, read where they lie (no second copy of
-/// the whole payload).
+/// The bytes an upload streams, read where they lie (no second copy of the whole payload).
+/// Every payload is a whole number of 4-byte words and chunks start on word boundaries.
 pub(super) trait UploadPayload: Send + Sync + 'static {
-    /// Appends the bytes of values `range` to `out`.
-    fn write_le(&self, range: Range<usize>, out: &mut Vec<u8>);
+    /// Appends the payload bytes `range` (word-aligned) to `out`.
+    fn write_bytes(&self, range: Range<usize>, out: &mut Vec<u8>);
 }
 
 impl UploadPayload for FitResult {
-    fn write_le(&self, range: Range<usize>, out: &mut Vec<u8>) {
-        for v in &self.update.delta.values()[range] {
-            out.extend_from_slice(&v.to_le_bytes());
+    fn write_bytes(&self, range: Range<usize>, out: &mut Vec<u8>) {
+        match &self.update.int8 {
+            Some(bytes) => out.extend_from_slice(&bytes[range]),
+            None => {
+                for v in &self.update.delta.values()[range.start / 4..range.end / 4] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
         }
     }
 }
@@ -43,7 +48,7 @@ impl UploadPayload for FitResult {
 pub(super) struct MaskedPayload(pub(super) Vec<u32>);
 
 impl MaskedPayload {
-    /// SHA-256 of the bytes [`UploadPayload::write_le`] streams, hashed in slices.
+    /// SHA-256 of the bytes [`UploadPayload::write_bytes`] streams, hashed in slices.
     pub(super) fn digest(&self) -> Sha256 {
         let mut hasher = Sha256Stream::default();
         let mut buf = Vec::with_capacity(1 << 16);
@@ -57,8 +62,8 @@ impl MaskedPayload {
 }
 
 impl UploadPayload for MaskedPayload {
-    fn write_le(&self, range: Range<usize>, out: &mut Vec<u8>) {
-        for w in &self.0[range] {
+    fn write_bytes(&self, range: Range<usize>, out: &mut Vec<u8>) {
+        for w in &self.0[range.start / 4..range.end / 4] {
             out.extend_from_slice(&w.to_le_bytes());
         }
     }
@@ -102,7 +107,8 @@ pub(super) fn upload_items(
         num_examples: update.num_examples,
         metrics,
         manifest_digest: Sha256(update.delta.manifest().digest()),
-        total_bytes: update.delta.manifest().byte_len() as u64,
+        total_bytes: update.payload_len(),
+        encoding: update.encoding(),
     };
     let digest = result.payload_digest;
     framed(header, digest, result, chunk_bytes, rate)
@@ -135,9 +141,9 @@ pub(super) fn framed<P: UploadPayload>(
                 let due = started + Duration::from_secs_f64(range.start as f64 / rate as f64);
                 tokio::time::sleep_until(due).await;
             }
-            let values = (range.start / 4) as usize..(range.end / 4) as usize;
-            let mut data = Vec::with_capacity(values.len() * 4);
-            payload.write_le(values, &mut data);
+            let bytes = range.start as usize..range.end as usize;
+            let mut data = Vec::with_capacity(bytes.len());
+            payload.write_bytes(bytes, &mut data);
             UploadItem::Chunk(Chunk { offset: range.start, data: Bytes::from(data) })
         }
     });
@@ -158,7 +164,7 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
         let chunk = session.limits.chunk_bytes() as usize;
         let items =
             upload_items(&pending.task, Arc::clone(&pending.result), chunk, self.config.upload_rate_limit);
-        let total = pending.result.update.delta.manifest().byte_len() as u64;
+        let total = pending.result.update.payload_len();
         // An upload's work is done: on shutdown give it a short grace period to land.
         let supervision =
             self.supervision(ClientActivity::Uploading, &work, Some(self.config.shutdown_grace));
@@ -207,6 +213,7 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
 mod tests {
     use super::*;
     use crate::update::PreparedUpdate;
+    use fedtune_shared::compression::UpdateEncoding;
     use fedtune_shared::ids::{ModelVersion, RoundId};
     use fedtune_shared::params::{Manifest, ParameterVector, TensorSpec};
     use fedtune_shared::round::{FitInstructions, ModelRef, PrivacyInstructions};
@@ -230,6 +237,7 @@ mod tests {
                 seed: 1,
                 lr_schedule: fedtune_shared::schedule::LrSchedule::Constant,
                 warmup_steps: 0,
+                update_encoding: Default::default(),
             },
             deadline_in: Duration::from_secs(60),
             deadline_unix_ms: 0,
@@ -248,6 +256,7 @@ mod tests {
                 delta,
                 num_examples: 42,
                 metrics: BTreeMap::from([("l2_norm", 1.5)]),
+                int8: None,
             },
             payload_digest,
             train_loss: 0.25,
@@ -279,6 +288,30 @@ mod tests {
         }
         let UploadItem::Trailer(t) = items.last().unwrap() else { panic!("last item must be the trailer") };
         tracker.finish(&t.payload_digest).unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_int8_upload_declares_its_encoding_and_streams_the_encoded_bytes() {
+        let plain = result(600_000);
+        let small: Vec<f32> = plain.update.delta.values().iter().map(|v| v * 1e-6).collect();
+        let bytes =
+            fedtune_shared::compression::Int8Encoder::seeded_for_tests(1).encode(&small, 256.0).unwrap();
+        let mut update = plain.update.clone();
+        update.int8 = Some(Arc::new(bytes.clone()));
+        let r = Arc::new(FitResult { payload_digest: update.payload_digest(), update, ..(*plain).clone() });
+        let items: Vec<UploadItem> = upload_items(&task(), Arc::clone(&r), 1 << 20, None).collect().await;
+        let UploadItem::Header(h) = &items[0] else { panic!("first item must be the header") };
+        assert_eq!((h.encoding, h.total_bytes), (UpdateEncoding::Int8, 609_440));
+        let streamed: Vec<u8> = items[1..items.len() - 1]
+            .iter()
+            .flat_map(|i| match i {
+                UploadItem::Chunk(c) => c.data.to_vec(),
+                _ => panic!("chunks between header and trailer"),
+            })
+            .collect();
+        assert_eq!(streamed, bytes);
+        let UploadItem::Trailer(t) = items.last().unwrap() else { panic!("last item must be the trailer") };
+        assert_eq!(t.payload_digest, Sha256::of(&bytes));
     }
 
     #[tokio::test(start_paused = true)]

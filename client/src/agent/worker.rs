@@ -12,7 +12,6 @@
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use fedtune_shared::chunk::payload_digest;
 use fedtune_shared::ids::Sha256;
 use fedtune_shared::params::{Manifest, ParameterVector};
 use tokio::sync::oneshot;
@@ -174,7 +173,7 @@ fn run(trainer: &mut dyn LocalTrainer, job: Job) {
             let result = trainer.fit(&global, &config).map_err(JobError::from).and_then(|outcome| {
                 let update =
                     pipeline.prepare(config.round, &global, &outcome.weights, outcome.num_examples)?;
-                let digest = payload_digest(&update.delta);
+                let digest = update.payload_digest();
                 Ok(FitResult {
                     update,
                     payload_digest: digest,

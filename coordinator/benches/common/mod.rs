@@ -172,6 +172,7 @@ impl Client {
             metrics: Default::default(),
             manifest_digest: Sha256(self.joined.trainable_manifest.digest()),
             total_bytes: payload.len() as u64,
+            encoding: Default::default(),
         };
         let mut items: Vec<pb::UploadUpdateRequest> = vec![UploadItem::Header(header.clone()).into()];
         let mut at = 0;

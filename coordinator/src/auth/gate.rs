@@ -516,6 +516,7 @@ mod tests {
             metrics: BTreeMap::new(),
             manifest_digest: Sha256([1; 32]),
             total_bytes: 4,
+            encoding: Default::default(),
         };
         let digest = Sha256([2; 32]);
         let fed = g.federation_id().unwrap();

@@ -697,11 +697,12 @@ impl CoordinatorService {
             let name =
                 format!("{}-{}-{}-{}", ticket.round.round, ticket.round.attempt, client, ticket.upload_id);
             let is_masked = masked.is_some();
+            let encoding = ticket.header.encoding;
             let mut writer = tokio::task::spawn_blocking(move || {
                 if is_masked {
                     SpoolWriter::create_masked(&dir, &name, total)
                 } else {
-                    SpoolWriter::create(&dir, &name, total, manifest)
+                    SpoolWriter::create_encoded(&dir, &name, total, manifest, encoding)
                 }
             })
             .await

@@ -26,6 +26,7 @@ impl From<RoundError> for Status {
             | E::Protocol(_)
             | E::Misaligned { .. }
             | E::Value(_)
+            | E::Int8(_)
             | E::ManifestMismatch { .. }
             | E::SizeMismatch { .. }
             | E::WeightOverCap { .. }

@@ -138,6 +138,7 @@ mod tests {
             seed: 0,
             lr_schedule: fedtune_shared::schedule::LrSchedule::Constant,
             warmup_steps: 0,
+            update_encoding: Default::default(),
         };
         let draw = Draw {
             round: RoundId::new(1, 0),

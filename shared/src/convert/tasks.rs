@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use super::*;
+use crate::compression::UpdateEncoding;
 use crate::schedule::LrSchedule;
 use crate::secagg::SecureTask;
 
@@ -60,7 +61,22 @@ impl TryFrom<pb::FitConfig> for FitInstructions {
             seed: c.seed,
             lr_schedule: lr_schedule_from(c.lr_schedule)?,
             warmup_steps: c.warmup_steps,
+            update_encoding: update_encoding_from(c.update_encoding)?,
         })
+    }
+}
+
+fn update_encoding_from(v: i32) -> Result<UpdateEncoding, ConvertError> {
+    use pb::UpdateEncoding as P;
+    match P::try_from(v) {
+        // A coordinator that predates the field sends nothing: the f32 delta it always took.
+        Ok(P::Unspecified | P::F32Delta) => Ok(UpdateEncoding::F32),
+        Ok(P::Int8Block) => Ok(UpdateEncoding::Int8),
+        // A secure round says so in its own field; a masked encoding here is a mistake.
+        Ok(P::MaskedU32) | Err(_) => Err(invalid(
+            "config.update_encoding",
+            format!("{v} is not an update encoding a client can be asked for"),
+        )),
     }
 }
 
@@ -93,6 +109,7 @@ impl From<&FitInstructions> for pb::FitConfig {
             seed: c.seed,
             lr_schedule: lr_schedule_to_pb(c.lr_schedule) as i32,
             warmup_steps: c.warmup_steps,
+            update_encoding: super::upload::encoding_to_pb(c.update_encoding) as i32,
         }
     }
 }

@@ -156,6 +156,7 @@ fn fit_task() -> Task {
             seed: 9,
             lr_schedule: LrSchedule::Constant,
             warmup_steps: 0,
+            update_encoding: Default::default(),
         },
         deadline_in: Duration::from_secs(60),
         deadline_unix_ms: 1,
@@ -203,6 +204,7 @@ fn fit_config(lr_schedule: LrSchedule, warmup_steps: u64) -> FitInstructions {
         seed: 1,
         lr_schedule,
         warmup_steps,
+        update_encoding: Default::default(),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The update upload stream: header, chunks, trailer, receipt.
 
 use super::*;
+use crate::compression::UpdateEncoding;
 
 pub use crate::limits::MAX_NUM_EXAMPLES;
 
@@ -12,16 +13,20 @@ impl TryFrom<pb::UpdateHeader> for UpdateHeader {
         if h.encoding == pb::UpdateEncoding::MaskedU32 as i32 {
             return Err(invalid("header.encoding", "masked_u32 uploads belong to secure rounds only"));
         }
-        if h.encoding != pb::UpdateEncoding::F32Delta as i32 {
-            return Err(invalid("header.encoding", format!("unsupported update encoding {}", h.encoding)));
-        }
+        let encoding = match pb::UpdateEncoding::try_from(h.encoding) {
+            Ok(pb::UpdateEncoding::F32Delta) => UpdateEncoding::F32,
+            Ok(pb::UpdateEncoding::Int8Block) => UpdateEncoding::Int8,
+            _ => {
+                return Err(invalid("header.encoding", format!("unsupported update encoding {}", h.encoding)))
+            }
+        };
         if !h.secagg_context_sha256.is_empty() {
             return Err(invalid(
                 "header.secagg_context_sha256",
                 "only masked_u32 uploads name a secure round",
             ));
         }
-        common_header(h)
+        Ok(UpdateHeader { encoding, ..common_header(h)? })
     }
 }
 
@@ -67,7 +72,16 @@ fn common_header(h: pb::UpdateHeader) -> Result<UpdateHeader, ConvertError> {
         metrics: finite_metrics("header.metrics", h.metrics)?,
         manifest_digest: digest("header.manifest_sha256", &h.manifest_sha256)?,
         total_bytes: h.total_bytes,
+        encoding: UpdateEncoding::F32,
     })
+}
+
+/// Wire value of a plain upload's encoding.
+pub(super) fn encoding_to_pb(e: UpdateEncoding) -> pb::UpdateEncoding {
+    match e {
+        UpdateEncoding::F32 => pb::UpdateEncoding::F32Delta,
+        UpdateEncoding::Int8 => pb::UpdateEncoding::Int8Block,
+    }
 }
 
 impl From<&UpdateHeader> for pb::UpdateHeader {
@@ -80,7 +94,7 @@ impl From<&UpdateHeader> for pb::UpdateHeader {
             metrics: h.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             manifest_sha256: h.manifest_digest.0.to_vec().into(),
             total_bytes: h.total_bytes,
-            encoding: pb::UpdateEncoding::F32Delta as i32,
+            encoding: encoding_to_pb(h.encoding) as i32,
             secagg_context_sha256: Default::default(),
         }
     }

@@ -21,6 +21,12 @@ pub const UPDATE_CONTEXT: &str = "fedtune/v1/update";
 /// signature over a plain update never verifies as one over a masked upload or the reverse.
 pub const MASKED_UPDATE_CONTEXT: &str = "fedtune/v1/update/masked-u32";
 
+/// Context label of the statements of 8-bit uploads (`UPDATE_ENCODING_INT8_BLOCK`): the update
+/// statement's fields under a label of their own, so the encoding the header declares is
+/// signed too (an f32 upload's signature never verifies for the same bytes read as int8
+/// blocks, or the reverse).
+pub const INT8_UPDATE_CONTEXT: &str = "fedtune/v1/update/int8-block";
+
 /// Context label of join-challenge responses.
 pub const CHALLENGE_CONTEXT: &str = "fedtune/v1/join-challenge";
 
@@ -46,13 +52,20 @@ pub struct UpdateStatement {
     /// For a masked upload, the round-context digest of its secure round (see
     /// [`MASKED_UPDATE_CONTEXT`]); `None` for a plain `f32` delta.
     pub secagg_context: Option<[u8; 32]>,
+    /// The payload is `INT8_BLOCK` encoded (signed under [`INT8_UPDATE_CONTEXT`]); never
+    /// together with `secagg_context`.
+    pub int8_block: bool,
 }
 
 impl UpdateStatement {
     /// The exact bytes that are signed. A plain update's bytes are those of protocol v1 before
     /// secure aggregation existed, so its signatures are unchanged.
     pub fn canonical_bytes(&self) -> Vec<u8> {
-        let label = if self.secagg_context.is_some() { MASKED_UPDATE_CONTEXT } else { UPDATE_CONTEXT };
+        let label = match (&self.secagg_context, self.int8_block) {
+            (Some(_), _) => MASKED_UPDATE_CONTEXT,
+            (None, true) => INT8_UPDATE_CONTEXT,
+            (None, false) => UPDATE_CONTEXT,
+        };
         let mut c = Canonical::new(label);
         c.str(&self.federation_id)
             .u64(self.round)
@@ -193,6 +206,7 @@ mod tests {
             payload_sha256: [2; 32],
             num_examples: 1200,
             secagg_context: None,
+            int8_block: false,
         }
     }
 
@@ -282,6 +296,7 @@ mod tests {
             payload_sha256: challenge.nonce,
             num_examples: 0,
             secagg_context: None,
+            int8_block: false,
         };
         assert_rejected(&key.public_key(), &mimic, &answer);
         assert_ne!(challenge.canonical_bytes()[..40], mimic.canonical_bytes()[..40]);

@@ -66,6 +66,7 @@ impl Phase for Selecting {
             seed: 0,
             lr_schedule: s.fit.lr_schedule,
             warmup_steps: s.fit.warmup_steps,
+            update_encoding: s.fit.update_encoding,
         };
         let exposures = if s.privacy.enabled() && selected.len() >= sampling::min_sampled(&s) {
             let drawn = selected.clone();

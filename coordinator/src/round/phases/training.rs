@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
+use fedtune_shared::compression::UpdateEncoding;
 use fedtune_shared::ids::{ClientId, RoundId, Sha256};
 use fedtune_shared::round::{ClientActivity, PhaseName, TaskKind, UpdateHeader, UploadReceipt};
 use tokio::task::JoinHandle;
@@ -238,7 +239,18 @@ impl Training {
                 got: header.manifest_digest,
             });
         }
-        let expected = layout.trainable.byte_len() as u64;
+        // A plain round takes the encoding its fit tasks asked for, nothing else: the bytes of
+        // one encoding must never be folded as the other. (A masked header has its own type.)
+        let wanted = shared.settings.fit.update_encoding;
+        if masked.is_none() && header.encoding != wanted {
+            return Err(RoundError::WrongEncoding(format!(
+                "`{}` does not fit this round, whose fit tasks ask for `{wanted}` (fit.update_encoding)",
+                header.encoding
+            )));
+        }
+        let values = layout.trainable.byte_len() / 4;
+        let expected =
+            if masked.is_some() { values as u64 * 4 } else { header.encoding.payload_bytes(values) };
         if header.total_bytes > expected {
             return Err(RoundError::TooLarge { size: header.total_bytes, limit: expected });
         }
@@ -355,8 +367,12 @@ impl Training {
         self.folding = Some(tokio::task::spawn_blocking(move || {
             let mut sum = sum;
             let w = pending.weighting;
+            let path = pending.staged.path();
             let started = tokio::time::Instant::now();
-            let r = sum.fold_file(pending.staged.path(), w.weight, w.scale, threads);
+            let r = match pending.ticket.header.encoding {
+                UpdateEncoding::F32 => sum.fold_file(path, w.weight, w.scale, threads),
+                UpdateEncoding::Int8 => sum.fold_int8_file(path, w.weight, w.scale, threads),
+            };
             if r.is_ok() {
                 crate::telemetry::folded(pending.staged.bytes(), started.elapsed());
             }

@@ -62,6 +62,7 @@ fn base() -> FitInstructions {
         seed: 0,
         lr_schedule: fedtune_shared::schedule::LrSchedule::Constant,
         warmup_steps: 0,
+        update_encoding: Default::default(),
     }
 }
 
