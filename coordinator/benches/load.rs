@@ -39,6 +39,7 @@ use bytes::Bytes;
 use common::{connect, enroll, free_port, write_bert_like, BertShape};
 use fedtune_shared::auth::{sign_upload, ChallengeGrant, JoinProof};
 use fedtune_shared::chunk::{Sha256Stream, MAX_MESSAGE_BYTES};
+use fedtune_shared::compression::UpdateEncoding;
 use fedtune_shared::crypto::KeyPair;
 use fedtune_shared::ids::{ClientId, RoundId, Sha256};
 use fedtune_shared::pb::{self, coordinator_client::CoordinatorClient};
@@ -330,6 +331,7 @@ impl Session {
             metrics: Default::default(),
             manifest_digest: Sha256(joined.trainable_manifest.digest()),
             total_bytes: update.payload.len() as u64,
+            encoding: UpdateEncoding::F32,
         };
         let signature = sign_upload(&self.key, &federation, &joined.client_id, &header, &update.digest);
         let mut items: Vec<pb::UploadUpdateRequest> = vec![UploadItem::Header(header).into()];
