@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use fedtune_shared::bert::num_encoder_layers;
 use fedtune_shared::chunk::PayloadView;
 use fedtune_shared::ids::{ModelVersion, RoundId, Sha256};
+use fedtune_shared::bert::lora::LoraConfig;
 use fedtune_shared::params::{Manifest, ParameterVector};
+use fedtune_shared::round::AdapterSpec;
 use tracing::{info, warn};
 
 use crate::model::{self, GlobalModel, ModelError, TrainableLayout};
@@ -28,6 +30,7 @@ mod keys {
     pub(super) const FULL_MANIFEST: &str = "full_manifest_sha256";
     pub(super) const TRAINABLE_MANIFEST: &str = "trainable_manifest_sha256";
     pub(super) const STRATEGY: &str = "strategy";
+    pub(super) const ADAPTER: &str = crate::model::ADAPTER_META_KEY;
 }
 
 /// Errors at start-up.
@@ -55,6 +58,8 @@ pub struct Booted {
     pub model: GlobalModel,
     /// Label names.
     pub labels: Vec<String>,
+    /// The LoRA adapter clients build (A's seed is the recorded `init_seed`), if any.
+    pub adapter: Option<AdapterSpec>,
     /// The strategy, with restored state.
     pub strategy: Box<dyn Strategy>,
     /// Known clients.
@@ -88,8 +93,9 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
     let inconsistent = |reason: String| BootError::Inconsistent { dir: store.dir().to_path_buf(), reason };
     let latest = store.call_sync(|c| storage::latest_checkpoint(c))?;
     let mut strategy = strategy::from_settings(&settings.strategy);
-    let (model, labels, fresh) = match latest {
+    let (model, labels, lora, fresh) = match latest {
         None => {
+            let lora = settings.model.lora_config(settings.model.init_seed);
             let init = model::load_initial(&settings.model)?;
             let layout = TrainableLayout::new(
                 init.params.manifest().clone(),
@@ -110,6 +116,7 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
                 (keys::FULL_MANIFEST, global.model_ref.full_manifest.to_hex()),
                 (keys::TRAINABLE_MANIFEST, global.model_ref.trainable_manifest.to_hex()),
                 (keys::STRATEGY, strategy.name().to_string()),
+                (keys::ADAPTER, model::adapter_meta(lora.as_ref())),
             ];
             let digest = global.model_ref.full_payload;
             store.call_sync(|c| storage::commit_initial(c, &path, digest, &meta))?;
@@ -120,7 +127,7 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
                 initialised = ?init.initialised,
                 "initial model created"
             );
-            (global, init.labels, true)
+            (global, init.labels, lora, true)
         }
         Some(row) => {
             let meta = |k: &'static str| {
@@ -156,6 +163,19 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
                         .into(),
                 ));
             }
+            // A state directory from before adapters records none: it has no adapter.
+            let recorded_adapter = store.call_sync(|c| storage::meta_get(c, keys::ADAPTER))?;
+            let lora = model::recorded_adapter(recorded_adapter.as_deref()).map_err(inconsistent)?;
+            let seed = meta(keys::INIT_SEED)?
+                .parse::<u64>()
+                .map_err(|e| inconsistent(format!("meta `init_seed`: {e}")))?;
+            if lora != settings.model.lora_config(seed) {
+                return Err(inconsistent(
+                    "model.adapter / model.lora differ from when this state directory was created; use \
+                     those settings or a new state directory"
+                        .into(),
+                ));
+            }
             let recorded = meta(keys::STRATEGY)?;
             if recorded != strategy.name() {
                 return Err(inconsistent(format!(
@@ -177,7 +197,7 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
                 warn!(recorded = ?labels, "model.labels differ from the recorded labels; the recorded ones stay");
             }
             info!(version = %row.version, "resuming from the last committed round");
-            (GlobalModel::new(row.version, params, layout.into()), labels, false)
+            (GlobalModel::new(row.version, params, layout.into()), labels, lora, false)
         }
     };
     // Differential privacy wraps whichever strategy runs, its accountant rebuilt from the ledger.
@@ -198,9 +218,11 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
             storage::evaluated(c, ModelVersion(0))? || version.0 > 0,
         ))
     })?;
+    let adapter = lora.map(|lora| AdapterSpec { a_digest: LoraConfig::a_digest(&model.params), lora });
     Ok(Booted {
         model,
         labels,
+        adapter,
         strategy,
         clients,
         next: RoundId::new(round, attempt),
