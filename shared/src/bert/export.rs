@@ -75,9 +75,9 @@ pub fn export_hf_merged(
 /// Writes `weights`' adapter as a `peft` adapter directory `out`: `adapter_config.json` (LoRA,
 /// `SEQ_CLS`, `lora`'s rank, alpha, dropout and targets, the head in `modules_to_save`,
 /// `base_model_name_or_path` = `base_model`) and `adapter_model.safetensors` (every `lora_A`,
-/// `lora_B` and head tensor under `peft`'s names). The base model must be loaded with the same
-/// `num_labels` (`labels`, also written as `id2label` for the reader's benefit). Replaces an
-/// existing `out`. Returns the files written.
+/// `lora_B` and head tensor under `peft`'s names). The base model must be loaded with
+/// `num_labels = labels.len()` (checked against the classifier here; `peft`'s config has no
+/// place for label names). Replaces an existing `out`. Returns the files written.
 pub fn export_peft_adapter(
     out: &Path,
     lora: &LoraConfig,
@@ -86,6 +86,11 @@ pub fn export_peft_adapter(
     base_model: &str,
 ) -> Result<Vec<PathBuf>, ExportError> {
     lora.validate()?;
+    if let Some(spec) = weights.manifest().tensors.iter().find(|t| t.name == "classifier.weight") {
+        if spec.shape.first() != Some(&labels.len()) {
+            return Err(ExportError::Labels { labels: labels.len(), classes: spec.shape[0] });
+        }
+    }
     let keep = |name: &str| {
         lora_part(name).is_some() || matches!(TensorRole::of(name), TensorRole::Classifier | TensorRole::Pooler)
     };
@@ -120,7 +125,6 @@ pub fn export_peft_adapter(
         "init_lora_weights": true,
         "use_rslora": false,
         "use_dora": false,
-        "id2label": labels.iter().enumerate().map(|(i, l)| (i.to_string(), json!(l))).collect::<Map<_, _>>(),
     });
     let config = serde_json::to_vec_pretty(&config).map_err(|e| ExportError::Serialize(e.to_string()))?;
     let names = ["adapter_config.json", "adapter_model.safetensors"];
