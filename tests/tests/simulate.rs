@@ -173,3 +173,106 @@ fn a_secure_simulation_under_distributed_noise_reports_t_k_survivors_and_epsilon
     );
     Ok(())
 }
+
+/// The tensors whose values differ between the checkpoints of rounds `a` and `b` of a
+/// simulation's state folder.
+fn changed_between(out: &Path, a: u64, b: u64) -> Result<Vec<String>> {
+    use fedtune_shared::params::ParameterVector;
+    let load = |v: u64| {
+        let path = out.join("state/checkpoints").join(format!("round-{v:06}.safetensors"));
+        ParameterVector::load_safetensors(&path, |_| true).with_context(|| path.display().to_string())
+    };
+    let (before, after) = (load(a)?, load(b)?);
+    ensure!(before.manifest() == after.manifest(), "the layout changed between rounds");
+    Ok(before
+        .manifest()
+        .ranges()
+        .filter(|(_, r)| before.values()[r.clone()] != after.values()[r.clone()])
+        .map(|(t, _)| t.name.clone())
+        .collect())
+}
+
+/// `simulate` of three tiny-BERT clients training a rank-4 LoRA adapter, plus `extra` flags.
+fn simulate_lora(out: &Path, data: &Path, extra: &[&str]) -> Result<Vec<RoundRow>> {
+    let model = tiny_bert();
+    let mut args = vec![
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--clients",
+        "3",
+        "--rounds",
+        "2",
+        "--sample",
+        "0",
+        "--adapter",
+        "lora",
+        "--lora-rank",
+        "4",
+        "--max-len",
+        "32",
+        "--batch-size",
+        "16",
+        "--lr",
+        "5e-3",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    simulate(&args, out)
+}
+
+#[test]
+fn a_lora_federation_moves_only_b_and_the_head_and_exports_merged_and_as_a_peft_adapter() -> Result<()> {
+    use fedtune_shared::bert::lora::{lora_part, LoraConfig, PEFT_PREFIX};
+    let dir = tempfile::tempdir()?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 300, 6)?;
+    let out = dir.path().join("out");
+    let rows = simulate_lora(&out, &data, &[])?;
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r.participants == 3), "{rows:?}");
+    // Uploads carry exactly the trainable manifest (the coordinator refuses any other), so what
+    // aggregation changed is what clients sent: every B and the head, never a base weight or A.
+    let changed = changed_between(&out, 0, 2)?;
+    ensure!(changed.iter().any(|n| n.ends_with("lora_B.weight")), "B never moved: {changed:?}");
+    for name in &changed {
+        assert!(LoraConfig::trains(name), "{name} changed but is frozen under LoRA");
+    }
+    let merged = fedtune_shared::params::ParameterVector::load_safetensors(
+        &out.join("model/model.safetensors"),
+        |_| true,
+    )?;
+    assert!(merged.manifest().tensors.iter().all(|t| lora_part(&t.name).is_none()), "merged: no adapters");
+    let adapter = fedtune_shared::params::ParameterVector::load_safetensors(
+        &out.join("model-adapter/adapter_model.safetensors"),
+        |_| true,
+    )?;
+    for t in &adapter.manifest().tensors {
+        let name = t.name.strip_prefix(PEFT_PREFIX).context("peft prefix")?;
+        assert!(lora_part(name).is_some() || LoraConfig::trains(name), "{name} in the adapter file");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_lora_federation_under_central_dp_noises_only_the_adapter_and_the_head() -> Result<()> {
+    use fedtune_shared::bert::lora::LoraConfig;
+    let dir = tempfile::tempdir()?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 300, 7)?;
+    let out = dir.path().join("out");
+    let dp = ["--dp", "central", "--noise-multiplier", "0.8", "--clip-norm", "0.5", "--delta", "1e-5"];
+    let rows = simulate_lora(&out, &data, &dp)?;
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r.epsilon.is_some_and(|e| e > 0.0)), "{rows:?}");
+    // The decorator's noise lands on every coordinate of the vector it is given: had it been
+    // given more than the adapter and head, a frozen tensor would move.
+    let changed = changed_between(&out, 0, 2)?;
+    for name in &changed {
+        assert!(LoraConfig::trains(name), "{name} changed but is frozen under LoRA");
+    }
+    ensure!(changed.iter().filter(|n| n.ends_with("lora_B.weight")).count() >= 4, "{changed:?}");
+    Ok(())
+}
