@@ -19,8 +19,8 @@ use fedtune_shared::schedule::{LrSchedule, Warmup};
 use crate::data::{DataError, DataOptions, Dataset};
 use crate::device::{DeviceChoice, PrecisionChoice};
 use crate::local_trainer::{FitConfig, TrainerError};
-use fedtune_shared::bert::lora::LoraConfig;
 use crate::trainer::{AdamWConfig, BertTrainer, TrainScope, TrainerOptions, TrainerSummary};
+use fedtune_shared::bert::lora::LoraConfig;
 
 pub use run::RunArgs;
 
@@ -64,7 +64,7 @@ pub struct Cli {
 pub enum Command {
     /// Fine-tune a model on a labelled file (centralized baseline), report held-out metrics
     /// against the majority baseline, and optionally export the model.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate a fine-tuned model on a labelled file (its test rows when it has a split column).
     Eval(EvalArgs),
     /// Print one JSON object per input text: `label`, `label_id` and `probs` (label-id order).

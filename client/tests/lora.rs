@@ -58,7 +58,11 @@ fn with_b_zero_the_adapted_model_predicts_exactly_what_its_base_does() {
     let weights = adapted.all_weights().unwrap();
     let a = "bert.encoder.layer.0.attention.self.query.lora_A.weight";
     assert!(weights.tensor(a).unwrap().iter().any(|&v| v != 0.0), "A is drawn, not zero");
-    assert_eq!(weights.tensor(a).unwrap(), lora().init_a(a, &[4, 32]).as_slice(), "A is the shared function's");
+    assert_eq!(
+        weights.tensor(a).unwrap(),
+        lora().init_a(a, &[4, 32]).as_slice(),
+        "A is the shared function's"
+    );
     for (spec, range) in weights.manifest().ranges() {
         if matches!(lora_part(&spec.name), Some((_, LoraPart::B))) {
             assert!(weights.values()[range].iter().all(|&v| v == 0.0), "{} starts at zero", spec.name);

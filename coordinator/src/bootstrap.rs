@@ -7,10 +7,10 @@
 
 use std::path::PathBuf;
 
+use fedtune_shared::bert::lora::LoraConfig;
 use fedtune_shared::bert::num_encoder_layers;
 use fedtune_shared::chunk::PayloadView;
 use fedtune_shared::ids::{ModelVersion, RoundId, Sha256};
-use fedtune_shared::bert::lora::LoraConfig;
 use fedtune_shared::params::{Manifest, ParameterVector};
 use fedtune_shared::round::AdapterSpec;
 use tracing::{info, warn};

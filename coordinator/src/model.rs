@@ -157,8 +157,10 @@ impl TrainableLayout {
 /// model settings, for a checkpoint of `num_layers` encoder layers.
 /// With a LoRA adapter the rule is [`LoraConfig::trains`] (every `lora_B` and the head).
 pub fn trainable_rule(settings: &ModelSettings, num_layers: usize) -> impl Fn(&str) -> bool + Clone {
-    let scope =
-        TrainScope { train_top_layers: settings.train_top_layers, freeze_embeddings: settings.freeze_embeddings };
+    let scope = TrainScope {
+        train_top_layers: settings.train_top_layers,
+        freeze_embeddings: settings.freeze_embeddings,
+    };
     let lora = settings.adapter == AdapterKind::Lora;
     move |name: &str| if lora { LoraConfig::trains(name) } else { scope.trains(name, num_layers) }
 }
@@ -429,7 +431,11 @@ mod tests {
             train_top_layers: None,
             freeze_embeddings: false,
             adapter: AdapterKind::Lora,
-            lora: crate::settings::LoraSettings { target_modules: vec!["output.dense".into()], rank: 2, ..Default::default() },
+            lora: crate::settings::LoraSettings {
+                target_modules: vec!["output.dense".into()],
+                rank: 2,
+                ..Default::default()
+            },
             ..settings(d.path())
         };
         let plain = load_initial(&ModelSettings { adapter: AdapterKind::None, ..lora.clone() }).unwrap();
@@ -528,7 +534,7 @@ mod tests {
         write_base_checkpoint(d.path(), 1, 4);
         let m = load_initial(&settings(d.path())).unwrap();
         let out = tempfile::tempdir().unwrap();
-        export_hf(&m.params, &m.labels, d.path(), out.path()).unwrap();
+        export_hf(&m.params, &m.labels, d.path(), out.path(), None).unwrap();
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
         assert_eq!(cfg["num_labels"], 2);

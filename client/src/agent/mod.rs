@@ -41,7 +41,9 @@ use std::time::Duration;
 use fedtune_shared::crypto::KeyPair;
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId};
 use fedtune_shared::params::{Manifest, ParameterVector};
-use fedtune_shared::round::{AdapterSpec, EvaluateTask, FailureCode, FailureReport, FitTask, PrivacyMode, TaskKind};
+use fedtune_shared::round::{
+    AdapterSpec, EvaluateTask, FailureCode, FailureReport, FitTask, PrivacyMode, TaskKind,
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;

@@ -73,7 +73,12 @@ impl Linear {
 
     /// [`Linear::new`], plus `p.lora_A.weight` and `p.lora_B.weight` when `lora` targets the
     /// module `p` ([`LoraConfig::targets`]).
-    pub fn adapted(p: &nn::Path<'_>, in_features: usize, out_features: usize, lora: Option<&LoraConfig>) -> Self {
+    pub fn adapted(
+        p: &nn::Path<'_>,
+        in_features: usize,
+        out_features: usize,
+        lora: Option<&LoraConfig>,
+    ) -> Self {
         let mut linear = Self::new(p, in_features, out_features);
         let module = p.components().collect::<Vec<_>>().join(".");
         if let Some(l) = lora.filter(|l| l.targets(&module)) {

@@ -29,9 +29,8 @@ use fedtune_shared::convert::awaited_step_from_pb;
 use fedtune_shared::ids::ClientId;
 use fedtune_shared::pb::{self, coordinator_server::Coordinator};
 use fedtune_shared::round::{
-    AdapterSpec,
-    Chunk, DownloadItem, DownloadRequest, EvalReport, FailureReport, Heartbeat, JoinRequest, JoinResponse,
-    Limits, MaskedUpdateHeader, ModelHeader, PhaseName, Task, UpdateHeader, UploadItem,
+    AdapterSpec, Chunk, DownloadItem, DownloadRequest, EvalReport, FailureReport, Heartbeat, JoinRequest,
+    JoinResponse, Limits, MaskedUpdateHeader, ModelHeader, PhaseName, Task, UpdateHeader, UploadItem,
 };
 use fedtune_shared::secagg::{
     KeyAdvertisement, RoundContext, RoundRef, RoundUnmaskAnswer, ShareUpload, StepInput,

@@ -92,7 +92,8 @@ pub fn export_peft_adapter(
         }
     }
     let keep = |name: &str| {
-        lora_part(name).is_some() || matches!(TensorRole::of(name), TensorRole::Classifier | TensorRole::Pooler)
+        lora_part(name).is_some()
+            || matches!(TensorRole::of(name), TensorRole::Classifier | TensorRole::Pooler)
     };
     let adapter = weights.select(&weights.manifest().subset(keep)).map_err(LoraError::from)?;
     let (manifest, values) = adapter.into_parts();

@@ -165,8 +165,14 @@ impl LoraConfig {
                 continue;
             }
             let (out, inp) = (t.shape[0], t.shape[1]);
-            specs.push((TensorSpec { name: lora_name(module, LoraPart::A), shape: vec![self.rank, inp] }, LoraPart::A));
-            specs.push((TensorSpec { name: lora_name(module, LoraPart::B), shape: vec![out, self.rank] }, LoraPart::B));
+            specs.push((
+                TensorSpec { name: lora_name(module, LoraPart::A), shape: vec![self.rank, inp] },
+                LoraPart::A,
+            ));
+            specs.push((
+                TensorSpec { name: lora_name(module, LoraPart::B), shape: vec![out, self.rank] },
+                LoraPart::B,
+            ));
         }
         if specs.is_empty() {
             return Err(LoraError::NoTargets(self.target_modules.clone()));
@@ -196,8 +202,9 @@ impl LoraConfig {
     pub fn with_adapters(&self, base: ParameterVector) -> Result<ParameterVector, LoraError> {
         let added = self.adapter_specs(base.manifest())?;
         let (manifest, values) = base.into_parts();
-        let mut all: Vec<(TensorSpec, Result<std::ops::Range<usize>, Vec<f32>>)> =
-            manifest.ranges().map(|(t, r)| (t.clone(), Ok(r))).collect();
+        // Each tensor's values: a range of the base buffer, or freshly made ones.
+        type Source = Result<std::ops::Range<usize>, Vec<f32>>;
+        let mut all: Vec<(TensorSpec, Source)> = manifest.ranges().map(|(t, r)| (t.clone(), Ok(r))).collect();
         for (spec, part) in added {
             let v = match part {
                 LoraPart::A => self.init_a(&spec.name, &spec.shape),
@@ -259,7 +266,8 @@ impl LoraConfig {
                     }
                     for o in 0..out {
                         for i in 0..inp {
-                            let ba: f64 = (0..r).map(|k| f64::from(b[o * r + k]) * f64::from(a[k * inp + i])).sum();
+                            let ba: f64 =
+                                (0..r).map(|k| f64::from(b[o * r + k]) * f64::from(a[k * inp + i])).sum();
                             values.push((f64::from(w[o * inp + i]) + scaling * ba) as f32);
                         }
                     }
@@ -347,7 +355,8 @@ mod tests {
         let m = merged.tensor("bert.encoder.layer.0.attention.self.query.weight").unwrap();
         for o in 0..3 {
             for i in 0..3 {
-                let ba: f64 = (0..2).map(|k| f64::from(b_vals[o * 2 + k]) * f64::from(a_vals[k * 3 + i])).sum();
+                let ba: f64 =
+                    (0..2).map(|k| f64::from(b_vals[o * 2 + k]) * f64::from(a_vals[k * 3 + i])).sum();
                 assert!((f64::from(m[o * 3 + i]) - (f64::from(w[o * 3 + i]) + 2.0 * ba)).abs() < 1e-6);
             }
         }

@@ -99,8 +99,9 @@ impl TryFrom<pb::LoraAdapter> for AdapterSpec {
         if let Err(e) = lora.validate() {
             return Err(invalid("adapter", e.to_string()));
         }
-        let a_digest = <[u8; 32]>::try_from(a.a_sha256.as_ref())
-            .map_err(|_| invalid("adapter.a_sha256", format!("a SHA-256 has 32 bytes, got {}", a.a_sha256.len())))?;
+        let a_digest = <[u8; 32]>::try_from(a.a_sha256.as_ref()).map_err(|_| {
+            invalid("adapter.a_sha256", format!("a SHA-256 has 32 bytes, got {}", a.a_sha256.len()))
+        })?;
         Ok(AdapterSpec { lora, a_digest })
     }
 }
