@@ -138,6 +138,19 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
                     })
                 })
             };
+            // A state directory from before adapters records none: it has no adapter.
+            let recorded_adapter = store.call_sync(|c| storage::meta_get(c, keys::ADAPTER))?;
+            let lora = model::recorded_adapter(recorded_adapter.as_deref()).map_err(inconsistent)?;
+            let seed = meta(keys::INIT_SEED)?
+                .parse::<u64>()
+                .map_err(|e| inconsistent(format!("meta `init_seed`: {e}")))?;
+            if lora != settings.model.lora_config(seed) {
+                return Err(inconsistent(
+                    "model.adapter / model.lora differ from when this state directory was created; use \
+                     those settings or a new state directory"
+                        .into(),
+                ));
+            }
             let params = ParameterVector::load_safetensors(&row.path, |_| true).map_err(ModelError::from)?;
             if Sha256(params.manifest().digest()).to_hex() != meta(keys::FULL_MANIFEST)? {
                 return Err(inconsistent(format!(
@@ -160,19 +173,6 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
                 return Err(inconsistent(
                     "model.train_top_layers / model.freeze_embeddings differ from when this state directory \
                      was created; use those settings or a new state directory"
-                        .into(),
-                ));
-            }
-            // A state directory from before adapters records none: it has no adapter.
-            let recorded_adapter = store.call_sync(|c| storage::meta_get(c, keys::ADAPTER))?;
-            let lora = model::recorded_adapter(recorded_adapter.as_deref()).map_err(inconsistent)?;
-            let seed = meta(keys::INIT_SEED)?
-                .parse::<u64>()
-                .map_err(|e| inconsistent(format!("meta `init_seed`: {e}")))?;
-            if lora != settings.model.lora_config(seed) {
-                return Err(inconsistent(
-                    "model.adapter / model.lora differ from when this state directory was created; use \
-                     those settings or a new state directory"
                         .into(),
                 ));
             }
@@ -230,4 +230,67 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
         initial_evaluated,
         fresh,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use fedtune_shared::params::TensorSpec;
+
+    use super::*;
+    use crate::settings::AdapterKind;
+
+    /// A one-layer BERT-like checkpoint with a query projection, and settings training a LoRA
+    /// adapter on it.
+    fn lora_federation(root: &std::path::Path) -> CoordinatorSettings {
+        let model = root.join("model");
+        std::fs::create_dir_all(&model).unwrap();
+        let m = Manifest::new(vec![
+            TensorSpec { name: "bert.encoder.layer.0.attention.self.query.weight".into(), shape: vec![4, 4] },
+            TensorSpec { name: "bert.encoder.layer.0.attention.self.value.weight".into(), shape: vec![4, 4] },
+        ])
+        .unwrap();
+        let n = m.numel();
+        ParameterVector::new(m, (0..n).map(|i| i as f32 / 100.0).collect())
+            .unwrap()
+            .save_safetensors(&model.join("model.safetensors"))
+            .unwrap();
+        std::fs::write(model.join("config.json"), r#"{"hidden_size": 4, "num_hidden_layers": 1}"#).unwrap();
+        let mut s = CoordinatorSettings::with_paths(root.join("state"), &model);
+        s.model.num_labels = Some(2);
+        s.model.adapter = AdapterKind::Lora;
+        s.model.lora.rank = 2;
+        s
+    }
+
+    #[test]
+    fn a_lora_federation_advertises_its_a_digest_and_refuses_to_resume_with_another_adapter() {
+        let root = tempfile::tempdir().unwrap();
+        let settings = lora_federation(root.path());
+        let store = Storage::open(&settings.storage.state_dir).unwrap();
+        let booted = bootstrap(&settings, &store).unwrap();
+        let adapter = booted.adapter.clone().expect("an adapter");
+        assert_eq!(adapter.lora, settings.model.lora_config(settings.model.init_seed).unwrap());
+        assert_eq!(adapter.a_digest, LoraConfig::a_digest(&booted.model.params));
+        drop(booted);
+
+        let resumed = bootstrap(&settings, &store).unwrap();
+        assert_eq!(resumed.adapter, Some(adapter));
+        for changed in [
+            CoordinatorSettings {
+                model: crate::settings::ModelSettings {
+                    adapter: AdapterKind::None,
+                    ..settings.model.clone()
+                },
+                ..settings.clone()
+            },
+            {
+                let mut s = settings.clone();
+                s.model.lora.alpha = 32.0;
+                s
+            },
+        ] {
+            let err = bootstrap(&changed, &store).unwrap_err().to_string();
+            assert!(err.contains("model.adapter"), "{err}");
+        }
+    }
 }
