@@ -194,7 +194,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// With `--adapter lora`: also export the adapter and head here, as a `peft` adapter folder.
-    #[arg(long, requires = "adapter")]
+    #[arg(long)]
     pub out_adapter: Option<PathBuf>,
     /// Device, precision, threads, progress.
     #[command(flatten)]
