@@ -164,3 +164,58 @@ fn peft_loads_the_adapter_onto_the_base_model_with_fedtunes_probabilities() {
     let diff = max_abs_diff(&ours, &theirs);
     assert!(diff <= 1e-5, "probabilities differ by {diff}: ours {ours:?}, peft {theirs:?}");
 }
+
+#[test]
+fn the_cli_trains_only_the_adapter_and_head_and_exports_merged_and_for_peft() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("reviews.csv");
+    let mut csv = String::from("text,label\n");
+    for e in common::sentiment_examples(80, 9) {
+        csv.push_str(&format!("{},{}\n", e.text, e.label.unwrap()));
+    }
+    std::fs::write(&data, csv).unwrap();
+    let (merged, adapter) = (dir.path().join("merged"), dir.path().join("adapter"));
+    let out = Command::new(env!("CARGO_BIN_EXE_fedtune-client"))
+        .args(["train", "--model"])
+        .arg(tiny_bert())
+        .arg("--data")
+        .arg(&data)
+        .args(["--adapter", "lora", "--lora-rank", "4", "--lora-targets", "query,value"])
+        .args([
+            "--epochs",
+            "1",
+            "--lr",
+            "1e-2",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--max-len",
+            "32",
+            "--quiet",
+        ])
+        .arg("--out")
+        .arg(&merged)
+        .arg("--out-adapter")
+        .arg(&adapter)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    // Two layers × (query, value) × B [32, 4], the pooler [32, 32] + 32 and the head [3, 32] + 3.
+    let trained = 2 * 2 * 32 * 4 + 32 * 32 + 32 + 3 * 32 + 3;
+    assert!(stdout.contains(&format!("training {trained} of ")), "{stdout}");
+    assert!(
+        merged.join("model.safetensors").is_file() && adapter.join("adapter_model.safetensors").is_file()
+    );
+    let refused = Command::new(env!("CARGO_BIN_EXE_fedtune-client"))
+        .args(["train", "--model"])
+        .arg(tiny_bert())
+        .arg("--data")
+        .arg(&data)
+        .args(["--adapter", "lora", "--lora-targets", "dense", "--device", "cpu", "--quiet"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("target_modules"), "{stderr}");
+}
