@@ -276,3 +276,34 @@ fn a_lora_federation_under_central_dp_noises_only_the_adapter_and_the_head() -> 
     ensure!(changed.iter().filter(|n| n.ends_with("lora_B.weight")).count() >= 4, "{changed:?}");
     Ok(())
 }
+
+#[test]
+fn a_lora_federation_under_secure_aggregation_and_distributed_dp_moves_only_b_and_the_head() -> Result<()> {
+    use fedtune_shared::bert::lora::LoraConfig;
+    let dir = tempfile::tempdir()?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 300, 8)?;
+    let out = dir.path().join("out");
+    let secure = [
+        "--insecure",
+        "--dp",
+        "distributed",
+        "--noise-multiplier",
+        "0.5",
+        "--secure-aggregation",
+        "--secagg-threshold",
+        "2",
+        "--secagg-degree",
+        "2",
+    ];
+    let rows = simulate_lora(&out, &data, &secure)?;
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        assert_eq!(r.secagg_survivors, Some(3), "every masked adapter vector is in the sum: {r:?}");
+    }
+    let changed = changed_between(&out, 0, 2)?;
+    for name in &changed {
+        assert!(LoraConfig::trains(name), "{name} changed but is frozen under LoRA");
+    }
+    ensure!(changed.iter().any(|n| n.ends_with("lora_B.weight")), "B never moved: {changed:?}");
+    Ok(())
+}
