@@ -1,7 +1,7 @@
 # Source this file (`. scripts/env.sh`) to get a shell, or a script, that can build fedtune.
 #
 # It installs, once, a Python virtual environment owned by the project with torch 2.11.0 from
-# PyPI (the libtorch that tch 0.24 links) and transformers (for parity fixtures and the
+# PyPI (the libtorch that tch 0.24 links), transformers and peft (for parity fixtures and the
 # PyTorch side of the benchmarks), then exports what torch-sys needs to find that libtorch.
 # Re-running it when everything is there takes well under a second.
 #
@@ -12,7 +12,7 @@
 _fedtune_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export FEDTUNE_HOME="${FEDTUNE_HOME:-$HOME/.cache/fedtune}"
 # The pinned Python side. Change a pin here and the venv is rebuilt on the next run.
-_fedtune_reqs="torch==2.11.0 transformers==5.23.0 safetensors==0.8.0 numpy"
+_fedtune_reqs="torch==2.11.0 transformers==5.23.0 safetensors==0.8.0 peft==0.21.2 numpy"
 _fedtune_venv="$FEDTUNE_HOME/venv"
 _fedtune_stamp="$_fedtune_venv/.fedtune-requirements"
 

@@ -20,6 +20,7 @@ use crate::data::{DataError, DataOptions, Dataset};
 use crate::device::{DeviceChoice, PrecisionChoice};
 use crate::local_trainer::{FitConfig, TrainerError};
 use crate::trainer::{AdamWConfig, BertTrainer, TrainScope, TrainerOptions, TrainerSummary};
+use fedtune_shared::bert::lora::LoraConfig;
 
 pub use run::RunArgs;
 
@@ -63,7 +64,7 @@ pub struct Cli {
 pub enum Command {
     /// Fine-tune a model on a labelled file (centralized baseline), report held-out metrics
     /// against the majority baseline, and optionally export the model.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Evaluate a fine-tuned model on a labelled file (its test rows when it has a split column).
     Eval(EvalArgs),
     /// Print one JSON object per input text: `label`, `label_id` and `probs` (label-id order).
@@ -172,9 +173,29 @@ pub struct TrainArgs {
     /// Keep the embeddings frozen.
     #[arg(long)]
     pub freeze_embeddings: bool,
-    /// Export the fine-tuned model here, in Hugging Face layout.
+    /// `lora`: train LoRA adapters (B only, A frozen and seeded from --seed) and the head; every
+    /// base weight stays frozen.
+    #[arg(long, default_value = "none", value_parser = ["none", "lora"], conflicts_with_all = ["train_top_layers", "freeze_embeddings"])]
+    pub adapter: String,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 8)]
+    pub lora_rank: usize,
+    /// LoRA alpha: the adapter adds (alpha / rank)·B·A.
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// Dropout on the adapter input while training.
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// Modules that get an adapter, comma-separated (query, key, value, attention.output.dense,
+    /// intermediate.dense, output.dense).
+    #[arg(long, default_value = "query,value", value_delimiter = ',')]
+    pub lora_targets: Vec<String>,
+    /// Export the fine-tuned model here, in Hugging Face layout (a LoRA adapter merged in).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// With `--adapter lora`: also export the adapter and head here, as a `peft` adapter folder.
+    #[arg(long)]
+    pub out_adapter: Option<PathBuf>,
     /// Device, precision, threads, progress.
     #[command(flatten)]
     pub runtime: RuntimeArgs,
@@ -282,6 +303,13 @@ pub fn train(args: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
             train_top_layers: args.train_top_layers,
             freeze_embeddings: args.freeze_embeddings,
         },
+        adapter: (args.adapter == "lora").then(|| LoraConfig {
+            rank: args.lora_rank,
+            alpha: args.lora_alpha,
+            dropout: args.lora_dropout,
+            target_modules: args.lora_targets.clone(),
+            seed: args.seed,
+        }),
         adamw: AdamWConfig { weight_decay: args.weight_decay, ..AdamWConfig::default() },
         max_grad_norm: args.max_grad_norm,
         ..base_options(&args.runtime, args.max_len)
@@ -326,6 +354,13 @@ pub fn train(args: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
     if let Some(dir) = &args.out {
         trainer.export(dir)?;
         writeln!(out, "exported to {}", dir.display()).map_err(io("stdout"))?;
+    }
+    if let Some(dir) = &args.out_adapter {
+        if args.adapter != "lora" {
+            return Err(CliError::Usage("--out-adapter needs --adapter lora".into()));
+        }
+        trainer.export_adapter(dir)?;
+        writeln!(out, "adapter exported to {}", dir.display()).map_err(io("stdout"))?;
     }
     Ok(())
 }

@@ -97,10 +97,22 @@ fn bert_factory(settings: &ClientSettings, dataset: Dataset) -> TrainerFactory {
                 spec.trainable.tensors.iter().map(|t| t.name.as_str()),
                 config.num_hidden_layers,
             ),
+            adapter: spec.adapter.as_ref().map(|a| a.lora.clone()),
             labels: (!spec.labels.is_empty()).then(|| spec.labels.clone()),
             ..options
         };
         let trainer = BertTrainer::new(&model, dataset, options)?;
+        if let Some(adapter) = &spec.adapter {
+            // A is never sent: ours must be the coordinator's, or averaging B would average
+            // updates of different models.
+            if trainer.adapter_digest()? != adapter.a_digest {
+                return Err(TrainerError::Incompatible(
+                    "the LoRA A matrices built from the coordinator's seed differ from the coordinator's \
+                     (another fedtune version, or another base model?)"
+                        .into(),
+                ));
+            }
+        }
         let s = trainer.summary();
         tracing::info!(
             train = s.num_train,

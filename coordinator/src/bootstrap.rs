@@ -7,10 +7,12 @@
 
 use std::path::PathBuf;
 
+use fedtune_shared::bert::lora::LoraConfig;
 use fedtune_shared::bert::num_encoder_layers;
 use fedtune_shared::chunk::PayloadView;
 use fedtune_shared::ids::{ModelVersion, RoundId, Sha256};
 use fedtune_shared::params::{Manifest, ParameterVector};
+use fedtune_shared::round::AdapterSpec;
 use tracing::{info, warn};
 
 use crate::model::{self, GlobalModel, ModelError, TrainableLayout};
@@ -28,6 +30,7 @@ mod keys {
     pub(super) const FULL_MANIFEST: &str = "full_manifest_sha256";
     pub(super) const TRAINABLE_MANIFEST: &str = "trainable_manifest_sha256";
     pub(super) const STRATEGY: &str = "strategy";
+    pub(super) const ADAPTER: &str = crate::model::ADAPTER_META_KEY;
 }
 
 /// Errors at start-up.
@@ -55,6 +58,8 @@ pub struct Booted {
     pub model: GlobalModel,
     /// Label names.
     pub labels: Vec<String>,
+    /// The LoRA adapter clients build (A's seed is the recorded `init_seed`), if any.
+    pub adapter: Option<AdapterSpec>,
     /// The strategy, with restored state.
     pub strategy: Box<dyn Strategy>,
     /// Known clients.
@@ -88,8 +93,9 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
     let inconsistent = |reason: String| BootError::Inconsistent { dir: store.dir().to_path_buf(), reason };
     let latest = store.call_sync(|c| storage::latest_checkpoint(c))?;
     let mut strategy = strategy::from_settings(&settings.strategy);
-    let (model, labels, fresh) = match latest {
+    let (model, labels, lora, fresh) = match latest {
         None => {
+            let lora = settings.model.lora_config(settings.model.init_seed);
             let init = model::load_initial(&settings.model)?;
             let layout = TrainableLayout::new(
                 init.params.manifest().clone(),
@@ -110,6 +116,7 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
                 (keys::FULL_MANIFEST, global.model_ref.full_manifest.to_hex()),
                 (keys::TRAINABLE_MANIFEST, global.model_ref.trainable_manifest.to_hex()),
                 (keys::STRATEGY, strategy.name().to_string()),
+                (keys::ADAPTER, model::adapter_meta(lora.as_ref())),
             ];
             let digest = global.model_ref.full_payload;
             store.call_sync(|c| storage::commit_initial(c, &path, digest, &meta))?;
@@ -120,7 +127,7 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
                 initialised = ?init.initialised,
                 "initial model created"
             );
-            (global, init.labels, true)
+            (global, init.labels, lora, true)
         }
         Some(row) => {
             let meta = |k: &'static str| {
@@ -131,6 +138,19 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
                     })
                 })
             };
+            // A state directory from before adapters records none: it has no adapter.
+            let recorded_adapter = store.call_sync(|c| storage::meta_get(c, keys::ADAPTER))?;
+            let lora = model::recorded_adapter(recorded_adapter.as_deref()).map_err(inconsistent)?;
+            let seed = meta(keys::INIT_SEED)?
+                .parse::<u64>()
+                .map_err(|e| inconsistent(format!("meta `init_seed`: {e}")))?;
+            if lora != settings.model.lora_config(seed) {
+                return Err(inconsistent(
+                    "model.adapter / model.lora differ from when this state directory was created; use \
+                     those settings or a new state directory"
+                        .into(),
+                ));
+            }
             let params = ParameterVector::load_safetensors(&row.path, |_| true).map_err(ModelError::from)?;
             if Sha256(params.manifest().digest()).to_hex() != meta(keys::FULL_MANIFEST)? {
                 return Err(inconsistent(format!(
@@ -177,7 +197,7 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
                 warn!(recorded = ?labels, "model.labels differ from the recorded labels; the recorded ones stay");
             }
             info!(version = %row.version, "resuming from the last committed round");
-            (GlobalModel::new(row.version, params, layout.into()), labels, false)
+            (GlobalModel::new(row.version, params, layout.into()), labels, lora, false)
         }
     };
     // Differential privacy wraps whichever strategy runs, its accountant rebuilt from the ledger.
@@ -198,9 +218,11 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
             storage::evaluated(c, ModelVersion(0))? || version.0 > 0,
         ))
     })?;
+    let adapter = lora.map(|lora| AdapterSpec { a_digest: LoraConfig::a_digest(&model.params), lora });
     Ok(Booted {
         model,
         labels,
+        adapter,
         strategy,
         clients,
         next: RoundId::new(round, attempt),
@@ -208,4 +230,67 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
         initial_evaluated,
         fresh,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use fedtune_shared::params::TensorSpec;
+
+    use super::*;
+    use crate::settings::AdapterKind;
+
+    /// A one-layer BERT-like checkpoint with a query projection, and settings training a LoRA
+    /// adapter on it.
+    fn lora_federation(root: &std::path::Path) -> CoordinatorSettings {
+        let model = root.join("model");
+        std::fs::create_dir_all(&model).unwrap();
+        let m = Manifest::new(vec![
+            TensorSpec { name: "bert.encoder.layer.0.attention.self.query.weight".into(), shape: vec![4, 4] },
+            TensorSpec { name: "bert.encoder.layer.0.attention.self.value.weight".into(), shape: vec![4, 4] },
+        ])
+        .unwrap();
+        let n = m.numel();
+        ParameterVector::new(m, (0..n).map(|i| i as f32 / 100.0).collect())
+            .unwrap()
+            .save_safetensors(&model.join("model.safetensors"))
+            .unwrap();
+        std::fs::write(model.join("config.json"), r#"{"hidden_size": 4, "num_hidden_layers": 1}"#).unwrap();
+        let mut s = CoordinatorSettings::with_paths(root.join("state"), &model);
+        s.model.num_labels = Some(2);
+        s.model.adapter = AdapterKind::Lora;
+        s.model.lora.rank = 2;
+        s
+    }
+
+    #[test]
+    fn a_lora_federation_advertises_its_a_digest_and_refuses_to_resume_with_another_adapter() {
+        let root = tempfile::tempdir().unwrap();
+        let settings = lora_federation(root.path());
+        let store = Storage::open(&settings.storage.state_dir).unwrap();
+        let booted = bootstrap(&settings, &store).unwrap();
+        let adapter = booted.adapter.clone().expect("an adapter");
+        assert_eq!(adapter.lora, settings.model.lora_config(settings.model.init_seed).unwrap());
+        assert_eq!(adapter.a_digest, LoraConfig::a_digest(&booted.model.params));
+        drop(booted);
+
+        let resumed = bootstrap(&settings, &store).unwrap();
+        assert_eq!(resumed.adapter, Some(adapter));
+        for changed in [
+            CoordinatorSettings {
+                model: crate::settings::ModelSettings {
+                    adapter: AdapterKind::None,
+                    ..settings.model.clone()
+                },
+                ..settings.clone()
+            },
+            {
+                let mut s = settings.clone();
+                s.model.lora.alpha = 32.0;
+                s
+            },
+        ] {
+            let err = bootstrap(&changed, &store).unwrap_err().to_string();
+            assert!(err.contains("model.adapter"), "{err}");
+        }
+    }
 }

@@ -13,11 +13,18 @@
 //! `train_top_layers` encoder layers or all; embeddings only when all layers train and they are
 //! not frozen; tensors of unknown names never). Frozen tensors never change, so a client
 //! downloads the full model once and only the trainable part per version.
+//!
+//! # LoRA
+//! With `model.adapter = "lora"` the initial model gets every adapter pair
+//! ([`fedtune_shared::bert::lora::LoraConfig::with_adapters`]: A seeded from `init_seed`, B
+//! zero), checkpoints keep them, and the trainable part is every `lora_B` plus the head. Export
+//! writes the adapters merged (a plain classifier) and, next to it, as a `peft` adapter.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use fedtune_shared::bert::lora::{LoraConfig, LoraError};
 use fedtune_shared::bert::{checkpoint_name, export, TrainScope};
 use fedtune_shared::chunk::PayloadView;
 use fedtune_shared::ids::{ModelVersion, Sha256};
@@ -26,7 +33,7 @@ use fedtune_shared::round::{ModelRef, ModelScope};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use crate::settings::ModelSettings;
+use crate::settings::{AdapterKind, ModelSettings};
 
 /// Errors building, loading or exporting models.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +61,9 @@ pub enum ModelError {
     /// Writing a Hugging Face export.
     #[error("export: {0}")]
     Export(#[from] export::ExportError),
+    /// The LoRA adapter does not fit the checkpoint.
+    #[error("model.lora: {0}")]
+    Adapter(#[from] LoraError),
     /// The checkpoint does not look like a BERT model.
     #[error("checkpoint {path}: {reason}")]
     Checkpoint {
@@ -145,9 +155,14 @@ impl TrainableLayout {
 
 /// The selection rule for trainable tensors: [`fedtune_shared::bert::TrainScope`] with the
 /// model settings, for a checkpoint of `num_layers` encoder layers.
+/// With a LoRA adapter the rule is [`LoraConfig::trains`] (every `lora_B` and the head).
 pub fn trainable_rule(settings: &ModelSettings, num_layers: usize) -> impl Fn(&str) -> bool + Clone {
-    TrainScope { train_top_layers: settings.train_top_layers, freeze_embeddings: settings.freeze_embeddings }
-        .rule(num_layers)
+    let scope = TrainScope {
+        train_top_layers: settings.train_top_layers,
+        freeze_embeddings: settings.freeze_embeddings,
+    };
+    let lora = settings.adapter == AdapterKind::Lora;
+    move |name: &str| if lora { LoraConfig::trains(name) } else { scope.trains(name, num_layers) }
 }
 
 /// A published version of the global model. Immutable; shared with downloads through `Arc`.
@@ -303,7 +318,10 @@ pub fn load_initial(settings: &ModelSettings) -> Result<InitialModel, ModelError
         }
         out_specs.push(spec);
     }
-    let params = ParameterVector::new(Manifest::new(out_specs)?, out_values)?;
+    let mut params = ParameterVector::new(Manifest::new(out_specs)?, out_values)?;
+    if let Some(lora) = settings.lora_config(settings.init_seed) {
+        params = lora.with_adapters(params)?;
+    }
     Ok(InitialModel { params, labels, config, initialised })
 }
 
@@ -316,14 +334,48 @@ fn normal_sample(rng: &mut ChaCha20Rng) -> f64 {
 
 /// Writes a Hugging Face `BertForSequenceClassification` directory `out` from `params` with
 /// the config and tokenizer files of `init_dir` ([`fedtune_shared::bert::export`]).
+///
+/// With a LoRA adapter (`lora`) the folder holds the merged weights, and `out` + `-adapter`
+/// (`…/model-adapter` next to `…/model`) the adapter in `peft`'s layout, whose base model is
+/// `init_dir`.
 pub fn export_hf(
     params: &ParameterVector,
     labels: &[String],
     init_dir: &Path,
     out: &Path,
+    lora: Option<&LoraConfig>,
 ) -> Result<Vec<PathBuf>, ModelError> {
     let config = HfConfig::read(init_dir)?;
-    Ok(export::export_hf(out, &config.json, labels, params, init_dir)?)
+    let Some(lora) = lora else {
+        return Ok(export::export_hf(out, &config.json, labels, params, init_dir)?);
+    };
+    let mut written = export::export_hf_merged(out, &config.json, labels, params, lora, init_dir)?;
+    let base = init_dir.display().to_string();
+    written.extend(export::export_peft_adapter(&adapter_dir(out), lora, labels, params, &base)?);
+    Ok(written)
+}
+
+/// The state database's meta key recording a federation's adapter ([`adapter_meta`]).
+pub const ADAPTER_META_KEY: &str = "adapter";
+
+/// The recorded form of a federation's adapter: `none`, or the [`LoraConfig`] as JSON.
+pub fn adapter_meta(lora: Option<&LoraConfig>) -> String {
+    lora.map_or_else(|| "none".to_string(), |l| serde_json::json!(l).to_string())
+}
+
+/// The adapter a state directory records (absent: none, as before adapters existed).
+pub fn recorded_adapter(meta: Option<&str>) -> Result<Option<LoraConfig>, String> {
+    match meta {
+        None | Some("none") => Ok(None),
+        Some(json) => serde_json::from_str(json).map(Some).map_err(|e| format!("meta `adapter`: {e}")),
+    }
+}
+
+/// Where [`export_hf`] writes the adapter of a LoRA model exported to `out`.
+pub fn adapter_dir(out: &Path) -> PathBuf {
+    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_else(|| "model".into());
+    name.push("-adapter");
+    out.with_file_name(name)
 }
 
 #[cfg(test)]
@@ -366,7 +418,45 @@ mod tests {
             init_seed: 7,
             train_top_layers: Some(1),
             freeze_embeddings: true,
+            adapter: AdapterKind::None,
+            lora: crate::settings::LoraSettings::default(),
         }
+    }
+
+    #[test]
+    fn a_lora_model_trains_only_b_and_the_head_and_starts_equal_to_its_base() {
+        let d = tempfile::tempdir().unwrap();
+        write_base_checkpoint(d.path(), 2, 4);
+        let lora = ModelSettings {
+            train_top_layers: None,
+            freeze_embeddings: false,
+            adapter: AdapterKind::Lora,
+            lora: crate::settings::LoraSettings {
+                target_modules: vec!["output.dense".into()],
+                rank: 2,
+                ..Default::default()
+            },
+            ..settings(d.path())
+        };
+        let plain = load_initial(&ModelSettings { adapter: AdapterKind::None, ..lora.clone() }).unwrap();
+        let m = load_initial(&lora).unwrap();
+        let layout = TrainableLayout::new(m.params.manifest().clone(), trainable_rule(&lora, 2));
+        let trained: Vec<&str> = layout.trainable.tensors.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            trained,
+            [
+                "bert.encoder.layer.0.output.dense.lora_B.weight",
+                "bert.encoder.layer.1.output.dense.lora_B.weight",
+                "bert.pooler.dense.bias",
+                "bert.pooler.dense.weight",
+                "classifier.bias",
+                "classifier.weight",
+            ]
+        );
+        let a = m.params.tensor("bert.encoder.layer.1.output.dense.lora_A.weight").unwrap();
+        assert_eq!(a.len(), 8);
+        let merged = lora.lora_config(lora.init_seed).unwrap().merge(&m.params).unwrap();
+        assert_eq!(merged, plain.params, "B = 0: the adapted model is its base");
     }
 
     #[test]
@@ -444,7 +534,7 @@ mod tests {
         write_base_checkpoint(d.path(), 1, 4);
         let m = load_initial(&settings(d.path())).unwrap();
         let out = tempfile::tempdir().unwrap();
-        export_hf(&m.params, &m.labels, d.path(), out.path()).unwrap();
+        export_hf(&m.params, &m.labels, d.path(), out.path(), None).unwrap();
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
         assert_eq!(cfg["num_labels"], 2);

@@ -310,13 +310,15 @@ pub fn status_json(s: &StatusReport) -> serde_json::Value {
 pub fn export(args: &ExportArgs) -> Result<Vec<PathBuf>, CliError> {
     let store = Storage::open_existing(&args.state_dir)?;
     let version = ModelVersion(args.round);
-    let (row, labels, init_dir) = store.call_sync(|c| {
+    let (row, labels, init_dir, adapter) = store.call_sync(|c| {
         Ok((
             storage::checkpoint_of(c, version)?,
             storage::meta_get(c, "labels")?,
             storage::meta_get(c, "init_dir")?,
+            storage::meta_get(c, model::ADAPTER_META_KEY)?,
         ))
     })?;
+    let lora = model::recorded_adapter(adapter.as_deref()).map_err(CliError::NotFound)?;
     let row = row.ok_or_else(|| {
         CliError::NotFound(format!(
             "no checkpoint for round {} in {} (not completed yet, or pruned)",
@@ -332,7 +334,7 @@ pub fn export(args: &ExportArgs) -> Result<Vec<PathBuf>, CliError> {
             CliError::NotFound("no initial model directory recorded; pass --init-dir".into())
         })?;
     let params = ParameterVector::load_safetensors(&row.path, |_| true).map_err(ModelError::from)?;
-    Ok(model::export_hf(&params, &labels, &init_dir, &args.out)?)
+    Ok(model::export_hf(&params, &labels, &init_dir, &args.out, lora.as_ref())?)
 }
 
 #[cfg(test)]

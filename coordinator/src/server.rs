@@ -257,6 +257,7 @@ pub async fn run_with(
         limits,
         settings.clone(),
         booted.labels,
+        booted.adapter,
         storage.spool_dir(),
         cancel.clone(),
         traffic,

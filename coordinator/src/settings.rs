@@ -34,6 +34,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use fedtune_shared::bert::lora::{LoraConfig, LoraError};
 use fedtune_shared::chunk::{DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 use fedtune_shared::compression::UpdateEncoding;
 use fedtune_shared::limits::MAX_NUM_EXAMPLES;
@@ -221,6 +222,58 @@ pub struct ModelSettings {
     /// Keep the embeddings frozen (implied by `train_top_layers`).
     #[serde(default)]
     pub freeze_embeddings: bool,
+    /// `"none"` (default): train the scope above. `"lora"`: train LoRA adapters (`[model.lora]`)
+    /// and the head only, every base weight frozen.
+    #[serde(default)]
+    pub adapter: AdapterKind,
+    /// The LoRA adapter, used when `adapter = "lora"`.
+    #[serde(default)]
+    pub lora: LoraSettings,
+}
+
+impl ModelSettings {
+    /// The adapter description when `adapter = "lora"`, with A seeded by `seed` (the
+    /// federation's recorded `init_seed`).
+    pub fn lora_config(&self, seed: u64) -> Option<LoraConfig> {
+        (self.adapter == AdapterKind::Lora).then(|| LoraConfig {
+            rank: self.lora.rank,
+            alpha: self.lora.alpha,
+            dropout: self.lora.dropout,
+            target_modules: self.lora.target_modules.clone(),
+            seed,
+        })
+    }
+}
+
+/// Which adapter, if any, a federation trains (`model.adapter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdapterKind {
+    /// Fine-tune the base tensors of the train scope.
+    #[default]
+    None,
+    /// LoRA (FFA-LoRA: A frozen and shared, B and the head trained; `fedtune_shared::bert::lora`).
+    Lora,
+}
+
+/// `[model.lora]`: the adapter's shape (peft's `LoraConfig` fields of the same meaning).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSettings {
+    /// Rank r.
+    pub rank: usize,
+    /// Scale numerator: the adapter adds `(alpha / rank)·B·A`.
+    pub alpha: f64,
+    /// Dropout on the adapter's input while training.
+    pub dropout: f64,
+    /// Module-name suffixes that get an adapter.
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        Self { rank: 8, alpha: 16.0, dropout: 0.0, target_modules: vec!["query".into(), "value".into()] }
+    }
 }
 
 fn default_init_seed() -> u64 {
@@ -592,6 +645,22 @@ impl CoordinatorSettings {
                 "must be at least 1 (omit it to train all layers)",
             ));
         }
+        if let Some(lora) = m.lora_config(m.init_seed) {
+            if m.train_top_layers.is_some() || m.freeze_embeddings {
+                return Err(SettingsError::invalid(
+                    "model.adapter",
+                    "a LoRA adapter freezes every base tensor; leave model.train_top_layers and \
+                     model.freeze_embeddings unset",
+                ));
+            }
+            match lora.validate() {
+                Err(LoraError::Invalid { field, reason }) => {
+                    return Err(SettingsError::invalid(format!("model.lora.{field}"), reason));
+                }
+                Err(e) => return Err(SettingsError::invalid("model.lora", e.to_string())),
+                Ok(()) => {}
+            }
+        }
         let r = &self.rounds;
         if r.total == 0 {
             return Err(SettingsError::invalid("rounds.total", "must be at least 1"));
@@ -734,6 +803,8 @@ impl CoordinatorSettings {
                 init_seed: default_init_seed(),
                 train_top_layers: None,
                 freeze_embeddings: false,
+                adapter: AdapterKind::None,
+                lora: LoraSettings::default(),
             },
             rounds: RoundSettings::default(),
             sampling: SamplingSettings::default(),
@@ -790,6 +861,27 @@ mod tests {
         assert_eq!(s.sampling, SamplingSettings::Poisson { rate: 0.25 });
         assert!(matches!(s.strategy, StrategySettings::Fedyogi(AdaptiveSettings { tau, .. }) if tau == 0.01));
         assert_eq!(s.rounds.deadline, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn a_lora_adapter_takes_peft_like_defaults_and_refuses_bad_values_naming_the_key() {
+        let d = model_dir();
+        let s = load(&base(&d), vec![("FEDTUNE__MODEL__ADAPTER", "lora")]).unwrap();
+        let lora = s.model.lora_config(7).unwrap();
+        assert_eq!((lora.rank, lora.alpha, lora.dropout, lora.seed), (8, 16.0, 0.0, 7));
+        assert_eq!(lora.target_modules, ["query", "value"]);
+        assert_eq!(load(&base(&d), vec![]).unwrap().model.lora_config(7), None);
+        for (var, value, key) in [
+            ("FEDTUNE__MODEL__ADAPTER", "prefix", "prefix"),
+            ("FEDTUNE__MODEL__LORA__RANK", "0", "model.lora.rank"),
+            ("FEDTUNE__MODEL__LORA__ALPHA", "0", "model.lora.alpha"),
+            ("FEDTUNE__MODEL__LORA__DROPOUT", "1.5", "model.lora.dropout"),
+            ("FEDTUNE__MODEL__LORA__TARGET_MODULES", "[\"dense\"]", "model.lora.target_modules"),
+            ("FEDTUNE__MODEL__TRAIN_TOP_LAYERS", "2", "model.adapter"),
+        ] {
+            let err = load(&base(&d), vec![("FEDTUNE__MODEL__ADAPTER", "lora"), (var, value)]).unwrap_err();
+            assert!(err.to_string().contains(key), "`{err}` should name `{key}`");
+        }
     }
 
     #[test]

@@ -155,6 +155,17 @@ pub struct JoinResponse {
     pub limits: Limits,
     /// Label names of the classification head.
     pub labels: Vec<String>,
+    /// The federation's LoRA adapter, if it trains one.
+    pub adapter: Option<AdapterSpec>,
+}
+
+/// A federation's LoRA adapter as a client receives it (wire `LoraAdapter`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterSpec {
+    /// Rank, scale, dropout, targets and the seed of A (validated).
+    pub lora: crate::bert::lora::LoraConfig,
+    /// [`crate::bert::lora::LoraConfig::a_digest`] of the coordinator's model.
+    pub a_digest: [u8; 32],
 }
 
 /// Local training parameters for one round (wire `FitConfig`).

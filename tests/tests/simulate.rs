@@ -191,6 +191,87 @@ fn simulate_update_encoding_int8_sends_fewer_bytes_than_f32_for_the_same_rounds(
     assert_eq!((f32_rows[0].participants, int8_rows[0].participants), (2, 2));
     // Downloads are the same f32 model; only the uploads shrink.
     assert!(int8_rows[0].bytes < f32_rows[0].bytes, "int8 {:?} vs f32 {:?}", int8_rows[0], f32_rows[0]);
+
+/// The tensors whose values differ between the checkpoints of rounds `a` and `b` of a
+/// simulation's state folder.
+fn changed_between(out: &Path, a: u64, b: u64) -> Result<Vec<String>> {
+    use fedtune_shared::params::ParameterVector;
+    let load = |v: u64| {
+        let path = out.join("state/checkpoints").join(format!("round-{v:06}.safetensors"));
+        ParameterVector::load_safetensors(&path, |_| true).with_context(|| path.display().to_string())
+    };
+    let (before, after) = (load(a)?, load(b)?);
+    ensure!(before.manifest() == after.manifest(), "the layout changed between rounds");
+    Ok(before
+        .manifest()
+        .ranges()
+        .filter(|(_, r)| before.values()[r.clone()] != after.values()[r.clone()])
+        .map(|(t, _)| t.name.clone())
+        .collect())
+}
+
+/// `simulate` of three tiny-BERT clients training a rank-4 LoRA adapter, plus `extra` flags.
+fn simulate_lora(out: &Path, data: &Path, extra: &[&str]) -> Result<Vec<RoundRow>> {
+    let model = tiny_bert();
+    let mut args = vec![
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--clients",
+        "3",
+        "--rounds",
+        "2",
+        "--sample",
+        "0",
+        "--adapter",
+        "lora",
+        "--lora-rank",
+        "4",
+        "--max-len",
+        "32",
+        "--batch-size",
+        "16",
+        "--lr",
+        "5e-3",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    simulate(&args, out)
+}
+
+#[test]
+fn a_lora_federation_moves_only_b_and_the_head_and_exports_merged_and_as_a_peft_adapter() -> Result<()> {
+    use fedtune_shared::bert::lora::{lora_part, LoraConfig, PEFT_PREFIX};
+    let dir = tempfile::tempdir()?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 300, 6)?;
+    let out = dir.path().join("out");
+    let rows = simulate_lora(&out, &data, &[])?;
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r.participants == 3), "{rows:?}");
+    // Uploads carry exactly the trainable manifest (the coordinator refuses any other), so what
+    // aggregation changed is what clients sent: every B and the head, never a base weight or A.
+    let changed = changed_between(&out, 0, 2)?;
+    ensure!(changed.iter().any(|n| n.ends_with("lora_B.weight")), "B never moved: {changed:?}");
+    for name in &changed {
+        assert!(LoraConfig::trains(name), "{name} changed but is frozen under LoRA");
+    }
+    let merged = fedtune_shared::params::ParameterVector::load_safetensors(
+        &out.join("model/model.safetensors"),
+        |_| true,
+    )?;
+    assert!(merged.manifest().tensors.iter().all(|t| lora_part(&t.name).is_none()), "merged: no adapters");
+    let adapter = fedtune_shared::params::ParameterVector::load_safetensors(
+        &out.join("model-adapter/adapter_model.safetensors"),
+        |_| true,
+    )?;
+    for t in &adapter.manifest().tensors {
+        let name = t.name.strip_prefix(PEFT_PREFIX).context("peft prefix")?;
+        assert!(lora_part(name).is_some() || LoraConfig::trains(name), "{name} in the adapter file");
+    }
     Ok(())
 }
 
@@ -227,5 +308,53 @@ fn int8_updates_under_local_noise_complete_every_round_and_each_round_is_charged
     assert_eq!(rows.iter().map(|r| (r.round, r.participants)).collect::<Vec<_>>(), vec![(1, 2), (2, 2)]);
     let eps: Vec<f64> = rows.iter().map(|r| r.epsilon.expect("ε charged every round")).collect();
     assert!(eps[0] > 0.0 && eps[1] > eps[0], "cumulative ε {eps:?}");
+
+fn a_lora_federation_under_central_dp_noises_only_the_adapter_and_the_head() -> Result<()> {
+    use fedtune_shared::bert::lora::LoraConfig;
+    let dir = tempfile::tempdir()?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 300, 7)?;
+    let out = dir.path().join("out");
+    let dp = ["--dp", "central", "--noise-multiplier", "0.8", "--clip-norm", "0.5", "--delta", "1e-5"];
+    let rows = simulate_lora(&out, &data, &dp)?;
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r.epsilon.is_some_and(|e| e > 0.0)), "{rows:?}");
+    // The decorator's noise lands on every coordinate of the vector it is given: had it been
+    // given more than the adapter and head, a frozen tensor would move.
+    let changed = changed_between(&out, 0, 2)?;
+    for name in &changed {
+        assert!(LoraConfig::trains(name), "{name} changed but is frozen under LoRA");
+    }
+    ensure!(changed.iter().filter(|n| n.ends_with("lora_B.weight")).count() >= 4, "{changed:?}");
+    Ok(())
+}
+
+#[test]
+fn a_lora_federation_under_secure_aggregation_and_distributed_dp_moves_only_b_and_the_head() -> Result<()> {
+    use fedtune_shared::bert::lora::LoraConfig;
+    let dir = tempfile::tempdir()?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 300, 8)?;
+    let out = dir.path().join("out");
+    let secure = [
+        "--insecure",
+        "--dp",
+        "distributed",
+        "--noise-multiplier",
+        "0.5",
+        "--secure-aggregation",
+        "--secagg-threshold",
+        "2",
+        "--secagg-degree",
+        "2",
+    ];
+    let rows = simulate_lora(&out, &data, &secure)?;
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        assert_eq!(r.secagg_survivors, Some(3), "every masked adapter vector is in the sum: {r:?}");
+    }
+    let changed = changed_between(&out, 0, 2)?;
+    for name in &changed {
+        assert!(LoraConfig::trains(name), "{name} changed but is frozen under LoRA");
+    }
+    ensure!(changed.iter().any(|n| n.ends_with("lora_B.weight")), "B never moved: {changed:?}");
     Ok(())
 }

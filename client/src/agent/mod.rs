@@ -41,7 +41,9 @@ use std::time::Duration;
 use fedtune_shared::crypto::KeyPair;
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId};
 use fedtune_shared::params::{Manifest, ParameterVector};
-use fedtune_shared::round::{EvaluateTask, FailureCode, FailureReport, FitTask, PrivacyMode, TaskKind};
+use fedtune_shared::round::{
+    AdapterSpec, EvaluateTask, FailureCode, FailureReport, FitTask, PrivacyMode, TaskKind,
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -71,6 +73,8 @@ pub struct TrainerSpec {
     pub labels: Vec<String>,
     /// Exactly the tensors the coordinator expects clients to train and upload.
     pub trainable: Manifest,
+    /// The LoRA adapter to build onto the base model (and the digest its A must have).
+    pub adapter: Option<AdapterSpec>,
 }
 
 /// Builds the trainer once the first join has told the agent what to train. It runs on the

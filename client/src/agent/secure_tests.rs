@@ -214,6 +214,7 @@ impl CoordinatorApi for Link {
                 max_abs_update_value: fedtune_shared::limits::MAX_ABS_UPDATE_VALUE,
             },
             labels: vec!["0".into(), "1".into()],
+            adapter: None,
         })
     }
 

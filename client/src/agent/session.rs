@@ -5,7 +5,7 @@ use std::time::Duration;
 use fedtune_shared::ids::ClientId;
 use fedtune_shared::params::Manifest;
 use fedtune_shared::pb::PROTOCOL_VERSION;
-use fedtune_shared::round::{JoinRequest, Limits};
+use fedtune_shared::round::{AdapterSpec, JoinRequest, Limits};
 
 use super::{worker, Agent, AgentError, State, TrainerSpec};
 use crate::transport::{ApiError, CoordinatorApi};
@@ -23,6 +23,8 @@ pub(super) struct Session {
     pub(super) limits: Limits,
     /// Label names of the head.
     pub(super) labels: Vec<String>,
+    /// The federation's LoRA adapter, if any.
+    pub(super) adapter: Option<AdapterSpec>,
 }
 
 impl<C: CoordinatorApi + 'static> Agent<C> {
@@ -52,10 +54,13 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
         if let Some(previous) = &self.session {
             // A re-join after a coordinator restart must describe the same federation, or the
             // trainer we built (and any update we hold) would be for another model.
-            if previous.trainable != joined.trainable_manifest || previous.labels != joined.labels {
+            if previous.trainable != joined.trainable_manifest
+                || previous.labels != joined.labels
+                || previous.adapter != joined.adapter
+            {
                 return Err(AgentError::Incompatible(
-                    "after re-joining, the coordinator serves a different model (trainable tensors or labels \
-                     changed)"
+                    "after re-joining, the coordinator serves a different model (trainable tensors, labels or \
+                     adapter changed)"
                         .into(),
                 ));
             }
@@ -73,9 +78,14 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
             trainable: joined.trainable_manifest,
             limits: joined.limits,
             labels: joined.labels,
+            adapter: joined.adapter,
         };
         if self.worker.is_none() {
-            let spec = TrainerSpec { labels: session.labels.clone(), trainable: session.trainable.clone() };
+            let spec = TrainerSpec {
+                labels: session.labels.clone(),
+                trainable: session.trainable.clone(),
+                adapter: session.adapter.clone(),
+            };
             let factory = self.factory.take().ok_or(AgentError::WorkerGone)?;
             tracing::info!("building the local trainer");
             let (worker, manifest) = worker::Worker::start(factory, spec).await?;

@@ -140,6 +140,7 @@ impl CoordinatorApi for Arc<Scripted> {
                 max_abs_update_value,
             },
             labels: vec!["0".into(), "1".into()],
+            adapter: None,
         })
     }
 

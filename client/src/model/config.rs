@@ -118,6 +118,10 @@ pub struct BertConfig {
     /// Every other key of the file, kept so that exports preserve it.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// The LoRA adapter the model is built with (the federation's or `train --adapter lora`);
+    /// never read from or written to `config.json` (an export merges it or writes it apart).
+    #[serde(skip)]
+    pub lora: Option<fedtune_shared::bert::lora::LoraConfig>,
 }
 
 mod defaults {

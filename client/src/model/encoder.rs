@@ -47,9 +47,9 @@ impl BertSelfAttention {
     fn new(p: &nn::Path<'_>, c: &BertConfig) -> Self {
         let h = c.hidden_size;
         Self {
-            query: Linear::new(&(p / "query"), h, h),
-            key: Linear::new(&(p / "key"), h, h),
-            value: Linear::new(&(p / "value"), h, h),
+            query: Linear::adapted(&(p / "query"), h, h, c.lora.as_ref()),
+            key: Linear::adapted(&(p / "key"), h, h, c.lora.as_ref()),
+            value: Linear::adapted(&(p / "value"), h, h, c.lora.as_ref()),
             heads: c.num_attention_heads as i64,
             head_dim: c.head_dim() as i64,
             dropout: c.attention_probs_dropout_prob,
@@ -60,9 +60,9 @@ impl BertSelfAttention {
     fn forward(&self, x: &Tensor, mask: &AttentionMask, train: bool, precision: Precision) -> Tensor {
         let (b, s, h) = x.size3().expect("hidden states are [batch, seq, hidden]");
         let split = |t: Tensor| t.view([b, s, self.heads, self.head_dim]).transpose(1, 2);
-        let q = split(self.query.forward(x, precision));
-        let k = split(self.key.forward(x, precision));
-        let v = split(self.value.forward(x, precision));
+        let q = split(self.query.forward_t(x, train, precision));
+        let k = split(self.key.forward_t(x, train, precision));
+        let v = split(self.value.forward_t(x, train, precision));
         let p = if train { self.dropout } else { 0.0 };
         let ctx = Tensor::scaled_dot_product_attention(&q, &k, &v, mask.mask.as_ref(), p, false, None, false);
         ctx.transpose(1, 2).reshape([b, s, h])
@@ -80,14 +80,14 @@ pub struct BertResidualOutput {
 impl BertResidualOutput {
     fn new(p: &nn::Path<'_>, c: &BertConfig, in_features: usize) -> Self {
         Self {
-            dense: Linear::new(&(p / "dense"), in_features, c.hidden_size),
+            dense: Linear::adapted(&(p / "dense"), in_features, c.hidden_size, c.lora.as_ref()),
             layer_norm: LayerNorm::new(&(p / "LayerNorm"), c.hidden_size, c.layer_norm_eps),
             dropout: c.hidden_dropout_prob,
         }
     }
 
     fn forward(&self, x: &Tensor, residual: &Tensor, train: bool, precision: Precision) -> Tensor {
-        let y = dropout(self.dense.forward(x, precision), self.dropout, train);
+        let y = dropout(self.dense.forward_t(x, train, precision), self.dropout, train);
         self.layer_norm.forward(&(y + residual))
     }
 }
@@ -116,7 +116,12 @@ impl BertLayer {
                 self_attention: BertSelfAttention::new(&(&a / "self"), c),
                 output: BertResidualOutput::new(&(&a / "output"), c, c.hidden_size),
             },
-            intermediate: Linear::new(&(p / "intermediate" / "dense"), c.hidden_size, c.intermediate_size),
+            intermediate: Linear::adapted(
+                &(p / "intermediate" / "dense"),
+                c.hidden_size,
+                c.intermediate_size,
+                c.lora.as_ref(),
+            ),
             activation: c.hidden_act,
             output: BertResidualOutput::new(&(p / "output"), c, c.intermediate_size),
         }
@@ -126,7 +131,7 @@ impl BertLayer {
     pub fn forward(&self, x: &Tensor, mask: &AttentionMask, train: bool, precision: Precision) -> Tensor {
         let ctx = self.attention.self_attention.forward(x, mask, train, precision);
         let x = self.attention.output.forward(&ctx, x, train, precision);
-        let inner = self.intermediate.forward(&x, precision);
+        let inner = self.intermediate.forward_t(&x, train, precision);
         let inner = match self.activation {
             Activation::Gelu => inner.gelu("none"),
             Activation::GeluTanh => inner.gelu("tanh"),

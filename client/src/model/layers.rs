@@ -6,6 +6,7 @@
 //! keeps building a model cheap and makes the initial values of missing tensors (pooler,
 //! classifier) independent of the size of everything else.
 
+use fedtune_shared::bert::lora::LoraConfig;
 use tch::{nn, Kind, Tensor};
 
 /// How matrix products are computed. Master weights, LayerNorm, softmax statistics and the loss
@@ -40,25 +41,74 @@ impl Precision {
     }
 }
 
-/// `y = x·Wᵀ + b`, with `weight` of shape `[out, in]` like `torch.nn.Linear`.
+/// `y = x·Wᵀ + b`, with `weight` of shape `[out, in]` like `torch.nn.Linear`; with a LoRA
+/// adapter `y = x·Wᵀ + b + (α/r)·dropout(x)·Aᵀ·Bᵀ`, as `peft`'s `lora.Linear`.
 #[derive(Debug)]
 pub struct Linear {
     /// `[out_features, in_features]`.
     pub weight: Tensor,
     /// `[out_features]`.
     pub bias: Tensor,
+    /// The adapter, when the layer is one of the adapter's targets.
+    pub lora: Option<LoraBranch>,
+}
+
+/// A LoRA adapter on a linear layer (`peft` names: `p.lora_A.weight`, `p.lora_B.weight`).
+#[derive(Debug)]
+pub struct LoraBranch {
+    /// `[r, in_features]` (frozen in a federation).
+    pub a: Tensor,
+    /// `[out_features, r]` (starts at zero).
+    pub b: Tensor,
+    scaling: f64,
+    dropout: f64,
 }
 
 impl Linear {
     /// Registers `p.weight` and `p.bias`.
     pub fn new(p: &nn::Path<'_>, in_features: usize, out_features: usize) -> Self {
         let (i, o) = (in_features as i64, out_features as i64);
-        Self { weight: p.zeros("weight", &[o, i]), bias: p.zeros("bias", &[o]) }
+        Self { weight: p.zeros("weight", &[o, i]), bias: p.zeros("bias", &[o]), lora: None }
+    }
+
+    /// [`Linear::new`], plus `p.lora_A.weight` and `p.lora_B.weight` when `lora` targets the
+    /// module `p` ([`LoraConfig::targets`]).
+    pub fn adapted(
+        p: &nn::Path<'_>,
+        in_features: usize,
+        out_features: usize,
+        lora: Option<&LoraConfig>,
+    ) -> Self {
+        let mut linear = Self::new(p, in_features, out_features);
+        let module = p.components().collect::<Vec<_>>().join(".");
+        if let Some(l) = lora.filter(|l| l.targets(&module)) {
+            let (i, o, r) = (in_features as i64, out_features as i64, l.rank as i64);
+            linear.lora = Some(LoraBranch {
+                a: (p / "lora_A").zeros("weight", &[r, i]),
+                b: (p / "lora_B").zeros("weight", &[o, r]),
+                scaling: l.scaling(),
+                dropout: l.dropout,
+            });
+        }
+        linear
     }
 
     /// `x: [.., in]` → `[.., out]`, in the precision's dtype.
     pub fn forward(&self, x: &Tensor, precision: Precision) -> Tensor {
-        precision.cast(x).linear(&precision.cast(&self.weight), Some(precision.cast(&self.bias)))
+        self.forward_t(x, false, precision)
+    }
+
+    /// [`Linear::forward`] with the adapter's dropout active when `train`.
+    pub fn forward_t(&self, x: &Tensor, train: bool, precision: Precision) -> Tensor {
+        let xc = precision.cast(x);
+        let y = xc.linear(&precision.cast(&self.weight), Some(precision.cast(&self.bias)));
+        match &self.lora {
+            None => y,
+            Some(l) => {
+                let h = dropout(xc, l.dropout, train).linear::<Tensor>(&precision.cast(&l.a), None);
+                y + h.linear::<Tensor>(&precision.cast(&l.b), None) * l.scaling
+            }
+        }
     }
 }
 

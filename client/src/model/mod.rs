@@ -59,13 +59,18 @@ impl BertClassifier {
     pub fn random(config: &BertConfig, num_labels: usize, device: Device, seed: u64) -> Self {
         let vs = VarStore::new(device);
         let model = BertForSequenceClassification::new(&vs.root(), config, num_labels);
-        let names: Vec<String> = weights::named_variables(&vs).into_iter().map(|(n, _)| n).collect();
+        let (adapters, names): (Vec<String>, Vec<String>) =
+            weights::named_variables(&vs).into_iter().map(|(n, _)| n).partition(|n| weights::is_adapter(n));
         weights::init_missing(&vs, &names, config, seed);
+        if let Some(lora) = &config.lora {
+            weights::init_adapters(&vs, &adapters, lora);
+        }
         Self { vs, model, config: config.clone(), precision: Precision::F32 }
     }
 
     /// Loads `dir/config.json` and `dir/model.safetensors`, with `num_labels` classes. Tensors
-    /// the checkpoint lacks (pooler, classifier) are initialized from `init_seed`.
+    /// the checkpoint lacks (pooler, classifier) are initialized from `init_seed`; adapters
+    /// (`config.lora`) as the federation starts them (`weights::init_adapters`).
     pub fn load(
         dir: &Path,
         num_labels: usize,
@@ -87,8 +92,15 @@ impl BertClassifier {
         let weights_path = required(dir, "model.safetensors")?;
         let vs = VarStore::new(device);
         let model = BertForSequenceClassification::new(&vs.root(), &config, num_labels);
-        let report = weights::load_checkpoint(&vs, &weights_path)?;
+        let mut report = weights::load_checkpoint(&vs, &weights_path)?;
+        // Adapters a base checkpoint lacks start as the adapter description says, never from
+        // the head's seed.
+        let (adapters, missing) = report.missing.into_iter().partition(|n| weights::is_adapter(n));
+        report.missing = missing;
         weights::init_missing(&vs, &report.missing, &config, init_seed);
+        if let Some(lora) = &config.lora {
+            weights::init_adapters(&vs, &adapters, lora);
+        }
         Ok((Self { vs, model, config, precision: Precision::F32 }, report))
     }
 

@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
+use fedtune_shared::bert::lora::{lora_part, LoraConfig, LoraPart};
 use fedtune_shared::bert::{checkpoint_name, is_buffer};
 use tch::{nn::VarStore, Tensor};
 
@@ -153,6 +154,38 @@ pub fn init_missing(vs: &VarStore, names: &[String], config: &BertConfig, seed: 
                 {
                     let _ = var.get(config.pad_token_id).zero_();
                 }
+            }
+        }
+    });
+}
+
+/// Whether a variable belongs to a LoRA adapter (filled by [`init_adapters`], never by
+/// [`init_missing`] or from a base checkpoint).
+pub fn is_adapter(name: &str) -> bool {
+    lora_part(name).is_some()
+}
+
+/// Sets the adapter tensors named in `names` as the federation starts them: each `lora_A`
+/// from [`LoraConfig::init_a`] (the values the coordinator holds, bit for bit), each `lora_B`
+/// zero.
+pub fn init_adapters(vs: &VarStore, names: &[String], lora: &LoraConfig) {
+    let wanted: HashSet<&str> = names.iter().map(String::as_str).collect();
+    tch::no_grad(|| {
+        for (name, mut var) in named_variables(vs) {
+            if !wanted.contains(name.as_str()) {
+                continue;
+            }
+            match lora_part(&name) {
+                Some((_, LoraPart::A)) => {
+                    let shape: Vec<usize> = var.size().iter().map(|&d| d as usize).collect();
+                    let values = lora.init_a(&name, &shape);
+                    let drawn = Tensor::from_slice(&values).view(var.size().as_slice());
+                    var.copy_(&drawn.to_kind(var.kind()).to_device(var.device()));
+                }
+                Some((_, LoraPart::B)) => {
+                    let _ = var.zero_();
+                }
+                None => {}
             }
         }
     });

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fedtune_shared::bert::lora::LoraConfig;
 use fedtune_shared::params::ParameterVector;
 use fedtune_shared::schedule::StepSchedule;
 use rand::seq::SliceRandom;
@@ -59,8 +60,12 @@ impl Engine {
             tch::set_num_threads(n.max(1) as i32);
         }
         let device = options.device.resolve().map_err(|e| TrainerError::Failed(e.to_string()))?;
-        let config = BertConfig::from_file(&model_dir.join("config.json"))
+        let mut config = BertConfig::from_file(&model_dir.join("config.json"))
             .map_err(|e| TrainerError::Failed(e.to_string()))?;
+        if let Some(lora) = &options.adapter {
+            lora.validate().map_err(|e| TrainerError::Failed(format!("LoRA adapter: {e}")))?;
+        }
+        config.lora = options.adapter.clone();
         let labels = choose_labels(&options, &config, dataset);
         if labels.is_empty() {
             return Err(TrainerError::Failed("no class labels: the data has no labelled rows".into()));
@@ -97,7 +102,10 @@ impl Engine {
         let mut total_params = 0;
         for (name, var) in model.named_variables() {
             total_params += var.numel();
-            let trains = options.scope.trains(&name, num_layers);
+            let trains = match &options.adapter {
+                Some(_) => LoraConfig::trains(&name),
+                None => options.scope.trains(&name, num_layers),
+            };
             let var = var.set_requires_grad(trains);
             if trains {
                 trainable.push((name, var));
@@ -323,12 +331,33 @@ impl Engine {
         to_parameter_vector(&self.model.named_variables())
     }
 
-    /// Writes the model in transformers' layout ([`fedtune_shared::bert::export`]).
+    /// Writes the model in transformers' layout ([`fedtune_shared::bert::export`]), a LoRA
+    /// adapter merged into its base weights.
     pub(crate) fn export(&self, dir: &Path) -> Result<(), TrainerError> {
+        use fedtune_shared::bert::export;
         let weights = self.all_weights()?;
         let config =
             serde_json::to_value(&self.model.config).map_err(|e| TrainerError::Failed(e.to_string()))?;
-        fedtune_shared::bert::export::export_hf(dir, &config, self.labels.names(), &weights, &self.source_dir)
+        let labels = self.labels.names();
+        match &self.options.adapter {
+            None => export::export_hf(dir, &config, labels, &weights, &self.source_dir),
+            Some(lora) => export::export_hf_merged(dir, &config, labels, &weights, lora, &self.source_dir),
+        }
+        .map(drop)
+        .map_err(|e| TrainerError::Failed(e.to_string()))
+    }
+
+    /// Writes the LoRA adapter and head as a `peft` adapter folder whose base model is the
+    /// folder this trainer loaded.
+    pub(crate) fn export_adapter(&self, dir: &Path) -> Result<(), TrainerError> {
+        let lora = self
+            .options
+            .adapter
+            .as_ref()
+            .ok_or_else(|| TrainerError::Failed("the model has no LoRA adapter to export".into()))?;
+        let weights = self.all_weights()?;
+        let base = self.source_dir.display().to_string();
+        fedtune_shared::bert::export::export_peft_adapter(dir, lora, self.labels.names(), &weights, &base)
             .map(drop)
             .map_err(|e| TrainerError::Failed(e.to_string()))
     }

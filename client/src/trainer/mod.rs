@@ -49,8 +49,11 @@ pub struct TrainerOptions {
     /// Seed of the held-out split and of the initial values of tensors the checkpoint lacks.
     /// Every client of a federation must use the same one for the classifier to start equal.
     pub seed: u64,
-    /// Which tensors train.
+    /// Which tensors train (without an adapter).
     pub scope: TrainScope,
+    /// A LoRA adapter: when set, only its `lora_B` tensors and the head train
+    /// ([`fedtune_shared::bert::lora::LoraConfig::trains`]) and `scope` is not used.
+    pub adapter: Option<fedtune_shared::bert::lora::LoraConfig>,
     /// Optimizer hyper-parameters.
     pub adamw: AdamWConfig,
     /// Gradient L2-norm limit (0 disables clipping).
@@ -76,6 +79,7 @@ impl Default for TrainerOptions {
             eval_fraction: 0.1,
             seed: 42,
             scope: TrainScope::default(),
+            adapter: None,
             adamw: AdamWConfig::default(),
             max_grad_norm: 1.0,
             eval_batch_size: 64,
@@ -185,6 +189,18 @@ impl BertTrainer {
     /// [`fedtune_shared::bert::export`]).
     pub fn export(&self, dir: &Path) -> Result<(), TrainerError> {
         guarded(|| self.engine.export(dir))
+    }
+
+    /// Writes the LoRA adapter (and head) as a `peft` adapter folder (see
+    /// [`fedtune_shared::bert::export::export_peft_adapter`]); an error without an adapter.
+    pub fn export_adapter(&self, dir: &Path) -> Result<(), TrainerError> {
+        guarded(|| self.engine.export_adapter(dir))
+    }
+
+    /// SHA-256 of the model's `lora_A` tensors
+    /// ([`fedtune_shared::bert::lora::LoraConfig::a_digest`]), to compare with the coordinator's.
+    pub fn adapter_digest(&self) -> Result<[u8; 32], TrainerError> {
+        Ok(fedtune_shared::bert::lora::LoraConfig::a_digest(&self.all_weights()?))
     }
 
     /// Class probabilities for each text, in order.

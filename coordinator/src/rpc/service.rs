@@ -29,8 +29,8 @@ use fedtune_shared::convert::awaited_step_from_pb;
 use fedtune_shared::ids::ClientId;
 use fedtune_shared::pb::{self, coordinator_server::Coordinator};
 use fedtune_shared::round::{
-    Chunk, DownloadItem, DownloadRequest, EvalReport, FailureReport, Heartbeat, JoinRequest, JoinResponse,
-    Limits, MaskedUpdateHeader, ModelHeader, PhaseName, Task, UpdateHeader, UploadItem,
+    AdapterSpec, Chunk, DownloadItem, DownloadRequest, EvalReport, FailureReport, Heartbeat, JoinRequest,
+    JoinResponse, Limits, MaskedUpdateHeader, ModelHeader, PhaseName, Task, UpdateHeader, UploadItem,
 };
 use fedtune_shared::secagg::{
     KeyAdvertisement, RoundContext, RoundRef, RoundUnmaskAnswer, ShareUpload, StepInput,
@@ -67,6 +67,7 @@ pub struct CoordinatorService {
     limits: Arc<CallLimits>,
     settings: Arc<CoordinatorSettings>,
     labels: Arc<Vec<String>>,
+    adapter: Option<AdapterSpec>,
     /// Bounds uploads receiving at once (each holds a spool file and a chunk).
     uploads: Arc<Semaphore>,
     /// Places for uploads waiting for one of `uploads` (each holds up to a stream window of
@@ -93,6 +94,7 @@ impl CoordinatorService {
         limits: Arc<CallLimits>,
         settings: Arc<CoordinatorSettings>,
         labels: Vec<String>,
+        adapter: Option<AdapterSpec>,
         spool_dir: PathBuf,
         cancel: CancellationToken,
         traffic: Arc<Traffic>,
@@ -106,6 +108,7 @@ impl CoordinatorService {
             limits,
             settings,
             labels: Arc::new(labels),
+            adapter,
             uploads,
             upload_queue,
             spool_dir,
@@ -303,6 +306,7 @@ impl Coordinator for CoordinatorService {
             trainable_manifest: model.layout.trainable.clone(),
             limits: Limits::of_protocol(self.settings.server.download_chunk_bytes as u64),
             labels: self.labels.as_ref().clone(),
+            adapter: self.adapter.clone(),
         };
         let mut resp = pb::JoinResponse::from(resp);
         resp.federation_id = federation_id.unwrap_or_default();

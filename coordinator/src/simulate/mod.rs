@@ -38,7 +38,7 @@ use fedtune_shared::schedule::LrSchedule;
 use fedtune_shared::settings::parse_duration;
 use tokio_util::sync::CancellationToken;
 
-use crate::settings::{CoordinatorSettings, SamplingSettings};
+use crate::settings::{AdapterKind, CoordinatorSettings, LoraSettings, SamplingSettings};
 use clients::{ClientIdentity, ClientLaunch, ClientsError, Fleet};
 use partition::{PartitionError, PartitionSpec, Scheme, Table};
 use report::{ReportError, ReportFiles, RoundRow};
@@ -108,6 +108,22 @@ pub struct SimulateArgs {
     /// Train only the top K encoder layers (plus pooler and classifier); 0 trains all layers.
     #[arg(long, default_value_t = 2)]
     pub train_top_layers: usize,
+    /// `lora`: train LoRA adapters and the head only (`model.adapter`); `--train-top-layers`
+    /// is then ignored.
+    #[arg(long, default_value = "none", value_parser = ["none", "lora"])]
+    pub adapter: String,
+    /// LoRA rank (`model.lora.rank`).
+    #[arg(long, default_value_t = 8)]
+    pub lora_rank: usize,
+    /// LoRA alpha (`model.lora.alpha`).
+    #[arg(long, default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    /// LoRA dropout (`model.lora.dropout`).
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// LoRA target modules, comma-separated (`model.lora.target_modules`).
+    #[arg(long, default_value = "query,value", value_delimiter = ',')]
+    pub lora_targets: Vec<String>,
     /// Local epochs per round.
     #[arg(long, default_value_t = 1)]
     pub epochs: u32,
@@ -281,6 +297,17 @@ impl SimulateArgs {
         s.model.labels = labels;
         s.model.train_top_layers = (self.train_top_layers > 0).then_some(self.train_top_layers);
         s.model.freeze_embeddings = self.train_top_layers > 0;
+        if self.adapter == "lora" {
+            s.model.adapter = AdapterKind::Lora;
+            s.model.train_top_layers = None;
+            s.model.freeze_embeddings = false;
+            s.model.lora = LoraSettings {
+                rank: self.lora_rank,
+                alpha: self.lora_alpha,
+                dropout: self.lora_dropout,
+                target_modules: self.lora_targets.clone(),
+            };
+        }
         s.model.init_seed = self.seed;
         s.rounds.total = self.rounds;
         s.rounds.min_available = self.clients;

@@ -8,14 +8,21 @@
 //! next to its destination and renamed into place ([`crate::files::write_dir_atomically`]), so
 //! a crash never leaves a half-written model that would load, and a re-export never mixes files
 //! of two models.
+//!
+//! A model with LoRA adapters exports two ways: merged ([`export_hf_merged`]: each adapted
+//! weight becomes `W + (α/r)·B·A`, a plain classifier directory), or as the adapter alone
+//! ([`export_peft_adapter`]: `adapter_config.json` and `adapter_model.safetensors` in `peft`'s
+//! layout, loaded with `PeftModel.from_pretrained` onto the base model).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
+use super::lora::{lora_part, LoraConfig, LoraError, HEAD_MODULES, PEFT_PREFIX};
+use super::TensorRole;
 use crate::files::{self, FileError};
-use crate::params::ParameterVector;
+use crate::params::{Manifest, ParameterVector};
 
 /// Tokenizer and vocabulary files copied from the base model's directory when present.
 pub const TOKENIZER_FILES: [&str; 6] = [
@@ -47,6 +54,87 @@ pub enum ExportError {
     /// The weights could not be serialized.
     #[error("cannot serialize weights: {0}")]
     Serialize(String),
+    /// The adapter cannot be merged or exported.
+    #[error("adapter: {0}")]
+    Adapter(#[from] LoraError),
+}
+
+/// [`export_hf`] of `weights` (a model with `lora`'s adapters) merged into its base weights: a
+/// plain `BertForSequenceClassification` directory that computes what the adapted model does.
+pub fn export_hf_merged(
+    out: &Path,
+    config: &Value,
+    labels: &[String],
+    weights: &ParameterVector,
+    lora: &LoraConfig,
+    tokenizer_dir: &Path,
+) -> Result<Vec<PathBuf>, ExportError> {
+    export_hf(out, config, labels, &lora.merge(weights)?, tokenizer_dir)
+}
+
+/// Writes `weights`' adapter as a `peft` adapter directory `out`: `adapter_config.json` (LoRA,
+/// `SEQ_CLS`, `lora`'s rank, alpha, dropout and targets, the head in `modules_to_save`,
+/// `base_model_name_or_path` = `base_model`) and `adapter_model.safetensors` (every `lora_A`,
+/// `lora_B` and head tensor under `peft`'s names). The base model must be loaded with
+/// `num_labels = labels.len()` (checked against the classifier here; `peft`'s config has no
+/// place for label names). Replaces an existing `out`. Returns the files written.
+pub fn export_peft_adapter(
+    out: &Path,
+    lora: &LoraConfig,
+    labels: &[String],
+    weights: &ParameterVector,
+    base_model: &str,
+) -> Result<Vec<PathBuf>, ExportError> {
+    lora.validate()?;
+    if let Some(spec) = weights.manifest().tensors.iter().find(|t| t.name == "classifier.weight") {
+        if spec.shape.first() != Some(&labels.len()) {
+            return Err(ExportError::Labels { labels: labels.len(), classes: spec.shape[0] });
+        }
+    }
+    let keep = |name: &str| {
+        lora_part(name).is_some()
+            || matches!(TensorRole::of(name), TensorRole::Classifier | TensorRole::Pooler)
+    };
+    let adapter = weights.select(&weights.manifest().subset(keep)).map_err(LoraError::from)?;
+    let (manifest, values) = adapter.into_parts();
+    let renamed = Manifest::new(
+        manifest
+            .tensors
+            .into_iter()
+            .map(|mut t| {
+                t.name = format!("{PEFT_PREFIX}{}", t.name);
+                t
+            })
+            .collect(),
+    )
+    .map_err(LoraError::from)?;
+    let adapter = ParameterVector::new(renamed, values).map_err(LoraError::from)?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let model = adapter.to_safetensors(Some(metadata)).map_err(ExportError::Serialize)?;
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": base_model,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": lora.target_modules,
+        "modules_to_save": HEAD_MODULES,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "use_rslora": false,
+        "use_dora": false,
+    });
+    let config = serde_json::to_vec_pretty(&config).map_err(|e| ExportError::Serialize(e.to_string()))?;
+    let names = ["adapter_config.json", "adapter_model.safetensors"];
+    files::write_dir_atomically(out, |tmp| -> Result<(), ExportError> {
+        files::atomic_write(&tmp.join(names[0]), &config)?;
+        files::atomic_write(&tmp.join(names[1]), &model)?;
+        Ok(())
+    })?;
+    Ok(names.into_iter().map(|n| out.join(n)).collect())
 }
 
 /// Writes `weights` (every tensor, transformers' names) as a Hugging Face

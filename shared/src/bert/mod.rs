@@ -19,9 +19,16 @@
 //! ([`TrainScope::of_trainable`]) and applies it to its own model, so both select the same
 //! tensors by construction.
 //!
-//! - [`export`]: writing a model directory transformers' `from_pretrained` loads.
+//! # Adapters
+//! With a LoRA adapter ([`lora::LoraConfig`]) the rule is [`lora::LoraConfig::trains`]
+//! instead: the `lora_B` tensors and the head, nothing else.
+//!
+//! - [`export`]: writing a model directory transformers' `from_pretrained` loads, and an
+//!   adapter directory `peft` loads.
+//! - [`lora`]: LoRA naming, the seeded A, merging, and why only B trains.
 
 pub mod export;
+pub mod lora;
 
 /// Where a tensor sits in a `BertForSequenceClassification`, read from its transformers name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

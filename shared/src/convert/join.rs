@@ -81,7 +81,41 @@ impl TryFrom<pb::JoinResponse> for JoinResponse {
                 max_abs_update_value: limits.max_abs_update_value,
             },
             labels: r.labels.map(|l| l.names).unwrap_or_default(),
+            adapter: r.adapter.map(AdapterSpec::try_from).transpose()?,
         })
+    }
+}
+
+impl TryFrom<pb::LoraAdapter> for AdapterSpec {
+    type Error = ConvertError;
+    fn try_from(a: pb::LoraAdapter) -> Result<Self, ConvertError> {
+        let lora = crate::bert::lora::LoraConfig {
+            rank: a.rank as usize,
+            alpha: a.alpha,
+            dropout: a.dropout,
+            target_modules: a.target_modules,
+            seed: a.seed,
+        };
+        if let Err(e) = lora.validate() {
+            return Err(invalid("adapter", e.to_string()));
+        }
+        let a_digest = <[u8; 32]>::try_from(a.a_sha256.as_ref()).map_err(|_| {
+            invalid("adapter.a_sha256", format!("a SHA-256 has 32 bytes, got {}", a.a_sha256.len()))
+        })?;
+        Ok(AdapterSpec { lora, a_digest })
+    }
+}
+
+impl From<AdapterSpec> for pb::LoraAdapter {
+    fn from(a: AdapterSpec) -> Self {
+        pb::LoraAdapter {
+            rank: a.lora.rank as u32,
+            alpha: a.lora.alpha,
+            dropout: a.lora.dropout,
+            target_modules: a.lora.target_modules,
+            seed: a.lora.seed,
+            a_sha256: a.a_digest.to_vec().into(),
+        }
     }
 }
 
@@ -102,6 +136,7 @@ impl From<JoinResponse> for pb::JoinResponse {
                 max_abs_update_value: r.limits.max_abs_update_value,
             }),
             labels: Some(pb::LabelSet { names: r.labels }),
+            adapter: r.adapter.map(Into::into),
             // Set by the coordinator's join handler, which knows the federation.
             federation_id: String::new(),
         }

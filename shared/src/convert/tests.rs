@@ -253,7 +253,25 @@ fn join_response() -> JoinResponse {
         trainable_manifest: Manifest::new(vec![TensorSpec { name: "w".into(), shape: vec![2] }]).unwrap(),
         limits: Limits::of_protocol(1 << 20),
         labels: vec!["neg".into(), "pos".into()],
+        adapter: None,
     }
+}
+
+#[test]
+fn a_join_response_carries_the_lora_adapter_and_refuses_an_invalid_one() {
+    let lora = crate::bert::lora::LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        dropout: 0.1,
+        target_modules: vec!["query".into(), "value".into()],
+        seed: 42,
+    };
+    let with = JoinResponse { adapter: Some(AdapterSpec { lora, a_digest: [3; 32] }), ..join_response() };
+    assert_eq!(JoinResponse::try_from(pb::JoinResponse::from(with.clone())).unwrap(), with);
+    let mut wire = pb::JoinResponse::from(with);
+    wire.adapter.as_mut().unwrap().rank = 0;
+    let err = JoinResponse::try_from(wire).unwrap_err().to_string();
+    assert!(err.contains("adapter") && err.contains("rank"), "{err}");
 }
 
 #[test]
