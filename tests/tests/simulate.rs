@@ -174,24 +174,6 @@ fn a_secure_simulation_under_distributed_noise_reports_t_k_survivors_and_epsilon
     Ok(())
 }
 
-#[test]
-fn simulate_update_encoding_int8_sends_fewer_bytes_than_f32_for_the_same_rounds() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let model = write_fake_model(&dir.path().join("model"), 2, 16)?;
-    let data = write_sentiment_csv(&dir.path().join("data.csv"), 60, 5)?;
-    let run = |encoding: &str| {
-        let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
-        let args = ["--fake-trainer", "--model", model, "--data", data, "--clients", "2", "--rounds", "1"];
-        let mut args = args.to_vec();
-        args.extend(["--sample", "0", "--update-encoding", encoding]);
-        simulate(&args, &dir.path().join(encoding))
-    };
-    let (f32_rows, int8_rows) = (run("f32")?, run("int8")?);
-    assert_eq!((f32_rows.len(), int8_rows.len()), (1, 1));
-    assert_eq!((f32_rows[0].participants, int8_rows[0].participants), (2, 2));
-    // Downloads are the same f32 model; only the uploads shrink.
-    assert!(int8_rows[0].bytes < f32_rows[0].bytes, "int8 {:?} vs f32 {:?}", int8_rows[0], f32_rows[0]);
-
 /// The tensors whose values differ between the checkpoints of rounds `a` and `b` of a
 /// simulation's state folder.
 fn changed_between(out: &Path, a: u64, b: u64) -> Result<Vec<String>> {
@@ -276,39 +258,6 @@ fn a_lora_federation_moves_only_b_and_the_head_and_exports_merged_and_as_a_peft_
 }
 
 #[test]
-fn int8_updates_under_local_noise_complete_every_round_and_each_round_is_charged() -> Result<()> {
-    // The client's pipeline puts the int8 encoding after the noise (post-processing, see
-    // docs/privacy.md); here the whole federation runs that way and the ledger still grows.
-    let dir = tempfile::tempdir()?;
-    let model = write_fake_model(&dir.path().join("model"), 2, 16)?;
-    let data = write_sentiment_csv(&dir.path().join("data.csv"), 60, 5)?;
-    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
-    let rows = simulate(
-        &[
-            "--fake-trainer",
-            "--model",
-            model,
-            "--data",
-            data,
-            "--clients",
-            "2",
-            "--rounds",
-            "2",
-            "--sample",
-            "0",
-            "--dp",
-            "local",
-            "--noise-multiplier",
-            "1.0",
-            "--update-encoding",
-            "int8",
-        ],
-        &dir.path().join("out"),
-    )?;
-    assert_eq!(rows.iter().map(|r| (r.round, r.participants)).collect::<Vec<_>>(), vec![(1, 2), (2, 2)]);
-    let eps: Vec<f64> = rows.iter().map(|r| r.epsilon.expect("ε charged every round")).collect();
-    assert!(eps[0] > 0.0 && eps[1] > eps[0], "cumulative ε {eps:?}");
-
 fn a_lora_federation_under_central_dp_noises_only_the_adapter_and_the_head() -> Result<()> {
     use fedtune_shared::bert::lora::LoraConfig;
     let dir = tempfile::tempdir()?;
@@ -356,5 +305,61 @@ fn a_lora_federation_under_secure_aggregation_and_distributed_dp_moves_only_b_an
         assert!(LoraConfig::trains(name), "{name} changed but is frozen under LoRA");
     }
     ensure!(changed.iter().any(|n| n.ends_with("lora_B.weight")), "B never moved: {changed:?}");
+    Ok(())
+}
+
+#[test]
+fn simulate_update_encoding_int8_sends_fewer_bytes_than_f32_for_the_same_rounds() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = write_fake_model(&dir.path().join("model"), 2, 16)?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 60, 5)?;
+    let run = |encoding: &str| {
+        let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+        let args = ["--fake-trainer", "--model", model, "--data", data, "--clients", "2", "--rounds", "1"];
+        let mut args = args.to_vec();
+        args.extend(["--sample", "0", "--update-encoding", encoding]);
+        simulate(&args, &dir.path().join(encoding))
+    };
+    let (f32_rows, int8_rows) = (run("f32")?, run("int8")?);
+    assert_eq!((f32_rows.len(), int8_rows.len()), (1, 1));
+    assert_eq!((f32_rows[0].participants, int8_rows[0].participants), (2, 2));
+    // Downloads are the same f32 model; only the uploads shrink.
+    assert!(int8_rows[0].bytes < f32_rows[0].bytes, "int8 {:?} vs f32 {:?}", int8_rows[0], f32_rows[0]);
+    Ok(())
+}
+
+#[test]
+fn int8_updates_under_local_noise_complete_every_round_and_each_round_is_charged() -> Result<()> {
+    // The client's pipeline puts the int8 encoding after the noise (post-processing, see
+    // docs/privacy.md); here the whole federation runs that way and the ledger still grows.
+    let dir = tempfile::tempdir()?;
+    let model = write_fake_model(&dir.path().join("model"), 2, 16)?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 60, 5)?;
+    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let rows = simulate(
+        &[
+            "--fake-trainer",
+            "--model",
+            model,
+            "--data",
+            data,
+            "--clients",
+            "2",
+            "--rounds",
+            "2",
+            "--sample",
+            "0",
+            "--dp",
+            "local",
+            "--noise-multiplier",
+            "1.0",
+            "--update-encoding",
+            "int8",
+        ],
+        &dir.path().join("out"),
+    )?;
+    assert_eq!(rows.iter().map(|r| (r.round, r.participants)).collect::<Vec<_>>(), vec![(1, 2), (2, 2)]);
+    let eps: Vec<f64> = rows.iter().map(|r| r.epsilon.expect("ε charged every round")).collect();
+    assert!(eps[0] > 0.0 && eps[1] > eps[0], "cumulative ε {eps:?}");
     Ok(())
 }
