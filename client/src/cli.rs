@@ -178,17 +178,17 @@ pub struct TrainArgs {
     #[arg(long, default_value = "none", value_parser = ["none", "lora"], conflicts_with_all = ["train_top_layers", "freeze_embeddings"])]
     pub adapter: String,
     /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = fedtune_shared::bert::lora::DEFAULT_RANK)]
     pub lora_rank: usize,
     /// LoRA alpha: the adapter adds (alpha / rank)·B·A.
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = fedtune_shared::bert::lora::DEFAULT_ALPHA)]
     pub lora_alpha: f64,
     /// Dropout on the adapter input while training.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = fedtune_shared::bert::lora::DEFAULT_DROPOUT)]
     pub lora_dropout: f64,
     /// Modules that get an adapter, comma-separated (query, key, value, attention.output.dense,
     /// intermediate.dense, output.dense).
-    #[arg(long, default_value = "query,value", value_delimiter = ',')]
+    #[arg(long, default_values = fedtune_shared::bert::lora::DEFAULT_TARGETS, value_delimiter = ',')]
     pub lora_targets: Vec<String>,
     /// Export the fine-tuned model here, in Hugging Face layout (a LoRA adapter merged in).
     #[arg(long)]

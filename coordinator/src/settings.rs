@@ -272,7 +272,13 @@ pub struct LoraSettings {
 
 impl Default for LoraSettings {
     fn default() -> Self {
-        Self { rank: 8, alpha: 16.0, dropout: 0.0, target_modules: vec!["query".into(), "value".into()] }
+        use fedtune_shared::bert::lora;
+        Self {
+            rank: lora::DEFAULT_RANK,
+            alpha: lora::DEFAULT_ALPHA,
+            dropout: lora::DEFAULT_DROPOUT,
+            target_modules: lora::DEFAULT_TARGETS.map(String::from).to_vec(),
+        }
     }
 }
 

@@ -113,16 +113,16 @@ pub struct SimulateArgs {
     #[arg(long, default_value = "none", value_parser = ["none", "lora"])]
     pub adapter: String,
     /// LoRA rank (`model.lora.rank`).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = fedtune_shared::bert::lora::DEFAULT_RANK)]
     pub lora_rank: usize,
     /// LoRA alpha (`model.lora.alpha`).
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = fedtune_shared::bert::lora::DEFAULT_ALPHA)]
     pub lora_alpha: f64,
     /// LoRA dropout (`model.lora.dropout`).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = fedtune_shared::bert::lora::DEFAULT_DROPOUT)]
     pub lora_dropout: f64,
     /// LoRA target modules, comma-separated (`model.lora.target_modules`).
-    #[arg(long, default_value = "query,value", value_delimiter = ',')]
+    #[arg(long, default_values = fedtune_shared::bert::lora::DEFAULT_TARGETS, value_delimiter = ',')]
     pub lora_targets: Vec<String>,
     /// Local epochs per round.
     #[arg(long, default_value_t = 1)]

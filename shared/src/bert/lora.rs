@@ -44,6 +44,16 @@ pub const PEFT_PREFIX: &str = "base_model.model.";
 pub const TARGETABLE: [&str; 6] =
     ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"];
 
+/// The defaults a federation, `simulate` and `fedtune-client train` share when a LoRA setting is
+/// left out: peft's usual choice for BERT (rank 8, alpha 16, no dropout, query and value).
+pub const DEFAULT_RANK: usize = 8;
+/// Default scale numerator (see [`DEFAULT_RANK`]).
+pub const DEFAULT_ALPHA: f64 = 16.0;
+/// Default adapter dropout (see [`DEFAULT_RANK`]).
+pub const DEFAULT_DROPOUT: f64 = 0.0;
+/// Default target modules (see [`DEFAULT_RANK`]).
+pub const DEFAULT_TARGETS: [&str; 2] = ["query", "value"];
+
 /// The modules `peft` saves whole next to the adapter (`modules_to_save`): the head, which the
 /// federation trains in full (see [`LoraConfig::trains`]).
 pub const HEAD_MODULES: [&str; 2] = ["classifier", "pooler"];
