@@ -7,11 +7,11 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{connect, enroll, free_port, status, write_minilm_like, Client};
+use common::{connect, enroll, free_port, spawn_serve, status, write_minilm_like, Client};
 use fedtune_shared::ids::Sha256;
 use tokio::time::Instant;
 
@@ -60,15 +60,8 @@ insecure = true
     .expect("config");
     let keys: Vec<_> =
         (0..clients).map(|k| enroll(&dir.path().join("state"), &format!("client-{k:02}"))).collect();
-    let log = std::fs::File::create(dir.path().join("coordinator.log")).expect("log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fedtune-coordinator"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawn coordinator");
+    let binary = Path::new(env!("CARGO_BIN_EXE_fedtune-coordinator"));
+    let mut child = spawn_serve(binary, &config, &dir.path().join("coordinator.log"));
     let url = format!("http://127.0.0.1:{port}");
     let start = Instant::now();
     let mut handles = Vec::new();

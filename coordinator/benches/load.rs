@@ -30,13 +30,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{connect, enroll, free_port, write_bert_like, BertShape};
+use common::{connect, enroll, free_port, spawn_serve, write_bert_like, BertShape};
 use fedtune_shared::auth::{sign_upload, ChallengeGrant, JoinProof};
 use fedtune_shared::chunk::{Sha256Stream, MAX_MESSAGE_BYTES};
 use fedtune_shared::compression::UpdateEncoding;
@@ -633,15 +632,7 @@ async fn run(args: Args, binary: PathBuf, (soft, hard): (u64, u64)) {
         args.heartbeat_interval,
     );
     let log_path = dir.path().join("coordinator.log");
-    let log = std::fs::File::create(&log_path).expect("log");
-    let mut child = Command::new(&binary)
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawn coordinator");
+    let mut child = spawn_serve(&binary, &config, &log_path);
     let pid = child.id();
     println!("file descriptors: this process {soft} (hard {hard}); coordinator {}", open_files_limit(pid));
     let url = format!("http://127.0.0.1:{port}");

@@ -199,6 +199,20 @@ pub async fn status(inner: &mut CoordinatorClient<Channel>) -> pb::GetStatusResp
     inner.get_status(pb::GetStatusRequest { recent_rounds: 1 }).await.expect("status").into_inner()
 }
 
+/// Starts `binary serve --config config` as its own process (a benchmark measures it from
+/// outside), logging warnings and worse to `log`.
+pub fn spawn_serve(binary: &Path, config: &Path, log: &Path) -> std::process::Child {
+    let log = std::fs::File::create(log).expect("log");
+    std::process::Command::new(binary)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(log))
+        .spawn()
+        .expect("spawn coordinator")
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
