@@ -10,10 +10,17 @@
 //! wall-clock second and per CPU second (all threads); the latter is what the verdict uses,
 //! because on a shared machine other processes' load moves wall-clock figures by ±50 %.
 //!
+//! `--adapter lora` trains the federation's LoRA adapters (B) and the head instead of every
+//! weight, as `[model] adapter = "lora"` clients do; PyTorch has no counterpart here, so it needs
+//! `--skip-python`. `--adapter compare` runs full fine-tuning and LoRA each in a child process of
+//! its own (so one's peak RSS cannot hide the other's: `VmHWM` only grows) and prints seconds per
+//! step, peak RSS and the ratio LoRA/full.
+//!
 //! ```text
 //! cargo bench -p fedtune-client --bench train_throughput -- [--seq 128] [--batch 32]
 //!     [--steps 20] [--warmup-steps 3] [--threads N] [--layers 6] [--hidden 384] [--heads 12]
 //!     [--intermediate 1536] [--rounds 3] [--device cpu|cuda] [--skip-python]
+//!     [--adapter none|lora|compare] [--lora-rank 8] [--lora-alpha 16] [--lora-targets query,value]
 //! ```
 
 use std::path::Path;
@@ -23,6 +30,7 @@ use fedtune_client::device::{DeviceChoice, PrecisionChoice};
 use fedtune_client::model::{BertClassifier, BertConfig, ModelInput};
 use fedtune_client::trainer::engine::train_step;
 use fedtune_client::trainer::optim::{AdamW, AdamWConfig};
+use fedtune_shared::bert::lora::LoraConfig;
 use fedtune_shared::schedule::{LrSchedule, StepSchedule, Warmup};
 use tch::{Kind, Tensor};
 use tokio::time::Instant;
@@ -42,6 +50,21 @@ struct Settings {
     rounds: usize,
     device: String,
     skip_python: bool,
+    adapter: Adapter,
+    lora_rank: usize,
+    lora_alpha: f64,
+    lora_targets: Vec<String>,
+}
+
+/// What the tch side trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Adapter {
+    /// Every weight (full fine-tuning).
+    None,
+    /// LoRA B matrices and the head, as a `[model] adapter = "lora"` client.
+    Lora,
+    /// Both, each in a child process of this bench, compared.
+    Compare,
 }
 
 impl Settings {
@@ -60,6 +83,10 @@ impl Settings {
             rounds: 3,
             device: "cpu".into(),
             skip_python: false,
+            adapter: Adapter::None,
+            lora_rank: 8,
+            lora_alpha: 16.0,
+            lora_targets: vec!["query".into(), "value".into()],
         };
         let mut args = std::env::args().skip(1);
         while let Some(flag) = args.next() {
@@ -80,10 +107,40 @@ impl Settings {
                 "--threads" => s.threads = value()?.parse()?,
                 "--rounds" => s.rounds = value()?.parse::<usize>()?.max(1),
                 "--device" => s.device = value()?,
+                "--adapter" => {
+                    s.adapter = match value()?.as_str() {
+                        "none" => Adapter::None,
+                        "lora" => Adapter::Lora,
+                        "compare" => Adapter::Compare,
+                        other => bail!("--adapter must be none, lora or compare, not {other}"),
+                    }
+                }
+                "--lora-rank" => s.lora_rank = value()?.parse()?,
+                "--lora-alpha" => s.lora_alpha = value()?.parse()?,
+                "--lora-targets" => s.lora_targets = value()?.split(',').map(str::to_owned).collect(),
                 other => bail!("unknown option {other}"),
             }
         }
+        if s.adapter != Adapter::None && !s.skip_python {
+            bail!("--adapter {:?} has no PyTorch counterpart in this bench: add --skip-python", s.adapter);
+        }
         Ok(s)
+    }
+
+    /// The adapter the tch model carries, validated.
+    fn lora(&self) -> anyhow::Result<Option<LoraConfig>> {
+        if self.adapter != Adapter::Lora {
+            return Ok(None);
+        }
+        let lora = LoraConfig {
+            rank: self.lora_rank,
+            alpha: self.lora_alpha,
+            dropout: 0.0,
+            target_modules: self.lora_targets.clone(),
+            seed: 0,
+        };
+        lora.validate()?;
+        Ok(Some(lora))
     }
 }
 
@@ -106,6 +163,7 @@ struct TchBench {
     batches: Vec<(ModelInput, Tensor)>,
     schedule: StepSchedule,
     step: usize,
+    trainable_values: usize,
 }
 
 impl TchBench {
@@ -118,11 +176,24 @@ impl TchBench {
             num_hidden_layers: s.layers,
             num_attention_heads: s.heads,
             intermediate_size: s.intermediate,
+            lora: s.lora()?,
             ..BertConfig::minilm_l6()
         };
         let mut model = BertClassifier::random(&config, 2, device, 0);
         model.precision = PrecisionChoice::Auto.resolve(device);
-        let opt = AdamW::new(&model.named_variables(), AdamWConfig::default())?;
+        // As the trainer does: frozen tensors get no gradient and no optimizer state, which is
+        // where LoRA saves memory.
+        let trainable: Vec<(String, Tensor)> = model
+            .named_variables()
+            .into_iter()
+            .filter_map(|(name, var)| {
+                let trains = config.lora.is_none() || LoraConfig::trains(&name);
+                let var = var.set_requires_grad(trains);
+                trains.then_some((name, var))
+            })
+            .collect();
+        let trainable_values = trainable.iter().map(|(_, t)| t.numel()).sum();
+        let opt = AdamW::new(&trainable, AdamWConfig::default())?;
         tch::manual_seed(0);
         let shape = [s.batch as i64, s.seq as i64];
         let batches = (0..4)
@@ -137,7 +208,7 @@ impl TchBench {
             .collect();
         let total = (s.warmup_steps + s.steps * s.rounds) as u64;
         let schedule = StepSchedule::new(LrSchedule::Linear, Warmup::Ratio(0.1), total);
-        let mut bench = Self { model, opt, batches, schedule, step: 0 };
+        let mut bench = Self { model, opt, batches, schedule, step: 0, trainable_values };
         for _ in 0..s.warmup_steps {
             let _ = bench.step()?;
         }
@@ -212,8 +283,73 @@ fn best_and_median(mut xs: Vec<f64>) -> (f64, f64) {
     (xs[xs.len() - 1], xs[xs.len() / 2])
 }
 
+/// One adapter setting's figures, as a child process prints them for `--adapter compare`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct AdapterFigures {
+    trainable_values: usize,
+    /// Median over rounds of wall-clock seconds per step.
+    seconds_per_step: f64,
+    /// Best over rounds of CPU seconds (all threads) per step.
+    cpu_seconds_per_step: f64,
+    peak_rss_mib: f64,
+}
+
+const FIGURES_PREFIX: &str = "adapter-figures: ";
+
+/// `--adapter compare`: this bench again, once per setting, each in a fresh process.
+fn compare_adapters() -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    let mut args: Vec<String> = Vec::new();
+    let mut rest = std::env::args().skip(1);
+    while let Some(a) = rest.next() {
+        if a == "--adapter" {
+            rest.next();
+        } else if a != "--bench" {
+            args.push(a);
+        }
+    }
+    let run = |adapter: &str| -> anyhow::Result<AdapterFigures> {
+        let out = std::process::Command::new(&exe)
+            .args(&args)
+            .args(["--adapter", adapter])
+            .output()
+            .with_context(|| format!("running {}", exe.display()))?;
+        let stdout = String::from_utf8(out.stdout)?;
+        print!("[{adapter}] {stdout}");
+        if !out.status.success() {
+            bail!("--adapter {adapter} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let line = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(FIGURES_PREFIX))
+            .context("the child printed no figures")?;
+        Ok(serde_json::from_str(line)?)
+    };
+    let full = run("none")?;
+    let lora = run("lora")?;
+    let row = |name: &str, f: &AdapterFigures| {
+        println!(
+            "{name:<6} trainable {:>11}  {:>7.3} s/step (median wall)  {:>7.3} CPU-s/step (best)  peak RSS {:>6.0} MiB",
+            f.trainable_values, f.seconds_per_step, f.cpu_seconds_per_step, f.peak_rss_mib
+        )
+    };
+    row("full", &full);
+    row("lora", &lora);
+    println!(
+        "ratio LoRA/full: peak RSS {:.3}, s/step {:.3} wall, {:.3} CPU, trainable values {:.5}",
+        lora.peak_rss_mib / full.peak_rss_mib,
+        lora.seconds_per_step / full.seconds_per_step,
+        lora.cpu_seconds_per_step / full.cpu_seconds_per_step,
+        lora.trainable_values as f64 / full.trainable_values as f64
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let s = Settings::parse()?;
+    if s.adapter == Adapter::Compare {
+        return compare_adapters();
+    }
     println!(
         "BERT {} layers × hidden {} ({} heads, ffn {}), vocab {}; batch {} × seq {}; {} rounds of {} timed steps \
          after {} warm-up; {} threads; device {}",
@@ -264,6 +400,13 @@ fn main() -> anyhow::Result<()> {
         "tch (fedtune)          best {tw:>8.1}  median {tm:>8.1} samples/s  best {tc:>8.1} per CPU-s   peak RSS {tch_rss:>6.0} MiB"
     );
     if s.skip_python {
+        let figures = AdapterFigures {
+            trainable_values: tch.trainable_values,
+            seconds_per_step: s.batch as f64 / tm,
+            cpu_seconds_per_step: s.batch as f64 / tc,
+            peak_rss_mib: tch_rss,
+        };
+        println!("{FIGURES_PREFIX}{}", serde_json::to_string(&figures)?);
         return Ok(());
     }
     let (pw, pm, pc) = summary(&py_runs);
