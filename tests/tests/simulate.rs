@@ -278,6 +278,25 @@ fn a_lora_federation_under_central_dp_noises_only_the_adapter_and_the_head() -> 
 }
 
 #[test]
+fn a_lora_federation_under_local_noise_moves_only_the_adapter_and_the_head() -> Result<()> {
+    use fedtune_shared::bert::lora::LoraConfig;
+    let dir = tempfile::tempdir()?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 300, 7)?;
+    let out = dir.path().join("out");
+    let dp = ["--dp", "local", "--noise-multiplier", "0.8", "--clip-norm", "0.5", "--delta", "1e-5"];
+    let rows = simulate_lora(&out, &data, &dp)?;
+    assert_eq!(rows.len(), 2);
+    assert!(rows.iter().all(|r| r.epsilon.is_some_and(|e| e > 0.0)), "{rows:?}");
+    // Each client noises the vector it uploads: the adapter and the head, nothing frozen.
+    let changed = changed_between(&out, 0, 2)?;
+    for name in &changed {
+        assert!(LoraConfig::trains(name), "{name} changed but is frozen under LoRA");
+    }
+    ensure!(changed.iter().filter(|n| n.ends_with("lora_B.weight")).count() >= 4, "{changed:?}");
+    Ok(())
+}
+
+#[test]
 fn a_lora_federation_under_secure_aggregation_and_distributed_dp_moves_only_b_and_the_head() -> Result<()> {
     use fedtune_shared::bert::lora::LoraConfig;
     let dir = tempfile::tempdir()?;
