@@ -312,4 +312,47 @@ mod tests {
         assert_eq!(shown.matches(&cause).count(), 1, "{shown}");
         assert!(shown.contains("/nonexistent/d.csv"), "{shown}");
     }
+
+    /// Builds the BERT trainer of a LoRA federation whose coordinator advertised `a_digest`.
+    fn build_lora_trainer(a_digest: Option<[u8; 32]>) -> Result<(), TrainerError> {
+        use fedtune_shared::bert::lora::LoraConfig;
+        use fedtune_shared::params::{Manifest, ParameterVector};
+        use fedtune_shared::round::AdapterSpec;
+        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-bert");
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("d.csv");
+        let rows = "text,label\ngood film,positive\nbad film,negative\nfine,positive\nawful,negative\n";
+        std::fs::write(&data, rows).unwrap();
+        let env = [
+            ("FEDTUNE_CLIENT__COORDINATOR__URL", "http://127.0.0.1:1"),
+            ("FEDTUNE_CLIENT__COORDINATOR__INSECURE", "true"),
+            ("FEDTUNE_CLIENT__IDENTITY__KEY", "k"),
+            ("FEDTUNE_CLIENT__DATA__PATH", data.to_str().unwrap()),
+            ("FEDTUNE_CLIENT__MODEL__DIR", model.to_str().unwrap()),
+        ];
+        let settings =
+            ClientSettings::load(None, env.map(|(k, v)| (k.to_string(), v.to_string())), &[]).unwrap();
+        let dataset = Dataset::load(&data, &DataOptions::default()).unwrap();
+        let lora = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            dropout: 0.0,
+            target_modules: vec!["query".into(), "value".into()],
+            seed: 3,
+        };
+        // What the coordinator advertises: the digest of the A it drew onto the same base.
+        let base = ParameterVector::load_safetensors(&model.join("model.safetensors"), |_| true).unwrap();
+        let theirs = LoraConfig::a_digest(&lora.with_adapters(base).unwrap());
+        let adapter = AdapterSpec { lora, a_digest: a_digest.unwrap_or(theirs) };
+        let spec =
+            TrainerSpec { labels: vec![], trainable: Manifest::new(vec![]).unwrap(), adapter: Some(adapter) };
+        bert_factory(&settings, dataset)(&spec).map(drop)
+    }
+
+    #[test]
+    fn a_lora_trainer_starts_only_when_its_regenerated_a_is_the_coordinators() {
+        build_lora_trainer(None).expect("the same seed and base give the coordinator's A");
+        let err = build_lora_trainer(Some([7; 32])).expect_err("another A is refused");
+        assert!(matches!(&err, TrainerError::Incompatible(m) if m.contains("LoRA A matrices")), "{err}");
+    }
 }
