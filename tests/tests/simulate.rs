@@ -257,48 +257,50 @@ fn a_lora_federation_moves_only_b_and_the_head_and_exports_merged_and_as_a_peft_
     Ok(())
 }
 
-#[test]
-fn a_lora_federation_under_central_dp_noises_only_the_adapter_and_the_head() -> Result<()> {
-    use fedtune_shared::bert::lora::LoraConfig;
+/// Every tensor that `changed` names is one LoRA trains (a `lora_B` or the head).
+fn assert_only_trained_tensors(changed: &[String]) {
+    for name in changed {
+        assert!(
+            fedtune_shared::bert::lora::LoraConfig::trains(name),
+            "{name} changed but is frozen under LoRA"
+        );
+    }
+}
+
+/// A two-round LoRA simulation under `mode` noise (z 0.8, C 0.5), each round charged; the
+/// tensors that moved between the initial model and round 2.
+fn lora_under_noise(mode: &str) -> Result<Vec<String>> {
     let dir = tempfile::tempdir()?;
     let data = write_sentiment_csv(&dir.path().join("data.csv"), 300, 7)?;
     let out = dir.path().join("out");
-    let dp = ["--dp", "central", "--noise-multiplier", "0.8", "--clip-norm", "0.5", "--delta", "1e-5"];
+    let dp = ["--dp", mode, "--noise-multiplier", "0.8", "--clip-norm", "0.5", "--delta", "1e-5"];
     let rows = simulate_lora(&out, &data, &dp)?;
     assert_eq!(rows.len(), 2);
     assert!(rows.iter().all(|r| r.epsilon.is_some_and(|e| e > 0.0)), "{rows:?}");
+    changed_between(&out, 0, 2)
+}
+
+#[test]
+fn a_lora_federation_under_central_dp_noises_only_the_adapter_and_the_head() -> Result<()> {
     // The decorator's noise lands on every coordinate of the vector it is given: had it been
     // given more than the adapter and head, a frozen tensor would move.
-    let changed = changed_between(&out, 0, 2)?;
-    for name in &changed {
-        assert!(LoraConfig::trains(name), "{name} changed but is frozen under LoRA");
-    }
+    let changed = lora_under_noise("central")?;
+    assert_only_trained_tensors(&changed);
     ensure!(changed.iter().filter(|n| n.ends_with("lora_B.weight")).count() >= 4, "{changed:?}");
     Ok(())
 }
 
 #[test]
 fn a_lora_federation_under_local_noise_moves_only_the_adapter_and_the_head() -> Result<()> {
-    use fedtune_shared::bert::lora::LoraConfig;
-    let dir = tempfile::tempdir()?;
-    let data = write_sentiment_csv(&dir.path().join("data.csv"), 300, 7)?;
-    let out = dir.path().join("out");
-    let dp = ["--dp", "local", "--noise-multiplier", "0.8", "--clip-norm", "0.5", "--delta", "1e-5"];
-    let rows = simulate_lora(&out, &data, &dp)?;
-    assert_eq!(rows.len(), 2);
-    assert!(rows.iter().all(|r| r.epsilon.is_some_and(|e| e > 0.0)), "{rows:?}");
     // Each client noises the vector it uploads: the adapter and the head, nothing frozen.
-    let changed = changed_between(&out, 0, 2)?;
-    for name in &changed {
-        assert!(LoraConfig::trains(name), "{name} changed but is frozen under LoRA");
-    }
+    let changed = lora_under_noise("local")?;
+    assert_only_trained_tensors(&changed);
     ensure!(changed.iter().filter(|n| n.ends_with("lora_B.weight")).count() >= 4, "{changed:?}");
     Ok(())
 }
 
 #[test]
 fn a_lora_federation_under_secure_aggregation_and_distributed_dp_moves_only_b_and_the_head() -> Result<()> {
-    use fedtune_shared::bert::lora::LoraConfig;
     let dir = tempfile::tempdir()?;
     let data = write_sentiment_csv(&dir.path().join("data.csv"), 300, 8)?;
     let out = dir.path().join("out");
@@ -320,9 +322,7 @@ fn a_lora_federation_under_secure_aggregation_and_distributed_dp_moves_only_b_an
         assert_eq!(r.secagg_survivors, Some(3), "every masked adapter vector is in the sum: {r:?}");
     }
     let changed = changed_between(&out, 0, 2)?;
-    for name in &changed {
-        assert!(LoraConfig::trains(name), "{name} changed but is frozen under LoRA");
-    }
+    assert_only_trained_tensors(&changed);
     ensure!(changed.iter().any(|n| n.ends_with("lora_B.weight")), "B never moved: {changed:?}");
     Ok(())
 }
