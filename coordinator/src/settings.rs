@@ -682,6 +682,7 @@ impl CoordinatorSettings {
                 freeze_embeddings: false,
                 adapter: AdapterKind::None,
                 lora: LoraSettings::default(),
+                download_encoding: Default::default(),
             },
             rounds: RoundSettings::default(),
             sampling: SamplingSettings::default(),
@@ -699,6 +700,7 @@ impl CoordinatorSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fedtune_shared::compression::DownloadEncoding;
 
     fn model_dir() -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
@@ -894,6 +896,24 @@ mod tests {
     }
 
     #[test]
+    fn downloads_are_f32_unless_int8_delta_is_set_and_an_unknown_encoding_is_refused_naming_the_key() {
+        let d = model_dir();
+        assert_eq!(load(&base(&d), vec![]).unwrap().model.download_encoding, DownloadEncoding::F32);
+        let int8 = ("FEDTUNE__MODEL__DOWNLOAD_ENCODING", "int8_delta");
+        // Post-processing of the aggregate: fine with secure aggregation and every DP mode.
+        let with = vec![
+            int8,
+            ("FEDTUNE__PRIVACY__MODE", "distributed"),
+            ("FEDTUNE__PRIVACY__NOISE_MULTIPLIER", "1.0"),
+            ("FEDTUNE__SECURE_AGGREGATION__ENABLED", "true"),
+        ];
+        assert_eq!(load(&base(&d), with).unwrap().model.download_encoding, DownloadEncoding::Int8Delta);
+        let err =
+            load(&format!("{}download_encoding = \"int8\"\n", base(&d)), vec![]).unwrap_err().to_string();
+        assert!(err.contains("download_encoding"), "`{err}` should name `download_encoding`");
+    }
+
+    #[test]
     fn the_example_config_in_deploy_is_valid() {
         let d = model_dir();
         let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -904,6 +924,7 @@ mod tests {
         assert_eq!(s.server, ServerSettings::default());
         assert_eq!(s.rounds, RoundSettings::default());
         assert_eq!(s.fit, FitSettings::default(), "the example shows the defaults");
+        assert_eq!(s.model.download_encoding, DownloadEncoding::F32, "the example shows the default");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 use std::path::PathBuf;
 
 use fedtune_shared::bert::lora::{LoraConfig, LoraError};
+use fedtune_shared::compression::DownloadEncoding;
 use fedtune_shared::settings::SettingsError;
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +47,13 @@ pub struct ModelSettings {
     /// The LoRA adapter, used when `adapter = "lora"`.
     #[serde(default)]
     pub lora: LoraSettings,
+    /// How versions after the first reach clients that hold the previous one: `"f32"`
+    /// (default) sends the weights; `"int8_delta"` publishes each version as the previous one
+    /// plus its 8-bit quantized step and sends only that step (about a quarter of the bytes;
+    /// `fedtune_shared::compression::apply_delta`). Post-processing of the aggregate, so it
+    /// changes no privacy guarantee.
+    #[serde(default)]
+    pub download_encoding: DownloadEncoding,
 }
 
 impl ModelSettings {
