@@ -419,6 +419,25 @@ mod tests {
     }
 
     #[test]
+    fn a_quantized_step_defines_the_published_values_as_base_plus_its_decoding_within_a_grid_step() {
+        let base: Vec<f32> = (0..600).map(|i| (i as f32 * 0.37).sin()).collect();
+        let next: Vec<f32> =
+            base.iter().enumerate().map(|(i, b)| b + ((i % 11) as f32 - 5.0) * 1e-3).collect();
+        let mut encoder = Int8Encoder::seeded_for_tests(5);
+        let (values, bytes) = quantize_step(&base, &next, &mut encoder).unwrap();
+        let decoded = fedtune_shared::compression::decode(&bytes, base.len(), MODEL_STEP_BOUND).unwrap();
+        let expected: Vec<u32> = base.iter().zip(&decoded).map(|(b, d)| (b + d).to_bits()).collect();
+        assert_eq!(values.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), expected);
+        // The step's largest value is 5e-3, so a block's grid is at most 5e-3 / 127 (plus the
+        // f32 rounding of the additions).
+        let worst = values.iter().zip(&next).map(|(v, n)| (v - n).abs()).fold(0.0f32, f32::max);
+        assert!(worst > 0.0 && worst <= 5e-3 / 127.0 + 1e-6, "{worst}");
+        let step = PublishedStep::new(ModelVersion(3), bytes.clone());
+        assert_eq!((step.base, step.digest), (ModelVersion(3), Sha256::of(&bytes)));
+        assert!(quantize_step(&base, &vec![f32::NAN; 600], &mut encoder).is_none(), "not encodable: f32");
+    }
+
+    #[test]
     fn export_writes_an_hf_classifier_directory() {
         let d = tempfile::tempdir().unwrap();
         write_base_checkpoint(d.path(), 1, 4);
