@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use fedtune_shared::bert::initial::{self, InitialSpec};
+use fedtune_shared::bert::lora::LoraConfig;
 use fedtune_shared::chunk::payload_digest;
 use fedtune_shared::compression::{apply_delta, Int8Encoder, MODEL_STEP_BOUND};
 use fedtune_shared::ids::{ModelVersion, Sha256};
@@ -39,6 +40,17 @@ fn version_0() -> ParameterVector {
     initial::select(&model.params, &head(&model.params)).unwrap()
 }
 
+fn lora() -> LoraConfig {
+    use fedtune_shared::bert::lora;
+    LoraConfig {
+        rank: lora::DEFAULT_RANK,
+        alpha: lora::DEFAULT_ALPHA,
+        dropout: lora::DEFAULT_DROPOUT,
+        target_modules: lora::DEFAULT_TARGETS.map(String::from).to_vec(),
+        seed: 42,
+    }
+}
+
 fn model_ref(version: u64, weights: &ParameterVector) -> ModelRef {
     let digest = Sha256(weights.manifest().digest());
     ModelRef {
@@ -50,17 +62,23 @@ fn model_ref(version: u64, weights: &ParameterVector) -> ModelRef {
     }
 }
 
-/// Serves `weights` in f32, and `step` (from its base version) to a request naming that base.
+/// Serves `weights` in f32, and `step` (from its base version) to a request naming that base,
+/// from the request's offset; the first stream breaks after `break_after` bytes if set.
 #[derive(Debug)]
 struct Serving {
     weights: ParameterVector,
     step: Option<(ModelVersion, Vec<u8>)>,
     requests: Mutex<Vec<DownloadRequest>>,
+    break_after: Mutex<Option<usize>>,
 }
 
 impl Serving {
     fn new(weights: ParameterVector, step: Option<(ModelVersion, Vec<u8>)>) -> Self {
-        Self { weights, step, requests: Mutex::default() }
+        Self { weights, step, requests: Mutex::default(), break_after: Mutex::default() }
+    }
+
+    fn offsets(&self) -> Vec<u64> {
+        self.requests.lock().unwrap().iter().map(|r| r.offset).collect()
     }
 
     fn bases_asked(&self) -> Vec<Option<ModelVersion>> {
@@ -80,17 +98,26 @@ impl CoordinatorApi for Serving {
             Some((base, bytes)) => (bytes.clone(), ModelEncoding::Int8Delta { base: *base }),
             None => (self.weights.to_le_bytes(), ModelEncoding::F32),
         };
+        // As the coordinator does: a step asked for but not served comes whole.
+        let start =
+            if step.is_none() && request.base_version.is_some() { 0 } else { request.offset as usize };
         let header = DownloadItem::Header(ModelHeader {
             version: request.version,
             scope: request.scope,
             manifest: self.weights.manifest().clone(),
             total_bytes: bytes.len() as u64,
             payload_digest: Sha256::of(&bytes),
-            start_offset: 0,
+            start_offset: start as u64,
             encoding,
         });
-        let chunk = DownloadItem::Chunk(Chunk { offset: 0, data: Bytes::from(bytes) });
-        Ok(stream::iter([Ok(header), Ok(chunk)]).boxed())
+        let cut = self.break_after.lock().unwrap().take();
+        let end = cut.map_or(bytes.len(), |c| c.min(bytes.len()));
+        let chunk = Chunk { offset: start as u64, data: Bytes::copy_from_slice(&bytes[start..end]) };
+        let mut items = vec![Ok(header), Ok(DownloadItem::Chunk(chunk))];
+        if cut.is_some() {
+            items.push(Err(ApiError::Unavailable("stream reset".into())));
+        }
+        Ok(stream::iter(items).boxed())
     }
 
     async fn join(&self, _: JoinRequest) -> Result<JoinResponse, ApiError> {
@@ -225,4 +252,53 @@ async fn a_client_without_the_previous_version_gets_the_f32_weights() {
     assert_eq!(*got, v2);
     assert_eq!(api.bases_asked(), [Some(ModelVersion(0))]);
     assert_eq!(cache.bytes_received(), 2 * v0.manifest().byte_len() as u64);
+}
+
+#[tokio::test]
+async fn a_lora_federations_version_0_is_rebuilt_with_its_adapter() {
+    let spec = InitialSpec { labels: &labels(), num_labels: None, init_seed: 42, lora: Some(&lora()) };
+    let model = initial::load_initial(&tiny_bert(), &spec).unwrap();
+    let trainable = model.params.manifest().subset(LoraConfig::trains);
+    assert!(trainable.tensors.iter().any(|t| t.name.ends_with("lora_B.weight")), "{trainable:?}");
+    let v0 = initial::select(&model.params, &trainable).unwrap();
+    let api = Serving::new(v0.clone(), None);
+    let mut cache = ModelCache::default();
+    cache.rebuild_initial_from(InitialSource { lora: Some(lora()), ..source(42) });
+    let got = cache.fetch(&api, &model_ref(0, &v0), &trainable, 1 << 20).await.unwrap();
+    assert_eq!(*got, v0);
+    assert!(api.bases_asked().is_empty(), "no download");
+}
+
+#[tokio::test]
+async fn a_broken_step_download_resumes_from_its_offset_and_still_rebuilds_the_version() {
+    let v0 = version_0();
+    let (v1, step) = next_version(&v0, 1);
+    let mut cache = ModelCache::default();
+    cache.fetch(&Serving::new(v0.clone(), None), &model_ref(0, &v0), v0.manifest(), 1 << 20).await.unwrap();
+    let received = cache.bytes_received();
+    let api = Serving::new(v1.clone(), Some((ModelVersion(0), step.clone())));
+    *api.break_after.lock().unwrap() = Some(260);
+    let broken = cache.fetch(&api, &model_ref(1, &v1), v1.manifest(), 1 << 20).await;
+    assert!(matches!(broken, Err(ApiError::Unavailable(_))), "{broken:?}");
+    let got = cache.fetch(&api, &model_ref(1, &v1), v1.manifest(), 1 << 20).await.unwrap();
+    assert_eq!(*got, v1);
+    assert_eq!(api.offsets(), [0, 260]);
+    assert_eq!(api.bases_asked(), [Some(ModelVersion(0)); 2], "the resumed download is the step's");
+    assert_eq!(cache.bytes_received() - received, step.len() as u64, "each byte once");
+}
+
+#[tokio::test]
+async fn a_step_broken_off_and_lost_to_a_coordinator_restart_is_replaced_by_the_f32_weights_whole() {
+    let v0 = version_0();
+    let (v1, step) = next_version(&v0, 1);
+    let mut cache = ModelCache::default();
+    cache.fetch(&Serving::new(v0.clone(), None), &model_ref(0, &v0), v0.manifest(), 1 << 20).await.unwrap();
+    let before = Serving::new(v1.clone(), Some((ModelVersion(0), step)));
+    *before.break_after.lock().unwrap() = Some(260);
+    assert!(cache.fetch(&before, &model_ref(1, &v1), v1.manifest(), 1 << 20).await.is_err());
+    // The restarted coordinator publishes the same v1 from its checkpoint, without the step.
+    let after = Serving::new(v1.clone(), None);
+    let got = cache.fetch(&after, &model_ref(1, &v1), v1.manifest(), 1 << 20).await.unwrap();
+    assert_eq!(*got, v1);
+    assert_eq!((after.offsets(), after.bases_asked()), (vec![260], vec![Some(ModelVersion(0))]));
 }
