@@ -56,6 +56,9 @@ pub enum RunError {
     /// The operator port (`server.operator_listen`) cannot start.
     #[error(transparent)]
     OperatorHttp(#[from] crate::operator_http::OperatorHttpError),
+    /// `security.limits.max_connections` and its margin do not fit under `RLIMIT_NOFILE`.
+    #[error(transparent)]
+    FileDescriptors(#[from] crate::fd_limit::FdLimitError),
     /// `server.health_listen` cannot be bound.
     #[error("cannot listen for health checks on {addr}: {source}")]
     HealthListen {
@@ -160,13 +163,18 @@ async fn serve_plaintext_health(
 
 /// Runs a coordinator on `listener` until `shutdown` is cancelled (or the federation ends and
 /// `server.exit_after_finished` elapses), with [`Seams::secure`]: allowlisted clients only,
-/// signed updates, TLS unless `security.insecure`.
+/// signed updates, TLS unless `security.insecure`. First raises the soft `RLIMIT_NOFILE` to the
+/// hard limit and refuses to start if the connections and their margin do not fit under it
+/// ([`crate::fd_limit`]).
 pub async fn run(
     settings: CoordinatorSettings,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     settings.validate()?;
+    // Before anything is opened: a coordinator that would run out of descriptors mid-round
+    // refuses to start instead (`serve` and `simulate` both come through here).
+    crate::fd_limit::raise_and_check(&settings)?;
     let seams = Seams::secure(&settings)?;
     run_with(settings, listener, shutdown, seams).await
 }

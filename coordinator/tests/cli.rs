@@ -72,6 +72,57 @@ fn an_invalid_config_exits_64_naming_the_key_before_binding() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("lottery"));
 }
 
+#[test]
+fn serve_refuses_to_start_when_max_connections_does_not_fit_under_the_file_descriptor_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(&dir.path().join("model"));
+    let config = dir.path().join("c.toml");
+    let write = |max_connections: usize| {
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nstate_dir = \"{}\"\n[model]\ninit_dir = \"{}\"\n\
+                 [security]\ninsecure = true\n[security.limits]\nmax_connections_per_address = 16\n\
+                 max_connections = {max_connections}\n",
+                dir.path().join("state").display(),
+                dir.path().join("model").display()
+            ),
+        )
+        .unwrap()
+    };
+    // `ulimit -n` without -S or -H sets both limits: serve cannot raise the soft one past 256.
+    let serve_under_256 = || {
+        let mut sh = Command::new("sh");
+        sh.arg("-c").arg(r#"ulimit -n 256 && exec "$0" serve --config "$1""#).arg(BIN).arg(&config);
+        sh
+    };
+    write(1024);
+    let out = serve_under_256().output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("security.limits.max_connections = 1024"), "{stderr}");
+    assert!(stderr.contains("RLIMIT_NOFILE"), "{stderr}");
+    assert!(!dir.path().join("state").exists(), "nothing may be created before the check");
+
+    // What the error says fits does start (and is stopped here, once it logged the bound).
+    let fits = stderr.split("at most ").nth(1).and_then(|t| t.split(',').next()).unwrap();
+    write(fits.parse().unwrap());
+    let mut child = serve_under_256().stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !seen.contains("coordinator serving") && std::time::Instant::now() < deadline {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() == 0 {
+            break;
+        }
+        seen.push_str(&line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen.contains("limit=256") && seen.contains("coordinator serving"), "{seen}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reports_a_running_coordinator_and_export_writes_a_loadable_hf_directory() {
     let dir = tempfile::tempdir().unwrap();
