@@ -251,7 +251,10 @@ pub async fn run_with(
     let handle = RoundHandle::new(tx, subscriber);
     if let (Some(addr), Some(metrics)) = (settings.server.operator_listen, metrics) {
         let auth = seams.authenticator.clone();
-        if let Err(e) = crate::operator_http::serve(addr, handle.clone(), auth, metrics, &cancel).await {
+        let token_file = settings.server.metrics_token_file.as_deref();
+        if let Err(e) =
+            crate::operator_http::serve(addr, token_file, handle.clone(), auth, metrics, &cancel).await
+        {
             // The actor already runs: stop it with everything else.
             cancel.cancel();
             return Err(e.into());
