@@ -72,8 +72,8 @@ fn an_invalid_config_exits_64_naming_the_key_before_binding() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("lottery"));
 }
 
-#[test]
-fn serve_refuses_to_start_when_max_connections_does_not_fit_under_the_file_descriptor_limit() {
+#[tokio::test]
+async fn serve_refuses_to_start_when_max_connections_does_not_fit_under_the_file_descriptor_limit() {
     let dir = tempfile::tempdir().unwrap();
     write_model(&dir.path().join("model"));
     let config = dir.path().join("c.toml");
@@ -97,7 +97,8 @@ fn serve_refuses_to_start_when_max_connections_does_not_fit_under_the_file_descr
         sh
     };
     write(1024);
-    let out = serve_under_256().output().unwrap();
+    let refused = tokio::process::Command::from(serve_under_256()).kill_on_drop(true).output();
+    let out = tokio::time::timeout(Duration::from_secs(60), refused).await.expect("serve exits").unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("security.limits.max_connections = 1024"), "{stderr}");
@@ -107,19 +108,26 @@ fn serve_refuses_to_start_when_max_connections_does_not_fit_under_the_file_descr
     // What the error says fits does start (and is stopped here, once it logged the bound).
     let fits = stderr.split("at most ").nth(1).and_then(|t| t.split(',').next()).unwrap();
     write(fits.parse().unwrap());
-    let mut child = serve_under_256().stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut child = tokio::process::Command::from(serve_under_256())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
     let mut seen = String::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !seen.contains("coordinator serving") && std::time::Instant::now() < deadline {
-        let mut line = String::new();
-        if std::io::BufRead::read_line(&mut stderr, &mut line).unwrap() == 0 {
-            break;
+    let started = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains("coordinator serving") {
+                return;
+            }
         }
-        seen.push_str(&line);
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    })
+    .await;
+    let _ = child.kill().await;
+    assert!(started.is_ok(), "serve did not start within 60 s:\n{seen}");
     assert!(seen.contains("limit=256") && seen.contains("coordinator serving"), "{seen}");
 }
 
