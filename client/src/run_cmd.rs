@@ -53,11 +53,12 @@ fn data_options(settings: &ClientSettings) -> DataOptions {
     }
 }
 
-/// Transport options for `settings.coordinator` (already validated: scheme, CA, insecure): loads
-/// the TLS material.
+/// Transport options for `settings.coordinator` (already validated: scheme, CA, insecure) and
+/// the agent's call bound: loads the TLS material.
 fn connect_options(settings: &ClientSettings) -> Result<ConnectOptions, RunError> {
     let c = &settings.coordinator;
     let mut options = ConnectOptions::new(c.url.clone());
+    options.request_timeout = settings.agent.request_timeout;
     if c.insecure {
         tracing::warn!(
             url = %c.url,
@@ -289,6 +290,16 @@ mod tests {
         );
         let err = connect_options(&https).unwrap_err();
         assert!(matches!(&err, RunError::Usage(m) if m.contains("ca.pem")), "{err}");
+    }
+
+    #[test]
+    fn the_transport_bounds_its_calls_by_agent_request_timeout() {
+        let insecure = ("FEDTUNE_CLIENT__COORDINATOR__INSECURE", "true");
+        let default = settings("http://127.0.0.1:1", &[insecure]);
+        assert_eq!(connect_options(&default).unwrap().request_timeout, Duration::from_secs(30));
+        let set =
+            settings("http://127.0.0.1:1", &[insecure, ("FEDTUNE_CLIENT__AGENT__REQUEST_TIMEOUT", "4s")]);
+        assert_eq!(connect_options(&set).unwrap().request_timeout, Duration::from_secs(4));
     }
 
     /// How `main` prints an error: the anyhow chain, each layer's message joined by `: `.

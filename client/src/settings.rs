@@ -39,6 +39,10 @@ use crate::privacy_floor::{PrivacyFloor, RequiredPrivacy};
 /// `agent.poll_wait`.
 pub const ENV_PREFIX: &str = "FEDTUNE_CLIENT";
 
+/// The shortest `agent.request_timeout`: below it, calls over a WAN would fail while the
+/// coordinator is fine.
+pub const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Everything `fedtune-client run` is configured with.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -192,6 +196,13 @@ pub struct AgentSettings {
     /// Longest pause between retries while the coordinator is unreachable.
     #[serde(with = "duration")]
     pub max_backoff: Duration,
+    /// Longest one call to the coordinator may take before it fails and is retried after a
+    /// backoff (the long poll gets `poll_wait` on top). A coordinator whose link is cut silently
+    /// (no reset, no FIN) is noticed only through it: it also paces the HTTP/2 keep-alive
+    /// pings that end an upload or download stream over a dead link (every `min(it, 20s)`,
+    /// answered within `min(it, 10s)`; `transport::keep_alive`).
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
     /// Upload pacing in bytes per second (unset: unpaced).
     pub upload_rate_limit: Option<u64>,
 }
@@ -202,6 +213,7 @@ impl Default for AgentSettings {
             poll_wait: Duration::from_secs(20),
             give_up_after: None,
             max_backoff: Duration::from_secs(10),
+            request_timeout: crate::transport::DEFAULT_REQUEST_TIMEOUT,
             upload_rate_limit: None,
         }
     }
@@ -362,6 +374,12 @@ impl ClientSettings {
         if a.max_backoff.is_zero() {
             return Err(SettingsError::invalid("agent.max_backoff", "must be positive"));
         }
+        if a.request_timeout < MIN_REQUEST_TIMEOUT {
+            return Err(SettingsError::invalid(
+                "agent.request_timeout",
+                "must be at least 1s: one call carries a TLS handshake and a round trip to the coordinator",
+            ));
+        }
         if a.give_up_after.is_some_and(|d| d.is_zero()) {
             return Err(SettingsError::invalid(
                 "agent.give_up_after",
@@ -455,6 +473,8 @@ mod tests {
             // The federation sets the warm-up now (`fit.warmup_steps`): a site's old key is refused.
             (("FEDTUNE_CLIENT__TRAINING__WARMUP_RATIO", "0.1"), "warmup_ratio"),
             (("FEDTUNE_CLIENT__AGENT__UPLOAD_RATE_LIMIT", "0"), "agent.upload_rate_limit"),
+            (("FEDTUNE_CLIENT__AGENT__REQUEST_TIMEOUT", "999ms"), "agent.request_timeout"),
+            (("FEDTUNE_CLIENT__AGENT__REQUEST_TIMEOUT", "later"), "request_timeout"),
             (("FEDTUNE_CLIENT__AGENT__TYPO", "1"), "typo"),
         ] {
             let err = load(MINIMAL, &[env], &[]).unwrap_err().to_string();

@@ -178,6 +178,20 @@ pub trait CoordinatorApi: Send + Sync {
     fn status(&self, recent_rounds: u32) -> impl Future<Output = Result<StatusReport, ApiError>> + Send;
 }
 
+/// The bound on one call unless `agent.request_timeout` says otherwise.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The HTTP/2 keep-alive of a connection whose calls are bounded by `request_timeout`: how
+/// often it pings while a stream is open, and how long an unanswered ping is waited for.
+///
+/// Streams (uploads, downloads) have no deadline, so over a link that died silently (no FIN,
+/// no reset) only an unanswered ping ends them. Pacing the pings by the call bound makes a
+/// stream wait on a dead coordinator no longer than two call bounds, as long as a unary call
+/// would at most; the default bound keeps the 20 s / 10 s that is cheap on a quiet WAN.
+pub fn keep_alive(request_timeout: Duration) -> (Duration, Duration) {
+    (request_timeout.min(Duration::from_secs(20)), request_timeout.min(Duration::from_secs(10)))
+}
+
 /// How to reach the coordinator.
 #[derive(Debug, Clone)]
 pub struct ConnectOptions {
@@ -188,7 +202,8 @@ pub struct ConnectOptions {
     /// Bound on establishing a TCP (and TLS) connection, so an unreachable coordinator fails
     /// fast into the agent's backoff instead of hanging.
     pub connect_timeout: Duration,
-    /// Bound on unary calls other than the long-poll (which gets its own wait plus this).
+    /// Bound on unary calls other than the long-poll (which gets its own wait plus this), and
+    /// the pace of the keep-alive that ends a stream over a dead link ([`keep_alive`]).
     pub request_timeout: Duration,
 }
 
@@ -199,7 +214,7 @@ impl ConnectOptions {
             url: url.into(),
             tls: None,
             connect_timeout: Duration::from_secs(5),
-            request_timeout: Duration::from_secs(30),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }
@@ -246,13 +261,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl GrpcCoordinator {
     /// Prepares a channel to the coordinator without connecting yet.
     pub fn connect_lazy(options: &ConnectOptions) -> Result<Self, ApiError> {
+        let (ping_every, ping_timeout) = keep_alive(options.request_timeout);
         let endpoint =
             fedtune_shared::endpoint::endpoint(&options.url, options.tls.clone(), options.connect_timeout)
                 .map_err(|e| ApiError::Config(e.to_string()))?
                 .tcp_nodelay(true)
                 .tcp_keepalive(Some(Duration::from_secs(30)))
-                .http2_keep_alive_interval(Duration::from_secs(20))
-                .keep_alive_timeout(Duration::from_secs(10));
+                .http2_keep_alive_interval(ping_every)
+                .keep_alive_timeout(ping_timeout);
         let client = CoordinatorClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -591,6 +607,15 @@ mod tests {
         *lock(&api.token) = Some("s3cr3t-session".into());
         let text = format!("{api:?}");
         assert!(!text.contains("s3cr3t-session") && text.contains("<redacted>"), "{text}");
+    }
+
+    #[test]
+    fn the_keep_alive_follows_a_short_call_bound_and_keeps_its_wan_pace_for_long_ones() {
+        let s = Duration::from_secs;
+        assert_eq!(keep_alive(s(3)), (s(3), s(3)), "a dead link ends a stream within two bounds");
+        assert_eq!(keep_alive(s(15)), (s(15), s(10)));
+        assert_eq!(keep_alive(DEFAULT_REQUEST_TIMEOUT), (s(20), s(10)));
+        assert_eq!(keep_alive(s(600)), (s(20), s(10)));
     }
 
     #[test]

@@ -31,6 +31,8 @@
 //!   statement of the crate (allowlist and ledger included).
 //! - [`bootstrap`]: fresh state directory vs resume after the last committed round.
 //! - [`error`]: `RoundError`, every way a request can fail.
+//! - [`fd_limit`]: the file-descriptor bound of a configuration (`max_connections` plus a
+//!   margin), checked against `RLIMIT_NOFILE` (raised to the hard limit) before `run` serves.
 //! - [`auth`]: the `Authenticator` / `UpdateVerifier` seams, the client allowlist and
 //!   enrollment tokens, join challenge + HMAC sessions + update signature checks
 //!   (`ClientAuth`), call limits.
@@ -53,6 +55,7 @@ pub mod certs;
 pub mod cli;
 pub mod cli_clients;
 pub mod error;
+pub mod fd_limit;
 pub mod model;
 pub mod operator;
 pub mod operator_http;

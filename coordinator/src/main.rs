@@ -131,6 +131,11 @@ async fn serve(args: cli::ServeArgs) -> ExitCode {
             eprintln!("error: {e}");
             ExitCode::from(EX_USAGE)
         }
+        // A configuration this host cannot carry: fixed by a setting (or the host's limit).
+        Err(e @ fedtune_coordinator::RunError::FileDescriptors(_)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EX_USAGE)
+        }
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

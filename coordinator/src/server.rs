@@ -56,6 +56,9 @@ pub enum RunError {
     /// The operator port (`server.operator_listen`) cannot start.
     #[error(transparent)]
     OperatorHttp(#[from] crate::operator_http::OperatorHttpError),
+    /// `security.limits.max_connections` and its margin do not fit under `RLIMIT_NOFILE`.
+    #[error(transparent)]
+    FileDescriptors(#[from] crate::fd_limit::FdLimitError),
     /// `server.health_listen` cannot be bound.
     #[error("cannot listen for health checks on {addr}: {source}")]
     HealthListen {
@@ -160,13 +163,18 @@ async fn serve_plaintext_health(
 
 /// Runs a coordinator on `listener` until `shutdown` is cancelled (or the federation ends and
 /// `server.exit_after_finished` elapses), with [`Seams::secure`]: allowlisted clients only,
-/// signed updates, TLS unless `security.insecure`.
+/// signed updates, TLS unless `security.insecure`. First raises the soft `RLIMIT_NOFILE` to the
+/// hard limit and refuses to start if the connections and their margin do not fit under it
+/// ([`crate::fd_limit`]).
 pub async fn run(
     settings: CoordinatorSettings,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     settings.validate()?;
+    // Before anything is opened: a coordinator that would run out of descriptors mid-round
+    // refuses to start instead (`serve` and `simulate` both come through here).
+    crate::fd_limit::raise_and_check(&settings)?;
     let seams = Seams::secure(&settings)?;
     run_with(settings, listener, shutdown, seams).await
 }
@@ -243,7 +251,10 @@ pub async fn run_with(
     let handle = RoundHandle::new(tx, subscriber);
     if let (Some(addr), Some(metrics)) = (settings.server.operator_listen, metrics) {
         let auth = seams.authenticator.clone();
-        if let Err(e) = crate::operator_http::serve(addr, handle.clone(), auth, metrics, &cancel).await {
+        let token_file = settings.server.metrics_token_file.as_deref();
+        if let Err(e) =
+            crate::operator_http::serve(addr, token_file, handle.clone(), auth, metrics, &cancel).await
+        {
             // The actor already runs: stop it with everything else.
             cancel.cancel();
             return Err(e.into());

@@ -101,12 +101,18 @@ pub struct ServerSettings {
     /// only, behind its TLS.
     #[serde(default)]
     pub health_listen: Option<SocketAddr>,
-    /// The operator's plaintext HTTP port: Prometheus metrics at `/metrics` (unauthenticated)
-    /// and the status page at `/status` (operator token). Meant for a private operator network,
-    /// never the clients' side. Absent (the default): not served, so nothing listens that the
-    /// deployment did not ask for.
+    /// The operator's plaintext HTTP port: Prometheus metrics at `/metrics` (open, or behind
+    /// `metrics_token_file`) and the status page at `/status` (operator token). Meant for a
+    /// private operator network, never the clients' side. Absent (the default): not served, so
+    /// nothing listens that the deployment did not ask for.
     #[serde(default)]
     pub operator_listen: Option<SocketAddr>,
+    /// A file holding the bearer token `/metrics` requires (base64url of 32 bytes, mode 0600;
+    /// written there with a fresh token at start if it does not exist). Give Prometheus a copy
+    /// as its scrape config's `authorization: { credentials_file: … }`. Absent (the default):
+    /// `/metrics` answers anyone who reaches `operator_listen`. Needs `operator_listen`.
+    #[serde(default)]
+    pub metrics_token_file: Option<PathBuf>,
     /// Longest a `WaitForTask` long-poll blocks.
     #[serde(with = "duration")]
     pub long_poll: Duration,
@@ -172,6 +178,7 @@ impl Default for ServerSettings {
             listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
             health_listen: None,
             operator_listen: None,
+            metrics_token_file: None,
             long_poll: Duration::from_secs(20),
             max_concurrent_uploads: 4,
             upload_queue: 16,
@@ -534,6 +541,17 @@ impl CoordinatorSettings {
                 }
             }
         }
+        if let Some(file) = &s.metrics_token_file {
+            if s.operator_listen.is_none() {
+                return Err(SettingsError::invalid(
+                    "server.metrics_token_file",
+                    "protects /metrics on the operator port: set server.operator_listen too",
+                ));
+            }
+            if file.as_os_str().is_empty() {
+                return Err(SettingsError::invalid("server.metrics_token_file", "must not be empty"));
+            }
+        }
         if self.storage.state_dir.as_os_str().is_empty() {
             return Err(SettingsError::invalid("storage.state_dir", "must not be empty"));
         }
@@ -798,6 +816,12 @@ mod tests {
             // The default listen address is 0.0.0.0:50051.
             ("FEDTUNE__SERVER__HEALTH_LISTEN", "127.0.0.1:50051", "server.health_listen"),
             ("FEDTUNE__SERVER__OPERATOR_LISTEN", "0.0.0.0:50051", "server.operator_listen"),
+            // A token for a port that is not served protects nothing.
+            (
+                "FEDTUNE__SERVER__METRICS_TOKEN_FILE",
+                "/etc/fedtune/metrics.token",
+                "server.metrics_token_file",
+            ),
             ("FEDTUNE__SECURITY__LIMITS__MAX_CONNECTIONS_PER_ADDRESS", "0", "max_connections_per_address"),
             ("FEDTUNE__SECURITY__LIMITS__MAX_CONNECTIONS", "0", "security.limits.max_connections"),
         ] {

@@ -72,6 +72,65 @@ fn an_invalid_config_exits_64_naming_the_key_before_binding() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("lottery"));
 }
 
+#[tokio::test]
+async fn serve_refuses_to_start_when_max_connections_does_not_fit_under_the_file_descriptor_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model(&dir.path().join("model"));
+    let config = dir.path().join("c.toml");
+    let write = |max_connections: usize| {
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n[storage]\nstate_dir = \"{}\"\n[model]\ninit_dir = \"{}\"\n\
+                 [security]\ninsecure = true\n[security.limits]\nmax_connections_per_address = 16\n\
+                 max_connections = {max_connections}\n",
+                dir.path().join("state").display(),
+                dir.path().join("model").display()
+            ),
+        )
+        .unwrap()
+    };
+    // `ulimit -n` without -S or -H sets both limits: serve cannot raise the soft one past 256.
+    let serve_under_256 = || {
+        let mut sh = Command::new("sh");
+        sh.arg("-c").arg(r#"ulimit -n 256 && exec "$0" serve --config "$1""#).arg(BIN).arg(&config);
+        sh
+    };
+    write(1024);
+    let refused = tokio::process::Command::from(serve_under_256()).kill_on_drop(true).output();
+    let out = tokio::time::timeout(Duration::from_secs(60), refused).await.expect("serve exits").unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("security.limits.max_connections = 1024"), "{stderr}");
+    assert!(stderr.contains("RLIMIT_NOFILE"), "{stderr}");
+    assert!(!dir.path().join("state").exists(), "nothing may be created before the check");
+
+    // What the error says fits does start (and is stopped here, once it logged the bound).
+    let fits = stderr.split("at most ").nth(1).and_then(|t| t.split(',').next()).unwrap();
+    write(fits.parse().unwrap());
+    let mut child = tokio::process::Command::from(serve_under_256())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stderr.take().unwrap()));
+    let mut seen = String::new();
+    let started = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains("coordinator serving") {
+                return;
+            }
+        }
+    })
+    .await;
+    let _ = child.kill().await;
+    assert!(started.is_ok(), "serve did not start within 60 s:\n{seen}");
+    assert!(seen.contains("limit=256") && seen.contains("coordinator serving"), "{seen}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reports_a_running_coordinator_and_export_writes_a_loadable_hf_directory() {
     let dir = tempfile::tempdir().unwrap();

@@ -40,10 +40,15 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const COORDINATOR: &str = "coordinator";
 const SITES: [&str; 3] = ["site-0", "site-1", "site-2"];
 const PORT: u16 = 50051;
+/// The clients' bound on one call (`--request-timeout`) in the coordinator-cut case; it also
+/// paces their HTTP/2 keep-alive (a ping every 3 s, dropped after 3 s unanswered).
+const CLIENT_REQUEST_TIMEOUT: &str = "3s";
 /// How long the coordinator's cable stays out: far past its liveness timeout (quick_settings'
-/// 2 s), and past the clients' 30 s request timeout, so their own calls fail and they back off
+/// 2 s), and past the longest a client waits on the dead link — a call (the 2 s long poll plus
+/// the 3 s [`CLIENT_REQUEST_TIMEOUT`]), or an upload stream until a keep-alive ping goes
+/// unanswered (two bounds, 6 s) — with room to spare, so their own calls fail and they back off
 /// and reconnect rather than wait out the cut inside one TCP retransmission.
-const COORDINATOR_CUT: Duration = Duration::from_secs(40);
+const COORDINATOR_CUT: Duration = Duration::from_secs(12);
 
 /// What a case changes from the common federation.
 struct Plan {
@@ -342,7 +347,8 @@ async fn a_coordinator_cut_off_past_the_liveness_timeout_fails_the_attempt_retri
     let _one = SERIAL.lock().await;
     let plan = Plan { rounds: 3, min_fit: 3, hidden: 32, fit_ms: 3000 };
     let mut fed = Federation::new(&plan).await?;
-    fed.start_clients(&plan, &[])?;
+    let bounded: &[&str] = &["--request-timeout", CLIENT_REQUEST_TIMEOUT];
+    fed.start_clients(&plan, &SITES.map(|site| (site, bounded)))?;
     let cut_at = fed
         .wait_for(Duration::from_secs(60), |s| s.round.round == 2 && s.phase == PhaseName::Training)
         .await?;

@@ -2,8 +2,9 @@
 //! trainers) under central DP runs to its end with the operator port open; then Debian's
 //! `prometheus` scrapes it and the test asks Prometheus's query API for what the coordinator's
 //! operator status says, `promtool check metrics` lints the exposition, the status page's
-//! authentication is checked over HTTP, and headless Chromium signs in through the page's form
-//! and renders it. `target/test-artifacts/` keeps what CI uploads: `status-page.png` (the
+//! authentication and `/metrics`' token (`server.metrics_token_file`, which Prometheus presents
+//! through `authorization: { credentials_file }`) are checked over HTTP, and headless Chromium
+//! signs in through the page's form and renders it. `target/test-artifacts/` keeps what CI uploads: `status-page.png` (the
 //! screenshot), `status-page.html` (the rendered DOM) and `metrics.txt` (the exposition).
 //!
 //! One federation for every check, in one test: the `metrics` recorder is process-wide, so a
@@ -57,7 +58,11 @@ fn fake_factory(seed: u64) -> TrainerFactory {
 struct Federation {
     coordinator: InProcess,
     operator: String,
+    /// The operator token.
     token: String,
+    /// `server.metrics_token_file`, which the coordinator wrote at start, and its token.
+    metrics_token_file: PathBuf,
+    metrics_token: String,
     status: StatusReport,
 }
 
@@ -77,6 +82,9 @@ async fn run_federation(dir: &Path) -> Result<Federation> {
     };
     let operator = format!("127.0.0.1:{}", free_port()?);
     settings.server.operator_listen = Some(operator.parse()?);
+    // Absent at start: the coordinator makes it, as an operator relying on that would.
+    let metrics_token_file = dir.join("metrics.token");
+    settings.server.metrics_token_file = Some(metrics_token_file.clone());
     let coordinator = InProcess::start(settings).await?;
     let url = coordinator.url.clone();
     let mut agents = Vec::new();
@@ -102,7 +110,9 @@ async fn run_federation(dir: &Path) -> Result<Federation> {
     let status = client.wait_status(WAIT, |s| s.phase == PhaseName::Finished).await?;
     ensure!(status.model_version == ModelVersion(ROUNDS), "{status:?}");
     let token = OperatorToken::load(&state.join(OPERATOR_TOKEN_FILE))?.expose_secret().to_string();
-    Ok(Federation { coordinator, operator, token, status })
+    let metrics_token = OperatorToken::load(&metrics_token_file)?.expose_secret().to_string();
+    ensure!(metrics_token != token, "the metrics token is not the operator token");
+    Ok(Federation { coordinator, operator, token, metrics_token_file, metrics_token, status })
 }
 
 /// Percent-encodes a query parameter.
@@ -130,15 +140,18 @@ impl Drop for Prometheus {
 }
 
 impl Prometheus {
-    /// Starts `prometheus` scraping `target` every second.
-    fn start(dir: &Path, target: &str) -> Result<Self> {
+    /// Starts `prometheus` scraping `target` every second, presenting the bearer token in
+    /// `credentials_file` as a Prometheus operator configures it.
+    fn start(dir: &Path, target: &str, credentials_file: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let config = dir.join("prometheus.yml");
         std::fs::write(
             &config,
             format!(
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: fedtune\n    static_configs:\n      - targets: ['{target}']\n"
+                 scrape_configs:\n  - job_name: fedtune\n    authorization:\n      type: Bearer\n      \
+                 credentials_file: '{}'\n    static_configs:\n      - targets: ['{target}']\n",
+                credentials_file.display()
             ),
         )?;
         let addr = format!("127.0.0.1:{}", free_port()?);
@@ -191,7 +204,7 @@ impl Prometheus {
 
 /// Prometheus answers, over its query API, what the coordinator's operator status reports.
 async fn prometheus_reports_what_the_status_reports(f: &Federation, dir: &Path) -> Result<()> {
-    let prometheus = Prometheus::start(dir, &f.operator)?;
+    let prometheus = Prometheus::start(dir, &f.operator, &f.metrics_token_file)?;
     prometheus.wait_target_up(Duration::from_secs(60)).await?;
     let s = &f.status;
     let completed = s.recent_rounds.iter().filter(|r| r.status == "completed").count() as f64;
@@ -227,9 +240,34 @@ async fn prometheus_reports_what_the_status_reports(f: &Federation, dir: &Path) 
     Ok(())
 }
 
+/// With `server.metrics_token_file` set, `/metrics` answers only its bearer token (or the
+/// operator's): an anonymous scrape, a wrong token and the token without the Bearer scheme get
+/// 401, a body that says what is missing, and no metric.
+async fn metrics_need_the_metrics_token(f: &Federation) -> Result<()> {
+    let refused = |a: &http::Answer| {
+        a.status == 401
+            && a.body.contains("server.metrics_token_file")
+            && !a.body.contains("fedtune_")
+            && a.header("www-authenticate").is_some_and(|h| h.starts_with("Bearer"))
+    };
+    let anonymous = http::get(&f.operator, "/metrics", &[]).await?;
+    ensure!(refused(&anonymous), "{anonymous:?}");
+    let wrong = http::get(&f.operator, "/metrics", &["Authorization: Bearer not-the-token"]).await?;
+    ensure!(refused(&wrong), "{wrong:?}");
+    let no_scheme =
+        http::get(&f.operator, "/metrics", &[&format!("Authorization: {}", f.metrics_token)]).await?;
+    ensure!(refused(&no_scheme), "{no_scheme:?}");
+    for token in [&f.metrics_token, &f.token] {
+        let a = http::get(&f.operator, "/metrics", &[&format!("Authorization: Bearer {token}")]).await?;
+        ensure!(a.status == 200 && a.body.contains("fedtune_model_version"), "{a:?}");
+    }
+    Ok(())
+}
+
 /// `promtool check metrics` accepts the exposition.
 async fn promtool_accepts_the_exposition(f: &Federation) -> Result<()> {
-    let a = http::get(&f.operator, "/metrics", &[]).await?;
+    let bearer = format!("Authorization: Bearer {}", f.metrics_token);
+    let a = http::get(&f.operator, "/metrics", &[&bearer]).await?;
     ensure!(a.status == 200, "{a:?}");
     ensure!(a.header("content-type").is_some_and(|t| t.starts_with("text/plain")), "{a:?}");
     std::fs::write(artifacts()?.join("metrics.txt"), &a.body)?;
@@ -352,6 +390,7 @@ async fn a_running_federation_is_observed_by_prometheus_promtool_and_a_headless_
     let dir = tempfile::tempdir()?;
     let f = run_federation(dir.path()).await?;
     the_status_page_is_the_operators_alone(&f).await?;
+    metrics_need_the_metrics_token(&f).await?;
     promtool_accepts_the_exposition(&f).await?;
     prometheus_reports_what_the_status_reports(&f, &dir.path().join("prometheus")).await?;
     let browser_dir = dir.path().join("chromium");

@@ -76,6 +76,11 @@ pub struct RunArgs {
     /// Longest pause between retries while the coordinator is unreachable [agent.max_backoff].
     #[arg(long, value_parser = parse_duration)]
     pub max_backoff: Option<Duration>,
+    /// Longest one call to the coordinator may take before it is retried, e.g. 30s (the long
+    /// poll gets --poll-wait on top); also paces the keep-alive pings that end a stream over a
+    /// dead link [agent.request_timeout].
+    #[arg(long, value_parser = parse_duration)]
+    pub request_timeout: Option<Duration>,
     /// Upload pacing in bytes per second (default: unpaced) [agent.upload_rate_limit].
     #[arg(long, value_name = "BYTES_PER_SEC")]
     pub upload_rate_limit: Option<u64>,
@@ -197,6 +202,7 @@ impl RunArgs {
             ("agent.poll_wait", "--poll-wait", self.poll_wait.as_ref().map(duration)),
             ("agent.give_up_after", "--give-up-after", self.give_up_after.as_ref().map(duration)),
             ("agent.max_backoff", "--max-backoff", self.max_backoff.as_ref().map(duration)),
+            ("agent.request_timeout", "--request-timeout", self.request_timeout.as_ref().map(duration)),
             ("agent.upload_rate_limit", "--upload-rate-limit", self.upload_rate_limit.map(int)),
             ("privacy.require", "--require-privacy", self.require_privacy.map(|r| text(&r.to_string()))),
             (
@@ -290,6 +296,21 @@ mod tests {
         );
         let cli = ["fedtune-client", "run", "--require-privacy", "distributed"];
         assert!(Cli::try_parse_from(cli).is_err(), "distributed is a task mode, not a floor");
+    }
+
+    #[test]
+    fn request_timeout_sets_the_agent_key_and_a_sub_second_one_is_refused_naming_key_and_flag() {
+        assert_eq!(
+            parse(&REQUIRED).settings(Vec::new()).unwrap().agent.request_timeout,
+            Duration::from_secs(30)
+        );
+        let s = parse(&[&REQUIRED[..], &["--request-timeout", "3s"]].concat()).settings(Vec::new()).unwrap();
+        assert_eq!(s.agent.request_timeout, Duration::from_secs(3));
+        let err = parse(&[&REQUIRED[..], &["--request-timeout", "500ms"]].concat())
+            .settings(Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agent.request_timeout") && err.contains("--request-timeout"), "{err}");
     }
 
     #[test]

@@ -2,8 +2,12 @@
 //! the status page at `/status`, in plain HTTP for a private operator network, never on the
 //! clients' port.
 //!
-//! - `/metrics` (no credentials, like any Prometheus target): the text exposition of
-//!   [`crate::telemetry`], its state gauges sampled from the operator status first.
+//! - `/metrics`: the text exposition of [`crate::telemetry`], its state gauges sampled from the
+//!   operator status first. Open to anyone who reaches the port unless
+//!   `server.metrics_token_file` is set; then only to a request presenting that token as
+//!   `Authorization: Bearer` (what Prometheus sends for `authorization: { credentials_file }`),
+//!   or the operator's own credentials, compared in constant time like the operator token;
+//!   anything else gets 401.
 //! - `/status`: the page of [`page`], for the operator only ([`session`]: the operator token
 //!   as a bearer token, or a session cookie from the login form); anyone else gets 401 and the
 //!   login form, with no federation data.
@@ -22,6 +26,7 @@ pub mod page;
 pub mod session;
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -30,6 +35,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Form, Router};
+use fedtune_shared::crypto::{CryptoError, OperatorCheck, OperatorToken};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +63,8 @@ struct Operator {
     auth: Arc<dyn Authenticator>,
     sessions: Sessions,
     metrics: PrometheusHandle,
+    /// `server.metrics_token_file`'s token; `None` leaves `/metrics` open.
+    metrics_token: Option<OperatorCheck>,
 }
 
 /// Why the operator port could not start.
@@ -73,21 +81,44 @@ pub enum OperatorHttpError {
     /// No session key could be drawn.
     #[error(transparent)]
     Random(#[from] session::RandomFailed),
+    /// `server.metrics_token_file` cannot be read or written, or holds no token.
+    #[error("server.metrics_token_file: {0}")]
+    MetricsToken(#[source] CryptoError),
+}
+
+/// Loads the metrics token from `path` (`server.metrics_token_file`), or writes a fresh one
+/// there (mode 0600) when the file does not exist, as the operator token is made.
+fn metrics_token(path: &Path) -> Result<OperatorCheck, OperatorHttpError> {
+    let token = OperatorToken::load_or_generate(path).map_err(OperatorHttpError::MetricsToken)?;
+    token.check().map_err(OperatorHttpError::MetricsToken)
 }
 
 /// Binds `addr` and serves the operator port until `cancel`; returns once it listens (the
-/// server and its upkeep run on spawned tasks that end with `cancel`).
+/// server and its upkeep run on spawned tasks that end with `cancel`). With
+/// `metrics_token_file`, `/metrics` requires that token.
 pub async fn serve(
     addr: SocketAddr,
+    metrics_token_file: Option<&Path>,
     handle: RoundHandle,
     auth: Arc<dyn Authenticator>,
     metrics: PrometheusHandle,
     cancel: &CancellationToken,
 ) -> Result<(), OperatorHttpError> {
+    let metrics_token = metrics_token_file.map(metrics_token).transpose()?;
     let listener =
         TcpListener::bind(addr).await.map_err(|source| OperatorHttpError::Listen { addr, source })?;
-    info!(addr = ?listener.local_addr().ok(), "operator port listening (plaintext HTTP: /metrics, /status)");
-    let state = Arc::new(Operator { handle, auth, sessions: Sessions::new()?, metrics: metrics.clone() });
+    info!(
+        addr = ?listener.local_addr().ok(),
+        metrics_token = metrics_token.is_some(),
+        "operator port listening (plaintext HTTP: /metrics, /status)"
+    );
+    let state = Arc::new(Operator {
+        handle,
+        auth,
+        sessions: Sessions::new()?,
+        metrics: metrics.clone(),
+        metrics_token,
+    });
     let app = router(state);
     let shutdown = cancel.clone().cancelled_owned();
     tokio::spawn(async move {
@@ -117,8 +148,23 @@ fn router(state: Arc<Operator>) -> Router {
         .with_state(state)
 }
 
-/// `/metrics`: samples the state gauges, then renders every metric.
-async fn metrics(State(op): State<Arc<Operator>>) -> Response {
+/// `/metrics`: samples the state gauges, then renders every metric; with a metrics token, only
+/// for its bearer (or the operator), 401 for anyone else before anything is sampled.
+async fn metrics(State(op): State<Arc<Operator>>, headers: HeaderMap) -> Response {
+    if let Some(token) = &op.metrics_token {
+        // The metrics token first: a scrape must not be logged as a wrong operator token.
+        if !session::is_scraper(&headers, token)
+            && !session::is_operator(&headers, op.auth.as_ref(), &op.sessions, SystemTime::now())
+        {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer realm=\"fedtune metrics\"")],
+                "/metrics needs the metrics token (server.metrics_token_file) as `Authorization: Bearer \
+                 <token>`\n",
+            )
+                .into_response();
+        }
+    }
     match tokio::time::timeout(STATUS_WAIT, op.handle.status(0)).await {
         Ok(Ok(report)) => telemetry::sample_status(&report),
         // Still render: counters and histograms do not need the actor.

@@ -14,6 +14,8 @@ use axum::http::{header, HeaderMap};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
+use fedtune_shared::crypto::OperatorCheck;
+
 use crate::auth::Authenticator;
 
 /// The session cookie's name.
@@ -109,11 +111,24 @@ pub fn is_operator(
     sessions: &Sessions,
     now: SystemTime,
 ) -> bool {
-    if let Some(value) = headers.get(header::AUTHORIZATION) {
-        let token = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
-        return token.is_some_and(|t| !t.is_empty() && auth.operator(t).is_ok());
+    if headers.contains_key(header::AUTHORIZATION) {
+        return bearer(headers).is_some_and(|t| auth.operator(t).is_ok());
     }
     cookie(headers, COOKIE).is_some_and(|c| sessions.verify(c, now))
+}
+
+/// The request's bearer token (`Authorization: Bearer <token>`), if it has a non-empty one.
+/// Both credentials of this port are read through it: the operator token here, the metrics
+/// token by `/metrics`.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    Some(value.strip_prefix("Bearer ")?.trim()).filter(|t| !t.is_empty())
+}
+
+/// Whether the request presents the metrics token as its bearer token, compared in constant
+/// time like the operator token (the same [`OperatorCheck`]).
+pub fn is_scraper(headers: &HeaderMap, metrics_token: &OperatorCheck) -> bool {
+    bearer(headers).is_some_and(|t| metrics_token.matches(t))
 }
 
 #[cfg(test)]
@@ -165,6 +180,21 @@ mod tests {
         assert!(!ok(&headers(&both)));
         // The token itself is not a session cookie.
         assert!(!ok(&headers(&[(header::COOKIE, &format!("{COOKIE}=right"))])));
+    }
+
+    #[test]
+    fn only_the_metrics_bearer_token_is_a_scraper() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.token");
+        let token = fedtune_shared::crypto::OperatorToken::load_or_generate(&path).unwrap();
+        let check = token.check().unwrap();
+        let text = token.expose_secret();
+        let ok = |h: &HeaderMap| is_scraper(h, &check);
+        assert!(ok(&headers(&[(header::AUTHORIZATION, &format!("Bearer {text}"))])));
+        assert!(!ok(&headers(&[(header::AUTHORIZATION, &format!("Bearer {}", &text[1..]))])));
+        assert!(!ok(&headers(&[(header::AUTHORIZATION, text)])), "the Bearer scheme is required");
+        assert!(!ok(&headers(&[(header::AUTHORIZATION, "Bearer ")])));
+        assert!(!ok(&headers(&[])));
     }
 
     #[test]

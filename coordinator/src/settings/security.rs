@@ -91,8 +91,9 @@ pub struct LimitSettings {
     /// agent uses one (two while it reconnects), so this admits many sites behind one NAT
     /// address. `simulate`, whose clients all share the loopback address, raises it to fit.
     pub max_connections_per_address: usize,
-    /// TCP connections open at once in all (keep it below the process's file descriptor
-    /// limit); a further one is closed at once.
+    /// TCP connections open at once in all; a further one is closed at once. With its margin
+    /// (`fd_limit::margin`) it must fit under the process's file-descriptor limit, or `serve`
+    /// refuses to start.
     pub max_connections: usize,
 }
 

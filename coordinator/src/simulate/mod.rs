@@ -35,7 +35,7 @@ use clap::Args;
 use fedtune_shared::compression::{DownloadEncoding, UpdateEncoding};
 use fedtune_shared::round::PhaseName;
 use fedtune_shared::schedule::LrSchedule;
-use fedtune_shared::settings::parse_duration;
+use fedtune_shared::settings::{format_duration, parse_duration};
 use tokio_util::sync::CancellationToken;
 
 use crate::settings::{AdapterKind, CoordinatorSettings, LoraSettings, SamplingSettings};
@@ -165,6 +165,10 @@ pub struct SimulateArgs {
     /// libtorch threads per client (default: the machine's cores shared among the clients).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Clients' bound on one call to the coordinator, passed as their --request-timeout
+    /// (default: theirs, 30s; at least 1s).
+    #[arg(long, value_parser = parse_duration)]
+    pub client_request_timeout: Option<Duration>,
     /// The fedtune-client binary (default: $FEDTUNE_CLIENT_BIN, else next to this one).
     #[arg(long)]
     pub client_bin: Option<PathBuf>,
@@ -392,6 +396,10 @@ impl SimulateArgs {
             "2m".into(),
             "--quiet".into(),
         ];
+        // Validated by each client (`agent.request_timeout`), which names the key and flag.
+        if let Some(timeout) = self.client_request_timeout {
+            args.extend(["--request-timeout".into(), format_duration(timeout)]);
+        }
         // Fake trainers get the model folder too: every client rebuilds version 0 from it.
         args.extend(["--model".into(), model.display().to_string()]);
         #[cfg(feature = "test-support")]
@@ -718,5 +726,21 @@ mod tests {
         assert_eq!(keep(&["yes"]), ["no", "yes"], "names");
         assert_eq!(keep(&["0", "1", "2"]), ["0", "1", "2"], "an id out of range: the data's own");
         assert_eq!(keep(&["maybe", "no"]), ["maybe", "no"], "unknown names: the data's own");
+    }
+
+    #[test]
+    fn client_request_timeout_reaches_every_client_as_its_request_timeout_flag() {
+        let parse = |extra: &[&str]| {
+            let argv = ["fedtune-coordinator", "simulate"].iter().chain(extra).copied();
+            match <crate::cli::Cli as clap::Parser>::try_parse_from(argv).unwrap().command {
+                crate::cli::Command::Simulate(a) => a,
+                _ => unreachable!("parsed simulate"),
+            }
+        };
+        let flag =
+            |args: &[String]| args.iter().position(|a| a == "--request-timeout").map(|i| args[i + 1].clone());
+        assert_eq!(flag(&parse(&[]).client_args(Path::new("m"))), None, "the client's own default");
+        let args = parse(&["--client-request-timeout", "3s"]).client_args(Path::new("m"));
+        assert_eq!(flag(&args).as_deref(), Some("3s"));
     }
 }
