@@ -195,6 +195,7 @@ pub async fn run(
         give_up_after: agent.give_up_after,
         upload_rate_limit: agent.upload_rate_limit,
         identity: Some(key),
+        model_dir: Some(settings.model.dir.clone()),
         ..AgentConfig::default()
     };
     Ok(Agent::new(api, config, factory, shutdown).run().await?)

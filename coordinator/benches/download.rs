@@ -26,6 +26,7 @@ async fn grpc_download(c: &mut Client) -> (u64, f64) {
         scope: ModelScope::Full,
         offset: 0,
         max_chunk_bytes: None,
+        base_version: None,
     }));
     let mut stream = c.inner.download_model(r).await.expect("download").into_inner();
     let mut hasher = Sha256Stream::default();

@@ -299,6 +299,7 @@ impl Session {
             scope: ModelScope::Trainable,
             offset: 0,
             max_chunk_bytes: Some(chunk as u32),
+            base_version: None,
         };
         let mut stream =
             rpc.download_model(self.request(pb::DownloadModelRequest::from(req), None)).await?.into_inner();

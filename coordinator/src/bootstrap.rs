@@ -60,6 +60,8 @@ pub struct Booted {
     pub labels: Vec<String>,
     /// The LoRA adapter clients build (A's seed is the recorded `init_seed`), if any.
     pub adapter: Option<AdapterSpec>,
+    /// The recorded `model.init_seed`, which clients need to rebuild version 0.
+    pub init_seed: u64,
     /// The strategy, with restored state.
     pub strategy: Box<dyn Strategy>,
     /// Known clients.
@@ -93,7 +95,7 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
     let inconsistent = |reason: String| BootError::Inconsistent { dir: store.dir().to_path_buf(), reason };
     let latest = store.call_sync(|c| storage::latest_checkpoint(c))?;
     let mut strategy = strategy::from_settings(&settings.strategy);
-    let (model, labels, lora, fresh) = match latest {
+    let (model, labels, lora, init_seed, fresh) = match latest {
         None => {
             let lora = settings.model.lora_config(settings.model.init_seed);
             let init = model::load_initial(&settings.model)?;
@@ -127,7 +129,7 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
                 initialised = ?init.initialised,
                 "initial model created"
             );
-            (global, init.labels, lora, true)
+            (global, init.labels, lora, settings.model.init_seed, true)
         }
         Some(row) => {
             let meta = |k: &'static str| {
@@ -197,7 +199,7 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
                 warn!(recorded = ?labels, "model.labels differ from the recorded labels; the recorded ones stay");
             }
             info!(version = %row.version, "resuming from the last committed round");
-            (GlobalModel::new(row.version, params, layout.into()), labels, lora, false)
+            (GlobalModel::new(row.version, params, layout.into()), labels, lora, seed, false)
         }
     };
     // Differential privacy wraps whichever strategy runs, its accountant rebuilt from the ledger.
@@ -223,6 +225,7 @@ pub fn bootstrap(settings: &CoordinatorSettings, store: &Storage) -> Result<Boot
         model,
         labels,
         adapter,
+        init_seed,
         strategy,
         clients,
         next: RoundId::new(round, attempt),

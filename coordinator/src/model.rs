@@ -2,6 +2,10 @@
 //! named f32 values (no libtorch), the split into trainable and frozen tensors, the initial model
 //! built from a Hugging Face checkpoint, and export back to a Hugging Face directory.
 //!
+//! # Initial model
+//! Version 0 is built by [`fedtune_shared::bert::initial`], the construction clients run too
+//! (they rebuild it from their own model folder instead of downloading it).
+//!
 //! # Names
 //! Tensors carry the names `BertForSequenceClassification` uses (`bert.…`, `classifier.…`), so
 //! a checkpoint written here loads in transformers unchanged; checkpoint names are mapped onto
@@ -24,37 +28,25 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use fedtune_shared::bert::initial::{self, InitialError, InitialSpec};
 use fedtune_shared::bert::lora::{LoraConfig, LoraError};
-use fedtune_shared::bert::{checkpoint_name, export, TrainScope};
-use fedtune_shared::chunk::PayloadView;
+use fedtune_shared::bert::{export, TrainScope};
+use fedtune_shared::chunk::{PayloadView, Sha256Stream};
+use fedtune_shared::compression::{apply_delta, Int8Encoder, MODEL_STEP_BOUND};
 use fedtune_shared::ids::{ModelVersion, Sha256};
-use fedtune_shared::params::{natural_cmp, Manifest, ParameterVector, ParamsError, TensorSpec};
+use fedtune_shared::params::{Manifest, ParameterVector, ParamsError};
 use fedtune_shared::round::{ModelRef, ModelScope};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha20Rng;
+
+pub use fedtune_shared::bert::initial::{HfConfig, InitialModel};
 
 use crate::settings::{AdapterKind, ModelSettings};
 
 /// Errors building, loading or exporting models.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    /// Reading or writing a file.
-    #[error("{path}: {source}")]
-    Io {
-        /// File.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// `config.json` is unusable.
-    #[error("{path}: {reason}")]
-    Config {
-        /// File.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
+    /// Building the initial model or reading the checkpoint's config.
+    #[error(transparent)]
+    Initial(#[from] InitialError),
     /// Parameter vectors or safetensors.
     #[error(transparent)]
     Params(#[from] ParamsError),
@@ -64,54 +56,6 @@ pub enum ModelError {
     /// The LoRA adapter does not fit the checkpoint.
     #[error("model.lora: {0}")]
     Adapter(#[from] LoraError),
-    /// The checkpoint does not look like a BERT model.
-    #[error("checkpoint {path}: {reason}")]
-    Checkpoint {
-        /// File.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-}
-
-/// The fields of a Hugging Face `config.json` the coordinator needs; the full JSON is kept
-/// for export.
-#[derive(Debug, Clone)]
-pub struct HfConfig {
-    /// Width of the encoder.
-    pub hidden_size: usize,
-    /// Encoder layers.
-    pub num_hidden_layers: usize,
-    /// The parsed file.
-    pub json: serde_json::Value,
-}
-
-impl HfConfig {
-    /// Reads `dir/config.json`.
-    pub fn read(dir: &Path) -> Result<Self, ModelError> {
-        let path = dir.join("config.json");
-        let text =
-            std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::Config { path: path.clone(), reason: e.to_string() })?;
-        let field = |k: &str| {
-            json.get(k).and_then(serde_json::Value::as_u64).map(|v| v as usize).ok_or_else(|| {
-                ModelError::Config { path: path.clone(), reason: format!("missing integer `{k}`") }
-            })
-        };
-        Ok(Self { hidden_size: field("hidden_size")?, num_hidden_layers: field("num_hidden_layers")?, json })
-    }
-
-    /// Label names from `id2label`, ordered by id, if present and complete.
-    pub fn labels(&self) -> Option<Vec<String>> {
-        let map = self.json.get("id2label")?.as_object()?;
-        let mut labels = vec![None; map.len()];
-        for (k, v) in map {
-            let i: usize = k.parse().ok()?;
-            *labels.get_mut(i)? = Some(v.as_str()?.to_string());
-        }
-        labels.into_iter().collect()
-    }
 }
 
 /// Where the trainable tensors lie inside the full parameter vector.
@@ -176,6 +120,42 @@ pub struct GlobalModel {
     pub layout: Arc<TrainableLayout>,
     /// Digests clients check.
     pub model_ref: ModelRef,
+    /// The 8-bit step from the previous version that defines this one
+    /// (`model.download_encoding = "int8_delta"`); `None` for f32 publishing, version 0, and
+    /// after a restart (the step is not checkpointed: clients then download f32 weights).
+    pub step: Option<PublishedStep>,
+}
+
+/// An `INT8_BLOCK` step from `base`: this version's trainable weights are
+/// `apply_delta(base's, bytes)`, bit for bit.
+#[derive(Debug)]
+pub struct PublishedStep {
+    /// The version the step starts from.
+    pub base: ModelVersion,
+    /// The encoded step.
+    pub bytes: Vec<u8>,
+    /// SHA-256 of `bytes` (the header's payload digest).
+    pub digest: Sha256,
+}
+
+impl PublishedStep {
+    /// Wraps an encoded step from `base`, digesting it.
+    pub fn new(base: ModelVersion, bytes: Vec<u8>) -> Self {
+        let mut hasher = Sha256Stream::default();
+        hasher.update(&bytes);
+        Self { base, bytes, digest: hasher.finish() }
+    }
+}
+
+/// Quantizes the step from `base` (trainable values of the published version v − 1) to `next`
+/// with unbiased stochastic rounding and returns the values that define version v,
+/// `base + decode(encode(next − base))`, with the encoded step. `None` when the step cannot be
+/// encoded (a non-finite value): the caller publishes `next` in f32.
+pub fn quantize_step(base: &[f32], next: &[f32], encoder: &mut Int8Encoder) -> Option<(Vec<f32>, Vec<u8>)> {
+    let step: Vec<f32> = next.iter().zip(base).map(|(&n, &b)| n - b).collect();
+    let bytes = encoder.encode(&step, MODEL_STEP_BOUND).ok()?;
+    let values = apply_delta(base, &bytes).ok()?;
+    Some((values, bytes))
 }
 
 impl GlobalModel {
@@ -191,7 +171,13 @@ impl GlobalModel {
             trainable_manifest: Sha256(layout.trainable.digest()),
             trainable_payload,
         };
-        Self { version, params, layout, model_ref }
+        Self { version, params, layout, model_ref, step: None }
+    }
+
+    /// This version with the step that defined it ([`quantize_step`]).
+    pub fn with_step(mut self, step: PublishedStep) -> Self {
+        self.step = Some(step);
+        self
     }
 
     /// The payload of a scope, read lazily from the full vector.
@@ -221,115 +207,17 @@ impl GlobalModel {
     }
 }
 
-/// The initial model and what was decided while building it.
-#[derive(Debug)]
-pub struct InitialModel {
-    /// All tensors, HF names, in [`natural_cmp`] order.
-    pub params: ParameterVector,
-    /// Class names.
-    pub labels: Vec<String>,
-    /// The checkpoint's config.
-    pub config: HfConfig,
-    /// Tensors that were missing and initialised (pooler, classifier).
-    pub initialised: Vec<String>,
-}
-
-/// Standard deviation of the head initialisation (BERT's `initializer_range`).
-const INIT_STD: f64 = 0.02;
-
-/// Builds the initial global model from `settings.init_dir` (see the module docs).
+/// Builds the initial global model from `settings.init_dir` with the one construction both
+/// binaries share ([`fedtune_shared::bert::initial`]).
 pub fn load_initial(settings: &ModelSettings) -> Result<InitialModel, ModelError> {
-    let config = HfConfig::read(&settings.init_dir)?;
-    let path = settings.init_dir.join("model.safetensors");
-    let raw = ParameterVector::load_safetensors(&path, |n| checkpoint_name(n).is_some())?;
-    let (manifest, values) = raw.into_parts();
-    let mut tensors: Vec<(TensorSpec, Range<usize>)> = Vec::new();
-    let mut offset = 0;
-    for t in manifest.tensors {
-        let n = t.numel();
-        let name = checkpoint_name(&t.name).expect("filtered above");
-        tensors.push((TensorSpec { name, shape: t.shape }, offset..offset + n));
-        offset += n;
-    }
-    if !tensors.iter().any(|(t, _)| t.name.starts_with("bert.encoder.layer.")) {
-        return Err(ModelError::Checkpoint {
-            path,
-            reason: "no `encoder.layer.*` tensors: not a BERT checkpoint".into(),
-        });
-    }
-    let h = config.hidden_size;
-    // Labels: settings, then a classifier already in the checkpoint, then config.json.
-    let ckpt_labels = tensors.iter().find(|(t, _)| t.name == "classifier.weight").map(|(t, _)| t.shape[0]);
-    let labels = if !settings.labels.is_empty() {
-        settings.labels.clone()
-    } else if let Some(l) =
-        config.labels().filter(|l| ckpt_labels.is_none_or(|n| n == l.len()) && l.len() >= 2)
-    {
-        l
-    } else if let Some(n) = settings.num_labels.or(ckpt_labels) {
-        (0..n).map(|i| format!("LABEL_{i}")).collect()
-    } else {
-        return Err(ModelError::Config {
-            path: settings.init_dir.join("config.json"),
-            reason: "cannot tell the number of labels: set model.labels or model.num_labels".into(),
-        });
+    let lora = settings.lora_config(settings.init_seed);
+    let spec = InitialSpec {
+        labels: &settings.labels,
+        num_labels: settings.num_labels,
+        init_seed: settings.init_seed,
+        lora: lora.as_ref(),
     };
-    if let Some(n) = ckpt_labels {
-        if n != labels.len() {
-            return Err(ModelError::Checkpoint {
-                path,
-                reason: format!("its classifier has {n} outputs but {} labels are configured", labels.len()),
-            });
-        }
-    }
-    let mut rng = ChaCha20Rng::seed_from_u64(settings.init_seed);
-    let mut out_specs = Vec::new();
-    let mut out_values: Vec<f32> = Vec::with_capacity(values.len());
-    let mut initialised = Vec::new();
-    let mut extra: Vec<(TensorSpec, Vec<f32>)> = Vec::new();
-    // Fixed order, so the same seed always gives the same weights.
-    for (name, shape, normal) in [
-        ("bert.pooler.dense.weight", vec![h, h], true),
-        ("bert.pooler.dense.bias", vec![h], false),
-        ("classifier.weight", vec![labels.len(), h], true),
-        ("classifier.bias", vec![labels.len()], false),
-    ] {
-        if tensors.iter().any(|(t, _)| t.name == name) {
-            continue;
-        }
-        let n: usize = shape.iter().product();
-        let v = if normal { (0..n).map(|_| normal_sample(&mut rng) as f32).collect() } else { vec![0.0; n] };
-        initialised.push(name.to_string());
-        extra.push((TensorSpec { name: name.into(), shape }, v));
-    }
-    // Sort by name like load_safetensors does, so the layout is stable across restarts.
-    // Each tensor's values: a range of the checkpoint buffer, or freshly initialised ones.
-    type Source = Result<Range<usize>, Vec<f32>>;
-    let mut all: Vec<(TensorSpec, Source)> = tensors
-        .into_iter()
-        .map(|(t, r)| (t, Ok(r)))
-        .chain(extra.into_iter().map(|(t, v)| (t, Err(v))))
-        .collect();
-    all.sort_by(|a, b| natural_cmp(&a.0.name, &b.0.name));
-    for (spec, src) in all {
-        match src {
-            Ok(r) => out_values.extend_from_slice(&values[r]),
-            Err(v) => out_values.extend_from_slice(&v),
-        }
-        out_specs.push(spec);
-    }
-    let mut params = ParameterVector::new(Manifest::new(out_specs)?, out_values)?;
-    if let Some(lora) = settings.lora_config(settings.init_seed) {
-        params = lora.with_adapters(params)?;
-    }
-    Ok(InitialModel { params, labels, config, initialised })
-}
-
-/// One draw from N(0, 0.02²) by Box–Muller on a seeded ChaCha20 stream.
-fn normal_sample(rng: &mut ChaCha20Rng) -> f64 {
-    let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]: ln is finite
-    let u2: f64 = rng.random();
-    INIT_STD * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    Ok(initial::load_initial(&settings.init_dir, &spec)?)
 }
 
 /// Writes a Hugging Face `BertForSequenceClassification` directory `out` from `params` with
@@ -381,6 +269,7 @@ pub fn adapter_dir(out: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fedtune_shared::params::TensorSpec;
 
     /// A tiny BERT-like checkpoint without the `bert.` prefix, pooler or classifier.
     fn write_base_checkpoint(dir: &Path, layers: usize, h: usize) {
@@ -420,6 +309,7 @@ mod tests {
             freeze_embeddings: true,
             adapter: AdapterKind::None,
             lora: crate::settings::LoraSettings::default(),
+            download_encoding: Default::default(),
         }
     }
 
@@ -526,6 +416,25 @@ mod tests {
             full.tensor("bert.encoder.layer.0.output.dense.weight"),
             m.params.tensor("bert.encoder.layer.0.output.dense.weight")
         );
+    }
+
+    #[test]
+    fn a_quantized_step_defines_the_published_values_as_base_plus_its_decoding_within_a_grid_step() {
+        let base: Vec<f32> = (0..600).map(|i| (i as f32 * 0.37).sin()).collect();
+        let next: Vec<f32> =
+            base.iter().enumerate().map(|(i, b)| b + ((i % 11) as f32 - 5.0) * 1e-3).collect();
+        let mut encoder = Int8Encoder::seeded_for_tests(5);
+        let (values, bytes) = quantize_step(&base, &next, &mut encoder).unwrap();
+        let decoded = fedtune_shared::compression::decode(&bytes, base.len(), MODEL_STEP_BOUND).unwrap();
+        let expected: Vec<u32> = base.iter().zip(&decoded).map(|(b, d)| (b + d).to_bits()).collect();
+        assert_eq!(values.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), expected);
+        // The step's largest value is 5e-3, so a block's grid is at most 5e-3 / 127 (plus the
+        // f32 rounding of the additions).
+        let worst = values.iter().zip(&next).map(|(v, n)| (v - n).abs()).fold(0.0f32, f32::max);
+        assert!(worst > 0.0 && worst <= 5e-3 / 127.0 + 1e-6, "{worst}");
+        let step = PublishedStep::new(ModelVersion(3), bytes.clone());
+        assert_eq!((step.base, step.digest), (ModelVersion(3), Sha256::of(&bytes)));
+        assert!(quantize_step(&base, &vec![f32::NAN; 600], &mut encoder).is_none(), "not encodable: f32");
     }
 
     #[test]

@@ -269,6 +269,7 @@ pub async fn run_with(
         settings.clone(),
         booted.labels,
         booted.adapter,
+        booted.init_seed,
         storage.spool_dir(),
         cancel.clone(),
         traffic,

@@ -3,7 +3,8 @@
 //! once by [`CoordinatorSettings::validate`] before anything binds a port.
 //!
 //! This is the lowest layer of the crate: it names no other module of it, so every module may
-//! read settings. The `[privacy]` section is in [`privacy`], `[security]` in [`security`].
+//! read settings. The `[model]` section is in [`model`], `[privacy]` in [`privacy`], `[security]`
+//! in [`security`].
 //!
 //! Example (`deploy/config/coordinator.example.toml` has the full list):
 //!
@@ -26,6 +27,7 @@
 //! server_learning_rate = 0.01
 //! ```
 
+pub mod model;
 pub mod privacy;
 pub mod secure_aggregation;
 pub mod security;
@@ -34,7 +36,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fedtune_shared::bert::lora::{LoraConfig, LoraError};
 use fedtune_shared::chunk::{DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 use fedtune_shared::compression::UpdateEncoding;
 use fedtune_shared::limits::MAX_NUM_EXAMPLES;
@@ -42,6 +43,7 @@ use fedtune_shared::schedule::LrSchedule;
 use fedtune_shared::settings::{duration, optional_duration, SettingsError};
 use serde::{Deserialize, Serialize};
 
+pub use model::{AdapterKind, LoraSettings, ModelSettings};
 pub use privacy::{accounting_for, AdaptiveClipSettings, DpMode, PrivacySettings};
 pub use secure_aggregation::SecureAggregationSettings;
 pub use security::{LimitSettings, SecuritySettings};
@@ -204,93 +206,6 @@ pub struct StorageSettings {
     /// Checkpoints to keep (newest first; the initial model is always kept). 0 keeps all.
     #[serde(default)]
     pub keep_checkpoints: usize,
-}
-
-/// The initial model and the trainable subset.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSettings {
-    /// Hugging Face checkpoint directory (`model.safetensors`, `config.json`, tokenizer files).
-    pub init_dir: PathBuf,
-    /// Class names (index = class id). Empty: taken from `config.json` `id2label`, or
-    /// `LABEL_i` for `num_labels` classes.
-    #[serde(default)]
-    pub labels: Vec<String>,
-    /// Number of classes when `labels` is empty and the checkpoint has no classifier.
-    #[serde(default)]
-    pub num_labels: Option<usize>,
-    /// Seed of the classifier (and pooler, if missing) initialisation; recorded in the state dir.
-    #[serde(default = "default_init_seed")]
-    pub init_seed: u64,
-    /// Train only the top k encoder layers (plus pooler and classifier; embeddings frozen).
-    /// Absent: all layers.
-    #[serde(default)]
-    pub train_top_layers: Option<usize>,
-    /// Keep the embeddings frozen (implied by `train_top_layers`).
-    #[serde(default)]
-    pub freeze_embeddings: bool,
-    /// `"none"` (default): train the scope above. `"lora"`: train LoRA adapters (`[model.lora]`)
-    /// and the head only, every base weight frozen.
-    #[serde(default)]
-    pub adapter: AdapterKind,
-    /// The LoRA adapter, used when `adapter = "lora"`.
-    #[serde(default)]
-    pub lora: LoraSettings,
-}
-
-impl ModelSettings {
-    /// The adapter description when `adapter = "lora"`, with A seeded by `seed` (the
-    /// federation's recorded `init_seed`).
-    pub fn lora_config(&self, seed: u64) -> Option<LoraConfig> {
-        (self.adapter == AdapterKind::Lora).then(|| LoraConfig {
-            rank: self.lora.rank,
-            alpha: self.lora.alpha,
-            dropout: self.lora.dropout,
-            target_modules: self.lora.target_modules.clone(),
-            seed,
-        })
-    }
-}
-
-/// Which adapter, if any, a federation trains (`model.adapter`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AdapterKind {
-    /// Fine-tune the base tensors of the train scope.
-    #[default]
-    None,
-    /// LoRA (FFA-LoRA: A frozen and shared, B and the head trained; `fedtune_shared::bert::lora`).
-    Lora,
-}
-
-/// `[model.lora]`: the adapter's shape (peft's `LoraConfig` fields of the same meaning).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LoraSettings {
-    /// Rank r.
-    pub rank: usize,
-    /// Scale numerator: the adapter adds `(alpha / rank)·B·A`.
-    pub alpha: f64,
-    /// Dropout on the adapter's input while training.
-    pub dropout: f64,
-    /// Module-name suffixes that get an adapter.
-    pub target_modules: Vec<String>,
-}
-
-impl Default for LoraSettings {
-    fn default() -> Self {
-        use fedtune_shared::bert::lora;
-        Self {
-            rank: lora::DEFAULT_RANK,
-            alpha: lora::DEFAULT_ALPHA,
-            dropout: lora::DEFAULT_DROPOUT,
-            target_modules: lora::DEFAULT_TARGETS.map(String::from).to_vec(),
-        }
-    }
-}
-
-fn default_init_seed() -> u64 {
-    42
 }
 
 /// Round lifecycle.
@@ -640,51 +555,7 @@ impl CoordinatorSettings {
         if self.storage.state_dir.as_os_str().is_empty() {
             return Err(SettingsError::invalid("storage.state_dir", "must not be empty"));
         }
-        let m = &self.model;
-        for f in ["config.json", "model.safetensors"] {
-            if !m.init_dir.join(f).is_file() {
-                return Err(SettingsError::invalid(
-                    "model.init_dir",
-                    format!("{} has no {f}", m.init_dir.display()),
-                ));
-            }
-        }
-        if m.num_labels == Some(0) || m.num_labels == Some(1) {
-            return Err(SettingsError::invalid("model.num_labels", "a classifier needs at least 2 labels"));
-        }
-        if !m.labels.is_empty() {
-            if m.labels.len() < 2 {
-                return Err(SettingsError::invalid("model.labels", "a classifier needs at least 2 labels"));
-            }
-            if m.num_labels.is_some_and(|n| n != m.labels.len()) {
-                return Err(SettingsError::invalid(
-                    "model.num_labels",
-                    "disagrees with the number of model.labels",
-                ));
-            }
-        }
-        if m.train_top_layers == Some(0) {
-            return Err(SettingsError::invalid(
-                "model.train_top_layers",
-                "must be at least 1 (omit it to train all layers)",
-            ));
-        }
-        if let Some(lora) = m.lora_config(m.init_seed) {
-            if m.train_top_layers.is_some() || m.freeze_embeddings {
-                return Err(SettingsError::invalid(
-                    "model.adapter",
-                    "a LoRA adapter freezes every base tensor; leave model.train_top_layers and \
-                     model.freeze_embeddings unset",
-                ));
-            }
-            match lora.validate() {
-                Err(LoraError::Invalid { field, reason }) => {
-                    return Err(SettingsError::invalid(format!("model.lora.{field}"), reason));
-                }
-                Err(e) => return Err(SettingsError::invalid("model.lora", e.to_string())),
-                Ok(()) => {}
-            }
-        }
+        self.model.validate()?;
         let r = &self.rounds;
         if r.total == 0 {
             return Err(SettingsError::invalid("rounds.total", "must be at least 1"));
@@ -824,11 +695,12 @@ impl CoordinatorSettings {
                 init_dir: init_dir.into(),
                 labels: Vec::new(),
                 num_labels: None,
-                init_seed: default_init_seed(),
+                init_seed: model::default_init_seed(),
                 train_top_layers: None,
                 freeze_embeddings: false,
                 adapter: AdapterKind::None,
                 lora: LoraSettings::default(),
+                download_encoding: Default::default(),
             },
             rounds: RoundSettings::default(),
             sampling: SamplingSettings::default(),
@@ -846,6 +718,7 @@ impl CoordinatorSettings {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fedtune_shared::compression::DownloadEncoding;
 
     fn model_dir() -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
@@ -1047,6 +920,24 @@ mod tests {
     }
 
     #[test]
+    fn downloads_are_f32_unless_int8_delta_is_set_and_an_unknown_encoding_is_refused_naming_the_key() {
+        let d = model_dir();
+        assert_eq!(load(&base(&d), vec![]).unwrap().model.download_encoding, DownloadEncoding::F32);
+        let int8 = ("FEDTUNE__MODEL__DOWNLOAD_ENCODING", "int8_delta");
+        // Post-processing of the aggregate: fine with secure aggregation and every DP mode.
+        let with = vec![
+            int8,
+            ("FEDTUNE__PRIVACY__MODE", "distributed"),
+            ("FEDTUNE__PRIVACY__NOISE_MULTIPLIER", "1.0"),
+            ("FEDTUNE__SECURE_AGGREGATION__ENABLED", "true"),
+        ];
+        assert_eq!(load(&base(&d), with).unwrap().model.download_encoding, DownloadEncoding::Int8Delta);
+        let err =
+            load(&format!("{}download_encoding = \"int8\"\n", base(&d)), vec![]).unwrap_err().to_string();
+        assert!(err.contains("download_encoding"), "`{err}` should name `download_encoding`");
+    }
+
+    #[test]
     fn the_example_config_in_deploy_is_valid() {
         let d = model_dir();
         let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -1057,6 +948,7 @@ mod tests {
         assert_eq!(s.server, ServerSettings::default());
         assert_eq!(s.rounds, RoundSettings::default());
         assert_eq!(s.fit, FitSettings::default(), "the example shows the defaults");
+        assert_eq!(s.model.download_encoding, DownloadEncoding::F32, "the example shows the default");
     }
 
     #[test]

@@ -374,6 +374,58 @@ impl Int8StreamCheck {
     }
 }
 
+/// How a federation publishes model versions to clients that hold the previous one (the
+/// setting `model.download_encoding`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DownloadEncoding {
+    /// Every download is the f32 weights.
+    #[default]
+    F32,
+    /// Version v ≥ 1 is published as `w_{v−1} + decode(encode(w_v − w_{v−1}))` ([`apply_delta`])
+    /// and a client holding `w_{v−1}` downloads only the encoded step (`INT8_BLOCK` layout).
+    Int8Delta,
+}
+
+impl DownloadEncoding {
+    /// The setting's name (`"f32"`, `"int8_delta"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DownloadEncoding::F32 => "f32",
+            DownloadEncoding::Int8Delta => "int8_delta",
+        }
+    }
+}
+
+impl std::str::FromStr for DownloadEncoding {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [DownloadEncoding::F32, DownloadEncoding::Int8Delta]
+            .into_iter()
+            .find(|e| e.name() == s)
+            .ok_or_else(|| format!("unknown download encoding `{s}` (use f32 or int8_delta)"))
+    }
+}
+
+impl std::fmt::Display for DownloadEncoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The value bound of a published model step: any finite f32. A step is not a client's
+/// update, so the coordinator's update bound does not apply; a non-finite step cannot be
+/// encoded and the version is then published in f32 only.
+pub const MODEL_STEP_BOUND: f32 = f32::MAX;
+
+/// The one rule that turns a base and an encoded step into weights: value `i` is
+/// `base[i] + decode(step)[i]`, one f32 addition. The coordinator defines each 8-bit published
+/// version with it and clients rebuild that version with it, so both hold the same bits.
+pub fn apply_delta(base: &[f32], step: &[u8]) -> Result<Vec<f32>, CompressionError> {
+    let decoded = decode(step, base.len(), MODEL_STEP_BOUND)?;
+    Ok(base.iter().zip(decoded).map(|(&b, d)| b + d).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

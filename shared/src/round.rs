@@ -157,6 +157,9 @@ pub struct JoinResponse {
     pub labels: Vec<String>,
     /// The federation's LoRA adapter, if it trains one.
     pub adapter: Option<AdapterSpec>,
+    /// `model.init_seed`, which with the labels and the adapter fixes version 0
+    /// ([`crate::bert::initial`]); `None` from a coordinator that does not send it.
+    pub init_seed: Option<u64>,
 }
 
 /// A federation's LoRA adapter as a client receives it (wire `LoraAdapter`).
@@ -368,6 +371,32 @@ pub struct ModelHeader {
     pub payload_digest: Sha256,
     /// Offset the chunks start at.
     pub start_offset: u64,
+    /// How the payload encodes the weights.
+    pub encoding: ModelEncoding,
+}
+
+/// How a download's payload encodes the weights (wire `ModelEncoding` and the header's
+/// `base_version`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelEncoding {
+    /// Little-endian f32 weights.
+    F32,
+    /// The 8-bit step from version `base` ([`crate::compression::apply_delta`]); trainable
+    /// scope only.
+    Int8Delta {
+        /// The version the step starts from.
+        base: ModelVersion,
+    },
+}
+
+impl ModelEncoding {
+    /// Payload bytes of `values` values in this encoding.
+    pub fn payload_bytes(self, values: usize) -> u64 {
+        match self {
+            ModelEncoding::F32 => crate::compression::UpdateEncoding::F32.payload_bytes(values),
+            ModelEncoding::Int8Delta { .. } => crate::compression::UpdateEncoding::Int8.payload_bytes(values),
+        }
+    }
 }
 
 /// A download request.
@@ -381,6 +410,9 @@ pub struct DownloadRequest {
     pub offset: u64,
     /// Preferred chunk size, if any (clamped by the server).
     pub max_chunk_bytes: Option<u32>,
+    /// The version whose trainable weights the client holds: the coordinator may answer with
+    /// the 8-bit step from it ([`ModelEncoding::Int8Delta`]).
+    pub base_version: Option<ModelVersion>,
 }
 
 /// A slice of a payload.

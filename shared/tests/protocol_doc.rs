@@ -31,7 +31,7 @@ const DOC: &str = include_str!("../../docs/protocol.md");
 const DOC_PATH: &str = "docs/protocol.md";
 
 /// Every worked example the document must hold, once each.
-const EXPECTED: [&str; 14] = [
+const EXPECTED: [&str; 15] = [
     "ed25519-key",
     "manifest-digest",
     "payload-digest",
@@ -46,6 +46,7 @@ const EXPECTED: [&str; 14] = [
     "masked-update-statement",
     "int8-block",
     "int8-update-statement",
+    "int8-delta-download",
 ];
 
 /// One `wire-example` block.
@@ -645,6 +646,18 @@ fn the_int8_block_example_decodes_as_the_compression_module_decodes() {
     assert_eq!(block.len(), BLOCK_BYTES, "{DOC_PATH}: example `int8-block` is one whole block");
     let decoded = decode(&block, values, fedtune_shared::limits::MAX_ABS_UPDATE_VALUE).unwrap();
     assert_eq!(decoded, ex.list::<f32>("decoded"));
+    ex.done();
+}
+
+#[test]
+fn the_int8_delta_download_example_applies_as_clients_and_the_coordinator_apply_it() {
+    use fedtune_shared::compression::{apply_delta, BLOCK_BYTES};
+    let ex = example("int8-delta-download");
+    let mut step = ex.hex("step");
+    step.resize(step.len() + ex.u64("padding") as usize, 0);
+    assert_eq!(step.len(), BLOCK_BYTES, "{DOC_PATH}: example `int8-delta-download` is one whole block");
+    let weights = apply_delta(&ex.list::<f32>("base"), &step).unwrap();
+    assert_eq!(weights, ex.list::<f32>("weights"));
     ex.done();
 }
 

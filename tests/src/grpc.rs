@@ -301,21 +301,40 @@ impl TestClient {
         offset: u64,
         max_chunks: Option<usize>,
     ) -> Result<(ModelHeader, Vec<u8>), Status> {
+        self.download_from(version, scope, offset, None, max_chunks).await
+    }
+
+    /// [`Self::download`] of a client holding `base_version` (which may be sent the 8-bit step
+    /// from it).
+    pub async fn download_from(
+        &mut self,
+        version: ModelVersion,
+        scope: ModelScope,
+        offset: u64,
+        base_version: Option<ModelVersion>,
+        max_chunks: Option<usize>,
+    ) -> Result<(ModelHeader, Vec<u8>), Status> {
         let r = self.req(pb::DownloadModelRequest::from(DownloadRequest {
             version,
             scope,
             offset,
             max_chunk_bytes: None,
+            base_version,
         }));
         let mut stream = self.inner.download_model(r).await?.into_inner();
         let mut header = None;
+        let mut start = offset;
         let mut bytes = Vec::new();
         let mut chunks = 0;
         while let Some(msg) = stream.message().await? {
             match DownloadItem::try_from(msg).map_err(|e| Status::internal(e.to_string()))? {
-                DownloadItem::Header(h) => header = Some(h),
+                DownloadItem::Header(h) => {
+                    // Not always `offset`: a step asked for but not served comes whole.
+                    start = h.start_offset;
+                    header = Some(h);
+                }
                 DownloadItem::Chunk(c) => {
-                    if c.offset != offset + bytes.len() as u64 {
+                    if c.offset != start + bytes.len() as u64 {
                         return Err(Status::internal("chunk out of order"));
                     }
                     bytes.extend_from_slice(&c.data);
@@ -340,6 +359,7 @@ impl TestClient {
             scope,
             offset: 0,
             max_chunk_bytes: None,
+            base_version: None,
         }));
         Ok(self.inner.download_model(r).await?.into_inner())
     }

@@ -348,6 +348,40 @@ fn simulate_update_encoding_int8_sends_fewer_bytes_than_f32_for_the_same_rounds(
 }
 
 #[test]
+fn simulate_download_encoding_int8_delta_sends_fewer_bytes_after_round_1_and_clients_rebuild_version_0(
+) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let model = write_fake_model(&dir.path().join("model"), 2, 16)?;
+    let data = write_sentiment_csv(&dir.path().join("data.csv"), 60, 5)?;
+    let run = |encoding: &str| {
+        let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+        let args = ["--fake-trainer", "--model", model, "--data", data, "--clients", "2", "--rounds", "3"];
+        let mut args = args.to_vec();
+        args.extend(["--sample", "0", "--download-encoding", encoding]);
+        simulate(&args, &dir.path().join(encoding))
+    };
+    let (f32_rows, int8_rows) = (run("f32")?, run("int8_delta")?);
+    assert_eq!((f32_rows.len(), int8_rows.len()), (3, 3));
+    // Round 1 downloads nothing in either run (every client rebuilds version 0), so it moves
+    // the same f32 uploads; from round 2 on a client holding the previous version gets its step.
+    assert_eq!(int8_rows[0].bytes, f32_rows[0].bytes, "{:?} vs {:?}", int8_rows[0], f32_rows[0]);
+    for (i, f) in int8_rows.iter().zip(&f32_rows).skip(1) {
+        assert_eq!(i.participants, 2, "{i:?}");
+        assert!(i.bytes < f.bytes, "int8_delta {i:?} vs f32 {f:?}");
+    }
+    for encoding in ["f32", "int8_delta"] {
+        let log = std::fs::read_to_string(dir.path().join(encoding).join("logs/client-0.log"))?;
+        ensure!(
+            log.contains("model rebuilt from the local model folder"),
+            "{encoding}: no rebuild in\n{log}"
+        );
+    }
+    let log = std::fs::read_to_string(dir.path().join("int8_delta/logs/client-1.log"))?;
+    ensure!(log.contains("int8 step from v1"), "no step download in\n{log}");
+    Ok(())
+}
+
+#[test]
 fn int8_updates_under_local_noise_complete_every_round_and_each_round_is_charged() -> Result<()> {
     // The client's pipeline puts the int8 encoding after the noise (post-processing, see
     // docs/privacy.md); here the whole federation runs that way and the ledger still grows.

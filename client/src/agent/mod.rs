@@ -35,6 +35,7 @@ mod upload;
 mod worker;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,7 +56,7 @@ use crate::transport::{ApiError, CoordinatorApi};
 use crate::update::privacy::DpPipelines;
 use crate::update::PipelineFactory;
 
-pub use download::ModelCache;
+pub use download::{InitialSource, ModelCache};
 pub use worker::FitResult;
 
 /// A stable 64-bit seed from a client name (FNV-1a): the same name gives the same jitter and
@@ -112,6 +113,10 @@ pub struct AgentConfig {
     /// The client's identity key (the one the transport authenticates with): a secure round's
     /// agreement keys are signed with it. `None`: this client cannot take part in one.
     pub identity: Option<Arc<KeyPair>>,
+    /// The local copy of the base model: with the coordinator's `init_seed` the agent rebuilds
+    /// version 0 from it instead of downloading it (if the digests agree). `None`: always
+    /// download.
+    pub model_dir: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -141,6 +146,7 @@ impl Default for AgentConfig {
             upload_rate_limit: None,
             agent_version: concat!("fedtune-client/", env!("CARGO_PKG_VERSION")).to_string(),
             identity: None,
+            model_dir: None,
         }
     }
 }
@@ -542,3 +548,6 @@ mod tests;
 
 #[cfg(test)]
 mod secure_tests;
+
+#[cfg(test)]
+mod download_tests;

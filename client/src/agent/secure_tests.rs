@@ -215,6 +215,7 @@ impl CoordinatorApi for Link {
             },
             labels: vec!["0".into(), "1".into()],
             adapter: None,
+            init_seed: None,
         })
     }
 
@@ -245,6 +246,7 @@ impl CoordinatorApi for Link {
             total_bytes: bytes.len() as u64,
             payload_digest: payload_digest(&self.hub.weights),
             start_offset: 0,
+            encoding: ModelEncoding::F32,
         });
         let chunk = DownloadItem::Chunk(Chunk { offset: 0, data: Bytes::from(bytes) });
         Ok(stream::iter([Ok(header), Ok(chunk)]).boxed())

@@ -7,6 +7,7 @@ use fedtune_shared::params::Manifest;
 use fedtune_shared::pb::PROTOCOL_VERSION;
 use fedtune_shared::round::{AdapterSpec, JoinRequest, Limits};
 
+use super::download::InitialSource;
 use super::{worker, Agent, AgentError, State, TrainerSpec};
 use crate::transport::{ApiError, CoordinatorApi};
 
@@ -72,6 +73,7 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
             trainable_values = joined.trainable_manifest.numel(),
             "joined the federation"
         );
+        let init_seed = joined.init_seed;
         let session = Session {
             client_id: joined.client_id,
             heartbeat_interval: joined.heartbeat_interval.max(Duration::from_millis(50)),
@@ -101,6 +103,14 @@ impl<C: CoordinatorApi + 'static> Agent<C> {
                 )));
             }
             self.worker = Some(worker);
+        }
+        if let (Some(dir), Some(init_seed)) = (&self.config.model_dir, init_seed) {
+            self.cache.rebuild_initial_from(InitialSource {
+                dir: dir.clone(),
+                labels: session.labels.clone(),
+                init_seed,
+                lora: session.adapter.as_ref().map(|a| a.lora.clone()),
+            });
         }
         self.session = Some(session);
         Ok(State::Idle)

@@ -141,6 +141,7 @@ impl CoordinatorApi for Arc<Scripted> {
             },
             labels: vec!["0".into(), "1".into()],
             adapter: None,
+            init_seed: None,
         })
     }
 
@@ -175,6 +176,7 @@ impl CoordinatorApi for Arc<Scripted> {
             total_bytes: bytes.len() as u64,
             payload_digest: payload_digest(&self.weights),
             start_offset: request.offset,
+            encoding: ModelEncoding::F32,
         });
         let cut = self.faults.lock().unwrap().break_download_after.take();
         let end = cut.map_or(bytes.len(), |c| c.min(bytes.len()));

@@ -30,7 +30,8 @@ use fedtune_shared::ids::ClientId;
 use fedtune_shared::pb::{self, coordinator_server::Coordinator};
 use fedtune_shared::round::{
     AdapterSpec, Chunk, DownloadItem, DownloadRequest, EvalReport, FailureReport, Heartbeat, JoinRequest,
-    JoinResponse, Limits, MaskedUpdateHeader, ModelHeader, PhaseName, Task, UpdateHeader, UploadItem,
+    JoinResponse, Limits, MaskedUpdateHeader, ModelEncoding, ModelHeader, ModelScope, PhaseName, Task,
+    UpdateHeader, UploadItem,
 };
 use fedtune_shared::secagg::{
     KeyAdvertisement, RoundContext, RoundRef, RoundUnmaskAnswer, ShareUpload, StepInput,
@@ -68,6 +69,8 @@ pub struct CoordinatorService {
     settings: Arc<CoordinatorSettings>,
     labels: Arc<Vec<String>>,
     adapter: Option<AdapterSpec>,
+    /// The federation's recorded `model.init_seed` (sent at join).
+    init_seed: u64,
     /// Bounds uploads receiving at once (each holds a spool file and a chunk).
     uploads: Arc<Semaphore>,
     /// Places for uploads waiting for one of `uploads` (each holds up to a stream window of
@@ -95,6 +98,7 @@ impl CoordinatorService {
         settings: Arc<CoordinatorSettings>,
         labels: Vec<String>,
         adapter: Option<AdapterSpec>,
+        init_seed: u64,
         spool_dir: PathBuf,
         cancel: CancellationToken,
         traffic: Arc<Traffic>,
@@ -109,6 +113,7 @@ impl CoordinatorService {
             settings,
             labels: Arc::new(labels),
             adapter,
+            init_seed,
             uploads,
             upload_queue,
             spool_dir,
@@ -307,6 +312,7 @@ impl Coordinator for CoordinatorService {
             limits: Limits::of_protocol(self.settings.server.download_chunk_bytes as u64),
             labels: self.labels.as_ref().clone(),
             adapter: self.adapter.clone(),
+            init_seed: Some(self.init_seed),
         };
         let mut resp = pb::JoinResponse::from(resp);
         resp.federation_id = federation_id.unwrap_or_default();
@@ -468,8 +474,27 @@ impl Coordinator for CoordinatorService {
         if dl.version != model.version {
             return Err(RoundError::VersionNotServed { requested: dl.version, current: model.version }.into());
         }
-        let total = model.manifest(dl.scope).byte_len() as u64;
-        if dl.offset > total {
+        // A client holding the previous version gets the 8-bit step that defines this one, if
+        // there is one. One that asked for a step there is none of gets the f32 weights whole:
+        // its offset counted bytes of a step, not of the weights.
+        let step = model
+            .step
+            .as_ref()
+            .filter(|s| dl.scope == ModelScope::Trainable && dl.base_version == Some(s.base));
+        let (encoding, total, payload_digest, offset) = match step {
+            Some(s) => (ModelEncoding::Int8Delta { base: s.base }, s.bytes.len() as u64, s.digest, dl.offset),
+            None => {
+                let offset = if dl.base_version.is_some() { 0 } else { dl.offset };
+                (
+                    ModelEncoding::F32,
+                    model.manifest(dl.scope).byte_len() as u64,
+                    model.digest(dl.scope),
+                    offset,
+                )
+            }
+        };
+        let sends_step = step.is_some();
+        if offset > total {
             return Err(RoundError::Protocol(format!(
                 "resume offset {} is beyond the payload's {total} bytes",
                 dl.offset
@@ -488,8 +513,9 @@ impl Coordinator for CoordinatorService {
             scope: dl.scope,
             manifest: model.manifest(dl.scope).clone(),
             total_bytes: total,
-            payload_digest: model.digest(dl.scope),
-            start_offset: dl.offset,
+            payload_digest,
+            start_offset: offset,
+            encoding,
         };
         // Two messages in flight per download: enough to keep the socket busy, small enough
         // that many slow downloads cost little memory.
@@ -512,13 +538,17 @@ impl Coordinator for CoordinatorService {
                     return;
                 }
                 let view = model.payload(dl.scope);
-                for r in chunk_ranges(dl.offset, total, chunk) {
+                let step_bytes = model.step.as_ref().filter(|_| sends_step).map(|s| s.bytes.as_slice());
+                for r in chunk_ranges(offset, total, chunk) {
                     if cancel.is_cancelled() {
                         let _ = tx.send(Err(RoundError::ShuttingDown.into())).await;
                         return;
                     }
                     let mut buf = Vec::with_capacity((r.end - r.start) as usize);
-                    view.read_into(r.start, (r.end - r.start) as usize, &mut buf);
+                    match step_bytes {
+                        Some(bytes) => buf.extend_from_slice(&bytes[r.start as usize..r.end as usize]),
+                        None => view.read_into(r.start, (r.end - r.start) as usize, &mut buf),
+                    }
                     traffic.add_sent(buf.len() as u64);
                     let item = DownloadItem::Chunk(Chunk { offset: r.start, data: buf.into() });
                     // A client that stops reading must not hold its slots and chunks forever.

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
-use fedtune_shared::compression::UpdateEncoding;
+use fedtune_shared::compression::{DownloadEncoding, UpdateEncoding};
 use fedtune_shared::round::PhaseName;
 use fedtune_shared::schedule::LrSchedule;
 use fedtune_shared::settings::{format_duration, parse_duration};
@@ -148,6 +148,11 @@ pub struct SimulateArgs {
     /// `--secure-aggregation`.
     #[arg(long, default_value_t = UpdateEncoding::F32)]
     pub update_encoding: UpdateEncoding,
+    /// How clients holding the previous version download the next: f32, or int8_delta (each
+    /// version is published as the previous one plus its 8-bit quantized step, and only the step
+    /// is sent; about a quarter of the bytes).
+    #[arg(long, default_value_t = DownloadEncoding::F32)]
+    pub download_encoding: DownloadEncoding,
     /// Accepted updates a round needs (default: every client).
     #[arg(long)]
     pub min_fit: Option<usize>,
@@ -326,6 +331,7 @@ impl SimulateArgs {
         s.fit.lr_schedule = self.lr_schedule;
         s.fit.warmup_steps = self.warmup_steps;
         s.fit.update_encoding = self.update_encoding;
+        s.model.download_encoding = self.download_encoding;
         s.evaluation.every = 1;
         s.evaluation.fraction = 1.0;
         s.evaluation.min_clients = 1;
@@ -394,12 +400,12 @@ impl SimulateArgs {
         if let Some(timeout) = self.client_request_timeout {
             args.extend(["--request-timeout".into(), format_duration(timeout)]);
         }
+        // Fake trainers get the model folder too: every client rebuilds version 0 from it.
+        args.extend(["--model".into(), model.display().to_string()]);
         #[cfg(feature = "test-support")]
         if self.fake_trainer {
             args.extend(["--fake-trainer".into(), "--fake-fit-ms".into(), self.fake_fit_ms.to_string()]);
-            return args;
         }
-        args.extend(["--model".into(), model.display().to_string()]);
         args
     }
 }

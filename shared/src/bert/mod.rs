@@ -28,6 +28,7 @@
 //! - [`lora`]: LoRA naming, the seeded A, merging, and why only B trains.
 
 pub mod export;
+pub mod initial;
 pub mod lora;
 
 /// Where a tensor sits in a `BertForSequenceClassification`, read from its transformers name.

@@ -82,6 +82,7 @@ impl TryFrom<pb::JoinResponse> for JoinResponse {
             },
             labels: r.labels.map(|l| l.names).unwrap_or_default(),
             adapter: r.adapter.map(AdapterSpec::try_from).transpose()?,
+            init_seed: r.init_seed,
         })
     }
 }
@@ -137,6 +138,7 @@ impl From<JoinResponse> for pb::JoinResponse {
             }),
             labels: Some(pb::LabelSet { names: r.labels }),
             adapter: r.adapter.map(Into::into),
+            init_seed: r.init_seed,
             // Set by the coordinator's join handler, which knows the federation.
             federation_id: String::new(),
         }

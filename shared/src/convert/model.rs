@@ -97,6 +97,7 @@ impl TryFrom<pb::DownloadModelRequest> for DownloadRequest {
             scope: scope_from(r.scope)?,
             offset: r.offset,
             max_chunk_bytes: (r.max_chunk_bytes != 0).then_some(r.max_chunk_bytes),
+            base_version: r.base_version.map(ModelVersion),
         })
     }
 }
@@ -108,6 +109,7 @@ impl From<DownloadRequest> for pb::DownloadModelRequest {
             scope: scope_to(r.scope),
             offset: r.offset,
             max_chunk_bytes: r.max_chunk_bytes.unwrap_or(0),
+            base_version: r.base_version.map(|v| v.0),
         }
     }
 }
@@ -138,10 +140,24 @@ impl TryFrom<pb::ModelHeader> for ModelHeader {
     type Error = ConvertError;
     fn try_from(h: pb::ModelHeader) -> Result<Self, ConvertError> {
         let manifest: Manifest = h.manifest.ok_or(ConvertError::Missing("header.manifest"))?.try_into()?;
-        if h.total_bytes != manifest.byte_len() as u64 {
+        let scope = scope_from(h.scope)?;
+        let encoding = match pb::ModelEncoding::try_from(h.encoding) {
+            Ok(pb::ModelEncoding::F32) => ModelEncoding::F32,
+            Ok(pb::ModelEncoding::Int8Delta) if scope == ModelScope::Trainable => {
+                ModelEncoding::Int8Delta { base: ModelVersion(h.base_version) }
+            }
+            Ok(pb::ModelEncoding::Int8Delta) => {
+                return Err(invalid("header.encoding", "an 8-bit step is sent for the trainable scope only"))
+            }
+            Err(_) => {
+                return Err(invalid("header.encoding", format!("unknown model encoding {}", h.encoding)))
+            }
+        };
+        let expected = encoding.payload_bytes(manifest.numel());
+        if h.total_bytes != expected {
             return Err(invalid(
                 "header.total_bytes",
-                format!("{} bytes but the manifest describes {}", h.total_bytes, manifest.byte_len()),
+                format!("{} bytes but the manifest in this encoding has {expected}", h.total_bytes),
             ));
         }
         if h.start_offset > h.total_bytes || h.start_offset % 4 != 0 {
@@ -149,11 +165,12 @@ impl TryFrom<pb::ModelHeader> for ModelHeader {
         }
         Ok(ModelHeader {
             version: ModelVersion(h.version),
-            scope: scope_from(h.scope)?,
+            scope,
             manifest,
             total_bytes: h.total_bytes,
             payload_digest: digest("header.payload_sha256", &h.payload_sha256)?,
             start_offset: h.start_offset,
+            encoding,
         })
     }
 }
@@ -167,6 +184,14 @@ impl From<&ModelHeader> for pb::ModelHeader {
             total_bytes: h.total_bytes,
             payload_sha256: h.payload_digest.0.to_vec().into(),
             start_offset: h.start_offset,
+            encoding: match h.encoding {
+                ModelEncoding::F32 => pb::ModelEncoding::F32 as i32,
+                ModelEncoding::Int8Delta { .. } => pb::ModelEncoding::Int8Delta as i32,
+            },
+            base_version: match h.encoding {
+                ModelEncoding::F32 => 0,
+                ModelEncoding::Int8Delta { base } => base.0,
+            },
         }
     }
 }

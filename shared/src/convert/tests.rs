@@ -254,7 +254,49 @@ fn join_response() -> JoinResponse {
         limits: Limits::of_protocol(1 << 20),
         labels: vec!["neg".into(), "pos".into()],
         adapter: None,
+        init_seed: Some(42),
     }
+}
+
+#[test]
+fn a_join_response_carries_the_init_seed_and_an_older_coordinators_lack_of_one() {
+    let wire = pb::JoinResponse::from(join_response());
+    assert_eq!(wire.init_seed, Some(42));
+    assert_eq!(JoinResponse::try_from(wire).unwrap(), join_response());
+    let older = pb::JoinResponse { init_seed: None, ..pb::JoinResponse::from(join_response()) };
+    assert_eq!(JoinResponse::try_from(older).unwrap().init_seed, None);
+}
+
+#[test]
+fn an_int8_step_header_round_trips_sizes_its_payload_in_blocks_and_is_refused_for_the_full_scope() {
+    // 300 values: two INT8_BLOCK blocks of 260 bytes, against 1200 bytes in f32.
+    let manifest = Manifest::new(vec![TensorSpec { name: "w".into(), shape: vec![300] }]).unwrap();
+    let header = ModelHeader {
+        version: ModelVersion(4),
+        scope: ModelScope::Trainable,
+        manifest: manifest.clone(),
+        total_bytes: 520,
+        payload_digest: Sha256([1; 32]),
+        start_offset: 260,
+        encoding: ModelEncoding::Int8Delta { base: ModelVersion(3) },
+    };
+    let wire = pb::ModelHeader::from(&header);
+    assert_eq!((wire.encoding, wire.base_version), (pb::ModelEncoding::Int8Delta as i32, 3));
+    assert_eq!(ModelHeader::try_from(wire.clone()).unwrap(), header);
+    let f32_sized = pb::ModelHeader { total_bytes: 1200, ..wire.clone() };
+    assert!(ModelHeader::try_from(f32_sized).unwrap_err().to_string().contains("total_bytes"));
+    let full = pb::ModelHeader { scope: pb::ModelScope::Full as i32, ..wire.clone() };
+    assert!(ModelHeader::try_from(full).unwrap_err().to_string().contains("header.encoding"));
+    let unknown = pb::ModelHeader { encoding: 9, ..wire };
+    assert!(ModelHeader::try_from(unknown).unwrap_err().to_string().contains("header.encoding"));
+    let request = DownloadRequest {
+        version: ModelVersion(4),
+        scope: ModelScope::Trainable,
+        offset: 0,
+        max_chunk_bytes: None,
+        base_version: Some(ModelVersion(0)),
+    };
+    assert_eq!(DownloadRequest::try_from(pb::DownloadModelRequest::from(request)).unwrap(), request);
 }
 
 #[test]

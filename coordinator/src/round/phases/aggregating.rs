@@ -4,15 +4,16 @@
 
 use std::sync::Arc;
 
+use fedtune_shared::compression::{DownloadEncoding, Int8Encoder};
 use fedtune_shared::ids::RoundId;
 use fedtune_shared::round::PhaseName;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::failure::Failure;
 use super::publishing::Publishing;
 use super::shutdown::Shutdown;
 use crate::aggregate::FixedPointSum;
-use crate::model::GlobalModel;
+use crate::model::{quantize_step, GlobalModel, PublishedStep};
 use crate::outcome::AttemptFailure;
 use crate::round::phase::{Phase, Shared};
 use crate::round::Round;
@@ -57,6 +58,7 @@ impl Phase for Aggregating {
         let model = shared.model.clone();
         let strategy = shared.strategy.clone();
         let results = FitResults::new(sum, model.layout.trainable.clone(), accepted.clone());
+        let download_encoding = shared.settings.model.download_encoding;
         // Everything heavy (the strategy's division and step, digests) runs on a blocking thread.
         let work = tokio::task::spawn_blocking(move || -> Result<Outcome, AttemptFailure> {
             let failed = |e: &dyn std::fmt::Display| AttemptFailure::AggregationFailed(e.to_string());
@@ -82,11 +84,35 @@ impl Phase for Aggregating {
                 strategy.charge(record).map_err(|e| failed(&e))?;
             }
             drop(strategy);
-            drop(global);
             let mut params = model.params.clone();
-            layout.write_back(&mut params, next.values());
+            let step = match download_encoding {
+                DownloadEncoding::F32 => None,
+                // The published version is the quantized one, so what clients rebuild from the
+                // step is exactly what the coordinator checkpoints and aggregates from next.
+                DownloadEncoding::Int8Delta => {
+                    let mut encoder = Int8Encoder::from_os_entropy().map_err(|e| failed(&e))?;
+                    match quantize_step(global.values(), next.values(), &mut encoder) {
+                        Some((values, bytes)) if values.iter().all(|v| v.is_finite()) => {
+                            layout.write_back(&mut params, &values);
+                            Some(PublishedStep::new(model.version, bytes))
+                        }
+                        _ => {
+                            warn!("the model step cannot be encoded in 8 bits; this version is sent in f32");
+                            None
+                        }
+                    }
+                }
+            };
+            if step.is_none() {
+                layout.write_back(&mut params, next.values());
+            }
+            drop(global);
             drop(next);
-            Ok(Outcome::Next(Box::new(GlobalModel::new(id.produces(), params, Arc::clone(&layout))), charge))
+            let mut next = GlobalModel::new(id.produces(), params, Arc::clone(&layout));
+            if let Some(step) = step {
+                next = next.with_step(step);
+            }
+            Ok(Outcome::Next(Box::new(next), charge))
         });
         let out = match shared.serve_while(work).await {
             None => return Round::Shutdown(Shutdown::requested()),
