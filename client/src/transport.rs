@@ -7,6 +7,12 @@
 //! (`TryFrom<pb::…>`), and every `tonic::Status` is classified into an [`ApiError`] that tells
 //! the agent what to do (retry, re-join, drop the task, give up).
 //!
+//! Every upload first reserves one of the coordinator's upload slots (`ReserveUpload`, a long
+//! poll repeated as the coordinator says) for the round attempt its header names, and opens its
+//! stream only with the grant: the coordinator then never holds payload bytes for an upload
+//! waiting its turn. The reservation lives here, next to the stream it admits, so no caller can
+//! open one without the other; the agent's supervision (heartbeats, shutdown) covers the wait.
+//!
 //! The session token returned by `Join` is kept here and attached to every later call, so the
 //! agent never handles credentials per call. With an identity ([`GrpcCoordinator::with_identity`])
 //! the transport also does the whole join handshake (enroll with a one-time token if the key is
@@ -22,11 +28,13 @@ use fedtune_shared::ids::ClientId;
 
 use fedtune_shared::chunk::MAX_MESSAGE_BYTES;
 use fedtune_shared::convert::ConvertError;
+use fedtune_shared::ids::RoundId;
 use fedtune_shared::pb;
 use fedtune_shared::pb::coordinator_client::CoordinatorClient;
 use fedtune_shared::round::{
     DownloadItem, DownloadRequest, EvalReport, FailureReport, Heartbeat, HeartbeatReply, JoinRequest,
-    JoinResponse, MaskedUpdateHeader, StatusReport, Task, UploadItem, UploadReceipt,
+    JoinResponse, MaskedUpdateHeader, StatusReport, Task, UploadAdmission, UploadItem, UploadReceipt,
+    UploadReservation,
 };
 use fedtune_shared::secagg::{
     AwaitedStep, KeyAdvertisement, RoundContext, RoundRef, RoundUnmaskAnswer, ShareUpload, StepInput,
@@ -400,12 +408,28 @@ impl GrpcCoordinator {
             }
         });
         let mut client = self.client.clone();
-        let request = self.request(tokio_stream::wrappers::ReceiverStream::new(rx), None);
+        let token = self.token();
+        let ask_timeout = RESERVE_MAX_WAIT + self.request_timeout;
+        // A masked upload belongs to a secure round attempt: ABORTED there means it ended.
+        let status =
+            move |s: tonic::Status| if secagg_context.is_some() { secagg_status(s) } else { s.into() };
         async move {
-            let reply = client.upload_update(request?).await;
-            // A masked upload belongs to a secure round attempt: ABORTED there means it ended.
-            let reply =
-                reply.map_err(|s| if secagg_context.is_some() { secagg_status(s) } else { s.into() })?;
+            let mut rx = rx;
+            let Some(first) = rx.recv().await else {
+                return Err(ApiError::Protocol("an upload without a header".into()));
+            };
+            let Some(pb::upload_update_request::Item::Header(h)) = &first.item else {
+                return Err(ApiError::Protocol("an upload must start with its header".into()));
+            };
+            let attempt = RoundId::new(h.round, h.attempt);
+            reserve_slot(&mut client, token.as_deref(), attempt, ask_timeout).await.map_err(|e| match e {
+                Reserve::Status(s) => status(s),
+                Reserve::Api(e) => e,
+            })?;
+            let items = futures::stream::once(std::future::ready(first))
+                .chain(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let request = with_token(tonic::Request::new(items), token.as_deref(), None)?;
+            let reply = client.upload_update(request).await.map_err(status)?;
             Ok(UploadReceipt::from(reply.into_inner()))
         }
     }
@@ -416,17 +440,68 @@ impl GrpcCoordinator {
 
     /// Wraps `message` with the session token and, if given, a deadline.
     fn request<T>(&self, message: T, timeout: Option<Duration>) -> Result<tonic::Request<T>, ApiError> {
-        let mut request = tonic::Request::new(message);
-        if let Some(t) = timeout {
-            request.set_timeout(t);
+        with_token(tonic::Request::new(message), self.token().as_deref(), timeout)
+    }
+}
+
+/// `request` with `token` (if any) as its bearer credential and, if given, a deadline.
+fn with_token<T>(
+    mut request: tonic::Request<T>,
+    token: Option<&str>,
+    timeout: Option<Duration>,
+) -> Result<tonic::Request<T>, ApiError> {
+    if let Some(t) = timeout {
+        request.set_timeout(t);
+    }
+    if let Some(token) = token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ApiError::Protocol("session token is not valid header text".into()))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(request)
+}
+
+/// Longest one `ReserveUpload` asks to wait for a slot (the coordinator caps it too).
+const RESERVE_MAX_WAIT: Duration = Duration::from_secs(20);
+
+/// Longest pause between two reservations, whatever the coordinator suggests.
+const RESERVE_MAX_PAUSE: Duration = Duration::from_secs(10);
+
+/// Why a reservation failed: the coordinator's status (classified by the caller, which knows
+/// whether the upload is masked) or a malformed answer.
+enum Reserve {
+    Status(tonic::Status),
+    Api(ApiError),
+}
+
+/// Asks `ReserveUpload` for `attempt` until the coordinator grants a slot, pausing (jittered, so
+/// clients told to wait together do not come back together) as it says in between. Bounded by
+/// the coordinator: each ask waits at most its long-poll bound, and once the attempt takes no
+/// more uploads the answer is an error, which ends the wait.
+async fn reserve_slot(
+    client: &mut CoordinatorClient<Channel>,
+    token: Option<&str>,
+    attempt: RoundId,
+    ask_timeout: Duration,
+) -> Result<(), Reserve> {
+    loop {
+        let ask =
+            pb::ReserveUploadRequest::from(UploadReservation { id: attempt, max_wait: RESERVE_MAX_WAIT });
+        let request = with_token(tonic::Request::new(ask), token, Some(ask_timeout)).map_err(Reserve::Api)?;
+        let reply = match client.reserve_upload(request).await {
+            Ok(reply) => reply.into_inner(),
+            // A coordinator from before upload admission admits at the stream itself.
+            Err(s) if s.code() == Code::Unimplemented => return Ok(()),
+            Err(s) => return Err(Reserve::Status(s)),
+        };
+        match UploadAdmission::try_from(reply).map_err(|e| Reserve::Api(e.into()))? {
+            UploadAdmission::Granted { .. } => return Ok(()),
+            UploadAdmission::RetryAfter(pause) => {
+                let jitter = rand::random_range(0.5..1.5);
+                tokio::time::sleep(pause.min(RESERVE_MAX_PAUSE).mul_f64(jitter)).await;
+            }
         }
-        if let Some(token) = self.token() {
-            let value = format!("Bearer {token}")
-                .parse()
-                .map_err(|_| ApiError::Protocol("session token is not valid header text".into()))?;
-            request.metadata_mut().insert("authorization", value);
-        }
-        Ok(request)
     }
 }
 

@@ -11,13 +11,14 @@
 //! long-polls `WaitForTask` with its session token, sends `Heartbeat` on the interval the
 //! coordinator advertised (all the time, not only while working as the real agent does, so the
 //! heartbeat load is an upper bound), downloads the trainable tensors of each fit task's model
-//! (digest-checked) and uploads a signed update of small `f32` deltas within the advertised
-//! bound. The model is BERT-shaped with about 1M parameters, all trainable, so each update is
+//! (digest-checked), reserves an upload slot (`ReserveUpload`, a long poll repeated when told to
+//! retry) and uploads a signed update of small `f32` deltas within the advertised bound. The model is BERT-shaped with about 1M parameters, all trainable, so each update is
 //! about 4 MB. Evaluation is off.
 //!
 //! Printed: rounds completed, updates lost (accepted by the coordinator but not counted in the
 //! round's summary), the coordinator's peak resident set (`VmHWM`) and CPU seconds (user +
-//! system, from the first round's start to the last round's end, per round), client-side
+//! system, from the first round's start to the last round's end, per round), the largest
+//! resident set sampled (every 250 ms) in each phase, client-side
 //! p50/p99 latencies per call, and how long a fit task took to reach every selected agent.
 //! The figures are printed; nothing is asserted on them but `updates lost: 0`.
 //!
@@ -44,7 +45,8 @@ use fedtune_shared::ids::{ClientId, RoundId, Sha256};
 use fedtune_shared::pb::{self, coordinator_client::CoordinatorClient};
 use fedtune_shared::round::{
     Chunk, ClientActivity, DownloadItem, DownloadRequest, FitTask, Heartbeat, HeartbeatReply, JoinRequest,
-    JoinResponse, ModelScope, StatusReport, Task, UpdateHeader, UpdateTrailer, UploadItem, UploadReceipt,
+    JoinResponse, ModelScope, StatusReport, Task, UpdateHeader, UpdateTrailer, UploadAdmission, UploadItem,
+    UploadReceipt, UploadReservation,
 };
 use futures::StreamExt;
 use tokio::time::Instant;
@@ -204,6 +206,10 @@ struct Record {
     heartbeat: Latencies,
     download: Latencies,
     upload: Latencies,
+    /// `ReserveUpload` asks (each a long poll of up to `LONG_POLL`).
+    reserve: Latencies,
+    /// `ReserveUpload` answers "retry after".
+    retry_after: AtomicU64,
     /// Uploads the coordinator acknowledged, by round attempt.
     accepted: Mutex<BTreeMap<RoundId, u32>>,
     /// When the first and the last agent received each attempt's fit task.
@@ -318,6 +324,34 @@ impl Session {
             return Err(Status::data_loss("downloaded payload does not match the task's digest"));
         }
         Ok(bytes)
+    }
+
+    /// Asks `ReserveUpload` for a slot for `task` until one is granted, pausing (jittered) as the
+    /// coordinator says in between, as the real agent's transport does.
+    async fn reserve(&self, task: &FitTask, record: &Record, stop: &CancellationToken) -> Result<(), Status> {
+        loop {
+            let mut rpc = self.rpc.clone();
+            let ask = UploadReservation { id: task.id, max_wait: LONG_POLL };
+            let started = Instant::now();
+            let reply = rpc
+                .reserve_upload(
+                    self.request(pb::ReserveUploadRequest::from(ask), Some(LONG_POLL + CALL_TIMEOUT)),
+                )
+                .await?;
+            record.reserve.record(started);
+            match UploadAdmission::try_from(reply.into_inner())
+                .map_err(|e| Status::internal(e.to_string()))?
+            {
+                UploadAdmission::Granted { .. } => return Ok(()),
+                UploadAdmission::RetryAfter(pause) => {
+                    record.retry_after.fetch_add(1, Ordering::Relaxed);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause.mul_f64(rand::random_range(0.5..1.5))) => {}
+                        _ = stop.cancelled() => return Err(Status::cancelled("stopping")),
+                    }
+                }
+            }
+        }
     }
 
     /// Streams `update` for `task`, the trailer signed with this agent's key.
@@ -507,6 +541,15 @@ async fn fit(
     *doing.lock().expect("doing") = Doing(ClientActivity::Uploading, round);
     let mut attempt = 0;
     loop {
+        if let Err(s) = session.reserve(task, record, stop).await {
+            record.error("ReserveUpload", &s);
+            if !transient(&s) || Instant::now() >= deadline || stop.is_cancelled() {
+                return;
+            }
+            backoff(attempt, stop).await;
+            attempt += 1;
+            continue;
+        }
         let started = Instant::now();
         match session.upload(task, update).await {
             Ok(receipt) => {
@@ -686,10 +729,16 @@ async fn run(args: Args, binary: PathBuf, (soft, hard): (u64, u64)) {
         rss_joined as f64 / 1024.0
     );
     let mut last: Option<StatusReport> = None;
+    // Largest VmRSS sampled while the coordinator was in each phase (MB), to tell what the peak
+    // is made of: downloads and uploads overlap in Training, aggregation has its own phase.
+    let mut rss_by_phase: BTreeMap<String, f64> = BTreeMap::new();
     while Instant::now() < deadline {
         match observer.get_status(pb::GetStatusRequest { recent_rounds: 1 }).await {
             Ok(s) => {
                 let s = StatusReport::try_from(s.into_inner()).expect("status");
+                let rss = proc_status_kib(pid, "VmRSS:") as f64 / 1024.0;
+                let peak = rss_by_phase.entry(format!("{:?}", s.phase)).or_default();
+                *peak = peak.max(rss);
                 let done = s.finished_reason.is_some() || s.model_version.0 >= args.rounds;
                 last = Some(s);
                 if done {
@@ -769,6 +818,10 @@ async fn run(args: Args, binary: PathBuf, (soft, hard): (u64, u64)) {
         hwm as f64 / 1024.0,
         cpu / completed.max(1) as f64
     );
+    println!(
+        "coordinator: largest RSS sampled per phase: {}",
+        rss_by_phase.iter().map(|(p, mb)| format!("{p} {mb:.0} MB")).collect::<Vec<_>>().join(", ")
+    );
     println!("client-side latency:");
     println!("  Join          {}", record.join.summary());
     println!(
@@ -778,7 +831,9 @@ async fn run(args: Args, binary: PathBuf, (soft, hard): (u64, u64)) {
     );
     println!("  Heartbeat     {}", record.heartbeat.summary());
     println!("  DownloadModel {}", record.download.summary());
+    println!("  ReserveUpload {}", record.reserve.summary());
     println!("  UploadUpdate  {}", record.upload.summary());
+    println!("ReserveUpload answered 'retry after': {}", record.retry_after.load(Ordering::Relaxed));
     let errors = record.errors.lock().expect("errors").clone();
     if errors.is_empty() {
         println!("failed calls: none");

@@ -224,22 +224,18 @@ pub enum RoundError {
         /// The configured send timeout.
         timeout: Duration,
     },
-    /// Every upload slot stayed busy until the round's deadline.
-    #[error("no upload slot became free before {round}'s deadline (server.max_concurrent_uploads are busy)")]
-    NoUploadSlot {
-        /// Round.
-        round: RoundId,
-    },
-    /// Every upload slot is busy and the queue of uploads waiting for one is full.
+    /// An upload stream opened without a live `ReserveUpload` grant for its round attempt.
     #[error(
-        "all {slots} upload slots are busy and {queue} uploads already wait for one \
-         (server.max_concurrent_uploads, server.upload_queue): retry after a pause"
+        "client `{client}` holds no upload grant for {round}: call ReserveUpload for this round \
+         attempt first and open the upload within the grant's {ttl:?} (server.upload_idle_timeout)"
     )]
-    UploadQueueFull {
-        /// `server.max_concurrent_uploads`.
-        slots: usize,
-        /// `server.upload_queue`.
-        queue: usize,
+    NoUploadGrant {
+        /// The uploader.
+        client: ClientId,
+        /// The round attempt its header names.
+        round: RoundId,
+        /// How long a grant lasts.
+        ttl: Duration,
     },
     /// The strategy refused the update.
     #[error("{0}")]

@@ -116,21 +116,24 @@ pub struct ServerSettings {
     /// Longest a `WaitForTask` long-poll blocks.
     #[serde(with = "duration")]
     pub long_poll: Duration,
-    /// Uploads received at the same time; further uploads wait (HTTP/2 flow control holds their
-    /// bytes at the client). Each holds one spool file (model-sized, on disk) and a chunk or two in
-    /// memory, so this bounds disk use, receive CPU and allocator churn — memory stays O(model)
-    /// whatever the number of clients. Receiving is CPU-bound (hash, checks), so more than about
-    /// twice the cores buys nothing.
+    /// Uploads received at the same time: the upload slots `ReserveUpload` grants, one per
+    /// upload stream. Further uploaders wait in `ReserveUpload` before opening a stream, so no
+    /// payload waits in memory. Each upload holds one spool file (model-sized, on disk) and a
+    /// stream window and a chunk or two in memory, so this bounds disk use, receive CPU and
+    /// memory whatever the number of clients. Receiving is CPU-bound (hash, checks), so more
+    /// than about twice the cores buys nothing.
     pub max_concurrent_uploads: usize,
-    /// Uploads that may wait for one of the `max_concurrent_uploads` slots; one more is refused
-    /// at once with RESOURCE_EXHAUSTED, and its client retries after a backoff (before the
-    /// round's deadline). A waiting upload is not read, but HTTP/2 has already let its client
-    /// send one stream window (1 MiB) into the coordinator's memory, so without this bound
-    /// memory grew by 1 MiB per uploading client: 0 refuses whenever every slot is busy.
+    /// `ReserveUpload` calls that may wait for one of the `max_concurrent_uploads` slots; one
+    /// more is answered "retry after" at once (so is a wait that reaches `long_poll`). A waiting
+    /// reservation is a pending unary call holding no payload (a few KiB), so the bound can be
+    /// the number of clients expected to upload at once: refused reservations come back
+    /// polling. 0 answers "retry after" whenever every slot is busy. (Before `ReserveUpload`,
+    /// this bounded upload streams waiting for a slot, each holding a 1 MiB stream window.)
     pub upload_queue: usize,
     /// Longest an upload stream may stay silent between two messages before it is closed with
     /// DEADLINE_EXCEEDED, so a client that sends a header and then nothing cannot hold one of the
-    /// `max_concurrent_uploads` slots until the round's deadline.
+    /// `max_concurrent_uploads` slots until the round's deadline; also how long a
+    /// `ReserveUpload` grant holds its slot waiting for the stream to open.
     #[serde(with = "duration")]
     pub upload_idle_timeout: Duration,
     /// Largest weight (`num_examples`) one update may claim. Each round also shares the
@@ -181,7 +184,7 @@ impl Default for ServerSettings {
             metrics_token_file: None,
             long_poll: Duration::from_secs(20),
             max_concurrent_uploads: 4,
-            upload_queue: 16,
+            upload_queue: 1024,
             upload_idle_timeout: Duration::from_secs(30),
             max_update_weight: 10_000_000,
             download_chunk_bytes: DEFAULT_CHUNK_BYTES,

@@ -343,6 +343,27 @@ pub struct Heartbeat {
     pub round: Option<u64>,
 }
 
+/// A request for an upload slot (`ReserveUpload`), made before opening the upload stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UploadReservation {
+    /// The round attempt whose fit task the upload answers.
+    pub id: RoundId,
+    /// Longest the call may wait for a slot (the coordinator caps it at its long-poll bound).
+    pub max_wait: Duration,
+}
+
+/// The coordinator's answer to an [`UploadReservation`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadAdmission {
+    /// A slot is held for this client and attempt: open the upload stream within `ttl`.
+    Granted {
+        /// How long the grant waits for its stream before the slot goes to someone else.
+        ttl: Duration,
+    },
+    /// No slot within the wait: ask again after this pause.
+    RetryAfter(Duration),
+}
+
 /// The coordinator's answer to a heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeartbeatReply {

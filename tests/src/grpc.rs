@@ -14,13 +14,13 @@ use fedtune_coordinator::{run, CoordinatorSettings, RunError};
 use fedtune_shared::auth::{sign_upload, ChallengeGrant, JoinProof};
 use fedtune_shared::chunk::{DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use fedtune_shared::crypto::{KeyPair, OperatorToken, OPERATOR_TOKEN_FILE};
-use fedtune_shared::ids::{ClientId, ModelVersion, Sha256};
+use fedtune_shared::ids::{ClientId, ModelVersion, RoundId, Sha256};
 use fedtune_shared::params::{Manifest, ParameterVector};
 use fedtune_shared::pb::{self, coordinator_client::CoordinatorClient};
 use fedtune_shared::round::{
     Chunk, ClientActivity, DownloadItem, DownloadRequest, EvalReport, FailureReport, FitTask, Heartbeat,
     JoinRequest, JoinResponse, ModelHeader, ModelScope, StatusReport, Task, TaskKind, UpdateHeader,
-    UpdateTrailer, UploadItem, UploadReceipt,
+    UpdateTrailer, UploadAdmission, UploadItem, UploadReceipt, UploadReservation,
 };
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -377,20 +377,72 @@ impl TestClient {
         Ok(ParameterVector::from_le_bytes(h.manifest, &bytes)?)
     }
 
-    /// Sends raw upload messages as one stream and returns the coordinator's answer.
+    /// One `ReserveUpload` ask for attempt `id`: the coordinator's exact answer.
+    pub async fn reserve_upload(
+        &mut self,
+        id: RoundId,
+        max_wait: Duration,
+    ) -> Result<UploadAdmission, Status> {
+        let r = self.req(pb::ReserveUploadRequest::from(UploadReservation { id, max_wait }));
+        let reply = self.inner.reserve_upload(r).await?.into_inner();
+        UploadAdmission::try_from(reply).map_err(|e| Status::internal(e.to_string()))
+    }
+
+    /// Asks `ReserveUpload` for attempt `id` until it grants a slot, pausing as told (the
+    /// uploads below do this first, as an agent does), for at most a minute.
+    pub async fn reserve_slot(&mut self, id: RoundId) -> Result<(), Status> {
+        let until = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.reserve_upload(id, Duration::from_secs(5)).await? {
+                UploadAdmission::Granted { .. } => return Ok(()),
+                UploadAdmission::RetryAfter(_) if tokio::time::Instant::now() >= until => {
+                    return Err(Status::deadline_exceeded(format!("no upload slot for {id} within a minute")))
+                }
+                UploadAdmission::RetryAfter(pause) => tokio::time::sleep(pause).await,
+            }
+        }
+    }
+
+    /// Reserves a slot for the attempt `first` (an upload's first message) names, if it is a
+    /// header; the coordinator refuses whatever else it is on its own.
+    async fn reserve_for(&mut self, first: Option<&pb::UploadUpdateRequest>) -> Result<(), Status> {
+        match first.and_then(|m| m.item.as_ref()) {
+            Some(pb::upload_update_request::Item::Header(h)) => {
+                self.reserve_slot(RoundId::new(h.round, h.attempt)).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Reserves a slot for the attempt the header names, then sends raw upload messages as one
+    /// stream and returns the coordinator's answer.
     pub async fn upload_raw(&mut self, items: Vec<pb::UploadUpdateRequest>) -> Result<UploadReceipt, Status> {
+        self.reserve_for(items.first()).await?;
+        self.upload_raw_ungranted(items).await
+    }
+
+    /// Sends raw upload messages as one stream without reserving a slot first.
+    pub async fn upload_raw_ungranted(
+        &mut self,
+        items: Vec<pb::UploadUpdateRequest>,
+    ) -> Result<UploadReceipt, Status> {
         let items: Vec<_> = items.into_iter().map(self.sign_items()).collect();
         let r = self.req(tokio_stream::iter(items));
         let resp = self.inner.upload_update(r).await?.into_inner();
         Ok(resp.into())
     }
 
-    /// Sends upload messages as they arrive on `items` (the caller controls timing).
+    /// Sends upload messages as they arrive on `items` (the caller controls timing), after
+    /// reserving a slot for the attempt the first one (the header) names.
     pub async fn upload_stream(
         &mut self,
         items: impl tokio_stream::Stream<Item = pb::UploadUpdateRequest> + Send + 'static,
     ) -> Result<UploadReceipt, Status> {
         use tokio_stream::StreamExt as _;
+        let mut items = Box::pin(items);
+        let first = items.next().await;
+        self.reserve_for(first.as_ref()).await?;
+        let items = tokio_stream::iter(first).chain(items);
         let r = self.req(items.map(self.sign_items()));
         Ok(self.inner.upload_update(r).await?.into_inner().into())
     }
@@ -441,6 +493,7 @@ impl TestClient {
     ) {
         let header = self.header(task, num_examples, payload.len() as u64);
         let items = upload_items(&header, payload, DEFAULT_CHUNK_BYTES, Sha256::of(payload));
+        self.reserve_slot(task.id).await.expect("an upload slot");
         let (tx, rx) = mpsc::channel(1);
         let mut inner = self.inner.clone();
         let r = self.req(ReceiverStream::new(rx));

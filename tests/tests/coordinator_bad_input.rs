@@ -8,7 +8,9 @@ use anyhow::Result;
 use fedtune_shared::chunk::DEFAULT_CHUNK_BYTES;
 use fedtune_shared::ids::{ModelVersion, RoundId, Sha256};
 use fedtune_shared::pb;
-use fedtune_shared::round::{Chunk, FitTask, ModelScope, UpdateHeader, UpdateTrailer, UploadItem};
+use fedtune_shared::round::{
+    Chunk, FitTask, ModelScope, UpdateHeader, UpdateTrailer, UploadAdmission, UploadItem,
+};
 use fedtune_tests::fixtures::{quick_settings, write_fake_model};
 use fedtune_tests::grpc::{
     expect_status, f32_bytes, files_in, finish_round_two, update_values, upload_items, InProcess, TestClient,
@@ -94,6 +96,22 @@ async fn try_everything_bad(
         f.upload_raw(items(&f_header, &good)).await,
         Code::FailedPrecondition,
         &["`f`", "not selected"],
+    );
+
+    // Admission: an upload stream needs a live ReserveUpload grant for the attempt it names,
+    // and is refused at its header without one, before a byte is staged.
+    expect_status(
+        e.upload_raw_ungranted(items(&header, &good)).await,
+        Code::FailedPrecondition,
+        &["`e`", "no upload grant", "round 2 (attempt 0)", "ReserveUpload"],
+    );
+    let granted = e.reserve_upload(t.id, Duration::from_secs(5)).await?;
+    assert!(matches!(granted, UploadAdmission::Granted { .. }), "{granted:?}");
+    let other_attempt = with(&header, |h| h.id = RoundId::new(2, 1));
+    expect_status(
+        e.upload_raw_ungranted(items(&other_attempt, &good)).await,
+        Code::FailedPrecondition,
+        &["no upload grant", "round 2 (attempt 1)"],
     );
 
     // Which round.

@@ -11,7 +11,9 @@ use fedtune_coordinator::CoordinatorSettings;
 use fedtune_shared::chunk::MIN_CHUNK_BYTES;
 use fedtune_shared::ids::{ModelVersion, RoundId};
 use fedtune_shared::pb;
-use fedtune_shared::round::{Chunk, ClientActivity, FitTask, ModelScope, UploadItem, UploadReceipt};
+use fedtune_shared::round::{
+    Chunk, ClientActivity, FitTask, ModelScope, UploadAdmission, UploadItem, UploadReceipt,
+};
 use fedtune_tests::fixtures::{quick_settings, write_fake_model};
 use fedtune_tests::grpc::{expect_status, f32_bytes, update_values, InProcess, TestClient};
 use tokio::sync::mpsc;
@@ -115,8 +117,14 @@ async fn waiting_for_an_upload_slot_and_streaming_both_end_at_the_round_deadline
     // Give the hung header time to take the only upload slot.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
+    // The waiter's reservation waits for the slot (well inside `server.long_poll`) until the
+    // deadline ends it; no upload stream was opened.
     let waited = tokio::time::timeout(WAIT, waiter.upload(&tw, 10, &f32_bytes(&update_values(2, n)))).await?;
-    expect_status(waited, Code::ResourceExhausted, &["no upload slot", "round 1 (attempt 0)", "deadline"]);
+    expect_status(
+        waited,
+        Code::FailedPrecondition,
+        &["round 1 (attempt 0)", "deadline passed before an upload slot came free"],
+    );
     expect_status(
         tokio::time::timeout(WAIT, held).await??,
         Code::FailedPrecondition,
@@ -128,14 +136,16 @@ async fn waiting_for_an_upload_slot_and_streaming_both_end_at_the_round_deadline
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upload_beyond_the_busy_slots_and_the_full_upload_queue_is_refused_at_once_and_folded_on_retry(
+async fn a_reservation_beyond_the_busy_slots_and_the_full_queue_is_told_to_retry_at_once_and_its_upload_folds_later(
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut s = settings(dir.path(), 3, 1)?;
     s.server.max_concurrent_uploads = 1;
     s.server.upload_queue = 1;
-    // Far beyond the test's waits: only the refusal can answer the third upload in time.
+    // Far beyond the test's waits: only the queue bound can answer the third reservation in time.
     s.rounds.deadline = Duration::from_secs(120);
+    s.server.long_poll = Duration::from_secs(60);
+    s.server.request_timeout = Duration::from_secs(90);
     s.server.upload_idle_timeout = Duration::from_secs(600);
     s.clients.heartbeat_interval = Duration::from_secs(1);
     s.clients.liveness_timeout = Duration::from_secs(3600);
@@ -147,23 +157,31 @@ async fn an_upload_beyond_the_busy_slots_and_the_full_upload_queue_is_refused_at
     let th = holder.wait_for_fit(WAIT).await?;
     let tw = waiter.wait_for_fit(WAIT).await?;
     let tl = late.wait_for_fit(WAIT).await?;
-    // The holder takes the only slot, the waiter the only place in the queue.
+    // The holder's upload takes the only slot, the waiter's reservation the only waiting place.
     let (holder_tx, held) = hang_after_header(&holder, &th, n).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (waiter_tx, waiting) = hang_after_header(&waiter, &tw, n).await?;
+    let waiting = tokio::spawn({
+        let mut waiter = waiter.clone();
+        async move { waiter.reserve_upload(tw.id, Duration::from_secs(60)).await }
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let payload = f32_bytes(&update_values(3, n));
-    let refused = tokio::time::timeout(WAIT, late.upload(&tl, 10, &payload)).await?;
-    expect_status(refused, Code::ResourceExhausted, &["server.upload_queue", "retry"]);
+    let asked = tokio::time::Instant::now();
+    let told = tokio::time::timeout(WAIT, late.reserve_upload(tl.id, Duration::from_secs(60))).await??;
+    assert!(matches!(told, UploadAdmission::RetryAfter(p) if !p.is_zero()), "{told:?}");
+    assert!(asked.elapsed() < Duration::from_secs(30), "answered at once, not at the end of its wait");
+    assert!(!waiting.is_finished(), "the waiter still waits for the slot");
 
-    // Both hung streams end (their clients went away), which frees the slot and the place.
-    drop((holder_tx, waiter_tx));
-    for call in [held, waiting] {
-        assert!(tokio::time::timeout(WAIT, call).await??.is_err(), "a truncated upload is not accepted");
-    }
+    // The hung stream ends (its client went away): the slot goes to the waiter, whose upload
+    // folds; then the late client's.
+    drop(holder_tx);
+    assert!(tokio::time::timeout(WAIT, held).await??.is_err(), "a truncated upload is not accepted");
+    let granted = tokio::time::timeout(WAIT, waiting).await???;
+    assert!(matches!(granted, UploadAdmission::Granted { .. }), "{granted:?}");
+    let payload = f32_bytes(&update_values(3, n));
+    tokio::time::timeout(WAIT, waiter.upload(&tw, 10, &payload)).await??;
     let receipt = tokio::time::timeout(WAIT, late.upload(&tl, 10, &payload)).await??;
-    assert_eq!(receipt.id, RoundId::new(1, 0), "the retry is folded in the round it was trained for");
+    assert_eq!(receipt.id, RoundId::new(1, 0), "the late upload is folded in the round it was trained for");
     coord.shutdown().await?;
     Ok(())
 }

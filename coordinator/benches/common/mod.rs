@@ -15,7 +15,8 @@ use fedtune_shared::ids::{ClientId, Sha256};
 use fedtune_shared::params::{Manifest, ParameterVector, TensorSpec};
 use fedtune_shared::pb::{self, coordinator_client::CoordinatorClient};
 use fedtune_shared::round::{
-    Chunk, FitTask, JoinRequest, JoinResponse, Task, UpdateHeader, UpdateTrailer, UploadItem,
+    Chunk, FitTask, JoinRequest, JoinResponse, Task, UpdateHeader, UpdateTrailer, UploadAdmission,
+    UploadItem, UploadReservation,
 };
 use tonic::transport::Channel;
 use tonic::Request;
@@ -185,6 +186,12 @@ impl Client {
         items.push(
             UploadItem::Trailer(UpdateTrailer { payload_digest: digest, signature: Some(signature) }).into(),
         );
+        // A slot first, as every uploader does (one client at a time here: granted at once).
+        let ask = UploadReservation { id: task.id, max_wait: Duration::from_secs(20) };
+        let reply =
+            self.inner.reserve_upload(self.req(pb::ReserveUploadRequest::from(ask))).await.expect("reserve");
+        let admission = UploadAdmission::try_from(reply.into_inner()).expect("admission");
+        assert!(matches!(admission, UploadAdmission::Granted { .. }), "{admission:?}");
         let r = self.req(tokio_stream::iter(items));
         self.inner.upload_update(r).await.expect("upload");
     }

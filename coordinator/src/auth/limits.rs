@@ -162,9 +162,11 @@ impl Limits {
         }
     }
 
-    /// Takes one of `client`'s download slots (at most [`MAX_DOWNLOADS_PER_CLIENT`]) and a
-    /// global one, if both are free.
-    pub fn download(&self, client: &ClientId) -> Result<DownloadSlot, RoundError> {
+    /// Takes one of `client`'s download slots (at most [`MAX_DOWNLOADS_PER_CLIENT`], refused at
+    /// once beyond) and a global one, waiting for the latter until `until`. Waiting costs a
+    /// pending call and no payload, where a refusal costs a retry storm: at 1000 clients
+    /// fetching one model, refusals made most downloads ask several times.
+    pub async fn download(&self, client: &ClientId, until: Instant) -> Result<DownloadSlot, RoundError> {
         let mine = {
             let mut t = self.client_downloads.lock().unwrap_or_else(|p| p.into_inner());
             let n = t.entry(client.clone()).or_insert(0);
@@ -176,12 +178,17 @@ impl Limits {
             *n += 1;
             CallSlot { client: client.clone(), table: self.client_downloads.clone() }
         };
-        let global = self.downloads.clone().try_acquire_owned().map_err(|_| {
+        let busy = || {
             RoundError::Limited(format!(
-                "{} downloads are already streaming; retry shortly",
+                "{} downloads stayed streaming for as long as this call could wait; retry shortly",
                 self.settings.max_concurrent_downloads
             ))
-        })?;
+        };
+        let global = match tokio::time::timeout_at(until, self.downloads.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_closed)) => return Err(RoundError::ShuttingDown),
+            Err(_elapsed) => return Err(busy()),
+        };
         Ok(DownloadSlot { _global: global, _client: mine })
     }
 }
@@ -234,27 +241,52 @@ mod tests {
     async fn downloads_share_a_global_cap_and_anonymous_calls_a_per_address_bucket() {
         let l = limits(1.0, 1, 1);
         let (a, b) = (ClientId::parse("a").unwrap(), ClientId::parse("b").unwrap());
-        let d = l.download(&a).unwrap();
-        assert!(l.download(&b).is_err());
+        let d = l.download(&a, Instant::now()).await.unwrap();
+        assert!(l.download(&b, Instant::now()).await.is_err());
         drop(d);
-        l.download(&b).unwrap();
+        l.download(&b, Instant::now()).await.unwrap();
         let (x, y) = (Some(IpAddr::from([10, 0, 0, 1])), Some(IpAddr::from([10, 0, 0, 2])));
         l.anonymous_call(x).unwrap();
         assert!(l.anonymous_call(x).is_err());
         l.anonymous_call(y).unwrap();
     }
 
-    #[test]
-    fn a_client_streams_at_most_two_downloads_at_once() {
+    #[tokio::test(start_paused = true)]
+    async fn a_client_streams_at_most_two_downloads_at_once() {
         let l = Limits::new(&LimitSettings { max_concurrent_downloads: 64, ..LimitSettings::default() });
         let (a, b) = (ClientId::parse("a").unwrap(), ClientId::parse("b").unwrap());
-        let first = l.download(&a).unwrap();
-        let _second = l.download(&a).unwrap();
-        let third = l.download(&a);
+        let far = Instant::now() + std::time::Duration::from_secs(3600);
+        let first = l.download(&a, far).await.unwrap();
+        let _second = l.download(&a, far).await.unwrap();
+        let started = Instant::now();
+        let third = l.download(&a, far).await;
         assert!(matches!(&third, Err(RoundError::Limited(m)) if m.contains("2 downloads")), "{third:?}");
-        l.download(&b).unwrap();
+        assert_eq!(started.elapsed(), std::time::Duration::ZERO, "the per-client cap refuses at once");
+        l.download(&b, far).await.unwrap();
         drop(first);
-        l.download(&a).unwrap();
+        l.download(&a, far).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_download_beyond_the_global_cap_waits_for_a_slot_up_to_its_bound() {
+        let l = Arc::new(limits(1.0, 1, 1));
+        let (a, b, c) =
+            (ClientId::parse("a").unwrap(), ClientId::parse("b").unwrap(), ClientId::parse("c").unwrap());
+        let secs = std::time::Duration::from_secs;
+        let held = l.download(&a, Instant::now()).await.unwrap();
+        let started = Instant::now();
+        let waiting = tokio::spawn({
+            let l = l.clone();
+            async move { l.download(&b, Instant::now() + secs(20)).await.map(|_| Instant::now()) }
+        });
+        tokio::time::sleep(secs(3)).await;
+        drop(held);
+        let served_at = waiting.await.unwrap().expect("served once the slot came free");
+        assert_eq!(served_at - started, secs(3));
+        let _held = l.download(&a, Instant::now()).await.unwrap();
+        let refused = l.download(&c, Instant::now() + secs(20)).await;
+        assert!(matches!(&refused, Err(RoundError::Limited(m)) if m.contains("retry")), "{refused:?}");
+        assert_eq!(started.elapsed(), secs(23), "refused only at its bound");
     }
 
     #[tokio::test(start_paused = true)]

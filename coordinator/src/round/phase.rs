@@ -279,6 +279,10 @@ impl Shared {
                 self.registry.touch(&client, None, now);
                 let _ = reply.send(Err(self.refuse_upload(header.id)));
             }
+            Request::CheckUpload(client, id, reply) => {
+                self.registry.touch(&client, None, now);
+                let _ = reply.send(Err(self.refuse_upload(id)));
+            }
             Request::CommitUpload(ticket, staged, reply) => {
                 drop(staged);
                 let _ = reply.send(Err(self.refuse_upload(ticket.round)));

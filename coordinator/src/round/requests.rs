@@ -59,6 +59,9 @@ pub enum Request {
     /// Start an upload: check its header (and, for a masked upload, the round context it names),
     /// reserve the client's slot.
     BeginUpload(ClientId, UpdateHeader, Option<[u8; 32]>, Reply<UploadTicket>),
+    /// Before an upload slot is reserved: may this client upload for this attempt now? The
+    /// reply is when the attempt closes to uploads.
+    CheckUpload(ClientId, RoundId, Reply<tokio::time::Instant>),
     /// A verified upload: fold it (the reply comes once it is folded).
     CommitUpload(UploadTicket, StagedUpdate, Reply<UploadReceipt>),
     /// An upload ended without a commit (error or disconnect): free the slot.
@@ -129,6 +132,15 @@ impl RoundHandle {
         masked: Option<[u8; 32]>,
     ) -> Result<UploadTicket, RoundError> {
         self.ask(|r| Request::BeginUpload(client, header, masked, r)).await
+    }
+
+    /// See [`Request::CheckUpload`].
+    pub async fn check_upload(
+        &self,
+        client: ClientId,
+        round: RoundId,
+    ) -> Result<tokio::time::Instant, RoundError> {
+        self.ask(|r| Request::CheckUpload(client, round, r)).await
     }
 
     /// See [`Request::AdvertiseKeys`].

@@ -77,7 +77,7 @@ fn method_label(path: &str) -> &'static str {
 }
 
 /// The methods of `fedtune.v1.Coordinator`.
-const METHODS: [&str; 15] = [
+const METHODS: [&str; 16] = [
     "Join",
     "WaitForTask",
     "Heartbeat",
@@ -93,6 +93,7 @@ const METHODS: [&str; 15] = [
     "SendShares",
     "AwaitSecAggStep",
     "AnswerUnmask",
+    "ReserveUpload",
 ];
 
 fn status_of(headers: &http::HeaderMap) -> Option<Code> {

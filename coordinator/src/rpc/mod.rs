@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - [`service`]: `impl Coordinator` — convert, forward to the round actor, stream payloads.
+//! - [`admission`]: upload slots reserved (`ReserveUpload`) before an upload stream opens.
 //! - [`auth`]: the session token of a call (`authorization: Bearer …`); what checks it is the
 //!   [`Authenticator`](crate::auth::Authenticator) seam below, in `auth`.
 //! - [`body_limit`]: request bodies limited per method before they are buffered.
@@ -12,6 +13,7 @@
 //! - [`request_timeout`]: every call but an upload answered within `server.request_timeout`.
 //! - [`status`]: the single `impl From<RoundError> for tonic::Status`.
 
+pub mod admission;
 pub mod auth;
 pub mod body_limit;
 pub mod connections;

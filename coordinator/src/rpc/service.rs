@@ -7,12 +7,14 @@
 //! - **Downloads** read the published model from a `watch` channel and stream it from a spawned
 //!   producer through a small bounded channel, so a slow client holds at most a few chunks, and
 //!   the client's download slot lives as long as the stream itself (`HeldDownload`).
-//! - **Uploads** are checked at the header by the actor (which reserves the client's slot), then
-//!   streamed into a spool file on blocking threads (each chunk checked: order, size, finite,
-//!   range, digest), and handed to the actor for folding only once the trailer verified. The
-//!   number of uploads receiving at once is bounded by a semaphore; waiting for it and receiving
-//!   both end at the round's deadline or when the round closes earlier, a stream silent for
-//!   `server.upload_idle_timeout` is closed, and the session is re-checked at every chunk
+//! - **Uploads** are admitted before their stream opens: `ReserveUpload` waits for one of the
+//!   upload slots and grants it to the client for one round attempt (`rpc::admission`), so
+//!   payload bytes never wait in memory for a slot. The stream takes the grant at its header
+//!   (refused without one), the actor checks the header (and reserves the client's slot in the
+//!   round), then the stream is spooled on blocking threads (each chunk checked: order, size,
+//!   finite, range, digest) and handed to the actor for folding only once the trailer verified.
+//!   Receiving ends at the round's deadline or when the round closes earlier, a stream silent
+//!   for `server.upload_idle_timeout` is closed, and the session is re-checked at every chunk
 //!   (revocation). If the stream breaks off or anything is refused, the ticket guard tells the
 //!   actor and the spool file is deleted: the aggregate never sees a byte of it.
 
@@ -31,19 +33,20 @@ use fedtune_shared::pb::{self, coordinator_server::Coordinator};
 use fedtune_shared::round::{
     AdapterSpec, Chunk, DownloadItem, DownloadRequest, EvalReport, FailureReport, Heartbeat, JoinRequest,
     JoinResponse, Limits, MaskedUpdateHeader, ModelEncoding, ModelHeader, ModelScope, PhaseName, Task,
-    UpdateHeader, UploadItem,
+    UpdateHeader, UploadAdmission as Admission, UploadItem, UploadReservation,
 };
 use fedtune_shared::secagg::{
     KeyAdvertisement, RoundContext, RoundRef, RoundUnmaskAnswer, ShareUpload, StepInput,
 };
 use futures::Stream;
 use rustls::pki_types::CertificateDer;
-use tokio::sync::{mpsc, Semaphore, TryAcquireError};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::{debug, info, info_span, Instrument};
 
+use super::admission::UploadAdmission;
 use super::auth::{bearer, presented_certificate};
 use super::body_limit::BodyLimit;
 use super::connections::{Connections, MarkServed};
@@ -71,11 +74,8 @@ pub struct CoordinatorService {
     adapter: Option<AdapterSpec>,
     /// The federation's recorded `model.init_seed` (sent at join).
     init_seed: u64,
-    /// Bounds uploads receiving at once (each holds a spool file and a chunk).
-    uploads: Arc<Semaphore>,
-    /// Places for uploads waiting for one of `uploads` (each holds up to a stream window of
-    /// bytes HTTP/2 already accepted); with none free an upload is refused at once.
-    upload_queue: Arc<Semaphore>,
+    /// Upload slots (each upload holds a spool file and a chunk), granted before the stream.
+    admission: Arc<UploadAdmission>,
     spool_dir: PathBuf,
     cancel: CancellationToken,
     traffic: Arc<Traffic>,
@@ -103,8 +103,12 @@ impl CoordinatorService {
         cancel: CancellationToken,
         traffic: Arc<Traffic>,
     ) -> Self {
-        let uploads = Arc::new(Semaphore::new(settings.server.max_concurrent_uploads));
-        let upload_queue = Arc::new(Semaphore::new(settings.server.upload_queue));
+        let admission = Arc::new(UploadAdmission::new(
+            settings.server.max_concurrent_uploads,
+            settings.server.upload_queue,
+            settings.server.upload_idle_timeout,
+            cancel.clone(),
+        ));
         Self {
             handle,
             auth,
@@ -114,8 +118,7 @@ impl CoordinatorService {
             labels: Arc::new(labels),
             adapter,
             init_seed,
-            uploads,
-            upload_queue,
+            admission,
             spool_dir,
             cancel,
             traffic,
@@ -199,6 +202,16 @@ async fn in_call_span<T>(
         }
     }
     result
+}
+
+/// Why a reservation's attempt stopped taking uploads while it waited for a slot: the round
+/// closes at its deadline (the usual case) or earlier.
+fn waited_too_long(deadline: tokio::time::Instant) -> &'static str {
+    if tokio::time::Instant::now() >= deadline {
+        "its deadline passed before an upload slot came free"
+    } else {
+        "it closed while the upload waited for a slot"
+    }
 }
 
 /// Tells the actor when an upload ends without a commit.
@@ -517,10 +530,16 @@ impl Coordinator for CoordinatorService {
             start_offset: offset,
             encoding,
         };
+        // A download beyond the cap waits for a slot (as long as a long poll) instead of being
+        // refused into a retry storm; the memory it holds while waiting is this call alone.
+        let until = tokio::time::Instant::now() + self.settings.server.long_poll;
+        let download_slot = tokio::select! {
+            slot = self.limits.download(&client, until) => slot?,
+            _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
+        };
+        let send_timeout = self.settings.server.download_send_timeout;
         // Two messages in flight per download: enough to keep the socket busy, small enough
         // that many slow downloads cost little memory.
-        let download_slot = self.limits.download(&client)?;
-        let send_timeout = self.settings.server.download_send_timeout;
         let (tx, rx) = mpsc::channel(2);
         let stalled = Arc::new(AtomicBool::new(false));
         let held = HeldDownload {
@@ -578,6 +597,38 @@ impl Coordinator for CoordinatorService {
         let result = self.receive_upload(req).await;
         crate::telemetry::upload_ended(result.as_ref().err().map(Status::code));
         result
+    }
+
+    async fn reserve_upload(
+        &self,
+        req: Request<pb::ReserveUploadRequest>,
+    ) -> Result<Response<pb::ReserveUploadResponse>, Status> {
+        let (client, _slot) = self.client(&req)?;
+        let span = client_call_span("reserve_upload", &client);
+        in_call_span(span, async {
+            let ask = UploadReservation::from(req.into_inner());
+            let long_poll = self.settings.server.long_poll;
+            let wait = if ask.max_wait.is_zero() { long_poll } else { ask.max_wait.min(long_poll) };
+            // The actor says whether this client may upload in this attempt, and until when: a
+            // slot is never held for an upload that would be refused at its header anyway.
+            let deadline = self.handle.check_upload(client.clone(), ask.id).await?;
+            let until = deadline.min(tokio::time::Instant::now() + wait);
+            let mut state = self.handle.events.state.clone();
+            let round = ask.id;
+            let closed = async move {
+                // An error means the actor is gone: that closes the round too.
+                let _ = state.wait_for(|s| s.round != round || s.phase != PhaseName::Training).await;
+                RoundError::RoundClosed { round, reason: waited_too_long(deadline).into() }
+            };
+            let admission = self.admission.reserve(&client, ask.id, until, closed).await?;
+            if matches!(admission, Admission::RetryAfter(_)) && tokio::time::Instant::now() >= deadline {
+                return Err(
+                    RoundError::RoundClosed { round, reason: waited_too_long(deadline).into() }.into()
+                );
+            }
+            Ok(Response::new(admission.into()))
+        })
+        .await
     }
 
     async fn report_evaluation(
@@ -670,6 +721,8 @@ impl CoordinatorService {
         };
         let span =
             info_span!("upload", client = %client, round = header.id.round, attempt = header.id.attempt);
+        // The slot this upload holds until it ends, granted before the stream opened.
+        let _permit = self.admission.take(&client, header.id)?;
         let context = masked.as_ref().map(|m| m.secagg_context);
         let ticket =
             self.handle.begin_upload(client.clone(), header, context).instrument(span.clone()).await?;
@@ -678,8 +731,8 @@ impl CoordinatorService {
         // so a retry from the same client cannot overtake the release.
         let mut guard = TicketGuard { handle: self.handle.clone(), ticket: Some(ticket.clone()) };
         let result = async {
-            // Waiting for a slot and receiving both end when the round closes to uploads: an
-            // update after that could not be folded anyway.
+            // Receiving ends when the round closes to uploads: an update after that could not be
+            // folded anyway.
             let deadline = ticket.deadline;
             let late = || RoundError::RoundClosed {
                 round: ticket.round,
@@ -699,31 +752,6 @@ impl CoordinatorService {
             let closed_early = || RoundError::RoundClosed {
                 round: ticket.round,
                 reason: "it closed before the upload completed".into(),
-            };
-            let _permit = match self.uploads.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(TryAcquireError::Closed) => return Err(RoundError::ShuttingDown.into()),
-                Err(TryAcquireError::NoPermits) => {
-                    // Waiting is bounded in number, not only in time: every waiting upload
-                    // holds the bytes HTTP/2 let its client send before anyone reads them.
-                    let Ok(_place) = self.upload_queue.clone().try_acquire_owned() else {
-                        return Err(RoundError::UploadQueueFull {
-                            slots: self.settings.server.max_concurrent_uploads,
-                            queue: self.settings.server.upload_queue,
-                        }
-                        .into());
-                    };
-                    // Biased: a slot freed by another stream ending at the same deadline is no use.
-                    tokio::select! {
-                        biased;
-                        _ = self.cancel.cancelled() => return Err(RoundError::ShuttingDown.into()),
-                        _ = tokio::time::sleep_until(deadline) => {
-                            return Err(RoundError::NoUploadSlot { round: ticket.round }.into())
-                        }
-                        _ = &mut closed => return Err(closed_early().into()),
-                        p = self.uploads.clone().acquire_owned() => p.map_err(|_| RoundError::ShuttingDown)?,
-                    }
-                }
             };
             let manifest = Arc::new(self.handle.events.model.borrow().layout.trainable.clone());
             let total = ticket.header.total_bytes;

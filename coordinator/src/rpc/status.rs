@@ -38,8 +38,6 @@ impl From<RoundError> for Status {
             E::Chunk(ChunkError::Oversize { .. })
             | E::TooLarge { .. }
             | E::TooManyExamples { .. }
-            | E::NoUploadSlot { .. }
-            | E::UploadQueueFull { .. }
             | E::Limited(_) => Status::resource_exhausted(msg),
             E::UploadIdle { .. } | E::DownloadStalled { .. } => Status::deadline_exceeded(msg),
             E::StaleRound { .. }
@@ -53,6 +51,7 @@ impl From<RoundError> for Status {
             | E::VersionNotServed { .. }
             | E::ProtocolVersion { .. }
             | E::NoEvaluationTask { .. }
+            | E::NoUploadGrant { .. }
             | E::Refused(_) => Status::failed_precondition(msg),
             E::Duplicate { .. } | E::UploadInProgress { .. } => Status::already_exists(msg),
             E::UnknownClient(_) => Status::not_found(msg),

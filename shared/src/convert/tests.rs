@@ -408,3 +408,18 @@ fn a_round_summary_with_part_of_the_secure_figures_reads_as_a_plain_round() {
     let back = StatusReport::try_from(wire).unwrap();
     assert_eq!(back.recent_rounds[0].secure, None);
 }
+
+#[test]
+fn upload_reservations_and_their_answers_round_trip_and_a_grant_without_a_lifetime_is_refused() {
+    let ask = UploadReservation { id: RoundId::new(7, 2), max_wait: Duration::from_millis(1500) };
+    assert_eq!(UploadReservation::from(pb::ReserveUploadRequest::from(ask)), ask);
+    for answer in [
+        UploadAdmission::Granted { ttl: Duration::from_secs(30) },
+        UploadAdmission::RetryAfter(Duration::from_secs(1)),
+    ] {
+        assert_eq!(UploadAdmission::try_from(pb::ReserveUploadResponse::from(answer)).unwrap(), answer);
+    }
+    let unusable = pb::ReserveUploadResponse { granted: true, grant_ttl_ms: 0, retry_after_ms: 0 };
+    let err = UploadAdmission::try_from(unusable).unwrap_err();
+    assert!(err.to_string().contains("grant_ttl_ms"), "{err}");
+}

@@ -176,3 +176,46 @@ impl From<pb::UploadUpdateResponse> for UploadReceipt {
         UploadReceipt { id: RoundId::new(r.round, r.attempt), received_bytes: r.received_bytes }
     }
 }
+
+impl From<UploadReservation> for pb::ReserveUploadRequest {
+    fn from(r: UploadReservation) -> Self {
+        pb::ReserveUploadRequest { round: r.id.round, attempt: r.id.attempt, max_wait_ms: ms(r.max_wait) }
+    }
+}
+
+impl From<pb::ReserveUploadRequest> for UploadReservation {
+    fn from(r: pb::ReserveUploadRequest) -> Self {
+        UploadReservation {
+            id: RoundId::new(r.round, r.attempt),
+            max_wait: Duration::from_millis(r.max_wait_ms),
+        }
+    }
+}
+
+impl From<UploadAdmission> for pb::ReserveUploadResponse {
+    fn from(a: UploadAdmission) -> Self {
+        match a {
+            UploadAdmission::Granted { ttl } => {
+                pb::ReserveUploadResponse { granted: true, grant_ttl_ms: ms(ttl), retry_after_ms: 0 }
+            }
+            UploadAdmission::RetryAfter(after) => {
+                pb::ReserveUploadResponse { granted: false, grant_ttl_ms: 0, retry_after_ms: ms(after) }
+            }
+        }
+    }
+}
+
+impl TryFrom<pb::ReserveUploadResponse> for UploadAdmission {
+    type Error = ConvertError;
+    /// A grant must say how long it lasts: a grant of 0 ms could never be used.
+    fn try_from(r: pb::ReserveUploadResponse) -> Result<Self, ConvertError> {
+        if r.granted {
+            if r.grant_ttl_ms == 0 {
+                return Err(ConvertError::Missing("grant_ttl_ms"));
+            }
+            Ok(UploadAdmission::Granted { ttl: Duration::from_millis(r.grant_ttl_ms) })
+        } else {
+            Ok(UploadAdmission::RetryAfter(Duration::from_millis(r.retry_after_ms)))
+        }
+    }
+}

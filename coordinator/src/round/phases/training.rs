@@ -186,6 +186,30 @@ impl Training {
         }
     }
 
+    /// Whether `client` may upload in this attempt now: selected, its task open (not ended,
+    /// not already accepted), the deadline not passed. What `ReserveUpload` checks before it
+    /// takes a slot, and the upload's header again. An upload in progress passes: its stream
+    /// may have broken off before the release reached here, and its header is refused then.
+    fn check_uploader(&self, shared: &Shared, client: &ClientId) -> Result<(), RoundError> {
+        let id = self.id;
+        let slot = self
+            .slots
+            .get(client)
+            .ok_or_else(|| RoundError::NotSelected { client: client.clone(), round: id })?;
+        if self.deadline_passed {
+            return Err(RoundError::Late { round: id, deadline: shared.settings.rounds.deadline });
+        }
+        match slot {
+            Slot::Assigned | Slot::Uploading(_) => Ok(()),
+            Slot::Folding | Slot::Ended(ParticipantOutcome::Accepted) => {
+                Err(RoundError::Duplicate { client: client.clone(), round: id })
+            }
+            Slot::Ended(outcome) => {
+                Err(RoundError::TaskOver { client: client.clone(), round: id, reason: outcome.to_string() })
+            }
+        }
+    }
+
     fn begin(
         &mut self,
         shared: &mut Shared,
@@ -207,22 +231,9 @@ impl Training {
             }
             _ => {}
         }
-        let slot = self
-            .slots
-            .get(&client)
-            .ok_or_else(|| RoundError::NotSelected { client: client.clone(), round: id })?;
-        if self.deadline_passed {
-            return Err(RoundError::Late { round: id, deadline: shared.settings.rounds.deadline });
-        }
-        match slot {
-            Slot::Assigned => {}
-            Slot::Uploading(_) => return Err(RoundError::UploadInProgress { client, round: id }),
-            Slot::Folding | Slot::Ended(ParticipantOutcome::Accepted) => {
-                return Err(RoundError::Duplicate { client, round: id })
-            }
-            Slot::Ended(outcome) => {
-                return Err(RoundError::TaskOver { client, round: id, reason: outcome.to_string() })
-            }
+        self.check_uploader(shared, &client)?;
+        if let Some(Slot::Uploading(_)) = self.slots.get(&client) {
+            return Err(RoundError::UploadInProgress { client, round: id });
         }
         if header.base_version != shared.model.version {
             return Err(RoundError::WrongBaseVersion {
@@ -629,6 +640,10 @@ impl Training {
                     debug!(cause = %e, "upload refused at its header");
                 }
                 let _ = reply.send(out);
+            }
+            Request::CheckUpload(client, id, reply) if id == self.id => {
+                shared.registry.touch(&client, None, Instant::now());
+                let _ = reply.send(self.check_uploader(shared, &client).map(|()| self.deadline));
             }
             Request::CommitUpload(ticket, staged, reply) if ticket.round == self.id => {
                 let _g = span.enter();
