@@ -20,7 +20,7 @@ use crate::data::{DataError, DataOptions, Dataset};
 use crate::device::{DeviceChoice, PrecisionChoice};
 use crate::local_trainer::{FitConfig, TrainerError};
 use crate::trainer::{AdamWConfig, BertTrainer, TrainScope, TrainerOptions, TrainerSummary};
-use fedtune_shared::bert::lora::LoraConfig;
+use fedtune_shared::bert::lora::LoraArgs;
 
 pub use run::RunArgs;
 
@@ -177,19 +177,9 @@ pub struct TrainArgs {
     /// base weight stays frozen.
     #[arg(long, default_value = "none", value_parser = ["none", "lora"], conflicts_with_all = ["train_top_layers", "freeze_embeddings"])]
     pub adapter: String,
-    /// LoRA rank.
-    #[arg(long, default_value_t = fedtune_shared::bert::lora::DEFAULT_RANK)]
-    pub lora_rank: usize,
-    /// LoRA alpha: the adapter adds (alpha / rank)·B·A.
-    #[arg(long, default_value_t = fedtune_shared::bert::lora::DEFAULT_ALPHA)]
-    pub lora_alpha: f64,
-    /// Dropout on the adapter input while training.
-    #[arg(long, default_value_t = fedtune_shared::bert::lora::DEFAULT_DROPOUT)]
-    pub lora_dropout: f64,
-    /// Modules that get an adapter, comma-separated (query, key, value, attention.output.dense,
-    /// intermediate.dense, output.dense).
-    #[arg(long, default_values = fedtune_shared::bert::lora::DEFAULT_TARGETS, value_delimiter = ',')]
-    pub lora_targets: Vec<String>,
+    /// LoRA adapter shape (with `--adapter lora`).
+    #[command(flatten)]
+    pub lora: LoraArgs,
     /// Export the fine-tuned model here, in Hugging Face layout (a LoRA adapter merged in).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -303,13 +293,7 @@ pub fn train(args: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
             train_top_layers: args.train_top_layers,
             freeze_embeddings: args.freeze_embeddings,
         },
-        adapter: (args.adapter == "lora").then(|| LoraConfig {
-            rank: args.lora_rank,
-            alpha: args.lora_alpha,
-            dropout: args.lora_dropout,
-            target_modules: args.lora_targets.clone(),
-            seed: args.seed,
-        }),
+        adapter: (args.adapter == "lora").then(|| args.lora.config(args.seed)),
         adamw: AdamWConfig { weight_decay: args.weight_decay, ..AdamWConfig::default() },
         max_grad_norm: args.max_grad_norm,
         ..base_options(&args.runtime, args.max_len)

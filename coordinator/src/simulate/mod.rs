@@ -112,18 +112,9 @@ pub struct SimulateArgs {
     /// is then ignored.
     #[arg(long, default_value = "none", value_parser = ["none", "lora"])]
     pub adapter: String,
-    /// LoRA rank (`model.lora.rank`).
-    #[arg(long, default_value_t = fedtune_shared::bert::lora::DEFAULT_RANK)]
-    pub lora_rank: usize,
-    /// LoRA alpha (`model.lora.alpha`).
-    #[arg(long, default_value_t = fedtune_shared::bert::lora::DEFAULT_ALPHA)]
-    pub lora_alpha: f64,
-    /// LoRA dropout (`model.lora.dropout`).
-    #[arg(long, default_value_t = fedtune_shared::bert::lora::DEFAULT_DROPOUT)]
-    pub lora_dropout: f64,
-    /// LoRA target modules, comma-separated (`model.lora.target_modules`).
-    #[arg(long, default_values = fedtune_shared::bert::lora::DEFAULT_TARGETS, value_delimiter = ',')]
-    pub lora_targets: Vec<String>,
+    /// LoRA adapter shape (with `--adapter lora`).
+    #[command(flatten)]
+    pub lora: fedtune_shared::bert::lora::LoraArgs,
     /// Local epochs per round.
     #[arg(long, default_value_t = 1)]
     pub epochs: u32,
@@ -311,10 +302,10 @@ impl SimulateArgs {
             s.model.train_top_layers = None;
             s.model.freeze_embeddings = false;
             s.model.lora = LoraSettings {
-                rank: self.lora_rank,
-                alpha: self.lora_alpha,
-                dropout: self.lora_dropout,
-                target_modules: self.lora_targets.clone(),
+                rank: self.lora.rank,
+                alpha: self.lora.alpha,
+                dropout: self.lora.dropout,
+                target_modules: self.lora.target_modules.clone(),
             };
         }
         s.model.init_seed = self.seed;

@@ -103,6 +103,39 @@ pub enum LoraError {
     Params(#[from] ParamsError),
 }
 
+/// The LoRA flags of `fedtune-client train` and `simulate` (`--lora-rank`, `--lora-alpha`,
+/// `--lora-dropout`, `--lora-targets`), declared once so both binaries take the same names and
+/// defaults; the coordinator's config spells them `model.lora.*`.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct LoraArgs {
+    /// LoRA rank (`model.lora.rank`).
+    #[arg(long = "lora-rank", default_value_t = DEFAULT_RANK)]
+    pub rank: usize,
+    /// LoRA alpha: the adapter adds (alpha / rank)·B·A (`model.lora.alpha`).
+    #[arg(long = "lora-alpha", default_value_t = DEFAULT_ALPHA)]
+    pub alpha: f64,
+    /// Dropout on the adapter input while training (`model.lora.dropout`).
+    #[arg(long = "lora-dropout", default_value_t = DEFAULT_DROPOUT)]
+    pub dropout: f64,
+    /// Modules that get an adapter, comma-separated (query, key, value, attention.output.dense,
+    /// intermediate.dense, output.dense; `model.lora.target_modules`).
+    #[arg(long = "lora-targets", default_values = DEFAULT_TARGETS, value_delimiter = ',')]
+    pub target_modules: Vec<String>,
+}
+
+impl LoraArgs {
+    /// The adapter these flags describe, its A seeded from `seed`.
+    pub fn config(&self, seed: u64) -> LoraConfig {
+        LoraConfig {
+            rank: self.rank,
+            alpha: self.alpha,
+            dropout: self.dropout,
+            target_modules: self.target_modules.clone(),
+            seed,
+        }
+    }
+}
+
 /// A federation's LoRA adapter: what both sides need to build the same model.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoraConfig {
