@@ -3,8 +3,12 @@
 //! once by [`CoordinatorSettings::validate`] before anything binds a port.
 //!
 //! This is the lowest layer of the crate: it names no other module of it, so every module may
-//! read settings. The `[model]` section is in [`model`], `[privacy]` in [`privacy`], `[security]`
-//! in [`security`].
+//! read settings. Each large section has its own module, which checks its own keys: `[server]`
+//! in [`server`], `[rounds]` and `[sampling]` in [`rounds`], `[fit]` and `[evaluation]` in
+//! [`fit`], `[strategy]` in [`strategy`], `[model]` in [`model`], `[privacy]` in [`privacy`],
+//! `[secure_aggregation]` in [`secure_aggregation`], `[security]` in [`security`]. This file keeps
+//! the top-level struct, loading, the small `[storage]` and `[clients]` sections and the checks
+//! that span sections.
 //!
 //! Example (`deploy/config/coordinator.example.toml` has the full list):
 //!
@@ -27,26 +31,30 @@
 //! server_learning_rate = 0.01
 //! ```
 
+pub mod fit;
 pub mod model;
 pub mod privacy;
+pub mod rounds;
 pub mod secure_aggregation;
 pub mod security;
+pub mod server;
+pub mod strategy;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use fedtune_shared::chunk::{DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES};
 use fedtune_shared::compression::UpdateEncoding;
-use fedtune_shared::limits::MAX_NUM_EXAMPLES;
-use fedtune_shared::schedule::LrSchedule;
-use fedtune_shared::settings::{duration, optional_duration, SettingsError};
+use fedtune_shared::settings::{duration, format_duration, SettingsError};
 use serde::{Deserialize, Serialize};
 
+pub use fit::{EvaluationSettings, FitSettings};
 pub use model::{AdapterKind, LoraSettings, ModelSettings};
 pub use privacy::{accounting_for, AdaptiveClipSettings, DpMode, PrivacySettings};
+pub use rounds::{RoundSettings, SamplingSettings};
 pub use secure_aggregation::SecureAggregationSettings;
 pub use security::{LimitSettings, SecuritySettings};
+pub use server::ServerSettings;
+pub use strategy::{AdaptiveSettings, StrategySettings};
 
 /// Everything the coordinator is configured with.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,116 +97,6 @@ pub struct CoordinatorSettings {
     pub security: SecuritySettings,
 }
 
-/// Network side.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerSettings {
-    /// Address `serve` binds.
-    pub listen: SocketAddr,
-    /// A second, plaintext listener serving only the standard gRPC health service
-    /// (`grpc.health.v1.Health`: SERVING or NOT_SERVING, nothing else), for probes that cannot
-    /// speak TLS, such as Kubernetes' `grpc:` probes. Absent: health is answered on `listen`
-    /// only, behind its TLS.
-    #[serde(default)]
-    pub health_listen: Option<SocketAddr>,
-    /// The operator's plaintext HTTP port: Prometheus metrics at `/metrics` (open, or behind
-    /// `metrics_token_file`) and the status page at `/status` (operator token). Meant for a
-    /// private operator network, never the clients' side. Absent (the default): not served, so
-    /// nothing listens that the deployment did not ask for.
-    #[serde(default)]
-    pub operator_listen: Option<SocketAddr>,
-    /// A file holding the bearer token `/metrics` requires (base64url of 32 bytes, mode 0600;
-    /// written there with a fresh token at start if it does not exist). Give Prometheus a copy
-    /// as its scrape config's `authorization: { credentials_file: … }`. Absent (the default):
-    /// `/metrics` answers anyone who reaches `operator_listen`. Needs `operator_listen`.
-    #[serde(default)]
-    pub metrics_token_file: Option<PathBuf>,
-    /// Longest a `WaitForTask` long-poll blocks.
-    #[serde(with = "duration")]
-    pub long_poll: Duration,
-    /// Uploads received at the same time: the upload slots `ReserveUpload` grants, one per
-    /// upload stream. Further uploaders wait in `ReserveUpload` before opening a stream, so no
-    /// payload waits in memory. Each upload holds one spool file (model-sized, on disk) and a
-    /// stream window and a chunk or two in memory, so this bounds disk use, receive CPU and
-    /// memory whatever the number of clients. Receiving is CPU-bound (hash, checks), so more
-    /// than about twice the cores buys nothing.
-    pub max_concurrent_uploads: usize,
-    /// `ReserveUpload` calls that may wait for one of the `max_concurrent_uploads` slots; one
-    /// more is answered "retry after" at once (so is a wait that reaches `long_poll`). A waiting
-    /// reservation is a pending unary call holding no payload (a few KiB), so the bound can be
-    /// the number of clients expected to upload at once: refused reservations come back
-    /// polling. 0 answers "retry after" whenever every slot is busy. (Before `ReserveUpload`,
-    /// this bounded upload streams waiting for a slot, each holding a 1 MiB stream window.)
-    pub upload_queue: usize,
-    /// Longest an upload stream may stay silent between two messages before it is closed with
-    /// DEADLINE_EXCEEDED, so a client that sends a header and then nothing cannot hold one of the
-    /// `max_concurrent_uploads` slots until the round's deadline; also how long a
-    /// `ReserveUpload` grant holds its slot waiting for the stream to open.
-    #[serde(with = "duration")]
-    pub upload_idle_timeout: Duration,
-    /// Largest weight (`num_examples`) one update may claim. Each round also shares the
-    /// fixed-point bound on the total weight evenly among its participants, so one update can
-    /// never leave the others no room; an update above either cap is refused at its header.
-    pub max_update_weight: u64,
-    /// Chunk size of downloads unless a client asks otherwise (1–4 MiB).
-    pub download_chunk_bytes: usize,
-    /// Longest a download waits for the client to take its next chunk; a client that stops
-    /// reading loses the stream then (it ends with DEADLINE_EXCEEDED, nothing more is produced).
-    /// The chunks already produced stay buffered until the client resets the stream or closes
-    /// its connection, and so does its download slot, so never reading costs a client its own
-    /// two downloads, not the coordinator's memory.
-    #[serde(with = "duration")]
-    pub download_send_timeout: Duration,
-    /// Longest a new connection may take from accept to its first request (TLS handshake,
-    /// HTTP/2 preface, first call); one that has not got there by then is closed, so sockets
-    /// that connect and send nothing, or trickle a handshake, do not pile up.
-    #[serde(with = "duration")]
-    pub handshake_timeout: Duration,
-    /// Longest a connection may go without a byte from its peer before it is closed. The
-    /// server pings every third of it (at most every 30 s), and a live peer's answer counts, so
-    /// only dead or hostile peers reach it.
-    #[serde(with = "duration")]
-    pub connection_idle_timeout: Duration,
-    /// Longest any call but `UploadUpdate` may take to be answered (DEADLINE_EXCEEDED after
-    /// it). Must exceed `long_poll`. Uploads are bounded by the round's deadline and
-    /// `upload_idle_timeout` instead; download bodies by `download_send_timeout` per chunk.
-    #[serde(with = "duration")]
-    pub request_timeout: Duration,
-    /// Capacity of the bounded request queue in front of the round actor.
-    pub request_queue: usize,
-    /// How long shutdown waits for in-flight calls before it stops anyway.
-    #[serde(with = "duration")]
-    pub drain_grace: Duration,
-    /// Stop serving this long after the federation finished (all rounds done), so that agents
-    /// still polling learn it is over. `None` keeps serving until a signal.
-    #[serde(default, with = "optional_duration")]
-    pub exit_after_finished: Option<Duration>,
-}
-
-impl Default for ServerSettings {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
-            health_listen: None,
-            operator_listen: None,
-            metrics_token_file: None,
-            long_poll: Duration::from_secs(20),
-            max_concurrent_uploads: 4,
-            upload_queue: 1024,
-            upload_idle_timeout: Duration::from_secs(30),
-            max_update_weight: 10_000_000,
-            download_chunk_bytes: DEFAULT_CHUNK_BYTES,
-            download_send_timeout: Duration::from_secs(60),
-            handshake_timeout: Duration::from_secs(10),
-            connection_idle_timeout: Duration::from_secs(120),
-            request_timeout: Duration::from_secs(60),
-            request_queue: 256,
-            drain_grace: Duration::from_secs(30),
-            exit_after_finished: None,
-        }
-    }
-}
-
 /// Where state lives.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -209,216 +107,6 @@ pub struct StorageSettings {
     /// Checkpoints to keep (newest first; the initial model is always kept). 0 keeps all.
     #[serde(default)]
     pub keep_checkpoints: usize,
-}
-
-/// Round lifecycle.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RoundSettings {
-    /// Rounds to run; afterwards the federation is finished.
-    pub total: u64,
-    /// Time from sampling to the end of uploads.
-    #[serde(with = "duration")]
-    pub deadline: Duration,
-    /// Live clients needed before a round starts.
-    pub min_available: usize,
-    /// Accepted updates needed by the deadline for a round to complete (and clients a draw
-    /// needs). Not applied to Poisson draws under DP, which run and are charged whatever their
-    /// size: redrawing would condition the sample (`sampling::unconditioned`).
-    pub min_fit: usize,
-    /// Failed attempts in a row after which the federation halts.
-    pub max_consecutive_failures: u32,
-    /// Pause before retrying a failed round.
-    #[serde(with = "duration")]
-    pub retry_backoff: Duration,
-    /// Base seed of client sampling and per-client training seeds (recorded per round). Used
-    /// only without DP: under DP every draw is seeded from the OS CSPRNG, so that the sample
-    /// stays secret (`sampling::fit_seed`).
-    pub seed: u64,
-}
-
-impl Default for RoundSettings {
-    fn default() -> Self {
-        Self {
-            total: 10,
-            deadline: Duration::from_secs(600),
-            min_available: 2,
-            min_fit: 2,
-            max_consecutive_failures: 3,
-            retry_backoff: Duration::from_secs(5),
-            seed: 0,
-        }
-    }
-}
-
-/// How a round's clients are drawn from the live ones.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "scheme", rename_all = "snake_case", deny_unknown_fields)]
-pub enum SamplingSettings {
-    /// `max(min_fit, ceil(fraction × live))` clients uniformly without replacement.
-    Fraction {
-        /// In (0, 1].
-        fraction: f64,
-    },
-    /// `min(count, live)` clients uniformly without replacement.
-    Fixed {
-        /// At least `rounds.min_fit`.
-        count: usize,
-    },
-    /// Each live client independently with probability `rate` (what DP accounting with
-    /// Poisson subsampling assumes). A sample smaller than `min_fit` fails the attempt; it is not
-    /// redrawn conditionally.
-    Poisson {
-        /// In (0, 1].
-        rate: f64,
-    },
-}
-
-impl Default for SamplingSettings {
-    fn default() -> Self {
-        SamplingSettings::Fraction { fraction: 1.0 }
-    }
-}
-
-/// Local training parameters sent with every fit task.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FitSettings {
-    /// Local epochs.
-    pub epochs: u32,
-    /// Mini-batch size.
-    pub batch_size: u32,
-    /// Peak learning rate of the clients' optimizer.
-    pub learning_rate: f64,
-    /// Optimizer step cap per round.
-    pub max_steps: Option<u64>,
-    /// Shape of the clients' local rate within each round after warm-up: `constant` (Flower's
-    /// and most papers' clients), `linear` or `cosine` (decay to 0 at the round's last step).
-    pub lr_schedule: LrSchedule,
-    /// Steps at the start of each round over which the local rate rises from 0 to the peak.
-    pub warmup_steps: u64,
-    /// The encoding clients upload their updates in: `f32` (4 bytes per value) or `int8`
-    /// (blocks of 256 one-byte codes under an f32 scale, unbiased stochastic rounding:
-    /// about a quarter of the bytes; `fedtune_shared::compression`). Not with secure aggregation,
-    /// whose uploads are its own ring encoding.
-    pub update_encoding: UpdateEncoding,
-}
-
-impl Default for FitSettings {
-    fn default() -> Self {
-        Self {
-            epochs: 1,
-            batch_size: 16,
-            learning_rate: 5e-5,
-            max_steps: None,
-            lr_schedule: LrSchedule::Constant,
-            warmup_steps: 0,
-            update_encoding: UpdateEncoding::F32,
-        }
-    }
-}
-
-/// Federated evaluation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EvaluationSettings {
-    /// Evaluate after every k-th completed round (0 = never).
-    pub every: u64,
-    /// Also evaluate the initial model before round 1.
-    pub initial: bool,
-    /// Fraction of live clients with a held-out split that evaluate.
-    pub fraction: f64,
-    /// Reports needed for the evaluation figures to be recorded.
-    pub min_clients: usize,
-    /// Time clients get to report.
-    #[serde(with = "duration")]
-    pub deadline: Duration,
-    /// Evaluation batch size.
-    pub batch_size: u32,
-    /// Evaluate under differential privacy too. Off by default: evaluation reports are
-    /// per-client figures on local data that no noise protects, outside the (ε, δ) guarantee.
-    pub enabled_under_dp: bool,
-}
-
-impl Default for EvaluationSettings {
-    fn default() -> Self {
-        Self {
-            every: 1,
-            initial: false,
-            fraction: 1.0,
-            min_clients: 1,
-            deadline: Duration::from_secs(300),
-            batch_size: 32,
-            enabled_under_dp: false,
-        }
-    }
-}
-
-/// Aggregation strategy (Reddi et al. 2021 for the adaptive ones).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
-pub enum StrategySettings {
-    /// Weighted FedAvg: `x ← x + η·Δ̄`.
-    Fedavg {
-        /// Server learning rate η (1 = plain FedAvg).
-        #[serde(default = "one")]
-        server_learning_rate: f64,
-    },
-    /// FedAvg aggregation with clients minimising `loss + μ/2‖w − x‖²`.
-    Fedprox {
-        /// Proximal coefficient μ ≥ 0 sent to clients.
-        mu: f64,
-        /// Server learning rate η.
-        #[serde(default = "one")]
-        server_learning_rate: f64,
-    },
-    /// FedAdam.
-    Fedadam(AdaptiveSettings),
-    /// FedYogi.
-    Fedyogi(AdaptiveSettings),
-    /// FedAdagrad.
-    Fedadagrad(AdaptiveSettings),
-}
-
-fn one() -> f64 {
-    1.0
-}
-
-impl Default for StrategySettings {
-    fn default() -> Self {
-        StrategySettings::Fedavg { server_learning_rate: 1.0 }
-    }
-}
-
-/// Server optimizer parameters of FedAdam/FedYogi/FedAdagrad.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdaptiveSettings {
-    /// Server learning rate η.
-    #[serde(default = "default_eta")]
-    pub server_learning_rate: f64,
-    /// First-moment decay β₁ in [0, 1).
-    #[serde(default = "default_beta1")]
-    pub beta1: f64,
-    /// Second-moment decay β₂ in [0, 1) (unused by FedAdagrad).
-    #[serde(default = "default_beta2")]
-    pub beta2: f64,
-    /// Adaptivity τ > 0 (also the initial √v).
-    #[serde(default = "default_tau")]
-    pub tau: f64,
-}
-
-fn default_eta() -> f64 {
-    1e-2
-}
-fn default_beta1() -> f64 {
-    0.9
-}
-fn default_beta2() -> f64 {
-    0.99
-}
-fn default_tau() -> f64 {
-    1e-3
 }
 
 /// Client liveness.
@@ -473,206 +161,27 @@ impl CoordinatorSettings {
 
     /// Checks every value and cross-field rule; the error names the key.
     pub fn validate(&self) -> Result<(), SettingsError> {
-        let s = &self.server;
-        if s.long_poll.is_zero() || s.long_poll > Duration::from_secs(300) {
-            return Err(SettingsError::invalid("server.long_poll", "must be between 1ms and 5m"));
-        }
-        if s.max_concurrent_uploads == 0 {
-            return Err(SettingsError::invalid("server.max_concurrent_uploads", "must be at least 1"));
-        }
-        if s.upload_idle_timeout.is_zero() || s.upload_idle_timeout > Duration::from_secs(600) {
-            return Err(SettingsError::invalid("server.upload_idle_timeout", "must be between 1ms and 10m"));
-        }
-        if !(1..=MAX_NUM_EXAMPLES).contains(&s.max_update_weight) {
-            return Err(SettingsError::invalid(
-                "server.max_update_weight",
-                format!("must be between 1 and {MAX_NUM_EXAMPLES}"),
-            ));
-        }
-        if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&s.download_chunk_bytes) {
-            return Err(SettingsError::invalid(
-                "server.download_chunk_bytes",
-                format!("must be between {MIN_CHUNK_BYTES} and {MAX_CHUNK_BYTES}"),
-            ));
-        }
-        if s.download_send_timeout.is_zero() || s.download_send_timeout > Duration::from_secs(600) {
-            return Err(SettingsError::invalid(
-                "server.download_send_timeout",
-                "must be between 1ms and 10m",
-            ));
-        }
-        if s.handshake_timeout.is_zero() || s.handshake_timeout > Duration::from_secs(300) {
-            return Err(SettingsError::invalid("server.handshake_timeout", "must be between 1ms and 5m"));
-        }
-        if s.connection_idle_timeout.is_zero() || s.connection_idle_timeout > Duration::from_secs(3600) {
-            return Err(SettingsError::invalid(
-                "server.connection_idle_timeout",
-                "must be between 1ms and 1h",
-            ));
-        }
-        if s.request_timeout <= s.long_poll || s.request_timeout > Duration::from_secs(3600) {
-            return Err(SettingsError::invalid(
-                "server.request_timeout",
-                format!("must exceed server.long_poll ({:?}) and be at most 1h", s.long_poll),
-            ));
-        }
-        if s.request_queue == 0 {
-            return Err(SettingsError::invalid("server.request_queue", "must be at least 1"));
-        }
-        // Two listeners on one port would fail to bind at start-up, or (one on 0.0.0.0) take
-        // each other's connections: refused here, naming the key.
-        let clash = |a: SocketAddr, b: SocketAddr| {
-            let overlaps = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
-            a.port() != 0 && a.port() == b.port() && overlaps
-        };
-        if let Some(h) = s.health_listen {
-            if clash(h, s.listen) {
-                return Err(SettingsError::invalid(
-                    "server.health_listen",
-                    format!("must not be server.listen's port ({})", s.listen),
-                ));
-            }
-        }
-        if let Some(o) = s.operator_listen {
-            for (other, key) in [(Some(s.listen), "server.listen"), (s.health_listen, "server.health_listen")]
-            {
-                if let Some(other) = other.filter(|&other| clash(o, other)) {
-                    return Err(SettingsError::invalid(
-                        "server.operator_listen",
-                        format!("must not be {key}'s port ({other})"),
-                    ));
-                }
-            }
-        }
-        if let Some(file) = &s.metrics_token_file {
-            if s.operator_listen.is_none() {
-                return Err(SettingsError::invalid(
-                    "server.metrics_token_file",
-                    "protects /metrics on the operator port: set server.operator_listen too",
-                ));
-            }
-            if file.as_os_str().is_empty() {
-                return Err(SettingsError::invalid("server.metrics_token_file", "must not be empty"));
-            }
-        }
+        self.server.validate()?;
         if self.storage.state_dir.as_os_str().is_empty() {
             return Err(SettingsError::invalid("storage.state_dir", "must not be empty"));
         }
         self.model.validate()?;
-        let r = &self.rounds;
-        if r.total == 0 {
-            return Err(SettingsError::invalid("rounds.total", "must be at least 1"));
-        }
-        if r.deadline.is_zero() {
-            return Err(SettingsError::invalid("rounds.deadline", "must be positive"));
-        }
-        if r.min_fit == 0 {
-            return Err(SettingsError::invalid("rounds.min_fit", "must be at least 1"));
-        }
-        if r.min_available < r.min_fit {
-            return Err(SettingsError::invalid(
-                "rounds.min_available",
-                format!("({}) must be at least rounds.min_fit ({})", r.min_available, r.min_fit),
-            ));
-        }
-        if r.max_consecutive_failures == 0 {
-            return Err(SettingsError::invalid("rounds.max_consecutive_failures", "must be at least 1"));
-        }
-        match self.sampling {
-            SamplingSettings::Fraction { fraction } if !(fraction > 0.0 && fraction <= 1.0) => {
-                return Err(SettingsError::invalid("sampling.fraction", "must be in (0, 1]"));
-            }
-            SamplingSettings::Fixed { count } if count < r.min_fit => {
-                return Err(SettingsError::invalid(
-                    "sampling.count",
-                    format!("({count}) must be at least rounds.min_fit ({})", r.min_fit),
-                ));
-            }
-            SamplingSettings::Poisson { rate } if !(rate > 0.0 && rate <= 1.0) => {
-                return Err(SettingsError::invalid("sampling.rate", "must be in (0, 1]"));
-            }
-            _ => {}
-        }
-        let f = &self.fit;
-        if f.epochs == 0 {
-            return Err(SettingsError::invalid("fit.epochs", "must be at least 1"));
-        }
-        if f.batch_size == 0 {
-            return Err(SettingsError::invalid("fit.batch_size", "must be at least 1"));
-        }
-        if !(f.learning_rate.is_finite() && f.learning_rate > 0.0) {
-            return Err(SettingsError::invalid("fit.learning_rate", "must be finite and positive"));
-        }
-        if f.max_steps == Some(0) {
-            return Err(SettingsError::invalid("fit.max_steps", "must be at least 1 (omit it for no cap)"));
-        }
-        if let Some(max) = f.max_steps.filter(|&max| f.warmup_steps >= max) {
-            return Err(SettingsError::invalid(
-                "fit.warmup_steps",
-                format!(
-                    "({}) must be below fit.max_steps ({max}): the rate would never reach its peak",
-                    f.warmup_steps
-                ),
-            ));
-        }
-        if f.update_encoding != UpdateEncoding::F32 && self.secure_aggregation.enabled {
+        self.rounds.validate()?;
+        self.sampling.validate(self.rounds.min_fit)?;
+        self.fit.validate()?;
+        // Spans two sections, so it is checked here rather than in `fit`.
+        if self.fit.update_encoding != UpdateEncoding::F32 && self.secure_aggregation.enabled {
             return Err(SettingsError::invalid(
                 "fit.update_encoding",
                 format!(
                     "`{}` cannot be used with secure_aggregation.enabled = true: a secure round's uploads are \
                      its own ring encoding (4 bytes per value, masked); use `f32` or disable secure aggregation",
-                    f.update_encoding
+                    self.fit.update_encoding
                 ),
             ));
         }
-        let e = &self.evaluation;
-        if !(e.fraction > 0.0 && e.fraction <= 1.0) {
-            return Err(SettingsError::invalid("evaluation.fraction", "must be in (0, 1]"));
-        }
-        if e.deadline.is_zero() {
-            return Err(SettingsError::invalid("evaluation.deadline", "must be positive"));
-        }
-        if e.batch_size == 0 {
-            return Err(SettingsError::invalid("evaluation.batch_size", "must be at least 1"));
-        }
-        let positive = |v: f64| v.is_finite() && v > 0.0;
-        match &self.strategy {
-            StrategySettings::Fedavg { server_learning_rate } if !positive(*server_learning_rate) => {
-                return Err(SettingsError::invalid(
-                    "strategy.server_learning_rate",
-                    "must be finite and positive",
-                ));
-            }
-            StrategySettings::Fedprox { mu, server_learning_rate } => {
-                if !(mu.is_finite() && *mu >= 0.0) {
-                    return Err(SettingsError::invalid("strategy.mu", "must be finite and non-negative"));
-                }
-                if !positive(*server_learning_rate) {
-                    return Err(SettingsError::invalid(
-                        "strategy.server_learning_rate",
-                        "must be finite and positive",
-                    ));
-                }
-            }
-            StrategySettings::Fedadam(a) | StrategySettings::Fedyogi(a) | StrategySettings::Fedadagrad(a) => {
-                if !positive(a.server_learning_rate) {
-                    return Err(SettingsError::invalid(
-                        "strategy.server_learning_rate",
-                        "must be finite and positive",
-                    ));
-                }
-                if !(0.0..1.0).contains(&a.beta1) {
-                    return Err(SettingsError::invalid("strategy.beta1", "must be in [0, 1)"));
-                }
-                if !(0.0..1.0).contains(&a.beta2) {
-                    return Err(SettingsError::invalid("strategy.beta2", "must be in [0, 1)"));
-                }
-                if !positive(a.tau) {
-                    return Err(SettingsError::invalid("strategy.tau", "must be finite and positive"));
-                }
-            }
-            _ => {}
-        }
+        self.evaluation.validate()?;
+        self.strategy.validate()?;
         let c = &self.clients;
         if c.heartbeat_interval.is_zero() {
             return Err(SettingsError::invalid("clients.heartbeat_interval", "must be positive"));
@@ -718,10 +227,28 @@ impl CoordinatorSettings {
     }
 }
 
+/// Refuses a duration that is zero or above `max`, with the wording every bounded timeout
+/// shares ("must be between 1ms and 10m").
+fn duration_up_to(key: &str, value: Duration, max: Duration) -> Result<(), SettingsError> {
+    if value.is_zero() || value > max {
+        return Err(SettingsError::invalid(key, format!("must be between 1ms and {}", format_duration(max))));
+    }
+    Ok(())
+}
+
+/// Refuses a rate or coefficient that is zero, negative, infinite or NaN.
+fn finite_positive(key: &str, value: f64) -> Result<(), SettingsError> {
+    if !(value.is_finite() && value > 0.0) {
+        return Err(SettingsError::invalid(key, "must be finite and positive"));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use fedtune_shared::compression::DownloadEncoding;
+    use fedtune_shared::schedule::LrSchedule;
 
     fn model_dir() -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();
@@ -952,6 +479,33 @@ mod tests {
         assert_eq!(s.rounds, RoundSettings::default());
         assert_eq!(s.fit, FitSettings::default(), "the example shows the defaults");
         assert_eq!(s.model.download_encoding, DownloadEncoding::F32, "the example shows the default");
+    }
+
+    #[test]
+    fn bounded_timeouts_and_rates_are_refused_with_the_bound_in_words() {
+        let d = model_dir();
+        for (var, value, text) in [
+            ("FEDTUNE__SERVER__LONG_POLL", "6m", "`server.long_poll`: must be between 1ms and 5m"),
+            (
+                "FEDTUNE__SERVER__UPLOAD_IDLE_TIMEOUT",
+                "0s",
+                "`server.upload_idle_timeout`: must be between 1ms and 10m",
+            ),
+            (
+                "FEDTUNE__SERVER__CONNECTION_IDLE_TIMEOUT",
+                "2h",
+                "`server.connection_idle_timeout`: must be between 1ms and 1h",
+            ),
+            (
+                "FEDTUNE__SECURITY__CHALLENGE_TTL",
+                "11m",
+                "`security.challenge_ttl`: must be between 1ms and 10m",
+            ),
+            ("FEDTUNE__FIT__LEARNING_RATE", "0", "`fit.learning_rate`: must be finite and positive"),
+        ] {
+            let err = load(&base(&d), vec![(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(text), "`{err}` should contain `{text}`");
+        }
     }
 
     #[test]

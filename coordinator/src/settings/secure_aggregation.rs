@@ -99,18 +99,16 @@ impl SecureAggregationSettings {
         if self.degree.is_some_and(|k| k < 1) {
             return Err(SettingsError::invalid("secure_aggregation.degree", "must be at least 1"));
         }
-        if self.step_timeout.is_zero() || self.step_timeout > Duration::from_secs(600) {
-            return Err(SettingsError::invalid(
-                "secure_aggregation.step_timeout",
-                "must be between 1ms and 10m",
-            ));
-        }
-        if self.unmask_timeout.is_zero() || self.unmask_timeout > Duration::from_secs(600) {
-            return Err(SettingsError::invalid(
-                "secure_aggregation.unmask_timeout",
-                "must be between 1ms and 10m",
-            ));
-        }
+        super::duration_up_to(
+            "secure_aggregation.step_timeout",
+            self.step_timeout,
+            Duration::from_secs(600),
+        )?;
+        super::duration_up_to(
+            "secure_aggregation.unmask_timeout",
+            self.unmask_timeout,
+            Duration::from_secs(600),
+        )?;
         if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
             return Err(SettingsError::invalid(
                 "secure_aggregation.clip_norm",

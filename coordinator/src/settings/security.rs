@@ -146,9 +146,7 @@ impl SecuritySettings {
         if self.session_ttl < Duration::from_secs(1) {
             return Err(SettingsError::invalid("security.session_ttl", "must be at least 1s"));
         }
-        if self.challenge_ttl.is_zero() || self.challenge_ttl > Duration::from_secs(600) {
-            return Err(SettingsError::invalid("security.challenge_ttl", "must be between 1ms and 10m"));
-        }
+        super::duration_up_to("security.challenge_ttl", self.challenge_ttl, Duration::from_secs(600))?;
         let l = &self.limits;
         let rate = |v: f64| v.is_finite() && v > 0.0;
         if !rate(l.calls_per_second) {
