@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{cpu_options, max_abs_diff, python, sentiment_dataset, tiny_bert};
+use common::{cpu_options, max_abs_diff, sentiment_dataset, tiny_bert};
 use fedtune_client::local_trainer::{FitConfig, LocalTrainer};
 use fedtune_client::trainer::{BertTrainer, TrainerOptions};
 use fedtune_shared::bert::lora::{lora_part, LoraConfig, LoraPart};
@@ -113,19 +113,9 @@ with torch.no_grad():
     probs = model(**enc).logits.softmax(-1)
 print(json.dumps(probs.reshape(-1).tolist()))
 "#;
-    let out = Command::new(python())
-        .arg("-c")
-        .arg(script)
-        .arg(model)
-        .arg(adapter.map(|a| a.display().to_string()).unwrap_or_default())
-        .arg(serde_json::to_string(&texts()).unwrap())
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_OFFLINE", "1")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "python failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    common::flat_f32(&serde_json::from_str(stdout.lines().last().unwrap()).unwrap())
+    let adapter = adapter.map(|a| a.display().to_string()).unwrap_or_default();
+    let args = [model.display().to_string(), adapter, serde_json::to_string(&texts()).unwrap()];
+    common::flat_f32(&common::python_json(script, &args))
 }
 
 fn trained() -> (BertTrainer, Vec<f32>) {
@@ -169,11 +159,7 @@ fn peft_loads_the_adapter_onto_the_base_model_with_fedtunes_probabilities() {
 fn the_cli_trains_only_the_adapter_and_head_and_exports_merged_and_for_peft() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("reviews.csv");
-    let mut csv = String::from("text,label\n");
-    for e in common::sentiment_examples(80, 9) {
-        csv.push_str(&format!("{},{}\n", e.text, e.label.unwrap()));
-    }
-    std::fs::write(&data, csv).unwrap();
+    common::write_sentiment_csv(&data, "text", "label", 80, 9);
     let (merged, adapter) = (dir.path().join("merged"), dir.path().join("adapter"));
     let out = Command::new(env!("CARGO_BIN_EXE_fedtune-client"))
         .args(["train", "--model"])

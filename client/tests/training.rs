@@ -6,7 +6,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{cpu_options, max_abs_diff, python, sentiment_dataset, tiny_bert};
+use common::{cpu_options, max_abs_diff, sentiment_dataset, tiny_bert};
 use fedtune_client::data::LabelSet;
 use fedtune_client::local_trainer::{FitConfig, LocalTrainer, TrainerError};
 use fedtune_client::model::{BertClassifier, ModelInput};
@@ -270,18 +270,8 @@ with torch.no_grad():
     logits = model(**enc).logits
 print(json.dumps({"logits": logits.reshape(-1).tolist(), "id2label": model.config.id2label}))
 "#;
-    let out = Command::new(python())
-        .arg("-c")
-        .arg(script)
-        .arg(dir.path())
-        .arg(serde_json::to_string(&sentences).unwrap())
-        .env("HF_HUB_OFFLINE", "1")
-        .env("TRANSFORMERS_OFFLINE", "1")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "python failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let reply: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let args = [dir.path().display().to_string(), serde_json::to_string(&sentences).unwrap()];
+    let reply = common::python_json(script, &args);
     let theirs = common::flat_f32(&reply["logits"]);
     let diff = max_abs_diff(&ours, &theirs);
     assert!(diff <= 1e-4, "logits differ by {diff}: ours {ours:?}, transformers {theirs:?}");
@@ -307,11 +297,7 @@ fn run_ok(cmd: &mut Command) -> String {
 fn the_cli_trains_against_the_baseline_exports_evaluates_and_predicts() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("reviews.csv");
-    let mut csv = String::from("review,sentiment\n");
-    for e in common::sentiment_examples(200, 9) {
-        csv.push_str(&format!("{},{}\n", e.text, e.label.unwrap()));
-    }
-    std::fs::write(&data, csv).unwrap();
+    common::write_sentiment_csv(&data, "review", "sentiment", 200, 9);
     let model = dir.path().join("model");
     let common_args = ["--device", "cpu", "--threads", "1", "--max-len", "32", "--quiet"];
 

@@ -112,3 +112,14 @@ pub fn quick_settings(
     s.security.limits.anonymous_burst = 10_000;
     s
 }
+
+/// [`quick_settings`] for one round over a small fake model (2 layers, hidden 8) written under
+/// `dir`: `clients` clients sampled once they have all joined, `min_fit` updates needed, no
+/// evaluation, state in `dir/state`. The scenarios that drive the protocol by hand start here.
+pub fn one_round_settings(dir: &Path, clients: usize, min_fit: usize) -> Result<CoordinatorSettings> {
+    let model = write_fake_model(&dir.join("model"), 2, 8)?;
+    let mut s = quick_settings(&dir.join("state"), &model, 1, clients, min_fit);
+    s.evaluation.every = 0;
+    s.rounds.min_available = clients;
+    Ok(s)
+}

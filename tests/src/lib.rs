@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`process`]: the real binaries as child processes (start, `kill -9`, restart, status polling).
+//! - [`agents`]: client agents in this process with fake trainers.
 //! - [`grpc`]: an in-process coordinator and a raw protocol test client (exact messages,
 //!   exact statuses).
 //! - [`fixtures`]: tiny models, synthetic data and quick coordinator settings.
@@ -13,6 +14,7 @@
 // Every public item says what it is for (ARCHITECTURE principle 14); CI denies warnings.
 #![warn(missing_docs)]
 
+pub mod agents;
 pub mod chromium;
 pub mod fixtures;
 pub mod grpc;

@@ -52,6 +52,41 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Runs `fedtune-coordinator simulate ARGS --out OUT` to completion and returns what it printed
+/// on stdout; fails with both streams unless it succeeded. The report lies under `out`.
+pub fn simulate(args: &[&str], out: &Path) -> Result<String> {
+    let output = Command::new(binary("fedtune-coordinator")?)
+        .arg("simulate")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        bail!("simulate failed ({}):\n{stdout}\n{stderr}", output.status);
+    }
+    Ok(stdout.into_owned())
+}
+
+/// [`simulate`] with `--fake-trainer`: `clients` clients over `model` and `data`, every one of
+/// them sampled in each of `rounds` rounds, and `extra` flags.
+pub fn simulate_fake(
+    model: &Path,
+    data: &Path,
+    clients: usize,
+    rounds: u64,
+    extra: &[&str],
+    out: &Path,
+) -> Result<String> {
+    let (clients, rounds) = (clients.to_string(), rounds.to_string());
+    let (model, data) = (model.to_str().context("model path")?, data.to_str().context("data path")?);
+    let mut args = vec!["--fake-trainer", "--model", model, "--data", data, "--clients", &clients];
+    args.extend(["--rounds", &rounds, "--sample", "0"]);
+    args.extend_from_slice(extra);
+    simulate(&args, out)
+}
+
 /// A loopback port that was free a moment ago (the coordinator must come back on the same port
 /// after a restart, so tests choose it instead of binding port 0).
 pub fn free_port() -> Result<u16> {

@@ -5,30 +5,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
-use fedtune_client::agent::{Agent, AgentConfig, ExitReason, TrainerFactory, TrainerSpec};
-use fedtune_client::fake_trainer::{FakeTrainer, FakeTrainerConfig};
+use fedtune_client::agent::ExitReason;
+use fedtune_client::fake_trainer::FakeTrainer;
 use fedtune_client::local_trainer::{FitConfig, LocalTrainer};
-use fedtune_client::transport::{ConnectOptions, GrpcCoordinator};
 use fedtune_coordinator::cli::{export, ExportArgs};
-use fedtune_shared::ids::ClientId;
 use fedtune_shared::params::{Manifest, ParameterVector};
+use fedtune_tests::agents::{fake_trainer, spawn_fake_agent};
 use fedtune_tests::fixtures::{quick_settings, write_fake_model};
-use tokio_util::sync::CancellationToken;
-
-fn fake(seed: u64, examples: u64) -> FakeTrainerConfig {
-    FakeTrainerConfig {
-        seed,
-        num_train_examples: examples,
-        num_eval_examples: 10,
-        ..FakeTrainerConfig::default()
-    }
-}
-
-fn factory(config: FakeTrainerConfig) -> TrainerFactory {
-    Box::new(move |spec: &TrainerSpec| {
-        Ok(Box::new(FakeTrainer::new(spec.trainable.clone(), config)) as Box<dyn LocalTrainer>)
-    })
-}
+use fedtune_tests::grpc::InProcess;
 
 /// The full model of version `round` from the state directory, restricted to `manifest`.
 fn published(state: &Path, round: u64, manifest: &Manifest, out: &Path) -> Result<ParameterVector> {
@@ -41,35 +25,19 @@ async fn three_agents_over_grpc_publish_the_example_weighted_mean_of_their_local
     let dir = tempfile::tempdir()?;
     let model = write_fake_model(&dir.path().join("model"), 2, 8)?;
     let state = dir.path().join("state");
-    let settings = quick_settings(&state, &model, 1, 3, 3);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let stop = CancellationToken::new();
-    fedtune_tests::identities::register(&url, &state);
-    let server = tokio::spawn(fedtune_coordinator::run(settings, listener, stop.clone()));
+    let coord = InProcess::start(quick_settings(&state, &model, 1, 3, 3)).await?;
 
     let clients = [(1, 10), (2, 30), (3, 60)];
     let mut agents = Vec::new();
     for (seed, examples) in clients {
-        let key = fedtune_tests::identities::key_for(&url, &format!("site-{seed}"))?;
-        let api = GrpcCoordinator::connect_lazy(&ConnectOptions::new(url.clone()))?.with_identity(key, None);
-        let config = AgentConfig {
-            name: Some(ClientId::parse(&format!("site-{seed}"))?),
-            train_examples: examples,
-            eval_examples: 10,
-            poll_wait: Duration::from_secs(2),
-            ..AgentConfig::default()
-        };
-        let agent = Agent::new(api, config, factory(fake(seed, examples)), CancellationToken::new());
-        agents.push(tokio::spawn(agent.run()));
+        agents.push(spawn_fake_agent(&coord.url, seed, examples)?);
     }
     for agent in agents {
         let outcome = tokio::time::timeout(Duration::from_secs(60), agent).await???;
         assert!(matches!(outcome.reason, ExitReason::Finished { .. }), "{outcome:?}");
         assert_eq!((outcome.stats.fits, outcome.stats.updates_accepted), (1, 1), "{outcome:?}");
     }
-    stop.cancel();
-    server.await??;
+    coord.shutdown().await?;
 
     // Recompute round 1 by hand: every client trains from version 0; FedAvg (server rate 1)
     // moves the model by the example-weighted mean of their deltas.
@@ -80,7 +48,7 @@ async fn three_agents_over_grpc_publish_the_example_weighted_mean_of_their_local
     let total: u64 = clients.iter().map(|c| c.1).sum();
     let mut expected = global.values().to_vec();
     for (seed, examples) in clients {
-        let mut trainer = FakeTrainer::new(manifest.clone(), fake(seed, examples));
+        let mut trainer = FakeTrainer::new(manifest.clone(), fake_trainer(seed, examples));
         let local = trainer.fit(&global, &FitConfig::default())?.weights;
         for ((e, l), g) in expected.iter_mut().zip(local.values()).zip(global.values()) {
             *e += (l - g) * examples as f32 / total as f32;

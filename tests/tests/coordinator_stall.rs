@@ -3,7 +3,6 @@
 //! earlier), tiny chunks and inflated weights are refused — and the honest updates of the same
 //! round are folded all the same.
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -14,7 +13,7 @@ use fedtune_shared::pb;
 use fedtune_shared::round::{
     Chunk, ClientActivity, FitTask, ModelScope, UploadAdmission, UploadItem, UploadReceipt,
 };
-use fedtune_tests::fixtures::{quick_settings, write_fake_model};
+use fedtune_tests::fixtures::{one_round_settings, write_fake_model};
 use fedtune_tests::grpc::{expect_status, f32_bytes, update_values, InProcess, TestClient};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -23,13 +22,13 @@ use tonic::{Code, Status};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// One round over a small model, every joined client sampled, `min_fit` updates needed.
-fn settings(dir: &Path, clients: usize, min_fit: usize) -> Result<CoordinatorSettings> {
-    let model = write_fake_model(&dir.join("model"), 2, 8)?;
-    let mut s = quick_settings(&dir.join("state"), &model, 1, clients, min_fit);
-    s.evaluation.every = 0;
-    s.rounds.min_available = clients;
-    Ok(s)
+/// One upload slot, and neither the idle timeout nor liveness ends anything within a test: only
+/// what the test is about (the deadline, the queue, the round closing) may end a wait.
+fn one_upload_slot(s: &mut CoordinatorSettings) {
+    s.server.max_concurrent_uploads = 1;
+    s.server.upload_idle_timeout = Duration::from_secs(600);
+    s.clients.heartbeat_interval = Duration::from_secs(1);
+    s.clients.liveness_timeout = Duration::from_secs(3600);
 }
 
 /// Starts an upload that sends its header and then nothing, keeping the stream open: the
@@ -63,7 +62,7 @@ fn assert_is_weighted_mean(global: &[f32], updates: &[(u64, Vec<f32>)], got: &[f
 async fn four_hung_uploaders_do_not_stop_an_honest_update_from_being_folded_in_the_same_round() -> Result<()>
 {
     let dir = tempfile::tempdir()?;
-    let mut s = settings(dir.path(), 5, 1)?;
+    let mut s = one_round_settings(dir.path(), 5, 1)?;
     s.server.max_concurrent_uploads = 4;
     s.server.upload_idle_timeout = Duration::from_secs(1);
     let coord = InProcess::start(s).await?;
@@ -101,13 +100,9 @@ async fn four_hung_uploaders_do_not_stop_an_honest_update_from_being_folded_in_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_for_an_upload_slot_and_streaming_both_end_at_the_round_deadline() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut s = settings(dir.path(), 2, 1)?;
-    s.server.max_concurrent_uploads = 1;
+    let mut s = one_round_settings(dir.path(), 2, 1)?;
+    one_upload_slot(&mut s);
     s.rounds.deadline = Duration::from_secs(4);
-    // Neither the idle timeout nor liveness may end anything before the deadline here.
-    s.server.upload_idle_timeout = Duration::from_secs(600);
-    s.clients.heartbeat_interval = Duration::from_secs(1);
-    s.clients.liveness_timeout = Duration::from_secs(3600);
     let coord = InProcess::start(s).await?;
     let mut holder = TestClient::join(&coord.url, "holder", 0).await?;
     let mut waiter = TestClient::join(&coord.url, "waiter", 0).await?;
@@ -139,16 +134,13 @@ async fn waiting_for_an_upload_slot_and_streaming_both_end_at_the_round_deadline
 async fn a_reservation_beyond_the_busy_slots_and_the_full_queue_is_told_to_retry_at_once_and_its_upload_folds_later(
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut s = settings(dir.path(), 3, 1)?;
-    s.server.max_concurrent_uploads = 1;
+    let mut s = one_round_settings(dir.path(), 3, 1)?;
+    one_upload_slot(&mut s);
     s.server.upload_queue = 1;
     // Far beyond the test's waits: only the queue bound can answer the third reservation in time.
     s.rounds.deadline = Duration::from_secs(120);
     s.server.long_poll = Duration::from_secs(60);
     s.server.request_timeout = Duration::from_secs(90);
-    s.server.upload_idle_timeout = Duration::from_secs(600);
-    s.clients.heartbeat_interval = Duration::from_secs(1);
-    s.clients.liveness_timeout = Duration::from_secs(3600);
     let coord = InProcess::start(s).await?;
     let mut holder = TestClient::join(&coord.url, "holder", 0).await?;
     let mut waiter = TestClient::join(&coord.url, "waiter", 0).await?;
@@ -189,13 +181,10 @@ async fn a_reservation_beyond_the_busy_slots_and_the_full_queue_is_told_to_retry
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_still_streaming_when_its_round_closes_is_ended() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut s = settings(dir.path(), 1, 1)?;
-    s.server.max_concurrent_uploads = 1;
+    let mut s = one_round_settings(dir.path(), 1, 1)?;
+    one_upload_slot(&mut s);
     // Far beyond the test's waits: only the round closing can end the stream here.
     s.rounds.deadline = Duration::from_secs(120);
-    s.server.upload_idle_timeout = Duration::from_secs(600);
-    s.clients.heartbeat_interval = Duration::from_secs(1);
-    s.clients.liveness_timeout = Duration::from_secs(3600);
     let coord = InProcess::start(s).await?;
     let mut c = TestClient::join(&coord.url, "quitter", 0).await?;
     let n = c.trainable().numel();
@@ -227,7 +216,7 @@ async fn an_upload_still_streaming_when_its_round_closes_is_ended() -> Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_claiming_2_pow_31_minus_1_examples_is_refused_and_the_honest_ones_fold() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let coord = InProcess::start(settings(dir.path(), 3, 2)?).await?;
+    let coord = InProcess::start(one_round_settings(dir.path(), 3, 2)?).await?;
     let mut a = TestClient::join(&coord.url, "a", 0).await?;
     let mut b = TestClient::join(&coord.url, "b", 0).await?;
     let mut inflated = TestClient::join(&coord.url, "inflated", 0).await?;
@@ -253,7 +242,7 @@ async fn an_update_claiming_2_pow_31_minus_1_examples_is_refused_and_the_honest_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_final_upload_chunk_below_the_minimum_is_refused_naming_its_size() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut s = settings(dir.path(), 1, 1)?;
+    let mut s = one_round_settings(dir.path(), 1, 1)?;
     // A model whose trainable payload spans more than one minimum-sized chunk.
     let model = write_fake_model(&dir.path().join("big-model"), 1, 600)?;
     s.model.init_dir = model;
@@ -280,7 +269,7 @@ async fn a_non_final_upload_chunk_below_the_minimum_is_refused_naming_its_size()
 async fn a_client_streams_at_most_two_downloads_and_one_it_never_reads_ends_after_the_send_timeout_but_keeps_its_slot(
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut s = settings(dir.path(), 1, 1)?;
+    let mut s = one_round_settings(dir.path(), 1, 1)?;
     // A model of a dozen chunks, more than the stream's buffers and flow-control windows hold.
     s.model.init_dir = write_fake_model(&dir.path().join("big-model"), 1, 1200)?;
     s.server.download_send_timeout = Duration::from_secs(1);

@@ -32,7 +32,7 @@ use fedtune_shared::secagg::{
 };
 use fedtune_tests::fixtures::{quick_settings, write_fake_model};
 use fedtune_tests::grpc::{f32_bytes, InProcess, TestClient};
-use fedtune_tests::process::{binary, wait_for_status, CoordinatorProc};
+use fedtune_tests::process::{binary, simulate_fake, wait_for_status, CoordinatorProc};
 use futures::stream::{BoxStream, StreamExt};
 use tokio_util::sync::CancellationToken;
 
@@ -602,24 +602,11 @@ fn simulate_reports_epsilon_per_round_and_stops_at_the_budget() -> Result<()> {
     let z = 2.0;
     // Full participation of 3 clients: the budget covers two rounds, not three.
     let budget = (full_epsilon(z, 2) + full_epsilon(z, 3)) / 2.0;
-    let output = Command::new(binary("fedtune-coordinator")?)
-        .args([
-            "simulate",
-            "--fake-trainer",
-            "--clients",
-            "3",
-            "--rounds",
-            "4",
-            "--sample",
-            "0",
-            "--insecure",
-        ])
-        .args(["--dp", "central", "--noise-multiplier", "2", "--clip-norm", "0.5", "--delta", "1e-5"])
-        .args(["--target-epsilon", &budget.to_string(), "--model", model.to_str().unwrap()])
-        .args(["--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let budget = budget.to_string();
+    let dp =
+        ["--insecure", "--dp", "central", "--noise-multiplier", "2", "--clip-norm", "0.5", "--delta", "1e-5"];
+    let stdout =
+        simulate_fake(&model, &data, 3, 4, &[&dp[..], &["--target-epsilon", &budget]].concat(), &out)?;
     assert!(stdout.contains("epsilon") && stdout.contains("privacy: central DP"), "{stdout}");
     assert!(stdout.contains("privacy budget exhausted"), "{stdout}");
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(out.join("metrics.json"))?)?;
@@ -633,29 +620,7 @@ fn simulate_reports_epsilon_per_round_and_stops_at_the_budget() -> Result<()> {
 
     // Without DP, the same run says so in its table and files.
     let out = dir.path().join("plain");
-    let output = Command::new(binary("fedtune-coordinator")?)
-        .args([
-            "simulate",
-            "--fake-trainer",
-            "--clients",
-            "2",
-            "--rounds",
-            "1",
-            "--sample",
-            "0",
-            "--insecure",
-        ])
-        .args([
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}");
+    let stdout = simulate_fake(&model, &data, 2, 1, &["--insecure"], &out)?;
     assert!(stdout.contains("privacy: no privacy guarantee"), "{stdout}");
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(out.join("metrics.json"))?)?;
     assert_eq!(rows[0]["privacy"], "no privacy guarantee");
@@ -673,24 +638,9 @@ fn simulate_under_local_noise_shows_both_epsilons_and_labels_evaluation_outside_
     let data = write_sentiment_csv(&dir.path().join("data.csv"), 200, 5)?;
     let out = dir.path().join("out");
     let z = 2.0;
-    let output = Command::new(binary("fedtune-coordinator")?)
-        .args([
-            "simulate",
-            "--fake-trainer",
-            "--clients",
-            "2",
-            "--rounds",
-            "2",
-            "--sample",
-            "0",
-            "--insecure",
-        ])
-        .args(["--dp", "local", "--noise-multiplier", "2", "--clip-norm", "0.5", "--delta", "1e-5"])
-        .args(["--evaluate-under-dp", "--model", model.to_str().unwrap()])
-        .args(["--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    let dp =
+        ["--insecure", "--dp", "local", "--noise-multiplier", "2", "--clip-norm", "0.5", "--delta", "1e-5"];
+    let stdout = simulate_fake(&model, &data, 2, 2, &[&dp[..], &["--evaluate-under-dp"]].concat(), &out)?;
     let header = stdout.lines().find(|l| l.trim_start().starts_with("round")).context("table header")?;
     assert!(header.contains("epsilon  local_eps") && header.contains("eval_loss*"), "{stdout}");
     assert!(header.ends_with("(* outside the privacy guarantee)"), "{stdout}");

@@ -13,16 +13,13 @@ use fedtune_shared::chunk::PayloadView;
 use fedtune_shared::compression::{apply_delta, decode, DownloadEncoding, UpdateEncoding, MODEL_STEP_BOUND};
 use fedtune_shared::ids::{ModelVersion, Sha256};
 use fedtune_shared::round::{ModelEncoding, ModelScope};
-use fedtune_tests::fixtures::{quick_settings, write_fake_model};
+use fedtune_tests::fixtures::one_round_settings;
 use fedtune_tests::grpc::{f32_bytes, update_values, InProcess, TestClient};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 fn settings(dir: &Path) -> Result<CoordinatorSettings> {
-    let model = write_fake_model(&dir.join("model"), 2, 8)?;
-    let mut s = quick_settings(&dir.join("state"), &model, 1, 1, 1);
-    s.evaluation.every = 0;
-    s.rounds.min_available = 1;
+    let mut s = one_round_settings(dir, 1, 1)?;
     s.model.download_encoding = DownloadEncoding::Int8Delta;
     Ok(s)
 }

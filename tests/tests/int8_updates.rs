@@ -6,33 +6,28 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Result;
-use fedtune_client::agent::{Agent, AgentConfig, ExitReason, TrainerFactory, TrainerSpec};
-use fedtune_client::fake_trainer::{FakeTrainer, FakeTrainerConfig};
+use fedtune_client::agent::ExitReason;
+use fedtune_client::fake_trainer::FakeTrainer;
 use fedtune_client::local_trainer::{FitConfig, LocalTrainer};
-use fedtune_client::transport::{ConnectOptions, GrpcCoordinator};
 use fedtune_coordinator::aggregate::{FixedPointSum, MAX_ABS_VALUE};
 use fedtune_coordinator::cli::{export, ExportArgs};
 use fedtune_coordinator::CoordinatorSettings;
 use fedtune_shared::chunk::DEFAULT_CHUNK_BYTES;
 use fedtune_shared::compression::{decode, Int8Encoder, UpdateEncoding, BLOCK_BYTES, BLOCK_VALUES};
-use fedtune_shared::ids::ClientId;
 use fedtune_shared::ids::{ModelVersion, Sha256};
 use fedtune_shared::params::ParameterVector;
 use fedtune_shared::round::{ModelScope, UpdateHeader};
-use fedtune_tests::fixtures::{quick_settings, write_fake_model};
+use fedtune_tests::agents::{fake_trainer, spawn_fake_agent};
+use fedtune_tests::fixtures::{one_round_settings, quick_settings, write_fake_model};
 use fedtune_tests::grpc::{
     expect_status, f32_bytes, files_in, update_values, upload_items, InProcess, TestClient,
 };
-use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 const WAIT: Duration = Duration::from_secs(20);
 
 fn settings(dir: &Path, encoding: UpdateEncoding, clients: usize) -> Result<CoordinatorSettings> {
-    let model = write_fake_model(&dir.join("model"), 2, 8)?;
-    let mut s = quick_settings(&dir.join("state"), &model, 1, clients, clients);
-    s.evaluation.every = 0;
-    s.rounds.min_available = clients;
+    let mut s = one_round_settings(dir, clients, clients)?;
     s.fit.update_encoding = encoding;
     Ok(s)
 }
@@ -165,15 +160,6 @@ async fn an_f32_round_refuses_an_int8_upload_naming_the_encoding() -> Result<()>
     Ok(())
 }
 
-fn fake(seed: u64, examples: u64) -> FakeTrainerConfig {
-    FakeTrainerConfig {
-        seed,
-        num_train_examples: examples,
-        num_eval_examples: 10,
-        ..FakeTrainerConfig::default()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_in_an_int8_federation_upload_a_quarter_of_the_bytes_and_the_mean_stays_within_a_step(
 ) -> Result<()> {
@@ -182,29 +168,12 @@ async fn agents_in_an_int8_federation_upload_a_quarter_of_the_bytes_and_the_mean
     let state = dir.path().join("state");
     let mut settings = quick_settings(&state, &model, 1, 2, 2);
     settings.fit.update_encoding = UpdateEncoding::Int8;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let stop = CancellationToken::new();
-    fedtune_tests::identities::register(&url, &state);
-    let server = tokio::spawn(fedtune_coordinator::run(settings, listener, stop.clone()));
+    let coord = InProcess::start(settings).await?;
 
     let clients = [(1u64, 10u64), (2, 30)];
     let mut agents = Vec::new();
     for (seed, examples) in clients {
-        let key = fedtune_tests::identities::key_for(&url, &format!("site-{seed}"))?;
-        let api = GrpcCoordinator::connect_lazy(&ConnectOptions::new(url.clone()))?.with_identity(key, None);
-        let config = AgentConfig {
-            name: Some(ClientId::parse(&format!("site-{seed}"))?),
-            train_examples: examples,
-            eval_examples: 10,
-            poll_wait: Duration::from_secs(2),
-            ..AgentConfig::default()
-        };
-        let factory: TrainerFactory = Box::new(move |spec: &TrainerSpec| {
-            Ok(Box::new(FakeTrainer::new(spec.trainable.clone(), fake(seed, examples)))
-                as Box<dyn LocalTrainer>)
-        });
-        agents.push(tokio::spawn(Agent::new(api, config, factory, CancellationToken::new()).run()));
+        agents.push(spawn_fake_agent(&coord.url, seed, examples)?);
     }
     let initial = ParameterVector::load_safetensors(&model.join("model.safetensors"), |_| true)?;
     let n = initial.values().len();
@@ -218,8 +187,7 @@ async fn agents_in_an_int8_federation_upload_a_quarter_of_the_bytes_and_the_mean
             "int8 bytes went out"
         );
     }
-    stop.cancel();
-    server.await??;
+    coord.shutdown().await?;
 
     // The f32 FedAvg step, and the largest rounding step any client's blocks can have had.
     let global = initial;
@@ -227,7 +195,7 @@ async fn agents_in_an_int8_federation_upload_a_quarter_of_the_bytes_and_the_mean
     let mut expected = global.values().to_vec();
     let mut step = 0.0f32;
     for (seed, examples) in clients {
-        let local = FakeTrainer::new(global.manifest().clone(), fake(seed, examples))
+        let local = FakeTrainer::new(global.manifest().clone(), fake_trainer(seed, examples))
             .fit(&global, &FitConfig::default())?
             .weights;
         for ((e, l), g) in expected.iter_mut().zip(local.values()).zip(global.values()) {

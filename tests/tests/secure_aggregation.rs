@@ -25,17 +25,14 @@ use fedtune_shared::secagg::{
     AwaitedStep, InputMasked, KeyAdvertisement, KeysAdvertised, MaskedInput, RoundContext, RoundRef,
     RoundUnmaskAnswer, RoundUnmaskRequest, ShareUpload, SharesSent, StepInput,
 };
-use fedtune_tests::fixtures::{quick_settings, write_fake_model};
+use fedtune_tests::fixtures::one_round_settings;
 use fedtune_tests::grpc::{expect_status, f32_bytes, files_in, update_values, InProcess, TestClient};
 use tonic::{Code, Status};
 
 const WAIT: Duration = Duration::from_secs(20);
 
 fn settings(dir: &Path, clients: usize, min_fit: usize) -> Result<CoordinatorSettings> {
-    let model = write_fake_model(&dir.join("model"), 2, 8)?;
-    let mut s = quick_settings(&dir.join("state"), &model, 1, clients, min_fit);
-    s.evaluation.every = 0;
-    s.rounds.min_available = clients;
+    let mut s = one_round_settings(dir, clients, min_fit)?;
     s.secure_aggregation.enabled = true;
     s.secure_aggregation.step_timeout = Duration::from_secs(10);
     s.secure_aggregation.unmask_timeout = Duration::from_secs(10);

@@ -2,32 +2,22 @@
 //! real `fedtune-client` processes, and writes the report. Needs `cargo build --workspace` first.
 
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use fedtune_coordinator::simulate::report::RoundRow;
 use fedtune_tests::fixtures::{tiny_bert, write_fake_model, write_sentiment_csv};
-use fedtune_tests::process::binary;
+use fedtune_tests::process;
+
+/// The per-round rows a finished simulation wrote to `out`, once its `stdout` showed the table.
+fn report(stdout: &str, out: &Path) -> Result<Vec<RoundRow>> {
+    ensure!(stdout.contains("round") && stdout.contains("accuracy"), "no table on stdout:\n{stdout}");
+    let json = std::fs::read(out.join("metrics.json")).context("metrics.json")?;
+    Ok(serde_json::from_slice(&json)?)
+}
 
 /// Runs `simulate ARGS --out OUT` to completion and returns its per-round rows.
 fn simulate(args: &[&str], out: &Path) -> Result<Vec<RoundRow>> {
-    Ok(simulate_printing(args, out)?.0)
-}
-
-/// [`simulate`], with what it printed on stdout.
-fn simulate_printing(args: &[&str], out: &Path) -> Result<(Vec<RoundRow>, String)> {
-    let output = Command::new(binary("fedtune-coordinator")?)
-        .arg("simulate")
-        .args(args)
-        .arg("--out")
-        .arg(out)
-        .output()?;
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    ensure!(output.status.success(), "simulate failed ({}):\n{stdout}\n{stderr}", output.status);
-    ensure!(stdout.contains("round") && stdout.contains("accuracy"), "no table on stdout:\n{stdout}");
-    let json = std::fs::read(out.join("metrics.json")).context("metrics.json")?;
-    Ok((serde_json::from_slice(&json)?, stdout.into_owned()))
+    report(&process::simulate(args, out)?, out)
 }
 
 #[test]
@@ -36,24 +26,8 @@ fn a_simulated_federation_of_fake_clients_reports_every_round_and_converges() ->
     let model = write_fake_model(&dir.path().join("model"), 2, 16)?;
     let data = write_sentiment_csv(&dir.path().join("data.csv"), 200, 5)?;
     let out = dir.path().join("out");
-    let rows = simulate(
-        &[
-            "--fake-trainer",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--clients",
-            "3",
-            "--rounds",
-            "3",
-            "--partition",
-            "by:topic",
-            "--sample",
-            "0",
-        ],
-        &out,
-    )?;
+    let stdout = process::simulate_fake(&model, &data, 3, 3, &["--partition", "by:topic"], &out)?;
+    let rows = report(&stdout, &out)?;
     assert_eq!(rows.iter().map(|r| r.round).collect::<Vec<_>>(), vec![1, 2, 3]);
     for r in &rows {
         assert_eq!(r.participants, 3, "{r:?}");
@@ -82,35 +56,8 @@ fn three_bert_clients_learn_a_sentiment_task_together_in_two_rounds() -> Result<
     let dir = tempfile::tempdir()?;
     let data = write_sentiment_csv(&dir.path().join("data.csv"), 900, 6)?;
     let out = dir.path().join("out");
-    let rows = simulate(
-        &[
-            "--model",
-            tiny_bert().to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--clients",
-            "3",
-            "--rounds",
-            "2",
-            "--sample",
-            "0",
-            "--train-top-layers",
-            "0",
-            "--max-len",
-            "32",
-            "--epochs",
-            "2",
-            "--batch-size",
-            "16",
-            "--lr",
-            "3e-3",
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-        ],
-        &out,
-    )?;
+    let full = ["--train-top-layers", "0", "--epochs", "2", "--lr", "3e-3"];
+    let rows = simulate_bert(&out, &data, &full)?;
     assert_eq!(rows.len(), 2);
     let (first, last) = (&rows[0], &rows[1]);
     let acc = |r: &RoundRow| r.eval_accuracy.expect("evaluated");
@@ -121,38 +68,23 @@ fn three_bert_clients_learn_a_sentiment_task_together_in_two_rounds() -> Result<
     Ok(())
 }
 
+/// Flags for SecAgg+ with t = 2 and k = 2 neighbours under distributed noise of multiplier `z`
+/// (plaintext on loopback).
+fn secure_under_distributed_noise(z: &str) -> Vec<&str> {
+    let mut flags = vec!["--insecure", "--dp", "distributed", "--noise-multiplier", z];
+    flags.extend(["--secure-aggregation", "--secagg-threshold", "2", "--secagg-degree", "2"]);
+    flags
+}
+
 #[test]
 fn a_secure_simulation_under_distributed_noise_reports_t_k_survivors_and_epsilon_per_round() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let model = write_fake_model(&dir.path().join("model"), 2, 16)?;
     let data = write_sentiment_csv(&dir.path().join("data.csv"), 120, 4)?;
     let out = dir.path().join("out");
-    let (rows, stdout) = simulate_printing(
-        &[
-            "--fake-trainer",
-            "--insecure",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--clients",
-            "4",
-            "--rounds",
-            "2",
-            "--sample",
-            "0",
-            "--dp",
-            "distributed",
-            "--noise-multiplier",
-            "1.0",
-            "--secure-aggregation",
-            "--secagg-threshold",
-            "2",
-            "--secagg-degree",
-            "2",
-        ],
-        &out,
-    )?;
+    let secure = secure_under_distributed_noise("1.0");
+    let stdout = process::simulate_fake(&model, &data, 4, 2, &secure, &out)?;
+    let rows = report(&stdout, &out)?;
     println!("{stdout}");
     assert_eq!(rows.iter().map(|r| r.round).collect::<Vec<_>>(), vec![1, 2]);
     for r in &rows {
@@ -192,37 +124,21 @@ fn changed_between(out: &Path, a: u64, b: u64) -> Result<Vec<String>> {
         .collect())
 }
 
-/// `simulate` of three tiny-BERT clients training a rank-4 LoRA adapter, plus `extra` flags.
-fn simulate_lora(out: &Path, data: &Path, extra: &[&str]) -> Result<Vec<RoundRow>> {
+/// `simulate` of three tiny-BERT clients for two rounds on the CPU, every client sampled each
+/// round, plus `extra` flags (what they train, and how).
+fn simulate_bert(out: &Path, data: &Path, extra: &[&str]) -> Result<Vec<RoundRow>> {
     let model = tiny_bert();
-    let mut args = vec![
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--clients",
-        "3",
-        "--rounds",
-        "2",
-        "--sample",
-        "0",
-        "--adapter",
-        "lora",
-        "--lora-rank",
-        "4",
-        "--max-len",
-        "32",
-        "--batch-size",
-        "16",
-        "--lr",
-        "5e-3",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-    ];
+    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let mut args = vec!["--model", model, "--data", data, "--clients", "3", "--rounds", "2", "--sample", "0"];
+    args.extend(["--max-len", "32", "--batch-size", "16", "--device", "cpu", "--threads", "1"]);
     args.extend_from_slice(extra);
     simulate(&args, out)
+}
+
+/// [`simulate_bert`] training a rank-4 LoRA adapter, plus `extra` flags.
+fn simulate_lora(out: &Path, data: &Path, extra: &[&str]) -> Result<Vec<RoundRow>> {
+    let lora = ["--adapter", "lora", "--lora-rank", "4", "--lr", "5e-3"];
+    simulate_bert(out, data, &[&lora[..], extra].concat())
 }
 
 #[test]
@@ -267,6 +183,14 @@ fn assert_only_trained_tensors(changed: &[String]) {
     }
 }
 
+/// What noise on exactly the adapter and the head moves: nothing frozen, and every `lora_B` (two
+/// layers × query, value) since noise reaches all of its coordinates.
+fn assert_noise_moved_every_b_and_nothing_frozen(changed: &[String]) -> Result<()> {
+    assert_only_trained_tensors(changed);
+    ensure!(changed.iter().filter(|n| n.ends_with("lora_B.weight")).count() >= 4, "{changed:?}");
+    Ok(())
+}
+
 /// A two-round LoRA simulation under `mode` noise (z 0.8, C 0.5), each round charged; the
 /// tensors that moved between the initial model and round 2.
 fn lora_under_noise(mode: &str) -> Result<Vec<String>> {
@@ -284,19 +208,13 @@ fn lora_under_noise(mode: &str) -> Result<Vec<String>> {
 fn a_lora_federation_under_central_dp_noises_only_the_adapter_and_the_head() -> Result<()> {
     // The decorator's noise lands on every coordinate of the vector it is given: had it been
     // given more than the adapter and head, a frozen tensor would move.
-    let changed = lora_under_noise("central")?;
-    assert_only_trained_tensors(&changed);
-    ensure!(changed.iter().filter(|n| n.ends_with("lora_B.weight")).count() >= 4, "{changed:?}");
-    Ok(())
+    assert_noise_moved_every_b_and_nothing_frozen(&lora_under_noise("central")?)
 }
 
 #[test]
 fn a_lora_federation_under_local_noise_moves_only_the_adapter_and_the_head() -> Result<()> {
     // Each client noises the vector it uploads: the adapter and the head, nothing frozen.
-    let changed = lora_under_noise("local")?;
-    assert_only_trained_tensors(&changed);
-    ensure!(changed.iter().filter(|n| n.ends_with("lora_B.weight")).count() >= 4, "{changed:?}");
-    Ok(())
+    assert_noise_moved_every_b_and_nothing_frozen(&lora_under_noise("local")?)
 }
 
 #[test]
@@ -304,18 +222,7 @@ fn a_lora_federation_under_secure_aggregation_and_distributed_dp_moves_only_b_an
     let dir = tempfile::tempdir()?;
     let data = write_sentiment_csv(&dir.path().join("data.csv"), 300, 8)?;
     let out = dir.path().join("out");
-    let secure = [
-        "--insecure",
-        "--dp",
-        "distributed",
-        "--noise-multiplier",
-        "0.5",
-        "--secure-aggregation",
-        "--secagg-threshold",
-        "2",
-        "--secagg-degree",
-        "2",
-    ];
+    let secure = secure_under_distributed_noise("0.5");
     let rows = simulate_lora(&out, &data, &secure)?;
     assert_eq!(rows.len(), 2);
     for r in &rows {
@@ -327,19 +234,22 @@ fn a_lora_federation_under_secure_aggregation_and_distributed_dp_moves_only_b_an
     Ok(())
 }
 
+/// Two fake clients for `rounds` rounds over the same small model and data (written to `dir`),
+/// once with `flag` set to each of `encodings`; each run reports to `dir/<encoding>`.
+fn run_per_encoding(dir: &Path, rounds: u64, flag: &str, encodings: [&str; 2]) -> Result<[Vec<RoundRow>; 2]> {
+    let model = write_fake_model(&dir.join("model"), 2, 16)?;
+    let data = write_sentiment_csv(&dir.join("data.csv"), 60, 5)?;
+    let run = |encoding: &str| {
+        let out = dir.join(encoding);
+        report(&process::simulate_fake(&model, &data, 2, rounds, &[flag, encoding], &out)?, &out)
+    };
+    Ok([run(encodings[0])?, run(encodings[1])?])
+}
+
 #[test]
 fn simulate_update_encoding_int8_sends_fewer_bytes_than_f32_for_the_same_rounds() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let model = write_fake_model(&dir.path().join("model"), 2, 16)?;
-    let data = write_sentiment_csv(&dir.path().join("data.csv"), 60, 5)?;
-    let run = |encoding: &str| {
-        let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
-        let args = ["--fake-trainer", "--model", model, "--data", data, "--clients", "2", "--rounds", "1"];
-        let mut args = args.to_vec();
-        args.extend(["--sample", "0", "--update-encoding", encoding]);
-        simulate(&args, &dir.path().join(encoding))
-    };
-    let (f32_rows, int8_rows) = (run("f32")?, run("int8")?);
+    let [f32_rows, int8_rows] = run_per_encoding(dir.path(), 1, "--update-encoding", ["f32", "int8"])?;
     assert_eq!((f32_rows.len(), int8_rows.len()), (1, 1));
     assert_eq!((f32_rows[0].participants, int8_rows[0].participants), (2, 2));
     // Downloads are the same f32 model; only the uploads shrink.
@@ -351,16 +261,8 @@ fn simulate_update_encoding_int8_sends_fewer_bytes_than_f32_for_the_same_rounds(
 fn simulate_download_encoding_int8_delta_sends_fewer_bytes_after_round_1_and_clients_rebuild_version_0(
 ) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let model = write_fake_model(&dir.path().join("model"), 2, 16)?;
-    let data = write_sentiment_csv(&dir.path().join("data.csv"), 60, 5)?;
-    let run = |encoding: &str| {
-        let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
-        let args = ["--fake-trainer", "--model", model, "--data", data, "--clients", "2", "--rounds", "3"];
-        let mut args = args.to_vec();
-        args.extend(["--sample", "0", "--download-encoding", encoding]);
-        simulate(&args, &dir.path().join(encoding))
-    };
-    let (f32_rows, int8_rows) = (run("f32")?, run("int8_delta")?);
+    let [f32_rows, int8_rows] =
+        run_per_encoding(dir.path(), 3, "--download-encoding", ["f32", "int8_delta"])?;
     assert_eq!((f32_rows.len(), int8_rows.len()), (3, 3));
     // Round 1 downloads nothing in either run (every client rebuilds version 0), so it moves
     // the same f32 uploads; from round 2 on a client holding the previous version gets its step.
@@ -388,29 +290,9 @@ fn int8_updates_under_local_noise_complete_every_round_and_each_round_is_charged
     let dir = tempfile::tempdir()?;
     let model = write_fake_model(&dir.path().join("model"), 2, 16)?;
     let data = write_sentiment_csv(&dir.path().join("data.csv"), 60, 5)?;
-    let (model, data) = (model.to_str().unwrap(), data.to_str().unwrap());
-    let rows = simulate(
-        &[
-            "--fake-trainer",
-            "--model",
-            model,
-            "--data",
-            data,
-            "--clients",
-            "2",
-            "--rounds",
-            "2",
-            "--sample",
-            "0",
-            "--dp",
-            "local",
-            "--noise-multiplier",
-            "1.0",
-            "--update-encoding",
-            "int8",
-        ],
-        &dir.path().join("out"),
-    )?;
+    let noisy_int8 = ["--dp", "local", "--noise-multiplier", "1.0", "--update-encoding", "int8"];
+    let out = dir.path().join("out");
+    let rows = report(&process::simulate_fake(&model, &data, 2, 2, &noisy_int8, &out)?, &out)?;
     assert_eq!(rows.iter().map(|r| (r.round, r.participants)).collect::<Vec<_>>(), vec![(1, 2), (2, 2)]);
     let eps: Vec<f64> = rows.iter().map(|r| r.epsilon.expect("ε charged every round")).collect();
     assert!(eps[0] > 0.0 && eps[1] > eps[0], "cumulative ε {eps:?}");

@@ -85,6 +85,22 @@ pub(crate) fn python() -> PathBuf {
     py
 }
 
+/// Runs `script` with [`python`] and `args`, Hugging Face kept offline, and parses the last line
+/// it printed as JSON (the libraries may log before it). Panics with its stderr if it failed.
+pub(crate) fn python_json<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) -> serde_json::Value {
+    let out = std::process::Command::new(python())
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "python failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
 const POSITIVE: [&str; 6] = ["good", "great", "wonderful", "excellent", "nice", "brilliant"];
 const NEGATIVE: [&str; 6] = ["bad", "terrible", "awful", "horrible", "poor", "dull"];
 const SUBJECTS: [&str; 5] = ["the movie", "this film", "the story", "the acting", "the music"];
@@ -113,6 +129,16 @@ pub(crate) fn sentiment_examples(n: usize, seed: u64) -> Vec<Example> {
             }
         })
         .collect()
+}
+
+/// Writes [`sentiment_examples`] to `path` as a CSV whose header names the text and label
+/// columns `text_column` and `label_column`, as the command under test expects them.
+pub(crate) fn write_sentiment_csv(path: &Path, text_column: &str, label_column: &str, n: usize, seed: u64) {
+    let mut csv = format!("{text_column},{label_column}\n");
+    for e in sentiment_examples(n, seed) {
+        csv.push_str(&format!("{},{}\n", e.text, e.label.unwrap()));
+    }
+    std::fs::write(path, csv).unwrap();
 }
 
 /// Synthetic sentiment rows as a dataset, optionally with an explicit split.
