@@ -22,7 +22,10 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fedtune_shared::auth::{check_federation_id, ChallengeGrant, ChallengeRequest, EnrollRequest, JoinProof};
+use fedtune_shared::auth::{
+    bearer_metadata, check_federation_id, ChallengeGrant, ChallengeRequest, EnrollRequest, JoinProof,
+    AUTHORIZATION,
+};
 use fedtune_shared::crypto::{EnrollmentToken, KeyPair};
 use fedtune_shared::ids::ClientId;
 
@@ -454,10 +457,9 @@ fn with_token<T>(
         request.set_timeout(t);
     }
     if let Some(token) = token {
-        let value = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| ApiError::Protocol("session token is not valid header text".into()))?;
-        request.metadata_mut().insert("authorization", value);
+        let value = bearer_metadata(token)
+            .ok_or_else(|| ApiError::Protocol("session token is not valid header text".into()))?;
+        request.metadata_mut().insert(AUTHORIZATION, value);
     }
     Ok(request)
 }

@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{connect, enroll, free_port, spawn_serve, write_bert_like, BertShape};
-use fedtune_shared::auth::{sign_upload, ChallengeGrant, JoinProof};
+use fedtune_shared::auth::{bearer_metadata, sign_upload, ChallengeGrant, JoinProof, AUTHORIZATION};
 use fedtune_shared::chunk::{Sha256Stream, MAX_MESSAGE_BYTES};
 use fedtune_shared::compression::UpdateEncoding;
 use fedtune_shared::crypto::KeyPair;
@@ -252,7 +252,7 @@ impl Session {
             r.set_timeout(t);
         }
         let token = self.token.lock().expect("token").clone();
-        r.metadata_mut().insert("authorization", format!("Bearer {token}").parse().expect("ascii token"));
+        r.metadata_mut().insert(AUTHORIZATION, bearer_metadata(&token).expect("ascii token"));
         r
     }
 
@@ -772,10 +772,7 @@ async fn run(args: Args, binary: PathBuf, (soft, hard): (u64, u64)) {
     )
     .expect("operator token");
     let mut ask = tonic::Request::new(pb::GetStatusRequest { recent_rounds: 1000 });
-    ask.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {}", operator.expose_secret()).parse().expect("ascii token"),
-    );
+    ask.metadata_mut().insert(AUTHORIZATION, bearer_metadata(operator.expose_secret()).expect("ascii token"));
     let report = observer.get_status(ask).await.expect("final status").into_inner();
     let report = StatusReport::try_from(report).expect("status");
     let _ = child.kill();

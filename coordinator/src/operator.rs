@@ -9,6 +9,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
+use fedtune_shared::auth::{bearer_metadata, AUTHORIZATION};
 use fedtune_shared::chunk::MAX_MESSAGE_BYTES;
 use fedtune_shared::crypto::{CryptoError, OperatorToken, OPERATOR_TOKEN_FILE};
 use fedtune_shared::endpoint::{self, TlsOptions};
@@ -151,10 +152,9 @@ pub async fn fetch_status(args: &StatusArgs) -> Result<StatusReport, CliError> {
     let mut request = tonic::Request::new(pb::GetStatusRequest { recent_rounds: args.recent });
     if let Some(path) = args.operator_token_path() {
         let token = OperatorToken::load(&path)?;
-        let value = format!("Bearer {}", token.expose_secret())
-            .parse()
-            .map_err(|_| CliError::NotFound(format!("{} does not hold a token", path.display())))?;
-        request.metadata_mut().insert("authorization", value);
+        let value = bearer_metadata(token.expose_secret())
+            .ok_or_else(|| CliError::NotFound(format!("{} does not hold a token", path.display())))?;
+        request.metadata_mut().insert(AUTHORIZATION, value);
     }
     let resp = client.get_status(request).await.map_err(|s| err(format!("{}: {}", s.code(), s.message())))?;
     StatusReport::try_from(resp.into_inner()).map_err(|e| err(e.to_string()))

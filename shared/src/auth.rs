@@ -9,7 +9,8 @@
 //! the round protocol.
 //!
 //! [`update_statement`] is shared by the signing client and the verifying coordinator, so both
-//! always build the statement from the same header and trailer fields.
+//! always build the statement from the same header and trailer fields; [`bearer_metadata`] is
+//! how every caller puts a token on a call.
 
 use std::fmt;
 use std::time::Duration;
@@ -21,6 +22,19 @@ use crate::crypto::{
 use crate::ids::{ClientId, Sha256};
 use crate::pb;
 use crate::round::{MaskedUpdateHeader, UpdateHeader, UpdateSignature};
+
+/// The metadata key every authenticated call carries its bearer token under.
+pub const AUTHORIZATION: &str = "authorization";
+
+/// `Bearer <token>` as call metadata (a session token, or the operator token), or `None` when
+/// the token is not valid header text. Marked sensitive, so HTTP/2 sends it as a never-indexed
+/// literal (RFC 7541 §7.1.3): the secret never enters either side's HPACK table, where someone
+/// who sees the sizes of compressed headers could probe it byte by byte (as CRIME did).
+pub fn bearer_metadata(token: &str) -> Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+    let mut value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
 
 /// The only signature scheme of update trailers.
 pub const SIGNATURE_SCHEME: &str = "ed25519";
@@ -314,6 +328,14 @@ mod tests {
 
     use super::*;
     use crate::ids::{ModelVersion, RoundId};
+
+    #[test]
+    fn a_bearer_token_travels_as_a_sensitive_header_never_indexed_by_hpack() {
+        let value = bearer_metadata("s3cr3t-token").expect("valid header text");
+        assert_eq!(value.to_str().unwrap(), "Bearer s3cr3t-token");
+        assert!(value.is_sensitive(), "HPACK must not index a credential");
+        assert!(bearer_metadata("line\nbreak").is_none(), "not header text");
+    }
 
     fn header() -> UpdateHeader {
         UpdateHeader {

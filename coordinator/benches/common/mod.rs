@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fedtune_coordinator::auth::allowlist::Allowlist;
-use fedtune_shared::auth::{sign_upload, ChallengeGrant, JoinProof};
+use fedtune_shared::auth::{bearer_metadata, sign_upload, ChallengeGrant, JoinProof, AUTHORIZATION};
 use fedtune_shared::chunk::{DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use fedtune_shared::crypto::KeyPair;
 use fedtune_shared::ids::{ClientId, Sha256};
@@ -150,7 +150,7 @@ impl Client {
 
     pub fn req<T>(&self, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
-        r.metadata_mut().insert("authorization", format!("Bearer {}", self.token).parse().expect("ascii"));
+        r.metadata_mut().insert(AUTHORIZATION, bearer_metadata(&self.token).expect("ascii"));
         r
     }
 

@@ -26,7 +26,7 @@ use fedtune_shared::ids::{ClientId, RoundId};
 use fedtune_shared::round::UploadAdmission as Admission;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::error::RoundError;
 
@@ -36,6 +36,10 @@ struct Grant {
     id: u64,
     attempt: RoundId,
     permit: OwnedSemaphorePermit,
+    /// Ends the grant's expiry timer as soon as the grant leaves the map (taken by its stream,
+    /// replaced, expired). Without it every grant left a sleeping task behind for the whole
+    /// ttl: with 1,000 clients and rounds shorter than the ttl, thousands of them.
+    _expiry: DropGuard,
 }
 
 /// Upload slots, the reservations waiting for one, and the grants holding them.
@@ -107,8 +111,10 @@ impl UploadAdmission {
             },
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(&self.grants).insert(client.clone(), Grant { id, attempt, permit });
-        self.expire_later(client.clone(), id);
+        let expiry = self.cancel.child_token();
+        self.expire_later(client.clone(), id, expiry.clone());
+        lock(&self.grants)
+            .insert(client.clone(), Grant { id, attempt, permit, _expiry: expiry.drop_guard() });
         Ok(Admission::Granted { ttl: self.ttl })
     }
 
@@ -127,13 +133,14 @@ impl UploadAdmission {
     }
 
     /// Frees grant `id` of `client` after the ttl unless its stream took it (or a newer grant
-    /// replaced it) first. The task ends at the ttl or with the coordinator.
-    fn expire_later(&self, client: ClientId, id: u64) {
-        let (grants, ttl, cancel) = (self.grants.clone(), self.ttl, self.cancel.clone());
+    /// replaced it) first. The task ends at the ttl, when the grant leaves the map (`ended`,
+    /// cancelled by the grant's guard), or with the coordinator (`ended` is its child).
+    fn expire_later(&self, client: ClientId, id: u64, ended: CancellationToken) {
+        let (grants, ttl) = (self.grants.clone(), self.ttl);
         tokio::spawn(async move {
             tokio::select! {
                 _ = tokio::time::sleep(ttl) => {}
-                _ = cancel.cancelled() => {}
+                _ = ended.cancelled() => return,
             }
             let mut grants = lock(&grants);
             if grants.get(&client).is_some_and(|g| g.id == id) {
@@ -208,6 +215,23 @@ mod tests {
         let expired = a.take(&client("a"), ATTEMPT).unwrap_err();
         assert!(matches!(expired, RoundError::NoUploadGrant { .. }), "{expired:?}");
         let _upload = a.take(&client("b"), ATTEMPT).expect("b's grant is live");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_grant_taken_or_replaced_leaves_no_timer_behind_for_its_ttl() {
+        let alive = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        let a = UploadAdmission::new(2, 0, TTL, CancellationToken::new());
+        a.reserve(&client("a"), ATTEMPT, in_secs(1), open()).await.unwrap();
+        a.reserve(&client("b"), ATTEMPT, in_secs(1), open()).await.unwrap();
+        assert_eq!(alive(), 2, "one expiry timer per live grant");
+        // b asks again: its new grant replaces the old one, whose timer ends.
+        a.reserve(&client("b"), ATTEMPT, in_secs(1), open()).await.unwrap();
+        let _upload = a.take(&client("a"), ATTEMPT).expect("a's grant");
+        tokio::task::yield_now().await;
+        assert_eq!(alive(), 1, "only b's current grant still waits for its ttl");
+        let _b = a.take(&client("b"), ATTEMPT).expect("b's grant");
+        tokio::task::yield_now().await;
+        assert_eq!(alive(), 0);
     }
 
     #[tokio::test(start_paused = true)]

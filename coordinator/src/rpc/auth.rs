@@ -5,6 +5,7 @@
 //! [`UpdateVerifier`](crate::auth::UpdateVerifier) seams of [`crate::auth`]; this module only
 //! reads the credentials off the wire.
 
+use fedtune_shared::auth::AUTHORIZATION;
 use fedtune_shared::crypto::CertificateDigest;
 use tonic::metadata::MetadataMap;
 use tonic::Request;
@@ -13,7 +14,7 @@ use crate::error::RoundError;
 
 /// Extracts the token of `authorization: Bearer <token>`.
 pub fn bearer(metadata: &MetadataMap) -> Result<&str, RoundError> {
-    let value = metadata.get("authorization").ok_or_else(|| {
+    let value = metadata.get(AUTHORIZATION).ok_or_else(|| {
         RoundError::Unauthenticated("missing `authorization: Bearer <token>` metadata".into())
     })?;
     let text = value

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::task::{ready, Context as TaskContext, Poll};
 use std::time::Duration;
 
-use fedtune_shared::auth::{ChallengeRequest, EnrollRequest, JoinProof};
+use fedtune_shared::auth::{ChallengeRequest, EnrollRequest, JoinProof, AUTHORIZATION};
 use fedtune_shared::chunk::{chunk_ranges, ChunkError, MAX_CHUNK_BYTES, MAX_MESSAGE_BYTES, MIN_CHUNK_BYTES};
 use fedtune_shared::convert::awaited_step_from_pb;
 use fedtune_shared::ids::ClientId;
@@ -678,7 +678,7 @@ impl Coordinator for CoordinatorService {
         // (mutual TLS). A credential that is not the operator token is refused rather than
         // downgraded, so an operator with a stale token notices.
         let certs = req.peer_certs();
-        let operator = match req.metadata().get("authorization") {
+        let operator = match req.metadata().get(AUTHORIZATION) {
             None => presents_operator_certificate(certs.as_deref().map(Vec::as_slice)),
             Some(_) => {
                 let checked = bearer(req.metadata()).and_then(|token| self.auth.operator(token));
