@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use fedtune_coordinator::{run, CoordinatorSettings, RunError};
-use fedtune_shared::auth::{sign_upload, ChallengeGrant, JoinProof};
+use fedtune_shared::auth::{bearer_metadata, sign_upload, ChallengeGrant, JoinProof, AUTHORIZATION};
 use fedtune_shared::chunk::{DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES};
 use fedtune_shared::crypto::{KeyPair, OperatorToken, OPERATOR_TOKEN_FILE};
 use fedtune_shared::ids::{ClientId, ModelVersion, RoundId, Sha256};
@@ -245,7 +245,7 @@ impl TestClient {
     fn req<T>(&self, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
         if let Some(t) = &self.token {
-            r.metadata_mut().insert("authorization", format!("Bearer {t}").parse().expect("ascii token"));
+            r.metadata_mut().insert(AUTHORIZATION, bearer_metadata(t).expect("ascii token"));
         }
         r
     }
@@ -539,9 +539,8 @@ impl TestClient {
     pub async fn status_as(&mut self, bearer: Option<&str>) -> Result<StatusReport, Status> {
         let mut r = Request::new(pb::GetStatusRequest { recent_rounds: 20 });
         if let Some(token) = bearer {
-            let value =
-                format!("Bearer {token}").parse().map_err(|_| Status::internal("token is not ASCII"))?;
-            r.metadata_mut().insert("authorization", value);
+            let value = bearer_metadata(token).ok_or_else(|| Status::internal("token is not ASCII"))?;
+            r.metadata_mut().insert(AUTHORIZATION, value);
         }
         let resp = self.inner.get_status(r).await?.into_inner();
         StatusReport::try_from(resp).map_err(|e| Status::internal(e.to_string()))

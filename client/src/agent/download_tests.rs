@@ -182,6 +182,13 @@ fn next_version(w: &ParameterVector, encoder_seed: u64) -> (ParameterVector, Vec
     (ParameterVector::new(w.manifest().clone(), values).unwrap(), bytes)
 }
 
+/// A cache that downloaded `v0` (version 0, f32) whole: the base a step applies to.
+async fn cache_holding_version_0(v0: &ParameterVector) -> ModelCache {
+    let mut cache = ModelCache::default();
+    cache.fetch(&Serving::new(v0.clone(), None), &model_ref(0, v0), v0.manifest(), 1 << 20).await.unwrap();
+    cache
+}
+
 #[tokio::test]
 async fn version_0_is_rebuilt_from_the_local_model_folder_and_nothing_is_downloaded_when_the_digests_match() {
     let v0 = version_0();
@@ -212,9 +219,7 @@ async fn version_0_is_downloaded_when_the_rebuilt_weights_hash_otherwise() {
 async fn a_step_download_rebuilds_the_published_weights_bit_for_bit_from_the_version_held() {
     let v0 = version_0();
     let (v1, step) = next_version(&v0, 1);
-    let mut cache = ModelCache::default();
-    let first = Serving::new(v0.clone(), None);
-    cache.fetch(&first, &model_ref(0, &v0), v0.manifest(), 1 << 20).await.unwrap();
+    let mut cache = cache_holding_version_0(&v0).await;
     let received = cache.bytes_received();
     let api = Serving::new(v1.clone(), Some((ModelVersion(0), step.clone())));
     let got = cache.fetch(&api, &model_ref(1, &v1), v1.manifest(), 1 << 20).await.unwrap();
@@ -231,8 +236,7 @@ async fn a_step_that_does_not_give_the_announced_weights_is_refused_and_the_f32_
     let (v1, _) = next_version(&v0, 1);
     // Another rounding of the same step: intact bytes, but not the version the reference names.
     let (_, other_step) = next_version(&v0, 2);
-    let mut cache = ModelCache::default();
-    cache.fetch(&Serving::new(v0.clone(), None), &model_ref(0, &v0), v0.manifest(), 1 << 20).await.unwrap();
+    let mut cache = cache_holding_version_0(&v0).await;
     let api = Serving::new(v1.clone(), Some((ModelVersion(0), other_step)));
     let got = cache.fetch(&api, &model_ref(1, &v1), v1.manifest(), 1 << 20).await.unwrap();
     assert_eq!(*got, v1);
@@ -244,8 +248,7 @@ async fn a_client_without_the_previous_version_gets_the_f32_weights() {
     let v0 = version_0();
     let (v1, step) = next_version(&v0, 1);
     let (v2, _) = next_version(&v1, 3);
-    let mut cache = ModelCache::default();
-    cache.fetch(&Serving::new(v0.clone(), None), &model_ref(0, &v0), v0.manifest(), 1 << 20).await.unwrap();
+    let mut cache = cache_holding_version_0(&v0).await;
     // v2's step starts from v1, which this client skipped.
     let api = Serving::new(v2.clone(), Some((ModelVersion(1), step)));
     let got = cache.fetch(&api, &model_ref(2, &v2), v2.manifest(), 1 << 20).await.unwrap();
@@ -273,8 +276,7 @@ async fn a_lora_federations_version_0_is_rebuilt_with_its_adapter() {
 async fn a_broken_step_download_resumes_from_its_offset_and_still_rebuilds_the_version() {
     let v0 = version_0();
     let (v1, step) = next_version(&v0, 1);
-    let mut cache = ModelCache::default();
-    cache.fetch(&Serving::new(v0.clone(), None), &model_ref(0, &v0), v0.manifest(), 1 << 20).await.unwrap();
+    let mut cache = cache_holding_version_0(&v0).await;
     let received = cache.bytes_received();
     let api = Serving::new(v1.clone(), Some((ModelVersion(0), step.clone())));
     *api.break_after.lock().unwrap() = Some(260);
@@ -291,8 +293,7 @@ async fn a_broken_step_download_resumes_from_its_offset_and_still_rebuilds_the_v
 async fn a_step_broken_off_and_lost_to_a_coordinator_restart_is_replaced_by_the_f32_weights_whole() {
     let v0 = version_0();
     let (v1, step) = next_version(&v0, 1);
-    let mut cache = ModelCache::default();
-    cache.fetch(&Serving::new(v0.clone(), None), &model_ref(0, &v0), v0.manifest(), 1 << 20).await.unwrap();
+    let mut cache = cache_holding_version_0(&v0).await;
     let before = Serving::new(v1.clone(), Some((ModelVersion(0), step)));
     *before.break_after.lock().unwrap() = Some(260);
     assert!(cache.fetch(&before, &model_ref(1, &v1), v1.manifest(), 1 << 20).await.is_err());
